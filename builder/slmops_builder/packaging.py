@@ -1,0 +1,106 @@
+"""Write signed, content-addressed model packages.
+
+A package folder holds:
+    manifest.signed.pb   the SignedManifest (exact manifest bytes + Ed25519 signatures)
+    manifest.json        the manifest as JSON, for people (not trusted by anyone)
+    blobs/<sha256>       one file per distinct content
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import json_format
+from slmops_protos.manifests import (
+    BLOBS_DIR,
+    FORMAT_VERSION,
+    MANIFEST_JSON_FILE,
+    SIGNED_MANIFEST_FILE,
+    PackageError,
+    canonical_bytes,
+    package_id,
+    safe_relpath,
+    sha256_file,
+    validate_manifest,
+)
+from slmops_protos.package.v1 import manifest_pb2
+
+from slmops_builder import __version__
+from slmops_builder.keys import sign
+
+
+@dataclass
+class PackageSpec:
+    """What goes into a manifest besides the files."""
+
+    name: str
+    version: str
+    profile: manifest_pb2.HardwareProfile
+    kind: str = "model"
+    lineage: manifest_pb2.Lineage = field(default_factory=manifest_pb2.Lineage)
+    evaluation: manifest_pb2.Evaluation = field(default_factory=manifest_pb2.Evaluation)
+    golden_prompts: list[manifest_pb2.GoldenPrompt] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WrittenPackage:
+    path: Path
+    package_id: str
+    manifest: manifest_pb2.Manifest
+    blob_bytes: int
+
+
+def write_package(source_dir: Path, spec: PackageSpec, key: Ed25519PrivateKey, out_dir: Path) -> WrittenPackage:
+    """Hash every file under `source_dir`, copy each distinct content into `out_dir/blobs/`,
+    write and sign the manifest. `out_dir` is written to a temporary sibling first and
+    renamed, so a failure leaves no partial package."""
+    files = sorted(p for p in source_dir.rglob("*") if p.is_file())
+    if not files:
+        raise PackageError(f"no files to package in {source_dir}")
+    manifest = manifest_pb2.Manifest(
+        format_version=FORMAT_VERSION,
+        name=spec.name,
+        version=spec.version,
+        kind=spec.kind,
+        builder_version=__version__,
+        created_unix_ms=int(time.time() * 1000),
+    )
+    manifest.profile.CopyFrom(spec.profile)
+    manifest.lineage.CopyFrom(spec.lineage)
+    manifest.evaluation.CopyFrom(spec.evaluation)
+    manifest.golden_prompts.extend(spec.golden_prompts)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / BLOBS_DIR).mkdir(parents=True)
+    blob_bytes = 0
+    try:
+        for path in files:
+            rel = path.relative_to(source_dir).as_posix()
+            safe_relpath(rel)
+            digest = sha256_file(path)
+            size = path.stat().st_size
+            manifest.files.add(path=rel, sha256=digest, size=size)
+            blob = tmp / BLOBS_DIR / digest
+            if not blob.exists():
+                shutil.copyfile(path, blob)
+                blob_bytes += size
+        manifest.evaluation.size_bytes = manifest.evaluation.size_bytes or sum(f.size for f in manifest.files)
+        validate_manifest(manifest)
+        data = canonical_bytes(manifest)
+        signed = sign(data, key)
+        (tmp / SIGNED_MANIFEST_FILE).write_bytes(signed.SerializeToString())
+        parsed = manifest_pb2.Manifest.FromString(data)
+        (tmp / MANIFEST_JSON_FILE).write_text(
+            json_format.MessageToJson(parsed, preserving_proto_field_name=True, indent=2) + "\n"
+        )
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WrittenPackage(out_dir, package_id(data), parsed, blob_bytes)
