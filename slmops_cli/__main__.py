@@ -1,0 +1,3 @@
+from slmops_cli.main import main
+
+main()
