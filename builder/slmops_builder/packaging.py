@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from slmops_protos.manifests import (
     BLOBS_DIR,
     FORMAT_VERSION,
@@ -23,10 +25,13 @@ from slmops_protos.manifests import (
     SIGNED_MANIFEST_FILE,
     PackageError,
     canonical_bytes,
+    key_id,
     package_id,
+    read_package,
     safe_relpath,
     sha256_file,
     validate_manifest,
+    verify_signed_manifest,
 )
 from slmops_protos.package.v1 import manifest_pb2
 
@@ -104,3 +109,61 @@ def write_package(source_dir: Path, spec: PackageSpec, key: Ed25519PrivateKey, o
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return WrittenPackage(out_dir, package_id(data), parsed, blob_bytes)
+
+
+@dataclass(frozen=True)
+class VerifiedPackage:
+    path: Path
+    package_id: str
+    manifest: manifest_pb2.Manifest
+    key_id: str
+
+
+def read_manifest(path: Path) -> tuple[manifest_pb2.Manifest, str]:
+    """The manifest of a package folder and its package id, WITHOUT checking the signature
+    (for display only: use `verify_package` before trusting anything in it)."""
+    signed, _ = read_package(path)
+    manifest = manifest_pb2.Manifest()
+    try:
+        manifest.ParseFromString(signed.manifest)
+    except DecodeError as exc:
+        raise PackageError("manifest does not parse") from exc
+    return manifest, package_id(signed.manifest)
+
+
+def verify_package(path: Path, trusted_keys: Iterable[Ed25519PublicKey]) -> VerifiedPackage:
+    """Check the signature with `trusted_keys`, then every blob's presence, size and SHA-256."""
+    keys = list(trusted_keys)
+    signed, blobs = read_package(path)
+    manifest = verify_signed_manifest(signed, keys)
+    trusted = {key_id(k) for k in keys}
+    signer = next(s.key_id for s in signed.signatures if s.key_id in trusted)
+    for f in manifest.files:
+        blob = blobs / f.sha256
+        if not blob.is_file():
+            raise PackageError(f"blob of {f.path} is missing: {BLOBS_DIR}/{f.sha256}")
+        if blob.stat().st_size != f.size:
+            raise PackageError(f"blob of {f.path} has {blob.stat().st_size} bytes, manifest says {f.size}")
+        if sha256_file(blob) != f.sha256:
+            raise PackageError(f"blob of {f.path} does not match its SHA-256 (corrupt or tampered)")
+    return VerifiedPackage(path, package_id(signed.manifest), manifest, signer)
+
+
+def unpack_package(path: Path, dest: Path, trusted_keys: Iterable[Ed25519PublicKey]) -> Path:
+    """Verify a package and write its files into `dest` (which must not exist): the folder
+    onnxruntime-genai loads. Written to a temporary sibling and renamed."""
+    verified = verify_package(path, trusted_keys)
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for f in verified.manifest.files:
+            target = tmp / safe_relpath(f.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path / BLOBS_DIR / f.sha256, target)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

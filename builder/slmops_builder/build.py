@@ -1,0 +1,243 @@
+"""Build one signed package: convert (cached), stage, evaluate, write and sign.
+
+Steps, each reported to `progress` as it starts and ends:
+    convert   the model builder, or the step cache's earlier output
+    stage     the package folder: genai_config search overrides, inference_model.json
+    evaluate  load the staged folder in onnxruntime-genai (exactly what a device loads), run the
+              golden prompts greedily (their outputs become the references), measure speed
+    package   content-addressed blobs, manifest, Ed25519 signature
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmops_protos.package.v1 import manifest_pb2
+
+from slmops_builder.convert import convert, stage, validate_search
+from slmops_builder.importer import folder_sha256, read_source_info
+from slmops_builder.keys import load_private_key
+from slmops_builder.packaging import PackageSpec, WrittenPackage, write_package
+from slmops_builder.profiles import Profile, get_profile
+from slmops_builder.steps import CONVERT_TOOLS, tool_versions
+
+__all__ = [
+    "DEFAULT_GOLDEN_PROMPTS",
+    "BuildEvent",
+    "GoldenPromptSpec",
+    "ProgressFn",
+    "build_package",
+    "can_run_here",
+    "check_name_version",
+    "evaluate_folder",
+]
+
+STEPS = ("convert", "stage", "evaluate", "package")
+_MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    step: str  # one of STEPS
+    status: str  # "start" | "done"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+ProgressFn = Callable[[BuildEvent], None]
+
+
+@dataclass(frozen=True)
+class GoldenPromptSpec:
+    """A golden prompt: `prompt` is the user message; the device applies the chat template."""
+
+    prompt: str
+    max_new_tokens: int = 24
+    reference: str = ""  # filled by the builder's own greedy run when empty
+
+
+DEFAULT_GOLDEN_PROMPTS: tuple[GoldenPromptSpec, ...] = (GoldenPromptSpec("What is the capital of France?", 24),)
+
+
+@dataclass
+class Evaluation:
+    references: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _noop(_: BuildEvent) -> None:
+    pass
+
+
+def build_package(
+    model_dir: Path,
+    profile: Profile | str,
+    name: str,
+    version: str,
+    key_path: Path,
+    out_dir: Path,
+    *,
+    search: Mapping[str, object] | None = None,
+    golden_prompts: Sequence[GoldenPromptSpec | str] | None = None,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    progress: ProgressFn | None = None,
+) -> WrittenPackage:
+    """Build and sign the package of `model_dir` for `profile` into `out_dir` (replaced atomically)."""
+    report = progress or _noop
+    model_dir = Path(model_dir)
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    check_name_version(name, version)
+    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no model folder at {model_dir} (no config.json; see 'slmops builder import')")
+    key = load_private_key(Path(key_path))  # fail on a bad key before the slow part
+    overrides = validate_search(search or {})
+    prompts = [GoldenPromptSpec(p) if isinstance(p, str) else p for p in (golden_prompts or DEFAULT_GOLDEN_PROMPTS)]
+
+    with _step(report, "convert") as done:
+        converted = convert(model_dir, prof, cache_dir=cache_dir, threads=threads)
+        done(f"{'reused cached' if converted.cached else 'converted'} {converted.key[:12]}")
+
+    with tempfile.TemporaryDirectory(prefix="slmops-stage-") as tmp:
+        staged = Path(tmp) / "package"
+        with _step(report, "stage") as done:
+            stage(converted.path, staged, name=f"{name}-{prof.name}", search=overrides)
+            size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
+            done(f"{sum(1 for p in staged.rglob('*') if p.is_file())} files, {size / _MIB:.1f} MiB")
+
+        with _step(report, "evaluate") as done:
+            if can_run_here(prof):
+                evaluation = evaluate_folder(staged, prompts, threads=threads)
+                done(", ".join(f"{k}={v:.1f}" for k, v in evaluation.metrics.items()))
+            else:  # e.g. a cuda variant built on a machine without a GPU: no references, no metrics
+                evaluation = Evaluation(references=["" for _ in prompts])
+                done(f"skipped: no {prof.execution_provider} execution provider on this machine")
+
+        with _step(report, "package") as done:
+            spec = PackageSpec(
+                name=name,
+                version=version,
+                profile=prof.to_pb(min_memory_bytes=max(prof.min_memory_bytes, 2 * size + 128 * _MIB)),
+                lineage=_lineage(model_dir, prof, overrides, converted.key),
+                evaluation=manifest_pb2.Evaluation(metrics=evaluation.metrics, size_bytes=size),
+                golden_prompts=[
+                    manifest_pb2.GoldenPrompt(
+                        prompt=p.prompt, reference=p.reference or ref, max_new_tokens=p.max_new_tokens
+                    )
+                    for p, ref in zip(prompts, evaluation.references, strict=True)
+                ],
+            )
+            written = write_package(staged, spec, key, Path(out_dir))
+            done(f"{written.package_id[:12]} -> {written.path}")
+    return written
+
+
+class _step:
+    def __init__(self, report: ProgressFn, name: str) -> None:
+        self.report, self.name, self.detail = report, name, ""
+
+    def __enter__(self) -> Callable[[str], None]:
+        self.start = time.monotonic()
+        self.report(BuildEvent(self.name, "start"))
+
+        def done(detail: str) -> None:
+            self.detail = detail
+
+        return done
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.report(BuildEvent(self.name, "done", self.detail, time.monotonic() - self.start))
+
+
+def check_name_version(name: str, version: str) -> None:
+    """Refuse an empty or path-like package name and a version that is not MAJOR.MINOR.PATCH."""
+    if not name or not all(c.isalnum() or c in "._-" for c in name) or name[0] in ".-":
+        raise ValueError(f"bad package name {name!r}: use letters, digits, '.', '_' and '-'")
+    core = version.split("+", 1)[0].split("-", 1)[0]
+    parts = core.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"version {version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
+
+
+def _lineage(model_dir: Path, profile: Profile, search: Mapping[str, object], convert_key: str) -> manifest_pb2.Lineage:
+    info = read_source_info(model_dir)
+    if info and info.get("source_sha256"):
+        base, digest = str(info.get("source", model_dir)), str(info["source_sha256"])
+    else:
+        base, digest = str(model_dir.resolve()), folder_sha256(model_dir)
+    recipe = json.dumps({"profile": profile.spec(), "search": dict(search), "convert": convert_key}, sort_keys=True)
+    lineage = manifest_pb2.Lineage(
+        base_model=base, base_model_sha256=digest, recipe_sha256=hashlib.sha256(recipe.encode()).hexdigest()
+    )
+    lineage.tool_versions.update(tool_versions((*CONVERT_TOOLS, "torch")))
+    return lineage
+
+
+_PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+
+
+def can_run_here(profile: Profile) -> bool:
+    """Whether this machine's onnxruntime offers the profile's execution provider."""
+    import onnxruntime
+
+    return _PROVIDER_NAMES.get(profile.execution_provider, "") in onnxruntime.get_available_providers()
+
+
+def evaluate_folder(folder: Path, prompts: Sequence[GoldenPromptSpec], *, threads: int | None = None) -> Evaluation:
+    """Load `folder` with onnxruntime-genai and run each prompt greedily; measure time to first
+    token and decode speed. Raises if the folder does not load: a package must."""
+    import onnxruntime_genai as og
+
+    cfg = og.Config(str(folder))
+    n = threads or 2
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": n}}}}))
+    t0 = time.monotonic()
+    model = og.Model(cfg)
+    load_ms = (time.monotonic() - t0) * 1000
+    tok = og.Tokenizer(model)
+    out = Evaluation()
+    ttfts: list[float] = []
+    tps: list[float] = []
+    for p in prompts:
+        text = tok.apply_chat_template(json.dumps([{"role": "user", "content": p.prompt}]), add_generation_prompt=True)
+        ids = tok.encode(text)
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + p.max_new_tokens)
+        gen = og.Generator(model, params)
+        start = time.monotonic()
+        gen.append_tokens(ids)
+        tokens: list[int] = []
+        first = 0.0
+        while not gen.is_done() and len(tokens) < p.max_new_tokens:
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+            if len(tokens) == 1:
+                first = time.monotonic()
+        end = time.monotonic()
+        ttfts.append((first - start) * 1000)
+        if len(tokens) > 1 and end > first:
+            tps.append((len(tokens) - 1) / (end - first))
+        out.references.append(tok.decode(tokens))
+        del gen
+    out.metrics = {"load_ms": load_ms, "ttft_ms": _median(ttfts)}
+    if tps:
+        out.metrics["decode_tps"] = _median(tps)
+    del tok, model
+    return out
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2] if s else 0.0

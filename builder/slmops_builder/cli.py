@@ -1,0 +1,332 @@
+"""`slmops builder ...`: keys, import, build, inspect, verify.
+
+Cheap to import: torch, transformers and onnxruntime-genai are imported inside the commands
+(through the modules they call). User errors print one clear line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Build, quantize, evaluate and sign model packages.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_out = Console(soft_wrap=True)
+_err = Console(stderr=True, soft_wrap=True)
+
+EXIT_USER_ERROR = 1
+EXIT_VERIFY_FAILED = 3
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    _err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the errors a user can cause into one line and an exit code, never a traceback."""
+    from pydantic import ValidationError
+    from slmops_protos.manifests import PackageError
+
+    from slmops_builder.convert import ConversionError
+    from slmops_builder.importer import ModelImportError
+    from slmops_builder.keys import KeyFileError
+    from slmops_builder.profiles import UnknownProfileError
+
+    try:
+        yield
+    except PackageError as exc:
+        _fail(f"package rejected: {exc.reason}", EXIT_VERIFY_FAILED)
+    except (KeyFileError, UnknownProfileError, ModelImportError, ConversionError) as exc:
+        _fail(str(exc))
+    except ValidationError as exc:
+        _fail(f"bad settings: {exc.errors()[0].get('loc')}: {exc.errors()[0].get('msg')}")
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _settings(cache_dir: Path | None = None, threads: int | None = None) -> Any:
+    from slmops_builder.settings import BuilderSettings
+
+    overrides: dict[str, Any] = {}
+    if cache_dir is not None:
+        overrides["cache_dir"] = cache_dir
+    if threads is not None:
+        overrides["threads"] = threads
+    return BuilderSettings(**overrides)
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Private key file (PEM) to write; public key: OUT.pub.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key.")] = False,
+) -> None:
+    """Create an Ed25519 package-signing key."""
+    with _user_errors():
+        from slmops_protos.manifests import key_id
+
+        from slmops_builder.keys import generate_key, public_path
+
+        key = generate_key(out, overwrite=force)
+        _out.print(f"private key: {out}  (keep it secret)")
+        _out.print(f"public key:  {public_path(out)}  (give it to the fleet and devices)")
+        _out.print(f"key id:      {key_id(key.public_key())}")
+
+
+@app.command("import")
+def import_(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the HF model into (new or empty).")],
+    source: Annotated[
+        str, typer.Argument(help="'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or an HF folder.")
+    ] = "smollm2",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Import a base model into a Hugging Face folder (fp32 safetensors + tokenizer)."""
+    with _user_errors():
+        from slmops_builder.importer import import_model
+
+        with _err.status(f"importing {source} ..."):
+            result = import_model(source, out)
+        data = {
+            "path": str(result.path),
+            "source": result.source,
+            "source_sha256": result.source_sha256,
+            "architecture": result.architecture,
+            "num_parameters": result.num_parameters,
+            "seconds": round(result.seconds, 2),
+        }
+        if as_json:
+            typer.echo(json.dumps(data, indent=2))
+        else:
+            _out.print(
+                f"imported {result.architecture} ({result.num_parameters / 1e6:.1f}M parameters) "
+                f"into {result.path} in {result.seconds:.1f} s"
+            )
+
+
+@app.command()
+def build(
+    model: Annotated[Path, typer.Option("--model", "-m", help="HF model folder (from 'slmops builder import').")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Package name, e.g. smollm2-135m-instruct.")],
+    version: Annotated[str, typer.Option("--version", "-v", help="Semantic version, e.g. 1.0.0.")],
+    key: Annotated[Path, typer.Option("--key", "-k", help="Private signing key (from 'slmops builder keygen').")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Package folder to write (replaced if it exists).")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Hardware profile.")] = "cpu-int4",
+    search: Annotated[
+        list[str] | None,
+        typer.Option("--search", "-s", help="Generation default for genai_config.json, key=value (repeatable)."),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--golden-prompt", help="Golden prompt (user message), repeatable.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option("--cache-dir", help="Step cache [default: $SLMOPS_CACHE_DIR or ~/.cache/slmops/builder]."),
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Threads for conversion and evaluation.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress display).")] = False,
+) -> None:
+    """Convert a model for a hardware profile, evaluate it, and write a signed package."""
+    with _user_errors():
+        from slmops_builder.build import STEPS, BuildEvent, build_package, check_name_version
+        from slmops_builder.convert import parse_search_overrides
+        from slmops_builder.keys import load_private_key
+        from slmops_builder.profiles import get_profile
+
+        prof = get_profile(profile)
+        check_name_version(name, version)
+        overrides = parse_search_overrides(search or [])
+        if not (model / "config.json").is_file():
+            _fail(f"no model folder at {model} (no config.json); create one with 'slmops builder import'")
+        load_private_key(key)
+        settings = _settings(cache_dir, threads)
+        result = _run_build(
+            lambda progress: build_package(
+                model,
+                prof,
+                name,
+                version,
+                key,
+                out,
+                search=overrides,
+                golden_prompts=prompt or None,
+                cache_dir=settings.cache_dir,
+                threads=settings.threads,
+                progress=progress,
+            ),
+            STEPS,
+            BuildEvent,
+            quiet=as_json,
+        )
+        written, events = result
+        summary = {
+            "package_id": written.package_id,
+            "path": str(written.path),
+            "name": written.manifest.name,
+            "version": written.manifest.version,
+            "profile": written.manifest.profile.name,
+            "files": len(written.manifest.files),
+            "size_bytes": written.manifest.evaluation.size_bytes,
+            "metrics": dict(written.manifest.evaluation.metrics),
+            "steps": {e.step: {"seconds": round(e.seconds, 3), "detail": e.detail} for e in events},
+        }
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+            return
+        table = Table(title=f"package {written.manifest.name} {written.manifest.version} ({prof.name})")
+        table.add_column("file")
+        table.add_column("size", justify="right")
+        table.add_column("sha256")
+        for f in sorted(written.manifest.files, key=lambda f: f.path):
+            table.add_row(f.path, _size(f.size), f.sha256[:16])
+        _out.print(table)
+        _out.print(f"package id: [bold]{written.package_id}[/]")
+        _out.print(f"written to: {written.path}  ({_size(written.manifest.evaluation.size_bytes)})")
+
+
+def _run_build(call: Any, steps: tuple[str, ...], event_type: Any, *, quiet: bool) -> tuple[Any, list[Any]]:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    done: list[Any] = []
+    if quiet:
+
+        def record(event: Any) -> None:
+            if event.status == "done":
+                done.append(event)
+
+        return call(record), done
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_err, transient=False
+    ) as progress:
+        tasks = {s: progress.add_task(f"[dim]{s}", total=1, start=False) for s in steps}
+
+        def show(event: Any) -> None:
+            task = tasks[event.step]
+            if event.status == "start":
+                progress.start_task(task)
+                progress.update(task, description=f"[bold]{event.step}[/] ...")
+            else:
+                done.append(event)
+                progress.update(task, completed=1, description=f"[green]{event.step}[/] {event.detail}")
+                progress.stop_task(task)
+
+        return call(show), done
+
+
+@app.command()
+def inspect(
+    package: Annotated[Path, typer.Argument(help="Package folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Show a package's manifest (not verified: use 'verify' before trusting it)."""
+    with _user_errors():
+        from google.protobuf import json_format
+
+        from slmops_builder.packaging import read_manifest
+
+        manifest, pid = read_manifest(package)
+        if as_json:
+            data = json_format.MessageToDict(manifest, preserving_proto_field_name=True)
+            typer.echo(json.dumps({"package_id": pid, "manifest": data}, indent=2))
+            return
+        head = Table(show_header=False, title=f"{manifest.name} {manifest.version} (unverified)")
+        head.add_column(style="bold")
+        head.add_column()
+        p = manifest.profile
+        rows = [
+            ("package id", pid),
+            ("kind", manifest.kind),
+            ("profile", f"{p.name} ({p.execution_provider}, {p.precision}) min memory {_size(p.min_memory_bytes)}"),
+            ("quantization", ", ".join(f"{k}={v}" for k, v in sorted(p.quantization.items())) or "-"),
+            ("size", _size(manifest.evaluation.size_bytes)),
+            ("metrics", ", ".join(f"{k}={v:.2f}" for k, v in sorted(manifest.evaluation.metrics.items())) or "-"),
+            ("base model", f"{manifest.lineage.base_model} ({manifest.lineage.base_model_sha256[:16]})"),
+            ("tools", ", ".join(f"{k} {v}" for k, v in sorted(manifest.lineage.tool_versions.items()))),
+            ("builder", manifest.builder_version),
+        ]
+        for g in manifest.golden_prompts:
+            rows.append(("golden prompt", f"{g.prompt!r} -> {g.reference[:60]!r}"))
+        for k, v in rows:
+            head.add_row(k, v)
+        _out.print(head)
+        files = Table(title="files")
+        files.add_column("path")
+        files.add_column("size", justify="right")
+        files.add_column("sha256")
+        for f in manifest.files:
+            files.add_row(f.path, _size(f.size), f.sha256[:16])
+        _out.print(files)
+
+
+@app.command()
+def verify(
+    package: Annotated[Path, typer.Argument(help="Package folder.")],
+    key: Annotated[list[Path], typer.Option("--key", "-k", help="Trusted public key file (.pub), repeatable.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check the signature and every blob's size and SHA-256. Exit 3 when the package is rejected."""
+    with _user_errors():
+        from slmops_builder.keys import load_public_key
+        from slmops_builder.packaging import verify_package
+
+        keys = [load_public_key(k) for k in key]
+        with _err.status("verifying ..."):
+            verified = verify_package(package, keys)
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "ok": True,
+                        "package_id": verified.package_id,
+                        "key_id": verified.key_id,
+                        "files": len(verified.manifest.files),
+                    }
+                )
+            )
+        else:
+            _out.print(
+                f"[green]ok[/]: {verified.manifest.name} {verified.manifest.version}, "
+                f"package id {verified.package_id}, signed by {verified.key_id}, "
+                f"{len(verified.manifest.files)} files checked"
+            )
+
+
+@app.command()
+def profiles(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List the hardware profiles."""
+    from slmops_builder.profiles import PROFILES
+
+    if as_json:
+        typer.echo(json.dumps([{**p.spec(), "min_memory_bytes": p.min_memory_bytes} for p in PROFILES.values()]))
+        return
+    table = Table(title="hardware profiles")
+    for col in ("name", "provider", "precision", "quantization", "min memory", "description"):
+        table.add_column(col)
+    for p in PROFILES.values():
+        q = ", ".join(f"{k}={v}" for k, v in p.quantization.items()) or "-"
+        table.add_row(p.name, p.execution_provider, p.precision, q, _size(p.min_memory_bytes), p.description)
+    _out.print(table)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
