@@ -99,7 +99,9 @@ class Service:
                     + _tail(self.log)
                 )
             if time.monotonic() > deadline:
-                raise ProcessFailed(f"{self.name}: no {what} after {timeout:.0f} s; log {self.log}:\n" + _tail(self.log))
+                raise ProcessFailed(
+                    f"{self.name}: no {what} after {timeout:.0f} s; log {self.log}:\n" + _tail(self.log)
+                )
             time.sleep(interval)
 
     def stop(self, grace: float = 15.0) -> int | None:

@@ -1,0 +1,209 @@
+"""The fleet's HTTP API (FastAPI). It translates HTTP to `FleetService` calls and back; the one
+exception handler here maps the fleet's error types to status codes.
+
+Every /v1 endpoint except /v1/enroll needs `Authorization: Bearer <admin token>`;
+/v1/enroll is authorised by its one-time enrollment token; /healthz is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.requests import ClientDisconnect
+
+from slmops_fleet._version import __version__
+from slmops_fleet.errors import FleetError, InvalidRequest, TooLarge
+from slmops_fleet.service import FleetService
+from slmops_protos.manifests import MAX_MANIFEST_BYTES
+
+log = logging.getLogger(__name__)
+
+_WRITE_BATCH = 1 << 20
+
+
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl_s: int | None = Field(None, ge=1, description="Lifetime in seconds (default: the fleet's setting).")
+
+
+class InventoryIn(BaseModel):
+    """What the agent reports about its hardware; unknown keys are dropped."""
+
+    model_config = ConfigDict(extra="ignore")
+    os: str = Field("", max_length=200)
+    arch: str = Field("", max_length=64)
+    cpu_count: int = Field(0, ge=0, le=1 << 20)
+    memory_bytes: int = Field(0, ge=0)
+    disk_free_bytes: int = Field(0, ge=0)
+    providers: list[Annotated[str, Field(max_length=100)]] = Field(default_factory=list, max_length=64)
+    cpu_features: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=512)
+    agent_version: str = Field("", max_length=64)
+
+
+class EnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(min_length=1, max_length=512)
+    public_key: str = Field(description="The device's Ed25519 public key, hex of the raw 32 bytes.")
+    name: str = Field("", max_length=200)
+    inventory: InventoryIn = Field(default_factory=lambda: InventoryIn.model_validate({}))
+
+    @field_validator("public_key")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        value = value.strip().lower()
+        try:
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(value))
+        except ValueError:
+            raise ValueError("public_key must be the hex of a raw 32-byte Ed25519 public key") from None
+        return value
+
+
+class RolloutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    package_id: str = Field(min_length=1, max_length=64, description="Package id or a unique prefix (8+ chars).")
+    target: Literal["all"] | list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        "all", description='"all" enrolled devices or a list of device ids.'
+    )
+
+
+def create_app(service: FleetService, admin_token: str) -> FastAPI:
+    app = FastAPI(title="slmops fleet", version=__version__, docs_url="/docs", redoc_url=None)
+
+    @app.exception_handler(FleetError)
+    async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"detail": exc.reason}, status_code=exc.status_code, headers=headers)
+
+    def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
+            raise _Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(admin)])
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        db = service.store.ping()
+        mqtt = service.mqtt_connected()
+        ok = db and mqtt
+        body = {"status": "ok" if ok else "degraded", "database": db, "mqtt": mqtt, "version": __version__}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @v1.post("/tokens")
+    def create_token(body: TokenRequest | None = None) -> dict[str, Any]:
+        return service.create_token(body.ttl_s if body else None)
+
+    @app.post("/v1/enroll")
+    def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
+        return service.enroll(
+            token=body.token,
+            public_key=body.public_key,
+            name=body.name,
+            inventory=body.inventory.model_dump(),
+            fleet_url=str(request.base_url).rstrip("/"),
+        )
+
+    @v1.post("/packages")
+    async def upload_package(request: Request) -> dict[str, Any]:
+        data = await _read_limited(request, MAX_MANIFEST_BYTES, "signed manifest")
+        if not data:
+            raise InvalidRequest("empty body: send the bytes of manifest.signed.pb")
+        return await asyncio.to_thread(service.add_package, data)
+
+    @v1.get("/packages")
+    def list_packages() -> dict[str, Any]:
+        return {"packages": service.list_packages()}
+
+    @v1.get("/packages/{ref}")
+    def get_package(ref: str) -> dict[str, Any]:
+        return service.get_package(ref)
+
+    @v1.put("/blobs/{sha256}")
+    async def put_blob(sha256: str, request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        try:
+            content_length = int(length) if length is not None else None
+        except ValueError:
+            raise InvalidRequest("bad Content-Length") from None
+        writer = await asyncio.to_thread(service.blob_writer, sha256, content_length)
+        if writer is None:
+            return {"sha256": sha256, "stored": False, "already_present": True}
+        buf = bytearray()
+        try:
+            async for piece in request.stream():
+                buf += piece
+                if len(buf) >= _WRITE_BATCH:
+                    await asyncio.to_thread(writer.write, bytes(buf))
+                    buf.clear()
+            if buf:
+                await asyncio.to_thread(writer.write, bytes(buf))
+            await asyncio.to_thread(writer.commit)
+        except ClientDisconnect:
+            writer.abort()
+            raise InvalidRequest("the upload was cut off; nothing kept") from None
+        except BaseException:
+            writer.abort()
+            raise
+        return await asyncio.to_thread(service.blob_committed, writer)
+
+    @v1.get("/devices")
+    def list_devices() -> dict[str, Any]:
+        return {"devices": service.list_devices()}
+
+    @v1.get("/devices/{device_id}")
+    def get_device(device_id: str) -> dict[str, Any]:
+        return service.get_device(device_id)
+
+    @v1.get("/devices/{device_id}/telemetry")
+    def device_telemetry(device_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
+        return {"device_id": device_id, "samples": service.device_telemetry(device_id, limit)}
+
+    @v1.post("/rollouts")
+    def create_rollout(body: RolloutRequest) -> dict[str, Any]:
+        return service.create_rollout(body.package_id, body.target)
+
+    @v1.get("/rollouts")
+    def list_rollouts() -> dict[str, Any]:
+        return {"rollouts": service.list_rollouts()}
+
+    @v1.get("/rollouts/{rollout_id}")
+    def get_rollout(rollout_id: str) -> dict[str, Any]:
+        return service.get_rollout(rollout_id)
+
+    @v1.get("/stats")
+    def stats() -> dict[str, Any]:
+        return service.stats()
+
+    @v1.get("/status")
+    def status() -> dict[str, Any]:
+        return service.status()
+
+    app.include_router(v1)
+    return app
+
+
+class _Unauthorized(FleetError):
+    status_code = 401
+
+
+async def _read_limited(request: Request, limit: int, what: str) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"{what} is {length} bytes (limit {limit})")
+    data = bytearray()
+    try:
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise TooLarge(f"{what} is over {limit} bytes")
+    except ClientDisconnect:
+        raise InvalidRequest(f"the {what} upload was cut off") from None
+    return bytes(data)

@@ -1,0 +1,541 @@
+"""`slmops fleet ...`: run the fleet manager and operate it.
+
+Cheap to import: FastAPI, SQLAlchemy, amqtt and paho are imported inside the commands.
+Commands other than `serve` find the fleet by --fleet URL + --token, by SLMOPS_FLEET_URL and
+SLMOPS_FLEET_TOKEN, or by <data dir>/fleet.json (which `serve` writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from slmops_fleet.client import FleetClient
+
+app = typer.Typer(
+    help="Run the fleet manager and operate it: tokens, packages, rollouts, devices.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+token_app = typer.Typer(help="Enrollment tokens.", no_args_is_help=True)
+package_app = typer.Typer(help="Model packages.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Rollouts.", no_args_is_help=True)
+device_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(package_app, name="package")
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(device_app, name="device")
+
+FleetOpt = Annotated[
+    str | None, typer.Option("--fleet", help="Fleet URL (default: SLMOPS_FLEET_URL or <data dir>/fleet.json).")
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", help="Admin token (default: SLMOPS_FLEET_TOKEN or <data dir>/fleet.json).")
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="The fleet's data folder (default: SLMOPS_FLEET_DATA_DIR or ~/.slmops/fleet)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _stdout() -> Console:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=160)  # piped to a file or a program: do not squeeze ids into 80 columns
+    return console
+
+
+def _stderr() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    _stderr().print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _client(fleet: str | None, token: str | None, data_dir: Path | None) -> FleetClient:
+    from slmops_fleet.client import FleetClient, FleetClientError, resolve_target
+
+    try:
+        return FleetClient.from_target(resolve_target(fleet, token, data_dir))
+    except FleetClientError as exc:
+        _fail(str(exc))
+
+
+def _call(fleet: str | None, token: str | None, data_dir: Path | None, fn: Any) -> Any:
+    from slmops_fleet.client import FleetClientError
+
+    with _client(fleet, token, data_dir) as client:
+        try:
+            return fn(client)
+        except FleetClientError as exc:
+            _fail(str(exc))
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return "never"
+    try:
+        then = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    seconds = (datetime.now(timezone.utc) - then).total_seconds()
+    if seconds < 90:
+        return f"{max(0, int(seconds))} s ago"
+    if seconds < 5400:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{int(seconds // 86400)} d ago"
+
+
+def _table(title: str, *columns: str) -> Table:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for i, c in enumerate(columns):
+        table.add_column(c, no_wrap=i == 0)  # the first column is an id: never wrapped
+    return table
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+
+
+def parse_duration(text: str) -> int:
+    """'90', '90s', '30m', '1h', '2d' -> seconds."""
+    m = _DURATION.match(text.lower())
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 30m, 1h or 2d")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+# --- serve ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    data_dir: DataDirOpt = None,
+    host: Annotated[str | None, typer.Option("--host", help="HTTP listen address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="HTTP port; 0 picks a free one (default).")] = None,
+    public_url: Annotated[str | None, typer.Option("--public-url", help="The fleet URL devices are told.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="SQLAlchemy URL (default: sqlite in the data folder).")
+    ] = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option("--broker-url", help="External broker mqtt://user:pass@host:port (default: embedded amqtt)."),
+    ] = None,
+    broker_port: Annotated[
+        int | None, typer.Option("--broker-port", help="Embedded broker port on 127.0.0.1; 0 picks a free one.")
+    ] = None,
+    broker_provisioning: Annotated[
+        str | None,
+        typer.Option("--broker-provisioning", help="External broker: 'dynsec' (Mosquitto dynamic security) or 'none'."),
+    ] = None,
+    broker_admin_url: Annotated[
+        str | None, typer.Option("--broker-admin-url", help="Dynamic-security admin mqtt://user:pass@host:port.")
+    ] = None,
+    public_broker_host: Annotated[
+        str | None, typer.Option("--public-broker-host", help="Broker host for devices.")
+    ] = None,
+    public_broker_port: Annotated[
+        int | None, typer.Option("--public-broker-port", help="Broker port for devices.")
+    ] = None,
+    topic_root: Annotated[str | None, typer.Option("--topic-root", help="MQTT topic root (default slmops/v1).")] = None,
+    chunk_size: Annotated[int | None, typer.Option("--chunk-size", help="Bytes per chunk, 262144..1048576.")] = None,
+    broadcast_rate: Annotated[
+        int | None, typer.Option("--broadcast-rate", help="Bytes/s for all chunk transfers together; 0: no limit.")
+    ] = None,
+    trust_key: Annotated[
+        list[Path] | None,
+        typer.Option("--trust-key", help="Trusted package signing public key (*.pub); repeatable."),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
+) -> None:
+    """Run the fleet manager: HTTP API, MQTT broker (or client of an external one), database."""
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    from slmops_fleet.errors import FleetError
+    from slmops_fleet.settings import FleetSettings
+
+    given: dict[str, Any] = {
+        "data_dir": data_dir,
+        "http_host": host,
+        "http_port": port,
+        "public_url": public_url,
+        "database_url": database_url,
+        "broker_url": broker_url,
+        "broker_port": broker_port,
+        "broker_provisioning": broker_provisioning,
+        "broker_admin_url": broker_admin_url,
+        "public_broker_host": public_broker_host,
+        "public_broker_port": public_broker_port,
+        "topic_root": topic_root,
+        "chunk_size": chunk_size,
+        "broadcast_rate": broadcast_rate,
+        "signing_keys": trust_key or None,
+        "log_level": log_level,
+    }
+    try:
+        settings = FleetSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        _fail(f"bad settings: {problems}")
+
+    _configure_logging(settings.log_level)
+    from slmops_fleet.server import FleetInfo, run_server
+
+    def ready(info: FleetInfo) -> None:
+        kind = "embedded amqtt" if info.mqtt.embedded else "external"
+        lines = [
+            "slmops fleet is running",
+            f"  HTTP API      {info.url}",
+            f"  MQTT broker   {info.mqtt.host}:{info.mqtt.port} ({kind}, topic root {info.mqtt.topic_root})",
+            f"  admin token   {settings.admin_token_file}",
+            f"  fleet.json    {settings.fleet_json}",
+            "Stop with Ctrl+C or SIGTERM.",
+        ]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(run_server(settings, on_ready=ready))
+    except FleetError as exc:
+        _fail(exc.reason)
+    except KeyboardInterrupt:
+        pass
+    logging.getLogger(__name__).info("fleet stopped")
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for name in ("amqtt", "transitions", "uvicorn.access", "uvicorn.error", "alembic", "httpx"):
+        logging.getLogger(name).setLevel(max(quiet, getattr(logging, level)))
+
+
+# --- tokens -----------------------------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: 90s, 30m, 1h, 2d.")] = "1h",
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a one-time enrollment token."""
+    ttl_s = parse_duration(ttl)
+    if ttl_s < 1:
+        raise typer.BadParameter("the lifetime must be at least one second", param_hint="--ttl")
+    result = _call(fleet, token, data_dir, lambda c: c.create_token(ttl_s))
+    if as_json:
+        _print_json(result)
+    else:
+        sys.stdout.write(result["token"] + "\n")
+        _stderr().print(f"one-time enrollment token, valid until {result['expires_at']}", highlight=False)
+
+
+# --- packages ---------------------------------------------------------------------------------------
+
+
+@package_app.command("upload")
+def package_upload(
+    folder: Annotated[Path, typer.Argument(help="The package folder `slmops builder build` wrote.")],
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a signed package; only the blobs the fleet lacks are sent."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    if not folder.exists():
+        _fail(f"package folder not found: {folder}")
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        console=_stderr(),
+        transient=as_json,
+    )
+    task: list[Any] = []
+
+    def on_start(blobs: int, total: int) -> None:
+        if blobs:
+            task.append(progress.add_task(f"uploading {blobs} blobs", total=total))
+
+    def on_bytes(n: int) -> None:
+        if task:
+            progress.advance(task[0], n)
+
+    with progress:
+        result = _call(fleet, token, data_dir, lambda c: c.upload_package(folder, on_start=on_start, on_bytes=on_bytes))
+    if as_json:
+        _print_json(result)
+        return
+    skipped = result["file_count"] - result["uploaded_blobs"]
+    _stdout().print(
+        f"package [bold]{result['name']} {result['version']}[/] ({result['profile'] or 'no profile'})\n"
+        f"  id        {result['package_id']}\n"
+        f"  uploaded  {result['uploaded_blobs']} blobs, {_size(result['uploaded_bytes'])}"
+        f" ({max(0, skipped)} files already on the fleet)\n"
+        f"  complete  {'yes' if result['complete'] else 'no: ' + str(len(result['missing_blobs'])) + ' blobs missing'}",
+        highlight=False,
+    )
+
+
+@package_app.command("list")
+def package_list(
+    fleet: FleetOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List uploaded packages."""
+    packages = _call(fleet, token, data_dir, lambda c: c.list_packages())
+    if as_json:
+        _print_json(packages)
+        return
+    table = _table("packages", "id", "name", "version", "profile", "kind", "size", "complete", "uploaded")
+    for p in packages:
+        table.add_row(
+            p["id"][:16],
+            p["name"],
+            p["version"],
+            p["profile"],
+            p["kind"],
+            _size(p["size_bytes"]),
+            "yes" if p["complete"] else f"{len(p['missing_blobs'])} blobs missing",
+            _ago(p["created_at"]),
+        )
+    _stdout().print(table)
+
+
+# --- rollouts ---------------------------------------------------------------------------------------
+
+
+@rollout_app.command("create")
+def rollout_create(
+    package: Annotated[str, typer.Option("--package", help="Package id (or a unique prefix of 8+ characters).")],
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", help="'all', or device ids (repeat the flag or separate with commas)."),
+    ] = None,
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Roll a package out to all devices or to a list of them (one wave)."""
+    ids = [t.strip() for item in (target or ["all"]) for t in item.split(",") if t.strip()]
+    chosen: str | list[str] = "all" if ids == ["all"] else ids
+    if "all" in ids and len(ids) > 1:
+        raise typer.BadParameter("give either 'all' or device ids", param_hint="--target")
+    rollout = _call(fleet, token, data_dir, lambda c: c.create_rollout(package, chosen))
+    if as_json:
+        _print_json(rollout)
+        return
+    _stdout().print(
+        f"rollout [bold]{rollout['id']}[/]: {rollout['package_name']} {rollout['package_version']} "
+        f"to {len(rollout['devices'])} devices ({rollout['state']})",
+        highlight=False,
+    )
+
+
+def _counts(counts: dict[str, int], empty: str = "none") -> str:
+    return ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())) or empty
+
+
+@rollout_app.command("list")
+def rollout_list(
+    fleet: FleetOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List rollouts."""
+    rollouts = _call(fleet, token, data_dir, lambda c: c.list_rollouts())
+    if as_json:
+        _print_json(rollouts)
+        return
+    table = _table("rollouts", "id", "package", "devices", "state", "progress", "created")
+    for r in rollouts:
+        table.add_row(
+            r["id"],
+            f"{r['package_name']} {r['package_version']}",
+            str(len(r["devices"])),
+            r["state"],
+            _counts(r["counts"], "no devices"),
+            _ago(r["created_at"]),
+        )
+    _stdout().print(table)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id (default: the newest).")] = "latest",
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One rollout, device by device."""
+    r = _call(fleet, token, data_dir, lambda c: c.get_rollout(rollout_id))
+    if as_json:
+        _print_json(r)
+        return
+    table = _table(
+        f"rollout {r['id']}: {r['package_name']} {r['package_version']} ({r['state']}; {_counts(r['counts'])})",
+        "device",
+        "generation",
+        "state",
+        "reason",
+        "updated",
+    )
+    for d in r["devices"]:
+        table.add_row(d["device_id"], str(d["generation"]), d["state"], d["reason"] or "", _ago(d["updated_at"]))
+    _stdout().print(table)
+
+
+# --- devices, status, stats -------------------------------------------------------------------------
+
+
+@device_app.command("list")
+def device_list(
+    fleet: FleetOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List enrolled devices."""
+    devices = _call(fleet, token, data_dir, lambda c: c.list_devices())
+    if as_json:
+        _print_json(devices)
+        return
+    table = _table("devices", "id", "name", "state", "active version", "progress", "last seen")
+    for d in devices:
+        progress = ""
+        if d["bytes_needed"]:
+            progress = f"{_size(d['bytes_received'])} / {_size(d['bytes_needed'])}"
+        table.add_row(
+            d["id"],
+            d["name"] or "",
+            d["state"] or "enrolled",
+            d["active_version"] or "",
+            progress,
+            _ago(d["last_seen"]),
+        )
+    _stdout().print(table)
+
+
+@app.command()
+def status(
+    fleet: FleetOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """The fleet at a glance."""
+    s = _call(fleet, token, data_dir, lambda c: c.status())
+    if as_json:
+        _print_json(s)
+        return
+    mqtt = s["mqtt"]
+    t = s["transfer"]
+    table = _table(f"slmops fleet {s['version']} at {s['url']}", "", "")
+    rows = [
+        ("uptime", f"{s['uptime_s']:.0f} s"),
+        ("database", s["database"]),
+        (
+            "MQTT broker",
+            f"{mqtt['host']}:{mqtt['port']} ({'embedded' if mqtt['embedded'] else 'external'}, "
+            f"{'connected' if mqtt['connected'] else 'NOT connected'}, root {mqtt['topic_root']})",
+        ),
+        ("trusted keys", ", ".join(s["trusted_keys"]) or "none (uploads are refused)"),
+        ("devices", f"{s['devices']} ({_counts(s['devices_by_state'])})"),
+        ("packages", f"{s['packages']} ({s['blobs']} blobs, {_size(s['blob_bytes'])})"),
+        ("rollouts", f"{s['rollouts']} ({_counts(s['rollouts_by_state'])})"),
+        ("sent: broadcast", f"{_size(t['broadcast_bytes'])} in {t['broadcast_chunks']} chunks"),
+        ("sent: repair", f"{_size(t['repair_bytes'])} in {t['repair_chunks']} chunks"),
+        ("transfers running", str(len(s["active_transfers"]))),
+        ("telemetry samples", str(s["telemetry_samples"])),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    _stdout().print(table)
+
+
+@app.command()
+def stats(
+    fleet: FleetOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Bytes and chunks sent per blob: broadcast vs repair."""
+    s = _call(fleet, token, data_dir, lambda c: c.stats())
+    if as_json:
+        _print_json(s)
+        return
+    table = _table(
+        "blob transfers",
+        "blob",
+        "size",
+        "broadcast",
+        "chunks",
+        "repair",
+        "chunks",
+        "broadcasts",
+        "requests (whole/part)",
+    )
+    for b in s["blobs"]:
+        table.add_row(
+            b["sha256"][:16],
+            _size(b["size"]),
+            _size(b["broadcast_bytes"]),
+            str(b["broadcast_chunks"]),
+            _size(b["repair_bytes"]),
+            str(b["repair_chunks"]),
+            str(b["broadcasts"]),
+            f"{b['whole_requests']}/{b['partial_requests']}",
+        )
+    t = s["totals"]
+    table.add_section()
+    table.add_row(
+        "total",
+        "",
+        _size(t["broadcast_bytes"]),
+        str(t["broadcast_chunks"]),
+        _size(t["repair_bytes"]),
+        str(t["repair_chunks"]),
+        str(t["broadcasts"]),
+        f"{t['whole_requests']}/{t['partial_requests']}",
+    )
+    _stdout().print(table)

@@ -1,0 +1,1088 @@
+"""The fleet's store: SQLAlchemy 2 models, Alembic migrations applied at start, and the
+transactions the rest of the fleet needs (each returns plain dataclasses, never ORM objects).
+
+SQLite (a file in the data folder) by default; PostgreSQL by URL. Every write that must be
+atomic under concurrent requests (claiming an enrollment token, numbering desired-state
+generations) is a conditional UPDATE or a row lock, so it holds on both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from slmops_fleet.errors import Conflict, EnrollmentRefused, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_INT64_MAX = (1 << 63) - 1
+_WRITE = "slmops_write"
+
+# Rollout and per-device rollout states (stable names, stored in the database).
+ROLLOUT_IN_PROGRESS = "in_progress"
+ROLLOUT_SUCCEEDED = "succeeded"
+ROLLOUT_FAILED = "failed"
+ROLLOUT_SUPERSEDED = "superseded"
+TARGET_PENDING = "PENDING"
+TARGET_SUPERSEDED = "SUPERSEDED"
+TARGET_TERMINAL = frozenset({"COMMITTED", "ROLLED_BACK", TARGET_SUPERSEDED})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def hash_secret(secret: str) -> str:
+    """Hash of a high-entropy secret (enrollment token, MQTT password): SHA-256 is enough, no KDF needed."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def secrets_equal(secret: str, digest: str) -> bool:
+    return secrets.compare_digest(hash_secret(secret), digest)
+
+
+def _i64(value: int) -> int:
+    return min(int(value), _INT64_MAX)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = String(32)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        from sqlalchemy import DateTime
+
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(32))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(timezone.utc)
+        return value.isoformat(timespec="microseconds") if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+ID = String(64)
+SHA = String(64)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class EnrollmentTokenRow(Base):
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    used_by: Mapped[str | None] = mapped_column(ID, nullable=True)
+
+
+class DeviceRow(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    public_key: Mapped[str] = mapped_column(String(64))
+    inventory: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    mqtt_password_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The latest ReportedState.
+    state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    reported_generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    target_package_id: Mapped[str | None] = mapped_column(SHA, nullable=True)
+    active_package_id: Mapped[str | None] = mapped_column(SHA, nullable=True)
+    active_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    active_slot: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    bytes_needed: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    telemetry_dropped_total: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class PackageRow(Base):
+    __tablename__ = "packages"
+
+    id: Mapped[str] = mapped_column(SHA, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(128))
+    profile: Mapped[str] = mapped_column(String(128), default="")
+    kind: Mapped[str] = mapped_column(String(32))
+    signed_manifest: Mapped[bytes] = mapped_column(LargeBinary)
+    signed_by: Mapped[str] = mapped_column(String(64), default="")
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PackageFileRow(Base):
+    __tablename__ = "package_files"
+    __table_args__ = (Index("ix_package_files_sha256", "sha256"),)
+
+    package_id: Mapped[str] = mapped_column(ForeignKey("packages.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(512), primary_key=True)
+    sha256: Mapped[str] = mapped_column(SHA)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class BlobRow(Base):
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(String(512))  # relative to the data folder
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class BlobStatsRow(Base):
+    __tablename__ = "blob_stats"
+
+    sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
+    broadcast_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    broadcast_chunks: Mapped[int] = mapped_column(BigInteger, default=0)
+    repair_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    repair_chunks: Mapped[int] = mapped_column(BigInteger, default=0)
+    broadcasts: Mapped[int] = mapped_column(BigInteger, default=0)
+    whole_requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    partial_requests: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RolloutRow(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    package_id: Mapped[str] = mapped_column(ForeignKey("packages.id"))
+    target: Mapped[Any] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    transitions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+
+class RolloutDeviceRow(Base):
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DesiredStateRow(Base):
+    __tablename__ = "desired_states"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    package_id: Mapped[str] = mapped_column(ForeignKey("packages.id"))
+    rollout_id: Mapped[str | None] = mapped_column(ForeignKey("rollouts.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class TelemetrySampleRow(Base):
+    __tablename__ = "telemetry_samples"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),
+        Index("ix_telemetry_device_ts", "device_id", "timestamp_ms"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    timestamp_ms: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    cpu_percent: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    memory_total_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    disk_free_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    temperature_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    requests_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_per_s: Mapped[float] = mapped_column(Float, default=0.0)
+    ttft_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    queue_depth: Mapped[int] = mapped_column(Integer, default=0)
+    update_state: Mapped[str] = mapped_column(String(32), default="")
+    active_package_id: Mapped[str] = mapped_column(String(64), default="")
+
+
+# --- records handed to the rest of the fleet -------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    id: str
+    name: str
+    public_key: str
+    inventory: dict[str, Any]
+    created_at: datetime
+    last_seen: datetime | None
+    state: str | None
+    reported_generation: int
+    target_package_id: str | None
+    active_package_id: str | None
+    active_version: str | None
+    active_slot: str | None
+    reason: str | None
+    bytes_needed: int
+    bytes_received: int
+    reported_at: datetime | None
+    telemetry_dropped_total: int
+    desired_generation: int = 0
+    desired_package_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("created_at", "last_seen", "reported_at"):
+            d[k] = _iso(d[k])
+        return d
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    id: str
+    name: str
+    version: str
+    kind: str
+    profile: str
+    signed_by: str
+    size_bytes: int
+    file_count: int
+    created_at: datetime
+    missing_blobs: list[str]
+    signed_manifest: bytes = field(repr=False)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_blobs
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind,
+            "profile": self.profile,
+            "signed_by": self.signed_by,
+            "size_bytes": self.size_bytes,
+            "file_count": self.file_count,
+            "created_at": _iso(self.created_at),
+            "complete": self.complete,
+            "missing_blobs": self.missing_blobs,
+        }
+
+
+@dataclass(frozen=True)
+class NewPackage:
+    id: str
+    name: str
+    version: str
+    kind: str
+    profile: str
+    signed_by: str
+    signed_manifest: bytes
+    files: list[tuple[str, str, int]]  # (path, sha256, size)
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    sha256: str
+    size: int
+    path: str
+
+
+@dataclass(frozen=True)
+class DesiredRecord:
+    device_id: str
+    generation: int
+    package_id: str
+    rollout_id: str | None
+    created_at: datetime
+    signed_manifest: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RolloutTargetRecord:
+    device_id: str
+    generation: int
+    state: str
+    reason: str | None
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["updated_at"] = _iso(self.updated_at)
+        return d
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: str
+    package_id: str
+    package_name: str
+    package_version: str
+    target: Any
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    transitions: list[dict[str, Any]]
+    devices: list[RolloutTargetRecord]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.devices:
+            out[d.state] = out.get(d.state, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "package_id": self.package_id,
+            "package_name": self.package_name,
+            "package_version": self.package_version,
+            "target": self.target,
+            "state": self.state,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "transitions": self.transitions,
+            "counts": self.counts(),
+            "devices": [d.to_json() for d in self.devices],
+        }
+
+
+@dataclass(frozen=True)
+class ReportedUpdate:
+    """A device's ReportedState, translated at the MQTT edge."""
+
+    device_id: str
+    generation: int
+    state: str
+    target_package_id: str
+    active_package_id: str
+    active_version: str
+    active_slot: str
+    reason: str
+    bytes_needed: int
+    bytes_received: int
+    inventory: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TelemetryRecord:
+    device_id: str
+    seq: int
+    timestamp_ms: int
+    cpu_percent: float = 0.0
+    memory_used_bytes: int = 0
+    memory_total_bytes: int = 0
+    disk_free_bytes: int = 0
+    temperature_c: float | None = None
+    requests_total: int = 0
+    errors_total: int = 0
+    tokens_per_s: float = 0.0
+    ttft_ms: float = 0.0
+    queue_depth: int = 0
+    update_state: str = ""
+    active_package_id: str = ""
+
+
+@dataclass
+class BlobStatsDelta:
+    broadcast_bytes: int = 0
+    broadcast_chunks: int = 0
+    repair_bytes: int = 0
+    repair_chunks: int = 0
+    broadcasts: int = 0
+    whole_requests: int = 0
+    partial_requests: int = 0
+
+    def add(self, other: BlobStatsDelta) -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def is_zero(self) -> bool:
+        return not any(asdict(self).values())
+
+
+@dataclass(frozen=True)
+class BlobStatsRecord:
+    sha256: str
+    size: int
+    stats: BlobStatsDelta
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size, **asdict(self.stats)}
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+class Store:
+    """Thread-safe access to the fleet database (one short session per call)."""
+
+    def __init__(self, url: str, *, engine: Engine | None = None, echo: bool = False) -> None:
+        self.url = url
+        self.engine = engine or self._create_engine(url, echo=echo)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @staticmethod
+    def _create_engine(url: str, *, echo: bool) -> Engine:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                # The driver must not open transactions on its own: `_sqlite_begin` does, so that a
+                # write transaction takes SQLite's write lock before it reads (BEGIN IMMEDIATE) and
+                # read-then-write sequences cannot interleave.
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _sqlite_begin(conn: Any) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+
+            return engine
+        return create_engine(url, echo=echo, pool_pre_ping=True)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (programmatic Alembic, scripts in the package)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def schema_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """One transaction. `write=True` for transactions that write: on SQLite they take the write
+        lock up front; on PostgreSQL the row locks taken inside (FOR UPDATE) serialise them."""
+        with self._sessions() as s:
+            if write:
+                s.connection(execution_options={_WRITE: True})  # begins the transaction with the option
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    def ping(self) -> bool:
+        try:
+            with self.session() as s:
+                s.execute(select(1))
+            return True
+        except Exception:
+            log.exception("database ping failed")
+            return False
+
+    # --- enrollment -------------------------------------------------------------------------
+
+    def create_token(self, ttl_s: float) -> tuple[str, datetime]:
+        token = secrets.token_urlsafe(32)
+        now = utcnow()
+        expires = now + timedelta(seconds=ttl_s)
+        with self.session(write=True) as s:
+            s.add(
+                EnrollmentTokenRow(id=_new_id("tok"), token_hash=hash_secret(token), created_at=now, expires_at=expires)
+            )
+        return token, expires
+
+    def enroll(
+        self,
+        token: str,
+        *,
+        public_key: str,
+        name: str,
+        inventory: dict[str, Any],
+        mqtt_password_hash: str,
+        before_commit: Callable[[str], None] | None = None,
+    ) -> DeviceRecord:
+        """Claim `token` and create a device, atomically: the token is claimed by a conditional
+        UPDATE, so of concurrent requests with one token exactly one wins. `before_commit(device_id)`
+        runs inside the transaction (broker provisioning); if it raises, nothing is kept."""
+        digest = hash_secret(token)
+        device_id = _new_id("dev")
+        now = utcnow()
+        with self.session(write=True) as s:
+            claimed = s.execute(
+                update(EnrollmentTokenRow)
+                .where(
+                    EnrollmentTokenRow.token_hash == digest,
+                    EnrollmentTokenRow.used_at.is_(None),
+                    EnrollmentTokenRow.expires_at > now,
+                )
+                .values(used_at=now, used_by=device_id)
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(claimed, "rowcount", 0) != 1:
+                row = s.execute(
+                    select(EnrollmentTokenRow.used_at, EnrollmentTokenRow.expires_at).where(
+                        EnrollmentTokenRow.token_hash == digest
+                    )
+                ).first()
+                if row is None:
+                    raise EnrollmentRefused("enrollment token is unknown")
+                if row.used_at is not None:
+                    raise EnrollmentRefused("enrollment token is already used")
+                raise EnrollmentRefused("enrollment token is expired")
+            device = DeviceRow(
+                id=device_id,
+                name=name,
+                public_key=public_key,
+                inventory=inventory,
+                mqtt_password_hash=mqtt_password_hash,
+                created_at=now,
+                reported_generation=0,
+                bytes_needed=0,
+                bytes_received=0,
+                telemetry_dropped_total=0,
+            )
+            s.add(device)
+            s.flush()
+            if before_commit is not None:
+                before_commit(device_id)
+            return self._device_record(device, None)
+
+    # --- devices ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _device_record(row: DeviceRow, desired: DesiredStateRow | None) -> DeviceRecord:
+        return DeviceRecord(
+            id=row.id,
+            name=row.name,
+            public_key=row.public_key,
+            inventory=dict(row.inventory or {}),
+            created_at=row.created_at,
+            last_seen=row.last_seen,
+            state=row.state,
+            reported_generation=row.reported_generation or 0,
+            target_package_id=row.target_package_id,
+            active_package_id=row.active_package_id,
+            active_version=row.active_version,
+            active_slot=row.active_slot,
+            reason=row.reason,
+            bytes_needed=row.bytes_needed or 0,
+            bytes_received=row.bytes_received or 0,
+            reported_at=row.reported_at,
+            telemetry_dropped_total=row.telemetry_dropped_total or 0,
+            desired_generation=desired.generation if desired else 0,
+            desired_package_id=desired.package_id if desired else None,
+        )
+
+    def _latest_desired(self, s: Session, device_ids: Sequence[str] | None = None) -> dict[str, DesiredStateRow]:
+        latest = select(DesiredStateRow.device_id, func.max(DesiredStateRow.generation).label("g")).group_by(
+            DesiredStateRow.device_id
+        )
+        if device_ids is not None:
+            latest = latest.where(DesiredStateRow.device_id.in_(device_ids))
+        sub = latest.subquery()
+        rows = s.scalars(
+            select(DesiredStateRow).join(
+                sub, (DesiredStateRow.device_id == sub.c.device_id) & (DesiredStateRow.generation == sub.c.g)
+            )
+        ).all()
+        return {r.device_id: r for r in rows}
+
+    def list_devices(self) -> list[DeviceRecord]:
+        with self.session() as s:
+            rows = s.scalars(select(DeviceRow).order_by(DeviceRow.created_at, DeviceRow.id)).all()
+            desired = self._latest_desired(s)
+            return [self._device_record(r, desired.get(r.id)) for r in rows]
+
+    def get_device(self, device_id: str) -> DeviceRecord:
+        with self.session() as s:
+            row = s.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFound(f"unknown device {device_id}")
+            return self._device_record(row, self._latest_desired(s, [device_id]).get(device_id))
+
+    def device_password_hashes(self) -> dict[str, str]:
+        with self.session() as s:
+            return {r.id: r.mqtt_password_hash for r in s.execute(select(DeviceRow.id, DeviceRow.mqtt_password_hash))}
+
+    def device_password_hash(self, device_id: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(DeviceRow.mqtt_password_hash).where(DeviceRow.id == device_id))
+
+    def device_exists(self, device_id: str) -> bool:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(DeviceRow).where(DeviceRow.id == device_id)) == 1
+
+    # --- packages and blobs -----------------------------------------------------------------
+
+    def add_package(self, pkg: NewPackage) -> bool:
+        """Store a verified package; returns False if it was already there (uploads are idempotent)."""
+        try:
+            return self._add_package(pkg)
+        except IntegrityError:
+            with self.session() as s:
+                if s.get(PackageRow, pkg.id) is not None:  # a concurrent upload of the same package won
+                    return False
+            raise
+
+    def _add_package(self, pkg: NewPackage) -> bool:
+        with self.session(write=True) as s:
+            if s.get(PackageRow, pkg.id) is not None:
+                return False
+            s.add(
+                PackageRow(
+                    id=pkg.id,
+                    name=pkg.name,
+                    version=pkg.version,
+                    profile=pkg.profile,
+                    kind=pkg.kind,
+                    signed_manifest=pkg.signed_manifest,
+                    signed_by=pkg.signed_by,
+                    size_bytes=sum(size for _, _, size in pkg.files),
+                    created_at=utcnow(),
+                )
+            )
+            s.flush()  # the package row before its files (foreign key)
+            s.add_all(PackageFileRow(package_id=pkg.id, path=p, sha256=h, size=n) for p, h, n in pkg.files)
+        return True
+
+    def _package_record(self, s: Session, row: PackageRow) -> PackageRecord:
+        files = s.execute(select(PackageFileRow.sha256).where(PackageFileRow.package_id == row.id)).scalars().all()
+        shas = sorted(set(files))
+        have = set(s.scalars(select(BlobRow.sha256).where(BlobRow.sha256.in_(shas))).all()) if shas else set()
+        return PackageRecord(
+            id=row.id,
+            name=row.name,
+            version=row.version,
+            kind=row.kind,
+            profile=row.profile,
+            signed_by=row.signed_by,
+            size_bytes=row.size_bytes,
+            file_count=len(files),
+            created_at=row.created_at,
+            missing_blobs=[h for h in shas if h not in have],
+            signed_manifest=row.signed_manifest,
+        )
+
+    def list_packages(self) -> list[PackageRecord]:
+        with self.session() as s:
+            rows = s.scalars(select(PackageRow).order_by(PackageRow.created_at, PackageRow.id)).all()
+            return [self._package_record(s, r) for r in rows]
+
+    def get_package(self, ref: str) -> PackageRecord:
+        """A package by id or by a unique id prefix of at least 8 characters."""
+        ref = ref.strip().lower()
+        with self.session() as s:
+            row = s.get(PackageRow, ref)
+            if row is None and 8 <= len(ref) < 64 and all(c in "0123456789abcdef" for c in ref):
+                matches = s.scalars(select(PackageRow).where(PackageRow.id.startswith(ref)).limit(2)).all()
+                if len(matches) > 1:
+                    raise InvalidRequest(f"package id prefix {ref} is ambiguous; give more characters")
+                row = matches[0] if matches else None
+            if row is None:
+                raise NotFound(f"unknown package id {ref}")
+            return self._package_record(s, row)
+
+    def blob_expected_size(self, sha256: str) -> int | None:
+        """The size the manifests give a blob, or None if no package lists it."""
+        with self.session() as s:
+            return s.scalar(select(PackageFileRow.size).where(PackageFileRow.sha256 == sha256).limit(1))
+
+    def get_blob(self, sha256: str) -> BlobRecord | None:
+        with self.session() as s:
+            row = s.get(BlobRow, sha256)
+            return BlobRecord(row.sha256, row.size, row.path) if row else None
+
+    def add_blob(self, sha256: str, size: int, path: str) -> bool:
+        """Record a stored blob; False if it was already recorded."""
+        try:
+            with self.session(write=True) as s:
+                if s.get(BlobRow, sha256) is not None:
+                    return False
+                s.add(BlobRow(sha256=sha256, size=size, path=path, created_at=utcnow()))
+        except IntegrityError:
+            if self.get_blob(sha256) is not None:  # a concurrent upload of the same blob won
+                return False
+            raise
+        return True
+
+    def device_may_fetch(self, device_id: str, sha256: str) -> bool:
+        """A device may ask for the blobs of the package its newest desired state names."""
+        with self.session() as s:
+            desired = self._latest_desired(s, [device_id]).get(device_id)
+            if desired is None:
+                return False
+            return (
+                s.scalar(
+                    select(func.count())
+                    .select_from(PackageFileRow)
+                    .where(PackageFileRow.package_id == desired.package_id, PackageFileRow.sha256 == sha256)
+                )
+                or 0
+            ) > 0
+
+    def add_blob_stats(self, deltas: dict[str, BlobStatsDelta]) -> None:
+        with self.session(write=True) as s:
+            for sha, d in deltas.items():
+                if d.is_zero():
+                    continue
+                row = s.get(BlobStatsRow, sha, with_for_update=True)
+                if row is None:
+                    row = BlobStatsRow(sha256=sha, **asdict(BlobStatsDelta()))
+                    s.add(row)
+                for k, v in asdict(d).items():
+                    setattr(row, k, getattr(row, k) + v)
+
+    def blob_stats(self) -> list[BlobStatsRecord]:
+        with self.session() as s:
+            rows = s.execute(
+                select(BlobStatsRow, BlobRow.size).outerjoin(BlobRow, BlobRow.sha256 == BlobStatsRow.sha256)
+            )
+            out = []
+            for st, size in rows:
+                delta = BlobStatsDelta(
+                    broadcast_bytes=st.broadcast_bytes,
+                    broadcast_chunks=st.broadcast_chunks,
+                    repair_bytes=st.repair_bytes,
+                    repair_chunks=st.repair_chunks,
+                    broadcasts=st.broadcasts,
+                    whole_requests=st.whole_requests,
+                    partial_requests=st.partial_requests,
+                )
+                out.append(BlobStatsRecord(st.sha256, size or 0, delta))
+            return sorted(out, key=lambda r: r.sha256)
+
+    # --- rollouts and desired states --------------------------------------------------------
+
+    def create_rollout(self, package_id: str, target: str | list[str]) -> tuple[RolloutRecord, list[DesiredRecord]]:
+        """One wave: give every target device a new desired state (generation + 1) naming the package."""
+        now = utcnow()
+        rollout_id = _new_id("ro")
+        with self.session(write=True) as s:
+            pkg = s.get(PackageRow, package_id)
+            if pkg is None:
+                raise NotFound(f"unknown package id {package_id}")
+            if target == "all":
+                device_ids = list(s.scalars(select(DeviceRow.id).order_by(DeviceRow.id)).all())
+                if not device_ids:
+                    raise Conflict("no devices are enrolled; enroll one before rolling out")
+            else:
+                device_ids = sorted(set(target))
+                if not device_ids:
+                    raise InvalidRequest("target lists no devices")
+            # Lock the target devices (PostgreSQL; SQLite serialises writers) so generations stay strictly
+            # increasing under concurrent rollouts.
+            found = set(s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(device_ids)).with_for_update()).all())
+            unknown = [d for d in device_ids if d not in found]
+            if unknown:
+                raise InvalidRequest(f"unknown device ids: {', '.join(unknown)}")
+            current = self._latest_desired(s, device_ids)
+            rollout = RolloutRow(
+                id=rollout_id,
+                package_id=package_id,
+                target=target if target == "all" else device_ids,
+                state=ROLLOUT_IN_PROGRESS,
+                created_at=now,
+                updated_at=now,
+                transitions=[{"state": ROLLOUT_IN_PROGRESS, "at": now.isoformat(), "reason": "created"}],
+            )
+            s.add(rollout)
+            s.flush()
+            desired: list[DesiredRecord] = []
+            superseded: set[str] = set()
+            for device_id in device_ids:
+                prev = current.get(device_id)
+                generation = (prev.generation if prev else 0) + 1
+                if prev is not None and prev.rollout_id:
+                    superseded.add(prev.rollout_id)
+                    s.execute(
+                        update(RolloutDeviceRow)
+                        .where(
+                            RolloutDeviceRow.rollout_id == prev.rollout_id,
+                            RolloutDeviceRow.device_id == device_id,
+                            RolloutDeviceRow.state.not_in(TARGET_TERMINAL),
+                        )
+                        .values(state=TARGET_SUPERSEDED, reason=f"superseded by {rollout_id}", updated_at=now)
+                    )
+                s.add(
+                    DesiredStateRow(
+                        device_id=device_id,
+                        generation=generation,
+                        package_id=package_id,
+                        rollout_id=rollout_id,
+                        created_at=now,
+                    )
+                )
+                s.add(
+                    RolloutDeviceRow(
+                        rollout_id=rollout_id,
+                        device_id=device_id,
+                        generation=generation,
+                        state=TARGET_PENDING,
+                        updated_at=now,
+                    )
+                )
+                desired.append(DesiredRecord(device_id, generation, package_id, rollout_id, now, pkg.signed_manifest))
+            s.flush()
+            for old in superseded:
+                self._settle_rollout(s, old, now)
+            return self._rollout_record(s, rollout), desired
+
+    def _rollout_record(self, s: Session, row: RolloutRow) -> RolloutRecord:
+        pkg = s.get(PackageRow, row.package_id)
+        targets = s.scalars(
+            select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == row.id).order_by(RolloutDeviceRow.device_id)
+        ).all()
+        return RolloutRecord(
+            id=row.id,
+            package_id=row.package_id,
+            package_name=pkg.name if pkg else "",
+            package_version=pkg.version if pkg else "",
+            target=row.target,
+            state=row.state,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            transitions=list(row.transitions or []),
+            devices=[RolloutTargetRecord(t.device_id, t.generation, t.state, t.reason, t.updated_at) for t in targets],
+        )
+
+    def _settle_rollout(self, s: Session, rollout_id: str, now: datetime) -> None:
+        """Move a rollout to its final state once every target device is in a terminal state."""
+        row = s.get(RolloutRow, rollout_id, with_for_update=True)
+        if row is None or row.state != ROLLOUT_IN_PROGRESS:
+            return
+        states = s.scalars(select(RolloutDeviceRow.state).where(RolloutDeviceRow.rollout_id == rollout_id)).all()
+        if any(st not in TARGET_TERMINAL for st in states):
+            return
+        committed = sum(1 for st in states if st == "COMMITTED")
+        rolled_back = sum(1 for st in states if st == "ROLLED_BACK")
+        superseded = sum(1 for st in states if st == TARGET_SUPERSEDED)
+        if rolled_back:
+            new = ROLLOUT_FAILED
+        elif committed:
+            new = ROLLOUT_SUCCEEDED
+        else:
+            new = ROLLOUT_SUPERSEDED
+        reason = f"{committed} committed, {rolled_back} rolled back, {superseded} superseded"
+        row.state = new
+        row.updated_at = now
+        row.transitions = [*list(row.transitions or []), {"state": new, "at": now.isoformat(), "reason": reason}]
+
+    def list_rollouts(self) -> list[RolloutRecord]:
+        with self.session() as s:
+            rows = s.scalars(select(RolloutRow).order_by(RolloutRow.created_at, RolloutRow.id)).all()
+            return [self._rollout_record(s, r) for r in rows]
+
+    def get_rollout(self, rollout_id: str) -> RolloutRecord:
+        with self.session() as s:
+            row = s.get(RolloutRow, rollout_id)
+            if row is None:
+                raise NotFound(f"unknown rollout id {rollout_id}")
+            return self._rollout_record(s, row)
+
+    def latest_desired_states(self) -> list[DesiredRecord]:
+        """Every device's newest desired state (republished, retained, whenever the fleet connects)."""
+        with self.session() as s:
+            latest = self._latest_desired(s)
+            manifests: dict[str, bytes] = {}
+            out = []
+            for d in latest.values():
+                if d.package_id not in manifests:
+                    manifests[d.package_id] = (
+                        s.scalar(select(PackageRow.signed_manifest).where(PackageRow.id == d.package_id)) or b""
+                    )
+                out.append(
+                    DesiredRecord(
+                        d.device_id, d.generation, d.package_id, d.rollout_id, d.created_at, manifests[d.package_id]
+                    )
+                )
+            return sorted(out, key=lambda r: r.device_id)
+
+    # --- what devices report ----------------------------------------------------------------
+
+    def apply_reported(self, rep: ReportedUpdate) -> bool:
+        """Record a device's report; advance the rollout it is about. False for an unknown device."""
+        now = utcnow()
+        with self.session(write=True) as s:
+            row = s.get(DeviceRow, rep.device_id, with_for_update=True)
+            if row is None:
+                return False
+            row.last_seen = now
+            row.reported_at = now
+            row.state = rep.state
+            row.reported_generation = _i64(rep.generation)
+            row.target_package_id = rep.target_package_id or None
+            row.active_package_id = rep.active_package_id or None
+            row.active_version = rep.active_version or None
+            row.active_slot = rep.active_slot or None
+            row.reason = rep.reason or None
+            row.bytes_needed = _i64(rep.bytes_needed)
+            row.bytes_received = _i64(rep.bytes_received)
+            if rep.inventory:
+                row.inventory = rep.inventory
+            desired = s.get(DesiredStateRow, (rep.device_id, rep.generation)) if rep.generation else None
+            if desired is not None and desired.rollout_id:
+                target = s.get(RolloutDeviceRow, (desired.rollout_id, rep.device_id))
+                if target is not None and target.state not in TARGET_TERMINAL and target.state != rep.state:
+                    target.state = rep.state
+                    target.reason = rep.reason or None
+                    target.updated_at = now
+                    s.flush()
+                    if rep.state in TARGET_TERMINAL:
+                        self._settle_rollout(s, desired.rollout_id, now)
+            return True
+
+    def insert_telemetry(self, samples: Iterable[TelemetryRecord], dropped: dict[str, int] | None = None) -> int:
+        """Insert samples, ignoring ones already stored (QoS 1 may deliver a batch twice). Returns rows offered."""
+        rows = [
+            {
+                **asdict(t),
+                "seq": _i64(t.seq),
+                "memory_used_bytes": _i64(t.memory_used_bytes),
+                "memory_total_bytes": _i64(t.memory_total_bytes),
+                "disk_free_bytes": _i64(t.disk_free_bytes),
+                "requests_total": _i64(t.requests_total),
+                "errors_total": _i64(t.errors_total),
+                "received_at": utcnow(),
+            }
+            for t in samples
+        ]
+        now = utcnow()
+        with self.session(write=True) as s:
+            devices = {r["device_id"] for r in rows} | set(dropped or {})
+            known = set(s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(devices))).all()) if devices else set()
+            rows = [r for r in rows if r["device_id"] in known]
+            if rows:
+                s.execute(self._insert_ignore(TelemetrySampleRow), rows)
+            for device_id in known:
+                values: dict[str, Any] = {"last_seen": now}
+                if dropped and device_id in dropped:
+                    values["telemetry_dropped_total"] = _i64(dropped[device_id])
+                s.execute(update(DeviceRow).where(DeviceRow.id == device_id).values(**values))
+        return len(rows)
+
+    def _insert_ignore(self, model: type[Base]) -> Any:
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(model).on_conflict_do_nothing()
+        if self.engine.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert(model).on_conflict_do_nothing()
+        raise NotImplementedError(f"database {self.engine.dialect.name} is not supported")
+
+    def telemetry(self, device_id: str, limit: int = 100) -> list[TelemetryRecord]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(TelemetrySampleRow)
+                .where(TelemetrySampleRow.device_id == device_id)
+                .order_by(TelemetrySampleRow.timestamp_ms.desc(), TelemetrySampleRow.seq.desc())
+                .limit(limit)
+            ).all()
+            return [
+                TelemetryRecord(
+                    device_id=r.device_id,
+                    seq=r.seq,
+                    timestamp_ms=r.timestamp_ms,
+                    cpu_percent=r.cpu_percent,
+                    memory_used_bytes=r.memory_used_bytes,
+                    memory_total_bytes=r.memory_total_bytes,
+                    disk_free_bytes=r.disk_free_bytes,
+                    temperature_c=r.temperature_c,
+                    requests_total=r.requests_total,
+                    errors_total=r.errors_total,
+                    tokens_per_s=r.tokens_per_s,
+                    ttft_ms=r.ttft_ms,
+                    queue_depth=r.queue_depth,
+                    update_state=r.update_state,
+                    active_package_id=r.active_package_id,
+                )
+                for r in rows
+            ]
+
+    def counts(self) -> dict[str, Any]:
+        with self.session() as s:
+            by_state = dict(
+                s.execute(select(func.coalesce(DeviceRow.state, "NEW"), func.count()).group_by(DeviceRow.state)).all()
+            )
+            rollouts = dict(s.execute(select(RolloutRow.state, func.count()).group_by(RolloutRow.state)).all())
+            return {
+                "devices": sum(by_state.values()),
+                "devices_by_state": by_state,
+                "packages": s.scalar(select(func.count()).select_from(PackageRow)) or 0,
+                "blobs": s.scalar(select(func.count()).select_from(BlobRow)) or 0,
+                "blob_bytes": s.scalar(select(func.coalesce(func.sum(BlobRow.size), 0))) or 0,
+                "rollouts": sum(rollouts.values()),
+                "rollouts_by_state": rollouts,
+                "telemetry_samples": s.scalar(select(func.count()).select_from(TelemetrySampleRow)) or 0,
+            }

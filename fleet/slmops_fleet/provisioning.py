@@ -1,0 +1,220 @@
+"""Device credentials and ACLs on the broker.
+
+- `EmbeddedProvisioner`: the embedded broker's live registry.
+- `DynsecProvisioner`: a Mosquitto 2 broker with the dynamic security plugin. The fleet connects
+  as a dynsec admin and, per device, creates a role holding exactly the device's ACL and a client
+  (username = client id = device id) with that role, over `$CONTROL/dynamic-security/v1`.
+- `NoProvisioner`: the operator manages broker credentials (e.g. an anonymous test broker).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from typing import Any, Protocol
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from slmops_fleet.broker import CredentialRegistry
+from slmops_fleet.db import hash_secret
+from slmops_fleet.errors import ProvisioningError
+from slmops_fleet.settings import BrokerAddress
+from slmops_protos.topics import Topics
+
+log = logging.getLogger(__name__)
+
+DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
+DYNSEC_RESPONSE = DYNSEC_TOPIC + "/response"
+FLEET_ROLE = "slmops-fleet"
+
+
+class Provisioner(Protocol):
+    def add_device(self, device_id: str, password: str) -> None: ...
+
+    def remove_device(self, device_id: str) -> None: ...
+
+
+class EmbeddedProvisioner:
+    def __init__(self, registry: CredentialRegistry) -> None:
+        self.registry = registry
+
+    def add_device(self, device_id: str, password: str) -> None:
+        self.registry.add_device(device_id, hash_secret(password))
+
+    def remove_device(self, device_id: str) -> None:
+        self.registry.remove_device(device_id)
+
+
+class NoProvisioner:
+    def add_device(self, device_id: str, password: str) -> None:
+        log.info("broker provisioning is off: give %s its broker credentials yourself", device_id)
+
+    def remove_device(self, device_id: str) -> None:
+        pass
+
+
+def device_role(device_id: str) -> str:
+    return f"slmops-device-{device_id}"
+
+
+def device_acls(topics: Topics, device_id: str) -> list[dict[str, Any]]:
+    """The dynsec form of Topics.device_publish_acl / device_subscribe_acl."""
+    acls: list[dict[str, Any]] = [
+        {"acltype": "publishClientSend", "topic": t, "priority": 0, "allow": True}
+        for t in topics.device_publish_acl(device_id)
+    ]
+    for t in topics.device_subscribe_acl(device_id):
+        kind = "subscribePattern" if ("+" in t or "#" in t) else "subscribeLiteral"
+        acls.append({"acltype": kind, "topic": t, "priority": 0, "allow": True})
+    return acls
+
+
+class DynsecProvisioner:
+    """Talks to Mosquitto's dynamic security plugin as an admin client (thread-safe)."""
+
+    def __init__(self, admin: BrokerAddress, topics: Topics, *, timeout_s: float = 10.0) -> None:
+        if not admin.username:
+            raise ValueError("the dynamic-security admin needs a username (mqtt://user:pass@host:port)")
+        self.admin = admin
+        self.topics = topics
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._waiting: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._refused: str | None = None
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"slmops-fleet-dynsec-{secrets.token_hex(4)}",
+            clean_session=True,
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
+        c.username_pw_set(admin.username, admin.password)
+        c.reconnect_delay_set(1, 10)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        self.client = c
+
+    def start(self) -> None:
+        self.client.connect_async(self.admin.host, self.admin.port, keepalive=30)
+        self.client.loop_start()
+        if not self._subscribed.wait(self.timeout_s):
+            self.stop()
+            why = self._refused or f"no answer from {self.admin.host}:{self.admin.port}"
+            raise ProvisioningError(f"cannot reach the broker's dynamic security API as {self.admin.username}: {why}")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._refused = f"broker refused the admin login ({reason})"
+            return
+        self._connected.set()
+        client.subscribe(DYNSEC_RESPONSE, qos=1)
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: Any, reason_codes: Any, _p: Any) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            self._refused = f"{self.admin.username} may not use {DYNSEC_TOPIC} (is it a dynsec admin?)"
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self._connected.clear()
+        self._subscribed.clear()
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            responses = json.loads(msg.payload)["responses"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable dynamic-security response: %r", msg.payload[:200])
+            return
+        with self._lock:
+            for r in responses:
+                waiter = self._waiting.get(str(r.get("correlationData", "")))
+                if waiter is not None:
+                    waiter[1].append(r)
+                    waiter[0].set()
+
+    def command(self, command: dict[str, Any], *, ok_errors: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Send one dynsec command and return its response; ProvisioningError on an error not in ok_errors."""
+        if not self._subscribed.wait(self.timeout_s):
+            raise ProvisioningError(f"not connected to the broker's dynamic security API ({self._refused or 'down'})")
+        corr = secrets.token_hex(8)
+        event = threading.Event()
+        box: list[dict[str, Any]] = []
+        with self._lock:
+            self._waiting[corr] = (event, box)
+        try:
+            body = json.dumps({"commands": [{**command, "correlationData": corr}]})
+            self.client.publish(DYNSEC_TOPIC, body, qos=1)
+            if not event.wait(self.timeout_s):
+                raise ProvisioningError(f"the broker did not answer {command['command']} in {self.timeout_s:.0f} s")
+        finally:
+            with self._lock:
+                self._waiting.pop(corr, None)
+        response = box[0]
+        error = response.get("error")
+        if error and not any(e in str(error) for e in ok_errors):
+            raise ProvisioningError(f"broker refused {command['command']}: {error}")
+        return response
+
+    def client_roles(self, username: str) -> list[str]:
+        response = self.command({"command": "getClient", "username": username})
+        roles = response.get("data", {}).get("client", {}).get("roles", [])
+        return [str(r.get("rolename")) for r in roles if isinstance(r, dict)]
+
+    def ensure_fleet_access(self, username: str) -> None:
+        """Give the fleet's own broker user every topic under the root (idempotent).
+
+        Changing a client's roles makes Mosquitto disconnect that client's connections; when the
+        fleet's user is this admin user, that includes this one, and the reply is lost. So the
+        result is checked afterwards, over the reconnected session."""
+        root = self.topics.root
+        self.command(
+            {
+                "command": "createRole",
+                "rolename": FLEET_ROLE,
+                "acls": [
+                    {"acltype": "publishClientSend", "topic": f"{root}/#", "priority": 0, "allow": True},
+                    {"acltype": "publishClientReceive", "topic": f"{root}/#", "priority": 0, "allow": True},
+                    {"acltype": "subscribePattern", "topic": f"{root}/#", "priority": 0, "allow": True},
+                ],
+            },
+            ok_errors=("already exists",),
+        )
+        if FLEET_ROLE in self.client_roles(username):
+            return
+        try:
+            self.command({"command": "addClientRole", "username": username, "rolename": FLEET_ROLE, "priority": 10})
+        except ProvisioningError as exc:
+            log.info("addClientRole for %s: %s; checking the result", username, exc.reason)
+        if FLEET_ROLE not in self.client_roles(username):
+            raise ProvisioningError(f"could not give the broker user {username} the {FLEET_ROLE} role")
+
+    def add_device(self, device_id: str, password: str) -> None:
+        role = device_role(device_id)
+        self.command({"command": "createRole", "rolename": role, "acls": device_acls(self.topics, device_id)})
+        try:
+            self.command(
+                {
+                    "command": "createClient",
+                    "username": device_id,
+                    "password": password,
+                    "clientid": device_id,
+                    "roles": [{"rolename": role, "priority": 0}],
+                }
+            )
+        except ProvisioningError:
+            self.command({"command": "deleteRole", "rolename": role}, ok_errors=("not found",))
+            raise
+
+    def remove_device(self, device_id: str) -> None:
+        self.command({"command": "deleteClient", "username": device_id}, ok_errors=("not found",))
+        self.command({"command": "deleteRole", "rolename": device_role(device_id)}, ok_errors=("not found",))

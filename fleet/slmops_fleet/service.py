@@ -1,0 +1,319 @@
+"""What the fleet does for its HTTP API: enrollment, packages and blobs, rollouts, status.
+
+The API translates HTTP to these calls and back and nothing more; every rule lives here or in
+the store. Errors are `slmops_fleet.errors` types, mapped to status codes in `api.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from slmops_fleet._version import __version__
+from slmops_fleet.blobstore import BlobStore, BlobWriter
+from slmops_fleet.codec import desired_to_pb
+from slmops_fleet.db import (
+    BlobStatsDelta,
+    DesiredRecord,
+    NewPackage,
+    Store,
+    hash_secret,
+)
+from slmops_fleet.distribution import BlobDistributor, Publisher
+from slmops_fleet.errors import Conflict, InvalidRequest, NotFound, ProvisioningError, TooLarge, Unavailable
+from slmops_fleet.provisioning import Provisioner
+from slmops_fleet.settings import FleetSettings
+from slmops_protos.manifests import (
+    PackageError,
+    is_sha256_hex,
+    key_id,
+    package_id,
+    parse_signed_manifest,
+    public_key_bytes,
+    verify_signed_manifest,
+)
+from slmops_protos.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerInfo:
+    """The broker address devices are given (and `fleet.json` records)."""
+
+    host: str
+    port: int
+    topic_root: str
+    embedded: bool
+    tls: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_trusted_keys(settings: FleetSettings) -> list[Ed25519PublicKey]:
+    """The configured keys plus <data dir>/trusted-keys/*.pub; a bad file is a StartupError naming it."""
+    from slmops_fleet.errors import StartupError
+
+    paths = list(settings.signing_keys)
+    if settings.trusted_keys_dir.is_dir():
+        paths += sorted(settings.trusted_keys_dir.glob("*.pub"))
+    keys: dict[str, Ed25519PublicKey] = {}
+    for path in paths:
+        try:
+            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(path.read_text().strip()))
+        except FileNotFoundError:
+            raise StartupError(f"trusted signing key not found: {path}") from None
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"{path} is not a hex Ed25519 public key (as `slmops builder keygen` writes)") from exc
+        keys[key_id(key)] = key
+    return list(keys.values())
+
+
+class FleetService:
+    def __init__(
+        self,
+        settings: FleetSettings,
+        store: Store,
+        blobs: BlobStore,
+        *,
+        trusted_keys: list[Ed25519PublicKey],
+        provisioner: Provisioner,
+        publisher: Publisher,
+        distributor: BlobDistributor,
+        broker: BrokerInfo,
+        mqtt_connected: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.blobs = blobs
+        self.trusted_keys = trusted_keys
+        self.provisioner = provisioner
+        self.publisher = publisher
+        self.distributor = distributor
+        self.broker = broker
+        self.topics = Topics(settings.topic_root)
+        self._mqtt_connected = mqtt_connected
+        self.started_monotonic = time.monotonic()
+        self.url = ""
+
+    @property
+    def signing_keys_hex(self) -> list[str]:
+        return [public_key_bytes(k).hex() for k in self.trusted_keys]
+
+    # --- enrollment ---------------------------------------------------------------------------
+
+    def create_token(self, ttl_s: int | None) -> dict[str, Any]:
+        ttl = self.settings.token_default_ttl_s if ttl_s is None else ttl_s
+        if not 1 <= ttl <= self.settings.token_max_ttl_s:
+            raise InvalidRequest(f"ttl_s must be between 1 and {self.settings.token_max_ttl_s} seconds, got {ttl}")
+        token, expires = self.store.create_token(ttl)
+        return {"token": token, "expires_at": expires.isoformat(), "ttl_s": ttl}
+
+    def enroll(
+        self, *, token: str, public_key: str, name: str, inventory: dict[str, Any], fleet_url: str
+    ) -> dict[str, Any]:
+        password = secrets.token_urlsafe(32)
+        provisioned: list[str] = []
+
+        def provision(device_id: str) -> None:
+            try:
+                self.provisioner.add_device(device_id, password)
+            except ProvisioningError as exc:
+                raise Unavailable(f"cannot create the device's broker credentials: {exc.reason}") from exc
+            provisioned.append(device_id)
+
+        try:
+            device = self.store.enroll(
+                token,
+                public_key=public_key,
+                name=name,
+                inventory=inventory,
+                mqtt_password_hash=hash_secret(password),
+                before_commit=provision,
+            )
+        except Exception:
+            for device_id in provisioned:  # the transaction did not commit: take the credentials back
+                try:
+                    self.provisioner.remove_device(device_id)
+                except Exception:
+                    log.exception("could not remove broker credentials of %s after a failed enrollment", device_id)
+            raise
+        log.info("enrolled device %s (%s)", device.id, name or "no name")
+        return {
+            "device_id": device.id,
+            "fleet_url": self.settings.public_url or fleet_url,
+            "mqtt": {
+                "host": self.broker.host,
+                "port": self.broker.port,
+                "username": device.id,
+                "password": password,
+                "topic_root": self.broker.topic_root,
+                "tls": self.broker.tls,
+            },
+            "signing_keys": self.signing_keys_hex,
+        }
+
+    # --- packages and blobs -------------------------------------------------------------------
+
+    def add_package(self, data: bytes) -> dict[str, Any]:
+        try:
+            signed = parse_signed_manifest(data)
+            manifest = verify_signed_manifest(signed, self.trusted_keys)
+        except PackageError as exc:
+            raise InvalidRequest(f"package rejected: {exc.reason}") from exc
+        pid = package_id(signed.manifest)
+        trusted = {key_id(k) for k in self.trusted_keys}
+        signer = next((s.key_id for s in signed.signatures if s.key_id in trusted), "")
+        created = self.store.add_package(
+            NewPackage(
+                id=pid,
+                name=manifest.name,
+                version=manifest.version,
+                kind=manifest.kind,
+                profile=manifest.profile.name,
+                signed_by=signer,
+                signed_manifest=signed.SerializeToString(),
+                files=[(f.path, f.sha256, f.size) for f in manifest.files],
+            )
+        )
+        pkg = self.store.get_package(pid)
+        log.info(
+            "package %s %s %s (%s): %s, %d blobs missing",
+            pkg.name, pkg.version, pid[:12], pkg.profile, "new" if created else "known", len(pkg.missing_blobs),
+        )  # fmt: skip
+        return {**pkg.to_json(), "package_id": pid, "created": created}
+
+    def blob_writer(self, sha256: str, content_length: int | None) -> BlobWriter | None:
+        """A writer for an upload, or None if the blob is already stored."""
+        if not is_sha256_hex(sha256):
+            raise InvalidRequest(f"not a lowercase hex SHA-256: {sha256[:80]!r}")
+        expected = self.store.blob_expected_size(sha256)
+        if expected is None:
+            raise NotFound(f"no uploaded package lists blob {sha256}; upload its manifest first")
+        if expected > self.settings.max_blob_bytes:
+            raise TooLarge(
+                f"blob {sha256} is {expected} bytes, over this fleet's limit of {self.settings.max_blob_bytes}"
+            )
+        if content_length is not None and content_length != expected:
+            raise InvalidRequest(
+                f"blob {sha256} is {expected} bytes per its manifest, the request sends {content_length}"
+            )
+        if self.store.get_blob(sha256) is not None and self.blobs.has(sha256):
+            return None
+        self.blobs.create()
+        return self.blobs.writer(sha256, expected)
+
+    def blob_committed(self, writer: BlobWriter) -> dict[str, Any]:
+        self.store.add_blob(writer.sha256, writer.size, self.blobs.relpath(writer.sha256, self.settings.data_dir))
+        log.info("blob %s stored (%d bytes)", writer.sha256[:12], writer.size)
+        return {"sha256": writer.sha256, "size": writer.size, "stored": True}
+
+    def blob_path(self, relpath: str) -> Path:
+        return self.settings.data_dir / relpath
+
+    # --- rollouts -----------------------------------------------------------------------------
+
+    def create_rollout(self, package_ref: str, target: str | list[str]) -> dict[str, Any]:
+        pkg = self.store.get_package(package_ref)
+        if pkg.missing_blobs:
+            raise Conflict(
+                f"package {pkg.id[:12]} is incomplete: {len(pkg.missing_blobs)} blobs not uploaded yet "
+                "(run `slmops fleet package upload` again)"
+            )
+        if isinstance(target, str) and target != "all":
+            raise InvalidRequest('target is "all" or a list of device ids')
+        rollout, desired = self.store.create_rollout(pkg.id, target)
+        self.publish_desired(desired)
+        log.info("rollout %s: %s %s to %d devices", rollout.id, pkg.name, pkg.version, len(desired))
+        return rollout.to_json()
+
+    def publish_desired(self, records: list[DesiredRecord]) -> None:
+        for d in records:
+            self.publisher.publish(
+                self.topics.desired(d.device_id), desired_to_pb(d, self.settings.chunk_size), qos=1, retain=True
+            )
+
+    def republish_desired(self) -> None:
+        records = self.store.latest_desired_states()
+        self.publish_desired(records)
+        if records:
+            log.info("republished the desired state of %d devices", len(records))
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def list_packages(self) -> list[dict[str, Any]]:
+        return [p.to_json() for p in self.store.list_packages()]
+
+    def get_package(self, ref: str) -> dict[str, Any]:
+        return self.store.get_package(ref).to_json()
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        return [d.to_json() for d in self.store.list_devices()]
+
+    def get_device(self, device_id: str) -> dict[str, Any]:
+        return self.store.get_device(device_id).to_json()
+
+    def device_telemetry(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        self.store.get_device(device_id)
+        return [asdict(t) for t in self.store.telemetry(device_id, limit)]
+
+    def list_rollouts(self) -> list[dict[str, Any]]:
+        return [r.to_json() for r in self.store.list_rollouts()]
+
+    def get_rollout(self, rollout_id: str) -> dict[str, Any]:
+        if rollout_id == "latest":
+            rollouts = self.store.list_rollouts()
+            if not rollouts:
+                raise NotFound("no rollouts yet")
+            return rollouts[-1].to_json()
+        return self.store.get_rollout(rollout_id).to_json()
+
+    def stats(self) -> dict[str, Any]:
+        self.distributor.flush_stats()
+        blobs = self.store.blob_stats()
+        total = BlobStatsDelta()
+        for b in blobs:
+            total.add(b.stats)
+        return {
+            "totals": asdict(total),
+            "blobs": [b.to_json() for b in blobs],
+            "active_transfers": self.distributor.active(),
+        }
+
+    def mqtt_connected(self) -> bool:
+        return bool(self._mqtt_connected()) if callable(self._mqtt_connected) else False
+
+    def status(self) -> dict[str, Any]:
+        counts = self.store.counts()
+        stats = self.stats()
+        return {
+            "version": __version__,
+            "url": self.url,
+            "uptime_s": round(time.monotonic() - self.started_monotonic, 1),
+            "data_dir": str(self.settings.data_dir),
+            "database": _redact(self.store.url),
+            "mqtt": {**self.broker.to_json(), "connected": self.mqtt_connected()},
+            "trusted_keys": [key_id(k) for k in self.trusted_keys],
+            **counts,
+            "transfer": stats["totals"],
+            "active_transfers": stats["active_transfers"],
+            "now": datetime.now().astimezone().isoformat(),
+        }
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password."""
+    head, sep, tail = url.partition("://")
+    if not sep or "@" not in tail:
+        return url
+    creds, _, host = tail.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{head}://{user}:***@{host}"

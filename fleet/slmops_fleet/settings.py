@@ -1,0 +1,190 @@
+"""The fleet's one settings object: flags > environment (SLMOPS_FLEET_*) > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slmops_protos.manifests import MAX_FILE_BYTES
+from slmops_protos.topics import DEFAULT_ROOT
+
+DEFAULT_DATA_DIR = Path("~/.slmops/fleet")
+MIN_CHUNK = 256 * 1024
+MAX_CHUNK = 1024 * 1024
+DEFAULT_CHUNK = 512 * 1024
+
+
+class BrokerAddress(BaseModel):
+    """An external MQTT broker, parsed from mqtt://user:pass@host:port."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "tcp"):
+            raise ValueError(f"broker URL must look like mqtt://user:pass@host:port, got {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"broker URL has no host: {url!r}")
+        try:
+            port = parts.port or 1883
+        except ValueError as exc:
+            raise ValueError(f"broker URL has a bad port: {url!r}") from exc
+        return cls(
+            host=parts.hostname,
+            port=port,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+class FleetSettings(BaseSettings):
+    """Everything the fleet manager can be told. Read once at start-up, never at import time.
+
+    Lists (e.g. `signing_keys`) are given in the environment as JSON: SLMOPS_FLEET_SIGNING_KEYS='["a.pub"]'.
+    """
+
+    # `ignore`: SLMOPS_FLEET_URL and SLMOPS_FLEET_TOKEN belong to the CLI, not to the server.
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_FLEET_", extra="ignore", validate_default=True)
+
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="The fleet's data folder (database, blobs, admin token).")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    http_port: int = Field(
+        0, ge=0, le=65535, description="HTTP port; 0 picks a free one (and keeps it for this data folder)."
+    )
+    public_url: str | None = Field(None, description="The fleet URL devices are told; default http://host:port.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite in the data folder (postgresql+psycopg://... works)."
+    )
+    broker_url: str | None = Field(
+        None, description="External broker mqtt://user:pass@host:port; unset: run the embedded amqtt broker."
+    )
+    broker_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Embedded broker port on 127.0.0.1; 0 picks a free one (and keeps it for this data folder).",
+    )
+    broker_provisioning: Literal["dynsec", "none"] = Field(
+        "dynsec",
+        description="External broker: create each device's client and ACL with Mosquitto's dynamic security "
+        "plugin (dynsec), or leave credentials to the operator (none).",
+    )
+    broker_admin_url: str | None = Field(
+        None, description="Dynamic-security admin mqtt://user:pass@host:port; default: broker_url's credentials."
+    )
+    public_broker_host: str | None = Field(None, description="Broker host devices are told (default: the real one).")
+    public_broker_port: int | None = Field(None, ge=1, le=65535, description="Broker port devices are told.")
+    topic_root: str = Field(DEFAULT_ROOT, description="Root of every MQTT topic.")
+    chunk_size: int = Field(DEFAULT_CHUNK, description="Bytes per blob chunk (256 KiB to 1 MiB).")
+    broadcast_rate: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="Bytes per second the fleet sends chunks at, all transfers together; 0: no limit.",
+    )
+    coalesce_window_s: float = Field(
+        0.5, ge=0, le=60, description="A broadcast waits this long so devices of one wave share it."
+    )
+    max_inflight: int = Field(8, ge=1, le=1000, description="Chunks published but not yet acknowledged by the broker.")
+    signing_keys: list[Path] = Field(
+        default_factory=list,
+        description="Trusted package signing public keys (hex files as `slmops builder keygen` writes); "
+        "<data_dir>/trusted-keys/*.pub are trusted as well.",
+    )
+    max_blob_bytes: int = Field(MAX_FILE_BYTES, ge=1, description="Largest blob the API accepts.")
+    token_default_ttl_s: int = Field(3600, ge=1, description="Enrollment token lifetime when none is asked for.")
+    token_max_ttl_s: int = Field(30 * 86400, ge=1, description="Longest enrollment token lifetime allowed.")
+    mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
+    mqtt_reconnect_max_s: int = Field(30, ge=1, le=3600, description="Cap of the reconnect back-off.")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="Time in-flight HTTP requests get to finish on shutdown.")
+    log_level: str = Field("INFO")
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("signing_keys", mode="after")
+    @classmethod
+    def _expand_keys(cls, value: list[Path]) -> list[Path]:
+        return [p.expanduser().absolute() for p in value]
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _check_chunk(cls, value: int) -> int:
+        if not MIN_CHUNK <= value <= MAX_CHUNK:
+            raise ValueError(f"chunk_size must be between {MIN_CHUNK} (256 KiB) and {MAX_CHUNK} (1 MiB), got {value}")
+        return value
+
+    @field_validator("topic_root")
+    @classmethod
+    def _check_root(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or any(c in value for c in "+#\0") or value.startswith("$"):
+            raise ValueError(f"topic_root must be a plain MQTT topic prefix, got {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("log_level is one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+    @field_validator("broker_url", "broker_admin_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value:
+            BrokerAddress.parse(value)
+        return value or None
+
+    @model_validator(mode="after")
+    def _check_ttls(self) -> FleetSettings:
+        if self.token_default_ttl_s > self.token_max_ttl_s:
+            raise ValueError("token_default_ttl_s is longer than token_max_ttl_s")
+        return self
+
+    # --- derived --------------------------------------------------------------------------------
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'fleet.db'}"
+
+    def external_broker(self) -> BrokerAddress:
+        if self.broker_url is None:
+            raise ValueError("no external broker configured")
+        return BrokerAddress.parse(self.broker_url)
+
+    def broker_admin(self) -> BrokerAddress:
+        return BrokerAddress.parse(self.broker_admin_url or self.broker_url or "")
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def trusted_keys_dir(self) -> Path:
+        return self.data_dir / "trusted-keys"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    @property
+    def fleet_json(self) -> Path:
+        return self.data_dir / "fleet.json"
+
+    @property
+    def ports_file(self) -> Path:
+        return self.data_dir / "ports.json"
