@@ -1,0 +1,29 @@
+"""slmops agent: the on-device side (enrollment, updates over MQTT, local gRPC inference)."""
+
+from slmops_agent.errors import (
+    AgentError,
+    Cancelled,
+    EnrollError,
+    InvalidRequest,
+    NoModelLoaded,
+    NotFound,
+    PackageRejected,
+    QueueFull,
+)
+from slmops_agent.settings import AgentSettings, load_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentError",
+    "AgentSettings",
+    "Cancelled",
+    "EnrollError",
+    "InvalidRequest",
+    "NoModelLoaded",
+    "NotFound",
+    "PackageRejected",
+    "QueueFull",
+    "__version__",
+    "load_settings",
+]

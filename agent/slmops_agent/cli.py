@@ -1,0 +1,361 @@
+"""`slmops agent ...`: enroll, run, install, ask, status, models.
+
+Cheap to import: every heavy module is imported inside the command that needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from slmops_agent.settings import AgentSettings
+
+app = typer.Typer(
+    help="The on-device agent: enroll, run, ask.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_STATE_HELP = "State folder (default: $SLMOPS_AGENT_STATE_DIR or ~/.slmops/agent)."
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(**flags: Any) -> AgentSettings:
+    from pydantic import ValidationError
+
+    from slmops_agent.settings import load_settings
+
+    try:
+        return load_settings(**flags)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise _fail(f"bad settings: {problems}", 2) from None
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def enroll(
+    fleet: str = typer.Option(..., "--fleet", help="The fleet's URL, e.g. http://fleet.local:8000."),
+    token: str = typer.Option(..., "--token", help="The one-time enrollment token."),
+    name: str = typer.Option("", "--name", help="A name for this device."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    force: bool = typer.Option(False, "--force", help="Enroll again even if this device is enrolled."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Register this device with a fleet and store its credentials."""
+    from slmops_agent.enroll import enroll as do_enroll
+    from slmops_agent.errors import AgentError
+
+    settings = _settings(state_dir=state_dir)
+    try:
+        creds = do_enroll(fleet, token, settings.state_dir, name=name, force=force)
+    except AgentError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "device_id": creds.device_id,
+                    "state_dir": str(settings.state_dir),
+                    "mqtt": f"{creds.mqtt.host}:{creds.mqtt.port}",
+                    "signing_keys": len(creds.signing_keys),
+                }
+            )
+        )
+    else:
+        typer.echo(
+            f"enrolled as {creds.device_id}; broker {creds.mqtt.host}:{creds.mqtt.port}; "
+            f"{len(creds.signing_keys)} signing key(s) pinned; credentials in {settings.state_dir}"
+        )
+
+
+@app.command()
+def run(
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    grpc_port: int | None = typer.Option(
+        None, "--grpc-port", min=0, max=65535, help="TCP port on 127.0.0.1 (0: a free one, see <state>/grpc.addr)."
+    ),
+    socket: Path | None = typer.Option(None, "--socket", help="Unix socket (default <state>/agent.sock)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Inference threads (default: free cores)."),
+    log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Run the agent until SIGTERM or SIGINT: serve gRPC, follow the fleet, send telemetry."""
+    import asyncio
+
+    from slmops_agent.daemon import Agent
+    from slmops_agent.errors import AgentError
+
+    address = None
+    if grpc_port is not None:
+        import os
+
+        base = os.environ.get("SLMOPS_AGENT_GRPC_ADDRESS", "127.0.0.1:50051")
+        address = f"{base.rpartition(':')[0] or '127.0.0.1'}:{grpc_port}"
+    settings = _settings(
+        state_dir=state_dir, grpc_address=address, grpc_socket=socket, threads=threads, log_level=log_level
+    )
+    _setup_logging(settings.log_level)
+
+    def ready(addresses: list[str]) -> None:
+        who = f"device {agent.device_id}" if agent.device_id else "not enrolled (local only)"
+        typer.echo(f"slmops agent listening on {', '.join(addresses)}; {who}; state {settings.state_dir}", err=True)
+
+    try:
+        agent = Agent(settings)
+        asyncio.run(agent.serve(ready))
+    except AgentError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo("slmops agent stopped", err=True)
+
+
+@app.command()
+def install(
+    package: Path = typer.Argument(..., help="A package folder (manifest.signed.pb + blobs/)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    trust_key: list[str] = typer.Option(
+        [], "--trust-key", help="Pin a signing key first (hex of the raw Ed25519 key, or a .pub file)."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
+) -> None:
+    """Side-load a package without a fleet (the agent must be stopped): verify, stage, test, commit."""
+    from slmops_agent.daemon import add_trusted_key, install_package
+    from slmops_agent.errors import AgentError
+    from slmops_agent.layout import StateLayout
+
+    settings = _settings(state_dir=state_dir, threads=threads)
+    _setup_logging("WARNING")
+    try:
+        layout = StateLayout(settings.state_dir)
+        layout.create()
+        for key in trust_key:
+            add_trusted_key(layout, key)
+        report = install_package(settings, package)
+    except AgentError as exc:
+        raise _fail(str(exc)) from None
+    except TimeoutError as exc:
+        raise _fail(f"the install did not finish: {exc}") from None
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "state": report.state.value,
+                    "reason": report.reason,
+                    "active_slot": report.active_slot,
+                    "active_package_id": report.active_package_id,
+                    "active_version": report.active_version,
+                }
+            )
+        )
+    if report.state.value != "COMMITTED":
+        raise _fail(f"ROLLED_BACK: {report.reason}")
+    if not as_json:
+        typer.echo(f"COMMITTED {report.active_version} ({report.active_package_id[:12]}) in slot {report.active_slot}")
+
+
+def _target(target: str | None, state_dir: Path | None) -> str:
+    if target:
+        return target
+    settings = _settings(state_dir=state_dir)
+    if settings.socket_path.exists():
+        return f"unix:{settings.socket_path}"
+    addr = settings.state_dir / "grpc.addr"
+    if addr.exists():
+        return addr.read_text().strip()
+    return settings.grpc_address
+
+
+def _rpc_error(exc: Any, target: str) -> typer.Exit:
+    code = exc.code()
+    details = exc.details() or ""
+    if code.name == "UNAVAILABLE" and ("connect" in details.lower() or "unix" in details.lower()):
+        return _fail(f"cannot reach the agent at {target}: {details}")
+    return _fail(f"{code.name}: {details}")
+
+
+@app.command()
+def ask(
+    prompt: str = typer.Argument(..., help="The question (sent as one user message unless --raw)."),
+    target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    max_new_tokens: int = typer.Option(0, "--max-new-tokens", min=0, help="0: the agent's default."),
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0 or unset: greedy."),
+    system: str | None = typer.Option(None, "--system", help="A system message first."),
+    raw: bool = typer.Option(False, "--raw", help="Send PROMPT as a raw prompt, no chat template."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the call is abandoned."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming."),
+) -> None:
+    """Ask the local agent; the answer streams to the terminal, then tokens/s and time to first token."""
+    import grpc
+
+    from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
+
+    if raw and system:
+        raise _fail("--system needs a chat request; leave out --raw", 2)
+    where = _target(target, state_dir)
+    request = agent_pb2.GenerateRequest(max_new_tokens=max_new_tokens)
+    if raw:
+        request.prompt = prompt
+    else:
+        if system:
+            request.messages.add(role="system", content=system)
+        request.messages.add(role="user", content=prompt)
+    if temperature is not None:
+        request.temperature = temperature
+    text: list[str] = []
+    last: Any = None
+    with grpc.insecure_channel(where) as channel:
+        stub = agent_pb2_grpc.InferenceStub(channel)
+        try:
+            for chunk in stub.Generate(request, timeout=timeout):
+                if chunk.text:
+                    text.append(chunk.text)
+                    if not as_json:
+                        sys.stdout.write(chunk.text)
+                        sys.stdout.flush()
+                last = chunk
+        except grpc.RpcError as exc:
+            if text and not as_json:
+                sys.stdout.write("\n")
+            raise _rpc_error(exc, where) from None
+    if last is None:
+        raise _fail("the agent closed the stream without an answer")
+    finish = agent_pb2.FinishReason.Name(last.finish_reason)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "text": "".join(text),
+                    "finish_reason": finish,
+                    "prompt_tokens": last.usage.prompt_tokens,
+                    "completion_tokens": last.usage.completion_tokens,
+                    "time_to_first_token_ms": round(last.timings.time_to_first_token_ms, 3),
+                    "tokens_per_second": round(last.timings.tokens_per_second, 3),
+                    "total_ms": round(last.timings.total_ms, 3),
+                    "model_version": last.model_version,
+                    "package_id": last.package_id,
+                }
+            )
+        )
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    typer.echo(
+        f"[{last.usage.completion_tokens} tokens, {last.timings.tokens_per_second:.1f} tokens/s, "
+        f"TTFT {last.timings.time_to_first_token_ms:.1f} ms, {finish}, model {last.model_version}]",
+        err=True,
+    )
+
+
+@app.command()
+def status(
+    target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The running agent's status (GetStatus)."""
+    import grpc
+    from google.protobuf import json_format
+
+    from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
+
+    where = _target(target, state_dir)
+    with grpc.insecure_channel(where) as channel:
+        try:
+            reply = agent_pb2_grpc.InferenceStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, where) from None
+    if as_json:
+        typer.echo(
+            json.dumps(
+                json_format.MessageToDict(
+                    reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+            )
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"slmops agent at {where}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    m = reply.active_model
+    rows = [
+        ("device", reply.device_id or "(not enrolled)"),
+        ("update state", reply.update_state),
+        ("active slot", reply.active_slot or "-"),
+        ("model", f"{m.name} {m.version}" if m.package_id else "(none loaded)"),
+        ("package", m.package_id[:16] if m.package_id else "-"),
+        ("profile", m.profile or "-"),
+        ("queue depth", str(reply.queue_depth)),
+        ("requests", str(reply.requests_total)),
+        ("errors", str(reply.errors_total)),
+        ("agent version", reply.agent_version),
+        ("uptime", f"{reply.uptime_s:.0f} s"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+@app.command()
+def models(
+    target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The packages installed in the agent's slots (ListModels)."""
+    import grpc
+    from google.protobuf import json_format
+
+    from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
+
+    where = _target(target, state_dir)
+    with grpc.insecure_channel(where) as channel:
+        try:
+            reply = agent_pb2_grpc.InferenceStub(channel).ListModels(agent_pb2.ListModelsRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, where) from None
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [
+                    json_format.MessageToDict(
+                        m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                    )
+                    for m in reply.models
+                ]
+            )
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models at {where}")
+    for col in ("slot", "active", "name", "version", "profile", "package", "adapters"):
+        table.add_column(col)
+    for m in reply.models:
+        table.add_row(
+            m.slot, "*" if m.active else "", m.name, m.version, m.profile, m.package_id[:16], ", ".join(m.adapters)
+        )
+    Console().print(table)

@@ -1,0 +1,110 @@
+"""The device's identity: its Ed25519 key and what the fleet gave it at enrollment."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from slmops_agent.errors import AgentError
+from slmops_agent.layout import write_atomic
+
+CREDENTIALS_VERSION = 1
+
+
+class CredentialsError(AgentError):
+    """credentials.json is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class MqttCredentials:
+    host: str
+    port: int
+    username: str
+    password: str
+    topic_root: str = "slmops/v1"
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class Credentials:
+    device_id: str
+    fleet_url: str
+    mqtt: MqttCredentials
+    signing_keys: list[str] = field(default_factory=list)  # hex of raw Ed25519 keys, pinned at enrollment
+    name: str = ""
+    enrolled_unix_ms: int = 0
+
+    def trusted_keys(self) -> list[Ed25519PublicKey]:
+        from slmops_protos.manifests import public_key_from_hex
+
+        return [public_key_from_hex(k) for k in self.signing_keys]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": CREDENTIALS_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Credentials:
+        if data.get("version") != CREDENTIALS_VERSION:
+            raise CredentialsError(f"credentials format version {data.get('version')!r} is not {CREDENTIALS_VERSION}")
+        m = data["mqtt"]
+        return cls(
+            device_id=str(data["device_id"]),
+            fleet_url=str(data["fleet_url"]),
+            mqtt=MqttCredentials(
+                host=str(m["host"]),
+                port=int(m["port"]),
+                username=str(m["username"]),
+                password=str(m["password"]),
+                topic_root=str(m.get("topic_root") or "slmops/v1"),
+                tls=bool(m.get("tls", False)),
+            ),
+            signing_keys=[str(k) for k in data.get("signing_keys", [])],
+            name=str(data.get("name", "")),
+            enrolled_unix_ms=int(data.get("enrolled_unix_ms", 0)),
+        )
+
+    def save(self, path: Path) -> None:
+        write_atomic(path, (json.dumps(self.to_json(), indent=2) + "\n").encode(), mode=0o600)
+
+    @classmethod
+    def load(cls, path: Path) -> Credentials:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CredentialsError(
+                f"not enrolled: {path} does not exist (run 'slmops agent enroll --fleet URL --token T')"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise CredentialsError(f"cannot read {path}: {exc}") from exc
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CredentialsError(f"{path} is malformed: {exc}") from exc
+
+
+def load_or_create_device_key(path: Path) -> Ed25519PrivateKey:
+    """The device's Ed25519 key (PEM, 0600), made on first use."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise CredentialsError(f"{path} is not an Ed25519 key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    save_device_key(path, key)
+    return key
+
+
+def save_device_key(path: Path, key: Ed25519PrivateKey) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, pem, mode=0o600)
+
+
+def public_key_hex(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw.hex()

@@ -1,0 +1,296 @@
+"""`slmops agent run`: wires the updater, the model host, the gRPC server, MQTT and telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from slmops_agent import __version__
+from slmops_agent.credentials import Credentials, CredentialsError
+from slmops_agent.errors import AgentError
+from slmops_agent.inventory import Inventory, collect_inventory
+from slmops_agent.layout import StateLayout, StateLock, write_atomic
+from slmops_agent.mqtt import AgentMqtt
+from slmops_agent.runtime import Limits, Metrics, ModelHost, ModelInfo
+from slmops_agent.server import AgentServer, AgentStatus
+from slmops_agent.settings import AgentSettings
+from slmops_agent.telemetry import Sample, Telemetry, TelemetryQueue, read_temperature
+from slmops_agent.updater import BlobWant, Desired, Report, Updater, chunk_from_pb
+from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_protos.manifests import PackageError, public_key_from_hex
+
+log = logging.getLogger(__name__)
+
+TRUSTED_KEYS_FILE = "trusted_keys"
+
+
+def trusted_key_hexes(layout: StateLayout, creds: Credentials | None) -> list[str]:
+    """Keys pinned at enrollment plus keys added for side-loading (`trusted_keys`, one hex a line)."""
+    keys = list(creds.signing_keys) if creds is not None else []
+    path = layout.root / TRUSTED_KEYS_FILE
+    if path.exists():
+        keys += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(keys))
+
+
+def add_trusted_key(layout: StateLayout, key: str) -> str:
+    """Pin one more signing key (hex of the raw key, or a file holding it); return its hex."""
+    candidate = Path(key)
+    text = candidate.read_text().strip() if candidate.is_file() else key.strip()
+    try:
+        public_key_from_hex(text)
+    except PackageError as exc:
+        raise AgentError(exc.reason) from exc
+    path = layout.root / TRUSTED_KEYS_FILE
+    existing = path.read_text().split() if path.exists() else []
+    if text not in existing:
+        write_atomic(path, ("\n".join([*existing, text]) + "\n").encode(), mode=0o600)
+    return text
+
+
+def parse_keys(hexes: list[str]) -> list[Ed25519PublicKey]:
+    try:
+        return [public_key_from_hex(k) for k in hexes]
+    except PackageError as exc:
+        raise AgentError(f"a pinned signing key is malformed: {exc.reason}") from exc
+
+
+class Agent:
+    """The running agent. `serve()` runs until `request_stop()` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.layout = StateLayout(settings.state_dir)
+        self.layout.create()
+        self.lock = StateLock(self.layout)
+        self.started = time.monotonic()
+        try:
+            self.creds: Credentials | None = Credentials.load(self.layout.credentials)
+        except CredentialsError as exc:
+            if self.layout.credentials.exists():
+                raise AgentError(str(exc)) from exc
+            self.creds = None
+        self.device_id = self.creds.device_id if self.creds else ""
+        self.metrics = Metrics()
+        self.host = ModelHost(
+            queue_bound=settings.queue_bound,
+            limits=Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit),
+            metrics=self.metrics,
+        )
+        self.inventory: Inventory = collect_inventory(settings.state_dir)
+        self.mqtt: AgentMqtt | None = None
+        self.telemetry: Telemetry | None = None
+        self.updater = Updater(
+            self.layout,
+            settings,
+            self.host,
+            trusted_keys=parse_keys(trusted_key_hexes(self.layout, self.creds)),
+            device_id=self.device_id,
+            on_report=self._publish_report,
+            on_blob_request=self._publish_blob_request,
+            is_connected=self._connected,
+            providers=self.inventory.providers,
+            memory_bytes=self.inventory.memory_bytes,
+        )
+        self.server = AgentServer(
+            self.host,
+            socket_path=settings.socket_path,
+            tcp_address=settings.grpc_address if settings.grpc_tcp else None,
+            status=self.status,
+            addr_file=self.layout.grpc_addr,
+        )
+        self._stop: asyncio.Event | None = None
+
+    # -- wiring -------------------------------------------------------------------------------
+    def _connected(self) -> bool:
+        return self.mqtt is not None and self.mqtt.is_connected()
+
+    def _inventory_pb(self) -> fleet_pb2.Inventory:
+        try:
+            free = shutil.disk_usage(self.layout.root).free
+        except OSError:
+            free = self.inventory.disk_free_bytes
+        return replace(self.inventory, disk_free_bytes=free).to_pb()
+
+    def _publish_report(self, report: Report) -> None:
+        msg = report.to_pb(self.device_id, self._inventory_pb())
+        if self.mqtt is not None:
+            self.mqtt.publish_reported(msg)
+
+    def _publish_blob_request(self, want: BlobWant) -> None:
+        if self.mqtt is not None:
+            self.mqtt.publish_blob_request(want.to_pb(self.device_id))
+
+    def status(self) -> AgentStatus:
+        r = self.updater.record
+        installed = []
+        for slot, info in r.slots.items():
+            if info is not None:
+                installed.append(
+                    ModelInfo(
+                        name=info.name,
+                        version=info.version,
+                        package_id=info.package_id,
+                        profile=info.profile,
+                        slot=slot,
+                    )
+                )
+        model = self.host.model
+        if model is not None:  # the loaded one carries its adapters
+            installed = [model.info if i.package_id == model.info.package_id else i for i in installed]
+        return AgentStatus(
+            device_id=self.device_id,
+            update_state=r.state.value,
+            active_slot=r.active_slot,
+            agent_version=__version__,
+            uptime_s=time.monotonic() - self.started,
+            installed=installed,
+        )
+
+    def _collect(self) -> Sample:
+        import psutil
+
+        mem = psutil.virtual_memory()
+        tps, ttft = self.metrics.window()
+        r = self.updater.record
+        active = r.active
+        return Sample(
+            timestamp_unix_ms=int(time.time() * 1000),
+            cpu_percent=float(psutil.cpu_percent(interval=None)),
+            memory_used_bytes=int(mem.total - mem.available),
+            memory_total_bytes=int(mem.total),
+            disk_free_bytes=int(shutil.disk_usage(self.layout.root).free),
+            temperature_c=read_temperature(),
+            requests_total=self.metrics.requests_total,
+            errors_total=self.metrics.errors_total,
+            tokens_per_s=tps,
+            ttft_ms=ttft,
+            queue_depth=self.host.queue.depth,
+            update_state=r.state,
+            active_package_id=active.package_id if active else "",
+        )
+
+    def _start_fleet_link(self) -> None:
+        if self.creds is None:
+            log.warning("not enrolled: serving locally only (no fleet link, no telemetry)")
+            return
+        s = self.settings
+        updater = self.updater
+
+        def on_desired(msg: fleet_pb2.DesiredState) -> None:
+            updater.submit_desired(Desired.from_pb(msg))
+
+        def on_chunk(msg: fleet_pb2.BlobChunk) -> None:
+            updater.submit_chunk(chunk_from_pb(msg))
+
+        self.mqtt = AgentMqtt(
+            self.creds,
+            on_desired=on_desired,
+            on_chunk=on_chunk,
+            wants_blob=updater.wants,
+            on_connected=updater.notify_connected,
+            keepalive_s=s.mqtt_keepalive_s,
+            reconnect_min_s=s.mqtt_reconnect_min_s,
+            reconnect_max_s=s.mqtt_reconnect_max_s,
+            connect_jitter_s=s.mqtt_connect_jitter_s,
+        )
+        mqtt = self.mqtt
+        self.telemetry = Telemetry(
+            TelemetryQueue(self.layout.telemetry_db, s.telemetry_queue_bound),
+            device_id=self.device_id,
+            interval_s=s.telemetry_interval_s,
+            batch=s.telemetry_batch,
+            collect=self._collect,
+            publish=mqtt.publish_telemetry,
+            is_connected=mqtt.is_connected,
+        )
+        mqtt.start()
+        self.telemetry.start()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def serve(self, on_ready: Callable[[list[str]], None] | None = None, *, signals: bool = True) -> None:
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+        self.lock.acquire()
+        try:
+            addresses = await self.server.start()
+            self.updater.start()
+            await loop.run_in_executor(None, self._start_fleet_link)
+            if on_ready is not None:
+                on_ready(addresses)
+            await self._stop.wait()
+            log.info("shutting down")
+        finally:
+            await self._shutdown()
+            if signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        try:
+            await self.server.stop(self.settings.shutdown_grace_s)
+        except Exception:
+            log.exception("gRPC shutdown failed")
+        loop = asyncio.get_running_loop()
+        if self.telemetry is not None:
+            await loop.run_in_executor(None, self.telemetry.stop)
+            self.telemetry.queue.close()
+        await loop.run_in_executor(None, self.updater.stop)
+        if self.mqtt is not None:
+            await loop.run_in_executor(None, self.mqtt.stop)
+        self.lock.release()
+
+
+def install_package(settings: AgentSettings, package_dir: Path, *, timeout_s: float = 600.0) -> Report:
+    """Side-load a package folder into the state folder (the agent must not be running): the same
+    signature check, staging, smoke test and commit as an update from the fleet."""
+    from slmops_agent.updater import read_package_id
+
+    layout = StateLayout(settings.state_dir)
+    layout.create()
+    try:
+        creds: Credentials | None = Credentials.load(layout.credentials)
+    except CredentialsError:
+        creds = None
+    pid = read_package_id(package_dir)
+    with StateLock(layout):
+        host = ModelHost(queue_bound=1, limits=Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit))
+        inventory = collect_inventory(settings.state_dir)
+        updater = Updater(
+            layout,
+            settings,
+            host,
+            trusted_keys=parse_keys(trusted_key_hexes(layout, creds)),
+            device_id=creds.device_id if creds else "",
+            providers=inventory.providers,
+            memory_bytes=inventory.memory_bytes,
+        )
+        updater.start()
+        try:
+            updater.wait_recovered(timeout_s)
+            writes = updater.record.writes
+            updater.install_local(package_dir)
+            updater.wait_for(
+                lambda r: (
+                    r.writes > writes and r.target_package_id == pid and r.state.value in ("COMMITTED", "ROLLED_BACK")
+                ),
+                timeout_s,
+            )
+            return updater.current_report()
+        finally:
+            updater.stop()

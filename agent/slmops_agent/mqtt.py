@@ -1,0 +1,190 @@
+"""The agent's MQTT link to the fleet (paho-mqtt threaded client, MQTT 3.1.1).
+
+Client id = username = device id, persistent session (clean_session False), automatic
+reconnect with capped exponential back-off; a random wait before the first connect and a
+per-device minimum delay spread a fleet's reconnects after a broker restart. Subscriptions
+are made again on every connect. Payloads are slmops.fleet.v1 protobuf messages; a malformed
+one is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from google.protobuf.message import DecodeError, Message
+from paho.mqtt.enums import CallbackAPIVersion
+
+from slmops_agent.credentials import Credentials
+from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_protos.manifests import is_sha256_hex
+from slmops_protos.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class AgentMqtt:
+    def __init__(
+        self,
+        creds: Credentials,
+        *,
+        on_desired: Callable[[fleet_pb2.DesiredState], None],
+        on_chunk: Callable[[fleet_pb2.BlobChunk], None],
+        wants_blob: Callable[[str], bool],
+        on_connected: Callable[[], None] | None = None,
+        keepalive_s: int = 30,
+        reconnect_min_s: float = 1.0,
+        reconnect_max_s: float = 60.0,
+        connect_jitter_s: float = 2.0,
+    ) -> None:
+        self.creds = creds
+        self.device_id = creds.device_id
+        self.topics = Topics(creds.mqtt.topic_root)
+        self.on_desired = on_desired
+        self.on_chunk = on_chunk
+        self.wants_blob = wants_blob
+        self.on_connected = on_connected
+        self.keepalive_s = keepalive_s
+        self.connect_jitter_s = connect_jitter_s
+        self.connected = threading.Event()
+        self.dropped_messages = 0
+        self.connects = 0
+        self._chunk_prefix = f"{self.topics.root}/blobs/"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=True,
+        )
+        client.username_pw_set(creds.mqtt.username or self.device_id, creds.mqtt.password)
+        if creds.mqtt.tls:
+            client.tls_set()
+        # paho doubles the delay from min to max; a per-device minimum keeps a fleet from reconnecting in step
+        low = max(1, round(reconnect_min_s * (1 + random.random())))
+        client.reconnect_delay_set(min_delay=low, max_delay=max(low, round(reconnect_max_s)))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self.client = client
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.connect_jitter_s > 0:
+            time.sleep(random.uniform(0, self.connect_jitter_s))
+        self.client.connect_async(self.creds.mqtt.host, self.creds.mqtt.port, keepalive=self.keepalive_s)
+        self.client.loop_start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Disconnect cleanly (the session and its subscriptions stay on the broker)."""
+        self._stopping = True
+        with contextlib.suppress(Exception):  # already disconnected
+            self.client.disconnect()
+        self.client.loop_stop()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
+
+    # -- callbacks (paho's network thread; never raise) -----------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.warning("MQTT connect to %s:%s refused: %s", self.creds.mqtt.host, self.creds.mqtt.port, reason_code)
+            return
+        self.connects += 1
+        client.subscribe(
+            [
+                (self.topics.desired(self.device_id), 1),
+                (self.topics.device_blobs(self.device_id), 1),
+                (self.topics.all_blob_chunks, 1),
+            ]
+        )
+        self.connected.set()
+        log.info("MQTT connected to %s:%s as %s", self.creds.mqtt.host, self.creds.mqtt.port, self.device_id)
+        if self.on_connected is not None:
+            try:
+                self.on_connected()
+            except Exception:
+                log.exception("on_connected failed")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.connected.clear()
+        if not self._stopping:
+            log.warning("MQTT disconnected (%s); reconnecting", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._route(message.topic, message.payload)
+        except Exception:
+            self.dropped_messages += 1
+            log.exception("message on %s dropped", message.topic)
+
+    def _route(self, topic: str, payload: bytes | bytearray) -> None:
+        if topic == self.topics.desired(self.device_id):
+            if not payload:  # a cleared retained message
+                return
+            desired = _parse(fleet_pb2.DesiredState, payload)
+            if desired is None:
+                self._drop(topic, "not a DesiredState")
+                return
+            self.on_desired(desired)
+            return
+        if topic == self.topics.device_blobs(self.device_id):
+            chunk = _parse(fleet_pb2.BlobChunk, payload)
+            if chunk is None:
+                self._drop(topic, "not a BlobChunk")
+                return
+            self.on_chunk(chunk)
+            return
+        if topic.startswith(self._chunk_prefix) and topic.endswith("/chunks"):
+            sha = topic[len(self._chunk_prefix) : -len("/chunks")]
+            if not is_sha256_hex(sha) or not self.wants_blob(sha):
+                return  # a blob this device does not need (or a bad topic): ignore cheaply
+            chunk = _parse(fleet_pb2.BlobChunk, payload)
+            if chunk is None or chunk.blob_sha256 != sha:
+                self._drop(topic, "not a BlobChunk of this blob")
+                return
+            self.on_chunk(chunk)
+            return
+        log.debug("message on unexpected topic %s ignored", topic)
+
+    def _drop(self, topic: str, why: str) -> None:
+        self.dropped_messages += 1
+        log.warning("malformed message on %s dropped: %s", topic, why)
+
+    # -- publishing ----------------------------------------------------------------------------
+    def publish_reported(self, msg: fleet_pb2.ReportedState) -> None:
+        self.client.publish(self.topics.reported(self.device_id), msg.SerializeToString(), qos=1)
+
+    def publish_blob_request(self, msg: fleet_pb2.BlobRequest) -> None:
+        self.client.publish(self.topics.blob_requests(self.device_id), msg.SerializeToString(), qos=1)
+
+    def publish_telemetry(self, msg: fleet_pb2.TelemetryBatch, timeout_s: float) -> bool:
+        """Publish a batch and wait for the broker's acknowledgement; True only if acknowledged."""
+        if not self.is_connected():
+            return False
+        info = self.client.publish(self.topics.telemetry(self.device_id), msg.SerializeToString(), qos=1)
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            log.debug("telemetry batch not sent: %s", exc)
+            return False
+        return info.is_published()
+
+
+def _parse(cls: type[Any], payload: bytes | bytearray) -> Any:
+    msg: Message = cls()
+    try:
+        msg.ParseFromString(bytes(payload))
+    except DecodeError:
+        return None
+    return msg

@@ -1,0 +1,406 @@
+"""The local gRPC API (slmops.agent.v1.Inference), the health service and reflection.
+
+The servicer translates messages and delegates to the ModelHost; the token loop runs in a
+worker thread. One interceptor maps the agent's error types to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from slmops_agent.errors import (
+    AgentError,
+    Cancelled,
+    InvalidRequest,
+    ModelLoadError,
+    NoModelLoaded,
+    NotFound,
+    QueueFull,
+)
+from slmops_agent.runtime import FinishReason, GenerationRequest, GenerationResult, LoadedModel, ModelHost, ModelInfo
+from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+MAX_UNIX_PATH = 107
+
+_CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NoModelLoaded, grpc.StatusCode.UNAVAILABLE),
+    (ModelLoadError, grpc.StatusCode.UNAVAILABLE),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from the agent's errors to gRPC status codes."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    if isinstance(exc, AgentError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a handler into a status (AgentError -> its code, anything else INTERNAL)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = getattr(handler_call_details, "method", "?")
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner_uu(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:
+                    await _abort(context, exc, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:
+                    await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=exc)
+    else:
+        log.debug("%s: %s %s", method, code.name, message)
+    await context.abort(code, message)
+
+
+# -- translation at the edge -------------------------------------------------------------------
+def request_from_pb(msg: agent_pb2.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=msg.prompt,
+        messages=tuple((m.role, m.content) for m in msg.messages),
+        max_new_tokens=msg.max_new_tokens,
+        temperature=msg.temperature if msg.HasField("temperature") else None,
+        top_p=msg.top_p if msg.HasField("top_p") else None,
+        top_k=msg.top_k if msg.HasField("top_k") else None,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        adapter=msg.adapter,
+        model_version=msg.model_version,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else None,
+    )
+
+
+_FINISH = {
+    FinishReason.LENGTH: agent_pb2.LENGTH,
+    FinishReason.STOP: agent_pb2.STOP,
+    FinishReason.CANCELLED: agent_pb2.CANCELLED,
+}
+
+
+def final_to_pb(result: GenerationResult, *, text: str) -> agent_pb2.GenerateResponse:
+    return agent_pb2.GenerateResponse(
+        text=text,
+        finish_reason=_FINISH[result.finish_reason],
+        usage=agent_pb2.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+        timings=agent_pb2.Timings(
+            time_to_first_token_ms=result.ttft_ms, tokens_per_second=result.tokens_per_s, total_ms=result.total_ms
+        ),
+        model_version=result.model_version,
+        package_id=result.package_id,
+    )
+
+
+def model_info_to_pb(info: ModelInfo, *, active: bool) -> agent_pb2.ModelInfo:
+    return agent_pb2.ModelInfo(
+        name=info.name,
+        version=info.version,
+        package_id=info.package_id,
+        profile=info.profile,
+        slot=info.slot,
+        active=active,
+        adapters=list(info.adapters),
+    )
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    device_id: str = ""
+    update_state: str = "IDLE"
+    active_slot: str = ""
+    agent_version: str = ""
+    uptime_s: float = 0.0
+    installed: list[ModelInfo] = field(default_factory=list)  # the packages in the slots
+
+
+def _default_status() -> AgentStatus:
+    return AgentStatus()
+
+
+class InferenceServicer(agent_pb2_grpc.InferenceServicer):
+    def __init__(self, host: ModelHost, status: Callable[[], AgentStatus] = _default_status) -> None:
+        self.host = host
+        self.status = status
+
+    async def Generate(
+        self, request: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.GenerateResponse]:
+        req = request_from_pb(request)
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                cancel.set()
+
+        def work() -> None:
+            try:
+                result = self.host.generate(
+                    req, cancel=cancel, on_text=lambda t: put("text", t), on_start=lambda i: put("start", i)
+                )
+                put("done", result)
+            except BaseException as exc:
+                put("error", exc)
+
+        threading.Thread(target=work, name="slmops-generate", daemon=True).start()
+        info = ModelInfo()
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == "start":
+                    info = value
+                elif kind == "text":
+                    yield agent_pb2.GenerateResponse(text=value, model_version=info.version, package_id=info.package_id)
+                elif kind == "done":
+                    yield final_to_pb(value, text="")
+                    return
+                else:
+                    raise value
+        finally:
+            cancel.set()  # the client went away, the deadline passed, or we are done
+
+    async def GenerateUnary(
+        self, request: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GenerateResponse:
+        req = request_from_pb(request)
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[GenerationResult] = loop.create_future()
+
+        def settle(result: GenerationResult | None, exc: BaseException | None) -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+        def work() -> None:
+            try:
+                result = self.host.generate(req, cancel=cancel)
+            except BaseException as exc:
+                outcome: tuple[GenerationResult | None, BaseException | None] = (None, exc)
+            else:
+                outcome = (result, None)
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        # a thread of its own, not the loop's small default pool: queued requests wait in the host's FIFO
+        threading.Thread(target=work, name="slmops-generate", daemon=True).start()
+        try:
+            result = await future
+        finally:
+            cancel.set()
+        return final_to_pb(result, text=result.text)
+
+    async def ListModels(
+        self, request: agent_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ListModelsResponse:
+        status = self.status()
+        model = self.host.model
+        active_id = model.info.package_id if model is not None else ""
+        infos = status.installed or ([model.info] if model is not None else [])
+        return agent_pb2.ListModelsResponse(
+            models=[model_info_to_pb(i, active=bool(active_id) and i.package_id == active_id) for i in infos]
+        )
+
+    async def GetStatus(
+        self, request: agent_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetStatusResponse:
+        status = self.status()
+        model = self.host.model
+        msg = agent_pb2.GetStatusResponse(
+            device_id=status.device_id,
+            update_state=status.update_state,
+            active_slot=model.info.slot if model is not None else status.active_slot,
+            queue_depth=self.host.queue.depth,
+            requests_total=self.host.metrics.requests_total,
+            errors_total=self.host.metrics.errors_total,
+            agent_version=status.agent_version,
+            uptime_s=status.uptime_s,
+        )
+        if model is not None:
+            msg.active_model.CopyFrom(model_info_to_pb(model.info, active=True))
+        return msg
+
+
+class AgentServer:
+    """The grpc.aio server on a Unix socket and (optionally) a TCP address."""
+
+    def __init__(
+        self,
+        host: ModelHost,
+        *,
+        socket_path: Path | None,
+        tcp_address: str | None,
+        status: Callable[[], AgentStatus] = _default_status,
+        addr_file: Path | None = None,
+    ) -> None:
+        self.host = host
+        self.socket_path = socket_path
+        self.tcp_address = tcp_address
+        self.addr_file = addr_file
+        self.status = status
+        self.server: grpc.aio.Server | None = None
+        self.health = health_aio.HealthServicer()
+        self.addresses: list[str] = []
+        self.tcp_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> list[str]:
+        self._loop = asyncio.get_running_loop()
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+        )
+        agent_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.host, self.status), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        addresses = []
+        if self.socket_path is not None:
+            _prepare_socket(self.socket_path)
+            target = f"unix:{self.socket_path}"
+            _bind(server, target)
+            addresses.append(target)
+        if self.tcp_address is not None:
+            port = _bind(server, self.tcp_address)
+            hostname = self.tcp_address.rpartition(":")[0]
+            self.tcp_port = port
+            addresses.append(f"{hostname}:{port}")
+        if not addresses:
+            raise AgentError("gRPC has nowhere to listen (no socket and no TCP address)")
+        await server.start()
+        if self.socket_path is not None:
+            os.chmod(self.socket_path, 0o660)
+        self.server = server
+        self.addresses = addresses
+        await self._set_health(self.host.model)
+        self.host.add_listener(self._on_model)
+        if self.addr_file is not None and self.tcp_port is not None:
+            self.addr_file.write_text(addresses[-1] + "\n")
+        return addresses
+
+    def _on_model(self, model: LoadedModel | None) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._set_health(model), loop)
+
+    async def _set_health(self, model: LoadedModel | None) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if model is not None
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting; in-flight calls get `grace_s` to finish, then they are cancelled."""
+        if self.server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.server = None
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
+        if self.addr_file is not None:
+            self.addr_file.unlink(missing_ok=True)
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+def _bind(server: grpc.aio.Server, target: str) -> int:
+    try:
+        port = server.add_insecure_port(target)
+    except RuntimeError as exc:
+        raise AgentError(f"cannot listen on {target}: {exc}") from exc
+    if port == 0 and not target.startswith("unix:"):
+        raise AgentError(f"cannot listen on {target} (address in use?)")
+    return port
+
+
+def _prepare_socket(path: Path) -> None:
+    if len(str(path)) > MAX_UNIX_PATH:
+        raise AgentError(f"Unix socket path is {len(str(path))} characters (limit {MAX_UNIX_PATH}): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket of an agent that is gone
+        else:
+            raise AgentError(f"{path} is in use by another process")
+        finally:
+            probe.close()

@@ -1,0 +1,102 @@
+"""The agent's one settings object: flags > environment (SLMOPS_AGENT_*) > defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STATE_DIR = Path("~/.slmops/agent")
+
+
+def free_cores() -> int:
+    """Cores not busy right now (1-minute load average), at least 1.
+
+    With another process busy, asking onnxruntime for every core makes decoding collapse;
+    one thread per free core holds up.
+    """
+    total = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        busy = 0.0
+    return max(1, min(total, int(total - busy + 0.5)))
+
+
+class AgentSettings(BaseSettings):
+    """Everything the agent can be told. Read once at start-up, never at import time."""
+
+    model_config = SettingsConfigDict(env_prefix="SLMOPS_AGENT_", extra="forbid", validate_default=True)
+
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="The agent's state folder.")
+    grpc_socket: Path | None = Field(None, description="Unix socket for gRPC; default <state_dir>/agent.sock.")
+    grpc_address: str = Field(
+        "127.0.0.1:50051", description="TCP host:port for gRPC; port 0 picks a free one (written to grpc.addr)."
+    )
+    grpc_tcp: bool = Field(True, description="Listen on grpc_address as well as on the Unix socket.")
+    threads: int = Field(default_factory=free_cores, ge=1, le=256, description="onnxruntime intra-op threads.")
+    queue_bound: int = Field(8, ge=1, le=10_000, description="Requests waiting or running before RESOURCE_EXHAUSTED.")
+    default_max_new_tokens: int = Field(256, ge=1, le=1 << 20)
+    max_new_tokens_limit: int = Field(4096, ge=1, le=1 << 20)
+    shutdown_grace_s: float = Field(10.0, ge=0, description="Time in-flight streams get to finish on shutdown.")
+    telemetry_interval_s: float = Field(10.0, gt=0, description="Seconds between telemetry samples.")
+    telemetry_queue_bound: int = Field(100_000, ge=10, description="Samples kept offline; oldest dropped past it.")
+    telemetry_batch: int = Field(100, ge=1, le=10_000, description="Samples per TelemetryBatch message.")
+    smoke_test_budget_s: float = Field(30.0, gt=0, description="Time TESTING may take to load and run golden prompts.")
+    smoke_test_max_new_tokens: int = Field(16, ge=1, le=4096)
+    blob_stall_s: float = Field(5.0, gt=0, description="No progress this long: ask for the missing chunks.")
+    blob_stall_max_s: float = Field(60.0, gt=0, description="Cap of the repair back-off.")
+    blob_request_max_chunks: int = Field(256, ge=1, le=65_536, description="Chunk indexes per BlobRequest at most.")
+    blob_verify_attempts: int = Field(2, ge=1, le=10, description="Fetches of a blob that fails its SHA-256 check.")
+    bitmap_flush_s: float = Field(1.0, ge=0, description="Chunk bitmaps are fsynced at most this often.")
+    disk_reserve_bytes: int = Field(64 * 1024**2, ge=0, description="Free space kept on top of an update's needs.")
+    mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
+    mqtt_reconnect_min_s: float = Field(1.0, gt=0)
+    mqtt_reconnect_max_s: float = Field(60.0, gt=0)
+    mqtt_connect_jitter_s: float = Field(2.0, ge=0, description="Random wait before the first connect.")
+    log_level: str = Field("INFO")
+    crash_after_state: str | None = Field(
+        None, description="Fault injection for crash tests: SIGKILL the agent right after saving this state."
+    )
+
+    @field_validator("state_dir", "grpc_socket", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().absolute()
+
+    @field_validator("grpc_address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("log_level is one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> AgentSettings:
+        if self.grpc_socket is None:
+            self.grpc_socket = self.state_dir / "agent.sock"
+        if self.mqtt_reconnect_max_s < self.mqtt_reconnect_min_s:
+            raise ValueError("mqtt_reconnect_max_s must be >= mqtt_reconnect_min_s")
+        return self
+
+    @property
+    def socket_path(self) -> Path:
+        assert self.grpc_socket is not None
+        return self.grpc_socket
+
+
+def load_settings(**overrides: object) -> AgentSettings:
+    """Settings from the environment with the given flags on top (None means: not given)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return AgentSettings(**given)  # type: ignore[arg-type]

@@ -1,0 +1,317 @@
+"""Helpers for the agent tests: settings for tests, DesiredState and chunk builders, a paho client
+playing the fleet on a real broker, and a private Mosquitto that tests may stop and start."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from slmops_agent.credentials import Credentials, MqttCredentials
+from slmops_agent.settings import AgentSettings
+from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_protos.manifests import package_id, parse_signed_manifest
+from slmops_protos.package.v1 import manifest_pb2
+from slmops_protos.topics import Topics, chunk_count
+
+BROKER_HOST = "127.0.0.1"
+BROKER_PORT = 1883
+SMALL_CHUNK = 16 * 1024  # small chunks so the tiny model's blobs span several
+
+
+def agent_settings(state_dir: Path, **overrides: Any) -> AgentSettings:
+    values: dict[str, Any] = {
+        "state_dir": state_dir,
+        "grpc_address": "127.0.0.1:0",
+        "threads": 1,
+        "queue_bound": 4,
+        "telemetry_interval_s": 0.2,
+        "telemetry_batch": 50,
+        "mqtt_connect_jitter_s": 0.0,
+        "mqtt_reconnect_min_s": 1.0,
+        "mqtt_reconnect_max_s": 2.0,
+        "blob_stall_s": 0.5,
+        "blob_stall_max_s": 2.0,
+        "bitmap_flush_s": 0.0,
+        "smoke_test_budget_s": 60.0,
+        "shutdown_grace_s": 2.0,
+        "disk_reserve_bytes": 0,
+    }
+    values.update(overrides)
+    return AgentSettings(**values)
+
+
+def spec(name: str, version: str) -> Any:
+    from slmops_builder.packaging import PackageSpec
+
+    return PackageSpec(
+        name=name, version=version, profile=manifest_pb2.HardwareProfile(name="cpu-int4", execution_provider="cpu")
+    )
+
+
+def signed_manifest(pkg: Path) -> manifest_pb2.SignedManifest:
+    return parse_signed_manifest((pkg / "manifest.signed.pb").read_bytes())
+
+
+def manifest_of(pkg: Path) -> manifest_pb2.Manifest:
+    return manifest_pb2.Manifest.FromString(signed_manifest(pkg).manifest)
+
+
+def pkg_id(pkg: Path) -> str:
+    return package_id(signed_manifest(pkg).manifest)
+
+
+def desired_for(
+    pkg: Path | None, generation: int, device_id: str, *, chunk_size: int = SMALL_CHUNK, rollout: str = "r1"
+) -> fleet_pb2.DesiredState:
+    msg = fleet_pb2.DesiredState(
+        device_id=device_id,
+        generation=generation,
+        rollout_id=rollout,
+        issued_unix_ms=int(time.time() * 1000),
+        chunk_size=chunk_size,
+    )
+    if pkg is not None:
+        signed = signed_manifest(pkg)
+        msg.model.package_id = package_id(signed.manifest)
+        msg.model.manifest.CopyFrom(signed)
+    return msg
+
+
+def chunks_of(data: bytes, sha: str, chunk_size: int = SMALL_CHUNK) -> list[fleet_pb2.BlobChunk]:
+    """The chunks the fleet would send for a blob with this content (announced as `sha`)."""
+    count = chunk_count(len(data), chunk_size)
+    out = []
+    for i in range(count):
+        piece = data[i * chunk_size : (i + 1) * chunk_size]
+        out.append(
+            fleet_pb2.BlobChunk(
+                blob_sha256=sha,
+                index=i,
+                count=count,
+                blob_size=len(data),
+                chunk_size=chunk_size,
+                chunk_sha256=hashlib.sha256(piece).hexdigest(),
+                data=piece,
+            )
+        )
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def save_credentials(
+    state_dir: Path, device_id: str, topic_root: str, trusted: str, port: int = BROKER_PORT
+) -> Credentials:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    creds = Credentials(
+        device_id=device_id,
+        fleet_url="http://127.0.0.1:9",
+        mqtt=MqttCredentials(host=BROKER_HOST, port=port, username=device_id, password="", topic_root=topic_root),
+        signing_keys=[trusted],
+    )
+    creds.save(state_dir / "credentials.json")
+    return creds
+
+
+class FleetSim:
+    """Plays the fleet over a real broker with paho: publishes DesiredState (retained), answers
+    BlobRequests from package folders (whole: broadcast on blobs/<sha>/chunks; missing: unicast on
+    devices/<id>/blobs), and records what devices report and send."""
+
+    def __init__(self, topic_root: str, port: int = BROKER_PORT, *, client_id: str | None = None) -> None:
+        self.topics = Topics(topic_root)
+        self.blobs: dict[str, bytes] = {}
+        self.tamper: dict[str, bytes] = {}  # sha -> the content actually sent
+        self.drop: dict[str, set[int]] = {}  # sha -> chunk indexes never broadcast (repair still sends them)
+        self.chunk_size = SMALL_CHUNK
+        self.serve = True
+        self.devices: set[str] = set()  # whose retained desired state close() clears
+        self.reported: list[fleet_pb2.ReportedState] = []
+        self.telemetry: list[fleet_pb2.TelemetryBatch] = []
+        self.requests: list[fleet_pb2.BlobRequest] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"fleet-{uuid.uuid4().hex[:8]}",
+            clean_session=client_id is None,
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect(BROKER_HOST, port, keepalive=30)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "the fleet simulator could not subscribe"
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        client.subscribe([(t, 1) for t in self.topics.fleet_subscriptions()])
+
+    def add_package(self, pkg: Path) -> None:
+        for blob in (pkg / "blobs").iterdir():
+            self.blobs[blob.name] = blob.read_bytes()
+
+    def set_desired(self, msg: fleet_pb2.DesiredState) -> None:
+        self.devices.add(msg.device_id)
+        self.client.publish(
+            self.topics.desired(msg.device_id), msg.SerializeToString(), qos=1, retain=True
+        ).wait_for_publish(10)
+
+    def publish_raw(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        topic = message.topic
+        with self._cond:
+            if topic.endswith("/reported"):
+                self.reported.append(fleet_pb2.ReportedState.FromString(message.payload))
+            elif topic.endswith("/telemetry"):
+                self.telemetry.append(fleet_pb2.TelemetryBatch.FromString(message.payload))
+            elif topic.endswith("/blob-requests"):
+                req = fleet_pb2.BlobRequest.FromString(message.payload)
+                self.requests.append(req)
+                threading.Thread(target=self._answer, args=(req,), daemon=True).start()
+            self._cond.notify_all()
+
+    def _answer(self, req: fleet_pb2.BlobRequest) -> None:
+        if not self.serve or req.blob_sha256 not in self.blobs:
+            return
+        data = self.tamper.get(req.blob_sha256, self.blobs[req.blob_sha256])
+        chunks = chunks_of(data, req.blob_sha256, req.chunk_size or self.chunk_size)
+        if req.missing:
+            for i in req.missing:
+                if i < len(chunks):
+                    self.client.publish(self.topics.device_blobs(req.device_id), chunks[i].SerializeToString(), qos=1)
+        else:
+            dropped = self.drop.get(req.blob_sha256, set())
+            for c in chunks:
+                if c.index not in dropped:
+                    self.client.publish(self.topics.blob_chunks(req.blob_sha256), c.SerializeToString(), qos=1)
+
+    def wait(self, predicate: Callable[[FleetSim], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    states = [(r.generation, fleet_pb2.UpdateState.Name(r.state), r.reason) for r in self.reported]
+                    raise AssertionError(f"timed out; reported so far: {states[-8:]}")
+                self._cond.wait(min(left, 0.5))
+
+    def wait_state(self, generation: int, state: str, timeout: float = 60.0) -> fleet_pb2.ReportedState:
+        want = fleet_pb2.UpdateState.Value(state)
+        self.wait(lambda s: any(r.generation == generation and r.state == want for r in s.reported), timeout)
+        return next(r for r in self.reported if r.generation == generation and r.state == want)
+
+    def states_for(self, generation: int) -> list[str]:
+        with self._cond:
+            return [fleet_pb2.UpdateState.Name(r.state) for r in self.reported if r.generation == generation]
+
+    def telemetry_seqs(self) -> list[int]:
+        with self._cond:
+            return [s.seq for b in self.telemetry for s in b.samples]
+
+    def close(self) -> None:
+        for device in self.devices:  # clear retained desired states
+            with contextlib.suppress(Exception):
+                self.client.publish(self.topics.desired(device), b"", qos=1, retain=True).wait_for_publish(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class PrivateBroker:
+    """A Mosquitto of our own on a free port (persistence on), which tests may stop and start."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        self.conf = root / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {root / 'data'}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 100000\n"
+            f"log_dest file {root / 'mosquitto.log'}\n"
+            # started as root, mosquitto would drop to user 'mosquitto', who cannot write here
+            f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([mosquitto, "-c", str(self.conf)])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not start; see {self.root / 'mosquitto.log'}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+class AgentThread:
+    """The whole agent (daemon.Agent) on its own event loop in a thread."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        import asyncio
+
+        from slmops_agent.daemon import Agent
+
+        self.agent = Agent(settings)
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.addresses: list[str] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        if not self.ready.wait(30):
+            raise RuntimeError("the agent did not start")
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+
+        def ready(addresses: list[str]) -> None:
+            self.addresses = addresses
+            self.ready.set()
+
+        try:
+            self.loop.run_until_complete(self.agent.serve(ready, signals=False))
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.agent.request_stop)
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the agent did not stop"

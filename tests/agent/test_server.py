@@ -1,0 +1,245 @@
+"""The gRPC API over a real Unix socket and TCP, served from the real tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from slmops_agent.runtime import Limits, LoadedModel, ModelHost, ModelInfo, load_model
+from slmops_agent.server import SERVICE_NAME, AgentServer, AgentStatus
+from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = tmp_path_factory.mktemp("unpacked")
+    for f in json.loads((pkg_v1 / "manifest.json").read_text())["files"]:
+        (folder / f["path"]).write_bytes((pkg_v1 / "blobs" / f["sha256"]).read_bytes())
+    info = ModelInfo(name="tiny-llama", version="1.0.0", package_id="ab" * 32, profile="cpu-int4", slot="a")
+    return load_model(folder, info, threads=1)
+
+
+class ServerThread:
+    """An AgentServer on its own event loop in a thread (the test talks to it with sync clients)."""
+
+    def __init__(self, host: ModelHost, socket_path: Path, addr_file: Path) -> None:
+        self.server = AgentServer(
+            host,
+            socket_path=socket_path,
+            tcp_address="127.0.0.1:0",
+            addr_file=addr_file,
+            status=lambda: AgentStatus(device_id="dev-x", update_state="COMMITTED", agent_version="0.1.0"),
+        )
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(15)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.addresses = self.loop.run_until_complete(self.server.start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def host() -> ModelHost:
+    return ModelHost(queue_bound=2, limits=Limits(default_max_new_tokens=8, max_new_tokens_limit=100))
+
+
+@pytest.fixture
+def served(host: ModelHost, short_dir: Path) -> Iterator[ServerThread]:
+    s = ServerThread(host, short_dir / "agent.sock", short_dir / "grpc.addr")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def stub(target: str) -> tuple[grpc.Channel, agent_pb2_grpc.InferenceStub]:
+    channel = grpc.insecure_channel(target)
+    return channel, agent_pb2_grpc.InferenceStub(channel)
+
+
+def health(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(reply.status)
+
+
+def wait_health(target: str, status: int, service: str = "") -> None:
+    deadline = time.monotonic() + 10
+    while health(target, service) != status:
+        assert time.monotonic() < deadline, "health did not change"
+        time.sleep(0.02)
+
+
+def chat(text: str, **kw: object) -> agent_pb2.GenerateRequest:
+    req = agent_pb2.GenerateRequest(**kw)  # type: ignore[arg-type]
+    req.messages.add(role="user", content=text)
+    return req
+
+
+def test_listens_on_the_socket_and_tcp(served: ServerThread, short_dir: Path) -> None:
+    unix, tcp = served.addresses
+    assert unix == f"unix:{short_dir / 'agent.sock'}" and (short_dir / "agent.sock").exists()
+    assert tcp.startswith("127.0.0.1:") and not tcp.endswith(":0")
+    assert (short_dir / "grpc.addr").read_text().strip() == tcp
+
+
+def test_unavailable_and_not_serving_before_a_model(served: ServerThread, host: ModelHost, model: LoadedModel) -> None:
+    unix, tcp = served.addresses
+    assert health(unix) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health(tcp, SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
+    channel, s = stub(unix)
+    with channel:
+        with pytest.raises(grpc.RpcError) as err:
+            s.GenerateUnary(chat("hi"), timeout=10)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "no model" in (err.value.details() or "")
+        with pytest.raises(grpc.RpcError) as err2:
+            list(s.Generate(chat("hi"), timeout=10))
+        assert err2.value.code() is grpc.StatusCode.UNAVAILABLE
+    host.swap(model)
+    wait_health(unix, health_pb2.HealthCheckResponse.SERVING)
+    wait_health(tcp, health_pb2.HealthCheckResponse.SERVING, SERVICE_NAME)
+
+
+@pytest.mark.parametrize("transport", [0, 1], ids=["unix", "tcp"])
+def test_streaming_and_unary_generation(
+    served: ServerThread, host: ModelHost, model: LoadedModel, transport: int
+) -> None:
+    host.swap(model)
+    channel, s = stub(served.addresses[transport])
+    with channel:
+        chunks = list(s.Generate(chat("What is the capital of France?", max_new_tokens=12), timeout=30))
+        unary = s.GenerateUnary(chat("What is the capital of France?", max_new_tokens=12), timeout=30)
+    *pieces, last = chunks
+    assert len(pieces) >= 2 and all(p.text for p in pieces)
+    assert all(p.model_version == "1.0.0" and p.package_id == "ab" * 32 for p in chunks)
+    assert last.finish_reason == agent_pb2.LENGTH and last.usage.completion_tokens == 12
+    assert last.usage.prompt_tokens > 0 and last.timings.time_to_first_token_ms > 0
+    assert last.timings.tokens_per_second > 0
+    text = "".join(p.text for p in pieces)
+    assert unary.text == text  # greedy: the same answer either way
+    assert unary.usage.completion_tokens == 12 and unary.finish_reason == agent_pb2.LENGTH
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (agent_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "both empty"),
+        (chat("hi", prompt="raw too"), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+        (chat("hi", top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (chat("hi", temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (chat("hi", max_new_tokens=1000), grpc.StatusCode.INVALID_ARGUMENT, "limit is 100"),
+        (chat("hi", seed=2**40), grpc.StatusCode.INVALID_ARGUMENT, "seed"),
+        (chat("hi", adapter="legal"), grpc.StatusCode.NOT_FOUND, "adapter 'legal'"),
+        (chat("hi", model_version="0.0.1"), grpc.StatusCode.NOT_FOUND, "not active"),
+    ],
+)
+def test_errors_are_status_codes(
+    served: ServerThread,
+    host: ModelHost,
+    model: LoadedModel,
+    request_: agent_pb2.GenerateRequest,
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
+    host.swap(model)
+    channel, s = stub(served.addresses[0])
+    with channel:
+        for call in (lambda: s.GenerateUnary(request_, timeout=10), lambda: list(s.Generate(request_, timeout=10))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() is code
+            assert words in (err.value.details() or "")
+    assert host.metrics.errors_total == 0  # the caller's mistakes are not the device's errors
+
+
+def test_queue_full_cancel_and_deadline(served: ServerThread, host: ModelHost, model: LoadedModel) -> None:
+    host.swap(model)
+    hold = threading.Event()
+    holding = threading.Event()
+
+    def occupy() -> None:  # a request that holds the model
+        with host.queue.turn(threading.Event()):
+            holding.set()
+            hold.wait(30)
+
+    t = threading.Thread(target=occupy)
+    t.start()
+    assert holding.wait(5)
+    channel, s = stub(served.addresses[0])
+    try:
+        # one waits (bound 2) ...
+        waiting = s.Generate(chat("hi", max_new_tokens=3), timeout=30)
+        deadline = time.monotonic() + 5
+        while host.queue.depth < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert host.queue.depth == 2
+        # ... the next is refused
+        with pytest.raises(grpc.RpcError) as err:
+            s.GenerateUnary(chat("hi"), timeout=10)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "bound is 2" in (err.value.details() or "")
+        # cancelling the waiting stream frees its place at once
+        waiting.cancel()
+        while host.queue.depth > 1 and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        assert host.queue.depth == 1
+        # a deadline that passes while waiting: DEADLINE_EXCEEDED, and the place is freed too
+        with pytest.raises(grpc.RpcError) as err2:
+            s.GenerateUnary(chat("hi"), timeout=0.3)
+        assert err2.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        while host.queue.depth > 1 and time.monotonic() < deadline + 10:
+            time.sleep(0.01)
+        assert host.queue.depth == 1
+    finally:
+        hold.set()
+        t.join(10)
+        channel.close()
+    assert host.metrics.errors_total == 1  # the RESOURCE_EXHAUSTED one
+
+
+def test_list_models_and_status(served: ServerThread, host: ModelHost, model: LoadedModel) -> None:
+    host.swap(model)
+    channel, s = stub(served.addresses[1])
+    with channel:
+        models = s.ListModels(agent_pb2.ListModelsRequest(), timeout=10).models
+        status = s.GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+    assert [(m.name, m.version, m.slot, m.active, m.profile) for m in models] == [
+        ("tiny-llama", "1.0.0", "a", True, "cpu-int4")
+    ]
+    assert status.device_id == "dev-x" and status.update_state == "COMMITTED"
+    assert status.active_model.version == "1.0.0" and status.active_slot == "a" and status.queue_depth == 0
+
+
+def test_reflection_lists_the_services(served: ServerThread) -> None:
+    with grpc.insecure_channel(served.addresses[1]) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+        method = db.FindFileContainingSymbol(SERVICE_NAME)
+        assert method.package == "slmops.agent.v1"
+
+
+def test_a_second_server_on_the_same_socket_is_refused(served: ServerThread, host: ModelHost, short_dir: Path) -> None:
+    from slmops_agent.errors import AgentError
+
+    other = AgentServer(host, socket_path=short_dir / "agent.sock", tcp_address=None)
+    with pytest.raises(AgentError, match="in use"):
+        asyncio.run(other.start())

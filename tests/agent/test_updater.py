@@ -1,0 +1,418 @@
+"""The update state machine end to end with the real tiny packages and onnxruntime-genai, without a
+fleet: DesiredState messages and chunks are fed to the updater directly."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_helpers import SMALL_CHUNK, agent_settings, chunks_of, desired_for, manifest_of, pkg_id, signed_manifest
+
+from slmops_agent.layout import StateLayout
+from slmops_agent.runtime import GenerationRequest, Limits, ModelHost
+from slmops_agent.settings import AgentSettings
+from slmops_agent.state import StateStore, UpdateRecord, UpdateState
+from slmops_agent.updater import BlobWant, Desired, Report, Updater, chunk_from_pb
+from slmops_protos.manifests import parse_signed_manifest
+from slmops_protos.package.v1 import manifest_pb2
+
+DEVICE = "dev-test"
+HAPPY = ["FETCHING", "VERIFYING", "STAGED", "TESTING", "COMMITTED"]
+
+
+class Crash(BaseException):
+    """Stands for a power cut: escapes the worker's error handling and ends its thread."""
+
+
+class Feeder:
+    """Answers the updater's blob requests with chunks, as the fleet would."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.tamper: dict[str, bytes] = {}
+        self.drop: dict[str, set[int]] = {}
+        self.serve = True
+        self.requests: list[BlobWant] = []
+        self.updater: Updater | None = None
+
+    def add(self, pkg: Path) -> None:
+        for blob in (pkg / "blobs").iterdir():
+            self.blobs[blob.name] = blob.read_bytes()
+
+    def __call__(self, want: BlobWant) -> None:
+        self.requests.append(want)
+        if not self.serve or self.updater is None or want.sha256 not in self.blobs:
+            return
+        data = self.tamper.get(want.sha256, self.blobs[want.sha256])
+        chunks = chunks_of(data, want.sha256, want.chunk_size)
+        dropped = self.drop.get(want.sha256, set()) if not want.missing else set()
+        for c in chunks:
+            if (not want.missing or c.index in want.missing) and c.index not in dropped:
+                self.updater.submit_chunk(chunk_from_pb(c))
+
+
+class Rig:
+    def __init__(self, state_dir: Path, trusted: str, **overrides: Any) -> None:
+        from slmops_protos.manifests import public_key_from_hex
+
+        self.state_dir = state_dir
+        self.settings: AgentSettings = agent_settings(state_dir, **overrides)
+        self.host = ModelHost(queue_bound=4, limits=Limits(8, 64))
+        self.reports: list[Report] = []
+        self.feeder = Feeder()
+        self.trusted = [public_key_from_hex(trusted)]
+        self.updater = self.new_updater()
+
+    def new_updater(self, **overrides: Any) -> Updater:
+        settings = self.settings.model_copy(update=overrides) if overrides else self.settings
+        u = Updater(
+            StateLayout(self.state_dir),
+            settings,
+            self.host,
+            trusted_keys=self.trusted,
+            device_id=DEVICE,
+            on_report=self.reports.append,
+            on_blob_request=self.feeder,
+            providers=["CPUExecutionProvider"],
+        )
+        self.feeder.updater = u
+        self.updater = u
+        return u
+
+    def desired(self, pkg: Path | None, generation: int, **kw: Any) -> None:
+        self.updater.submit_desired(Desired.from_pb(desired_for(pkg, generation, DEVICE, **kw)))
+
+    def wait(self, predicate: Callable[[UpdateRecord], bool], timeout: float = 60) -> UpdateRecord:
+        return self.updater.wait_for(predicate, timeout)
+
+    def wait_done(self, generation: int, timeout: float = 60) -> UpdateRecord:
+        record = self.wait(
+            lambda r: r.generation == generation and r.state in (UpdateState.COMMITTED, UpdateState.ROLLED_BACK),
+            timeout,
+        )
+        deadline = time.monotonic() + 10  # the final report follows the record (after the hot swap)
+        while time.monotonic() < deadline and not any(
+            r.generation == generation and r.state is record.state for r in self.reports
+        ):
+            time.sleep(0.01)
+        return record
+
+    def serving(self) -> str:
+        model = self.host.model
+        return model.info.version if model is not None else ""
+
+    def states(self, generation: int) -> list[str]:
+        """The states reported for a generation (progress reports of one state count once)."""
+        out: list[str] = []
+        for r in self.reports:
+            if r.generation == generation and (not out or out[-1] != r.state.value):
+                out.append(r.state.value)
+        return out
+
+
+@pytest.fixture
+def rig(tmp_path: Path, trusted_hex: str) -> Iterator[Rig]:
+    r = Rig(tmp_path / "state", trusted_hex)
+    r.updater.start()
+    try:
+        yield r
+    finally:
+        r.updater.stop()
+
+
+def install(rig: Rig, pkg: Path, generation: int) -> UpdateRecord:
+    rig.feeder.add(pkg)
+    rig.desired(pkg, generation)
+    return rig.wait_done(generation)
+
+
+def test_install_then_update_to_a_version_that_changes_one_file(rig: Rig, pkg_v1: Path, pkg_v2: Path) -> None:
+    record = install(rig, pkg_v1, 1)
+    assert record.state is UpdateState.COMMITTED, record.reason
+    assert rig.states(1) == HAPPY
+    assert record.active_slot == "a" and rig.serving() == "1.0.0"
+    assert os.readlink(rig.state_dir / "current") == "slots/a"
+    # the golden prompt ran on the device and reproduced the builder's greedy reference
+    golden = manifest_of(pkg_v1).golden_prompts
+    assert len(golden) == len(rig.updater.last_smoke_test) >= 1
+    smoke = rig.updater.last_smoke_test[0]
+    assert smoke.matches is True and smoke.completion_tokens == golden[0].max_new_tokens
+    assert (rig.state_dir / "slots" / "a" / "genai_config.json").is_file()
+    whole = [w for w in rig.feeder.requests if not w.missing]
+    assert len(whole) == len({f.sha256 for f in manifest_of(pkg_v1).files})
+    assert {w.chunk_size for w in rig.feeder.requests} == {SMALL_CHUNK}
+    result = rig.host.generate(GenerationRequest(messages=(("user", "Hello"),), max_new_tokens=5))
+    assert result.model_version == "1.0.0" and result.completion_tokens >= 1
+
+    rig.feeder.requests.clear()
+    record = install(rig, pkg_v2, 2)
+    assert record.state is UpdateState.COMMITTED, record.reason
+    assert record.active_slot == "b" and rig.serving() == "2.0.0"
+    assert os.readlink(rig.state_dir / "current") == "slots/b"
+    # only the one changed file travelled
+    v1 = {f.path: f.sha256 for f in manifest_of(pkg_v1).files}
+    v2 = {f.path: f.sha256 for f in manifest_of(pkg_v2).files}
+    changed = {v2[p] for p in v2 if v1.get(p) != v2[p]}
+    assert changed and {w.sha256 for w in rig.feeder.requests} == changed
+    # both versions stay installed; the old one is the fallback in slot a
+    assert record.slots["a"] is not None and record.slots["a"].version == "1.0.0"
+    assert record.slots["b"] is not None and record.slots["b"].version == "2.0.0"
+    on_disk = StateStore(rig.state_dir / "state.json").load()
+    assert on_disk == record
+
+
+def test_old_generations_are_ignored_and_the_same_package_is_a_no_op(rig: Rig, pkg_v1: Path) -> None:
+    install(rig, pkg_v1, 5)
+    writes = rig.updater.record.writes
+    rig.desired(pkg_v1, 5)  # the retained message again, after a reconnect
+    rig.desired(pkg_v1, 3)
+    rig.desired(None, 4)
+    rig.feeder.requests.clear()
+    rig.desired(pkg_v1, 6)  # a newer generation naming what already runs
+    record = rig.wait_done(6)
+    assert record.state is UpdateState.COMMITTED and record.writes == writes + 1
+    assert rig.states(6) == ["COMMITTED"] and not rig.feeder.requests
+    rig.desired(None, 7)  # no model: keep what runs
+    record = rig.wait(lambda r: r.generation == 7)
+    assert record.state is UpdateState.COMMITTED and rig.serving() == "1.0.0"
+
+
+def test_bad_signature_rolls_back_and_the_old_version_keeps_serving(rig: Rig, pkg_v1: Path, pkg_v2: Path) -> None:
+    install(rig, pkg_v1, 1)
+    msg = desired_for(pkg_v2, 2, DEVICE)
+    sig = bytearray(msg.model.manifest.signatures[0].signature)
+    sig[0] ^= 0xFF
+    msg.model.manifest.signatures[0].signature = bytes(sig)
+    rig.updater.submit_desired(Desired.from_pb(msg))
+    record = rig.wait_done(2)
+    assert record.state is UpdateState.ROLLED_BACK and "bad signature" in record.reason
+    assert rig.states(2) == ["ROLLED_BACK"] and rig.reports[-1].reason == record.reason
+    assert rig.serving() == "1.0.0" and record.active_slot == "a"
+    assert rig.reports[-1].active_version == "1.0.0"
+
+
+def test_untrusted_key_and_mismatched_id_are_refused(rig: Rig, pkg_v1: Path, other_key_pkg: Path) -> None:
+    rig.desired(other_key_pkg, 1)
+    record = rig.wait_done(1)
+    assert record.state is UpdateState.ROLLED_BACK and "untrusted" in record.reason
+    msg = desired_for(pkg_v1, 2, DEVICE)
+    msg.model.package_id = "0" * 64
+    rig.updater.submit_desired(Desired.from_pb(msg))
+    record = rig.wait_done(2)
+    assert record.state is UpdateState.ROLLED_BACK and "does not match its manifest" in record.reason
+    assert rig.serving() == "" and not rig.feeder.requests
+
+
+def test_tampered_blob_rolls_back_after_refetching(rig: Rig, pkg_v1: Path, pkg_v2: Path) -> None:
+    install(rig, pkg_v1, 1)
+    rig.feeder.add(pkg_v2)
+    genai = next(f for f in manifest_of(pkg_v2).files if f.path == "genai_config.json")
+    rig.feeder.tamper[genai.sha256] = rig.feeder.blobs[genai.sha256].replace(b'"top_k": 7', b'"top_k": 9')
+    rig.feeder.requests.clear()
+    rig.desired(pkg_v2, 2)
+    record = rig.wait_done(2)
+    assert record.state is UpdateState.ROLLED_BACK
+    assert "genai_config.json" in record.reason and "SHA-256" in record.reason and "2 times" in record.reason
+    assert [w.sha256 for w in rig.feeder.requests] == [genai.sha256, genai.sha256]  # fetched again once
+    assert rig.serving() == "1.0.0" and record.active_slot == "a"
+    assert not (rig.state_dir / "blobs" / genai.sha256).exists()
+
+
+def test_a_package_that_fails_its_test_rolls_back(
+    rig: Rig, pkg_v1: Path, tmp_path: Path, signing_key: tuple[Path, Path]
+) -> None:
+    from slmops_builder.keys import load_private_key
+    from slmops_builder.packaging import PackageSpec, write_package
+
+    install(rig, pkg_v1, 1)
+    source = tmp_path / "broken-src"
+    source.mkdir()
+    (source / "genai_config.json").write_text('{"model": {"type": "llama"}}')
+    broken = write_package(
+        source,
+        PackageSpec("broken", "3.0.0", manifest_pb2.HardwareProfile(name="cpu-int4", execution_provider="cpu")),
+        load_private_key(signing_key[0]),
+        tmp_path / "broken",
+    ).path
+    rig.feeder.add(broken)
+    rig.desired(broken, 2)
+    record = rig.wait_done(2)
+    assert record.state is UpdateState.ROLLED_BACK and record.reason.startswith("TESTING:"), record.reason
+    assert rig.states(2) == ["FETCHING", "VERIFYING", "STAGED", "TESTING", "ROLLED_BACK"]
+    assert rig.serving() == "1.0.0" and record.active_slot == "a"
+    assert not (rig.state_dir / "slots" / "b").exists()  # the half-installed slot is wiped
+    assert record.slots["b"] is None
+
+
+def test_latency_budget(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
+    rig = Rig(tmp_path / "state", trusted_hex, smoke_test_budget_s=0.000_001)
+    rig.updater.start()
+    try:
+        record = install(rig, pkg_v1, 1)
+    finally:
+        rig.updater.stop()
+    assert record.state is UpdateState.ROLLED_BACK and "budget" in record.reason
+    assert rig.serving() == "" and record.active_slot == ""
+
+
+def test_missing_chunks_are_asked_for_exactly(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
+    rig = Rig(tmp_path / "state", trusted_hex, blob_stall_s=0.3)
+    big = max(manifest_of(pkg_v1).files, key=lambda f: f.size)
+    rig.feeder.drop[big.sha256] = {1, 3}
+    rig.updater.start()
+    try:
+        record = install(rig, pkg_v1, 1)
+    finally:
+        rig.updater.stop()
+    assert record.state is UpdateState.COMMITTED, record.reason
+    repairs = [w for w in rig.feeder.requests if w.missing]
+    assert repairs and repairs[0].sha256 == big.sha256 and repairs[0].missing == (1, 3)
+
+
+def test_repair_requests_are_capped_per_message(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
+    rig = Rig(tmp_path / "state", trusted_hex, blob_stall_s=0.2, blob_request_max_chunks=2)
+    big = max(manifest_of(pkg_v1).files, key=lambda f: f.size)
+    count = -(-big.size // SMALL_CHUNK)
+    rig.feeder.drop[big.sha256] = set(range(1, count))  # only chunk 0 arrives by broadcast
+    rig.updater.start()
+    try:
+        record = install(rig, pkg_v1, 1)
+    finally:
+        rig.updater.stop()
+    assert record.state is UpdateState.COMMITTED, record.reason
+    repairs = [w.missing for w in rig.feeder.requests if w.missing]
+    assert repairs[0] == (1, 2) and all(len(m) <= 2 for m in repairs)
+    assert sorted(i for m in repairs for i in m) == list(range(1, count))  # each missing chunk asked once
+
+
+def test_download_resumes_after_a_restart(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
+    rig = Rig(tmp_path / "state", trusted_hex, blob_stall_s=30)
+    big = max(manifest_of(pkg_v1).files, key=lambda f: f.size)
+    count = -(-big.size // SMALL_CHUNK)
+    rig.feeder.drop[big.sha256] = {count - 1}
+    rig.updater.start()
+    rig.feeder.add(pkg_v1)
+    rig.desired(pkg_v1, 1)
+    bitmap = rig.state_dir / "blobs" / f"{big.sha256}.bitmap"
+    rig.wait(lambda r: r.state is UpdateState.FETCHING)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(rig.updater._fetches) != 1:
+        time.sleep(0.05)
+    rig.updater.stop()  # flushes the bitmaps
+    assert bitmap.exists()
+
+    rig.feeder.requests.clear()
+    rig.feeder.drop.clear()
+    u = rig.new_updater()
+    u.start()
+    try:
+        record = rig.wait_done(1)
+    finally:
+        u.stop()
+    assert record.state is UpdateState.COMMITTED, record.reason
+    assert [(w.sha256, w.missing) for w in rig.feeder.requests] == [(big.sha256, (count - 1,))]
+
+
+# -- the recovery table, state by state: a crash right after each record is saved --------------
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize(
+    ("crash_in", "serving_after", "state_after"),
+    [
+        ("FETCHING", "2.0.0", "COMMITTED"),
+        ("VERIFYING", "2.0.0", "COMMITTED"),
+        ("STAGED", "2.0.0", "COMMITTED"),
+        ("TESTING", "2.0.0", "COMMITTED"),  # tested again once
+        ("COMMITTED", "2.0.0", "COMMITTED"),
+    ],
+)
+def test_recovery_after_a_crash_in_each_state(
+    tmp_path: Path, trusted_hex: str, pkg_v1: Path, pkg_v2: Path, crash_in: str, serving_after: str, state_after: str
+) -> None:
+    rig = Rig(tmp_path / "state", trusted_hex)
+    rig.updater.start()
+    install(rig, pkg_v1, 1)
+    rig.updater.stop()
+
+    crashed = threading.Event()
+    u = rig.new_updater(crash_after_state=crash_in)
+
+    def crash() -> None:
+        crashed.set()
+        raise Crash
+
+    u.crash = crash  # type: ignore[method-assign]
+    rig.host.swap(None)  # a new process starts with nothing loaded
+    u.start()
+    rig.feeder.add(pkg_v2)
+    rig.desired(pkg_v2, 2)
+    assert crashed.wait(60)
+    u._thread.join(10)  # type: ignore[union-attr]
+    on_disk = StateStore(rig.state_dir / "state.json").load()
+    assert on_disk.state.value == crash_in
+    # what serves right after the restart is the record's active slot: old before COMMITTED, new after
+    rig.host.swap(None)
+    u2 = rig.new_updater()
+    u2.start()
+    try:
+        assert u2.wait_recovered(60)
+        record = rig.wait_done(2)
+    finally:
+        u2.stop()
+    assert record.state.value == state_after, record.reason
+    assert rig.serving() == serving_after
+    assert os.readlink(rig.state_dir / "current") == f"slots/{record.active_slot}"
+    assert not list((rig.state_dir / "slots").glob("*.staging"))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_second_crash_in_testing_rolls_back(tmp_path: Path, trusted_hex: str, pkg_v1: Path, pkg_v2: Path) -> None:
+    rig = Rig(tmp_path / "state", trusted_hex)
+    rig.updater.start()
+    install(rig, pkg_v1, 1)
+    rig.updater.stop()
+    for _ in range(2):
+        u = rig.new_updater(crash_after_state="TESTING")
+        crashed = threading.Event()
+
+        def crash(flag: threading.Event = crashed) -> None:
+            flag.set()
+            raise Crash
+
+        u.crash = crash  # type: ignore[method-assign]
+        u.start()
+        if StateStore(rig.state_dir / "state.json").load().state is not UpdateState.TESTING:
+            rig.feeder.add(pkg_v2)
+            rig.desired(pkg_v2, 2)
+        assert crashed.wait(60)
+        u._thread.join(10)  # type: ignore[union-attr]
+    assert StateStore(rig.state_dir / "state.json").load().test_attempts == 2
+    rig.host.swap(None)
+    u = rig.new_updater()
+    u.start()
+    try:
+        record = rig.wait_done(2)
+    finally:
+        u.stop()
+    assert record.state is UpdateState.ROLLED_BACK and "while testing" in record.reason
+    assert rig.serving() == "1.0.0" and record.active_slot == "a"
+
+
+def test_side_loaded_package(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
+    rig = Rig(tmp_path / "state", trusted_hex)
+    rig.updater.start()
+    try:
+        rig.updater.install_local(pkg_v1)
+        record = rig.wait(lambda r: r.state in (UpdateState.COMMITTED, UpdateState.ROLLED_BACK))
+    finally:
+        rig.updater.stop()
+    assert record.state is UpdateState.COMMITTED, record.reason
+    assert record.active is not None and record.active.package_id == pkg_id(pkg_v1)
+    assert not rig.feeder.requests  # nothing asked of a fleet
+    assert parse_signed_manifest((rig.state_dir / "manifests" / f"{pkg_id(pkg_v1)}.pb").read_bytes()) == (
+        signed_manifest(pkg_v1)
+    )
