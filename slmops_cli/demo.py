@@ -178,16 +178,19 @@ def _journey(
             )
             _wait_committed(fleet_args, pkg["package_id"], n_agents, timeout)
             after = run_json(["fleet", "stats", "--json", *fleet_args])
-            moved = _bytes_sent(after) - _bytes_sent(before)
+            moved = _blobs_sent(after, before)
+            names = _file_names(Path(pkg["path"]))
             figures[label] = {
                 "package_id": pkg["package_id"],
                 "package_bytes": pkg["size_bytes"],
                 "uploaded_bytes": upload.get("uploaded_bytes"),
-                "mqtt_bytes_sent": moved,
+                "mqtt_bytes_sent": sum(moved.values()),
+                "files_sent": {names.get(sha, sha): n for sha, n in moved.items()},
             }
             console.print(
-                f"uploaded {_mb(upload.get('uploaded_bytes', 0))} to the fleet; the fleet sent {_mb(moved)} of chunks "
-                f"over MQTT for {n_agents} devices (package {_mb(pkg['size_bytes'])})"
+                f"uploaded {_mb(upload.get('uploaded_bytes', 0))} to the fleet; over MQTT the fleet sent "
+                f"{_mb(sum(moved.values()))} of chunks for {n_agents} devices (package {_mb(pkg['size_bytes'])}): "
+                + ", ".join(f"{names.get(sha, sha[:12])} {_mb(n)}" for sha, n in moved.items())
             )
         with t.step(f"Ask each agent over gRPC ({label})"):
             figures[label]["answers"] = [_ask(state, question) for _, state in agent_dirs]
@@ -286,8 +289,19 @@ def _wait_committed(fleet_args: list[str], package_id: str, n: int, timeout: flo
         wait_until(check, timeout=timeout, what=f"{n} devices committed to {package_id[:12]}", interval=0.5)
 
 
-def _bytes_sent(stats: dict[str, Any]) -> int:
-    return int(stats.get("bytes_sent", 0))
+def _blobs_sent(after: dict[str, Any], before: dict[str, Any]) -> dict[str, int]:
+    """Bytes of chunks (broadcast + repair) sent per blob between two `fleet stats` readings."""
+
+    def sent(stats: dict[str, Any]) -> dict[str, int]:
+        return {b["sha256"]: b["broadcast_bytes"] + b["repair_bytes"] for b in stats["blobs"]}
+
+    old = sent(before)
+    return {sha: n - old.get(sha, 0) for sha, n in sent(after).items() if n > old.get(sha, 0)}
+
+
+def _file_names(package: Path) -> dict[str, str]:
+    manifest = json.loads((package / "manifest.json").read_text())
+    return {f["sha256"]: f["path"] for f in manifest["files"]}
 
 
 def _ask(state: Path, question: str) -> dict[str, Any]:
@@ -331,11 +345,17 @@ def _summary(t: Timings, figures: dict[str, Any]) -> None:
     table.add_row("[bold]total", f"[bold]{sum(s for _, s in t.steps):.1f}")
     console.print(table)
     moved = Table(title="bytes moved")
-    for col in ("release", "package", "uploaded to fleet", "MQTT chunks sent"):
+    for col in ("release", "package", "uploaded to fleet", "MQTT chunks sent", "files sent"):
         moved.add_column(col, justify="right")
     for label in ("v1", "v2"):
         f = figures[label]
-        moved.add_row(label, _mb(f["package_bytes"]), _mb(f["uploaded_bytes"] or 0), _mb(f["mqtt_bytes_sent"]))
+        moved.add_row(
+            label,
+            _mb(f["package_bytes"]),
+            _mb(f["uploaded_bytes"] or 0),
+            _mb(f["mqtt_bytes_sent"]),
+            ", ".join(sorted(f["files_sent"])) if len(f["files_sent"]) <= 2 else f"all {len(f['files_sent'])}",
+        )
     console.print(moved)
 
 
