@@ -29,7 +29,9 @@ def test_generator_detects_drift(tmp_path: Path) -> None:
     copy = tmp_path / "protos"
     shutil.copytree(ROOT / "protos", copy, ignore=shutil.ignore_patterns("__pycache__"))
     proto = copy / "slmops" / "agent" / "v1" / "agent.proto"
-    proto.write_text(proto.read_text().replace("message ListModelsRequest {}", "message ListModelsRequest { bool x = 1; }"))
+    proto.write_text(
+        proto.read_text().replace("message ListModelsRequest {}", "message ListModelsRequest { bool x = 1; }")
+    )
     result = subprocess.run([sys.executable, str(copy / "generate.py"), "--check"], capture_output=True, text=True)
     assert result.returncode == 1
     assert "stale: protos/slmops_protos/agent/v1/agent_pb2.py" in result.stderr

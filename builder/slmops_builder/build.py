@@ -18,14 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmops_protos.package.v1 import manifest_pb2
-
 from slmops_builder.convert import convert, stage, validate_search
 from slmops_builder.importer import folder_sha256, read_source_info
 from slmops_builder.keys import load_private_key
 from slmops_builder.packaging import PackageSpec, WrittenPackage, write_package
 from slmops_builder.profiles import Profile, get_profile
 from slmops_builder.steps import CONVERT_TOOLS, tool_versions
+from slmops_protos.package.v1 import manifest_pb2
 
 __all__ = [
     "DEFAULT_GOLDEN_PROMPTS",

@@ -41,12 +41,12 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
 def _user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one line and an exit code, never a traceback."""
     from pydantic import ValidationError
-    from slmops_protos.manifests import PackageError
 
     from slmops_builder.convert import ConversionError
     from slmops_builder.importer import ModelImportError
     from slmops_builder.keys import KeyFileError
     from slmops_builder.profiles import UnknownProfileError
+    from slmops_protos.manifests import PackageError
 
     try:
         yield
@@ -78,9 +78,8 @@ def keygen(
 ) -> None:
     """Create an Ed25519 package-signing key."""
     with _user_errors():
-        from slmops_protos.manifests import key_id
-
         from slmops_builder.keys import generate_key, public_path
+        from slmops_protos.manifests import key_id
 
         key = generate_key(out, overwrite=force)
         _out.print(f"private key: {out}  (keep it secret)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from slmops_protos.manifests import key_id, public_key_bytes
 from slmops_protos.package.v1 import manifest_pb2
 

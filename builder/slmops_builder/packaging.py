@@ -18,6 +18,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+
+from slmops_builder import __version__
+from slmops_builder.keys import sign
 from slmops_protos.manifests import (
     BLOBS_DIR,
     FORMAT_VERSION,
@@ -34,9 +37,6 @@ from slmops_protos.manifests import (
     verify_signed_manifest,
 )
 from slmops_protos.package.v1 import manifest_pb2
-
-from slmops_builder import __version__
-from slmops_builder.keys import sign
 
 
 @dataclass

@@ -1,15 +1,10 @@
 """Helpers for the agent tests: settings for tests, DesiredState and chunk builders, a paho client
-playing the fleet on a real broker, and a private Mosquitto that tests may stop and start."""
+playing the fleet on a real broker."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import pwd
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -109,12 +104,6 @@ def chunks_of(data: bytes, sha: str, chunk_size: int = SMALL_CHUNK) -> list[flee
             )
         )
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def save_credentials(
@@ -235,45 +224,6 @@ class FleetSim:
                 self.client.publish(self.topics.desired(device), b"", qos=1, retain=True).wait_for_publish(5)
         self.client.disconnect()
         self.client.loop_stop()
-
-
-class PrivateBroker:
-    """A Mosquitto of our own on a free port (persistence on), which tests may stop and start."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        (root / "data").mkdir(parents=True, exist_ok=True)
-        self.conf = root / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {root / 'data'}/\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 100000\n"
-            f"log_dest file {root / 'mosquitto.log'}\n"
-            # started as root, mosquitto would drop to user 'mosquitto', who cannot write here
-            f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([mosquitto, "-c", str(self.conf)])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not start; see {self.root / 'mosquitto.log'}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 class AgentThread:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import FleetSim, PrivateBroker, agent_settings, spec
+from agent_helpers import FleetSim, agent_settings, spec
+from brokers import MosquittoBroker, start_mosquitto
 
 from slmops_agent.settings import AgentSettings
 
@@ -81,9 +82,8 @@ def fleet_sim(topic_root: str) -> Iterator[FleetSim]:
 
 
 @pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
-    broker = PrivateBroker(tmp_path / "broker")
-    broker.start()
+def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    broker = start_mosquitto(tmp_path / "broker", anonymous=True)
     try:
         yield broker
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import free_port
+from brokers import free_port
 from typer.testing import CliRunner
 
 from slmops_agent.cli import app

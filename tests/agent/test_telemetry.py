@@ -6,7 +6,8 @@ import time
 import uuid
 from pathlib import Path
 
-from agent_helpers import AgentThread, FleetSim, PrivateBroker, agent_settings, save_credentials
+from agent_helpers import AgentThread, FleetSim, agent_settings, save_credentials
+from brokers import MosquittoBroker
 
 from slmops_agent.state import UpdateState
 from slmops_agent.telemetry import Sample, Telemetry, TelemetryQueue
@@ -66,7 +67,7 @@ def test_samples_stay_queued_until_acknowledged(tmp_path: Path) -> None:
 
 
 def test_nothing_is_lost_while_the_broker_is_away(
-    short_dir: Path, private_broker: PrivateBroker, trusted_hex: str
+    short_dir: Path, private_broker: MosquittoBroker, trusted_hex: str
 ) -> None:
     device = f"dev-{uuid.uuid4().hex[:8]}"
     root = f"tel/{uuid.uuid4().hex[:8]}"
@@ -100,7 +101,7 @@ def test_nothing_is_lost_while_the_broker_is_away(
 
 
 def test_the_agent_starts_while_the_broker_is_down_and_connects_later(
-    short_dir: Path, private_broker: PrivateBroker, trusted_hex: str
+    short_dir: Path, private_broker: MosquittoBroker, trusted_hex: str
 ) -> None:
     device = f"dev-{uuid.uuid4().hex[:8]}"
     root = f"late/{uuid.uuid4().hex[:8]}"

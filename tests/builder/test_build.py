@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from slmops_builder.build import BuildEvent, GoldenPromptSpec, build_package, evaluate_folder
 from slmops_builder.importer import folder_sha256, import_model
 from slmops_builder.keys import KeyFileError, load_public_key

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from slmops_builder.importer import (
     SOURCE_FILE,
     ModelImportError,

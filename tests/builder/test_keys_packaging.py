@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from slmops_builder.keys import KeyFileError, generate_key, load_private_key, load_public_key, public_path, sign
 from slmops_builder.packaging import PackageSpec, read_manifest, unpack_package, verify_package, write_package
 from slmops_builder.profiles import get_profile

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from slmops_builder.profiles import PROFILES, Profile, UnknownProfileError, get_profile, profile_names
 
 

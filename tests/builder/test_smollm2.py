@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from slmops_builder.keys import load_public_key
 from slmops_builder.packaging import unpack_package, verify_package
 

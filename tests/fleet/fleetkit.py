@@ -262,14 +262,6 @@ class SimDevice:
         return self.blob(sha256).data()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- ACL checks, the same on every broker ---------------------------------------------------------------
 
 

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slmops_builder.cli import app
 from typer.testing import CliRunner
+
+from slmops_builder.cli import app
 
 runner = CliRunner()
 
