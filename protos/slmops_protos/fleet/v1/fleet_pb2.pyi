@@ -5,7 +5,7 @@ MQTT payloads between the fleet and its devices. Topics, under a configurable
 root (default "slmops/v1"):
   devices/{id}/desired        fleet -> device, retained, QoS 1: DesiredState
   devices/{id}/reported       device -> fleet, QoS 1: ReportedState
-  devices/{id}/telemetry      device -> fleet, QoS 0/1: TelemetryBatch
+  devices/{id}/telemetry      device -> fleet, QoS 1: TelemetryBatch
   blobs/{sha256}/chunks       fleet -> devices, QoS 1: BlobChunk (broadcast)
   devices/{id}/blob-requests  device -> fleet, QoS 1: BlobRequest
   devices/{id}/blobs          fleet -> device, QoS 1: BlobChunk (repair)
