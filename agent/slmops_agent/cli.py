@@ -184,6 +184,28 @@ def _target(target: str | None, state_dir: Path | None) -> str:
     return settings.grpc_address
 
 
+def _unary(target: str | None, state_dir: Path | None, method: str, request: Any) -> tuple[str, Any]:
+    """Call one unary Inference RPC on the local agent; return (where, reply)."""
+    import grpc
+
+    from slmops_protos.agent.v1 import agent_pb2_grpc
+
+    where = _target(target, state_dir)
+    with grpc.insecure_channel(where) as channel:
+        try:
+            return where, getattr(agent_pb2_grpc.InferenceStub(channel), method)(request, timeout=10)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, where) from None
+
+
+def _to_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
 def _rpc_error(exc: Any, target: str) -> typer.Exit:
     code = exc.code()
     details = exc.details() or ""
@@ -273,25 +295,11 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The running agent's status (GetStatus)."""
-    import grpc
-    from google.protobuf import json_format
+    from slmops_protos.agent.v1 import agent_pb2
 
-    from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
-
-    where = _target(target, state_dir)
-    with grpc.insecure_channel(where) as channel:
-        try:
-            reply = agent_pb2_grpc.InferenceStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, where) from None
+    where, reply = _unary(target, state_dir, "GetStatus", agent_pb2.GetStatusRequest())
     if as_json:
-        typer.echo(
-            json.dumps(
-                json_format.MessageToDict(
-                    reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-                )
-            )
-        )
+        typer.echo(json.dumps(_to_dict(reply)))
         return
     from rich.console import Console
     from rich.table import Table
@@ -325,28 +333,11 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The packages installed in the agent's slots (ListModels)."""
-    import grpc
-    from google.protobuf import json_format
+    from slmops_protos.agent.v1 import agent_pb2
 
-    from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
-
-    where = _target(target, state_dir)
-    with grpc.insecure_channel(where) as channel:
-        try:
-            reply = agent_pb2_grpc.InferenceStub(channel).ListModels(agent_pb2.ListModelsRequest(), timeout=10)
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, where) from None
+    where, reply = _unary(target, state_dir, "ListModels", agent_pb2.ListModelsRequest())
     if as_json:
-        typer.echo(
-            json.dumps(
-                [
-                    json_format.MessageToDict(
-                        m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-                    )
-                    for m in reply.models
-                ]
-            )
-        )
+        typer.echo(json.dumps([_to_dict(m) for m in reply.models]))
         return
     from rich.console import Console
     from rich.table import Table
