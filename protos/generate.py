@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -34,8 +35,17 @@ def generate() -> dict[Path, str]:
     """Run protoc into a scratch folder; return {path under OUT: text}."""
     with tempfile.TemporaryDirectory() as tmp:
         grpc_include = Path(protoc.__file__).parent / "_proto"
+        # mypy-protobuf's plugins sit beside this interpreter, which need not be on PATH.
+        bin_dir = str(Path(sys.executable).parent)
+        plugins = []
+        for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+            path = shutil.which(name, path=bin_dir) or shutil.which(name)
+            if path is None:
+                raise SystemExit(f"{name} not found: pip install mypy-protobuf")
+            plugins.append(f"--plugin={name}={path}")
         args = [
             "protoc",
+            *plugins,
             f"-I{HERE}",
             f"-I{grpc_include}",
             f"--python_out={tmp}",

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-SLMOPS = [sys.executable, "-m", "slmops_cli.main"] if shutil.which("slmops") is None else ["slmops"]
+from slmops_cli.procs import slmops_cmd
+
+SLMOPS = slmops_cmd()
 
 
 def slmops(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
