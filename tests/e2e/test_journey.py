@@ -223,3 +223,26 @@ def test_journey_on_mosquitto(
         _check_isolation(fleet, agents[0], agents[1])
     finally:
         broker.stop()
+
+
+def test_agents_converge_after_the_fleet_and_its_broker_are_killed(
+    tmp_path: Path,
+    tiny_package_factory: Callable[..., Path],
+    signing_key: tuple[Path, Path],
+    run_fleet: Callable[..., FleetProc],
+    enroll_agent: Callable[..., AgentProc],
+) -> None:
+    """SIGKILL the fleet (and with it the embedded broker) after v1; a new fleet process on the same
+    data folder comes back on the same ports, the agents reconnect by themselves and take v2."""
+    fleet = run_fleet(tmp_path / "fleet", [signing_key[1]])
+    agent = enroll_agent(fleet, tmp_path / "agent", "agent")
+    fleet.wait_committed(fleet.release(tiny_package_factory("1.0.0", out=tmp_path / "v1")))
+    port = fleet.info["mqtt"]["port"]
+
+    fleet.service.kill()
+    assert agent.ask("Hi", "--max-new-tokens", "2")["model_version"] == "1.0.0", "the agent serves on its own"
+    fleet = run_fleet(tmp_path / "fleet", [signing_key[1]])
+    assert fleet.info["mqtt"]["port"] == port
+    v2_id = fleet.release(tiny_package_factory("2.0.0", search={"top_k": 3}, out=tmp_path / "v2"))
+    fleet.wait_committed(v2_id, timeout=180)
+    assert agent.ask("Hi", "--max-new-tokens", "2")["model_version"] == "2.0.0"
