@@ -9,6 +9,7 @@ from slmops_agent.errors import (
     NotFound,
     PackageRejected,
     QueueFull,
+    status_name,
 )
 from slmops_agent.settings import AgentSettings, load_settings
 
@@ -26,4 +27,5 @@ __all__ = [
     "QueueFull",
     "__version__",
     "load_settings",
+    "status_name",
 ]

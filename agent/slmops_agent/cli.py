@@ -96,9 +96,16 @@ def run(
     ),
     socket: Path | None = typer.Option(None, "--socket", help="Unix socket (default <state>/agent.sock)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Inference threads (default: free cores)."),
+    metrics_port: int | None = typer.Option(
+        None,
+        "--metrics-port",
+        min=-1,
+        max=65535,
+        help="HTTP port on 127.0.0.1 for /metrics and the OpenAI API /v1 (0: free, see <state>/metrics.addr; -1: off).",
+    ),
     log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
-    """Run the agent until SIGTERM or SIGINT: serve gRPC, follow the fleet, send telemetry."""
+    """Run the agent until SIGTERM or SIGINT: serve gRPC and /metrics, follow the fleet, send telemetry."""
     import asyncio
 
     from slmops_agent.daemon import Agent
@@ -111,7 +118,12 @@ def run(
         base = os.environ.get("SLMOPS_AGENT_GRPC_ADDRESS", "127.0.0.1:50051")
         address = f"{base.rpartition(':')[0] or '127.0.0.1'}:{grpc_port}"
     settings = _settings(
-        state_dir=state_dir, grpc_address=address, grpc_socket=socket, threads=threads, log_level=log_level
+        state_dir=state_dir,
+        grpc_address=address,
+        grpc_socket=socket,
+        threads=threads,
+        metrics_port=metrics_port,
+        log_level=log_level,
     )
     _setup_logging(settings.log_level)
 
@@ -220,7 +232,9 @@ def ask(
     target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", min=0, help="0: the agent's default."),
-    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="0 or unset: greedy."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", min=0.0, help="0: greedy; unset: the package's default."
+    ),
     system: str | None = typer.Option(None, "--system", help="A system message first."),
     raw: bool = typer.Option(False, "--raw", help="Send PROMPT as a raw prompt, no chat template."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the call is abandoned."),

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from slmops_agent import __version__
 from slmops_agent.credentials import Credentials, CredentialsError
 from slmops_agent.errors import AgentError
+from slmops_agent.httpapi import HttpServer
 from slmops_agent.inventory import Inventory, collect_inventory
 from slmops_agent.layout import StateLayout, StateLock, write_atomic
 from slmops_agent.mqtt import AgentMqtt
@@ -107,6 +108,11 @@ class Agent:
             status=self.status,
             addr_file=self.layout.grpc_addr,
         )
+        self.http: HttpServer | None = None
+        if settings.metrics_port >= 0:
+            self.http = HttpServer(
+                self.host, address=settings.metrics_host, port=settings.metrics_port, addr_file=self.layout.metrics_addr
+            )
         self._stop: asyncio.Event | None = None
 
     # -- wiring -------------------------------------------------------------------------------
@@ -225,6 +231,8 @@ class Agent:
         self.lock.acquire()
         try:
             addresses = await self.server.start()
+            if self.http is not None:
+                addresses.append(await self.http.start())
             self.updater.start()
             await loop.run_in_executor(None, self._start_fleet_link)
             if on_ready is not None:
@@ -242,10 +250,13 @@ class Agent:
             self._stop.set()
 
     async def _shutdown(self) -> None:
-        try:
-            await self.server.stop(self.settings.shutdown_grace_s)
-        except Exception:
-            log.exception("gRPC shutdown failed")
+        grace = self.settings.shutdown_grace_s
+        stops = [self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else [])]
+        # both front ends stop accepting at once and share the grace period
+        for what, outcome in zip(("gRPC", "HTTP"), await asyncio.gather(*stops, return_exceptions=True), strict=False):
+            if isinstance(outcome, BaseException):
+                log.error("%s shutdown failed", what, exc_info=outcome)
+        self.host.close()
         loop = asyncio.get_running_loop()
         if self.telemetry is not None:
             await loop.run_in_executor(None, self.telemetry.stop)
@@ -294,3 +305,4 @@ def install_package(settings: AgentSettings, package_dir: Path, *, timeout_s: fl
             return updater.current_report()
         finally:
             updater.stop()
+            host.close()

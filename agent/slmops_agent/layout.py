@@ -27,6 +27,7 @@ class StateLayout:
     telemetry.db       the bounded telemetry queue
     agent.sock         the gRPC Unix socket (default)
     grpc.addr          the TCP address the gRPC server listens on
+    metrics.addr       host:port of the loopback HTTP server (/metrics)
     agent.lock         held by the running agent
     """
 
@@ -72,6 +73,10 @@ class StateLayout:
     @property
     def grpc_addr(self) -> Path:
         return self.root / "grpc.addr"
+
+    @property
+    def metrics_addr(self) -> Path:
+        return self.root / "metrics.addr"
 
     @property
     def lock(self) -> Path:

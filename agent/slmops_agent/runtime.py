@@ -3,7 +3,9 @@ that serves the active one (a bounded FIFO queue, one generation at a time, hot 
 
 from __future__ import annotations
 
+import bisect
 import collections
+import concurrent.futures
 import enum
 import json
 import logging
@@ -15,7 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slmops_agent.errors import Cancelled, InvalidRequest, ModelLoadError, NoModelLoaded, NotFound, QueueFull
+from slmops_agent.errors import (
+    AgentError,
+    Cancelled,
+    InvalidRequest,
+    ModelLoadError,
+    NoModelLoaded,
+    NotFound,
+    QueueFull,
+    status_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +86,14 @@ class GenerationResult:
 class Limits:
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 4096
+    max_prompt_chars: int = 1_000_000  # checked before tokenizing; the context check comes after
+    max_messages: int = 1024
+    max_stop_sequences: int = 16
+    max_stop_chars: int = 256
 
 
 _ROLES = ("system", "user", "assistant", "tool")
+MAX_TOP_K = 100_000
 
 
 def validate_request(req: GenerationRequest, limits: Limits) -> None:
@@ -86,6 +102,11 @@ def validate_request(req: GenerationRequest, limits: Limits) -> None:
         raise InvalidRequest("give either prompt or messages, not both")
     if not req.prompt and not req.messages:
         raise InvalidRequest("prompt and messages are both empty")
+    if len(req.messages) > limits.max_messages:
+        raise InvalidRequest(f"{len(req.messages)} messages; the limit is {limits.max_messages}")
+    chars = len(req.prompt) + sum(len(c) for _, c in req.messages)
+    if chars > limits.max_prompt_chars:
+        raise InvalidRequest(f"the prompt is {chars} characters; the limit is {limits.max_prompt_chars}")
     for i, (role, content) in enumerate(req.messages):
         if role not in _ROLES:
             raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {role!r}")
@@ -97,16 +118,21 @@ def validate_request(req: GenerationRequest, limits: Limits) -> None:
         raise InvalidRequest(f"temperature must be in [0, 10]; got {req.temperature}")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
         raise InvalidRequest(f"top_p must be in (0, 1]; got {req.top_p}")
-    if req.top_k is not None and not 0 <= req.top_k <= 100_000:
-        raise InvalidRequest(f"top_k must be in [0, 100000]; got {req.top_k}")
+    if req.top_k is not None and not 0 <= req.top_k <= MAX_TOP_K:
+        raise InvalidRequest(f"top_k must be in [0, {MAX_TOP_K}]; got {req.top_k}")
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
         raise InvalidRequest(f"seed must be in [0, {MAX_SEED}]; got {req.seed}")
     if req.repetition_penalty is not None and not 0.0 < req.repetition_penalty <= 10.0:
         raise InvalidRequest(f"repetition_penalty must be in (0, 10]; got {req.repetition_penalty}")
-    if len(req.stop) > 16:
-        raise InvalidRequest(f"at most 16 stop sequences; got {len(req.stop)}")
-    if any(not s for s in req.stop):
-        raise InvalidRequest("stop sequences must not be empty")
+    if len(req.stop) > limits.max_stop_sequences:
+        raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences; got {len(req.stop)}")
+    for i, stop in enumerate(req.stop):
+        if not stop:
+            raise InvalidRequest(f"stop sequences must not be empty (stop[{i}])")
+        if len(stop) > limits.max_stop_chars:
+            raise InvalidRequest(f"stop[{i}] is {len(stop)} characters; the limit is {limits.max_stop_chars}")
+    if req.adapter and not req.adapter.isprintable():
+        raise InvalidRequest("adapter name has control characters")
 
 
 class _StopScanner:
@@ -184,6 +210,7 @@ class LoadedModel:
             raise ModelLoadError(f"onnxruntime-genai cannot load {path}: {str(exc).splitlines()[0]}") from exc
         model_cfg = genai_config.get("model", {})
         self.context_length = int(model_cfg.get("context_length") or 2048)
+        self.vocab_size = int(model_cfg.get("vocab_size") or 0)  # 0: unknown
         eos = model_cfg.get("eos_token_id", [])
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
         self.eos_ids.update(int(t) for t in self.tokenizer.eos_token_ids)
@@ -223,18 +250,26 @@ class LoadedModel:
             raise InvalidRequest(f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}")
         max_new = min(req.max_new_tokens or limits.default_max_new_tokens, self.context_length - len(ids))
         options: dict[str, Any] = {"max_length": len(ids) + max_new}
-        sample = req.temperature is not None and req.temperature > 0
-        options["do_sample"] = sample
-        if sample:
-            options["temperature"] = req.temperature
-            options["top_p"] = req.top_p if req.top_p is not None else 1.0
-            options["top_k"] = req.top_k if req.top_k is not None else 0
+        # Unset fields keep the package's generation defaults (genai_config.json "search");
+        # temperature 0 asks for greedy decoding, > 0 for sampling at that temperature.
+        if req.temperature is not None:
+            options["do_sample"] = req.temperature > 0
+            if req.temperature > 0:
+                options["temperature"] = req.temperature
+        if req.top_p is not None:
+            options["top_p"] = req.top_p
+        if req.top_k is not None:
+            # more than the vocabulary: all of it (onnxruntime-genai refuses more)
+            options["top_k"] = min(req.top_k, self.vocab_size) if self.vocab_size else req.top_k
         if req.seed is not None:
             options["random_seed"] = int(req.seed)
         if req.repetition_penalty is not None:
             options["repetition_penalty"] = req.repetition_penalty
         params = og.GeneratorParams(self.model)
-        params.set_search_options(**options)
+        try:
+            params.set_search_options(**options)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidRequest(f"onnxruntime-genai refused the search options: {exc}") from exc
         generator = og.Generator(self.model, params)
         if req.adapter:
             generator.set_active_adapter(self.adapters, req.adapter)
@@ -291,42 +326,115 @@ def load_model(path: Path, info: ModelInfo, *, threads: int) -> LoadedModel:
     return LoadedModel(path, info, threads=threads)
 
 
+class CancelToken(threading.Event):
+    """A cancel flag that keeps why the request ends early (a status code name, for the metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = "CANCELLED"
+
+    def cancel(self, reason: str = "CANCELLED") -> None:
+        if not self.is_set():
+            self.reason = reason
+            self.set()
+
+
+def _cancel_reason(cancel: threading.Event) -> str:
+    return cancel.reason if isinstance(cancel, CancelToken) else "CANCELLED"
+
+
+class Ticket:
+    """A place in the queue."""
+
+    __slots__ = ("admitted",)
+
+    def __init__(self) -> None:
+        self.admitted = time.monotonic()
+
+
 class RequestQueue:
-    """A bounded FIFO of requests; one runs at a time. Past the bound: QueueFull."""
+    """A bounded FIFO of requests; one runs at a time. Past the bound: QueueFull, with a retry hint
+    from the recent time per request."""
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
         self._cond = threading.Condition()
-        self._tickets: collections.deque[object] = collections.deque()
+        self._tickets: collections.deque[Ticket] = collections.deque()
+        self._turn_ms = 0.0  # moving average of the time a turn takes
 
     @property
     def depth(self) -> int:
         """Requests waiting or running."""
         return len(self._tickets)
 
+    def retry_after_ms(self) -> int:
+        """When a place is likely free: after the running turn, so the recent mean turn (1 s before
+        any), within [50 ms, 60 s]."""
+        return int(min(60_000.0, max(50.0, self._turn_ms or 1000.0)))
+
+    def admit(self) -> Ticket:
+        """Take a place at the end of the queue or raise QueueFull at once."""
+        with self._cond:
+            depth = len(self._tickets)
+            if depth >= self.bound:
+                raise QueueFull(
+                    f"{depth} requests are queued (the bound is {self.bound}); retry later",
+                    retry_after_ms=self.retry_after_ms(),
+                )
+            ticket = Ticket()
+            self._tickets.append(ticket)
+            return ticket
+
+    def wait(self, ticket: Ticket, cancel: threading.Event) -> None:
+        """Block until `ticket` is first; Cancelled if `cancel` is set first."""
+        with self._cond:
+            while self._tickets[0] is not ticket:
+                if cancel.is_set():
+                    raise Cancelled("cancelled while waiting in the queue")
+                self._cond.wait(0.02)
+
+    def release(self, ticket: Ticket, *, ran_s: float | None = None) -> None:
+        with self._cond:
+            self._tickets.remove(ticket)
+            if ran_s is not None:
+                ms = ran_s * 1000
+                self._turn_ms = ms if not self._turn_ms else 0.8 * self._turn_ms + 0.2 * ms
+            self._cond.notify_all()
+
     @contextmanager
     def turn(self, cancel: threading.Event) -> Iterator[None]:
-        ticket = object()
-        with self._cond:
-            if len(self._tickets) >= self.bound:
-                raise QueueFull(f"{len(self._tickets)} requests are queued (the bound is {self.bound}); retry later")
-            self._tickets.append(ticket)
+        ticket = self.admit()
+        ran: float | None = None
         try:
-            with self._cond:
-                while self._tickets[0] is not ticket:
-                    if cancel.is_set():
-                        raise Cancelled("cancelled while waiting in the queue")
-                    self._cond.wait(0.05)
+            self.wait(ticket, cancel)
+            t0 = time.perf_counter()
             yield
+            ran = time.perf_counter() - t0
         finally:
-            with self._cond:
-                self._tickets.remove(ticket)
-                self._cond.notify_all()
+            self.release(ticket, ran_s=ran)
+
+
+TTFT_BUCKETS_MS = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0)
+CALLER_CODES = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "CANCELLED", "DEADLINE_EXCEEDED"})
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    requests_by_code: dict[str, int]
+    ttft_buckets: tuple[tuple[float, int], ...]  # cumulative (upper bound ms, count), +inf last
+    ttft_sum_ms: float
+    ttft_count: int
+    completion_tokens_total: int
+    prompt_tokens_total: int
+    decode_seconds_total: float
+    last_tokens_per_s: float
 
 
 @dataclass
 class Metrics:
-    """Inference counters for GetStatus and telemetry (thread-safe)."""
+    """Inference counters for GetStatus, telemetry and /metrics (thread-safe). Every request ends
+    with one `outcome` (a status code name); errors_total counts the device's errors, not the caller's
+    mistakes, cancellations or deadlines."""
 
     requests_total: int = 0
     errors_total: int = 0
@@ -334,24 +442,41 @@ class Metrics:
     _ttft_n: int = 0
     _tps_sum: float = 0.0
     _tps_n: int = 0
+    _by_code: dict[str, int] = field(default_factory=dict, repr=False)
+    _ttft_hist: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS_MS) + 1), repr=False)
+    _ttft_total_ms: float = 0.0
+    _ttft_total_n: int = 0
+    _completion_tokens: int = 0
+    _prompt_tokens: int = 0
+    _decode_s: float = 0.0
+    _last_tps: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def request(self) -> None:
         with self._lock:
             self.requests_total += 1
 
-    def error(self) -> None:
+    def outcome(self, code: str) -> None:
         with self._lock:
-            self.errors_total += 1
+            self._by_code[code] = self._by_code.get(code, 0) + 1
+            if code not in CALLER_CODES:
+                self.errors_total += 1
 
     def result(self, result: GenerationResult) -> None:
         with self._lock:
+            self._completion_tokens += result.completion_tokens
+            self._prompt_tokens += result.prompt_tokens
             if result.completion_tokens > 0:
                 self._ttft_sum += result.ttft_ms
                 self._ttft_n += 1
+                self._ttft_hist[bisect.bisect_left(TTFT_BUCKETS_MS, result.ttft_ms)] += 1
+                self._ttft_total_ms += result.ttft_ms
+                self._ttft_total_n += 1
             if result.tokens_per_s > 0:
                 self._tps_sum += result.tokens_per_s
                 self._tps_n += 1
+                self._last_tps = result.tokens_per_s
+                self._decode_s += (result.completion_tokens - 1) / result.tokens_per_s
 
     def window(self) -> tuple[float, float]:
         """Mean (tokens/s, TTFT ms) since the previous call."""
@@ -362,10 +487,31 @@ class Metrics:
             self._ttft_n = self._tps_n = 0
             return tps, ttft
 
+    def snapshot(self) -> MetricsSnapshot:
+        with self._lock:
+            cumulative, acc = [], 0
+            for bound, n in zip((*TTFT_BUCKETS_MS, float("inf")), self._ttft_hist, strict=True):
+                acc += n
+                cumulative.append((bound, acc))
+            return MetricsSnapshot(
+                requests_by_code=dict(self._by_code),
+                ttft_buckets=tuple(cumulative),
+                ttft_sum_ms=self._ttft_total_ms,
+                ttft_count=self._ttft_total_n,
+                completion_tokens_total=self._completion_tokens,
+                prompt_tokens_total=self._prompt_tokens,
+                decode_seconds_total=self._decode_s,
+                last_tokens_per_s=self._last_tps,
+            )
+
 
 class ModelHost:
     """Serves the active model. `swap` replaces it at once; requests already running finish on the
-    model they started with (they hold a reference to it)."""
+    model they started with (they hold a reference to it).
+
+    `submit` validates and takes a place in the bounded queue at once (raising InvalidRequest,
+    NoModelLoaded or QueueFull in the caller's thread), then waits and generates in a worker of a
+    pool as large as the queue bound, so threads never outnumber the places."""
 
     def __init__(self, *, queue_bound: int, limits: Limits, metrics: Metrics | None = None) -> None:
         self.queue = RequestQueue(queue_bound)
@@ -374,6 +520,7 @@ class ModelHost:
         self._model: LoadedModel | None = None
         self._lock = threading.Lock()
         self._listeners: list[Callable[[LoadedModel | None], None]] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=queue_bound, thread_name_prefix="slmops-gen")
 
     @property
     def model(self) -> LoadedModel | None:
@@ -400,6 +547,80 @@ class ModelHost:
                 log.exception("model listener failed")
         return old
 
+    def close(self) -> None:
+        """Stop the worker pool (running requests finish; call after cancelling them)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def submit(
+        self,
+        req: GenerationRequest,
+        *,
+        cancel: threading.Event | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_start: Callable[[ModelInfo], None] | None = None,
+    ) -> concurrent.futures.Future[GenerationResult]:
+        """Validate and queue now (errors raise here); generate in a worker. `on_start` is told which
+        model answers once the request has its turn; `cancel` stops it within one token."""
+        started = time.perf_counter()
+        cancel = cancel or threading.Event()
+        self.metrics.request()
+        try:
+            validate_request(req, self.limits)
+            if self._model is None:
+                raise NoModelLoaded("no model is loaded yet (the device has not installed a package)")
+            ticket = self.queue.admit()
+        except BaseException as exc:
+            self.metrics.outcome(status_name(exc))
+            raise
+        try:
+            future = self._pool.submit(self._run, ticket, req, cancel, on_text, on_start, started)
+        except RuntimeError as exc:  # the pool is shut down: the agent is stopping
+            self.queue.release(ticket)
+            self.metrics.outcome("UNAVAILABLE")
+            raise NoModelLoaded("the agent is shutting down") from exc
+
+        def never_ran(f: concurrent.futures.Future[GenerationResult]) -> None:
+            if f.cancelled():  # cancelled before a worker picked it up: `_run` will not free the place
+                self.queue.release(ticket)
+                self.metrics.outcome("CANCELLED")
+
+        future.add_done_callback(never_ran)
+        return future
+
+    def _run(
+        self,
+        ticket: Ticket,
+        req: GenerationRequest,
+        cancel: threading.Event,
+        on_text: Callable[[str], None] | None,
+        on_start: Callable[[ModelInfo], None] | None,
+        started: float,
+    ) -> GenerationResult:
+        ran: float | None = None
+        try:
+            self.queue.wait(ticket, cancel)
+            t0 = time.perf_counter()
+            model = self._model
+            if model is None:
+                raise NoModelLoaded("no model is loaded")
+            if req.model_version and req.model_version not in (model.info.version, model.info.package_id):
+                raise NotFound(f"model version {req.model_version!r} is not active (active: {model.info.version})")
+            if on_start is not None:
+                on_start(model.info)
+            result = model.generate(req, limits=self.limits, cancel=cancel, on_text=on_text, started=started)
+            ran = time.perf_counter() - t0
+        except BaseException as exc:
+            code = _cancel_reason(cancel) if isinstance(exc, Cancelled) else status_name(exc)
+            if code == "INTERNAL" and not isinstance(exc, AgentError):
+                log.error("generation failed", exc_info=exc)
+            self.metrics.outcome(code)
+            raise
+        finally:
+            self.queue.release(ticket, ran_s=ran)
+        self.metrics.outcome(_cancel_reason(cancel) if result.finish_reason is FinishReason.CANCELLED else "OK")
+        self.metrics.result(result)
+        return result
+
     def generate(
         self,
         req: GenerationRequest,
@@ -408,31 +629,12 @@ class ModelHost:
         on_text: Callable[[str], None] | None = None,
         on_start: Callable[[ModelInfo], None] | None = None,
     ) -> GenerationResult:
-        """Validate, wait for a turn (FIFO, bounded), generate on the active model. `on_start` is told
-        which model answers once the request has its turn."""
-        started = time.perf_counter()
+        """`submit` and wait for the result (blocking); if the wait is interrupted, the generation stops."""
         cancel = cancel or threading.Event()
-        self.metrics.request()
+        future = self.submit(req, cancel=cancel, on_text=on_text, on_start=on_start)
         try:
-            validate_request(req, self.limits)
-            if self._model is None:
-                raise NoModelLoaded("no model is loaded yet (the device has not installed a package)")
-            with self.queue.turn(cancel):
-                model = self._model
-                if model is None:
-                    raise NoModelLoaded("no model is loaded")
-                if req.model_version and req.model_version not in (model.info.version, model.info.package_id):
-                    raise NotFound(f"model version {req.model_version!r} is not active (active: {model.info.version})")
-                if on_start is not None:
-                    on_start(model.info)
-                result = model.generate(req, limits=self.limits, cancel=cancel, on_text=on_text, started=started)
-        except (QueueFull, NoModelLoaded, ModelLoadError):
-            self.metrics.error()
+            return future.result()
+        except BaseException:
+            if not future.done():
+                cancel.set()
             raise
-        except (InvalidRequest, NotFound, Cancelled):
-            raise
-        except Exception:
-            self.metrics.error()
-            raise
-        self.metrics.result(result)
-        return result

@@ -7,11 +7,10 @@ worker thread. One interceptor maps the agent's error types to status codes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import logging
 import os
 import socket
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from slmops_agent.errors import (
-    AgentError,
-    Cancelled,
-    InvalidRequest,
-    ModelLoadError,
-    NoModelLoaded,
-    NotFound,
-    QueueFull,
+from slmops_agent.errors import AgentError, Cancelled, QueueFull, status_name
+from slmops_agent.runtime import (
+    CancelToken,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    LoadedModel,
+    ModelHost,
+    ModelInfo,
 )
-from slmops_agent.runtime import FinishReason, GenerationRequest, GenerationResult, LoadedModel, ModelHost, ModelInfo
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,24 +38,22 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 MAX_UNIX_PATH = 107
 
-_CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (NoModelLoaded, grpc.StatusCode.UNAVAILABLE),
-    (ModelLoadError, grpc.StatusCode.UNAVAILABLE),
-    (Cancelled, grpc.StatusCode.CANCELLED),
-]
+RETRY_AFTER_KEY = "retry-after-ms"
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The one mapping from the agent's errors to gRPC status codes."""
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            return code, str(exc)
-    if isinstance(exc, AgentError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    """The agent's errors as gRPC status codes (the names come from `errors.status_name`)."""
+    code = grpc.StatusCode[status_name(exc)]
+    if code is grpc.StatusCode.INTERNAL:
+        return code, f"internal error: {type(exc).__name__}: {exc}"
+    return code, str(exc)
+
+
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that goes with an error: a retry hint when the queue is full."""
+    if isinstance(exc, QueueFull):
+        return ((RETRY_AFTER_KEY, str(exc.retry_after_ms)),)
+    return ()
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -113,7 +110,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
         log.error("%s failed", method, exc_info=exc)
     else:
         log.debug("%s: %s %s", method, code.name, message)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=trailers_for(exc))
 
 
 # -- translation at the edge -------------------------------------------------------------------
@@ -179,6 +176,12 @@ def _default_status() -> AgentStatus:
     return AgentStatus()
 
 
+def _why(context: grpc.aio.ServicerContext) -> str:
+    """Why a call ends early: its deadline passed, or else the client cancelled it."""
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.01 else "CANCELLED"
+
+
 class InferenceServicer(agent_pb2_grpc.InferenceServicer):
     def __init__(self, host: ModelHost, status: Callable[[], AgentStatus] = _default_status) -> None:
         self.host = host
@@ -190,7 +193,7 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         req = request_from_pb(request)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = CancelToken()
 
         def put(kind: str, value: Any) -> None:
             try:
@@ -198,18 +201,20 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 cancel.set()
 
-        def work() -> None:
-            try:
-                result = self.host.generate(
-                    req, cancel=cancel, on_text=lambda t: put("text", t), on_start=lambda i: put("start", i)
-                )
-                put("done", result)
-            except BaseException as exc:
+        def done(future: concurrent.futures.Future[GenerationResult]) -> None:
+            exc = future.exception() if not future.cancelled() else Cancelled("the request was cancelled")
+            if exc is not None:
                 put("error", exc)
+            else:
+                put("done", future.result())
 
-        threading.Thread(target=work, name="slmops-generate", daemon=True).start()
-        info = ModelInfo()
         try:
+            # validation and the queue's bound are checked here, at once; the token loop runs in a worker
+            future = self.host.submit(
+                req, cancel=cancel, on_text=lambda t: put("text", t), on_start=lambda i: put("start", i)
+            )
+            future.add_done_callback(done)
+            info = ModelInfo()
             while True:
                 kind, value = await items.get()
                 if kind == "start":
@@ -222,40 +227,17 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
                 else:
                     raise value
         finally:
-            cancel.set()  # the client went away, the deadline passed, or we are done
+            cancel.cancel(_why(context))  # the client went away, the deadline passed, or we are done
 
     async def GenerateUnary(
         self, request: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.GenerateResponse:
         req = request_from_pb(request)
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[GenerationResult] = loop.create_future()
-
-        def settle(result: GenerationResult | None, exc: BaseException | None) -> None:
-            if future.done():
-                return
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
-
-        def work() -> None:
-            try:
-                result = self.host.generate(req, cancel=cancel)
-            except BaseException as exc:
-                outcome: tuple[GenerationResult | None, BaseException | None] = (None, exc)
-            else:
-                outcome = (result, None)
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                loop.call_soon_threadsafe(settle, *outcome)
-
-        # a thread of its own, not the loop's small default pool: queued requests wait in the host's FIFO
-        threading.Thread(target=work, name="slmops-generate", daemon=True).start()
+        cancel = CancelToken()
         try:
-            result = await future
+            result = await asyncio.wrap_future(self.host.submit(req, cancel=cancel))
         finally:
-            cancel.set()
+            cancel.cancel(_why(context))
         return final_to_pb(result, text=result.text)
 
     async def ListModels(

@@ -36,6 +36,13 @@ class AgentSettings(BaseSettings):
         "127.0.0.1:50051", description="TCP host:port for gRPC; port 0 picks a free one (written to grpc.addr)."
     )
     grpc_tcp: bool = Field(True, description="Listen on grpc_address as well as on the Unix socket.")
+    metrics_port: int = Field(
+        0,
+        ge=-1,
+        le=65535,
+        description="HTTP port for /metrics and the OpenAI API /v1; 0: a free one (see metrics.addr); -1: off.",
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address of the HTTP server (loopback by default).")
     threads: int = Field(default_factory=free_cores, ge=1, le=256, description="onnxruntime intra-op threads.")
     queue_bound: int = Field(8, ge=1, le=10_000, description="Requests waiting or running before RESOURCE_EXHAUSTED.")
     default_max_new_tokens: int = Field(256, ge=1, le=1 << 20)

@@ -729,9 +729,10 @@ class Updater:
             cancel = threading.Event()
             timer = threading.Timer(max(0.0, left), cancel.set)
             timer.start()
-            request = GenerationRequest(
+            request = GenerationRequest(  # greedy, as the builder made the reference
                 messages=(("user", gp.prompt),),
                 max_new_tokens=min(gp.max_new_tokens or limits.default_max_new_tokens, limits.max_new_tokens_limit),
+                temperature=0.0,
             )
             try:
                 try:

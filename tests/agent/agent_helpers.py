@@ -265,3 +265,56 @@ class AgentThread:
         self.loop.call_soon_threadsafe(self.agent.request_stop)
         self.thread.join(60)
         assert not self.thread.is_alive(), "the agent did not stop"
+
+
+# --- a gRPC server on its own loop, the tiny model unpacked ---------------------------------------
+
+
+def load_unpacked(pkg: Path, folder: Path, *, version: str = "1.0.0") -> Any:
+    """Unpack a package's blobs into `folder` (files under their names) and load it (one thread)."""
+    import json
+
+    from slmops_agent.runtime import ModelInfo, load_model
+
+    for f in json.loads((pkg / "manifest.json").read_text())["files"]:
+        (folder / f["path"]).write_bytes((pkg / "blobs" / f["sha256"]).read_bytes())
+    info = ModelInfo(name="tiny-llama", version=version, package_id="ab" * 32, profile="cpu-int4", slot="a")
+    return load_model(folder, info, threads=1)
+
+
+class ServerThread:
+    """An AgentServer on its own event loop in a thread (the test talks to it with sync clients)."""
+
+    def __init__(self, host: Any, socket_path: Path, addr_file: Path) -> None:
+        import asyncio
+
+        from slmops_agent.server import AgentServer, AgentStatus
+
+        self.server = AgentServer(
+            host,
+            socket_path=socket_path,
+            tcp_address="127.0.0.1:0",
+            addr_file=addr_file,
+            status=lambda: AgentStatus(device_id="dev-x", update_state="COMMITTED", agent_version="0.1.0"),
+        )
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(15)
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+        self.addresses = self.loop.run_until_complete(self.server.start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

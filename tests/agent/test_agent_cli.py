@@ -75,6 +75,29 @@ def running(installed: Path) -> Iterator[RunningAgent]:
         agent.stop()
 
 
+def test_run_serves_metrics_and_the_openai_api(running: RunningAgent) -> None:
+    import httpx
+    import openai
+
+    url = "http://" + (running.state / "metrics.addr").read_text().strip()
+    assert url.startswith("http://127.0.0.1:")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    reply = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "Hello"}], max_tokens=5
+    )
+    assert reply.choices[0].message.content and reply.usage is not None and reply.usage.completion_tokens == 5
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert 'slmops_agent_requests_total{code="OK"} 1.0' in metrics
+    assert (
+        'slmops_agent_active_model{name="tiny-llama",package_id=' in metrics
+        and "slmops_agent_queue_depth 0.0" in metrics
+    )
+    client.close()
+    assert running.stop() == 0
+    assert not (running.state / "metrics.addr").exists()
+
+
 def test_run_and_ask(running: RunningAgent) -> None:
     state = running.state
     out = slmops("ask", "What is the capital of France?", "--state-dir", str(state), "--max-new-tokens", "8")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from agent_helpers import load_unpacked
 
 from slmops_agent.errors import InvalidRequest, ModelLoadError, NoModelLoaded, NotFound
 from slmops_agent.runtime import FinishReason, GenerationRequest, Limits, LoadedModel, ModelHost, ModelInfo, load_model
@@ -16,14 +18,7 @@ LIMITS = Limits(default_max_new_tokens=12, max_new_tokens_limit=200)
 
 @pytest.fixture(scope="module")
 def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    # a package's blobs are its files under their hashes: unpack into a folder
-    import json
-
-    folder = tmp_path_factory.mktemp("unpacked")
-    manifest = json.loads((pkg_v1 / "manifest.json").read_text())
-    for f in manifest["files"]:
-        (folder / f["path"]).write_bytes((pkg_v1 / "blobs" / f["sha256"]).read_bytes())
-    return load_model(folder, ModelInfo(name="tiny", version="1.0.0", package_id="p" * 64, slot="a"), threads=1)
+    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 def test_chat_generation_streams_pieces_that_make_the_text(model: LoadedModel) -> None:
@@ -46,6 +41,22 @@ def test_greedy_is_deterministic_and_sampling_follows_the_seed(model: LoadedMode
     sampled = GenerationRequest(prompt="The capital of", max_new_tokens=16, temperature=1.5, top_k=50, seed=11)
     a = model.generate(sampled, limits=LIMITS).text
     assert a == model.generate(sampled, limits=LIMITS).text
+
+
+def test_unset_sampling_fields_follow_the_package_defaults(tiny_package_factory: Any, tmp_path: Path) -> None:
+    """A package whose genai_config.json says "sample at 1.5" samples when the request leaves the
+    temperature unset, and decodes greedily when it asks for temperature 0."""
+    pkg = tiny_package_factory("1.0.1", search={"do_sample": True, "temperature": 1.5, "top_k": 50}, out=tmp_path / "p")
+    (tmp_path / "unpacked").mkdir()
+    sampling = load_unpacked(pkg, tmp_path / "unpacked")
+    greedy = GenerationRequest(prompt="The capital of", max_new_tokens=16, temperature=0.0)
+    greedy_text = sampling.generate(greedy, limits=LIMITS).text
+    assert greedy_text == sampling.generate(greedy, limits=LIMITS).text
+    texts = {
+        sampling.generate(GenerationRequest(prompt="The capital of", max_new_tokens=16, seed=s), limits=LIMITS).text
+        for s in range(4)
+    }
+    assert len(texts) > 1 and texts != {greedy_text}
 
 
 def test_default_max_new_tokens_and_stop_sequences(model: LoadedModel) -> None:

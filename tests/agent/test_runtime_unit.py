@@ -7,7 +7,16 @@ import time
 
 import pytest
 
-from slmops_agent.errors import Cancelled, InvalidRequest, QueueFull
+from slmops_agent.errors import (
+    Cancelled,
+    InvalidRequest,
+    ModelLoadError,
+    NoModelLoaded,
+    NotFound,
+    PackageRejected,
+    QueueFull,
+    status_name,
+)
 from slmops_agent.runtime import GenerationRequest, Limits, RequestQueue, _StopScanner, validate_request
 
 LIMITS = Limits(default_max_new_tokens=16, max_new_tokens_limit=64)
@@ -27,6 +36,13 @@ LIMITS = Limits(default_max_new_tokens=16, max_new_tokens_limit=64)
         (GenerationRequest(prompt="a", seed=2**31), "seed"),
         (GenerationRequest(prompt="a", repetition_penalty=0), "repetition_penalty"),
         (GenerationRequest(prompt="a", stop=("",)), "stop sequences"),
+        (GenerationRequest(prompt="a", stop=("x" * 257,)), r"stop\[0\] is 257 characters; the limit is 256"),
+        (GenerationRequest(prompt="a", stop=("x",) * 17), "at most 16 stop sequences; got 17"),
+        (GenerationRequest(prompt="a", top_k=100_001), r"top_k must be in \[0, 100000\]"),
+        (GenerationRequest(prompt="a", temperature=float("nan")), "temperature"),
+        (GenerationRequest(prompt="a" * 1_000_001), "1000001 characters; the limit is 1000000"),
+        (GenerationRequest(messages=(("user", "b"),) * 1025), "1025 messages; the limit is 1024"),
+        (GenerationRequest(prompt="a", adapter="x\ny"), "control characters"),
     ],
 )
 def test_invalid_requests(req: GenerationRequest, message: str) -> None:
@@ -118,3 +134,48 @@ def test_cancel_while_waiting_leaves_the_queue() -> None:
     hold.set()
     t1.join(5)
     assert q.depth == 0
+
+
+def test_queue_full_carries_a_retry_hint_from_the_recent_turns() -> None:
+    q = RequestQueue(bound=1)
+    ticket = q.admit()
+    with pytest.raises(QueueFull) as err:
+        q.admit()
+    assert err.value.retry_after_ms == 1000  # nothing measured yet
+    q.release(ticket)  # a turn that did not run is not measured
+    with q.turn(threading.Event()):
+        time.sleep(0.2)
+    with q.turn(threading.Event()), pytest.raises(QueueFull) as err2:
+        q.admit()
+    assert 190 <= err2.value.retry_after_ms <= 1000
+    for _ in range(30):  # fast turns bring the hint down to its floor
+        with q.turn(threading.Event()):
+            pass
+    with q.turn(threading.Event()), pytest.raises(QueueFull) as err3:
+        q.admit()
+    assert err3.value.retry_after_ms == 50
+
+
+@pytest.mark.parametrize(
+    ("exc", "name"),
+    [
+        (InvalidRequest("x"), "INVALID_ARGUMENT"),
+        (NotFound("x"), "NOT_FOUND"),
+        (QueueFull("x"), "RESOURCE_EXHAUSTED"),
+        (NoModelLoaded("x"), "UNAVAILABLE"),
+        (ModelLoadError("x"), "UNAVAILABLE"),
+        (Cancelled("x"), "CANCELLED"),
+        (TimeoutError(), "DEADLINE_EXCEEDED"),
+        (PackageRejected("x"), "FAILED_PRECONDITION"),
+        (ZeroDivisionError(), "INTERNAL"),
+    ],
+)
+def test_one_mapping_from_errors_to_status_codes(exc: BaseException, name: str) -> None:
+    import grpc
+
+    from slmops_agent.server import status_for
+
+    assert status_name(exc) == name
+    code, message = status_for(exc)
+    assert code is grpc.StatusCode[name]
+    assert message == (str(exc) if name != "INTERNAL" else "internal error: ZeroDivisionError: ")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -11,55 +10,25 @@ from pathlib import Path
 
 import grpc
 import pytest
+from agent_helpers import ServerThread, load_unpacked
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from slmops_agent.runtime import Limits, LoadedModel, ModelHost, ModelInfo, load_model
-from slmops_agent.server import SERVICE_NAME, AgentServer, AgentStatus
+from slmops_agent.runtime import Limits, LoadedModel, ModelHost
+from slmops_agent.server import SERVICE_NAME, AgentServer
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 
 @pytest.fixture(scope="module")
 def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    folder = tmp_path_factory.mktemp("unpacked")
-    for f in json.loads((pkg_v1 / "manifest.json").read_text())["files"]:
-        (folder / f["path"]).write_bytes((pkg_v1 / "blobs" / f["sha256"]).read_bytes())
-    info = ModelInfo(name="tiny-llama", version="1.0.0", package_id="ab" * 32, profile="cpu-int4", slot="a")
-    return load_model(folder, info, threads=1)
-
-
-class ServerThread:
-    """An AgentServer on its own event loop in a thread (the test talks to it with sync clients)."""
-
-    def __init__(self, host: ModelHost, socket_path: Path, addr_file: Path) -> None:
-        self.server = AgentServer(
-            host,
-            socket_path=socket_path,
-            tcp_address="127.0.0.1:0",
-            addr_file=addr_file,
-            status=lambda: AgentStatus(device_id="dev-x", update_state="COMMITTED", agent_version="0.1.0"),
-        )
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(15)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.addresses = self.loop.run_until_complete(self.server.start())
-        self.ready.set()
-        self.loop.run_forever()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self.loop).result(15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 @pytest.fixture
-def host() -> ModelHost:
-    return ModelHost(queue_bound=2, limits=Limits(default_max_new_tokens=8, max_new_tokens_limit=100))
+def host() -> Iterator[ModelHost]:
+    h = ModelHost(queue_bound=2, limits=Limits(default_max_new_tokens=8, max_new_tokens_limit=100))
+    yield h
+    h.close()
 
 
 @pytest.fixture

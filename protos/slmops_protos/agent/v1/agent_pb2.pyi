@@ -85,9 +85,11 @@ class GenerateRequest(_message.Message):
     max_new_tokens: _builtins.int
     """0: the server default"""
     temperature: _builtins.float
-    """0 or unset: greedy"""
+    """0: greedy; unset: the package's default (genai_config.json)"""
     top_p: _builtins.float
+    """unset: the package's default"""
     top_k: _builtins.int
+    """unset: the package's default"""
     seed: _builtins.int
     adapter: _builtins.str
     """LoRA adapter name; empty: none"""

@@ -1,0 +1,182 @@
+"""The agent's small loopback HTTP server: Prometheus metrics at /metrics and an OpenAI-compatible
+API (/v1/models, /v1/chat/completions and /v1/completions, with SSE streaming).
+
+Starlette served by uvicorn on the agent's own event loop (no thread of its own); the metrics are
+read from the ModelHost at scrape time by one collector, in a registry of this server's own. The
+OpenAI routes translate at the edge and use the same ModelHost (validation, queue, cancellation)
+as gRPC; errors take their status from `errors.status_name` and become OpenAI error bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from slmops_agent.errors import AgentError
+from slmops_agent.runtime import ModelHost
+
+log = logging.getLogger(__name__)
+
+PREFIX = "slmops_agent"
+
+
+class HostCollector(Collector):
+    """Inference metrics of one ModelHost, read when scraped."""
+
+    def __init__(self, host: ModelHost) -> None:
+        self.host = host
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self.host.metrics.snapshot()
+        requests = CounterMetricFamily(f"{PREFIX}_requests", "Generation requests by status code.", labels=["code"])
+        errors = CounterMetricFamily(
+            f"{PREFIX}_errors", "Generation requests that did not end OK, by status code.", labels=["code"]
+        )
+        for code, n in sorted(snap.requests_by_code.items()):
+            requests.add_metric([code], n)
+            if code != "OK":
+                errors.add_metric([code], n)
+        yield requests
+        yield errors
+        yield HistogramMetricFamily(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from the request's arrival to its first token (queue wait included).",
+            buckets=[(_le(bound / 1000), n) for bound, n in snap.ttft_buckets],
+            sum_value=snap.ttft_sum_ms / 1000,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_completion_tokens", "Tokens generated.", value=snap.completion_tokens_total
+        )
+        yield CounterMetricFamily(f"{PREFIX}_prompt_tokens", "Prompt tokens read.", value=snap.prompt_tokens_total)
+        yield CounterMetricFamily(
+            f"{PREFIX}_decode_seconds",
+            "Time spent decoding after the first token (rate(completion_tokens) / rate(this) is tokens/s).",
+            value=snap.decode_seconds_total,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_tokens_per_second", "Decode speed of the last request.", value=snap.last_tokens_per_s
+        )
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting or running.", value=self.host.queue.depth)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_queue_bound", "Requests allowed to wait or run.", value=self.host.queue.bound
+        )
+        model = self.host.model
+        active = GaugeMetricFamily(
+            f"{PREFIX}_active_model",
+            "1 for the model being served (its name, version, package and slot as labels).",
+            labels=["name", "version", "package_id", "slot"],
+        )
+        if model is not None:
+            i = model.info
+            active.add_metric([i.name, i.version, i.package_id, i.slot], 1)
+        yield active
+        yield GaugeMetricFamily(f"{PREFIX}_model_loaded", "1 when a model is served.", value=int(model is not None))
+
+
+def _le(seconds: float) -> str:
+    return "+Inf" if seconds == float("inf") else repr(seconds)
+
+
+def metrics_registry(host: ModelHost) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HostCollector(host))
+    return registry
+
+
+def build_app(host: ModelHost) -> Starlette:
+    from slmops_agent.openai_api import openai_routes
+
+    registry = metrics_registry(host)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"]), *openai_routes(host)])
+
+
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn without its signal handlers: the agent owns SIGTERM/SIGINT."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return _Server
+
+
+class HttpServer:
+    """Serves the app on host:port (0: a free port, written to `addr_file`) on the running loop."""
+
+    def __init__(
+        self, host: ModelHost, *, address: str = "127.0.0.1", port: int = 0, addr_file: Path | None = None
+    ) -> None:
+        self.host = host
+        self.address = address
+        self.port = port
+        self.addr_file = addr_file
+        self.url = ""
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._app_factory: Callable[[ModelHost], Starlette] = build_app
+
+    async def start(self) -> str:
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in self.address else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.address, self.port))
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"HTTP cannot listen on {self.address}:{self.port}: {exc.strerror}") from exc
+        sock.listen(128)
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self._app_factory(self.host), log_level="warning", access_log=False, lifespan="off", ws="none"
+        )
+        self._server = _server_class()(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="slmops-http")
+        while not self._server.started:
+            if self._task.done():
+                sock.close()
+                self._task.result()
+                raise AgentError("the HTTP server stopped at start-up")
+            await asyncio.sleep(0.01)
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        self.url = f"http://{host}:{port}"
+        if self.addr_file is not None:
+            self.addr_file.write_text(f"{host}:{port}\n")
+        log.info("HTTP (metrics) on %s", self.url)
+        return self.url
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._task, grace_s + 1)
+        except asyncio.TimeoutError:  # not TimeoutError before Python 3.11
+            self._server.force_exit = True
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._server = self._task = None
+        if self.addr_file is not None:
+            self.addr_file.unlink(missing_ok=True)
