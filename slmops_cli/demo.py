@@ -345,8 +345,9 @@ def _summary(t: Timings, figures: dict[str, Any]) -> None:
     table.add_row("[bold]total", f"[bold]{sum(s for _, s in t.steps):.1f}")
     console.print(table)
     moved = Table(title="bytes moved")
-    for col in ("release", "package", "uploaded to fleet", "MQTT chunks sent", "files sent"):
+    for col in ("release", "package", "uploaded to fleet", "MQTT chunks sent"):
         moved.add_column(col, justify="right")
+    moved.add_column("files sent", overflow="fold")
     for label in ("v1", "v2"):
         f = figures[label]
         moved.add_row(
@@ -354,7 +355,7 @@ def _summary(t: Timings, figures: dict[str, Any]) -> None:
             _mb(f["package_bytes"]),
             _mb(f["uploaded_bytes"] or 0),
             _mb(f["mqtt_bytes_sent"]),
-            ", ".join(sorted(f["files_sent"])) if len(f["files_sent"]) <= 2 else f"all {len(f['files_sent'])}",
+            ", ".join(sorted(f["files_sent"])) if len(f["files_sent"]) <= 2 else f"{len(f['files_sent'])} files",
         )
     console.print(moved)
 

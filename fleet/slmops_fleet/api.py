@@ -66,12 +66,47 @@ class EnrollRequest(BaseModel):
         return value
 
 
+class GatesIn(BaseModel):
+    """What must stay true between waves; a failing gate rolls the rollout back."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_success_rate: float | None = Field(None, ge=0, le=1, description="Committed / finished devices.")
+    max_failures: int | None = Field(None, ge=0, description="Rolled back or timed out devices tolerated.")
+    min_devices: int = Field(1, ge=1, description="Finished devices before the rate gates judge.")
+    max_error_rate: float | None = Field(None, ge=0, le=1, description="Inference errors / requests (telemetry).")
+    max_p95_ttft_ms: float | None = Field(None, gt=0, description="p95 time to first token (telemetry).")
+
+
 class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     package_id: str = Field(min_length=1, max_length=64, description="Package id or a unique prefix (8+ chars).")
     target: Literal["all"] | list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         "all", description='"all" enrolled devices or a list of device ids.'
     )
+    waves: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(
+        None, max_length=100, description='Cumulative wave sizes: counts or percents, e.g. ["1", "50%", "100%"].'
+    )
+    soak_s: float = Field(0.0, ge=0, le=30 * 86400, description="Seconds to wait after a wave before its gates.")
+    wave_timeout_s: float | None = Field(
+        None, gt=0, le=30 * 86400, description="A device not finished this long after its wave began times out."
+    )
+    gates: GatesIn | None = None
+    selector: str = Field(
+        "",
+        max_length=1000,
+        description='Narrows the target: "tag=canary,arch=x86_64,memory_bytes>=2e9" (every term must hold).',
+    )
+
+
+class TagsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    add: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=32)
+    remove: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=32)
+
+
+class RolloutAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("", max_length=500)
 
 
 def create_app(service: FleetService, admin_token: str) -> FastAPI:
@@ -162,13 +197,25 @@ def create_app(service: FleetService, admin_token: str) -> FastAPI:
     def get_device(device_id: str) -> dict[str, Any]:
         return service.get_device(device_id)
 
+    @v1.post("/devices/{device_id}/tags")
+    def update_device_tags(device_id: str, body: TagsRequest) -> dict[str, Any]:
+        return service.update_device_tags(device_id, body.add, body.remove)
+
     @v1.get("/devices/{device_id}/telemetry")
     def device_telemetry(device_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
         return {"device_id": device_id, "samples": service.device_telemetry(device_id, limit)}
 
     @v1.post("/rollouts")
     def create_rollout(body: RolloutRequest) -> dict[str, Any]:
-        return service.create_rollout(body.package_id, body.target)
+        return service.create_rollout(
+            body.package_id,
+            body.target,
+            waves=body.waves,
+            soak_s=body.soak_s,
+            wave_timeout_s=body.wave_timeout_s,
+            gates=body.gates.model_dump() if body.gates else None,
+            selector=body.selector,
+        )
 
     @v1.get("/rollouts")
     def list_rollouts() -> dict[str, Any]:
@@ -177,6 +224,12 @@ def create_app(service: FleetService, admin_token: str) -> FastAPI:
     @v1.get("/rollouts/{rollout_id}")
     def get_rollout(rollout_id: str) -> dict[str, Any]:
         return service.get_rollout(rollout_id)
+
+    @v1.post("/rollouts/{rollout_id}/{action}")
+    def control_rollout(
+        rollout_id: str, action: Literal["pause", "resume", "cancel"], body: RolloutAction | None = None
+    ) -> dict[str, Any]:
+        return service.control_rollout(rollout_id, action, body.reason if body else "")
 
     @v1.get("/stats")
     def stats() -> dict[str, Any]:

@@ -122,7 +122,8 @@ def _ago(iso: str | None) -> str:
 def _table(title: str, *columns: str) -> Table:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", header_style="bold")
+    # a key/value table (all column names empty) shows no header row
+    table = Table(title=title, title_justify="left", header_style="bold", show_header=any(columns))
     for i, c in enumerate(columns):
         table.add_column(c, no_wrap=i == 0)  # the first column is an id: never wrapped
     return table
@@ -360,25 +361,140 @@ def rollout_create(
         list[str] | None,
         typer.Option("--target", help="'all', or device ids (repeat the flag or separate with commas)."),
     ] = None,
+    waves: Annotated[
+        str | None,
+        typer.Option(
+            "--waves", help="Cumulative wave sizes, counts or percents: '1,50%,100%' (default: one wave of all)."
+        ),
+    ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            "--select", help="Only target devices matching every term: 'tag=canary,arch=x86_64,memory_bytes>=2e9'."
+        ),
+    ] = None,
+    soak: Annotated[str, typer.Option("--soak", help="Wait after each wave before its gates: 0, 90s, 10m.")] = "0",
+    wave_timeout: Annotated[
+        str | None, typer.Option("--wave-timeout", help="A device not finished this long after its wave times out.")
+    ] = None,
+    min_success_rate: Annotated[
+        float | None, typer.Option("--min-success-rate", help="Gate: committed / finished devices, 0..1.")
+    ] = None,
+    max_failures: Annotated[
+        int | None, typer.Option("--max-failures", help="Gate: rolled back or timed out devices tolerated.")
+    ] = None,
+    min_devices: Annotated[
+        int, typer.Option("--min-devices", help="Finished devices before the rate gates judge.")
+    ] = 1,
+    max_error_rate: Annotated[
+        float | None, typer.Option("--max-error-rate", help="Gate: inference errors / requests (telemetry), 0..1.")
+    ] = None,
+    max_p95_ttft_ms: Annotated[
+        float | None, typer.Option("--max-p95-ttft-ms", help="Gate: p95 time to first token (telemetry), ms.")
+    ] = None,
     fleet: FleetOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Roll a package out to all devices or to a list of them (one wave)."""
+    """Roll a package out to all devices or to a list of them, in waves with gates between them.
+
+    A failing gate stops the rollout and gives every device it touched its previous package back."""
     ids = [t.strip() for item in (target or ["all"]) for t in item.split(",") if t.strip()]
     chosen: str | list[str] = "all" if ids == ["all"] else ids
     if "all" in ids and len(ids) > 1:
         raise typer.BadParameter("give either 'all' or device ids", param_hint="--target")
-    rollout = _call(fleet, token, data_dir, lambda c: c.create_rollout(package, chosen))
+    wave_list = [w.strip() for w in waves.split(",") if w.strip()] if waves else None
+    if waves is not None and not wave_list:
+        raise typer.BadParameter("give wave sizes like 1,50%,100%", param_hint="--waves")
+    gates: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "min_success_rate": min_success_rate,
+            "max_failures": max_failures,
+            "max_error_rate": max_error_rate,
+            "max_p95_ttft_ms": max_p95_ttft_ms,
+        }.items()
+        if v is not None
+    }
+    if gates:
+        gates["min_devices"] = min_devices
+    soak_s = parse_duration(soak)
+    timeout_s = parse_duration(wave_timeout) if wave_timeout is not None else None
+    rollout = _call(
+        fleet,
+        token,
+        data_dir,
+        lambda c: c.create_rollout(
+            package,
+            chosen,
+            waves=wave_list,
+            soak_s=soak_s if soak_s else None,
+            wave_timeout_s=timeout_s,
+            gates=gates or None,
+            selector=select,
+        ),
+    )
     if as_json:
         _print_json(rollout)
         return
+    sizes = "+".join(str(w["size"]) for w in rollout["waves"]) or "0"
     _stdout().print(
         f"rollout [bold]{rollout['id']}[/]: {rollout['package_name']} {rollout['package_version']} "
-        f"to {len(rollout['devices'])} devices ({rollout['state']})",
+        f"to {len(rollout['devices'])} devices in {len(rollout['waves'])} waves ({sizes}) ({rollout['state']})",
         highlight=False,
     )
+
+
+def _control(action: str, rollout_id: str, reason: str, fleet: Any, token: Any, data_dir: Any, as_json: bool) -> None:
+    r = _call(fleet, token, data_dir, lambda c: c.control_rollout(rollout_id, action, reason))
+    if as_json:
+        _print_json(r)
+        return
+    _stdout().print(f"rollout [bold]{r['id']}[/]: {r['state']}", highlight=False)
+
+
+RolloutIdArg = Annotated[str, typer.Argument(help="Rollout id ('latest': the newest).")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the rollout's record.")]
+
+
+@rollout_app.command("pause")
+def rollout_pause(
+    rollout_id: RolloutIdArg,
+    reason: ReasonOpt = "",
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Hold a rollout: the running wave finishes, the next one does not start."""
+    _control("pause", rollout_id, reason, fleet, token, data_dir, as_json)
+
+
+@rollout_app.command("resume")
+def rollout_resume(
+    rollout_id: RolloutIdArg,
+    reason: ReasonOpt = "",
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue a paused rollout."""
+    _control("resume", rollout_id, reason, fleet, token, data_dir, as_json)
+
+
+@rollout_app.command("cancel")
+def rollout_cancel(
+    rollout_id: RolloutIdArg,
+    reason: ReasonOpt = "",
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a rollout: no further wave starts; devices already updated keep what they got."""
+    _control("cancel", rollout_id, reason, fleet, token, data_dir, as_json)
 
 
 def _counts(counts: dict[str, int], empty: str = "none") -> str:
@@ -394,12 +510,14 @@ def rollout_list(
     if as_json:
         _print_json(rollouts)
         return
-    table = _table("rollouts", "id", "package", "devices", "state", "progress", "created")
+    table = _table("rollouts", "id", "package", "devices", "wave", "state", "progress", "created")
     for r in rollouts:
+        waves = r.get("waves") or []
         table.add_row(
             r["id"],
             f"{r['package_name']} {r['package_version']}",
             str(len(r["devices"])),
+            f"{min(r.get('current_wave', 0) + 1, len(waves))}/{len(waves)}" if waves else "",
             r["state"],
             _counts(r["counts"], "no devices"),
             _ago(r["created_at"]),
@@ -415,22 +533,65 @@ def rollout_status(
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One rollout, device by device."""
+    """One rollout: wave by wave, then device by device."""
     r = _call(fleet, token, data_dir, lambda c: c.get_rollout(rollout_id))
     if as_json:
         _print_json(r)
         return
+    console = _stdout()
+    plan = r.get("plan") or {}
+    gates = {k: v for k, v in (plan.get("gates") or {}).items() if v is not None and k != "min_devices"}
+    waves = _table(
+        f"rollout {r['id']}: {r['state']}" + (f" ({r['reason']})" if r.get("reason") else ""),
+        "wave",
+        "devices",
+        "state",
+        "progress",
+        "started",
+        "completed",
+    )
+    for w in r.get("waves", []):
+        marker = " <" if w["index"] == r.get("current_wave") and r["state"] in ("in_progress", "paused") else ""
+        waves.add_row(
+            f"{w['index'] + 1}{marker}",
+            str(w["size"]),
+            w["state"],
+            _counts(w["counts"]),
+            _ago(w["started_at"]) if w["started_at"] else "",
+            _ago(w["completed_at"]) if w["completed_at"] else "",
+        )
+    console.print(waves)
+    console.print(
+        f"plan: waves {','.join(plan.get('waves', []))}, soak {plan.get('soak_s', 0):g} s, "
+        f"wave timeout {plan.get('wave_timeout_s') or 'none'}, gates "
+        + (", ".join(f"{k}={v}" for k, v in gates.items()) or "none")
+        + (f", select {plan['selector']}" if plan.get("selector") else ""),
+        highlight=False,
+    )
     table = _table(
         f"rollout {r['id']}: {r['package_name']} {r['package_version']} ({r['state']}; {_counts(r['counts'])})",
         "device",
+        "wave",
         "generation",
         "state",
         "reason",
         "updated",
     )
     for d in r["devices"]:
-        table.add_row(d["device_id"], str(d["generation"]), d["state"], d["reason"] or "", _ago(d["updated_at"]))
-    _stdout().print(table)
+        table.add_row(
+            d["device_id"],
+            str(d.get("wave", 0) + 1),
+            str(d["generation"] or ""),
+            d["state"],
+            d["reason"] or "",
+            _ago(d["updated_at"]),
+        )
+    console.print(table)
+    if r.get("transitions"):
+        history = _table("history", "at", "state", "reason")
+        for tr in r["transitions"][-10:]:
+            history.add_row(tr["at"][11:19], tr["state"], tr["reason"])
+        console.print(history)
 
 
 # --- devices, status, stats -------------------------------------------------------------------------
@@ -445,7 +606,7 @@ def device_list(
     if as_json:
         _print_json(devices)
         return
-    table = _table("devices", "id", "name", "state", "active version", "progress", "last seen")
+    table = _table("devices", "id", "name", "tags", "state", "active version", "progress", "last seen")
     for d in devices:
         progress = ""
         if d["bytes_needed"]:
@@ -453,12 +614,37 @@ def device_list(
         table.add_row(
             d["id"],
             d["name"] or "",
+            ",".join(d.get("tags") or []),
             d["state"] or "enrolled",
             d["active_version"] or "",
             progress,
             _ago(d["last_seen"]),
         )
     _stdout().print(table)
+
+
+@device_app.command("tag")
+def device_tag(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    add: Annotated[list[str] | None, typer.Option("--add", help="Tag to add; repeatable or comma-separated.")] = None,
+    remove: Annotated[
+        list[str] | None, typer.Option("--remove", help="Tag to remove; repeatable or comma-separated.")
+    ] = None,
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add or remove a device's tags (rollouts select devices by them: --select tag=canary)."""
+    adds = [t.strip() for item in (add or []) for t in item.split(",") if t.strip()]
+    removes = [t.strip() for item in (remove or []) for t in item.split(",") if t.strip()]
+    if not adds and not removes:
+        raise typer.BadParameter("give --add or --remove")
+    d = _call(fleet, token, data_dir, lambda c: c.update_device_tags(device_id, adds, removes))
+    if as_json:
+        _print_json(d)
+        return
+    _stdout().print(f"{d['id']}: tags {', '.join(d['tags']) or 'none'}", highlight=False)
 
 
 @app.command()

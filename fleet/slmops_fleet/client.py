@@ -214,8 +214,40 @@ class FleetClient:
     def get_device(self, device_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/v1/devices/{device_id}"))
 
-    def create_rollout(self, package_id: str, target: str | list[str] = "all") -> dict[str, Any]:
-        return dict(self.request("POST", "/v1/rollouts", json={"package_id": package_id, "target": target}))
+    def update_device_tags(
+        self, device_id: str, add: list[str] | None = None, remove: list[str] | None = None
+    ) -> dict[str, Any]:
+        return dict(
+            self.request("POST", f"/v1/devices/{device_id}/tags", json={"add": add or [], "remove": remove or []})
+        )
+
+    def create_rollout(
+        self,
+        package_id: str,
+        target: str | list[str] = "all",
+        *,
+        waves: list[str] | None = None,
+        soak_s: float | None = None,
+        wave_timeout_s: float | None = None,
+        gates: dict[str, Any] | None = None,
+        selector: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"package_id": package_id, "target": target}
+        if selector:
+            body["selector"] = selector
+        if waves:
+            body["waves"] = waves
+        if soak_s is not None:
+            body["soak_s"] = soak_s
+        if wave_timeout_s is not None:
+            body["wave_timeout_s"] = wave_timeout_s
+        if gates:
+            body["gates"] = gates
+        return dict(self.request("POST", "/v1/rollouts", json=body))
+
+    def control_rollout(self, rollout_id: str, action: str, reason: str = "") -> dict[str, Any]:
+        """pause | resume | cancel."""
+        return dict(self.request("POST", f"/v1/rollouts/{rollout_id}/{action}", json={"reason": reason}))
 
     def list_rollouts(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/v1/rollouts")["rollouts"])

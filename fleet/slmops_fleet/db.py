@@ -42,6 +42,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from slmops_fleet.errors import Conflict, EnrollmentRefused, InvalidRequest, NotFound
+from slmops_fleet.rollouts import (
+    GateInput,
+    PlanError,
+    RolloutPlan,
+    check_tags,
+    counter_delta,
+    evaluate_gates,
+    parse_selector,
+    parse_waves,
+    plan_waves,
+    selector_matches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +63,28 @@ _WRITE = "slmops_write"
 
 # Rollout and per-device rollout states (stable names, stored in the database).
 ROLLOUT_IN_PROGRESS = "in_progress"
+ROLLOUT_PAUSED = "paused"
 ROLLOUT_SUCCEEDED = "succeeded"
 ROLLOUT_FAILED = "failed"
 ROLLOUT_SUPERSEDED = "superseded"
+ROLLOUT_ROLLED_BACK = "rolled_back"  # a gate failed: every touched device got its previous package back
+ROLLOUT_CANCELLED = "cancelled"
+ROLLOUT_ACTIVE = frozenset({ROLLOUT_IN_PROGRESS, ROLLOUT_PAUSED})
+WAVE_PENDING = "pending"
+WAVE_RUNNING = "running"  # desired states published; waiting for COMMITTED / ROLLED_BACK or the timeout
+WAVE_SOAKING = "soaking"  # every device finished; waiting out the soak time before the gates
+WAVE_PASSED = "passed"
+WAVE_FAILED = "failed"
+WAVE_CANCELLED = "cancelled"
+TARGET_WAITING = "WAITING"  # in a wave that has not started
 TARGET_PENDING = "PENDING"
 TARGET_SUPERSEDED = "SUPERSEDED"
-TARGET_TERMINAL = frozenset({"COMMITTED", "ROLLED_BACK", TARGET_SUPERSEDED})
+TARGET_TIMED_OUT = "TIMED_OUT"
+TARGET_ABORTED = "ABORTED"  # still updating when the rollout was rolled back
+TARGET_CANCELLED = "CANCELLED"  # its wave never started
+TARGET_TERMINAL = frozenset(
+    {"COMMITTED", "ROLLED_BACK", TARGET_SUPERSEDED, TARGET_TIMED_OUT, TARGET_ABORTED, TARGET_CANCELLED}
+)
 
 
 def utcnow() -> datetime:
@@ -147,6 +175,7 @@ class DeviceRow(Base):
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     telemetry_dropped_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
 
 
 class PackageRow(Base):
@@ -205,6 +234,22 @@ class RolloutRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     transitions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    current_wave: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RolloutWaveRow(Base):
+    __tablename__ = "rollout_waves"
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class RolloutDeviceRow(Base):
@@ -216,6 +261,8 @@ class RolloutDeviceRow(Base):
     state: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    wave: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    previous_package_id: Mapped[str | None] = mapped_column(SHA, nullable=True)
 
 
 class DesiredStateRow(Base):
@@ -282,6 +329,7 @@ class DeviceRecord:
     telemetry_dropped_total: int
     desired_generation: int = 0
     desired_package_id: str | None = None
+    tags: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -360,10 +408,30 @@ class RolloutTargetRecord:
     state: str
     reason: str | None
     updated_at: datetime
+    wave: int = 0
+    previous_package_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["updated_at"] = _iso(self.updated_at)
+        return d
+
+
+@dataclass(frozen=True)
+class RolloutWaveRecord:
+    index: int
+    size: int
+    state: str
+    started_at: datetime | None
+    completed_at: datetime | None
+    finished_at: datetime | None
+    reason: str | None
+    counts: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("started_at", "completed_at", "finished_at"):
+            d[k] = _iso(d[k])
         return d
 
 
@@ -379,6 +447,10 @@ class RolloutRecord:
     updated_at: datetime
     transitions: list[dict[str, Any]]
     devices: list[RolloutTargetRecord]
+    plan: dict[str, Any] = field(default_factory=dict)
+    current_wave: int = 0
+    reason: str | None = None
+    waves: list[RolloutWaveRecord] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -396,6 +468,10 @@ class RolloutRecord:
             "state": self.state,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "reason": self.reason,
+            "plan": self.plan,
+            "current_wave": self.current_wave,
+            "waves": [w.to_json() for w in self.waves],
             "transitions": self.transitions,
             "counts": self.counts(),
             "devices": [d.to_json() for d in self.devices],
@@ -471,6 +547,30 @@ class BlobStatsRecord:
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
+
+
+def _transition(state: str, now: datetime, reason: str, *, event: str = "", wave: int = -1) -> dict[str, Any]:
+    out: dict[str, Any] = {"state": state, "at": now.isoformat(), "reason": reason}
+    if event:
+        out["event"] = event
+    if wave >= 0:
+        out["wave"] = wave + 1
+    return out
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+def _join(first: str | None, second: str) -> str:
+    return f"{first}; {second}" if first else second
+
+
+def _count_states(targets: Iterable[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in targets:
+        out[t.state] = out.get(t.state, 0) + 1
+    return dict(sorted(out.items()))
 
 
 class Store:
@@ -641,6 +741,7 @@ class Store:
             telemetry_dropped_total=row.telemetry_dropped_total or 0,
             desired_generation=desired.generation if desired else 0,
             desired_package_id=desired.package_id if desired else None,
+            tags=list(row.tags or []),
         )
 
     def _latest_desired(self, s: Session, device_ids: Sequence[str] | None = None) -> dict[str, DesiredStateRow]:
@@ -668,6 +769,25 @@ class Store:
             row = s.get(DeviceRow, device_id)
             if row is None:
                 raise NotFound(f"unknown device {device_id}")
+            return self._device_record(row, self._latest_desired(s, [device_id]).get(device_id))
+
+    def update_device_tags(
+        self, device_id: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> DeviceRecord:
+        """Add and remove tags (a tag both added and removed is removed)."""
+        try:
+            check_tags([*add, *remove])
+        except PlanError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        with self.session(write=True) as s:
+            row = s.get(DeviceRow, device_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"unknown device {device_id}")
+            try:
+                row.tags = check_tags([t for t in [*(row.tags or []), *add] if t not in set(remove)])
+            except PlanError as exc:
+                raise InvalidRequest(str(exc)) from exc
+            s.flush()
             return self._device_record(row, self._latest_desired(s, [device_id]).get(device_id))
 
     def device_password_hashes(self) -> dict[str, str]:
@@ -823,8 +943,12 @@ class Store:
 
     # --- rollouts and desired states --------------------------------------------------------
 
-    def create_rollout(self, package_id: str, target: str | list[str]) -> tuple[RolloutRecord, list[DesiredRecord]]:
-        """One wave: give every target device a new desired state (generation + 1) naming the package."""
+    def create_rollout(
+        self, package_id: str, target: str | list[str], plan: RolloutPlan | None = None
+    ) -> tuple[RolloutRecord, list[DesiredRecord]]:
+        """Plan the waves and start the first: its devices get a new desired state (generation + 1)
+        naming the package. Without a plan: one wave of every target device, no gates."""
+        plan = plan or RolloutPlan(waves=["100%"])
         now = utcnow()
         rollout_id = _new_id("ro")
         with self.session(write=True) as s:
@@ -841,11 +965,33 @@ class Store:
                     raise InvalidRequest("target lists no devices")
             # Lock the target devices (PostgreSQL; SQLite serialises writers) so generations stay strictly
             # increasing under concurrent rollouts.
-            found = set(s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(device_ids)).with_for_update()).all())
+            found = set(
+                s.scalars(
+                    select(DeviceRow.id).where(DeviceRow.id.in_(device_ids)).order_by(DeviceRow.id).with_for_update()
+                ).all()
+            )
             unknown = [d for d in device_ids if d not in found]
             if unknown:
                 raise InvalidRequest(f"unknown device ids: {', '.join(unknown)}")
-            current = self._latest_desired(s, device_ids)
+            if plan.selector:
+                terms = parse_selector(plan.selector)
+                rows = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(device_ids))).all()
+                chosen = {
+                    r.id
+                    for r in rows
+                    if selector_matches(
+                        terms, device_id=r.id, name=r.name, tags=r.tags or [], inventory=dict(r.inventory or {})
+                    )
+                }
+                if not chosen:
+                    raise Conflict(
+                        f"the selector {plan.selector!r} matches none of the {len(device_ids)} target devices"
+                    )
+                device_ids = [d for d in device_ids if d in chosen]
+            try:
+                waves = plan_waves(device_ids, parse_waves(plan.waves), rollout_id)
+            except PlanError as exc:
+                raise InvalidRequest(str(exc)) from exc
             rollout = RolloutRow(
                 id=rollout_id,
                 package_id=package_id,
@@ -853,55 +999,379 @@ class Store:
                 state=ROLLOUT_IN_PROGRESS,
                 created_at=now,
                 updated_at=now,
-                transitions=[{"state": ROLLOUT_IN_PROGRESS, "at": now.isoformat(), "reason": "created"}],
+                transitions=[
+                    _transition(
+                        ROLLOUT_IN_PROGRESS,
+                        now,
+                        f"created: {len(device_ids)} devices in {len(waves)} waves ({', '.join(plan.waves)})",
+                    )
+                ],
+                plan=plan.to_json(),
+                current_wave=0,
             )
             s.add(rollout)
             s.flush()
-            desired: list[DesiredRecord] = []
-            superseded: set[str] = set()
-            for device_id in device_ids:
-                prev = current.get(device_id)
-                generation = (prev.generation if prev else 0) + 1
-                if prev is not None and prev.rollout_id:
-                    superseded.add(prev.rollout_id)
-                    s.execute(
-                        update(RolloutDeviceRow)
-                        .where(
-                            RolloutDeviceRow.rollout_id == prev.rollout_id,
-                            RolloutDeviceRow.device_id == device_id,
-                            RolloutDeviceRow.state.not_in(TARGET_TERMINAL),
+            # Earlier rollouts lose these devices, whether their wave has started or not.
+            superseded = set(
+                s.scalars(
+                    select(RolloutDeviceRow.rollout_id).where(
+                        RolloutDeviceRow.device_id.in_(device_ids),
+                        RolloutDeviceRow.rollout_id != rollout_id,
+                        RolloutDeviceRow.state.not_in(TARGET_TERMINAL),
+                    )
+                ).all()
+            )
+            if superseded:
+                s.execute(
+                    update(RolloutDeviceRow)
+                    .where(
+                        RolloutDeviceRow.device_id.in_(device_ids),
+                        RolloutDeviceRow.rollout_id.in_(superseded),
+                        RolloutDeviceRow.state.not_in(TARGET_TERMINAL),
+                    )
+                    .values(state=TARGET_SUPERSEDED, reason=f"superseded by {rollout_id}", updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+            for idx, members in enumerate(waves):
+                s.add(RolloutWaveRow(rollout_id=rollout_id, idx=idx, size=len(members), state=WAVE_PENDING))
+                for device_id in members:
+                    s.add(
+                        RolloutDeviceRow(
+                            rollout_id=rollout_id,
+                            device_id=device_id,
+                            generation=0,
+                            state=TARGET_WAITING,
+                            updated_at=now,
+                            wave=idx,
                         )
-                        .values(state=TARGET_SUPERSEDED, reason=f"superseded by {rollout_id}", updated_at=now)
                     )
-                s.add(
-                    DesiredStateRow(
-                        device_id=device_id,
-                        generation=generation,
-                        package_id=package_id,
-                        rollout_id=rollout_id,
-                        created_at=now,
-                    )
-                )
-                s.add(
-                    RolloutDeviceRow(
-                        rollout_id=rollout_id,
-                        device_id=device_id,
-                        generation=generation,
-                        state=TARGET_PENDING,
-                        updated_at=now,
-                    )
-                )
-                desired.append(DesiredRecord(device_id, generation, package_id, rollout_id, now, pkg.signed_manifest))
             s.flush()
-            for old in superseded:
-                self._settle_rollout(s, old, now)
+            desired = self._start_wave(s, rollout, 0, now)
+            s.flush()
+            for old in sorted(superseded):
+                old_row = s.get(RolloutRow, old, with_for_update=True)
+                if old_row is not None:
+                    self._advance(s, old_row, now, drive=False)
             return self._rollout_record(s, rollout), desired
+
+    def _start_wave(self, s: Session, row: RolloutRow, idx: int, now: datetime) -> list[DesiredRecord]:
+        """Give the waiting devices of wave `idx` their new desired state."""
+        wave = s.get(RolloutWaveRow, (row.id, idx))
+        assert wave is not None
+        targets = s.scalars(
+            select(RolloutDeviceRow)
+            .where(
+                RolloutDeviceRow.rollout_id == row.id,
+                RolloutDeviceRow.wave == idx,
+                RolloutDeviceRow.state == TARGET_WAITING,
+            )
+            .order_by(RolloutDeviceRow.device_id)
+        ).all()
+        ids = [t.device_id for t in targets]
+        if ids:
+            s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(ids)).with_for_update()).all()
+        current = self._latest_desired(s, ids) if ids else {}
+        manifest = s.scalar(select(PackageRow.signed_manifest).where(PackageRow.id == row.package_id)) or b""
+        desired: list[DesiredRecord] = []
+        for t in targets:
+            prev = current.get(t.device_id)
+            t.generation = (prev.generation if prev else 0) + 1
+            t.previous_package_id = prev.package_id if prev else None
+            t.state = TARGET_PENDING
+            t.updated_at = now
+            s.add(
+                DesiredStateRow(
+                    device_id=t.device_id,
+                    generation=t.generation,
+                    package_id=row.package_id,
+                    rollout_id=row.id,
+                    created_at=now,
+                )
+            )
+            desired.append(DesiredRecord(t.device_id, t.generation, row.package_id, row.id, now, manifest))
+        wave.state = WAVE_RUNNING
+        wave.started_at = now
+        row.current_wave = idx
+        self._record(row, now, f"wave {idx + 1} started: {len(desired)} devices", event="wave_started", wave=idx)
+        return desired
+
+    @staticmethod
+    def _record(
+        row: RolloutRow, now: datetime, reason: str, *, state: str | None = None, event: str = "", wave: int = -1
+    ) -> None:
+        if state is not None:
+            row.state = state
+        row.updated_at = now
+        row.transitions = [
+            *list(row.transitions or []),
+            _transition(row.state, now, reason, event=event, wave=wave),
+        ]
+
+    def _advance(self, s: Session, row: RolloutRow, now: datetime, *, drive: bool) -> list[DesiredRecord]:
+        """Move an in-progress rollout along as far as it can go now; returns desired states to publish.
+
+        `drive=False` (a device report, a new rollout) does only what needs no publishing: time outs,
+        wave completion, gates that pass, the final state. Starting a wave and aborting are the
+        driver's (`drive=True`), which publishes what this returns."""
+        if row.state != ROLLOUT_IN_PROGRESS:
+            return []
+        plan = RolloutPlan.from_json(row.plan)
+        wave = s.get(RolloutWaveRow, (row.id, row.current_wave))
+        if wave is None:
+            return []
+        if wave.state == WAVE_PENDING:
+            return self._start_wave(s, row, wave.idx, now) if drive else []
+        targets = list(s.scalars(select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == row.id)).all())
+        in_wave = [t for t in targets if t.wave == wave.idx]
+        if wave.state == WAVE_RUNNING:
+            open_targets = [t for t in in_wave if t.state not in TARGET_TERMINAL]
+            started = wave.started_at or row.created_at
+            if open_targets and plan.wave_timeout_s is not None and now >= started + _seconds(plan.wave_timeout_s):
+                for t in open_targets:
+                    t.reason = f"no COMMITTED or ROLLED_BACK within {plan.wave_timeout_s:g} s (last: {t.state})"
+                    t.state = TARGET_TIMED_OUT
+                    t.updated_at = now
+                open_targets = []
+        if drive and plan.gates.any:
+            result = evaluate_gates(plan.gates, self._gate_input(s, row, targets, telemetry=False), install_only=True)
+            if not result.ok:
+                return self._abort(s, row, targets, now, f"wave {wave.idx + 1}: {result.reason}")
+        if wave.state == WAVE_RUNNING:
+            if open_targets:
+                return []
+            wave.state = WAVE_SOAKING
+            wave.completed_at = now
+            counts = ", ".join(f"{n} {st.lower()}" for st, n in _count_states(in_wave).items()) or "no devices"
+            self._record(row, now, f"wave {wave.idx + 1} complete: {counts}", event="wave_completed", wave=wave.idx)
+        if wave.state != WAVE_SOAKING:
+            return []
+        if now < (wave.completed_at or now) + _seconds(plan.soak_s):
+            return []
+        result = evaluate_gates(plan.gates, self._gate_input(s, row, targets, telemetry=True))
+        if not result.ok:
+            return self._abort(s, row, targets, now, f"wave {wave.idx + 1}: {result.reason}") if drive else []
+        wave.state = WAVE_PASSED
+        wave.finished_at = now
+        wave.reason = result.reason
+        self._record(row, now, f"wave {wave.idx + 1} passed: {result.reason}", event="wave_passed", wave=wave.idx)
+        last = s.scalar(select(func.max(RolloutWaveRow.idx)).where(RolloutWaveRow.rollout_id == row.id)) or 0
+        if wave.idx < last:
+            row.current_wave = wave.idx + 1
+            return self._start_wave(s, row, wave.idx + 1, now) if drive else []
+        states = [t.state for t in targets]
+        committed = states.count("COMMITTED")
+        failures = states.count("ROLLED_BACK") + states.count(TARGET_TIMED_OUT)
+        superseded = states.count(TARGET_SUPERSEDED)
+        if failures and (not plan.gates.any or committed == 0):
+            new = ROLLOUT_FAILED
+        elif committed:
+            new = ROLLOUT_SUCCEEDED
+        else:
+            new = ROLLOUT_SUPERSEDED
+        reason = f"{committed} committed, {states.count('ROLLED_BACK')} rolled back, {superseded} superseded"
+        if states.count(TARGET_TIMED_OUT):
+            reason += f", {states.count(TARGET_TIMED_OUT)} timed out"
+        row.reason = reason
+        self._record(row, now, reason, state=new)
+        return []
+
+    def _gate_input(
+        self, s: Session, row: RolloutRow, targets: Sequence[RolloutDeviceRow], *, telemetry: bool
+    ) -> GateInput:
+        touched = [t for t in targets if t.generation > 0 and t.state not in (TARGET_SUPERSEDED, TARGET_CANCELLED)]
+        states = [t.state for t in touched]
+        requests = errors = 0
+        ttft: list[float] = []
+        if telemetry and touched:
+            first = s.scalar(select(func.min(RolloutWaveRow.started_at)).where(RolloutWaveRow.rollout_id == row.id))
+            since_ms = int((first or row.created_at).timestamp() * 1000)
+            samples = s.execute(
+                select(
+                    TelemetrySampleRow.device_id,
+                    TelemetrySampleRow.requests_total,
+                    TelemetrySampleRow.errors_total,
+                    TelemetrySampleRow.ttft_ms,
+                )
+                .where(
+                    TelemetrySampleRow.device_id.in_([t.device_id for t in touched]),
+                    TelemetrySampleRow.timestamp_ms >= since_ms,
+                    TelemetrySampleRow.active_package_id == row.package_id,
+                )
+                .order_by(TelemetrySampleRow.device_id, TelemetrySampleRow.timestamp_ms, TelemetrySampleRow.seq)
+            ).all()
+            per_device: dict[str, list[tuple[int, int]]] = {}
+            for device_id, req, err, t_ms in samples:
+                per_device.setdefault(device_id, []).append((req, err))
+                if t_ms and t_ms > 0:
+                    ttft.append(float(t_ms))
+            for series in per_device.values():
+                requests += counter_delta([r for r, _ in series])
+                errors += counter_delta([e for _, e in series])
+        return GateInput(
+            committed=states.count("COMMITTED"),
+            rolled_back=states.count("ROLLED_BACK"),
+            timed_out=states.count(TARGET_TIMED_OUT),
+            in_flight=sum(1 for st in states if st not in TARGET_TERMINAL),
+            requests=requests,
+            errors=errors,
+            ttft_samples=ttft,
+        )
+
+    def _abort(
+        self, s: Session, row: RolloutRow, targets: Sequence[RolloutDeviceRow], now: datetime, reason: str
+    ) -> list[DesiredRecord]:
+        """A gate failed: every device this rollout touched gets its previous package back (a new
+        generation), devices of waves not started are cancelled, the rollout is `rolled_back`."""
+        touched = [t for t in targets if t.generation > 0 and t.state != TARGET_SUPERSEDED]
+        ids = [t.device_id for t in touched]
+        if ids:
+            s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(ids)).with_for_update()).all()
+        latest = self._latest_desired(s, ids) if ids else {}
+        manifests: dict[str, bytes] = {}
+        desired: list[DesiredRecord] = []
+        kept: list[str] = []
+        for t in targets:
+            if t.state == TARGET_WAITING:
+                t.state, t.reason, t.updated_at = TARGET_CANCELLED, "the rollout was rolled back before its wave", now
+                continue
+            if t.generation == 0 or t.state == TARGET_SUPERSEDED:
+                continue
+            cur = latest.get(t.device_id)
+            if cur is None or cur.generation != t.generation or cur.rollout_id != row.id:
+                continue  # something newer owns the device now
+            if t.state not in TARGET_TERMINAL:
+                t.state = TARGET_ABORTED
+            t.updated_at = now
+            if t.previous_package_id is None:
+                kept.append(t.device_id)
+                t.reason = _join(t.reason, "no previous package to return to")
+                continue
+            generation = cur.generation + 1
+            s.add(
+                DesiredStateRow(
+                    device_id=t.device_id,
+                    generation=generation,
+                    package_id=t.previous_package_id,
+                    rollout_id=row.id,
+                    created_at=now,
+                )
+            )
+            if t.previous_package_id not in manifests:
+                manifests[t.previous_package_id] = (
+                    s.scalar(select(PackageRow.signed_manifest).where(PackageRow.id == t.previous_package_id)) or b""
+                )
+            t.reason = _join(t.reason, f"reverted to {t.previous_package_id[:12]} (generation {generation})")
+            desired.append(
+                DesiredRecord(
+                    t.device_id, generation, t.previous_package_id, row.id, now, manifests[t.previous_package_id]
+                )
+            )
+        for w in s.scalars(select(RolloutWaveRow).where(RolloutWaveRow.rollout_id == row.id)).all():
+            if w.idx == row.current_wave:
+                w.state, w.finished_at, w.reason = WAVE_FAILED, now, reason
+            elif w.state == WAVE_PENDING:
+                w.state = WAVE_CANCELLED
+        row.reason = reason
+        detail = f"{reason}; {len(desired)} devices get their previous package back"
+        if kept:
+            detail += f", {len(kept)} had none"
+        self._record(row, now, detail, state=ROLLOUT_ROLLED_BACK, event="aborted", wave=row.current_wave)
+        return desired
+
+    # --- the driver's and the operator's side of a rollout ---------------------------------------
+
+    def active_rollout_ids(self) -> list[str]:
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(RolloutRow.id).where(RolloutRow.state == ROLLOUT_IN_PROGRESS).order_by(RolloutRow.created_at)
+                ).all()
+            )
+
+    def advance_rollout(self, rollout_id: str, now: datetime | None = None) -> list[DesiredRecord]:
+        """One step of the rollout driver: the desired states to publish (after this commits)."""
+        now = now or utcnow()
+        with self.session(write=True) as s:
+            # Lock order everywhere: devices (by id), then rollouts, as device reports take them.
+            s.scalars(
+                select(DeviceRow.id)
+                .where(
+                    DeviceRow.id.in_(
+                        select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == rollout_id)
+                    )
+                )
+                .order_by(DeviceRow.id)
+                .with_for_update()
+            ).all()
+            row = s.get(RolloutRow, rollout_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"unknown rollout id {rollout_id}")
+            out: list[DesiredRecord] = []
+            for _ in range(4):  # a wave may pass and the next start in one step
+                step = self._advance(s, row, now, drive=True)
+                s.flush()
+                out += step
+                if not step:
+                    break
+            return out
+
+    def control_rollout(self, rollout_id: str, action: str, reason: str = "") -> RolloutRecord:
+        """pause | resume | cancel, by the operator."""
+        now = utcnow()
+        allowed = {
+            "pause": ({ROLLOUT_IN_PROGRESS}, ROLLOUT_PAUSED),
+            "resume": ({ROLLOUT_PAUSED}, ROLLOUT_IN_PROGRESS),
+            "cancel": (set(ROLLOUT_ACTIVE), ROLLOUT_CANCELLED),
+        }
+        if action not in allowed:
+            raise InvalidRequest(f"unknown rollout action {action!r}: pause, resume or cancel")
+        sources, new = allowed[action]
+        with self.session(write=True) as s:
+            row = s.get(RolloutRow, rollout_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"unknown rollout id {rollout_id}")
+            if row.state not in sources:
+                raise Conflict(
+                    f"rollout {rollout_id} is {row.state}; only a rollout that is {' or '.join(sorted(sources))} "
+                    f"can be {'cancelled' if action == 'cancel' else action + 'd'}"
+                )
+            why = reason or f"{action} by the operator"
+            if action == "cancel":
+                for t in s.scalars(
+                    select(RolloutDeviceRow).where(
+                        RolloutDeviceRow.rollout_id == rollout_id, RolloutDeviceRow.state == TARGET_WAITING
+                    )
+                ).all():
+                    t.state, t.reason, t.updated_at = TARGET_CANCELLED, "the rollout was cancelled before its wave", now
+                for w in s.scalars(select(RolloutWaveRow).where(RolloutWaveRow.rollout_id == rollout_id)).all():
+                    if w.state in (WAVE_PENDING, WAVE_RUNNING, WAVE_SOAKING):
+                        w.state, w.finished_at, w.reason = WAVE_CANCELLED, now, why
+                row.reason = why
+            self._record(row, now, why, state=new, event=action, wave=row.current_wave)
+            s.flush()
+            return self._rollout_record(s, row)
 
     def _rollout_record(self, s: Session, row: RolloutRow) -> RolloutRecord:
         pkg = s.get(PackageRow, row.package_id)
         targets = s.scalars(
             select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == row.id).order_by(RolloutDeviceRow.device_id)
         ).all()
+        wave_rows = s.scalars(
+            select(RolloutWaveRow).where(RolloutWaveRow.rollout_id == row.id).order_by(RolloutWaveRow.idx)
+        ).all()
+        waves = [
+            RolloutWaveRecord(
+                index=w.idx,
+                size=w.size,
+                state=w.state,
+                started_at=w.started_at,
+                completed_at=w.completed_at,
+                finished_at=w.finished_at,
+                reason=w.reason,
+                counts=_count_states([t for t in targets if t.wave == w.idx]),
+            )
+            for w in wave_rows
+        ]
         return RolloutRecord(
             id=row.id,
             package_id=row.package_id,
@@ -912,30 +1382,17 @@ class Store:
             created_at=row.created_at,
             updated_at=row.updated_at,
             transitions=list(row.transitions or []),
-            devices=[RolloutTargetRecord(t.device_id, t.generation, t.state, t.reason, t.updated_at) for t in targets],
+            devices=[
+                RolloutTargetRecord(
+                    t.device_id, t.generation, t.state, t.reason, t.updated_at, t.wave, t.previous_package_id
+                )
+                for t in targets
+            ],
+            plan=RolloutPlan.from_json(row.plan).to_json(),
+            current_wave=row.current_wave or 0,
+            reason=row.reason,
+            waves=waves,
         )
-
-    def _settle_rollout(self, s: Session, rollout_id: str, now: datetime) -> None:
-        """Move a rollout to its final state once every target device is in a terminal state."""
-        row = s.get(RolloutRow, rollout_id, with_for_update=True)
-        if row is None or row.state != ROLLOUT_IN_PROGRESS:
-            return
-        states = s.scalars(select(RolloutDeviceRow.state).where(RolloutDeviceRow.rollout_id == rollout_id)).all()
-        if any(st not in TARGET_TERMINAL for st in states):
-            return
-        committed = sum(1 for st in states if st == "COMMITTED")
-        rolled_back = sum(1 for st in states if st == "ROLLED_BACK")
-        superseded = sum(1 for st in states if st == TARGET_SUPERSEDED)
-        if rolled_back:
-            new = ROLLOUT_FAILED
-        elif committed:
-            new = ROLLOUT_SUCCEEDED
-        else:
-            new = ROLLOUT_SUPERSEDED
-        reason = f"{committed} committed, {rolled_back} rolled back, {superseded} superseded"
-        row.state = new
-        row.updated_at = now
-        row.transitions = [*list(row.transitions or []), {"state": new, "at": now.isoformat(), "reason": reason}]
 
     def list_rollouts(self) -> list[RolloutRecord]:
         with self.session() as s:
@@ -992,13 +1449,20 @@ class Store:
             desired = s.get(DesiredStateRow, (rep.device_id, rep.generation)) if rep.generation else None
             if desired is not None and desired.rollout_id:
                 target = s.get(RolloutDeviceRow, (desired.rollout_id, rep.device_id))
-                if target is not None and target.state not in TARGET_TERMINAL and target.state != rep.state:
+                if (
+                    target is not None
+                    and target.generation == rep.generation
+                    and target.state not in TARGET_TERMINAL
+                    and target.state != rep.state
+                ):
                     target.state = rep.state
                     target.reason = rep.reason or None
                     target.updated_at = now
                     s.flush()
                     if rep.state in TARGET_TERMINAL:
-                        self._settle_rollout(s, desired.rollout_id, now)
+                        rollout = s.get(RolloutRow, desired.rollout_id, with_for_update=True)
+                        if rollout is not None:
+                            self._advance(s, rollout, now, drive=False)
             return True
 
     def insert_telemetry(self, samples: Iterable[TelemetryRecord], dropped: dict[str, int] | None = None) -> int:

@@ -31,6 +31,7 @@ from slmops_fleet.blobstore import BlobStore
 from slmops_fleet.broker import CredentialRegistry, EmbeddedBroker, bind_listener
 from slmops_fleet.db import BlobRecord, Store
 from slmops_fleet.distribution import BlobDistributor
+from slmops_fleet.driver import RolloutDriver
 from slmops_fleet.errors import FleetError, StartupError
 from slmops_fleet.mqtt import FleetMqtt, Ingest, MqttEndpoint
 from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, NoProvisioner, Provisioner
@@ -108,6 +109,7 @@ class FleetServer:
         self.ingest: Ingest | None = None
         self.distributor: BlobDistributor | None = None
         self.service: FleetService | None = None
+        self.driver: RolloutDriver | None = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.info: FleetInfo | None = None
@@ -252,6 +254,12 @@ class FleetServer:
                 why,
             )
 
+        # The rollout driver: waves, soaks, gates, aborts.
+        driver = RolloutDriver(store, service.publish_desired, tick_s=s.rollout_tick_s)
+        service.driver = driver
+        self.driver = driver
+        driver.start()
+
         # HTTP last: when it answers, everything behind it works.
         config = uvicorn.Config(
             create_app(service, admin_token),
@@ -324,6 +332,9 @@ class FleetServer:
                     await asyncio.wait_for(self._http_task, timeout=self.settings.shutdown_grace_s + 5)
             self._http = None
             self._http_task = None
+        if self.driver is not None:
+            await self.driver.stop()
+            self.driver = None
         if self.distributor is not None:
             await asyncio.to_thread(self.distributor.stop)
             self.distributor = None

@@ -29,6 +29,7 @@ from slmops_fleet.db import (
 from slmops_fleet.distribution import BlobDistributor, Publisher
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound, ProvisioningError, TooLarge, Unavailable
 from slmops_fleet.provisioning import Provisioner
+from slmops_fleet.rollouts import Gates, PlanError, RolloutPlan, parse_waves
 from slmops_fleet.settings import FleetSettings
 from slmops_protos.manifests import (
     PackageError,
@@ -101,6 +102,7 @@ class FleetService:
         self.broker = broker
         self.topics = Topics(settings.topic_root)
         self._mqtt_connected = mqtt_connected
+        self.driver: Any = None  # the RolloutDriver, once the server started it
         self.started_monotonic = time.monotonic()
         self.url = ""
 
@@ -221,7 +223,30 @@ class FleetService:
 
     # --- rollouts -----------------------------------------------------------------------------
 
-    def create_rollout(self, package_ref: str, target: str | list[str]) -> dict[str, Any]:
+    def create_rollout(
+        self,
+        package_ref: str,
+        target: str | list[str],
+        *,
+        waves: list[str] | str | None = None,
+        soak_s: float = 0.0,
+        wave_timeout_s: float | None = None,
+        gates: dict[str, Any] | None = None,
+        selector: str = "",
+    ) -> dict[str, Any]:
+        """Start a rollout: its first wave at once, the others by the rollout driver. `selector`
+        narrows the target by tags and inventory (see `slmops_fleet.rollouts.parse_selector`)."""
+        try:
+            specs = parse_waves(waves)
+            plan = RolloutPlan(
+                waves=[str(w) for w in specs],
+                soak_s=float(soak_s),
+                wave_timeout_s=wave_timeout_s,
+                gates=Gates(**(gates or {})),
+                selector=selector.strip(),
+            )
+        except (PlanError, TypeError) as exc:
+            raise InvalidRequest(f"bad rollout plan: {exc}") from exc
         pkg = self.store.get_package(package_ref)
         if pkg.missing_blobs:
             raise Conflict(
@@ -230,10 +255,33 @@ class FleetService:
             )
         if isinstance(target, str) and target != "all":
             raise InvalidRequest('target is "all" or a list of device ids')
-        rollout, desired = self.store.create_rollout(pkg.id, target)
+        rollout, desired = self.store.create_rollout(pkg.id, target, plan)
         self.publish_desired(desired)
-        log.info("rollout %s: %s %s to %d devices", rollout.id, pkg.name, pkg.version, len(desired))
+        log.info(
+            "rollout %s: %s %s to %d devices in %d waves (%d now)",
+            rollout.id, pkg.name, pkg.version, len(rollout.devices), len(rollout.waves), len(desired),
+        )  # fmt: skip
+        self._wake_driver()
         return rollout.to_json()
+
+    def control_rollout(self, rollout_ref: str, action: str, reason: str = "") -> dict[str, Any]:
+        """pause | resume | cancel a rollout."""
+        rollout = self.store.control_rollout(self._rollout_id(rollout_ref), action, reason)
+        log.info("rollout %s: %s (%s)", rollout.id, action, rollout.state)
+        self._wake_driver()
+        return rollout.to_json()
+
+    def _wake_driver(self) -> None:
+        if self.driver is not None:
+            self.driver.wake()
+
+    def _rollout_id(self, ref: str) -> str:
+        if ref != "latest":
+            return ref
+        rollouts = self.store.list_rollouts()
+        if not rollouts:
+            raise NotFound("no rollouts yet")
+        return rollouts[-1].id
 
     def publish_desired(self, records: list[DesiredRecord]) -> None:
         for d in records:
@@ -261,6 +309,9 @@ class FleetService:
     def get_device(self, device_id: str) -> dict[str, Any]:
         return self.store.get_device(device_id).to_json()
 
+    def update_device_tags(self, device_id: str, add: list[str], remove: list[str]) -> dict[str, Any]:
+        return self.store.update_device_tags(device_id, add=add, remove=remove).to_json()
+
     def device_telemetry(self, device_id: str, limit: int) -> list[dict[str, Any]]:
         self.store.get_device(device_id)
         return [asdict(t) for t in self.store.telemetry(device_id, limit)]
@@ -269,12 +320,7 @@ class FleetService:
         return [r.to_json() for r in self.store.list_rollouts()]
 
     def get_rollout(self, rollout_id: str) -> dict[str, Any]:
-        if rollout_id == "latest":
-            rollouts = self.store.list_rollouts()
-            if not rollouts:
-                raise NotFound("no rollouts yet")
-            return rollouts[-1].to_json()
-        return self.store.get_rollout(rollout_id).to_json()
+        return self.store.get_rollout(self._rollout_id(rollout_id)).to_json()
 
     def stats(self) -> dict[str, Any]:
         self.distributor.flush_stats()

@@ -103,6 +103,9 @@ class FleetSettings(BaseSettings):
     token_max_ttl_s: int = Field(30 * 86400, ge=1, description="Longest enrollment token lifetime allowed.")
     mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
     mqtt_reconnect_max_s: int = Field(30, ge=1, le=3600, description="Cap of the reconnect back-off.")
+    rollout_tick_s: float = Field(
+        1.0, gt=0, le=60, description="How often the rollout driver checks waves, timeouts, soaks and gates."
+    )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time in-flight HTTP requests get to finish on shutdown.")
     log_level: str = Field("INFO")
 

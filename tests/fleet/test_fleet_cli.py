@@ -55,7 +55,10 @@ def served(tmp_path: Path, signing_key: tuple[Path, Path]) -> Any:
         svc.stop()
 
 
-def test_serve_and_operate_with_the_cli(served: Any, fleet_package: Callable[..., Path], tmp_path: Path) -> None:
+def test_serve_and_operate_with_the_cli(
+    served: Any, fleet_package: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # tables wide enough that rich wraps no cell, whatever the terminal
     svc, data, info = served
     d = ["--data-dir", str(data)]
     assert info["url"].startswith("http://127.0.0.1:") and info["mqtt"]["embedded"] is True
@@ -98,6 +101,38 @@ def test_serve_and_operate_with_the_cli(served: Any, fleet_package: Callable[...
     assert "fleet-test" in run(["fleet", "package", "list", *d])
     assert rollout["id"] in run(["fleet", "rollout", "list", *d])
     assert "total" in run(["fleet", "stats", *d])
+
+    # Waves and gates, pause, resume, cancel.
+    waved = run_json(
+        [
+            "fleet", "rollout", "create", "--package", up["package_id"], "--waves", "1,100%", "--soak", "1m",
+            "--wave-timeout", "10m", "--max-failures", "0", "--min-success-rate", "0.9", "--json", *d,
+        ]
+    )  # fmt: skip
+    assert waved["plan"]["soak_s"] == 60 and waved["plan"]["wave_timeout_s"] == 600
+    assert waved["plan"]["gates"]["max_failures"] == 0 and waved["plan"]["gates"]["min_success_rate"] == 0.9
+    assert [w["size"] for w in waved["waves"]] == [1]  # one device: the second wave adds nobody
+    assert run_json(["fleet", "rollout", "pause", waved["id"], "--reason", "hold", "--json", *d])["state"] == "paused"
+    table = run(["fleet", "rollout", "status", waved["id"], *d])
+    assert "wave" in table and "paused" in table and "max_failures=0" in table and "hold" in table
+    assert run_json(["fleet", "rollout", "resume", waved["id"], "--json", *d])["state"] == "in_progress"
+    assert run_json(["fleet", "rollout", "cancel", "latest", "--json", *d])["state"] == "cancelled"
+    tagged = run_json(["fleet", "device", "tag", device_id, "--add", "canary,lab", "--json", *d])
+    assert tagged["tags"] == ["canary", "lab"]
+    assert "canary" in run(["fleet", "device", "tag", device_id, "--remove", "lab", *d])
+    assert "canary" in run(["fleet", "device", "list", *d])
+    sel = run_json(
+        ["fleet", "rollout", "create", "--package", up["package_id"], "--select", "tag=canary", "--json", *d]
+    )
+    assert [x["device_id"] for x in sel["devices"]] == [device_id] and sel["plan"]["selector"] == "tag=canary"
+    assert "matches none" in fail(
+        ["fleet", "rollout", "create", "--package", up["package_id"], "--select", "tag=x", *d]
+    )
+    assert "only a rollout that is" in fail(["fleet", "rollout", "pause", waved["id"], *d])
+    assert "neither a device count" in fail(
+        ["fleet", "rollout", "create", "--package", up["package_id"], "--waves", "1,half", *d]
+    )
+    assert len(run_json(["fleet", "rollout", "list", "--json", *d])) == 3  # the refused ones created nothing
 
     # The environment instead of fleet.json.
     env = {"SLMOPS_FLEET_URL": info["url"], "SLMOPS_FLEET_TOKEN": info["admin_token"]}

@@ -1,0 +1,457 @@
+"""The rollout rules without a fleet: wave planning, gate evaluation (table-driven), and the store's
+wave machine stepped with a clock the test controls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slmops_fleet.db import NewPackage, ReportedUpdate, Store, TelemetryRecord, utcnow
+from slmops_fleet.errors import Conflict, InvalidRequest
+from slmops_fleet.rollouts import (
+    GateInput,
+    Gates,
+    PlanError,
+    RolloutPlan,
+    WaveSpec,
+    counter_delta,
+    evaluate_gates,
+    p95,
+    parse_selector,
+    parse_waves,
+    plan_waves,
+    selector_matches,
+)
+
+DEVICES = [f"dev-{i:02d}" for i in range(10)]
+
+
+# --- the wave planner ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "n", "sizes"),
+    [
+        (None, 10, [10]),
+        ("100%", 10, [10]),
+        ("1,50%,100%", 10, [1, 4, 5]),
+        ("1,50%", 10, [1, 9]),  # the last wave takes the rest
+        ("1,1,100%", 10, [1, 9]),  # a wave that adds nobody is dropped
+        ("10%,100%", 3, [1, 2]),  # percents round up
+        ("5,100%", 3, [3]),  # more than there are
+        ("1,50%,100%", 1, [1]),
+        ("2, 4 ,6", 6, [2, 2, 2]),
+        ("33.3%,100%", 3, [1, 2]),
+        ("1,20%,100%", 4, [1, 3]),  # 20% of 4 rounds up to the one device already in
+    ],
+)
+def test_plan_waves_sizes(spec: str | None, n: int, sizes: list[int]) -> None:
+    waves = plan_waves(DEVICES[:n], parse_waves(spec), "ro-1")
+    assert [len(w) for w in waves] == sizes
+    assert sorted(d for w in waves for d in w) == DEVICES[:n]  # every device exactly once
+
+
+def test_plan_waves_is_deterministic_and_salted() -> None:
+    specs = parse_waves("1,3,100%")
+    a = plan_waves(DEVICES, specs, "ro-a")
+    assert a == plan_waves(list(reversed(DEVICES)), specs, "ro-a")  # input order does not matter
+    canaries = {plan_waves(DEVICES, specs, f"ro-{i}")[0][0] for i in range(20)}
+    assert len(canaries) > 3  # a different rollout picks different canaries
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("0", "at least 1"),
+        ("1.5", "whole number"),
+        ("0%", "above 0"),
+        ("101%", "at most 100"),
+        ("x", "neither a device count"),
+        ("-1", "neither a device count"),
+        (",".join(["1"] * 101), "at most 100 waves"),
+    ],
+)
+def test_bad_wave_specs_are_refused(spec: str, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        parse_waves(spec)
+
+
+@pytest.mark.parametrize("spec", ["5,2,100%", "5,10%", "50%,1"])
+def test_shrinking_waves_are_refused(spec: str) -> None:
+    with pytest.raises(PlanError, match="must not shrink"):
+        plan_waves(DEVICES, parse_waves(spec), "ro")
+    assert WaveSpec.parse("25%") == WaveSpec(percent=25.0) and str(WaveSpec(count=3)) == "3"
+
+
+# --- gates --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gates", "figures", "install_only", "ok", "note"),
+    [
+        (Gates(), GateInput(rolled_back=5), False, True, "gates passed"),
+        (Gates(max_failures=0), GateInput(committed=3), False, True, "gates passed"),
+        (Gates(max_failures=0), GateInput(rolled_back=1), True, False, "1 devices failed"),
+        (Gates(max_failures=1), GateInput(rolled_back=1, timed_out=1), True, False, "1 timed out"),
+        (Gates(min_success_rate=0.9), GateInput(committed=9, rolled_back=1), False, True, "gates passed"),
+        (Gates(min_success_rate=0.9), GateInput(committed=8, rolled_back=2), False, False, "success rate 80%"),
+        (Gates(min_success_rate=0.9, min_devices=5), GateInput(rolled_back=2), True, True, "gates passed"),
+        (Gates(min_success_rate=0.9, min_devices=5), GateInput(committed=3, rolled_back=2), True, False, "60%"),
+        (Gates(max_error_rate=0.1), GateInput(requests=100, errors=10), False, True, "gates passed"),
+        (Gates(max_error_rate=0.1), GateInput(requests=100, errors=11), False, False, "error rate 11.0%"),
+        (Gates(max_error_rate=0.1), GateInput(requests=100, errors=50), True, True, "gates passed"),  # not yet
+        (Gates(max_error_rate=0.1), GateInput(), False, True, "gates passed"),  # no samples: passes
+        (Gates(max_p95_ttft_ms=100), GateInput(ttft_samples=[50.0] * 19 + [500.0]), False, True, "gates passed"),
+        (Gates(max_p95_ttft_ms=100), GateInput(ttft_samples=[50.0] * 18 + [500.0] * 2), False, False, "p95"),
+        (Gates(max_p95_ttft_ms=100), GateInput(), False, True, "gates passed"),
+    ],
+)
+def test_gate_evaluation(gates: Gates, figures: GateInput, install_only: bool, ok: bool, note: str) -> None:
+    result = evaluate_gates(gates, figures, install_only=install_only)
+    assert result.ok is ok, result.checks
+    assert note in result.reason
+
+
+def test_gates_without_figures_say_so() -> None:
+    result = evaluate_gates(Gates(max_error_rate=0.1, max_p95_ttft_ms=10, min_success_rate=0.5), GateInput())
+    notes = " ".join(c["note"] for c in result.checks)
+    assert "no inference requests" in notes and "no samples" in notes and "not judged yet" in notes
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"min_success_rate": 1.5},
+        {"max_error_rate": -0.1},
+        {"max_failures": -1},
+        {"min_devices": 0},
+        {"max_p95_ttft_ms": 0},
+    ],
+)
+def test_bad_gates_are_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(PlanError):
+        Gates(**kwargs)
+
+
+def test_counters_and_percentiles() -> None:
+    assert counter_delta([10, 15, 15, 20]) == 10
+    assert counter_delta([10, 15, 3, 5]) == 10  # a restart at 3: 5 + 3 + 2
+    assert counter_delta([7]) == 0
+    assert p95([1.0]) == 1.0 and p95(list(map(float, range(1, 101)))) == 95.0
+    plan = RolloutPlan(waves=["1", "100%"], soak_s=2, wave_timeout_s=5, gates=Gates(max_failures=0))
+    assert RolloutPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(PlanError):
+        RolloutPlan(waves=["1"], soak_s=-1)
+
+
+# --- the store's wave machine, stepped by hand ----------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = str(request.getfixturevalue("pg_url")) if request.param == "postgresql" else f"sqlite:///{tmp_path}/fleet.db"
+    s = Store(url)
+    s.migrate()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _setup(store: Store, n: int) -> tuple[list[str], str, str]:
+    ids = []
+    for i in range(n):
+        token = store.create_token(60)[0]
+        ids.append(store.enroll(token, public_key="11" * 32, name=f"d{i}", inventory={}, mqtt_password_hash="h").id)
+    old, new = "a" * 64, "b" * 64
+    for pid, version in ((old, "1.0.0"), (new, "2.0.0")):
+        store.add_package(NewPackage(pid, "m", version, "model", "cpu-int4", "k", b"m" + version.encode(), []))
+    return ids, old, new
+
+
+def _report(store: Store, device: str, generation: int, state: str, pid: str, reason: str = "") -> None:
+    store.apply_reported(
+        ReportedUpdate(device, generation, state, pid, pid if state == "COMMITTED" else "", "", "b", reason, 0, 0)
+    )
+
+
+def _finish(store: Store, desired: list[Any], state: str = "COMMITTED") -> None:
+    for d in desired:
+        _report(store, d.device_id, d.generation, state, d.package_id)
+
+
+def test_waves_soak_and_timeout_with_a_controlled_clock(store: Store) -> None:
+    _ids, old, new = _setup(store, 5)
+    r0, first = store.create_rollout(old, "all")
+    _finish(store, first)
+    assert store.get_rollout(r0.id).state == "succeeded"
+
+    plan = RolloutPlan(waves=["1", "3", "100%"], soak_s=60, wave_timeout_s=300)
+    r, canary = store.create_rollout(new, "all", plan)
+    assert [w.size for w in r.waves] == [1, 2, 2] and len(canary) == 1
+    assert canary[0].generation == 2 and canary[0].signed_manifest == b"m2.0.0"
+    assert r.counts() == {"PENDING": 1, "WAITING": 4}
+    t0 = utcnow()
+    assert store.advance_rollout(r.id, t0) == []  # the canary has not finished
+    _finish(store, canary)
+    rec = store.get_rollout(r.id)
+    assert rec.waves[0].state == "soaking" and rec.state == "in_progress"
+    assert store.advance_rollout(r.id, t0 + timedelta(seconds=30)) == []  # still soaking
+    second = store.advance_rollout(r.id, t0 + timedelta(seconds=61))
+    assert len(second) == 2 and {d.generation for d in second} == {2}
+    rec = store.get_rollout(r.id)
+    assert [w.state for w in rec.waves] == ["passed", "running", "pending"] and rec.current_wave == 1
+    wave_of = {d.device_id: d.wave for d in rec.devices}
+    assert {wave_of[d.device_id] for d in second} == {1} and wave_of[canary[0].device_id] == 0
+    # One device of wave 2 commits, the other never answers: it times out, and without gates the rollout goes on.
+    _report(store, second[0].device_id, 2, "COMMITTED", new)
+    assert store.advance_rollout(r.id, t0 + timedelta(seconds=200)) == []
+    started = store.get_rollout(r.id).waves[1].started_at
+    assert started is not None
+    assert store.advance_rollout(r.id, started + timedelta(seconds=301)) == []  # timed out: the soak begins
+    rec = store.get_rollout(r.id)
+    assert {d.device_id: d.state for d in rec.devices}[second[1].device_id] == "TIMED_OUT"
+    assert rec.waves[1].state == "soaking"
+    third = store.advance_rollout(r.id, started + timedelta(seconds=301 + 61))
+    rec = store.get_rollout(r.id)
+    assert len(third) == 2 and rec.waves[2].state == "running"
+    _finish(store, third)
+    store.advance_rollout(r.id, utcnow() + timedelta(seconds=120))
+    rec = store.get_rollout(r.id)
+    assert rec.state == "failed" and "1 timed out" in (rec.reason or "")  # no gates: a failure fails it at the end
+    events = [t.get("event") for t in rec.transitions]
+    assert events.count("wave_started") == 3 and events.count("wave_passed") == 3
+    assert all(t["at"] and t["reason"] for t in rec.transitions)
+
+
+def test_a_failing_gate_reverts_every_touched_device(store: Store) -> None:
+    ids, old, new = _setup(store, 4)
+    _, first = store.create_rollout(old, "all")
+    _finish(store, first)
+    plan = RolloutPlan(waves=["2", "100%"], gates=Gates(max_failures=0))
+    r, canaries = store.create_rollout(new, "all", plan)
+    _report(store, canaries[0].device_id, 2, "COMMITTED", new)
+    _report(store, canaries[1].device_id, 2, "ROLLED_BACK", new, reason="golden prompt 2 differs")
+    reverted = store.advance_rollout(r.id)
+    assert sorted(d.device_id for d in reverted) == sorted(c.device_id for c in canaries)
+    assert {(d.package_id, d.generation, d.rollout_id) for d in reverted} == {(old, 3, r.id)}
+    assert {d.signed_manifest for d in reverted} == {b"m1.0.0"}
+    rec = store.get_rollout(r.id)
+    assert rec.state == "rolled_back" and "1 devices failed" in (rec.reason or "")
+    assert [w.state for w in rec.waves] == ["failed", "cancelled"]
+    states = {d.device_id: d.state for d in rec.devices}
+    assert sorted(states.values()) == ["CANCELLED", "CANCELLED", "COMMITTED", "ROLLED_BACK"]
+    assert rec.transitions[-1]["state"] == "rolled_back" and "previous package back" in rec.transitions[-1]["reason"]
+    latest = {d.device_id: (d.package_id, d.generation) for d in store.latest_desired_states()}
+    for c in canaries:
+        assert latest[c.device_id] == (old, 3)
+    for d in ids:
+        if d not in {c.device_id for c in canaries}:
+            assert latest[d] == (old, 1)  # never touched
+    assert store.advance_rollout(r.id) == []  # nothing more happens
+    # The reverted devices' reports for generation 3 do not reopen the rollout.
+    _finish(store, reverted)
+    assert store.get_rollout(r.id).state == "rolled_back"
+
+
+def test_telemetry_gates_judge_after_the_soak(store: Store) -> None:
+    _ids, old, new = _setup(store, 2)
+    _, first = store.create_rollout(old, "all")
+    _finish(store, first)
+    plan = RolloutPlan(waves=["1", "100%"], gates=Gates(max_error_rate=0.2))
+    r, canary = store.create_rollout(new, "all", plan)
+    dev = canary[0].device_id
+    now_ms = int(utcnow().timestamp() * 1000)
+    samples = [
+        TelemetryRecord(
+            dev, seq=i, timestamp_ms=now_ms + i, requests_total=10 * i, errors_total=4 * i, active_package_id=new
+        )
+        for i in range(1, 4)
+    ]
+    samples.append(  # errors on the old package do not count against the new one
+        TelemetryRecord(dev, seq=0, timestamp_ms=now_ms, requests_total=0, errors_total=0, active_package_id=old)
+    )
+    store.insert_telemetry(samples)
+    _finish(store, canary)
+    reverted = store.advance_rollout(r.id)
+    rec = store.get_rollout(r.id)
+    assert rec.state == "rolled_back" and "error rate 40.0% (8/20 requests)" in (rec.reason or "")
+    assert [d.package_id for d in reverted] == [old]
+
+
+def test_pause_resume_cancel_rules(store: Store) -> None:
+    _ids, old, new = _setup(store, 3)
+    r, canary = store.create_rollout(new, "all", RolloutPlan(waves=["1", "100%"]))
+    with pytest.raises(Conflict, match="only a rollout that is paused"):
+        store.control_rollout(r.id, "resume")
+    assert store.control_rollout(r.id, "pause", "look at the canary").state == "paused"
+    _finish(store, canary)
+    assert store.advance_rollout(r.id) == []  # paused: the next wave waits
+    assert store.active_rollout_ids() == []
+    assert store.control_rollout(r.id, "resume").state == "in_progress"
+    assert len(store.advance_rollout(r.id)) == 2
+    rec = store.control_rollout(r.id, "cancel")
+    assert rec.state == "cancelled" and rec.transitions[-1]["reason"] == "cancel by the operator"
+    with pytest.raises(Conflict, match="is cancelled"):
+        store.control_rollout(r.id, "pause")
+    with pytest.raises(InvalidRequest):
+        store.control_rollout(r.id, "explode")
+    with pytest.raises(InvalidRequest, match="must not shrink"):
+        store.create_rollout(new, "all", RolloutPlan(waves=["2", "1", "100%"]))
+    # Cancel before a wave: its devices never get a desired state.
+    r2, c2 = store.create_rollout(old, "all", RolloutPlan(waves=["1", "100%"]))
+    store.control_rollout(r2.id, "cancel")
+    _finish(store, c2)
+    assert store.advance_rollout(r2.id) == []
+    rec = store.get_rollout(r2.id)
+    assert sorted(d.state for d in rec.devices) == ["CANCELLED", "CANCELLED", "COMMITTED"]
+    assert rec.state == "cancelled"
+
+
+def test_a_rollout_made_before_waves_existed_migrates_and_finishes(tmp_path: Path) -> None:
+    """A database at revision 0001 with an in-progress rollout: 0002 gives it one running wave."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from slmops_fleet.db import MIGRATIONS_DIR
+
+    store = Store(f"sqlite:///{tmp_path}/old.db")
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with store.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+        now = utcnow().isoformat()
+        pid = "c" * 64
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO devices (id, name, public_key, inventory, mqtt_password_hash, created_at, "
+                    "reported_generation, bytes_needed, bytes_received, telemetry_dropped_total) "
+                    "VALUES ('dev-old', '', :k, '{}', 'h', :now, 0, 0, 0, 0)"
+                ),
+                {"k": "11" * 32, "now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO packages (id, name, version, profile, kind, signed_manifest, signed_by, size_bytes, "
+                    "created_at) VALUES (:p, 'm', '1.0.0', '', 'model', x'00', '', 0, :now)"
+                ),
+                {"p": pid, "now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO rollouts (id, package_id, target, state, created_at, updated_at, transitions) "
+                    "VALUES ('ro-old', :p, '\"all\"', 'in_progress', :now, :now, '[]')"
+                ),
+                {"p": pid, "now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO rollout_devices (rollout_id, device_id, generation, state, updated_at) "
+                    "VALUES ('ro-old', 'dev-old', 1, 'PENDING', :now)"
+                ),
+                {"now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO desired_states (device_id, generation, package_id, rollout_id, created_at) "
+                    "VALUES ('dev-old', 1, :p, 'ro-old', :now)"
+                ),
+                {"p": pid, "now": now},
+            )
+        store.migrate()
+        assert store.schema_revision() == "0002"
+        old = store.get_rollout("ro-old")
+        assert [(w.size, w.state) for w in old.waves] == [(1, "running")] and old.plan["waves"] == ["100%"]
+        assert store.active_rollout_ids() == ["ro-old"]
+        _report(store, "dev-old", 1, "COMMITTED", pid)
+        assert store.get_rollout("ro-old").state == "succeeded"
+    finally:
+        store.close()
+
+
+# --- selectors and tags -----------------------------------------------------------------------------------
+
+INV = {
+    "arch": "x86_64",
+    "cpu_count": 4,
+    "memory_bytes": 8_000_000_000,
+    "providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+    "os": "Linux",
+}
+
+
+@pytest.mark.parametrize(
+    ("selector", "matches"),
+    [
+        ("", True),
+        ("tag=canary", True),
+        ("tag!=canary", False),
+        ("tag=lab", False),
+        ("tag!=lab", True),
+        ("memory_bytes>=2e9", True),
+        ("memory_bytes>=8e9", True),
+        ("memory_bytes>8e9", False),
+        ("cpu_count<4", False),
+        ("cpu_count=4", True),
+        ("cpu_count!=4", False),
+        ("arch=x86_64", True),
+        ("arch=aarch64", False),
+        ("arch!=aarch64", True),
+        ("providers=CUDAExecutionProvider", True),
+        ("providers!=CUDAExecutionProvider", False),
+        ("providers=DmlExecutionProvider", False),
+        ("disk_free_bytes>=1", False),  # the inventory lacks it: no match
+        ("arch>=1", False),  # a string is not ordered
+        ("name=edge-1", True),
+        ("id=dev-1", True),
+        ("tag=canary, arch=x86_64, memory_bytes>=2e9", True),
+        ("tag=canary,arch=aarch64", False),
+    ],
+)
+def test_selector_terms(selector: str, matches: bool) -> None:
+    terms = parse_selector(selector)
+    assert selector_matches(terms, device_id="dev-1", name="edge-1", tags=["canary"], inventory=INV) is matches
+
+
+@pytest.mark.parametrize(
+    ("selector", "message"),
+    [
+        ("memory_bytes>=lots", "needs a number"),
+        ("tag>=3", "= or != only"),
+        ("arch", "is not KEY=VALUE"),
+        ("=x86", "is not KEY=VALUE"),
+        ("arch=", "is not KEY=VALUE"),
+    ],
+)
+def test_bad_selectors_are_refused(selector: str, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        parse_selector(selector)
+    with pytest.raises(PlanError):
+        RolloutPlan(waves=["100%"], selector=selector)
+
+
+def test_tags_and_selected_rollouts(store: Store) -> None:
+    ids, old, _new = _setup(store, 3)
+    d = store.update_device_tags(ids[0], add=["canary", "lab", "canary"])
+    assert d.tags == ["canary", "lab"]
+    assert store.update_device_tags(ids[0], add=["x"], remove=["lab", "x"]).tags == ["canary"]
+    assert store.get_device(ids[0]).tags == ["canary"] and store.list_devices()[1].tags == []
+    with pytest.raises(InvalidRequest, match="must be 1-64"):
+        store.update_device_tags(ids[1], add=["bad tag"])
+    with pytest.raises(InvalidRequest, match="at most 32"):
+        store.update_device_tags(ids[1], add=[f"t{i}" for i in range(33)])
+    assert store.get_device(ids[1]).tags == []
+    r, desired = store.create_rollout(old, "all", RolloutPlan(waves=["100%"], selector="tag=canary"))
+    assert [x.device_id for x in desired] == [ids[0]] and [x.device_id for x in r.devices] == [ids[0]]
+    assert r.plan["selector"] == "tag=canary"
+    with pytest.raises(Conflict, match="matches none of the 2 target devices"):
+        store.create_rollout(old, ids[1:], RolloutPlan(waves=["100%"], selector="tag=canary"))
+    assert len(store.list_rollouts()) == 1
