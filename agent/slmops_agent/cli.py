@@ -196,16 +196,45 @@ def _target(target: str | None, state_dir: Path | None) -> str:
     return settings.grpc_address
 
 
-def _unary(target: str | None, state_dir: Path | None, method: str, request: Any) -> tuple[str, Any]:
+_TOKEN_HELP = "Bearer token for an agent reached over TCP off loopback (or $SLMOPS_AGENT_AUTH_TOKEN)."
+_CA_HELP = "PEM file of the CA (or self-signed certificate) to trust: connect with TLS."
+
+
+def _channel(where: str, tls_ca: Path | None) -> Any:
+    """A gRPC channel to `where`: TLS when a CA file is given, plain otherwise."""
+    import grpc
+
+    if tls_ca is None:
+        return grpc.insecure_channel(where)
+    try:
+        ca = tls_ca.read_bytes()
+    except OSError as exc:
+        raise _fail(f"cannot read the CA file {tls_ca}: {exc.strerror}", 2) from None
+    return grpc.secure_channel(where, grpc.ssl_channel_credentials(root_certificates=ca))
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _unary(
+    target: str | None,
+    state_dir: Path | None,
+    method: str,
+    request: Any,
+    token: str | None = None,
+    tls_ca: Path | None = None,
+) -> tuple[str, Any]:
     """Call one unary Inference RPC on the local agent; return (where, reply)."""
     import grpc
 
     from slmops_protos.agent.v1 import agent_pb2_grpc
 
     where = _target(target, state_dir)
-    with grpc.insecure_channel(where) as channel:
+    with _channel(where, tls_ca) as channel:
         try:
-            return where, getattr(agent_pb2_grpc.InferenceStub(channel), method)(request, timeout=10)
+            stub = agent_pb2_grpc.InferenceStub(channel)
+            return where, getattr(stub, method)(request, timeout=10, metadata=_metadata(token))
         except grpc.RpcError as exc:
             raise _rpc_error(exc, where) from None
 
@@ -239,6 +268,8 @@ def ask(
     raw: bool = typer.Option(False, "--raw", help="Send PROMPT as a raw prompt, no chat template."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the call is abandoned."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming."),
+    token: str | None = typer.Option(None, "--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", help=_CA_HELP),
 ) -> None:
     """Ask the local agent; the answer streams to the terminal, then tokens/s and time to first token."""
     import grpc
@@ -259,10 +290,10 @@ def ask(
         request.temperature = temperature
     text: list[str] = []
     last: Any = None
-    with grpc.insecure_channel(where) as channel:
+    with _channel(where, tls_ca) as channel:
         stub = agent_pb2_grpc.InferenceStub(channel)
         try:
-            for chunk in stub.Generate(request, timeout=timeout):
+            for chunk in stub.Generate(request, timeout=timeout, metadata=_metadata(token)):
                 if chunk.text:
                     text.append(chunk.text)
                     if not as_json:
@@ -307,11 +338,13 @@ def status(
     target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    token: str | None = typer.Option(None, "--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", help=_CA_HELP),
 ) -> None:
     """The running agent's status (GetStatus)."""
     from slmops_protos.agent.v1 import agent_pb2
 
-    where, reply = _unary(target, state_dir, "GetStatus", agent_pb2.GetStatusRequest())
+    where, reply = _unary(target, state_dir, "GetStatus", agent_pb2.GetStatusRequest(), token=token, tls_ca=tls_ca)
     if as_json:
         typer.echo(json.dumps(_to_dict(reply)))
         return
@@ -345,11 +378,13 @@ def models(
     target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    token: str | None = typer.Option(None, "--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", help=_CA_HELP),
 ) -> None:
     """The packages installed in the agent's slots (ListModels)."""
     from slmops_protos.agent.v1 import agent_pb2
 
-    where, reply = _unary(target, state_dir, "ListModels", agent_pb2.ListModelsRequest())
+    where, reply = _unary(target, state_dir, "ListModels", agent_pb2.ListModelsRequest(), token=token, tls_ca=tls_ca)
     if as_json:
         typer.echo(json.dumps([_to_dict(m) for m in reply.models]))
         return

@@ -20,6 +20,7 @@ from slmops_agent.httpapi import HttpServer
 from slmops_agent.inventory import Inventory, collect_inventory
 from slmops_agent.layout import StateLayout, StateLock, write_atomic
 from slmops_agent.mqtt import AgentMqtt
+from slmops_agent.reach import require_protection, tls_from
 from slmops_agent.runtime import Limits, Metrics, ModelHost, ModelInfo
 from slmops_agent.server import AgentServer, AgentStatus
 from slmops_agent.settings import AgentSettings
@@ -101,17 +102,30 @@ class Agent:
             providers=self.inventory.providers,
             memory_bytes=self.inventory.memory_bytes,
         )
+        tls = tls_from(settings.tls_cert, settings.tls_key)
+        # refuse at once (before anything listens) to expose an unprotected server
+        if settings.grpc_tcp:
+            require_protection("gRPC", settings.grpc_address.rpartition(":")[0], tls, settings.auth_token)
+        if settings.metrics_port >= 0:
+            require_protection("HTTP", settings.metrics_host, tls, settings.auth_token)
         self.server = AgentServer(
             self.host,
             socket_path=settings.socket_path,
             tcp_address=settings.grpc_address if settings.grpc_tcp else None,
             status=self.status,
             addr_file=self.layout.grpc_addr,
+            tls=tls,
+            token=settings.auth_token,
         )
         self.http: HttpServer | None = None
         if settings.metrics_port >= 0:
             self.http = HttpServer(
-                self.host, address=settings.metrics_host, port=settings.metrics_port, addr_file=self.layout.metrics_addr
+                self.host,
+                address=settings.metrics_host,
+                port=settings.metrics_port,
+                addr_file=self.layout.metrics_addr,
+                tls=tls,
+                token=settings.auth_token,
             )
         self._stop: asyncio.Event | None = None
 

@@ -22,10 +22,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from slmops_agent.errors import AgentError
+from slmops_agent.reach import TlsFiles, require_protection, token_matches
 from slmops_agent.runtime import ModelHost
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,23 @@ def build_app(host: ModelHost) -> Starlette:
     return Starlette(routes=[Route("/metrics", metrics, methods=["GET"]), *openai_routes(host)])
 
 
+def require_token(app: Any, token: str) -> Any:
+    """ASGI wrapper: /v1/* answers 401 (an OpenAI error body) unless `authorization: Bearer <token>`."""
+
+    async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/v1"):
+            header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+            if not token_matches(header, token):
+                message = "wrong bearer token" if header else "a bearer token is required (Authorization: Bearer ...)"
+                body = {"error": {"message": message, "type": "authentication_error", "code": "UNAUTHENTICATED"}}
+                response = JSONResponse(body, status_code=401, headers={"www-authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
 def _server_class() -> type[Any]:
     import uvicorn
 
@@ -124,9 +142,18 @@ class HttpServer:
     """Serves the app on host:port (0: a free port, written to `addr_file`) on the running loop."""
 
     def __init__(
-        self, host: ModelHost, *, address: str = "127.0.0.1", port: int = 0, addr_file: Path | None = None
+        self,
+        host: ModelHost,
+        *,
+        address: str = "127.0.0.1",
+        port: int = 0,
+        addr_file: Path | None = None,
+        tls: TlsFiles | None = None,
+        token: str | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
+        self.token = token or None
         self.address = address
         self.port = port
         self.addr_file = addr_file
@@ -138,6 +165,7 @@ class HttpServer:
     async def start(self) -> str:
         import uvicorn
 
+        require_protection("HTTP", self.address, self.tls, self.token)
         sock = socket.socket(socket.AF_INET6 if ":" in self.address else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -148,9 +176,13 @@ class HttpServer:
         sock.listen(128)
         sock.setblocking(False)
         port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self._app_factory(self.host), log_level="warning", access_log=False, lifespan="off", ws="none"
-        )
+        app: Any = self._app_factory(self.host)
+        if self.token is not None:
+            app = require_token(app, self.token)
+        tls_kw: dict[str, Any] = {}
+        if self.tls is not None:
+            tls_kw = {"ssl_certfile": str(self.tls.cert_path), "ssl_keyfile": str(self.tls.key_path)}
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none", **tls_kw)
         self._server = _server_class()(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="slmops-http")
         while not self._server.started:
@@ -160,7 +192,7 @@ class HttpServer:
                 raise AgentError("the HTTP server stopped at start-up")
             await asyncio.sleep(0.01)
         host = f"[{self.address}]" if ":" in self.address else self.address
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if self.tls is not None else 'http'}://{host}:{port}"
         if self.addr_file is not None:
             self.addr_file.write_text(f"{host}:{port}\n")
         log.info("HTTP (metrics) on %s", self.url)

@@ -22,6 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from slmops_agent.errors import AgentError, Cancelled, QueueFull, status_name
+from slmops_agent.reach import TlsFiles, auth_interceptor, require_protection
 from slmops_agent.runtime import (
     CancelToken,
     FinishReason,
@@ -282,8 +283,12 @@ class AgentServer:
         tcp_address: str | None,
         status: Callable[[], AgentStatus] = _default_status,
         addr_file: Path | None = None,
+        tls: TlsFiles | None = None,
+        token: str | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
+        self.token = token or None
         self.socket_path = socket_path
         self.tcp_address = tcp_address
         self.addr_file = addr_file
@@ -295,9 +300,14 @@ class AgentServer:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> list[str]:
+        if self.tcp_address is not None:
+            require_protection("gRPC", self.tcp_address.rpartition(":")[0], self.tls, self.token)
         self._loop = asyncio.get_running_loop()
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if self.token is not None:
+            interceptors.insert(0, auth_interceptor(self.token))
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 * 1024 * 1024)],
         )
         agent_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.host, self.status), server)
@@ -313,7 +323,7 @@ class AgentServer:
             _bind(server, target)
             addresses.append(target)
         if self.tcp_address is not None:
-            port = _bind(server, self.tcp_address)
+            port = _bind(server, self.tcp_address, self.tls)
             hostname = self.tcp_address.rpartition(":")[0]
             self.tcp_port = port
             addresses.append(f"{hostname}:{port}")
@@ -362,9 +372,12 @@ class AgentServer:
             await self.server.wait_for_termination()
 
 
-def _bind(server: grpc.aio.Server, target: str) -> int:
+def _bind(server: grpc.aio.Server, target: str, tls: TlsFiles | None = None) -> int:
     try:
-        port = server.add_insecure_port(target)
+        if tls is not None:
+            port = server.add_secure_port(target, grpc.ssl_server_credentials([(tls.key, tls.cert)]))
+        else:
+            port = server.add_insecure_port(target)
     except RuntimeError as exc:
         raise AgentError(f"cannot listen on {target}: {exc}") from exc
     if port == 0 and not target.startswith("unix:"):

@@ -43,6 +43,14 @@ class AgentSettings(BaseSettings):
         description="HTTP port for /metrics and the OpenAI API /v1; 0: a free one (see metrics.addr); -1: off.",
     )
     metrics_host: str = Field("127.0.0.1", description="Address of the HTTP server (loopback by default).")
+    tls_cert: Path | None = Field(None, description="PEM certificate for gRPC TCP and HTTP (needed off loopback).")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    auth_token: str | None = Field(
+        None,
+        min_length=16,
+        repr=False,
+        description="Bearer token callers must send on TCP gRPC and /v1 (needed off loopback).",
+    )
     threads: int = Field(default_factory=free_cores, ge=1, le=256, description="onnxruntime intra-op threads.")
     queue_bound: int = Field(8, ge=1, le=10_000, description="Requests waiting or running before RESOURCE_EXHAUSTED.")
     default_max_new_tokens: int = Field(256, ge=1, le=1 << 20)
@@ -68,7 +76,7 @@ class AgentSettings(BaseSettings):
         None, description="Fault injection for crash tests: SIGKILL the agent right after saving this state."
     )
 
-    @field_validator("state_dir", "grpc_socket", mode="after")
+    @field_validator("state_dir", "grpc_socket", "tls_cert", "tls_key", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().absolute()

@@ -285,7 +285,16 @@ def load_unpacked(pkg: Path, folder: Path, *, version: str = "1.0.0") -> Any:
 class ServerThread:
     """An AgentServer on its own event loop in a thread (the test talks to it with sync clients)."""
 
-    def __init__(self, host: Any, socket_path: Path, addr_file: Path) -> None:
+    def __init__(
+        self,
+        host: Any,
+        socket_path: Path | None,
+        addr_file: Path | None,
+        *,
+        tcp_address: str = "127.0.0.1:0",
+        tls: Any = None,
+        token: str | None = None,
+    ) -> None:
         import asyncio
 
         from slmops_agent.server import AgentServer, AgentStatus
@@ -293,9 +302,11 @@ class ServerThread:
         self.server = AgentServer(
             host,
             socket_path=socket_path,
-            tcp_address="127.0.0.1:0",
+            tcp_address=tcp_address,
             addr_file=addr_file,
             status=lambda: AgentStatus(device_id="dev-x", update_state="COMMITTED", agent_version="0.1.0"),
+            tls=tls,
+            token=token,
         )
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()

