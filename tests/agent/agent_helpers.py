@@ -3,6 +3,7 @@ playing the fleet on a real broker."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import threading
@@ -16,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from slmops_agent.credentials import Credentials, MqttCredentials
+from slmops_agent.runtime import GenerationRequest, GenerationResult, ModelHost, ModelInfo
 from slmops_agent.settings import AgentSettings
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.manifests import package_id, parse_signed_manifest
@@ -329,3 +331,32 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+class PacedHost(ModelHost):
+    """A ModelHost whose token loop hands on each piece after `pace_s` (a slow device), and keeps
+    the futures. The tiny model makes ~20k tokens/s, far faster than a client could cancel."""
+
+    pace_s = 0.0
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.futures: list[concurrent.futures.Future[GenerationResult]] = []
+
+    def submit(
+        self,
+        req: GenerationRequest,
+        *,
+        cancel: threading.Event | None = None,
+        on_text: Callable[[str], None] | None = None,
+        on_start: Callable[[ModelInfo], None] | None = None,
+    ) -> concurrent.futures.Future[GenerationResult]:
+        def paced(piece: str) -> None:
+            if self.pace_s:
+                time.sleep(self.pace_s)
+            if on_text is not None:
+                on_text(piece)
+
+        future = super().submit(req, cancel=cancel, on_text=paced, on_start=on_start)
+        self.futures.append(future)
+        return future

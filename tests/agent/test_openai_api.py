@@ -4,45 +4,22 @@ served from the real tiny model through the same ModelHost as gRPC."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import openai
 import pytest
-from agent_helpers import ServerThread, load_unpacked
+from agent_helpers import PacedHost, ServerThread, load_unpacked
 
 from slmops_agent.httpapi import HttpServer
-from slmops_agent.runtime import GenerationRequest, GenerationResult, Limits, LoadedModel, ModelHost, ModelInfo
+from slmops_agent.runtime import Limits, LoadedModel
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
-
-
-class PacedHost(ModelHost):
-    """A ModelHost that waits `pace_s` before handing on each piece (a slow device)."""
-
-    pace_s = 0.0
-
-    def submit(
-        self,
-        req: GenerationRequest,
-        *,
-        cancel: threading.Event | None = None,
-        on_text: Callable[[str], None] | None = None,
-        on_start: Callable[[ModelInfo], None] | None = None,
-    ) -> concurrent.futures.Future[GenerationResult]:
-        def paced(piece: str) -> None:
-            if self.pace_s:
-                time.sleep(self.pace_s)
-            if on_text is not None:
-                on_text(piece)
-
-        return super().submit(req, cancel=cancel, on_text=paced, on_start=on_start)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ before handing each decoded piece on (a slow device); everything else is the rea
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import shutil
 import tempfile
 import threading
@@ -18,49 +17,17 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from agent_helpers import ServerThread, load_unpacked
+from agent_helpers import PacedHost, ServerThread, load_unpacked
 
 from slmops_agent.runtime import (
     FinishReason,
-    GenerationRequest,
-    GenerationResult,
     Limits,
     LoadedModel,
-    ModelHost,
-    ModelInfo,
 )
 from slmops_agent.server import RETRY_AFTER_KEY
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 BOUND = 16
-
-
-class PacedHost(ModelHost):
-    """A ModelHost whose token loop hands on each piece after `pace_s` (and keeps the futures)."""
-
-    pace_s = 0.0
-
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]
-        self.futures: list[concurrent.futures.Future[GenerationResult]] = []
-
-    def submit(
-        self,
-        req: GenerationRequest,
-        *,
-        cancel: threading.Event | None = None,
-        on_text: Callable[[str], None] | None = None,
-        on_start: Callable[[ModelInfo], None] | None = None,
-    ) -> concurrent.futures.Future[GenerationResult]:
-        def paced(piece: str) -> None:
-            if self.pace_s:
-                time.sleep(self.pace_s)
-            if on_text is not None:
-                on_text(piece)
-
-        future = super().submit(req, cancel=cancel, on_text=paced, on_start=on_start)
-        self.futures.append(future)
-        return future
 
 
 @pytest.fixture(scope="module")
