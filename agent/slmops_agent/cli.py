@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,6 +23,12 @@ app = typer.Typer(
 )
 
 _STATE_HELP = "State folder (default: $SLMOPS_AGENT_STATE_DIR or ~/.slmops/agent)."
+_TOKEN_HELP = "Bearer token for an agent reached over TCP off loopback (or $SLMOPS_AGENT_AUTH_TOKEN)."
+_CA_HELP = "PEM file of the CA (or self-signed certificate) to trust: connect with TLS."
+StateDirOpt = Annotated[Path | None, typer.Option("--state-dir", help=_STATE_HELP)]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="unix:PATH or host:port (default: the local agent).")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP)]
+TlsCaOpt = Annotated[Path | None, typer.Option("--tls-ca", help=_CA_HELP)]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -57,7 +63,7 @@ def enroll(
     fleet: str = typer.Option(..., "--fleet", help="The fleet's URL, e.g. http://fleet.local:8000."),
     token: str = typer.Option(..., "--token", help="The one-time enrollment token."),
     name: str = typer.Option("", "--name", help="A name for this device."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    state_dir: StateDirOpt = None,
     force: bool = typer.Option(False, "--force", help="Enroll again even if this device is enrolled."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -90,7 +96,7 @@ def enroll(
 
 @app.command()
 def run(
-    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    state_dir: StateDirOpt = None,
     grpc_port: int | None = typer.Option(
         None, "--grpc-port", min=0, max=65535, help="TCP port on 127.0.0.1 (0: a free one, see <state>/grpc.addr)."
     ),
@@ -142,7 +148,7 @@ def run(
 @app.command()
 def install(
     package: Path = typer.Argument(..., help="A package folder (manifest.signed.pb + blobs/)."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    state_dir: StateDirOpt = None,
     trust_key: list[str] = typer.Option(
         [], "--trust-key", help="Pin a signing key first (hex of the raw Ed25519 key, or a .pub file)."
     ),
@@ -194,10 +200,6 @@ def _target(target: str | None, state_dir: Path | None) -> str:
     if addr.exists():
         return addr.read_text().strip()
     return settings.grpc_address
-
-
-_TOKEN_HELP = "Bearer token for an agent reached over TCP off loopback (or $SLMOPS_AGENT_AUTH_TOKEN)."
-_CA_HELP = "PEM file of the CA (or self-signed certificate) to trust: connect with TLS."
 
 
 def _channel(where: str, tls_ca: Path | None) -> Any:
@@ -258,8 +260,8 @@ def _rpc_error(exc: Any, target: str) -> typer.Exit:
 @app.command()
 def ask(
     prompt: str = typer.Argument(..., help="The question (sent as one user message unless --raw)."),
-    target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    target: TargetOpt = None,
+    state_dir: StateDirOpt = None,
     max_new_tokens: int = typer.Option(0, "--max-new-tokens", min=0, help="0: the agent's default."),
     temperature: float | None = typer.Option(
         None, "--temperature", min=0.0, help="0: greedy; unset: the package's default."
@@ -268,8 +270,8 @@ def ask(
     raw: bool = typer.Option(False, "--raw", help="Send PROMPT as a raw prompt, no chat template."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the call is abandoned."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming."),
-    token: str | None = typer.Option(None, "--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP),
-    tls_ca: Path | None = typer.Option(None, "--tls-ca", help=_CA_HELP),
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """Ask the local agent; the answer streams to the terminal, then tokens/s and time to first token."""
     import grpc
@@ -335,11 +337,11 @@ def ask(
 
 @app.command()
 def status(
-    target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    target: TargetOpt = None,
+    state_dir: StateDirOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    token: str | None = typer.Option(None, "--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP),
-    tls_ca: Path | None = typer.Option(None, "--tls-ca", help=_CA_HELP),
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """The running agent's status (GetStatus)."""
     from slmops_protos.agent.v1 import agent_pb2
@@ -375,11 +377,11 @@ def status(
 
 @app.command()
 def models(
-    target: str | None = typer.Option(None, "--target", help="unix:PATH or host:port (default: the local agent)."),
-    state_dir: Path | None = typer.Option(None, "--state-dir", help=_STATE_HELP),
+    target: TargetOpt = None,
+    state_dir: StateDirOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    token: str | None = typer.Option(None, "--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP),
-    tls_ca: Path | None = typer.Option(None, "--tls-ca", help=_CA_HELP),
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """The packages installed in the agent's slots (ListModels)."""
     from slmops_protos.agent.v1 import agent_pb2

@@ -458,43 +458,24 @@ RolloutIdArg = Annotated[str, typer.Argument(help="Rollout id ('latest': the new
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the rollout's record.")]
 
 
-@rollout_app.command("pause")
-def rollout_pause(
-    rollout_id: RolloutIdArg,
-    reason: ReasonOpt = "",
-    fleet: FleetOpt = None,
-    token: TokenOpt = None,
-    data_dir: DataDirOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Hold a rollout: the running wave finishes, the next one does not start."""
-    _control("pause", rollout_id, reason, fleet, token, data_dir, as_json)
+def _control_command(action: str, doc: str) -> None:
+    def command(
+        rollout_id: RolloutIdArg,
+        reason: ReasonOpt = "",
+        fleet: FleetOpt = None,
+        token: TokenOpt = None,
+        data_dir: DataDirOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        _control(action, rollout_id, reason, fleet, token, data_dir, as_json)
+
+    command.__doc__ = doc
+    rollout_app.command(action)(command)
 
 
-@rollout_app.command("resume")
-def rollout_resume(
-    rollout_id: RolloutIdArg,
-    reason: ReasonOpt = "",
-    fleet: FleetOpt = None,
-    token: TokenOpt = None,
-    data_dir: DataDirOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Continue a paused rollout."""
-    _control("resume", rollout_id, reason, fleet, token, data_dir, as_json)
-
-
-@rollout_app.command("cancel")
-def rollout_cancel(
-    rollout_id: RolloutIdArg,
-    reason: ReasonOpt = "",
-    fleet: FleetOpt = None,
-    token: TokenOpt = None,
-    data_dir: DataDirOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Stop a rollout: no further wave starts; devices already updated keep what they got."""
-    _control("cancel", rollout_id, reason, fleet, token, data_dir, as_json)
+_control_command("pause", "Hold a rollout: the running wave finishes, the next one does not start.")
+_control_command("resume", "Continue a paused rollout.")
+_control_command("cancel", "Stop a rollout: no further wave starts; devices already updated keep what they got.")
 
 
 def _counts(counts: dict[str, int], empty: str = "none") -> str:
