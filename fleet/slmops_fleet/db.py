@@ -562,6 +562,23 @@ def _seconds(value: float) -> timedelta:
     return timedelta(seconds=value)
 
 
+def _paused_for(transitions: Sequence[dict[str, Any]], since: datetime, now: datetime) -> timedelta:
+    """How long the rollout was paused between `since` and `now`: the wave timeout and the soak
+    count only running time, so an operator's pause never times a device out or ends a soak."""
+    total = timedelta()
+    paused_at: datetime | None = None
+    for t in transitions:
+        at = datetime.fromisoformat(t["at"])
+        if t["state"] == ROLLOUT_PAUSED and paused_at is None:
+            paused_at = at
+        elif t["state"] != ROLLOUT_PAUSED and paused_at is not None:
+            total += max(timedelta(), min(at, now) - max(paused_at, since))
+            paused_at = None
+    if paused_at is not None:
+        total += max(timedelta(), now - max(paused_at, since))
+    return total
+
+
 def _join(first: str | None, second: str) -> str:
     return f"{first}; {second}" if first else second
 
@@ -1112,27 +1129,35 @@ class Store:
 
         `drive=False` (a device report, a new rollout) does only what needs no publishing: time outs,
         wave completion, gates that pass, the final state. Starting a wave and aborting are the
-        driver's (`drive=True`), which publishes what this returns."""
-        if row.state != ROLLOUT_IN_PROGRESS:
+        driver's (`drive=True`), which publishes what this returns. A paused rollout only lets its
+        running wave complete: no time outs, gates, soak end or next wave until it resumes."""
+        if row.state not in ROLLOUT_ACTIVE:
             return []
+        paused = row.state == ROLLOUT_PAUSED
         plan = RolloutPlan.from_json(row.plan)
         wave = s.get(RolloutWaveRow, (row.id, row.current_wave))
         if wave is None:
             return []
         if wave.state == WAVE_PENDING:
-            return self._start_wave(s, row, wave.idx, now) if drive else []
+            return self._start_wave(s, row, wave.idx, now) if drive and not paused else []
         targets = list(s.scalars(select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == row.id)).all())
         in_wave = [t for t in targets if t.wave == wave.idx]
         if wave.state == WAVE_RUNNING:
             open_targets = [t for t in in_wave if t.state not in TARGET_TERMINAL]
             started = wave.started_at or row.created_at
-            if open_targets and plan.wave_timeout_s is not None and now >= started + _seconds(plan.wave_timeout_s):
+            clock = now - _paused_for(row.transitions or [], started, now)
+            if (
+                not paused
+                and open_targets
+                and plan.wave_timeout_s is not None
+                and clock >= started + _seconds(plan.wave_timeout_s)
+            ):
                 for t in open_targets:
                     t.reason = f"no COMMITTED or ROLLED_BACK within {plan.wave_timeout_s:g} s (last: {t.state})"
                     t.state = TARGET_TIMED_OUT
                     t.updated_at = now
                 open_targets = []
-        if drive and plan.gates.any:
+        if drive and not paused and plan.gates.any:
             result = evaluate_gates(plan.gates, self._gate_input(s, row, targets, telemetry=False), install_only=True)
             if not result.ok:
                 return self._abort(s, row, targets, now, f"wave {wave.idx + 1}: {result.reason}")
@@ -1143,9 +1168,10 @@ class Store:
             wave.completed_at = now
             counts = ", ".join(f"{n} {st.lower()}" for st, n in _count_states(in_wave).items()) or "no devices"
             self._record(row, now, f"wave {wave.idx + 1} complete: {counts}", event="wave_completed", wave=wave.idx)
-        if wave.state != WAVE_SOAKING:
+        if wave.state != WAVE_SOAKING or paused:
             return []
-        if now < (wave.completed_at or now) + _seconds(plan.soak_s):
+        completed = wave.completed_at or now
+        if now - _paused_for(row.transitions or [], completed, now) < completed + _seconds(plan.soak_s):
             return []
         result = evaluate_gates(plan.gates, self._gate_input(s, row, targets, telemetry=True))
         if not result.ok:

@@ -283,6 +283,28 @@ def test_telemetry_gates_judge_after_the_soak(store: Store) -> None:
     assert [d.package_id for d in reverted] == [old]
 
 
+def test_a_paused_wave_completes_but_its_clocks_stop(store: Store) -> None:
+    _ids, _old, new = _setup(store, 3)
+    r, canary = store.create_rollout(new, "all", RolloutPlan(waves=["1", "100%"], soak_s=60, wave_timeout_s=300))
+    started = store.get_rollout(r.id).waves[0].started_at
+    assert started is not None
+    store.control_rollout(r.id, "pause", "hold")
+    # Paused far past the wave timeout: nobody times out, nothing starts.
+    assert store.advance_rollout(r.id, started + timedelta(seconds=900)) == []
+    rec = store.get_rollout(r.id)
+    assert rec.waves[0].state == "running" and rec.counts() == {"PENDING": 1, "WAITING": 2}
+    # The canary answers while the rollout is paused: its wave completes and waits to soak.
+    _finish(store, canary)
+    rec = store.get_rollout(r.id)
+    assert rec.state == "paused" and [w.state for w in rec.waves] == ["soaking", "pending"]
+    assert store.advance_rollout(r.id, utcnow() + timedelta(seconds=900)) == []  # a paused soak never ends
+    assert store.control_rollout(r.id, "resume").state == "in_progress"
+    completed = store.get_rollout(r.id).waves[0].completed_at
+    assert completed is not None
+    assert store.advance_rollout(r.id, completed + timedelta(seconds=30)) == []
+    assert len(store.advance_rollout(r.id, utcnow() + timedelta(seconds=61))) == 2
+
+
 def test_pause_resume_cancel_rules(store: Store) -> None:
     _ids, old, new = _setup(store, 3)
     r, canary = store.create_rollout(new, "all", RolloutPlan(waves=["1", "100%"]))
