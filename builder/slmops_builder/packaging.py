@@ -50,6 +50,7 @@ class PackageSpec:
     lineage: manifest_pb2.Lineage = field(default_factory=manifest_pb2.Lineage)
     evaluation: manifest_pb2.Evaluation = field(default_factory=manifest_pb2.Evaluation)
     golden_prompts: list[manifest_pb2.GoldenPrompt] = field(default_factory=list)
+    adapters: list[manifest_pb2.Adapter] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ def write_package(source_dir: Path, spec: PackageSpec, key: Ed25519PrivateKey, o
     manifest.lineage.CopyFrom(spec.lineage)
     manifest.evaluation.CopyFrom(spec.evaluation)
     manifest.golden_prompts.extend(spec.golden_prompts)
+    manifest.adapters.extend(spec.adapters)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / BLOBS_DIR).mkdir(parents=True)

@@ -170,6 +170,8 @@ class Lineage(_message.Message):
     RECIPE_SHA256_FIELD_NUMBER: _builtins.int
     PARENT_PACKAGE_ID_FIELD_NUMBER: _builtins.int
     TOOL_VERSIONS_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_METHOD_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """human name or source path"""
     base_model_sha256: _builtins.str
@@ -177,6 +179,10 @@ class Lineage(_message.Message):
     teacher: _builtins.str
     recipe_sha256: _builtins.str
     parent_package_id: _builtins.str
+    engine: _builtins.str
+    """what wrote the weights: "onnxruntime-genai", "olive", "slmops-gguf-lossless", "peft", ..."""
+    quantization_method: _builtins.str
+    """"rtn", "k_quant", "gptq", "lossless-gguf", "" for none"""
     @_builtins.property
     def dataset_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -191,10 +197,12 @@ class Lineage(_message.Message):
         recipe_sha256: _builtins.str = ...,
         parent_package_id: _builtins.str = ...,
         tool_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        engine: _builtins.str = ...,
+        quantization_method: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_sha256", b"base_model_sha256", "dataset_sha256", b"dataset_sha256", "parent_package_id", b"parent_package_id", "recipe_sha256", b"recipe_sha256", "teacher", b"teacher", "tool_versions", b"tool_versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_sha256", b"base_model_sha256", "dataset_sha256", b"dataset_sha256", "engine", b"engine", "parent_package_id", b"parent_package_id", "quantization_method", b"quantization_method", "recipe_sha256", b"recipe_sha256", "teacher", b"teacher", "tool_versions", b"tool_versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
