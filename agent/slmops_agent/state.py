@@ -96,6 +96,31 @@ class SlotInfo:
     name: str
     version: str
     profile: str = ""
+    base_package_id: str = ""  # an adapter package: the model package it runs on (staged with it)
+
+
+@dataclass(frozen=True)
+class TestSummary:
+    """What TESTING found for the record's target (reported as `ReportedState.test`)."""
+
+    ran: bool = False
+    passed: bool = False
+    prompts: int = 0
+    judged: int = 0  # prompts with a reference answer
+    matched: int = 0  # judged prompts whose output equals the reference
+    seconds: float = 0.0
+    adapter: str = ""
+
+    def to_pb(self) -> fleet_pb2.TestResult:
+        return fleet_pb2.TestResult(
+            ran=self.ran,
+            passed=self.passed,
+            prompts=self.prompts,
+            judged=self.judged,
+            matched=self.matched,
+            seconds=self.seconds,
+            adapter=self.adapter,
+        )
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,7 @@ class UpdateRecord:
     active_slot: str = ""  # "" while nothing is installed
     slots: dict[str, SlotInfo | None] = field(default_factory=lambda: dict.fromkeys(SLOTS))
     reason: str = ""
+    test: TestSummary | None = None  # the target's TESTING outcome (None until TESTING ran)
     test_attempts: int = 0
     transitions: int = 0  # record writes for the current target
     writes: int = 0  # record writes ever
@@ -153,6 +179,7 @@ class UpdateRecord:
             active_slot=active,
             slots=slots,
             reason=str(data.get("reason", "")),
+            test=TestSummary(**data["test"]) if data.get("test") else None,
             test_attempts=int(data.get("test_attempts", 0)),
             transitions=int(data.get("transitions", 0)),
             writes=int(data.get("writes", 0)),

@@ -1,6 +1,20 @@
 """The update state machine: IDLE -> FETCHING -> VERIFYING -> STAGED -> TESTING -> COMMITTED,
 ROLLED_BACK from any. One worker thread runs it; MQTT callbacks only enqueue events.
 
+TESTING loads the staged slot and runs the manifest's golden prompts greedily within the latency
+budget. A load failure, a failing prompt or a blown budget rolls back here, on the device. A prompt
+whose output differs from the builder's reference does NOT: exact-match references legitimately
+differ across precisions and providers, so the device commits, reports the count of matching
+prompts (`ReportedState.test`) and the fleet's quality gate (`min_quality_score`) decides for the
+whole wave, rolling the canaries back when they score below the threshold.
+
+Adapter packages (kind "adapter", one `Adapter{name, base_package_id, path}`) are accepted only on
+top of their base: the base must be the active package (or the base of the active adapter
+package). Only the adapter's files are fetched; the inactive slot is staged with the base's files
+plus the adapter's, loaded with the adapter (`ModelInfo.adapter_files`), and TESTING runs the
+adapter's golden prompts with the adapter active. Committing flips slots as for a model; the
+desired state that names the base again rolls the adapter back the same way.
+
 Each state's record is saved (atomically) before its side effect runs; `recover()` applies the
 recovery table at start-up. Two slots: the new package is staged in the inactive one and only
 the COMMITTED record makes it the active one.
@@ -45,6 +59,7 @@ from slmops_agent.state import (
     SlotInfo,
     StateError,
     StateStore,
+    TestSummary,
     UpdateRecord,
     UpdateState,
     check_transition,
@@ -111,6 +126,7 @@ class Report:
     reason: str = ""
     bytes_needed: int = 0
     bytes_received: int = 0
+    test: TestSummary | None = None
 
     def to_pb(self, device_id: str, inventory: fleet_pb2.Inventory | None = None) -> fleet_pb2.ReportedState:
         msg = fleet_pb2.ReportedState(
@@ -128,6 +144,8 @@ class Report:
         )
         if inventory is not None:
             msg.inventory.CopyFrom(inventory)
+        if self.test is not None:
+            msg.test.CopyFrom(self.test.to_pb())
         return msg
 
 
@@ -198,6 +216,18 @@ class _Target:
     package_id: str
     manifest: manifest_pb2.Manifest
     blobs: dict[str, int]  # sha -> size
+    base_id: str = ""  # an adapter package: its base model package
+    base: manifest_pb2.Manifest | None = None
+
+    @property
+    def files(self) -> list[manifest_pb2.FileEntry]:
+        """What the slot holds: the base's files, then the package's own."""
+        return [*(self.base.files if self.base is not None else ()), *self.manifest.files]
+
+    @property
+    def adapter(self) -> str:
+        """The adapter TESTING activates ("" for a model package)."""
+        return self.manifest.adapters[0].name if self.base is not None else ""
 
 
 @dataclass
@@ -306,6 +336,7 @@ class Updater:
             reason=r.reason,
             bytes_needed=self._bytes_needed if r.state is UpdateState.FETCHING else 0,
             bytes_received=self._bytes_received() if r.state is UpdateState.FETCHING else 0,
+            test=r.test,
         )
 
     def wait_for(self, predicate: Callable[[UpdateRecord], bool], timeout: float) -> UpdateRecord:
@@ -417,10 +448,8 @@ class Updater:
                 self.host.swap(loaded)
 
     def _load_slot(self, slot: str, info: SlotInfo) -> LoadedModel:
-        manifest = self._read_manifest(info.package_id)
-        return self.loader(
-            self.layout.slot(slot), self._model_info(info.package_id, manifest, slot), threads=self.settings.threads
-        )
+        target = self._load_target(info.package_id)
+        return self.loader(self.layout.slot(slot), self._model_info(target, slot), threads=self.settings.threads)
 
     # -- desired state ---------------------------------------------------------------------------
     def _on_desired(self, d: Desired, local_dir: Path | None) -> None:
@@ -448,6 +477,7 @@ class Updater:
                 target_package_id=d.package_id,
                 target_version="",
                 target_slot="",
+                test=None,
             )
             return
         active = r.active
@@ -481,8 +511,11 @@ class Updater:
             manifest = verify_signed_manifest(signed, self.trusted_keys)
         except PackageError as exc:
             raise PackageRejected(exc.reason) from exc
+        if manifest.kind == "adapter":
+            self._check_adapter(manifest)
+            return manifest
         if manifest.kind != "model":
-            raise PackageRejected(f"{manifest.kind!r} packages are not supported by this agent (only 'model')")
+            raise PackageRejected(f"{manifest.kind!r} packages are not supported by this agent")
         ep = manifest.profile.execution_provider.lower()
         if ep and ep != "cpu" and self.providers is not None:
             wanted = _PROVIDERS.get(ep, ep)
@@ -495,12 +528,30 @@ class Updater:
             raise PackageRejected(f"the package needs {need} bytes of memory; this device has {self.memory_bytes}")
         return manifest
 
+    def _check_adapter(self, manifest: manifest_pb2.Manifest) -> None:
+        """An adapter package runs only on its base: the active package or the active adapter's base."""
+        if len(manifest.adapters) != 1 or not manifest.adapters[0].base_package_id:
+            raise PackageRejected("an adapter package must name exactly one adapter bound to a base package")
+        adapter = manifest.adapters[0]
+        if adapter.path not in {f.path for f in manifest.files}:
+            raise PackageRejected(f"adapter {adapter.name!r}: {adapter.path!r} is not one of the package's files")
+        active = self.record.active
+        runs = (active.base_package_id or active.package_id) if active is not None else ""
+        if adapter.base_package_id != runs:
+            what = f"runs {runs[:12]} ({active.name} {active.version})" if active is not None else "runs no model"
+            raise PackageRejected(
+                f"adapter {adapter.name!r} is bound to base package {adapter.base_package_id[:12]}; this device {what}"
+            )
+        base = self._read_manifest(runs)
+        clash = {f.path for f in base.files} & {f.path for f in manifest.files}
+        if clash:
+            raise PackageRejected(f"adapter files clash with the base package's: {', '.join(sorted(clash))}")
+
     def _start(self, d: Desired, manifest: manifest_pb2.Manifest, local_dir: Path | None) -> None:
         assert d.package_id is not None
         pid = d.package_id
         write_atomic(self.layout.manifests / f"{pid}.pb", d.signed_manifest)
-        blobs = {f.sha256: f.size for f in manifest.files}
-        self._target = _Target(pid, manifest, blobs)
+        self._target = self._target_of(pid, manifest)
         r = self.record
         self._enter(
             UpdateState.FETCHING,
@@ -512,11 +563,12 @@ class Updater:
             chunk_size=d.chunk_size or r.chunk_size or DEFAULT_CHUNK_SIZE,
             local_source=str(local_dir.absolute()) if local_dir is not None else "",
             reason="",
+            test=None,
             test_attempts=0,
             transitions=1,
         )
         try:
-            self.store.check_space(self.store.bytes_to_fetch(blobs), self.settings.disk_reserve_bytes)
+            self.store.check_space(self.store.bytes_to_fetch(self._target.blobs), self.settings.disk_reserve_bytes)
         except InsufficientSpace as exc:
             self._rollback(str(exc))
             return
@@ -674,20 +726,20 @@ class Updater:
             raise StateError(f"cannot stage into slot {slot!r} (active: {r.active_slot!r})")
         self._enter(UpdateState.STAGED, slots={**r.slots, slot: None})
         try:
-            self._stage(slot, self._target.manifest)
+            self._stage(slot, self._target.files)
         except (OSError, PackageError) as exc:
             self._rollback(f"staging into slot {slot} failed: {exc}")
             return
         self._test_commit()
 
-    def _stage(self, slot: str, manifest: manifest_pb2.Manifest) -> None:
+    def _stage(self, slot: str, files: list[manifest_pb2.FileEntry]) -> None:
         dest = self.layout.slot(slot)
         tmp = dest.with_name(f"{slot}.staging")
         shutil.rmtree(dest, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         root = tmp.resolve()
-        for f in manifest.files:
+        for f in files:
             rel = safe_relpath(f.path)
             out = tmp.joinpath(*rel.parts)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -706,18 +758,31 @@ class Updater:
         assert self._target is not None
         r = self.record
         self._enter(UpdateState.TESTING, test_attempts=r.test_attempts + 1)
+        t0 = time.perf_counter()
         try:
             loaded = self._smoke_test(r.target_slot, self._target)
         except PackageRejected as exc:
-            self._rollback(exc.reason)
+            self._rollback(exc.reason, test=self._summary(False, time.perf_counter() - t0))
             return
-        self._commit(loaded)
+        self._commit(loaded, self._summary(True, time.perf_counter() - t0))
+
+    def _summary(self, passed: bool, seconds: float) -> TestSummary:
+        judged = [s for s in self.last_smoke_test if s.matches is not None]
+        return TestSummary(
+            ran=True,
+            passed=passed,
+            prompts=len(self.last_smoke_test),
+            judged=len(judged),
+            matched=sum(1 for s in judged if s.matches),
+            seconds=round(seconds, 3),
+            adapter=self._target.adapter if self._target is not None else "",
+        )
 
     def _smoke_test(self, slot: str, target: _Target) -> LoadedModel:
         budget = self.settings.smoke_test_budget_s
         self.last_smoke_test = []
         t0 = time.perf_counter()
-        info = self._model_info(target.package_id, target.manifest, slot)
+        info = self._model_info(target, slot)
         try:
             loaded = self.loader(self.layout.slot(slot), info, threads=self.settings.threads)
         except ModelLoadError as exc:
@@ -733,6 +798,7 @@ class Updater:
                 messages=(("user", gp.prompt),),
                 max_new_tokens=min(gp.max_new_tokens or limits.default_max_new_tokens, limits.max_new_tokens_limit),
                 temperature=0.0,
+                adapter=target.adapter,
             )
             try:
                 try:
@@ -759,13 +825,16 @@ class Updater:
         log.info("TESTING passed in %.2f s (%d prompts)", elapsed, len(prompts))
         return loaded
 
-    def _commit(self, loaded: LoadedModel) -> None:
+    def _commit(self, loaded: LoadedModel, test: TestSummary) -> None:
         assert self._target is not None
         r = self.record
         slot = r.target_slot
-        m = self._target.manifest
-        info = SlotInfo(self._target.package_id, m.name, m.version, m.profile.name)
-        self._enter(UpdateState.COMMITTED, active_slot=slot, slots={**r.slots, slot: info}, reason="", report=False)
+        t = self._target
+        profile = (t.base if t.base is not None else t.manifest).profile.name
+        info = SlotInfo(t.package_id, t.manifest.name, t.manifest.version, profile, t.base_id)
+        self._enter(
+            UpdateState.COMMITTED, active_slot=slot, slots={**r.slots, slot: info}, reason="", test=test, report=False
+        )
         self._point_current()
         self.host.swap(loaded)
         self._target = None
@@ -848,8 +917,9 @@ class Updater:
     def _gc(self) -> None:
         """Keep the blobs and manifests of the packages in the slots (and of a target in progress)."""
         keep_ids = {s.package_id for s in self.record.slots.values() if s is not None}
+        keep_ids |= {s.base_package_id for s in self.record.slots.values() if s is not None and s.base_package_id}
         if self._target is not None:
-            keep_ids.add(self._target.package_id)
+            keep_ids |= {self._target.package_id, self._target.base_id} - {""}
         keep_blobs: set[str] = set()
         for pid in keep_ids:
             try:
@@ -878,24 +948,36 @@ class Updater:
     def _load_target(self, pid: str) -> _Target:
         if not pid:
             raise PackageRejected("the record names no target package")
-        manifest = self._read_manifest(pid)
-        return _Target(pid, manifest, {f.sha256: f.size for f in manifest.files})
+        return self._target_of(pid, self._read_manifest(pid))
+
+    def _target_of(self, pid: str, manifest: manifest_pb2.Manifest) -> _Target:
+        """A package with, for an adapter package, its base's manifest (kept in manifests/ while it serves)."""
+        base_id = manifest.adapters[0].base_package_id if manifest.kind == "adapter" and manifest.adapters else ""
+        base = self._read_manifest(base_id) if base_id else None
+        return _Target(pid, manifest, {f.sha256: f.size for f in manifest.files}, base_id, base)
 
     def _path_of(self, sha: str) -> str:
         if self._target is not None:
-            for f in self._target.manifest.files:
+            for f in self._target.files:
                 if f.sha256 == sha:
                     return f.path
         return sha[:12]
 
     @staticmethod
-    def _model_info(pid: str, manifest: manifest_pb2.Manifest, slot: str) -> ModelInfo:
-        adapters = [a for a in manifest.adapters if a.path and a.base_package_id in ("", pid)]
+    def _model_info(target: _Target, slot: str) -> ModelInfo:
+        """What the runtime loads: the slot's model and its adapters (those shipped in the base, and
+        an adapter package's own, whose files the slot holds next to the base's)."""
+        manifest, pid = target.manifest, target.package_id
+        model = target.base if target.base is not None else manifest
+        model_id = target.base_id or pid
+        adapters = [a for a in model.adapters if a.path and a.base_package_id in ("", model_id)]
+        if target.base is not None:
+            adapters += [a for a in manifest.adapters if a.path and a.base_package_id == model_id]
         return ModelInfo(
             name=manifest.name,
             version=manifest.version,
             package_id=pid,
-            profile=manifest.profile.name,
+            profile=model.profile.name,
             slot=slot,
             adapters=tuple(a.name for a in adapters),
             adapter_files=tuple((a.name, a.path) for a in adapters),

@@ -75,11 +75,31 @@ class GatesIn(BaseModel):
     min_devices: int = Field(1, ge=1, description="Finished devices before the rate gates judge.")
     max_error_rate: float | None = Field(None, ge=0, le=1, description="Inference errors / requests (telemetry).")
     max_p95_ttft_ms: float | None = Field(None, gt=0, description="p95 time to first token (telemetry).")
+    min_quality_score: float | None = Field(
+        None, ge=0, le=1, description="Golden prompts matching the builder's reference / judged, on the devices."
+    )
+    min_health_pass_rate: float | None = Field(
+        None, ge=0, le=1, description="Devices whose TESTING passed / devices that ran it."
+    )
+
+
+class ReleaseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    version: str = Field(min_length=1, max_length=128)
+    package_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=64, description="Model variants (one per profile) or adapter packages (one per base)."
+    )
 
 
 class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    package_id: str = Field(min_length=1, max_length=64, description="Package id or a unique prefix (8+ chars).")
+    package_id: str | None = Field(
+        None, min_length=1, max_length=64, description="Package id or a unique prefix (8+ chars)."
+    )
+    release: str | None = Field(
+        None, min_length=1, max_length=330, description="NAME@VERSION or a release id; each device gets its variant."
+    )
     target: Literal["all"] | list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         "all", description='"all" enrolled devices or a list of device ids.'
     )
@@ -205,11 +225,24 @@ def create_app(service: FleetService, admin_token: str) -> FastAPI:
     def device_telemetry(device_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
         return {"device_id": device_id, "samples": service.device_telemetry(device_id, limit)}
 
+    @v1.post("/releases")
+    def create_release(body: ReleaseRequest) -> dict[str, Any]:
+        return service.create_release(body.name, body.version, body.package_ids)
+
+    @v1.get("/releases")
+    def list_releases() -> dict[str, Any]:
+        return {"releases": service.list_releases()}
+
+    @v1.get("/releases/{ref}")
+    def get_release(ref: str) -> dict[str, Any]:
+        return service.get_release(ref)
+
     @v1.post("/rollouts")
     def create_rollout(body: RolloutRequest) -> dict[str, Any]:
         return service.create_rollout(
             body.package_id,
             body.target,
+            release=body.release,
             waves=body.waves,
             soak_s=body.soak_s,
             wave_timeout_s=body.wave_timeout_s,
@@ -224,6 +257,10 @@ def create_app(service: FleetService, admin_token: str) -> FastAPI:
     @v1.get("/rollouts/{rollout_id}")
     def get_rollout(rollout_id: str) -> dict[str, Any]:
         return service.get_rollout(rollout_id)
+
+    @v1.get("/rollouts/{rollout_id}/explain")
+    def explain_rollout(rollout_id: str, device: str | None = None) -> dict[str, Any]:
+        return service.explain_rollout(rollout_id, device)
 
     @v1.post("/rollouts/{rollout_id}/{action}")
     def control_rollout(

@@ -32,8 +32,10 @@ token_app = typer.Typer(help="Enrollment tokens.", no_args_is_help=True)
 package_app = typer.Typer(help="Model packages.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Rollouts.", no_args_is_help=True)
 device_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+release_app = typer.Typer(help="Releases: the variants of one model version.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(package_app, name="package")
+app.add_typer(release_app, name="release")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(device_app, name="device")
 
@@ -354,9 +356,85 @@ def package_list(
 # --- rollouts ---------------------------------------------------------------------------------------
 
 
+@release_app.command("create")
+def release_create(
+    name: Annotated[str, typer.Argument(help="Release name (the model's name).")],
+    version: Annotated[str, typer.Argument(help="Release version.")],
+    package: Annotated[
+        list[str],
+        typer.Option(
+            "--package",
+            help="A package of the release (id or unique prefix), repeatable: model variants, one per hardware "
+            "profile, or adapter packages, one per base.",
+        ),
+    ],
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Group uploaded packages into release NAME@VERSION; a rollout of it gives each device the best variant it
+    can run (`slmops fleet rollout explain` says which and why)."""
+    ids = [p.strip() for item in package for p in item.split(",") if p.strip()]
+    release = _call(fleet, token, data_dir, lambda c: c.create_release(name, version, ids))
+    if as_json:
+        _print_json(release)
+        return
+    _print_release(release)
+
+
+def _print_release(release: dict[str, Any]) -> None:
+    table = _table(f"release {release['ref']} ({release['id']})", "package", "kind", "profile", "provider", "needs")
+    for p in release["packages"]:
+        if p.get("base_package_id"):
+            needs = f"base {p['base_package_id'][:12]}"
+        else:
+            needs = f"{_size(p['min_memory_bytes'])} memory" if p["min_memory_bytes"] else ""
+        table.add_row(p["id"][:16], p["kind"], p["profile"], p["provider"], needs)
+    _stdout().print(table)
+
+
+@release_app.command("list")
+def release_list(
+    fleet: FleetOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List releases."""
+    releases = _call(fleet, token, data_dir, lambda c: c.list_releases())
+    if as_json:
+        _print_json(releases)
+        return
+    table = _table("releases", "release", "id", "packages", "profiles", "created")
+    for r in releases:
+        profiles = ", ".join(p["profile"] or p["kind"] for p in r["packages"])
+        table.add_row(r["ref"], r["id"], str(len(r["packages"])), profiles, _ago(r["created_at"]))
+    _stdout().print(table)
+
+
+@release_app.command("show")
+def release_show(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION or a release id.")],
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One release and its packages."""
+    release = _call(fleet, token, data_dir, lambda c: c.get_release(ref))
+    if as_json:
+        _print_json(release)
+        return
+    _print_release(release)
+
+
 @rollout_app.command("create")
 def rollout_create(
-    package: Annotated[str, typer.Option("--package", help="Package id (or a unique prefix of 8+ characters).")],
+    package: Annotated[
+        str | None, typer.Option("--package", help="Package id (or a unique prefix of 8+ characters).")
+    ] = None,
+    release: Annotated[
+        str | None,
+        typer.Option("--release", help="Release NAME@VERSION (or id): each device gets the variant it runs best."),
+    ] = None,
     target: Annotated[
         list[str] | None,
         typer.Option("--target", help="'all', or device ids (repeat the flag or separate with commas)."),
@@ -392,14 +470,26 @@ def rollout_create(
     max_p95_ttft_ms: Annotated[
         float | None, typer.Option("--max-p95-ttft-ms", help="Gate: p95 time to first token (telemetry), ms.")
     ] = None,
+    min_quality_score: Annotated[
+        float | None,
+        typer.Option(
+            "--min-quality-score", help="Gate: golden prompts matching the builder's reference on the devices, 0..1."
+        ),
+    ] = None,
+    min_health_pass_rate: Annotated[
+        float | None,
+        typer.Option("--min-health-pass-rate", help="Gate: devices whose TESTING passed / devices that ran it, 0..1."),
+    ] = None,
     fleet: FleetOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Roll a package out to all devices or to a list of them, in waves with gates between them.
+    """Roll a package or a release out to all devices or to a list of them, in waves with gates between them.
 
     A failing gate stops the rollout and gives every device it touched its previous package back."""
+    if (package is None) == (release is None):
+        raise typer.BadParameter("give --package ID or --release NAME@VERSION (one of them)")
     ids = [t.strip() for item in (target or ["all"]) for t in item.split(",") if t.strip()]
     chosen: str | list[str] = "all" if ids == ["all"] else ids
     if "all" in ids and len(ids) > 1:
@@ -414,6 +504,8 @@ def rollout_create(
             "max_failures": max_failures,
             "max_error_rate": max_error_rate,
             "max_p95_ttft_ms": max_p95_ttft_ms,
+            "min_quality_score": min_quality_score,
+            "min_health_pass_rate": min_health_pass_rate,
         }.items()
         if v is not None
     }
@@ -428,6 +520,7 @@ def rollout_create(
         lambda c: c.create_rollout(
             package,
             chosen,
+            release=release,
             waves=wave_list,
             soak_s=soak_s if soak_s else None,
             wave_timeout_s=timeout_s,
@@ -439,11 +532,48 @@ def rollout_create(
         _print_json(rollout)
         return
     sizes = "+".join(str(w["size"]) for w in rollout["waves"]) or "0"
+    what = rollout.get("release") or f"{rollout['package_name']} {rollout['package_version']}"
+    no_variant = rollout["counts"].get("NO_VARIANT", 0)
     _stdout().print(
-        f"rollout [bold]{rollout['id']}[/]: {rollout['package_name']} {rollout['package_version']} "
-        f"to {len(rollout['devices'])} devices in {len(rollout['waves'])} waves ({sizes}) ({rollout['state']})",
+        f"rollout [bold]{rollout['id']}[/]: {what} to {len(rollout['devices']) - no_variant} devices in "
+        f"{len(rollout['waves'])} waves ({sizes}) ({rollout['state']})"
+        + (f"; {no_variant} devices can run no variant (see `rollout explain`)" if no_variant else ""),
         highlight=False,
     )
+
+
+@rollout_app.command("explain")
+def rollout_explain(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id ('latest': the newest).")] = "latest",
+    device: Annotated[str | None, typer.Argument(help="Only this device.")] = None,
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which variant each device got and why, and why the others were not chosen."""
+    r = _call(fleet, token, data_dir, lambda c: c.explain_rollout(rollout_id, device))
+    if as_json:
+        _print_json(r)
+        return
+    table = _table(
+        f"rollout {r['rollout_id']}" + (f" of {r['release']}" if r.get("release") else ""),
+        "device",
+        "chosen",
+        "candidate",
+        "verdict",
+    )
+    for d in r["devices"]:
+        chosen = (d["package_id"] or "")[:12] or d["state"]
+        rows = d["candidates"] or [{"profile": "", "package_id": d["package_id"] or "", "why": d["reason"]}]
+        for i, c in enumerate(rows):
+            table.add_row(
+                d["device_id"] if i == 0 else "",
+                chosen if i == 0 else "",
+                f"{c['profile'] or c.get('kind', '')} {c['package_id'][:12]}",
+                c["why"],
+            )
+    _stdout().print(table)
 
 
 def _control(action: str, rollout_id: str, reason: str, fleet: Any, token: Any, data_dir: Any, as_json: bool) -> None:
@@ -496,7 +626,7 @@ def rollout_list(
         waves = r.get("waves") or []
         table.add_row(
             r["id"],
-            f"{r['package_name']} {r['package_version']}",
+            r.get("release") or f"{r['package_name']} {r['package_version']}",
             str(len(r["devices"])),
             f"{min(r.get('current_wave', 0) + 1, len(waves))}/{len(waves)}" if waves else "",
             r["state"],
@@ -549,21 +679,31 @@ def rollout_status(
         + (f", select {plan['selector']}" if plan.get("selector") else ""),
         highlight=False,
     )
+    what = r.get("release") or f"{r['package_name']} {r['package_version']}"
     table = _table(
-        f"rollout {r['id']}: {r['package_name']} {r['package_version']} ({r['state']}; {_counts(r['counts'])})",
+        f"rollout {r['id']}: {what} ({r['state']}; {_counts(r['counts'])})",
         "device",
         "wave",
         "generation",
+        "package",
         "state",
+        "quality",
         "reason",
         "updated",
     )
     for d in r["devices"]:
+        test = d.get("test") or {}
+        quality = f"{test['matched']}/{test['judged']}" if test.get("judged") else ("tested" if test else "")
+        if test and not test.get("passed"):
+            quality += " failed"
+        wave = d.get("wave", 0)
         table.add_row(
             d["device_id"],
-            str(d.get("wave", 0) + 1),
+            str(wave + 1) if wave >= 0 else "",
             str(d["generation"] or ""),
+            (d.get("package_id") or "")[:12],
             d["state"],
+            quality,
             d["reason"] or "",
             _ago(d["updated_at"]),
         )

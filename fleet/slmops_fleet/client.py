@@ -223,16 +223,21 @@ class FleetClient:
 
     def create_rollout(
         self,
-        package_id: str,
+        package_id: str | None,
         target: str | list[str] = "all",
         *,
+        release: str | None = None,
         waves: list[str] | None = None,
         soak_s: float | None = None,
         wave_timeout_s: float | None = None,
         gates: dict[str, Any] | None = None,
         selector: str | None = None,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"package_id": package_id, "target": target}
+        body: dict[str, Any] = {"target": target}
+        if package_id is not None:
+            body["package_id"] = package_id
+        if release is not None:
+            body["release"] = release
         if selector:
             body["selector"] = selector
         if waves:
@@ -254,6 +259,20 @@ class FleetClient:
 
     def get_rollout(self, rollout_id: str = "latest") -> dict[str, Any]:
         return dict(self.request("GET", f"/v1/rollouts/{rollout_id}"))
+
+    def explain_rollout(self, rollout_id: str = "latest", device_id: str | None = None) -> dict[str, Any]:
+        params = {"device": device_id} if device_id else None
+        return dict(self.request("GET", f"/v1/rollouts/{rollout_id}/explain", params=params))
+
+    def create_release(self, name: str, version: str, package_ids: list[str]) -> dict[str, Any]:
+        body = {"name": name, "version": version, "package_ids": package_ids}
+        return dict(self.request("POST", "/v1/releases", json=body))
+
+    def list_releases(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/releases")["releases"])
+
+    def get_release(self, ref: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/releases/{ref}"))
 
     def stats(self) -> dict[str, Any]:
         return dict(self.request("GET", "/v1/stats"))

@@ -68,6 +68,19 @@ def inventory_to_json(inv: fleet_pb2.Inventory) -> dict[str, Any]:
     }
 
 
+def test_to_json(t: fleet_pb2.TestResult) -> dict[str, Any]:
+    judged = min(t.judged, t.prompts) if t.prompts else t.judged
+    return {
+        "ran": t.ran,
+        "passed": t.passed,
+        "prompts": t.prompts,
+        "judged": judged,
+        "matched": min(t.matched, judged),
+        "seconds": round(t.seconds, 3),
+        "adapter": t.adapter[:200],
+    }
+
+
 def reported_from_pb(device_id: str, payload: bytes) -> ReportedUpdate:
     msg = _parse(fleet_pb2.ReportedState(), payload, "ReportedState")
     _check_device(device_id, msg.device_id, "ReportedState")
@@ -83,6 +96,7 @@ def reported_from_pb(device_id: str, payload: bytes) -> ReportedUpdate:
         bytes_needed=msg.bytes_needed,
         bytes_received=msg.bytes_received,
         inventory=inventory_to_json(msg.inventory) if msg.HasField("inventory") else None,
+        test=test_to_json(msg.test) if msg.HasField("test") else None,
     )
 
 

@@ -46,12 +46,15 @@ from slmops_fleet.rollouts import (
     GateInput,
     PlanError,
     RolloutPlan,
+    Selection,
+    Variant,
     check_tags,
     counter_delta,
     evaluate_gates,
     parse_selector,
     parse_waves,
     plan_waves,
+    select_variant,
     selector_matches,
 )
 
@@ -82,9 +85,20 @@ TARGET_SUPERSEDED = "SUPERSEDED"
 TARGET_TIMED_OUT = "TIMED_OUT"
 TARGET_ABORTED = "ABORTED"  # still updating when the rollout was rolled back
 TARGET_CANCELLED = "CANCELLED"  # its wave never started
+TARGET_NO_VARIANT = "NO_VARIANT"  # the device can run none of the release's variants (reason says why)
 TARGET_TERMINAL = frozenset(
-    {"COMMITTED", "ROLLED_BACK", TARGET_SUPERSEDED, TARGET_TIMED_OUT, TARGET_ABORTED, TARGET_CANCELLED}
+    {
+        "COMMITTED",
+        "ROLLED_BACK",
+        TARGET_SUPERSEDED,
+        TARGET_TIMED_OUT,
+        TARGET_ABORTED,
+        TARGET_CANCELLED,
+        TARGET_NO_VARIANT,
+    }
 )
+NO_WAVE = -1  # the wave of a NO_VARIANT target
+DRIVER_LEASE = "rollout-driver"
 
 
 def utcnow() -> datetime:
@@ -190,6 +204,37 @@ class PackageRow(Base):
     signed_by: Mapped[str] = mapped_column(String(64), default="")
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    provider: Mapped[str] = mapped_column(String(32), default="cpu", server_default="cpu")
+    precision: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    min_memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    base_package_id: Mapped[str | None] = mapped_column(SHA, nullable=True)
+
+
+class ReleaseRow(Base):
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_releases_name_version"),)
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ReleasePackageRow(Base):
+    __tablename__ = "release_packages"
+
+    release_id: Mapped[str] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"), primary_key=True)
+    package_id: Mapped[str] = mapped_column(ForeignKey("packages.id"), primary_key=True)
+
+
+class LeaseRow(Base):
+    """A named lease: one holder at a time until `expires_at` (the rollout driver's election)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class PackageFileRow(Base):
@@ -237,6 +282,7 @@ class RolloutRow(Base):
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     current_wave: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    release_id: Mapped[str | None] = mapped_column(ID, nullable=True)
 
 
 class RolloutWaveRow(Base):
@@ -263,6 +309,9 @@ class RolloutDeviceRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     wave: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     previous_package_id: Mapped[str | None] = mapped_column(SHA, nullable=True)
+    package_id: Mapped[str | None] = mapped_column(SHA, nullable=True)  # the variant chosen for the device
+    selection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # Selection.to_json()
+    test: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the device's TESTING result
 
 
 class DesiredStateRow(Base):
@@ -351,10 +400,25 @@ class PackageRecord:
     created_at: datetime
     missing_blobs: list[str]
     signed_manifest: bytes = field(repr=False)
+    provider: str = "cpu"
+    precision: str = ""
+    min_memory_bytes: int = 0
+    base_package_id: str | None = None
 
     @property
     def complete(self) -> bool:
         return not self.missing_blobs
+
+    def variant(self) -> Variant:
+        return Variant(
+            package_id=self.id,
+            kind=self.kind,
+            profile=self.profile,
+            provider=self.provider,
+            precision=self.precision,
+            min_memory_bytes=self.min_memory_bytes,
+            base_package_id=self.base_package_id or "",
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -369,6 +433,10 @@ class PackageRecord:
             "created_at": _iso(self.created_at),
             "complete": self.complete,
             "missing_blobs": self.missing_blobs,
+            "provider": self.provider,
+            "precision": self.precision,
+            "min_memory_bytes": self.min_memory_bytes,
+            "base_package_id": self.base_package_id,
         }
 
 
@@ -382,6 +450,33 @@ class NewPackage:
     signed_by: str
     signed_manifest: bytes
     files: list[tuple[str, str, int]]  # (path, sha256, size)
+    provider: str = "cpu"
+    precision: str = ""
+    min_memory_bytes: int = 0
+    base_package_id: str | None = None  # an adapter package's base (must be a stored model package)
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    id: str
+    name: str
+    version: str
+    created_at: datetime
+    packages: list[PackageRecord]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "ref": self.ref,
+            "created_at": _iso(self.created_at),
+            "packages": [p.to_json() for p in self.packages],
+        }
 
 
 @dataclass(frozen=True)
@@ -410,10 +505,14 @@ class RolloutTargetRecord:
     updated_at: datetime
     wave: int = 0
     previous_package_id: str | None = None
+    package_id: str | None = None
+    test: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["updated_at"] = _iso(self.updated_at)
+        del d["selection"]  # `explain` shows it
         return d
 
 
@@ -451,6 +550,7 @@ class RolloutRecord:
     current_wave: int = 0
     reason: str | None = None
     waves: list[RolloutWaveRecord] = field(default_factory=list)
+    release: str | None = None  # NAME@VERSION when the rollout names a release
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -464,6 +564,7 @@ class RolloutRecord:
             "package_id": self.package_id,
             "package_name": self.package_name,
             "package_version": self.package_version,
+            "release": self.release,
             "target": self.target,
             "state": self.state,
             "created_at": _iso(self.created_at),
@@ -493,6 +594,7 @@ class ReportedUpdate:
     bytes_needed: int
     bytes_received: int
     inventory: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None  # TESTING's result: ran, passed, prompts, judged, matched, seconds, adapter
 
 
 @dataclass(frozen=True)
@@ -835,6 +937,19 @@ class Store:
         with self.session(write=True) as s:
             if s.get(PackageRow, pkg.id) is not None:
                 return False
+            if pkg.kind == "adapter":
+                if not pkg.base_package_id:
+                    raise InvalidRequest("package rejected: an adapter package must name its base package")
+                base = s.get(PackageRow, pkg.base_package_id)
+                if base is None:
+                    raise InvalidRequest(
+                        f"package rejected: the adapter's base package {pkg.base_package_id} is unknown to this "
+                        "fleet; upload the base first"
+                    )
+                if base.kind != "model":
+                    raise InvalidRequest(
+                        f"package rejected: the adapter's base {base.id[:12]} is a {base.kind} package"
+                    )
             s.add(
                 PackageRow(
                     id=pkg.id,
@@ -846,6 +961,10 @@ class Store:
                     signed_by=pkg.signed_by,
                     size_bytes=sum(size for _, _, size in pkg.files),
                     created_at=utcnow(),
+                    provider=pkg.provider,
+                    precision=pkg.precision,
+                    min_memory_bytes=pkg.min_memory_bytes,
+                    base_package_id=pkg.base_package_id,
                 )
             )
             s.flush()  # the package row before its files (foreign key)
@@ -868,6 +987,10 @@ class Store:
             created_at=row.created_at,
             missing_blobs=[h for h in shas if h not in have],
             signed_manifest=row.signed_manifest,
+            provider=row.provider or "cpu",
+            precision=row.precision or "",
+            min_memory_bytes=row.min_memory_bytes or 0,
+            base_package_id=row.base_package_id,
         )
 
     def list_packages(self) -> list[PackageRecord]:
@@ -888,6 +1011,98 @@ class Store:
             if row is None:
                 raise NotFound(f"unknown package id {ref}")
             return self._package_record(s, row)
+
+    # --- releases ------------------------------------------------------------------------------
+
+    def create_release(self, name: str, version: str, package_ids: Sequence[str]) -> ReleaseRecord:
+        """Group packages into release NAME@VERSION. Either model variants (one per hardware profile)
+        or adapter packages (one per base package): a device gets one package of a release."""
+        name, version = name.strip(), version.strip()
+        if not name or not version or "@" in name or len(name) > 200 or len(version) > 128:
+            raise InvalidRequest("a release needs a NAME (no '@', at most 200 characters) and a VERSION")
+        refs = list(dict.fromkeys(package_ids))
+        if not refs:
+            raise InvalidRequest("a release needs at least one package")
+        packages = [self.get_package(ref) for ref in refs]
+        kinds = {p.kind for p in packages}
+        if len(kinds) > 1:
+            raise InvalidRequest("a release holds model variants or adapter packages, not both")
+        key = (lambda p: p.base_package_id) if kinds == {"adapter"} else (lambda p: p.profile)
+        seen: dict[Any, str] = {}
+        for p in packages:
+            k = key(p)
+            if k in seen:
+                what = f"base {str(k)[:12]}" if kinds == {"adapter"} else f"profile {k or '(none)'}"
+                raise InvalidRequest(f"packages {seen[k][:12]} and {p.id[:12]} are both for {what}")
+            seen[k] = p.id
+        now = utcnow()
+        release_id = _new_id("rel")
+        try:
+            with self.session(write=True) as s:
+                s.add(ReleaseRow(id=release_id, name=name, version=version, created_at=now))
+                s.flush()
+                s.add_all(ReleasePackageRow(release_id=release_id, package_id=p.id) for p in packages)
+        except IntegrityError:
+            raise Conflict(f"release {name}@{version} exists already") from None
+        return self.get_release(release_id)
+
+    def _release_record(self, s: Session, row: ReleaseRow) -> ReleaseRecord:
+        ids = s.scalars(select(ReleasePackageRow.package_id).where(ReleasePackageRow.release_id == row.id)).all()
+        rows = s.scalars(select(PackageRow).where(PackageRow.id.in_(ids)).order_by(PackageRow.profile, PackageRow.id))
+        return ReleaseRecord(row.id, row.name, row.version, row.created_at, [self._package_record(s, p) for p in rows])
+
+    def get_release(self, ref: str) -> ReleaseRecord:
+        """A release by id or NAME@VERSION."""
+        with self.session() as s:
+            row = s.get(ReleaseRow, ref)
+            if row is None and "@" in ref:
+                name, _, version = ref.rpartition("@")
+                row = s.scalar(select(ReleaseRow).where(ReleaseRow.name == name, ReleaseRow.version == version))
+            if row is None:
+                raise NotFound(f"unknown release {ref} (give NAME@VERSION or a release id)")
+            return self._release_record(s, row)
+
+    def list_releases(self) -> list[ReleaseRecord]:
+        with self.session() as s:
+            rows = s.scalars(select(ReleaseRow).order_by(ReleaseRow.created_at, ReleaseRow.id)).all()
+            return [self._release_record(s, r) for r in rows]
+
+    # --- the rollout driver's lease -------------------------------------------------------------
+
+    def acquire_lease(
+        self, name: str, holder: str, ttl_s: float, now: datetime | None = None, *, take_from: str | None = None
+    ) -> bool:
+        """Take or renew lease `name` for `holder` until now + ttl_s; False while another holder's
+        lease has not expired (unless that holder is `take_from`: one known to be dead). The row lock
+        (PostgreSQL) or write lock (SQLite) serialises contenders; a concurrent first insert loses on
+        the primary key."""
+        now = now or utcnow()
+        try:
+            with self.session(write=True) as s:
+                row = s.get(LeaseRow, name, with_for_update=True)
+                if row is None:
+                    s.add(LeaseRow(name=name, holder=holder, expires_at=now + _seconds(ttl_s)))
+                    return True
+                if row.holder not in (holder, take_from) and row.expires_at > now:
+                    return False
+                if row.holder != holder:
+                    log.info("lease %s: %s takes over from %s (until %s)", name, holder, row.holder, row.expires_at)
+                row.holder, row.expires_at = holder, now + _seconds(ttl_s)
+                return True
+        except IntegrityError:
+            return False
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up (a clean shutdown), so another process need not wait for it to expire."""
+        with self.session(write=True) as s:
+            row = s.get(LeaseRow, name, with_for_update=True)
+            if row is not None and row.holder == holder:
+                s.delete(row)
+
+    def lease_holder(self, name: str) -> tuple[str, datetime] | None:
+        with self.session() as s:
+            row = s.get(LeaseRow, name)
+            return (row.holder, row.expires_at) if row is not None else None
 
     def blob_expected_size(self, sha256: str) -> int | None:
         """The size the manifests give a blob, or None if no package lists it."""
@@ -961,17 +1176,37 @@ class Store:
     # --- rollouts and desired states --------------------------------------------------------
 
     def create_rollout(
-        self, package_id: str, target: str | list[str], plan: RolloutPlan | None = None
+        self,
+        package_id: str | None,
+        target: str | list[str],
+        plan: RolloutPlan | None = None,
+        *,
+        release_id: str | None = None,
     ) -> tuple[RolloutRecord, list[DesiredRecord]]:
         """Plan the waves and start the first: its devices get a new desired state (generation + 1)
-        naming the package. Without a plan: one wave of every target device, no gates."""
+        naming the variant chosen for each (`select_variant`: of the release's packages, or the one
+        package). Devices that can run no variant are kept as NO_VARIANT targets with the reason.
+        Without a plan: one wave of every target device, no gates."""
         plan = plan or RolloutPlan(waves=["100%"])
         now = utcnow()
         rollout_id = _new_id("ro")
         with self.session(write=True) as s:
-            pkg = s.get(PackageRow, package_id)
-            if pkg is None:
-                raise NotFound(f"unknown package id {package_id}")
+            if release_id is not None:
+                candidates = list(
+                    s.scalars(
+                        select(PackageRow)
+                        .join(ReleasePackageRow, ReleasePackageRow.package_id == PackageRow.id)
+                        .where(ReleasePackageRow.release_id == release_id)
+                    ).all()
+                )
+                if not candidates:
+                    raise NotFound(f"unknown release id {release_id}")
+            else:
+                pkg = s.get(PackageRow, package_id) if package_id else None
+                if pkg is None:
+                    raise NotFound(f"unknown package id {package_id}")
+                candidates = [pkg]
+            variants = [self._package_record(s, r).variant() for r in candidates]
             if target == "all":
                 device_ids = list(s.scalars(select(DeviceRow.id).order_by(DeviceRow.id)).all())
                 if not device_ids:
@@ -1005,24 +1240,33 @@ class Store:
                         f"the selector {plan.selector!r} matches none of the {len(device_ids)} target devices"
                     )
                 device_ids = [d for d in device_ids if d in chosen]
+            selections = self._select(s, device_ids, variants)
+            runnable = [d for d in device_ids if selections[d].package_id]
+            unrunnable = [d for d in device_ids if not selections[d].package_id]
+            if not runnable:
+                why = "; ".join(f"{d}: {selections[d].reason}" for d in unrunnable[:3])
+                raise Conflict(f"none of the {len(device_ids)} target devices can run a variant ({why})")
             try:
-                waves = plan_waves(device_ids, parse_waves(plan.waves), rollout_id)
+                waves = plan_waves(runnable, parse_waves(plan.waves), rollout_id)
             except PlanError as exc:
                 raise InvalidRequest(str(exc)) from exc
+            chosen_counts: dict[str, int] = {}
+            for d in runnable:
+                pid = selections[d].package_id or ""
+                chosen_counts[pid] = chosen_counts.get(pid, 0) + 1
+            primary = min(chosen_counts, key=lambda p: (-chosen_counts[p], p))  # what most devices get
+            created = f"created: {len(runnable)} devices in {len(waves)} waves ({', '.join(plan.waves)})"
+            if unrunnable:
+                created += f"; {len(unrunnable)} devices can run no variant"
             rollout = RolloutRow(
                 id=rollout_id,
-                package_id=package_id,
+                package_id=primary,
+                release_id=release_id,
                 target=target if target == "all" else device_ids,
                 state=ROLLOUT_IN_PROGRESS,
                 created_at=now,
                 updated_at=now,
-                transitions=[
-                    _transition(
-                        ROLLOUT_IN_PROGRESS,
-                        now,
-                        f"created: {len(device_ids)} devices in {len(waves)} waves ({', '.join(plan.waves)})",
-                    )
-                ],
+                transitions=[_transition(ROLLOUT_IN_PROGRESS, now, created)],
                 plan=plan.to_json(),
                 current_wave=0,
             )
@@ -1032,7 +1276,7 @@ class Store:
             superseded = set(
                 s.scalars(
                     select(RolloutDeviceRow.rollout_id).where(
-                        RolloutDeviceRow.device_id.in_(device_ids),
+                        RolloutDeviceRow.device_id.in_(runnable),
                         RolloutDeviceRow.rollout_id != rollout_id,
                         RolloutDeviceRow.state.not_in(TARGET_TERMINAL),
                     )
@@ -1042,7 +1286,7 @@ class Store:
                 s.execute(
                     update(RolloutDeviceRow)
                     .where(
-                        RolloutDeviceRow.device_id.in_(device_ids),
+                        RolloutDeviceRow.device_id.in_(runnable),
                         RolloutDeviceRow.rollout_id.in_(superseded),
                         RolloutDeviceRow.state.not_in(TARGET_TERMINAL),
                     )
@@ -1052,6 +1296,7 @@ class Store:
             for idx, members in enumerate(waves):
                 s.add(RolloutWaveRow(rollout_id=rollout_id, idx=idx, size=len(members), state=WAVE_PENDING))
                 for device_id in members:
+                    sel = selections[device_id]
                     s.add(
                         RolloutDeviceRow(
                             rollout_id=rollout_id,
@@ -1060,8 +1305,24 @@ class Store:
                             state=TARGET_WAITING,
                             updated_at=now,
                             wave=idx,
+                            package_id=sel.package_id,
+                            selection=sel.to_json(),
                         )
                     )
+            for device_id in unrunnable:
+                sel = selections[device_id]
+                s.add(
+                    RolloutDeviceRow(
+                        rollout_id=rollout_id,
+                        device_id=device_id,
+                        generation=0,
+                        state=TARGET_NO_VARIANT,
+                        reason=sel.reason,
+                        updated_at=now,
+                        wave=NO_WAVE,
+                        selection=sel.to_json(),
+                    )
+                )
             s.flush()
             desired = self._start_wave(s, rollout, 0, now)
             s.flush()
@@ -1070,6 +1331,24 @@ class Store:
                 if old_row is not None:
                     self._advance(s, old_row, now, drive=False)
             return self._rollout_record(s, rollout), desired
+
+    def _select(self, s: Session, device_ids: Sequence[str], variants: Sequence[Variant]) -> dict[str, Selection]:
+        """Each device's variant, from its reported inventory and the package it runs."""
+        rows = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(device_ids))).all() if device_ids else []
+        active = {r.id: r.active_package_id or "" for r in rows}
+        bases = dict(
+            s.execute(
+                select(PackageRow.id, PackageRow.base_package_id).where(
+                    PackageRow.id.in_(set(active.values()) - {""}), PackageRow.kind == "adapter"
+                )
+            ).all()
+        )
+        return {
+            r.id: select_variant(
+                variants, inventory=dict(r.inventory or {}), active_base=bases.get(active[r.id]) or active[r.id]
+            )
+            for r in rows
+        }
 
     def _start_wave(self, s: Session, row: RolloutRow, idx: int, now: datetime) -> list[DesiredRecord]:
         """Give the waiting devices of wave `idx` their new desired state."""
@@ -1088,9 +1367,12 @@ class Store:
         if ids:
             s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(ids)).with_for_update()).all()
         current = self._latest_desired(s, ids) if ids else {}
-        manifest = s.scalar(select(PackageRow.signed_manifest).where(PackageRow.id == row.package_id)) or b""
+        manifests: dict[str, bytes] = {}
         desired: list[DesiredRecord] = []
         for t in targets:
+            pid = t.package_id or row.package_id
+            if pid not in manifests:
+                manifests[pid] = s.scalar(select(PackageRow.signed_manifest).where(PackageRow.id == pid)) or b""
             prev = current.get(t.device_id)
             t.generation = (prev.generation if prev else 0) + 1
             t.previous_package_id = prev.package_id if prev else None
@@ -1100,12 +1382,12 @@ class Store:
                 DesiredStateRow(
                     device_id=t.device_id,
                     generation=t.generation,
-                    package_id=row.package_id,
+                    package_id=pid,
                     rollout_id=row.id,
                     created_at=now,
                 )
             )
-            desired.append(DesiredRecord(t.device_id, t.generation, row.package_id, row.id, now, manifest))
+            desired.append(DesiredRecord(t.device_id, t.generation, pid, row.id, now, manifests[pid]))
         wave.state = WAVE_RUNNING
         wave.started_at = now
         row.current_wave = idx
@@ -1197,6 +1479,8 @@ class Store:
         reason = f"{committed} committed, {states.count('ROLLED_BACK')} rolled back, {superseded} superseded"
         if states.count(TARGET_TIMED_OUT):
             reason += f", {states.count(TARGET_TIMED_OUT)} timed out"
+        if states.count(TARGET_NO_VARIANT):
+            reason += f", {states.count(TARGET_NO_VARIANT)} without a runnable variant"
         row.reason = reason
         self._record(row, now, reason, state=new)
         return []
@@ -1206,6 +1490,8 @@ class Store:
     ) -> GateInput:
         touched = [t for t in targets if t.generation > 0 and t.state not in (TARGET_SUPERSEDED, TARGET_CANCELLED)]
         states = [t.state for t in touched]
+        tests = [t.test for t in touched if t.test and t.test.get("ran")]
+        scored = [x for x in tests if int(x.get("judged") or 0) > 0]
         requests = errors = 0
         ttft: list[float] = []
         if telemetry and touched:
@@ -1221,7 +1507,7 @@ class Store:
                 .where(
                     TelemetrySampleRow.device_id.in_([t.device_id for t in touched]),
                     TelemetrySampleRow.timestamp_ms >= since_ms,
-                    TelemetrySampleRow.active_package_id == row.package_id,
+                    TelemetrySampleRow.active_package_id.in_({t.package_id or row.package_id for t in touched}),
                 )
                 .order_by(TelemetrySampleRow.device_id, TelemetrySampleRow.timestamp_ms, TelemetrySampleRow.seq)
             ).all()
@@ -1241,6 +1527,11 @@ class Store:
             requests=requests,
             errors=errors,
             ttft_samples=ttft,
+            tests_ran=len(tests),
+            tests_passed=sum(1 for x in tests if x.get("passed")),
+            scored=len(scored),
+            golden_judged=sum(int(x.get("judged") or 0) for x in scored),
+            golden_matched=sum(int(x.get("matched") or 0) for x in scored),
         )
 
     def _abort(
@@ -1379,6 +1670,7 @@ class Store:
 
     def _rollout_record(self, s: Session, row: RolloutRow) -> RolloutRecord:
         pkg = s.get(PackageRow, row.package_id)
+        release = s.get(ReleaseRow, row.release_id) if row.release_id else None
         targets = s.scalars(
             select(RolloutDeviceRow).where(RolloutDeviceRow.rollout_id == row.id).order_by(RolloutDeviceRow.device_id)
         ).all()
@@ -1410,7 +1702,16 @@ class Store:
             transitions=list(row.transitions or []),
             devices=[
                 RolloutTargetRecord(
-                    t.device_id, t.generation, t.state, t.reason, t.updated_at, t.wave, t.previous_package_id
+                    t.device_id,
+                    t.generation,
+                    t.state,
+                    t.reason,
+                    t.updated_at,
+                    t.wave,
+                    t.previous_package_id,
+                    t.package_id or (row.package_id if t.state != TARGET_NO_VARIANT else None),
+                    t.test,
+                    t.selection,
                 )
                 for t in targets
             ],
@@ -1418,6 +1719,7 @@ class Store:
             current_wave=row.current_wave or 0,
             reason=row.reason,
             waves=waves,
+            release=f"{release.name}@{release.version}" if release else None,
         )
 
     def list_rollouts(self) -> list[RolloutRecord]:
@@ -1484,6 +1786,8 @@ class Store:
                     target.state = rep.state
                     target.reason = rep.reason or None
                     target.updated_at = now
+                    if rep.test is not None:
+                        target.test = rep.test
                     s.flush()
                     if rep.state in TARGET_TERMINAL:
                         rollout = s.get(RolloutRow, desired.rollout_id, with_for_update=True)

@@ -5,6 +5,14 @@ wave, time out devices, complete a wave, wait out its soak, check the gates, abo
 publishes the desired states each step returns, after the step's transaction committed. A crash
 between the commit and the publish loses nothing: the fleet republishes every device's newest
 desired state whenever its MQTT session connects.
+
+One driver at a time: several fleet processes may share one PostgreSQL database (stateless API and
+telemetry workers), but only the holder of the database lease `rollout-driver` advances rollouts.
+Each step renews the lease (expiry `lease_ttl_s` ahead); a process that finds another holder's
+lease unexpired skips its step, and takes over once that lease expires (its holder died) or was
+given back (a clean stop). A holder on the same host whose process is gone (a fleet restarted after
+a crash) is taken over at once. Holder ids are "host:pid:random". Device reports still move a
+rollout in any process (`drive=False`: no publishing), and the operator's commands work everywhere.
 """
 
 from __future__ import annotations
@@ -12,25 +20,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Callable
 
-from slmops_fleet.db import DesiredRecord, Store
+from slmops_fleet.db import DRIVER_LEASE, DesiredRecord, Store
 
 log = logging.getLogger(__name__)
 
 
 class RolloutDriver:
-    def __init__(self, store: Store, publish: Callable[[list[DesiredRecord]], None], *, tick_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        publish: Callable[[list[DesiredRecord]], None],
+        *,
+        tick_s: float = 1.0,
+        lease_ttl_s: float | None = None,
+        holder: str | None = None,
+    ) -> None:
         self.store = store
         self.publish = publish
         self.tick_s = tick_s
+        self.lease_ttl_s = lease_ttl_s if lease_ttl_s is not None else max(10.0, 5 * tick_s)
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.leading = False
         self.steps = 0
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
     def step(self) -> int:
-        """Advance every in-progress rollout once; returns the desired states published."""
+        """Advance every in-progress rollout once, if this process holds the driver's lease; returns
+        the desired states published."""
+        leading = self.store.acquire_lease(DRIVER_LEASE, self.holder, self.lease_ttl_s)
+        if not leading:
+            current = self.store.lease_holder(DRIVER_LEASE)
+            if current is not None and _dead_here(current[0]):
+                leading = self.store.acquire_lease(DRIVER_LEASE, self.holder, self.lease_ttl_s, take_from=current[0])
+        if leading != self.leading:
+            log.info(
+                "rollout driver %s: %s", self.holder, "leading" if leading else "standing by (another holds the lease)"
+            )
+            self.leading = leading
+        if not leading:
+            return 0
         published = 0
         for rollout_id in self.store.active_rollout_ids():
             try:
@@ -73,3 +108,27 @@ class RolloutDriver:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self.leading:
+            self.leading = False
+            try:
+                await asyncio.to_thread(self.store.release_lease, DRIVER_LEASE, self.holder)
+            except Exception:
+                log.exception("could not give the rollout driver's lease back; it expires by itself")
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether `holder` ("host:pid:random") names a process of this host that no longer runs."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # another driver of this very process (tests): alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

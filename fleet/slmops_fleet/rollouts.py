@@ -9,6 +9,19 @@
 - Gates are checked while a wave runs (install gates: an early abort) and after its soak (all of
   them). A gate whose figures do not exist yet (no finished devices, no telemetry samples) passes
   and says so.
+- The quality gates read what each device's TESTING reported (`ReportedState.test`), so they are
+  judged while a wave runs, like the install gates: `min_quality_score` is the share of judged
+  golden prompts (those with a builder reference) whose on-device output matched, pooled over the
+  devices that reported one; `min_health_pass_rate` is the share of devices whose TESTING passed
+  (loaded, answered every prompt, within the latency budget) among those that ran it. A device
+  commits a package whose prompts differ from the references; the quality gate is what aborts.
+- Hardware-aware selection (`select_variant`): a variant is runnable on a device when its
+  execution provider is among the device's providers (CPU always is), the device's memory is at
+  least the profile's `min_memory_bytes`, and, for an adapter package, the device runs its base
+  (the active package, or the base of the active adapter package). Among the runnable ones the
+  device gets, in order: an accelerator before the CPU (TensorRT, CUDA, ROCm, DirectML, QNN,
+  OpenVINO, CoreML, WebGPU, then CPU), then the higher precision (fp32 > fp16/bf16 > int8 > int4),
+  then the larger memory need (the bigger variant that still fits), then the package id.
 """
 
 from __future__ import annotations
@@ -112,6 +125,8 @@ class Gates:
     min_devices: int = 1  # finished devices before the rate gates judge
     max_error_rate: float | None = None  # inference errors / requests from telemetry
     max_p95_ttft_ms: float | None = None  # p95 of time to first token from telemetry
+    min_quality_score: float | None = None  # matched / judged golden prompts, from the devices' TESTING
+    min_health_pass_rate: float | None = None  # devices whose TESTING passed / devices that ran it
 
     def __post_init__(self) -> None:
         if self.min_success_rate is not None and not 0 <= self.min_success_rate <= 1:
@@ -124,11 +139,23 @@ class Gates:
             raise PlanError("min_devices must be at least 1")
         if self.max_p95_ttft_ms is not None and self.max_p95_ttft_ms <= 0:
             raise PlanError("max_p95_ttft_ms must be above 0")
+        for name in ("min_quality_score", "min_health_pass_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise PlanError(f"{name} must be between 0 and 1")
 
     @property
     def any(self) -> bool:
         return any(
-            v is not None for v in (self.min_success_rate, self.max_failures, self.max_error_rate, self.max_p95_ttft_ms)
+            v is not None
+            for v in (
+                self.min_success_rate,
+                self.max_failures,
+                self.max_error_rate,
+                self.max_p95_ttft_ms,
+                self.min_quality_score,
+                self.min_health_pass_rate,
+            )
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -150,6 +177,11 @@ class GateInput:
     requests: int = 0  # from telemetry, on the rollout's package, since the rollout began
     errors: int = 0
     ttft_samples: list[float] = field(default_factory=list)
+    tests_ran: int = 0  # devices whose TESTING ran for the rollout's package
+    tests_passed: int = 0
+    scored: int = 0  # devices that reported judged golden prompts
+    golden_judged: int = 0
+    golden_matched: int = 0
 
     @property
     def failures(self) -> int:
@@ -214,6 +246,45 @@ def evaluate_gates(gates: Gates, g: GateInput, *, install_only: bool = False) ->
                 gates.min_success_rate,
                 f"install success rate {rate:.0%} ({g.committed}/{g.finished}), at least "
                 f"{gates.min_success_rate:.0%} required",
+            )
+    if gates.min_quality_score is not None:
+        if g.scored < gates.min_devices or g.golden_judged == 0:
+            check(
+                "min_quality_score",
+                True,
+                None,
+                gates.min_quality_score,
+                f"on-device quality not judged yet: {g.scored} of {gates.min_devices} devices reported golden "
+                "prompts with references",
+            )
+        else:
+            score = g.golden_matched / g.golden_judged
+            check(
+                "min_quality_score",
+                score >= gates.min_quality_score,
+                round(score, 4),
+                gates.min_quality_score,
+                f"on-device quality score {score:.0%} ({g.golden_matched}/{g.golden_judged} golden prompts matched "
+                f"the reference on {g.scored} devices), at least {gates.min_quality_score:.0%} required",
+            )
+    if gates.min_health_pass_rate is not None:
+        if g.tests_ran < gates.min_devices:
+            check(
+                "min_health_pass_rate",
+                True,
+                None,
+                gates.min_health_pass_rate,
+                f"health checks not judged yet: {g.tests_ran} of {gates.min_devices} devices ran TESTING",
+            )
+        else:
+            rate = g.tests_passed / g.tests_ran
+            check(
+                "min_health_pass_rate",
+                rate >= gates.min_health_pass_rate,
+                round(rate, 4),
+                gates.min_health_pass_rate,
+                f"health-check pass rate {rate:.0%} ({g.tests_passed}/{g.tests_ran} devices passed TESTING), at "
+                f"least {gates.min_health_pass_rate:.0%} required",
             )
     if install_only:
         return GateResult(all(c["ok"] for c in checks), checks)
@@ -389,3 +460,119 @@ def selector_matches(
     terms: Sequence[Term], *, device_id: str, name: str, tags: Sequence[str], inventory: dict[str, Any]
 ) -> bool:
     return all(_term_holds(t, device_id, name, tags, inventory) for t in terms)
+
+
+# --- hardware-aware selection ------------------------------------------------------------------------------
+
+# onnxruntime's provider names for a profile's `execution_provider`, best first (CPU last).
+PROVIDERS: dict[str, str] = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+_PROVIDER_RANK = {name: i for i, name in enumerate(PROVIDERS)}
+_PRECISION_RANK = {"fp32": 4, "fp16": 3, "bf16": 3, "int8": 2, "int4": 1}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What selection needs to know about one package of a release."""
+
+    package_id: str
+    kind: str  # "model" or "adapter"
+    profile: str
+    provider: str = "cpu"  # the profile's execution_provider ("" means cpu)
+    precision: str = ""
+    min_memory_bytes: int = 0
+    base_package_id: str = ""  # an adapter package: the model package it needs
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The variant a device gets (None: it can run none) and why, with every candidate's verdict."""
+
+    package_id: str | None
+    reason: str
+    candidates: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"package_id": self.package_id, "reason": self.reason, "candidates": self.candidates}
+
+
+def _rank(v: Variant) -> tuple[int, int, int, str]:
+    provider = (v.provider or "cpu").lower()
+    return (
+        _PROVIDER_RANK.get(provider, _PROVIDER_RANK["cpu"] - 1),  # an unknown accelerator: just before the CPU
+        -_PRECISION_RANK.get(v.precision.lower(), 0),
+        -v.min_memory_bytes,
+        v.package_id,
+    )
+
+
+def _verdict(v: Variant, inventory: dict[str, Any], active_base: str) -> str:
+    """ "" if the device can run `v`, else why not."""
+    if v.kind == "adapter":
+        if not active_base:
+            return f"an adapter for base {v.base_package_id[:12]}; the device runs no model yet"
+        if v.base_package_id != active_base:
+            return f"an adapter for base {v.base_package_id[:12]}; the device runs {active_base[:12]}"
+        return ""
+    provider = (v.provider or "cpu").lower()
+    if provider != "cpu":
+        wanted = PROVIDERS.get(provider, provider)
+        have = [str(p) for p in inventory.get("providers") or []]
+        if wanted not in have:
+            return f"needs {wanted}; the device has {', '.join(have) or 'no providers reported (CPU assumed)'}"
+    memory = int(inventory.get("memory_bytes") or 0)
+    if v.min_memory_bytes:
+        if memory <= 0:
+            return f"needs {v.min_memory_bytes} bytes of memory; the device reported none"
+        if memory < v.min_memory_bytes:
+            return f"needs {v.min_memory_bytes} bytes of memory; the device has {memory}"
+    return ""
+
+
+def select_variant(variants: Sequence[Variant], *, inventory: dict[str, Any], active_base: str = "") -> Selection:
+    """The best variant this device can run (see the module's docstring for the order)."""
+    if not variants:
+        raise PlanError("no variants to choose from")
+    ordered = sorted(variants, key=_rank)
+    verdicts = {v.package_id: _verdict(v, inventory, active_base) for v in ordered}
+    chosen = next((v for v in ordered if not verdicts[v.package_id]), None)
+    candidates: list[dict[str, Any]] = []
+    for v in ordered:
+        why = verdicts[v.package_id]
+        if chosen is not None and not why:
+            why = "chosen: the best runnable variant" if v is chosen else f"runnable, but {chosen.profile} ranks higher"
+        candidates.append(
+            {
+                "package_id": v.package_id,
+                "profile": v.profile,
+                "kind": v.kind,
+                "ok": not verdicts[v.package_id],
+                "why": why,
+            }
+        )
+    if chosen is None:
+        reason = "no runnable variant: " + "; ".join(
+            f"{c['profile'] or c['package_id'][:12]}: {c['why']}" for c in candidates
+        )
+        return Selection(None, reason, candidates)
+    provider = (chosen.provider or "cpu").lower()
+    detail = f"{chosen.profile or chosen.package_id[:12]}"
+    if chosen.kind == "adapter":
+        reason = f"{detail}: an adapter for the base the device runs"
+    else:
+        reason = f"{detail}: {PROVIDERS.get(provider, provider)}, {chosen.precision or 'unknown precision'}"
+        if chosen.min_memory_bytes:
+            reason += f", needs {chosen.min_memory_bytes} bytes of {int(inventory.get('memory_bytes') or 0)}"
+    skipped = sum(1 for c in candidates if not c["ok"])
+    if skipped:
+        reason += f" ({skipped} of {len(candidates)} variants not runnable here)"
+    return Selection(chosen.package_id, reason, candidates)

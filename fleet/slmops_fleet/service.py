@@ -174,6 +174,16 @@ class FleetService:
         pid = package_id(signed.manifest)
         trusted = {key_id(k) for k in self.trusted_keys}
         signer = next((s.key_id for s in signed.signatures if s.key_id in trusted), "")
+        base: str | None = None
+        if manifest.kind == "adapter":
+            paths = {f.path for f in manifest.files}
+            if len(manifest.adapters) != 1 or not manifest.adapters[0].base_package_id:
+                raise InvalidRequest("package rejected: an adapter package names exactly one adapter bound to a base")
+            if manifest.adapters[0].path not in paths:
+                raise InvalidRequest(
+                    f"package rejected: adapter file {manifest.adapters[0].path!r} is not one of the package's files"
+                )
+            base = manifest.adapters[0].base_package_id.lower()
         created = self.store.add_package(
             NewPackage(
                 id=pid,
@@ -184,6 +194,10 @@ class FleetService:
                 signed_by=signer,
                 signed_manifest=signed.SerializeToString(),
                 files=[(f.path, f.sha256, f.size) for f in manifest.files],
+                provider=(manifest.profile.execution_provider or "cpu").lower(),
+                precision=manifest.profile.precision.lower(),
+                min_memory_bytes=manifest.profile.min_memory_bytes,
+                base_package_id=base,
             )
         )
         pkg = self.store.get_package(pid)
@@ -223,19 +237,34 @@ class FleetService:
 
     # --- rollouts -----------------------------------------------------------------------------
 
+    def create_release(self, name: str, version: str, package_refs: list[str]) -> dict[str, Any]:
+        release = self.store.create_release(name, version, package_refs)
+        log.info("release %s: %d packages", release.ref, len(release.packages))
+        return release.to_json()
+
+    def list_releases(self) -> list[dict[str, Any]]:
+        return [r.to_json() for r in self.store.list_releases()]
+
+    def get_release(self, ref: str) -> dict[str, Any]:
+        return self.store.get_release(ref).to_json()
+
     def create_rollout(
         self,
-        package_ref: str,
+        package_ref: str | None,
         target: str | list[str],
         *,
+        release: str | None = None,
         waves: list[str] | str | None = None,
         soak_s: float = 0.0,
         wave_timeout_s: float | None = None,
         gates: dict[str, Any] | None = None,
         selector: str = "",
     ) -> dict[str, Any]:
-        """Start a rollout: its first wave at once, the others by the rollout driver. `selector`
-        narrows the target by tags and inventory (see `slmops_fleet.rollouts.parse_selector`)."""
+        """Start a rollout of a package or of a release (NAME@VERSION or id; each device gets the
+        variant `select_variant` picks): its first wave at once, the others by the rollout driver.
+        `selector` narrows the target by tags and inventory (see `slmops_fleet.rollouts.parse_selector`)."""
+        if (package_ref is None) == (release is None):
+            raise InvalidRequest("name a package or a release to roll out (exactly one)")
         try:
             specs = parse_waves(waves)
             plan = RolloutPlan(
@@ -247,19 +276,28 @@ class FleetService:
             )
         except (PlanError, TypeError) as exc:
             raise InvalidRequest(f"bad rollout plan: {exc}") from exc
-        pkg = self.store.get_package(package_ref)
-        if pkg.missing_blobs:
-            raise Conflict(
-                f"package {pkg.id[:12]} is incomplete: {len(pkg.missing_blobs)} blobs not uploaded yet "
-                "(run `slmops fleet package upload` again)"
-            )
+        if release is not None:
+            rel = self.store.get_release(release)
+            packages, release_id = rel.packages, rel.id
+        else:
+            assert package_ref is not None
+            packages, release_id = [self.store.get_package(package_ref)], None
+        for pkg in packages:
+            if pkg.missing_blobs:
+                raise Conflict(
+                    f"package {pkg.id[:12]} is incomplete: {len(pkg.missing_blobs)} blobs not uploaded yet "
+                    "(run `slmops fleet package upload` again)"
+                )
         if isinstance(target, str) and target != "all":
             raise InvalidRequest('target is "all" or a list of device ids')
-        rollout, desired = self.store.create_rollout(pkg.id, target, plan)
+        rollout, desired = self.store.create_rollout(
+            packages[0].id if release_id is None else None, target, plan, release_id=release_id
+        )
         self.publish_desired(desired)
         log.info(
             "rollout %s: %s %s to %d devices in %d waves (%d now)",
-            rollout.id, pkg.name, pkg.version, len(rollout.devices), len(rollout.waves), len(desired),
+            rollout.id, rollout.release or rollout.package_name, rollout.package_version, len(rollout.devices),
+            len(rollout.waves), len(desired),
         )  # fmt: skip
         self._wake_driver()
         return rollout.to_json()
@@ -322,6 +360,30 @@ class FleetService:
     def get_rollout(self, rollout_id: str) -> dict[str, Any]:
         return self.store.get_rollout(self._rollout_id(rollout_id)).to_json()
 
+    def explain_rollout(self, rollout_ref: str, device_id: str | None = None) -> dict[str, Any]:
+        """Per device: the variant chosen and why, and why each other candidate was or was not taken."""
+        rollout = self.store.get_rollout(self._rollout_id(rollout_ref))
+        targets = [t for t in rollout.devices if device_id is None or t.device_id == device_id]
+        if device_id is not None and not targets:
+            raise NotFound(f"device {device_id} is not a target of rollout {rollout.id}")
+        devices = []
+        for t in targets:
+            sel = t.selection or {
+                "package_id": t.package_id,
+                "reason": "the rollout names one package (made before selection was recorded)",
+                "candidates": [],
+            }
+            devices.append(
+                {
+                    "device_id": t.device_id,
+                    "state": t.state,
+                    "package_id": sel.get("package_id"),
+                    "reason": sel.get("reason", ""),
+                    "candidates": sel.get("candidates", []),
+                }
+            )
+        return {"rollout_id": rollout.id, "release": rollout.release, "devices": devices}
+
     def stats(self) -> dict[str, Any]:
         self.distributor.flush_stats()
         blobs = self.store.blob_stats()
@@ -348,6 +410,10 @@ class FleetService:
             "database": _redact(self.store.url),
             "mqtt": {**self.broker.to_json(), "connected": self.mqtt_connected()},
             "trusted_keys": [key_id(k) for k in self.trusted_keys],
+            "rollout_driver": {
+                "holder": getattr(self.driver, "holder", None),
+                "leading": bool(getattr(self.driver, "leading", False)),
+            },
             **counts,
             "transfer": stats["totals"],
             "active_transfers": stats["active_transfers"],

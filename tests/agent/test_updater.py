@@ -416,3 +416,153 @@ def test_side_loaded_package(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> 
     assert parse_signed_manifest((rig.state_dir / "manifests" / f"{pkg_id(pkg_v1)}.pb").read_bytes()) == (
         signed_manifest(pkg_v1)
     )
+
+
+# -- the on-device quality check and adapter packages -----------------------------------------------
+def test_golden_answers_that_differ_commit_and_report_the_score(
+    rig: Rig, pkg_v1: Path, tmp_path: Path, signing_key: tuple[Path, Path]
+) -> None:
+    """The device does not judge the reference comparison itself: it commits and reports the score;
+    the fleet's quality gate decides for the wave."""
+    from release_kit import repackage
+
+    record = install(rig, pkg_v1, 1)
+    judged = len(manifest_of(pkg_v1).golden_prompts)
+    assert record.state is UpdateState.COMMITTED and record.test is not None
+    assert (record.test.ran, record.test.passed, record.test.judged, record.test.matched) == (
+        True,
+        True,
+        judged,
+        judged,
+    )
+    wrong = repackage(pkg_v1, tmp_path / "wrong", signing_key[0], version="1.0.1", references="never said")
+    record = install(rig, wrong, 2)
+    assert record.state is UpdateState.COMMITTED and rig.serving() == "1.0.1"
+    assert record.test is not None and (record.test.judged, record.test.matched, record.test.passed) == (
+        judged,
+        0,
+        True,
+    )
+    final = [r for r in rig.reports if r.generation == 2 and r.state is UpdateState.COMMITTED][-1]
+    msg = final.to_pb(DEVICE)
+    assert msg.HasField("test") and (msg.test.ran, msg.test.judged, msg.test.matched) == (True, judged, 0)
+    # The result survives a restart (it is part of the persisted record) and a new target clears it.
+    assert StateStore(rig.state_dir / "state.json").load().test == record.test
+    rig.feeder.add(pkg_v1)
+    rig.desired(pkg_v1, 3)
+    record = rig.wait_done(3)
+    assert record.test is not None and record.test.matched == judged
+
+
+def _adapter_package(
+    tmp_path: Path, key: Path, base_id: str, name: str = "lora", data: bytes = b"not an adapter"
+) -> Path:
+    from slmops_builder.keys import load_private_key
+    from slmops_builder.packaging import PackageSpec, write_package
+
+    src = tmp_path / f"{name}-src"
+    src.mkdir()
+    (src / f"{name}.onnx_adapter").write_bytes(data)
+    spec = PackageSpec(
+        name=name,
+        version="0.1.0",
+        profile=manifest_pb2.HardwareProfile(name="cpu-int4", execution_provider="cpu"),
+        kind="adapter",
+        adapters=[manifest_pb2.Adapter(name=name, base_package_id=base_id, path=f"{name}.onnx_adapter")],
+    )
+    return write_package(src, spec, load_private_key(key), tmp_path / name).path
+
+
+def test_an_adapter_for_another_base_is_refused(
+    rig: Rig, pkg_v1: Path, pkg_v2: Path, tmp_path: Path, signing_key: tuple[Path, Path]
+) -> None:
+    adapter = _adapter_package(tmp_path, signing_key[0], pkg_id(pkg_v2))
+    rig.desired(adapter, 1)
+    record = rig.wait_done(1)
+    assert record.state is UpdateState.ROLLED_BACK and record.reason.endswith("this device runs no model"), (
+        record.reason
+    )
+    install(rig, pkg_v1, 2)
+    rig.desired(adapter, 3)
+    record = rig.wait_done(3)
+    assert record.state is UpdateState.ROLLED_BACK and record.test is None
+    assert record.reason == (
+        f"adapter 'lora' is bound to base package {pkg_id(pkg_v2)[:12]}; this device runs {pkg_id(pkg_v1)[:12]} "
+        "(tiny-llama 1.0.0)"
+    )
+    assert rig.serving() == "1.0.0" and record.slots["b"] is None
+
+
+def test_an_adapter_on_its_base_fetches_only_its_file_and_is_tested_with_the_base(
+    rig: Rig, pkg_v1: Path, tmp_path: Path, signing_key: tuple[Path, Path]
+) -> None:
+    """A base without LoRA inputs cannot load an adapter: TESTING fails and the device rolls back,
+    after fetching only the adapter's blob and staging it next to the base's files."""
+    install(rig, pkg_v1, 1)
+    adapter = _adapter_package(tmp_path, signing_key[0], pkg_id(pkg_v1))
+    rig.feeder.add(adapter)
+    rig.feeder.requests.clear()
+    rig.desired(adapter, 2)
+    record = rig.wait_done(2)
+    assert rig.states(2) == ["FETCHING", "VERIFYING", "STAGED", "TESTING", "ROLLED_BACK"], record.reason
+    assert {w.sha256 for w in rig.feeder.requests} == {f.sha256 for f in manifest_of(adapter).files}
+    assert record.reason.startswith("TESTING: ") and "budget" not in record.reason, record.reason
+    assert record.test is not None and record.test.ran and not record.test.passed and record.test.adapter == "lora"
+    assert rig.serving() == "1.0.0" and record.active_slot == "a"
+    # The adapter package's blob was kept only while it was the target; the base's blobs stay.
+    assert all((rig.state_dir / "blobs" / f.sha256).exists() for f in manifest_of(pkg_v1).files)
+
+
+@pytest.fixture(scope="module")
+def adapter_pair(tiny_hf_model: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny base built with LoRA inputs (fp32) and a signed adapter package bound to it."""
+    adapters = pytest.importorskip("slmops_builder.train.adapters", reason="the builder's adapter tools")
+    from slmops_builder.train.finetune import LoraSettings
+
+    root = tmp_path_factory.mktemp("adapter-pair")
+    base = adapters.build_adapter_base(
+        tiny_hf_model, LoraSettings(r=4, target_modules=("q_proj", "v_proj")), root / "base", precision="fp32",
+        cache_dir=root / "cache", threads=1,
+    )  # fmt: skip
+    layout = next((root / "cache" / "lora-layouts").iterdir())  # the PEFT layout the base was built with
+    adapters.export_adapter(layout, base, root / "lora.onnx_adapter")
+    base_pkg = adapters.package_adapter_base(
+        base, name="tiny-base", version="1.0.0", key=signing_key[0], out=root / "b"
+    )
+    adapter_pkg = adapters.package_adapter(
+        root / "lora.onnx_adapter", adapter_name="lora", name="tiny-lora", version="0.1.0", base_package=base_pkg.path,
+        key=signing_key[0], out=root / "a",
+    )  # fmt: skip
+    return base_pkg.path, adapter_pkg.path
+
+
+def test_an_adapter_package_commits_next_to_its_base_and_rolls_back_to_it(
+    tmp_path: Path, trusted_hex: str, adapter_pair: tuple[Path, Path]
+) -> None:
+    base, adapter = adapter_pair
+    rig = Rig(tmp_path / "state", trusted_hex)
+    rig.updater.start()
+    try:
+        assert install(rig, base, 1).state is UpdateState.COMMITTED
+        rig.feeder.requests.clear()
+        record = install(rig, adapter, 2)
+        assert record.state is UpdateState.COMMITTED, record.reason
+        assert record.test is not None and record.test.passed and record.test.adapter == "lora"
+        assert {w.sha256 for w in rig.feeder.requests} == {f.sha256 for f in manifest_of(adapter).files}
+        active = record.active
+        assert active is not None and active.package_id == pkg_id(adapter) and active.base_package_id == pkg_id(base)
+        slot = rig.state_dir / "slots" / record.active_slot
+        assert (slot / "lora.onnx_adapter").is_file() and (slot / "genai_config.json").is_file()
+        model = rig.host.model
+        assert model is not None and model.info.adapters == ("lora",) and model.info.version == "0.1.0"
+        result = rig.host.generate(GenerationRequest(messages=(("user", "Hi"),), max_new_tokens=3, adapter="lora"))
+        assert result.completion_tokens >= 1
+        # The base's blobs are kept while an adapter on it serves; desiring the base again rolls the adapter
+        # back to it with nothing fetched.
+        rig.feeder.requests.clear()
+        record = install(rig, base, 3)
+        assert record.state is UpdateState.COMMITTED and record.active is not None
+        assert record.active.package_id == pkg_id(base) and not rig.feeder.requests
+        assert rig.host.model is not None and rig.host.model.info.adapters == ()
+    finally:
+        rig.updater.stop()

@@ -170,6 +170,55 @@ class Inventory(_message.Message):
 Global___Inventory: _TypeAlias = Inventory  # noqa: Y015
 
 @_typing.final
+class TestResult(_message.Message):
+    """What TESTING found for the target package of a report's generation: the on-device quality check.
+    A golden prompt "matches" when the greedy output equals the builder's reference (whitespace at
+    the ends ignored); prompts without a reference are run but not judged.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAN_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    PROMPTS_FIELD_NUMBER: _builtins.int
+    JUDGED_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    ran: _builtins.bool
+    """TESTING loaded the package and ran its prompts (false: it never got there)"""
+    passed: _builtins.bool
+    """loaded, every prompt answered, within the latency budget"""
+    prompts: _builtins.int
+    """golden prompts run"""
+    judged: _builtins.int
+    """prompts with a reference"""
+    matched: _builtins.int
+    """judged prompts whose output equals the reference"""
+    seconds: _builtins.float
+    """load + prompts"""
+    adapter: _builtins.str
+    """the adapter active during the prompts ("" for a model package)"""
+    def __init__(
+        self,
+        *,
+        ran: _builtins.bool = ...,
+        passed: _builtins.bool = ...,
+        prompts: _builtins.int = ...,
+        judged: _builtins.int = ...,
+        matched: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+        adapter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "judged", b"judged", "matched", b"matched", "passed", b"passed", "prompts", b"prompts", "ran", b"ran", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestResult: _TypeAlias = TestResult  # noqa: Y015
+
+@_typing.final
 class ReportedState(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -185,6 +234,7 @@ class ReportedState(_message.Message):
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _builtins.int
     INVENTORY_FIELD_NUMBER: _builtins.int
     ACTIVE_SLOT_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """the desired generation this report is about"""
@@ -201,6 +251,10 @@ class ReportedState(_message.Message):
     """"a" or "b" """
     @_builtins.property
     def inventory(self) -> Global___Inventory: ...
+    @_builtins.property
+    def test(self) -> Global___TestResult:
+        """set once TESTING ran (or was refused) for `generation`'s target"""
+
     def __init__(
         self,
         *,
@@ -216,10 +270,11 @@ class ReportedState(_message.Message):
         timestamp_unix_ms: _builtins.int = ...,
         inventory: Global___Inventory | None = ...,
         active_slot: _builtins.str = ...,
+        test: Global___TestResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "test", b"test"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_package_id", b"active_package_id", "active_slot", b"active_slot", "active_version", b"active_version", "bytes_needed", b"bytes_needed", "bytes_received", b"bytes_received", "device_id", b"device_id", "generation", b"generation", "inventory", b"inventory", "reason", b"reason", "state", b"state", "target_package_id", b"target_package_id", "timestamp_unix_ms", b"timestamp_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_package_id", b"active_package_id", "active_slot", b"active_slot", "active_version", b"active_version", "bytes_needed", b"bytes_needed", "bytes_received", b"bytes_received", "device_id", b"device_id", "generation", b"generation", "inventory", b"inventory", "reason", b"reason", "state", b"state", "target_package_id", b"target_package_id", "test", b"test", "timestamp_unix_ms", b"timestamp_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
