@@ -1,15 +1,18 @@
 """A Mosquitto 2 broker of the tests' own: generated config, dynamic security, persistence.
 
-`start_mosquitto(workdir, port=None) -> MosquittoBroker` (`.url`, `.stop()`, `.kill()`, `.restart()`).
+`start_mosquitto(workdir, port=None) -> MosquittoBroker` (`.url`, `.stop()`, `.kill()`, `.restart()`);
+`CorruptingProxy(host, port)`: a TCP relay that corrupts the first chunk a client receives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,3 +137,107 @@ def start_mosquitto(workdir: Path, *, port: int | None = None, anonymous: bool =
     broker = MosquittoBroker("127.0.0.1", port, admin, password, workdir, conf, workdir / "mosquitto.log")
     broker.start()
     return broker
+
+
+# --- a fault on the wire ---------------------------------------------------------------------------------
+
+
+class CorruptingProxy:
+    """A TCP relay from 127.0.0.1:`port` to a broker that flips the last byte of the first `flips`
+    PUBLISH packets (broker -> client) whose topic contains `topic_part`: MQTT has no checksum, so
+    the client receives the bad bytes as they are. For a BlobChunk the last byte is chunk data, so
+    the chunk's own SHA-256 no longer matches. `flipped` lists the topics it corrupted."""
+
+    def __init__(self, host: str, port: int, *, topic_part: str = "/chunks", flips: int = 1) -> None:
+        self.target = (host, port)
+        self.topic_part = topic_part.encode()
+        self.flips_left = flips
+        self.flipped: list[str] = []
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self._closing = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="corrupting-proxy", daemon=True).start()
+
+    def close(self) -> None:
+        self._closing = True
+        self._server.close()
+        with self._lock:
+            for s in self._sockets:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not downstream:
+                    dst.sendall(data)
+                    continue
+                buf += data
+                while (packet := _take_packet(buf)) is not None:
+                    dst.sendall(self._maybe_corrupt(packet))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def _maybe_corrupt(self, packet: bytearray) -> bytearray:
+        if packet[0] >> 4 != 3:  # not a PUBLISH
+            return packet
+        offset = 1
+        while packet[offset] & 0x80:  # the remaining-length varint
+            offset += 1
+        offset += 1
+        topic_len = int.from_bytes(packet[offset : offset + 2], "big")
+        topic = bytes(packet[offset + 2 : offset + 2 + topic_len])
+        with self._lock:
+            if self.flips_left <= 0 or self.topic_part not in topic:
+                return packet
+            self.flips_left -= 1
+            self.flipped.append(topic.decode())
+        packet[-1] ^= 0xFF
+        return packet
+
+
+def _take_packet(buf: bytearray) -> bytearray | None:
+    """Remove and return one whole MQTT packet from the front of `buf`, or None if it is incomplete."""
+    length, multiplier, offset = 0, 1, 1
+    while True:
+        if offset >= len(buf):
+            return None
+        byte = buf[offset]
+        length += (byte & 0x7F) * multiplier
+        multiplier *= 128
+        offset += 1
+        if not byte & 0x80:
+            break
+    end = offset + length
+    if len(buf) < end:
+        return None
+    packet = buf[:end]
+    del buf[:end]
+    return packet

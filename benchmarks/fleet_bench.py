@@ -1,0 +1,369 @@
+"""The fleet's delivery at scale: N simulated devices on Mosquitto and on the embedded broker (run by hand).
+
+For each broker and each N: a real fleet (`slmops fleet serve`, its own process), N devices
+enrolled over the fleet's HTTP API (each with its own broker credentials and ACL), then run as
+lean simulated devices (tests/fleet/fleetkit.py `SwarmDevice`: many per process on one selector,
+the real MQTT protocol through the real broker, a chunk bitmap, per-chunk and per-blob SHA-256
+checks, repair requests for gaps, the manifest's signature checked). Two releases to all devices:
+
+  full     a package of `--model-mib` of model data plus small files
+  adapter  the same package plus a LoRA-sized adapter file (`--adapter-kib`): only that blob is new.
+           The fleet has no adapter-only package kind here yet, so this is the content-addressed
+           delta an adapter release costs: a device fetches only the blob it lacks.
+
+Measured: seconds from the rollout until the fleet sees every device COMMITTED; the fleet's egress
+(chunk bytes it sent, broadcast + repair, from GET /v1/stats) over the bytes of the blobs the
+release needed (target <= 1.2); the broker's peak RSS during the release (Mosquitto's process, or
+the fleet's process for the embedded broker, which lives in it); the adapter release's egress over
+the full release's (target <= 5%). Then telemetry: every device publishes TelemetryBatch messages
+(`--telemetry-batches` x `--telemetry-samples`), and the rate is samples stored in the fleet's
+SQLite per second, from the first publish until the last row is in (target >= 10k/s).
+
+    python benchmarks/fleet_bench.py --devices 100,1000 --brokers mosquitto,embedded --json fleet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import multiprocessing.connection
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# The tests' Mosquitto launcher (tests/brokers.py) and simulated devices (tests/fleet/fleetkit.py).
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "fleet")]
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+from brokers import MosquittoBroker, start_mosquitto  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
+from fleetkit import make_package, random_bytes, swarm_worker  # noqa: E402
+
+from slmops_builder.keys import generate_key, public_path  # noqa: E402
+from slmops_cli.procs import Service, wait_until  # noqa: E402
+from slmops_fleet.client import FleetClient, FleetClientError  # noqa: E402
+
+CHUNK = 512 * 1024
+DEVICES_PER_WORKER = 250
+
+
+class Fleet:
+    """`slmops fleet serve` in its own process, on an external Mosquitto or its embedded broker."""
+
+    def __init__(self, workdir: Path, key_pub: Path, broker: MosquittoBroker | None, coalesce_s: float | None) -> None:
+        data = workdir / "fleet"
+        args = ["fleet", "serve", "--data-dir", str(data), "--port", "0", "--broker-port", "0"]
+        args += ["--trust-key", str(key_pub), "--chunk-size", str(CHUNK)]
+        if broker is not None:
+            args += ["--broker-url", broker.url]
+        env = {"SLMOPS_FLEET_LOG_LEVEL": "WARNING"}
+        if coalesce_s is not None:
+            env["SLMOPS_FLEET_COALESCE_WINDOW_S"] = str(coalesce_s)
+        self.service = Service("fleet", args, workdir / "fleet.log", env=env)
+        info_path = data / "fleet.json"
+        self.info: dict[str, Any] = self.service.wait_for(lambda: _read_json(info_path), timeout=60, what="fleet.json")
+        self.client = FleetClient(self.info["url"], self.info["admin_token"], timeout=120)
+        self.service.wait_for(lambda: _healthy(self.client), timeout=60, what="a healthy API")
+
+    def enroll(self, name: str, attempts: int = 3) -> dict[str, Any]:
+        """Enroll one device (a fresh token per attempt: a lost response may have used the last one)."""
+        key = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+        for attempt in range(attempts):
+            try:
+                token = self.client.create_token()["token"]
+                body = {"token": token, "public_key": key, "name": name, "inventory": {"arch": "x86_64"}}
+                response = httpx.post(self.info["url"] + "/v1/enroll", json=body, timeout=120)
+                response.raise_for_status()
+                return dict(response.json())
+            except (FleetClientError, httpx.HTTPError) as exc:
+                if attempt + 1 == attempts or not self.service.alive():
+                    raise
+                log(f"enrolling {name} failed ({exc}); again")
+        raise AssertionError("unreachable")
+
+    def totals(self) -> dict[str, int]:
+        """The fleet's transfer counters, once no transfer is running (they are flushed as transfers end)."""
+
+        def idle() -> dict[str, Any] | None:
+            stats = self.client.stats()
+            return None if stats["active_transfers"] else stats
+
+        return dict(wait_until(idle, timeout=120, what="the fleet's transfers to end", interval=0.1)["totals"])
+
+    def telemetry_rows(self) -> int:
+        return int(self.client.status().get("telemetry_samples", 0))
+
+    def stop(self) -> None:
+        self.client.close()
+        self.service.stop()
+
+
+class PeakRss:
+    """Samples a process's RSS every 50 ms; `.peak_mb` since the last `reset()`."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def reset(self) -> None:
+        self.peak = self.process.memory_info().rss
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Workers:
+    """Processes running swarms of simulated devices; their events come back over pipes."""
+
+    def __init__(self, creds: list[dict[str, Any]], stall_s: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conns = []
+        self.procs = []
+        for i in range(0, len(creds), DEVICES_PER_WORKER):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=swarm_worker, args=(creds[i : i + DEVICES_PER_WORKER], child, stall_s))
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self.events: list[tuple[Any, ...]] = []
+
+    def drain(self, timeout: float = 0.1) -> list[tuple[Any, ...]]:
+        new: list[tuple[Any, ...]] = []
+        for conn in multiprocessing.connection.wait(self.conns, timeout):
+            assert isinstance(conn, multiprocessing.connection.Connection)
+            new += conn.recv()
+        self.events += new
+        return new
+
+    def count(self, kind: str, *match: Any) -> int:
+        return sum(1 for e in self.events if e[0] == kind and e[2 : 2 + len(match)] == match)
+
+    def send(self, *command: Any) -> None:
+        for conn in self.conns:
+            conn.send(command)
+
+    def stop(self) -> None:
+        self.send("stop")
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def packages(workdir: Path, key: Path, model_mib: float, adapter_kib: float) -> dict[str, Path]:
+    files = {
+        "model.onnx.data": random_bytes(int(model_mib * 2**20), seed=1),
+        "model.onnx": random_bytes(64 * 1024, seed=2),
+        "tokenizer.json": random_bytes(200 * 1024, seed=3),
+        "genai_config.json": b'{"model": {"type": "llama"}}',
+    }
+    full = make_package(files, workdir / "full" / "package", key, name="bench", version="1.0.0")
+    with_adapter = {**files, "adapters/support.onnx_adapter": random_bytes(int(adapter_kib * 1024), seed=4)}
+    adapter = make_package(with_adapter, workdir / "adapter" / "package", key, name="bench", version="1.0.1")
+    return {"full": full, "adapter": adapter}
+
+
+def blob_sizes(package: Path) -> dict[str, int]:
+    return {f["sha256"]: int(f["size"]) for f in json.loads((package / "manifest.json").read_text())["files"]}
+
+
+def bench(
+    broker_kind: str, n: int, args: argparse.Namespace, workdir: Path, telemetry: bool
+) -> tuple[list[dict[str, Any]], float | None]:
+    key = workdir / "keys" / "bench.key"
+    generate_key(key)
+    broker = start_mosquitto(workdir / "mosquitto") if broker_kind == "mosquitto" else None
+    fleet = Fleet(workdir, public_path(key), broker, args.coalesce_s)
+    workers: Workers | None = None
+    rss: PeakRss | None = None
+    try:
+        pkgs = packages(workdir, key, args.model_mib, args.adapter_kib)
+        ids = {kind: fleet.client.upload_package(p)["package_id"] for kind, p in pkgs.items()}
+        t = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            creds = list(pool.map(fleet.enroll, [f"sim-{i}" for i in range(n)]))
+        log(f"{broker_kind} N={n}: enrolled in {time.monotonic() - t:.1f} s")
+        workers = Workers(creds, args.stall_s)
+        wait_until(lambda: workers.drain() is not None and workers.count("connected") >= n, timeout=300,
+                   what=f"{n} devices connected", interval=0)  # fmt: skip
+        if refused := [e for e in workers.events if e[0] == "refused"]:
+            raise RuntimeError(f"the broker refused {len(refused)} devices: {refused[:3]}")
+        rss = PeakRss(broker.process.pid if broker is not None and broker.process else fleet.service.pid)
+        runs = []
+        have: set[str] = set()
+        for kind in ("full", "adapter"):
+            blobs = blob_sizes(pkgs[kind])
+            needed = sum(size for sha, size in blobs.items() if sha not in have)
+            have |= set(blobs)
+            before = fleet.totals()
+            rss.reset()
+            t0 = time.monotonic()
+            fleet.client.create_rollout(ids[kind], "all")
+
+            def all_committed(pid: str = ids[kind]) -> bool:
+                workers.drain()
+                if workers.count("done", "COMMITTED", pid) < n:
+                    return False
+                devices = fleet.client.list_devices()
+                return sum(d["state"] == "COMMITTED" and d["active_package_id"] == pid for d in devices) >= n
+
+            wait_until(all_committed, timeout=args.timeout, what=f"{n} devices COMMITTED ({kind})", interval=0.25)
+            seconds = time.monotonic() - t0
+            after = fleet.totals()
+            sent = {k: after[k] - before.get(k, 0) for k in after}
+            runs.append(
+                {
+                    "broker": broker_kind,
+                    "devices": n,
+                    "kind": kind,
+                    "seconds_to_all_committed": round(seconds, 2),
+                    "egress_bytes": sent["broadcast_bytes"] + sent["repair_bytes"],
+                    "blob_bytes": needed,
+                    "broker_peak_rss_mb": round(rss.peak_mb, 1),
+                }
+            )
+            log(f"{broker_kind} N={n} {kind}: {runs[-1]}; transfers {sent}")
+        rate = measure_telemetry(fleet, workers, n, args) if telemetry else None
+        return runs, rate
+    finally:
+        if rss is not None:
+            rss.stop()
+        if workers is not None:
+            workers.stop()
+        fleet.stop()
+        if broker is not None:
+            broker.stop()
+
+
+def measure_telemetry(fleet: Fleet, workers: Workers, n: int, args: argparse.Namespace) -> float:
+    total = n * args.telemetry_batches * args.telemetry_samples
+    before = fleet.telemetry_rows()
+    t0 = time.monotonic()
+    workers.send("telemetry", args.telemetry_batches, args.telemetry_samples)
+    wait_until(lambda: fleet.telemetry_rows() - before >= total, timeout=args.timeout, what=f"{total} samples stored",
+               interval=0.1)  # fmt: skip
+    rate = total / (time.monotonic() - t0)
+    log(f"telemetry: {total} samples from {n} devices stored at {rate:,.0f} samples/s")
+    return rate
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data
+
+
+def _healthy(client: FleetClient) -> bool:
+    try:
+        client.health()
+    except Exception:
+        return False
+    return True
+
+
+def table(runs: list[dict[str, Any]], telemetry: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title="fleet delivery (one fleet process; simulated devices in worker processes)")
+    for col in ("broker", "devices", "kind", "s to all COMMITTED", "egress MiB", "blob MiB", "egress/blob",
+                "adapter/full", "broker peak RSS MB"):  # fmt: skip
+        out.add_column(col, justify="left" if col in ("broker", "kind") else "right")
+    full = {(r["broker"], r["devices"]): r["egress_bytes"] for r in runs if r["kind"] == "full"}
+    for r in runs:
+        ratio = r["egress_bytes"] / r["blob_bytes"] if r["blob_bytes"] else float("nan")
+        vs_full = r["egress_bytes"] / full[(r["broker"], r["devices"])] if r["kind"] == "adapter" else None
+        out.add_row(
+            r["broker"],
+            str(r["devices"]),
+            r["kind"],
+            f"{r['seconds_to_all_committed']:.1f}",
+            f"{r['egress_bytes'] / 2**20:.2f}",
+            f"{r['blob_bytes'] / 2**20:.2f}",
+            f"{ratio:.2f}",
+            f"{vs_full:.1%}" if vs_full is not None else "",
+            f"{r['broker_peak_rss_mb']:.0f}",
+        )
+    console = Console(width=150)
+    console.print(out)
+    if telemetry is not None:
+        console.print(f"telemetry ingest into SQLite: [bold]{telemetry:,.0f}[/] samples/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", default="100,1000", help="Comma-separated fleet sizes.")
+    p.add_argument("--brokers", default="mosquitto,embedded", help="mosquitto and/or embedded.")
+    p.add_argument("--model-mib", type=float, default=4.0, help="Model data in the full package (MiB).")
+    p.add_argument("--adapter-kib", type=float, default=160.0, help="Adapter file of the adapter release (KiB).")
+    p.add_argument(
+        "--stall-s",
+        type=float,
+        default=5.0,
+        help="A device asks for its gaps after this long idle (the agent's default).",
+    )
+    p.add_argument(
+        "--coalesce-s",
+        type=float,
+        help="The fleet's coalesce_window_s: a broadcast waits this long for the "
+        "requests of a wave (default: the fleet's own default).",
+    )
+    p.add_argument("--telemetry-batches", type=int, default=20, help="TelemetryBatch messages per device.")
+    p.add_argument("--telemetry-samples", type=int, default=100, help="Samples per TelemetryBatch.")
+    p.add_argument("--timeout", type=float, default=600.0, help="Seconds a release may take.")
+    p.add_argument("--workdir", type=Path, help="Keep the fleets' folders and logs here (default: a temp folder).")
+    p.add_argument("--json", type=Path, help="Write the results as JSON to this path.")
+    args = p.parse_args(argv)
+    sizes = [int(x) for x in args.devices.split(",") if x]
+    brokers = [b for b in args.brokers.split(",") if b]
+    if unknown := set(brokers) - {"mosquitto", "embedded"}:
+        p.error(f"unknown broker(s): {', '.join(sorted(unknown))}")
+
+    runs: list[dict[str, Any]] = []
+    telemetry: float | None = None
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+        root = args.workdir or Path(tmp)
+        for broker in brokers:
+            for n in sizes:
+                workdir = root / f"{broker}-{n}-{secrets.token_hex(3)}"
+                workdir.mkdir(parents=True)
+                got, rate = bench(broker, n, args, workdir, telemetry=telemetry is None)
+                runs += got
+                telemetry = telemetry if rate is None else rate
+    table(runs, telemetry)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "telemetry_samples_per_s": telemetry}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
