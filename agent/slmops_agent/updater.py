@@ -638,7 +638,8 @@ class Updater:
         if not new:
             return
         now = time.monotonic()
-        f.last_progress = now
+        for other in self._fetches.values():  # chunks of the package are flowing: none of its blobs is stalled
+            other.last_progress = now
         f.backoff = self.settings.blob_stall_s
         repairing = bool(f.outstanding)
         f.outstanding.discard(chunk.index)

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
@@ -112,6 +113,14 @@ def hash_secret(secret: str) -> str:
 
 def secrets_equal(secret: str, digest: str) -> bool:
     return secrets.compare_digest(hash_secret(secret), digest)
+
+
+# The order of the tuples `Store.insert_telemetry` builds.
+_TELEMETRY_COLUMNS = (
+    "device_id", "seq", "timestamp_ms", "received_at", "cpu_percent", "memory_used_bytes", "memory_total_bytes",
+    "disk_free_bytes", "temperature_c", "requests_total", "errors_total", "tokens_per_s", "ttft_ms", "queue_depth",
+    "update_state", "active_package_id",
+)  # fmt: skip
 
 
 def _i64(value: int) -> int:
@@ -1129,18 +1138,27 @@ class Store:
 
     def device_may_fetch(self, device_id: str, sha256: str) -> bool:
         """A device may ask for the blobs of the package its newest desired state names."""
+        return (device_id, sha256) in self.devices_may_fetch([(device_id, sha256)])
+
+    def devices_may_fetch(self, asks: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (device id, blob sha256) pairs of `asks` whose blob is in the device's desired package."""
+        asks = set(asks)
+        if not asks:
+            return set()
         with self.session() as s:
-            desired = self._latest_desired(s, [device_id]).get(device_id)
-            if desired is None:
-                return False
-            return (
-                s.scalar(
-                    select(func.count())
-                    .select_from(PackageFileRow)
-                    .where(PackageFileRow.package_id == desired.package_id, PackageFileRow.sha256 == sha256)
-                )
-                or 0
-            ) > 0
+            desired = self._latest_desired(s, sorted({d for d, _ in asks}))
+            packages = {row.package_id for row in desired.values() if row.package_id}
+            if not packages:
+                return set()
+            files = set(
+                s.execute(
+                    select(PackageFileRow.package_id, PackageFileRow.sha256).where(
+                        PackageFileRow.package_id.in_(packages),
+                        PackageFileRow.sha256.in_(sorted({sha for _, sha in asks})),
+                    )
+                ).all()
+            )
+        return {(d, sha) for d, sha in asks if d in desired and (desired[d].package_id, sha) in files}
 
     def add_blob_stats(self, deltas: dict[str, BlobStatsDelta]) -> None:
         with self.session(write=True) as s:
@@ -1796,44 +1814,62 @@ class Store:
             return True
 
     def insert_telemetry(self, samples: Iterable[TelemetryRecord], dropped: dict[str, int] | None = None) -> int:
-        """Insert samples, ignoring ones already stored (QoS 1 may deliver a batch twice). Returns rows offered."""
-        rows = [
-            {
-                **asdict(t),
-                "seq": _i64(t.seq),
-                "memory_used_bytes": _i64(t.memory_used_bytes),
-                "memory_total_bytes": _i64(t.memory_total_bytes),
-                "disk_free_bytes": _i64(t.disk_free_bytes),
-                "requests_total": _i64(t.requests_total),
-                "errors_total": _i64(t.errors_total),
-                "received_at": utcnow(),
-            }
-            for t in samples
-        ]
+        """Insert samples, ignoring ones already stored (QoS 1 may deliver a batch twice): one
+        INSERT ... ON CONFLICT DO NOTHING executed for the whole batch, in one transaction, with
+        plain tuples (SQLAlchemy's per-row parameter processing would cost more than SQLite's
+        insert). Returns rows offered."""
         now = utcnow()
+        samples = list(samples)
         with self.session(write=True) as s:
-            devices = {r["device_id"] for r in rows} | set(dropped or {})
+            devices = {t.device_id for t in samples} | set(dropped or {})
             known = set(s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(devices))).all()) if devices else set()
-            rows = [r for r in rows if r["device_id"] in known]
+            received = self._received_at(now)
+            top = _INT64_MAX
+            rows = [
+                (
+                    t.device_id,
+                    min(t.seq, top),
+                    t.timestamp_ms,
+                    received,
+                    t.cpu_percent,
+                    min(t.memory_used_bytes, top),
+                    min(t.memory_total_bytes, top),
+                    min(t.disk_free_bytes, top),
+                    t.temperature_c,
+                    min(t.requests_total, top),
+                    min(t.errors_total, top),
+                    t.tokens_per_s,
+                    t.ttft_ms,
+                    t.queue_depth,
+                    t.update_state,
+                    t.active_package_id,
+                )
+                for t in samples
+                if t.device_id in known
+            ]
+            conn = s.connection()
             if rows:
-                s.execute(self._insert_ignore(TelemetrySampleRow), rows)
-            for device_id in known:
-                values: dict[str, Any] = {"last_seen": now}
-                if dropped and device_id in dropped:
-                    values["telemetry_dropped_total"] = _i64(dropped[device_id])
-                s.execute(update(DeviceRow).where(DeviceRow.id == device_id).values(**values))
+                conn.exec_driver_sql(self._telemetry_insert_sql(), rows)
+            if known:
+                seen = update(DeviceRow).where(DeviceRow.id == bindparam("device"))
+                conn.execute(seen.values(last_seen=now), [{"device": d} for d in sorted(known)])
+                counted = [{"device": d, "dropped": _i64(n)} for d, n in sorted((dropped or {}).items()) if d in known]
+                if counted:
+                    conn.execute(seen.values(telemetry_dropped_total=bindparam("dropped")), counted)
         return len(rows)
 
-    def _insert_ignore(self, model: type[Base]) -> Any:
-        if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
+    def _received_at(self, now: datetime) -> Any:
+        """`now` as the driver takes it for telemetry_samples.received_at."""
+        process = TelemetrySampleRow.__table__.c.received_at.type.bind_processor(self.engine.dialect)
+        return process(now) if process is not None else now
 
-            return pg_insert(model).on_conflict_do_nothing()
-        if self.engine.dialect.name == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            return sqlite_insert(model).on_conflict_do_nothing()
-        raise NotImplementedError(f"database {self.engine.dialect.name} is not supported")
+    def _telemetry_insert_sql(self) -> str:
+        mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(self.engine.dialect.paramstyle)
+        if self.engine.dialect.name not in ("sqlite", "postgresql") or mark is None:
+            raise NotImplementedError(f"database {self.engine.dialect.name} is not supported")
+        columns = ", ".join(_TELEMETRY_COLUMNS)
+        marks = ", ".join([mark] * len(_TELEMETRY_COLUMNS))
+        return f"INSERT INTO telemetry_samples ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING"
 
     def telemetry(self, device_id: str, limit: int = 100) -> list[TelemetryRecord]:
         with self.session() as s:

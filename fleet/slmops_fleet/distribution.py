@@ -1,9 +1,15 @@
 """Blob delivery: paced broadcasts that devices of a wave share, and unicast repairs.
 
-- A whole-blob request starts a broadcast on `blobs/{sha}/chunks` after a short coalescing
-  window; requests for the same blob (and chunk size) that arrive while it is pending or
-  running join it: the broker does the fan-out, so a blob goes out about once per wave.
-- A request for some chunks gets a unicast of exactly those on `devices/{id}/blobs`.
+- A whole-blob request starts a broadcast on `blobs/{sha}/chunks` after a coalescing window
+  that each further request extends (up to `coalesce_max_s` after the first one); requests for
+  the same blob (and chunk size) that arrive while it is pending or running join it: the broker
+  does the fan-out, so a blob goes out about once per wave. A device that joins a running
+  broadcast keeps the rest of it and asks for its gaps afterwards.
+- Requests for some chunks (gaps) are gathered per blob: chunks that a pending or running
+  broadcast of the blob will still send are dropped from them, and the rest wait until no
+  broadcast of the blob runs and the coalescing window has passed. Then chunks that several
+  devices lack are broadcast once more (only those chunks), and the others go by unicast on
+  `devices/{id}/blobs`.
 - One sender thread serves every transfer round-robin, one chunk at a time, paced to
   `rate` bytes/s in total, with at most `max_inflight` chunks published but not yet
   acknowledged by the broker, so neither the fleet's client nor the broker buffers much.
@@ -56,6 +62,8 @@ class _Job:
     start_at: float
     pending: deque[int]
     members: set[str] = field(default_factory=set)
+    full: bool = True  # a broadcast of every chunk (whole-blob requests may join it)
+    first_request: float = 0.0
     started: bool = False
     sent_chunks: int = 0
     file: BinaryIO | None = None
@@ -73,9 +81,31 @@ class _Job:
         }
 
 
+@dataclass
+class _Gaps:
+    """Chunks of one blob (at one chunk size) that devices asked for, waiting to be sent."""
+
+    blob: BlobRecord
+    chunk_size: int
+    count: int
+    since: float
+    wants: dict[str, set[int]] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "kind": "gaps",
+            "sha256": self.blob.sha256,
+            "chunk_size": self.chunk_size,
+            "chunks": self.count,
+            "remaining": len(set().union(*self.wants.values())),
+            "devices": sorted(self.wants),
+            "started": False,
+        }
+
+
 @dataclass(frozen=True)
 class RequestOutcome:
-    action: str  # "broadcast", "joined", "repair", "merged" or "refused"
+    action: str  # "broadcast", "joined", "gaps", "covered" or "refused"
     detail: str = ""
 
 
@@ -92,6 +122,8 @@ class BlobDistributor:
         rate: int,
         coalesce_window_s: float,
         max_inflight: int,
+        coalesce_max_s: float | None = None,
+        rebroadcast_min_devices: int = 2,
         ack_timeout_s: float = 30.0,
         disconnected_give_up_s: float = 60.0,
     ) -> None:
@@ -103,13 +135,18 @@ class BlobDistributor:
         self.default_chunk_size = default_chunk_size
         self.rate = rate
         self.coalesce_window_s = coalesce_window_s
+        self.coalesce_max_s = max(coalesce_window_s, coalesce_max_s if coalesce_max_s is not None else 0.0)
+        self.rebroadcast_min_devices = rebroadcast_min_devices
         self.max_inflight = max_inflight
         self.ack_timeout_s = ack_timeout_s
         self.disconnected_give_up_s = disconnected_give_up_s
         self._cond = threading.Condition()
         self._jobs: list[_Job] = []
-        self._broadcasts: dict[tuple[str, int], _Job] = {}
-        self._repairs: dict[tuple[str, str, int], _Job] = {}
+        self._broadcasts: dict[tuple[str, int], _Job] = {}  # full broadcasts, by (sha256, chunk size)
+        self._rebroadcasts: dict[tuple[str, int], _Job] = {}  # broadcasts of some chunks
+        self._repairs: dict[tuple[str, str, int], _Job] = {}  # unicasts, by (device, sha256, chunk size)
+        self._gaps: dict[tuple[str, int], _Gaps] = {}
+        self._blobs: dict[str, BlobRecord] = {}  # blobs are immutable: found once, kept
         self._rr = 0
         self._stats: dict[str, BlobStatsDelta] = {}
         self._stats_lock = threading.Lock()
@@ -127,7 +164,7 @@ class BlobDistributor:
         cs = chunk_size or self.default_chunk_size
         if not MIN_CHUNK <= cs <= MAX_CHUNK:
             return self._refuse(device_id, sha256, f"chunk size {cs} is outside {MIN_CHUNK}..{MAX_CHUNK}")
-        blob = self._blob_lookup(sha256)
+        blob = self._blobs.get(sha256) or self._blob_lookup(sha256)
         if blob is None:
             return self._refuse(device_id, sha256, "the fleet has no such blob")
         count = chunk_count(blob.size, cs)
@@ -135,39 +172,54 @@ class BlobDistributor:
         if missing and not wanted:
             return self._refuse(device_id, sha256, f"no valid chunk index (blob has {count} chunks)")
         now = time.monotonic()
+        key = (sha256, cs)
         with self._cond:
             if self._stopping:
                 return RequestOutcome("refused", "the fleet is stopping")
+            self._blobs[sha256] = blob
             if wanted and len(wanted) < count:
                 self._count(sha256, partial_requests=1)
-                key = (device_id, sha256, cs)
-                job = self._repairs.get(key)
-                if job is not None:
-                    have = set(job.pending)
-                    job.pending.extend(i for i in wanted if i not in have)
-                    return RequestOutcome("merged", f"{len(job.pending)} chunks queued")
-                job = _Job(
-                    REPAIR, sha256, blob.size, cs, count, self.topics.device_blobs(device_id),
-                    self._blob_path(blob), now, deque(wanted), {device_id},
-                )  # fmt: skip
-                self._repairs[key] = job
-                self._jobs.append(job)
-                self._cond.notify_all()
-                return RequestOutcome("repair", f"{len(wanted)} chunks")
+                return self._add_gaps(device_id, blob, cs, count, wanted, now)
             self._count(sha256, whole_requests=1)
-            job = self._broadcasts.get((sha256, cs))
+            job = self._broadcasts.get(key)
             if job is not None:
                 job.members.add(device_id)
+                if not job.started:  # another device of the wave: wait a little longer for the rest
+                    job.start_at = min(now + self.coalesce_window_s, job.first_request + self.coalesce_max_s)
+                    return RequestOutcome("joined", "before it started")
                 return RequestOutcome("joined", f"at chunk {job.sent_chunks} of {count}")
             job = _Job(
                 BROADCAST, sha256, blob.size, cs, count, self.topics.blob_chunks(sha256),
                 self._blob_path(blob), now + self.coalesce_window_s, deque(range(count)), {device_id},
+                first_request=now,
             )  # fmt: skip
-            self._broadcasts[(sha256, cs)] = job
+            gaps = self._gaps.pop(key, None)  # the broadcast sends every chunk they lack
+            if gaps is not None:
+                job.members.update(gaps.wants)
+            self._broadcasts[key] = job
             self._jobs.append(job)
             self._count(sha256, broadcasts=1)
             self._cond.notify_all()
-            return RequestOutcome("broadcast", f"{count} chunks in {self.coalesce_window_s:.1f} s")
+            return RequestOutcome("broadcast", f"{count} chunks in {self.coalesce_window_s:.1f} s or more")
+
+    def _add_gaps(
+        self, device_id: str, blob: BlobRecord, cs: int, count: int, wanted: list[int], now: float
+    ) -> RequestOutcome:
+        """Keep a device's gaps, less what a broadcast or a unicast already queued will send it."""
+        key = (blob.sha256, cs)
+        queued: set[int] = set()
+        for job in (self._broadcasts.get(key), self._rebroadcasts.get(key), self._repairs.get((device_id, *key))):
+            if job is not None:
+                queued.update(job.pending)
+        left = [i for i in wanted if i not in queued]
+        if not left:
+            return RequestOutcome("covered", f"{len(wanted)} chunks already queued")
+        gaps = self._gaps.get(key)
+        if gaps is None:
+            gaps = self._gaps[key] = _Gaps(blob, cs, count, now)
+            self._cond.notify_all()
+        gaps.wants.setdefault(device_id, set()).update(left)
+        return RequestOutcome("gaps", f"{len(left)} chunks")
 
     def _refuse(self, device_id: str, sha256: str, why: str) -> RequestOutcome:
         log.warning("blob request from %s for %s refused: %s", device_id, sha256[:12], why)
@@ -175,11 +227,11 @@ class BlobDistributor:
 
     def active(self) -> list[dict[str, object]]:
         with self._cond:
-            return [j.describe() for j in self._jobs]
+            return [j.describe() for j in self._jobs] + [g.describe() for g in self._gaps.values()]
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._jobs and not self._inflight
+            return not self._jobs and not self._gaps and not self._inflight
 
     # --- stats --------------------------------------------------------------------------------
 
@@ -221,7 +273,9 @@ class BlobDistributor:
                 self._close(job)
             self._jobs.clear()
             self._broadcasts.clear()
+            self._rebroadcasts.clear()
             self._repairs.clear()
+            self._gaps.clear()
         self.flush_stats()
 
     def _run(self) -> None:
@@ -237,7 +291,10 @@ class BlobDistributor:
                 self._drop(job)
                 continue
             if last:
-                self._finish(job)
+                try:
+                    self._finish(job)
+                except Exception:  # the sender must outlive any one transfer
+                    log.exception("finishing the transfer of blob %s failed", job.sha256[:12])
 
     def _next_chunk(self) -> tuple[_Job, int, bool] | None:
         with self._cond:
@@ -245,6 +302,7 @@ class BlobDistributor:
                 if self._stopping:
                     return None
                 now = time.monotonic()
+                self._dispatch_gaps(now)
                 ready = [j for j in self._jobs if j.start_at <= now and j.pending]
                 if ready:
                     job = ready[self._rr % len(ready)]
@@ -262,12 +320,52 @@ class BlobDistributor:
                         self._unregister(job)
                     return job, index, last
                 waits = [j.start_at - now for j in self._jobs if j.pending]
+                waits += [g.since + self.coalesce_window_s - now for g in self._gaps.values()]
                 self._cond.wait(timeout=max(0.01, min(waits)) if waits else None)
+
+    def _dispatch_gaps(self, now: float) -> None:
+        """Send gathered gaps once no broadcast of their blob runs and the window has passed: chunks
+        that `rebroadcast_min_devices` or more devices lack are broadcast again, the others unicast."""
+        for key, gaps in list(self._gaps.items()):
+            if key in self._broadcasts or key in self._rebroadcasts or now < gaps.since + self.coalesce_window_s:
+                continue
+            del self._gaps[key]
+            sha256, cs = key
+            wanting: dict[int, int] = {}
+            for chunks in gaps.wants.values():
+                for i in chunks:
+                    wanting[i] = wanting.get(i, 0) + 1
+            shared = {i for i, n in wanting.items() if n >= self.rebroadcast_min_devices}
+            path = self._blob_path(gaps.blob)
+            if shared:
+                job = _Job(
+                    BROADCAST, sha256, gaps.blob.size, cs, gaps.count, self.topics.blob_chunks(sha256), path, now,
+                    deque(sorted(shared)), {d for d, chunks in gaps.wants.items() if chunks & shared}, full=False,
+                )  # fmt: skip
+                self._rebroadcasts[key] = job
+                self._jobs.append(job)
+                self._count(sha256, broadcasts=1)
+            for device_id, chunks in gaps.wants.items():
+                alone = sorted(chunks - shared)
+                if not alone:
+                    continue
+                repair = self._repairs.get((device_id, *key))
+                if repair is not None:
+                    have = set(repair.pending)
+                    repair.pending.extend(i for i in alone if i not in have)
+                    continue
+                repair = _Job(
+                    REPAIR, sha256, gaps.blob.size, cs, gaps.count, self.topics.device_blobs(device_id), path, now,
+                    deque(alone), {device_id},
+                )  # fmt: skip
+                self._repairs[(device_id, *key)] = repair
+                self._jobs.append(repair)
 
     def _unregister(self, job: _Job) -> None:
         if job.kind == BROADCAST:
-            if self._broadcasts.get((job.sha256, job.chunk_size)) is job:
-                del self._broadcasts[(job.sha256, job.chunk_size)]
+            registry = self._broadcasts if job.full else self._rebroadcasts
+            if registry.get((job.sha256, job.chunk_size)) is job:
+                del registry[(job.sha256, job.chunk_size)]
         else:
             key = (next(iter(job.members)), job.sha256, job.chunk_size)
             if self._repairs.get(key) is job:
@@ -319,14 +417,21 @@ class BlobDistributor:
     def _drain_inflight(self, keep: int) -> None:
         """Wait until at most `keep` chunks are unacknowledged."""
         while len(self._inflight) > keep:
-            handle = self._inflight[0]
-            if handle.wait(self.ack_timeout_s):
+            try:
+                acked = self._inflight[0].wait(self.ack_timeout_s)
+            except Exception as exc:  # a publisher that raises for a message it could not send
+                log.warning("a chunk was not acknowledged: %s", exc)
+                acked = False
+            if acked:
                 self._inflight.popleft()
                 continue
             if not self._wait_connected():
                 log.warning("broker unreachable: giving up %d unacknowledged chunks", len(self._inflight))
                 self._inflight.clear()
                 return
+            # Connected again, but this chunk was never acknowledged (lost with the old connection, or
+            # the broker is slow): stop waiting for it; devices ask for the chunks they lack.
+            self._inflight.popleft()
 
     def _wait_connected(self) -> bool:
         deadline = time.monotonic() + self.disconnected_give_up_s

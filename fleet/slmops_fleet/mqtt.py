@@ -6,8 +6,9 @@ and the ingest worker that turns what devices send into store rows and blob tran
   newest desired state (retained, QoS 1): the embedded broker keeps retained messages only in
   memory, and republishing is idempotent for devices (same generation).
 - The paho network thread only parses payloads and queues them (bounded: a full queue drops
-  and counts, it never blocks the network thread); one worker thread writes reports, inserts
-  telemetry in batches, and hands blob requests to the distributor.
+  and counts, it never blocks the network thread); one worker thread writes reports and inserts
+  telemetry in batches; blob requests have their own queue and thread, so that a wave's
+  requests reach the distributor together instead of one per report written.
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ class _Handle:
         self._info = info
 
     def wait(self, timeout: float) -> bool:
-        if self._info.is_published():
-            return True
+        """False if the message is not acknowledged within `timeout`, or never will be (paho raises
+        for a message it could not send: not connected, queue full)."""
         try:
+            if self._info.is_published():
+                return True
             self._info.wait_for_publish(timeout)
+            return self._info.is_published()
         except (RuntimeError, ValueError):
             return False
-        return self._info.is_published()
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,7 @@ class Ingest:
         *,
         republish: Callable[[], None],
         queue_bound: int = 10_000,
-        telemetry_batch: int = 500,
+        telemetry_batch: int = 5000,
         telemetry_flush_s: float = 1.0,
     ) -> None:
         self.store = store
@@ -219,10 +222,12 @@ class Ingest:
         self.distributor = distributor
         self._republish = republish
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
+        self._requests: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self.telemetry_batch = telemetry_batch
         self.telemetry_flush_s = telemetry_flush_s
         self.counters = IngestCounters()
         self._thread: threading.Thread | None = None
+        self._request_thread: threading.Thread | None = None
         self._stop = object()
         self._processed = threading.Condition()
         self._pending = 0
@@ -257,7 +262,7 @@ class Ingest:
         with self._processed:
             self._pending += 1
         try:
-            self._queue.put_nowait(item)
+            (self._requests if isinstance(item, BlobRequestIn) else self._queue).put_nowait(item)
         except queue.Full:
             with self._processed:
                 self._pending -= 1
@@ -269,13 +274,20 @@ class Ingest:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="slmops-fleet-ingest", daemon=True)
         self._thread.start()
+        self._request_thread = threading.Thread(
+            target=self._run_requests, name="slmops-fleet-blob-requests", daemon=True
+        )
+        self._request_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
         self._queue.put(self._stop)
+        self._requests.put(self._stop)
         self._thread.join(timeout)
-        self._thread = None
+        if self._request_thread is not None:
+            self._request_thread.join(timeout)
+        self._thread = self._request_thread = None
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until everything queued so far is applied (tests, shutdown)."""
@@ -345,13 +357,36 @@ class Ingest:
             if not self.store.apply_reported(item):
                 self.counters.unknown_device += 1
                 log.warning("report from unknown device %s ignored", item.device_id)
-        elif isinstance(item, BlobRequestIn):
-            self.counters.blob_requests += 1
-            if not self.store.device_may_fetch(item.device_id, item.sha256):
+
+    def _run_requests(self) -> None:
+        """Blob requests, as many as are queued at a time: one store query checks them all."""
+        while True:
+            batch = [self._requests.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._requests.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is self._stop for item in batch)
+            requests: list[BlobRequestIn] = [item for item in batch if item is not self._stop]
+            try:
+                self._serve_requests(requests)
+            except Exception:
+                log.exception("serving %d blob requests failed", len(requests))
+            finally:
+                self._done(len(requests))
+            if stop:
+                return
+
+    def _serve_requests(self, requests: list[BlobRequestIn]) -> None:
+        self.counters.blob_requests += len(requests)
+        allowed = self.store.devices_may_fetch([(r.device_id, r.sha256) for r in requests])
+        for item in requests:
+            if (item.device_id, item.sha256) not in allowed:
                 log.warning(
                     "blob request from %s for %s refused: not in its desired package", item.device_id, item.sha256[:12]
                 )
-                return
+                continue
             outcome = self.distributor.request(item.device_id, item.sha256, item.missing, item.chunk_size)
             log.info(
                 "blob request from %s for %s (%s): %s %s",

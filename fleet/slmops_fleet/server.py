@@ -220,6 +220,7 @@ class FleetServer:
             default_chunk_size=s.chunk_size,
             rate=s.broadcast_rate,
             coalesce_window_s=s.coalesce_window_s,
+            coalesce_max_s=s.coalesce_max_s,
             max_inflight=s.max_inflight,
         )
         self.distributor = distributor

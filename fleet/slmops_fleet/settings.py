@@ -90,7 +90,16 @@ class FleetSettings(BaseSettings):
         description="Bytes per second the fleet sends chunks at, all transfers together; 0: no limit.",
     )
     coalesce_window_s: float = Field(
-        0.5, ge=0, le=60, description="A broadcast waits this long so devices of one wave share it."
+        0.5,
+        ge=0,
+        le=60,
+        description="A broadcast waits this long after the newest request for it, so devices of one wave share it.",
+    )
+    coalesce_max_s: float = Field(
+        5.0,
+        ge=0,
+        le=600,
+        description="A broadcast starts at most this long after its first request, however many more come.",
     )
     max_inflight: int = Field(8, ge=1, le=1000, description="Chunks published but not yet acknowledged by the broker.")
     signing_keys: list[Path] = Field(

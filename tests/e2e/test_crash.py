@@ -20,8 +20,6 @@ from brokers import CorruptingProxy, start_mosquitto
 from crash_kit import CHUNK, Agent, blob_stats, padded_package, release, wait_device, wait_mid_transfer
 from e2e_kit import FleetProc
 
-from slmops_cli.procs import ProcessFailed
-
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -58,13 +56,6 @@ def enroll(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
 
 
 @pytest.mark.mosquitto
-@pytest.mark.xfail(
-    reason="fleet bug: the blob sender thread dies when the broker drops mid-broadcast (paho's "
-    "is_published() raises 'not currently connected' in mqtt._Handle.wait, uncaught in "
-    "distribution._finish), so repairs queue but never go out; passes with the fix in the issue 6 report",
-    raises=ProcessFailed,
-    strict=False,
-)
 def test_mosquitto_sigkilled_mid_transfer(
     tmp_path: Path,
     tiny_package_factory: Callable[..., Path],

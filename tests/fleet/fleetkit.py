@@ -509,8 +509,10 @@ class SwarmDevice:
         if not f.add(c.index, c.data):
             return
         self.bytes_received += len(c.data)
-        f.last_progress = time.monotonic()
+        now = time.monotonic()
         f.backoff = self.stall_s
+        for other in self.fetches.values():  # chunks are flowing: no blob of the package is stalled
+            other.last_progress = now
         if f.received < f.count:
             return
         del self.fetches[f.sha256]

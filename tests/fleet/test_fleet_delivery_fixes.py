@@ -1,0 +1,228 @@
+"""Blob delivery under load and failure: the sender survives a broker that drops (paho raises for
+messages it cannot send), a wave's requests spread over time share one broadcast, gaps are
+gathered and sent after the broadcast (chunks several devices lack are broadcast once more, the
+rest unicast), and blob requests are served while the report/telemetry worker is busy."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from fleetkit import random_bytes
+from paho.mqtt.enums import CallbackAPIVersion
+
+from slmops_fleet.db import BlobRecord
+from slmops_fleet.distribution import BlobDistributor
+from slmops_fleet.mqtt import Ingest, _Handle
+from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_protos.topics import Topics
+
+CHUNK = 256 * 1024
+TOPICS = Topics("slmops/v1")
+
+
+class _Acked:
+    def __init__(self, fail: str) -> None:
+        self.fail = fail
+
+    def wait(self, timeout: float) -> bool:
+        if self.fail == "raise":
+            raise RuntimeError("The client is not currently connected.")
+        return not self.fail
+
+
+class Recorder:
+    """A publisher that keeps what the distributor publishes; the next `fail_next` handles are never
+    acknowledged (`fail_how` "lost": wait() is False, as `_Handle` says for a message lost with the
+    connection; "raise": wait() raises)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, fleet_pb2.BlobChunk]] = []
+        self.fail_next = 0
+        self.fail_how = "lost"
+        self.lock = threading.Lock()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> _Acked:
+        with self.lock:
+            self.sent.append((topic, fleet_pb2.BlobChunk.FromString(payload)))
+            fail = self.fail_how if self.fail_next > 0 else ""
+            self.fail_next -= bool(fail)
+        return _Acked(fail)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return True
+
+    def chunks(self, topic: str) -> list[int]:
+        with self.lock:
+            return [c.index for t, c in self.sent if t == topic]
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> BlobRecord:
+    data = random_bytes(8 * CHUNK, 7)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    import hashlib
+
+    return BlobRecord(hashlib.sha256(data).hexdigest(), len(data), str(path))
+
+
+@pytest.fixture
+def distributor(blob: BlobRecord) -> Iterator[Callable[..., tuple[BlobDistributor, Recorder]]]:
+    made: list[BlobDistributor] = []
+
+    def make(**kwargs: Any) -> tuple[BlobDistributor, Recorder]:
+        rec = Recorder()
+        args: dict[str, Any] = {
+            "default_chunk_size": CHUNK,
+            "rate": 0,
+            "coalesce_window_s": 0.3,
+            "max_inflight": 2,
+            "disconnected_give_up_s": 1.0,
+        }
+        args.update(kwargs)
+        d = BlobDistributor(
+            TOPICS,
+            rec,
+            blob_lookup=lambda sha: blob if sha == blob.sha256 else None,
+            blob_path=lambda b: Path(b.path),
+            stats_sink=lambda _deltas: None,
+            **args,
+        )
+        d.start()
+        made.append(d)
+        return d, rec
+
+    yield make
+    for d in made:
+        d.stop()
+
+
+def _wait_idle(d: BlobDistributor, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not d.idle():
+        assert time.monotonic() < deadline, f"transfers still active: {d.active()}"
+        time.sleep(0.02)
+
+
+def test_handle_wait_is_false_for_a_message_paho_could_not_send() -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="never-connected")
+    info = client.publish("t", b"x", qos=1)  # not connected: paho queues it with rc NO_CONN
+    with pytest.raises(RuntimeError):
+        info.is_published()
+    assert _Handle(info).wait(0.1) is False
+
+
+@pytest.mark.parametrize("how", ["lost", "raise"])
+def test_sender_outlives_failed_acknowledgements(distributor: Callable[..., Any], blob: BlobRecord, how: str) -> None:
+    """The broker drops during a broadcast: no chunk is acknowledged; the sender carries on (or
+    drops that transfer) and serves later requests."""
+    d, rec = distributor()
+    rec.fail_next, rec.fail_how = 100, how
+    d.request("dev-a", blob.sha256, (), CHUNK)
+    _wait_idle(d)
+    sent = rec.chunks(TOPICS.blob_chunks(blob.sha256))
+    assert sent == (list(range(8)) if how == "lost" else sent[:8]) and sent
+    rec.fail_next = 0
+    assert d.request("dev-a", blob.sha256, (3, 4), CHUNK).action == "gaps"
+    _wait_idle(d)
+    assert rec.chunks(TOPICS.device_blobs("dev-a")) == [3, 4]
+    assert d._thread is not None and d._thread.is_alive()
+
+
+def test_a_wave_spread_over_more_than_the_window_shares_one_broadcast(
+    distributor: Callable[..., Any], blob: BlobRecord
+) -> None:
+    d, rec = distributor(coalesce_window_s=0.3, coalesce_max_s=5.0)
+    for i in range(8):  # 1.4 s of requests, each within the window of the one before
+        assert d.request(f"dev-{i}", blob.sha256, (), CHUNK).action == ("broadcast" if i == 0 else "joined")
+        time.sleep(0.2)
+    _wait_idle(d)
+    assert rec.chunks(TOPICS.blob_chunks(blob.sha256)) == list(range(8))
+    assert len(rec.sent) == 8
+
+    # The window never stretches past coalesce_max_s after the first request.
+    d2, rec2 = distributor(coalesce_window_s=0.3, coalesce_max_s=0.5)
+    t0 = time.monotonic()
+    for i in range(6):
+        d2.request(f"dev-{i}", blob.sha256, (), CHUNK)
+        time.sleep(0.2)
+    assert rec2.sent and time.monotonic() - t0 >= 1.0
+
+
+def test_gaps_wait_for_the_broadcast_then_shared_gaps_are_broadcast_once(
+    distributor: Callable[..., Any], blob: BlobRecord
+) -> None:
+    d, rec = distributor(rate=4 * CHUNK, coalesce_window_s=0.2)  # 8 chunks take about 2 s
+    bcast = TOPICS.blob_chunks(blob.sha256)
+    d.request("dev-a", blob.sha256, (), CHUNK)
+    # Gaps the broadcast still has to send need nothing more.
+    assert d.request("dev-b", blob.sha256, (5, 6), CHUNK).action == "covered"
+    deadline = time.monotonic() + 10
+    while len(rec.chunks(bcast)) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # Three devices that missed the first chunks; 0 and 1 are lacked by more than one of them.
+    assert d.request("dev-b", blob.sha256, (0, 1), CHUNK).action == "gaps"
+    assert d.request("dev-c", blob.sha256, (0, 1, 2), CHUNK).action == "gaps"
+    assert d.request("dev-d", blob.sha256, (1,), CHUNK).action == "gaps"
+    assert rec.chunks(TOPICS.device_blobs("dev-c")) == [], "gaps must wait for the broadcast to end"
+    _wait_idle(d)
+    assert rec.chunks(bcast) == [*range(8), 0, 1]  # the broadcast, then the shared gaps once
+    assert rec.chunks(TOPICS.device_blobs("dev-c")) == [2]  # only dev-c lacks chunk 2
+    assert rec.chunks(TOPICS.device_blobs("dev-b")) == [] and rec.chunks(TOPICS.device_blobs("dev-d")) == []
+    assert [t for t, c in rec.sent if t == bcast][-2:] == [bcast, bcast]
+
+
+def test_a_whole_request_absorbs_waiting_gaps(distributor: Callable[..., Any], blob: BlobRecord) -> None:
+    d, rec = distributor(coalesce_window_s=0.3)
+    d.request("dev-a", blob.sha256, (2,), CHUNK)
+    d.request("dev-b", blob.sha256, (), CHUNK)  # a full broadcast sends chunk 2 anyway
+    _wait_idle(d)
+    assert rec.chunks(TOPICS.blob_chunks(blob.sha256)) == list(range(8))
+    assert rec.chunks(TOPICS.device_blobs("dev-a")) == []
+
+
+def test_blob_requests_are_served_while_the_ingest_worker_is_busy(blob: BlobRecord) -> None:
+    """A report or telemetry write that takes long does not hold up a wave's blob requests."""
+
+    class Store:
+        def devices_may_fetch(self, asks: list[tuple[str, str]]) -> set[tuple[str, str]]:
+            return {a for a in asks if a[0] != "dev-stranger"}
+
+    class Distributor:
+        def __init__(self) -> None:
+            self.got: list[tuple[str, str]] = []
+
+        def request(self, device_id: str, sha256: str, missing: Any, chunk_size: int) -> Any:
+            from slmops_fleet.distribution import RequestOutcome
+
+            self.got.append((device_id, sha256))
+            return RequestOutcome("broadcast")
+
+    release = threading.Event()
+    dist = Distributor()
+    ingest = Ingest(Store(), TOPICS, dist, republish=lambda: release.wait(10))  # type: ignore[arg-type]
+    ingest.start()
+    try:
+        ingest.request_republish()  # keeps the report/telemetry worker busy
+        for dev in ("dev-1", "dev-2", "dev-stranger"):
+            req = fleet_pb2.BlobRequest(device_id=dev, blob_sha256=blob.sha256, chunk_size=CHUNK)
+            ingest.on_message(TOPICS.blob_requests(dev), req.SerializeToString())
+        deadline = time.monotonic() + 5
+        while len(dist.got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not release.is_set()
+        assert dist.got == [("dev-1", blob.sha256), ("dev-2", blob.sha256)]
+        assert not ingest.wait_idle(0.1)  # the republish is still running
+        release.set()
+        assert ingest.wait_idle(5)
+        assert ingest.counters.blob_requests == 3
+    finally:
+        release.set()
+        ingest.stop()
