@@ -15,10 +15,16 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from slmops_builder.convert import convert, stage, validate_search
+from slmops_builder.evaluate import (
+    DEFAULT_GOLDEN_PROMPTS,
+    Evaluation,
+    GoldenPromptSpec,
+    evaluate_folder,
+)
 from slmops_builder.importer import folder_sha256, read_source_info
 from slmops_builder.keys import load_private_key
 from slmops_builder.packaging import PackageSpec, WrittenPackage, write_package
@@ -35,6 +41,8 @@ __all__ = [
     "can_run_here",
     "check_name_version",
     "evaluate_folder",
+    "min_memory_bytes",
+    "step",
 ]
 
 STEPS = ("convert", "stage", "evaluate", "package")
@@ -43,31 +51,14 @@ _MIB = 1024**2
 
 @dataclass(frozen=True)
 class BuildEvent:
-    step: str  # one of STEPS
+    step: str  # one of STEPS (or of a recipe's steps)
     status: str  # "start" | "done"
     detail: str = ""
     seconds: float = 0.0
+    target: str = ""  # a recipe's profile (or source) the step worked on
 
 
 ProgressFn = Callable[[BuildEvent], None]
-
-
-@dataclass(frozen=True)
-class GoldenPromptSpec:
-    """A golden prompt: `prompt` is the user message; the device applies the chat template."""
-
-    prompt: str
-    max_new_tokens: int = 24
-    reference: str = ""  # filled by the builder's own greedy run when empty
-
-
-DEFAULT_GOLDEN_PROMPTS: tuple[GoldenPromptSpec, ...] = (GoldenPromptSpec("What is the capital of France?", 24),)
-
-
-@dataclass
-class Evaluation:
-    references: list[str] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _noop(_: BuildEvent) -> None:
@@ -99,18 +90,18 @@ def build_package(
     overrides = validate_search(search or {})
     prompts = [GoldenPromptSpec(p) if isinstance(p, str) else p for p in (golden_prompts or DEFAULT_GOLDEN_PROMPTS)]
 
-    with _step(report, "convert") as done:
+    with step(report, "convert") as done:
         converted = convert(model_dir, prof, cache_dir=cache_dir, threads=threads)
         done(f"{'reused cached' if converted.cached else 'converted'} {converted.key[:12]}")
 
     with tempfile.TemporaryDirectory(prefix="slmops-stage-") as tmp:
         staged = Path(tmp) / "package"
-        with _step(report, "stage") as done:
+        with step(report, "stage") as done:
             stage(converted.path, staged, name=f"{name}-{prof.name}", search=overrides)
             size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
             done(f"{sum(1 for p in staged.rglob('*') if p.is_file())} files, {size / _MIB:.1f} MiB")
 
-        with _step(report, "evaluate") as done:
+        with step(report, "evaluate") as done:
             if can_run_here(prof):
                 evaluation = evaluate_folder(staged, prompts, threads=threads)
                 done(", ".join(f"{k}={v:.1f}" for k, v in evaluation.metrics.items()))
@@ -118,11 +109,11 @@ def build_package(
                 evaluation = Evaluation(references=["" for _ in prompts])
                 done(f"skipped: no {prof.execution_provider} execution provider on this machine")
 
-        with _step(report, "package") as done:
+        with step(report, "package") as done:
             spec = PackageSpec(
                 name=name,
                 version=version,
-                profile=prof.to_pb(min_memory_bytes=max(prof.min_memory_bytes, 2 * size + 128 * _MIB)),
+                profile=prof.to_pb(min_memory_bytes=min_memory_bytes(prof, size)),
                 lineage=_lineage(model_dir, prof, overrides, converted.key),
                 evaluation=manifest_pb2.Evaluation(metrics=evaluation.metrics, size_bytes=size),
                 golden_prompts=[
@@ -137,13 +128,15 @@ def build_package(
     return written
 
 
-class _step:
-    def __init__(self, report: ProgressFn, name: str) -> None:
-        self.report, self.name, self.detail = report, name, ""
+class step:
+    """`with step(report, name, target) as done: ...; done(detail)` reports start and done events."""
+
+    def __init__(self, report: ProgressFn, name: str, target: str = "") -> None:
+        self.report, self.name, self.target, self.detail = report, name, target, ""
 
     def __enter__(self) -> Callable[[str], None]:
         self.start = time.monotonic()
-        self.report(BuildEvent(self.name, "start"))
+        self.report(BuildEvent(self.name, "start", target=self.target))
 
         def done(detail: str) -> None:
             self.detail = detail
@@ -152,7 +145,13 @@ class _step:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.report(BuildEvent(self.name, "done", self.detail, time.monotonic() - self.start))
+            self.report(BuildEvent(self.name, "done", self.detail, time.monotonic() - self.start, self.target))
+
+
+def min_memory_bytes(profile: Profile, size_bytes: int) -> int:
+    """The least memory a device needs for a package of `size_bytes`: the profile's floor, or twice
+    the package plus 128 MiB for the runtime, whichever is more."""
+    return max(profile.min_memory_bytes, 2 * size_bytes + 128 * _MIB)
 
 
 def check_name_version(name: str, version: str) -> None:
@@ -173,7 +172,11 @@ def _lineage(model_dir: Path, profile: Profile, search: Mapping[str, object], co
         base, digest = str(model_dir.resolve()), folder_sha256(model_dir)
     recipe = json.dumps({"profile": profile.spec(), "search": dict(search), "convert": convert_key}, sort_keys=True)
     lineage = manifest_pb2.Lineage(
-        base_model=base, base_model_sha256=digest, recipe_sha256=hashlib.sha256(recipe.encode()).hexdigest()
+        base_model=base,
+        base_model_sha256=digest,
+        recipe_sha256=hashlib.sha256(recipe.encode()).hexdigest(),
+        engine=profile.engine,
+        quantization_method=profile.quantization_method,
     )
     lineage.tool_versions.update(tool_versions((*CONVERT_TOOLS, "torch")))
     return lineage
@@ -192,51 +195,3 @@ def can_run_here(profile: Profile) -> bool:
     import onnxruntime
 
     return _PROVIDER_NAMES.get(profile.execution_provider, "") in onnxruntime.get_available_providers()
-
-
-def evaluate_folder(folder: Path, prompts: Sequence[GoldenPromptSpec], *, threads: int | None = None) -> Evaluation:
-    """Load `folder` with onnxruntime-genai and run each prompt greedily; measure time to first
-    token and decode speed. Raises if the folder does not load: a package must."""
-    import onnxruntime_genai as og
-
-    cfg = og.Config(str(folder))
-    n = threads or 2
-    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": n}}}}))
-    t0 = time.monotonic()
-    model = og.Model(cfg)
-    load_ms = (time.monotonic() - t0) * 1000
-    tok = og.Tokenizer(model)
-    out = Evaluation()
-    ttfts: list[float] = []
-    tps: list[float] = []
-    for p in prompts:
-        text = tok.apply_chat_template(json.dumps([{"role": "user", "content": p.prompt}]), add_generation_prompt=True)
-        ids = tok.encode(text)
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + p.max_new_tokens)
-        gen = og.Generator(model, params)
-        start = time.monotonic()
-        gen.append_tokens(ids)
-        tokens: list[int] = []
-        first = 0.0
-        while not gen.is_done() and len(tokens) < p.max_new_tokens:
-            gen.generate_next_token()
-            tokens.append(int(gen.get_next_tokens()[0]))
-            if len(tokens) == 1:
-                first = time.monotonic()
-        end = time.monotonic()
-        ttfts.append((first - start) * 1000)
-        if len(tokens) > 1 and end > first:
-            tps.append((len(tokens) - 1) / (end - first))
-        out.references.append(tok.decode(tokens))
-        del gen
-    out.metrics = {"load_ms": load_ms, "ttft_ms": _median(ttfts)}
-    if tps:
-        out.metrics["decode_tps"] = _median(tps)
-    del tok, model
-    return out
-
-
-def _median(values: list[float]) -> float:
-    s = sorted(values)
-    return s[len(s) // 2] if s else 0.0

@@ -1,9 +1,17 @@
 """Convert a Hugging Face folder to an onnxruntime-genai folder for one hardware profile.
 
-The conversion runs onnxruntime-genai's model builder in a subprocess (so the 1-3 GB it takes
-are returned when it ends) and its output is kept in the step cache: the same weights, profile
-and tool versions are converted once. `stage` then makes the package's folder from a cache entry
-(hard links for unchanged files, fresh files for what it rewrites), so the cache is never modified:
+The conversion dispatches on the profile's engine (`Profile.engine`; the manifest's lineage takes
+`Profile.engine` and `Profile.quantization_method`, and the cache entry's record holds both):
+
+- `onnxruntime-genai`: onnxruntime-genai's model builder in a subprocess (so the 1-3 GB it takes are
+  returned when it ends), with the profile's precision and extra options (RTN, k-quant, ...).
+- `slmops-gguf-lossless`: the same int4 graph, whose weights `lossless.rewrite` then replaces with the
+  GGUF's own 4-bit blocks. The GGUF is the one the model folder was imported from (its
+  `slmops_source.json`), checked against the recorded SHA-256.
+
+The output is kept in the step cache: the same weights, profile and tool versions are converted
+once. `stage` then makes the package's folder from a cache entry (hard links for unchanged files,
+fresh files for what it rewrites), so the cache is never modified:
 generation defaults (`search`), Foundry Local's `inference_model.json`, and the chat template
 copied into `tokenizer_config.json` for tokenizers that read it only there.
 """
@@ -20,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from slmops_builder.importer import SOURCE_FILE
+from slmops_builder.importer import SOURCE_FILE, read_source_info
 from slmops_builder.profiles import Profile
 from slmops_builder.steps import ENTRY_FILE, StepCache, StepResult, file_hashes, tool_versions
 
@@ -31,6 +39,7 @@ __all__ = [
     "convert",
     "convert_key",
     "inference_model_json",
+    "lossless_source",
     "parse_search_overrides",
     "stage",
     "validate_search",
@@ -68,12 +77,45 @@ class ConversionError(RuntimeError):
         self.log_tail = log_tail
 
 
+_LOSSLESS_TOOLS = ("gguf", "onnx", "numpy")
+
+
 def convert_key(model_dir: Path, profile: Profile) -> tuple[str, dict[str, Any]]:
     """The step cache key of converting `model_dir` for `profile`, and what went into it."""
     inputs = file_hashes(model_dir, exclude=frozenset({SOURCE_FILE}))
     tools = tool_versions()
-    params = {"profile": profile.spec()}
+    params: dict[str, Any] = {"profile": profile.spec()}
+    if profile.engine == "slmops-gguf-lossless":
+        from slmops_builder.lossless import FORMAT_VERSION
+
+        info = read_source_info(model_dir) or {}
+        params["gguf_sha256"] = info.get("source_sha256", "")
+        params["lossless_format"] = FORMAT_VERSION
+        tools = {**tools, **tool_versions(_LOSSLESS_TOOLS)}
     return StepCache.key(CONVERT_STEP, params, inputs, tools), {"params": params, "inputs": inputs, "tools": tools}
+
+
+def lossless_source(model_dir: Path, profile: Profile) -> Path:
+    """The GGUF `model_dir` was imported from, checked (same SHA-256, 4-bit projections) for `profile`."""
+    from slmops_builder.lossless import LosslessImportError, check_gguf
+    from slmops_protos.manifests import sha256_file
+
+    info = read_source_info(model_dir)
+    path = Path(str((info or {}).get("source_path", "")))
+    if info is None or path.suffix.lower() != ".gguf":
+        origin = "not imported by slmops" if info is None else f"imported from {info.get('source_path')}"
+        raise ConversionError(
+            f"profile {profile.name} needs a model imported from a GGUF with 4-bit blocks; {model_dir} was {origin}"
+        )
+    if not path.is_file():
+        raise ConversionError(f"profile {profile.name}: the source GGUF {path} is gone; import the model again")
+    if sha256_file(path) != info.get("source_sha256"):
+        raise ConversionError(f"profile {profile.name}: {path} changed since {model_dir} was imported from it")
+    try:
+        check_gguf(path)
+    except LosslessImportError as exc:
+        raise ConversionError(f"profile {profile.name}: {exc}") from None
+    return path
 
 
 def convert(
@@ -88,13 +130,28 @@ def convert(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); run 'slmops builder import'")
+    gguf = lossless_source(model_dir, profile) if profile.engine == "slmops-gguf-lossless" else None
     key, record = convert_key(model_dir, profile)
     cache = StepCache(cache_dir)
 
     def produce(out: Path) -> None:
         _run_model_builder(model_dir, profile, out, threads=threads, timeout_s=timeout_s)
+        if gguf is not None:
+            _import_gguf_blocks(out, gguf, model_dir)
 
-    return cache.run(CONVERT_STEP, key, produce, record={"model_dir": str(model_dir.resolve()), **record})
+    lineage = {"engine": profile.engine, "quantization_method": profile.quantization_method}
+    return cache.run(CONVERT_STEP, key, produce, record={"model_dir": str(model_dir.resolve()), **lineage, **record})
+
+
+def _import_gguf_blocks(out: Path, gguf: Path, model_dir: Path) -> None:
+    from slmops_builder.lossless import LosslessImportError, rewrite
+
+    try:
+        counts = rewrite(out, gguf, model_dir)
+    except LosslessImportError as exc:
+        raise ConversionError(f"lossless import of {gguf.name} failed: {exc}") from None
+    with (out / CONVERT_LOG).open("a") as log:
+        log.write(f"lossless import of {gguf}: {json.dumps(counts, sort_keys=True)}\n")
 
 
 def _run_model_builder(model_dir: Path, profile: Profile, out: Path, *, threads: int | None, timeout_s: float) -> None:

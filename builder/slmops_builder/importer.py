@@ -244,7 +244,7 @@ def _import_folder(path: Path, out_dir: Path) -> tuple[str, int]:
     for p in [*weights, *(path / n for n in _HF_FILES)]:
         if p.is_file():
             shutil.copy2(p, out_dir / p.name)
-    return arch, _count_parameters(out_dir)
+    return arch, _count_parameters(path)
 
 
 def _check_architecture(config: dict[str, Any], where: Path) -> str:
@@ -265,11 +265,14 @@ def _count_parameters(folder: Path) -> int:
         return 0
     total = 0
     for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), framework="numpy") as st:
-            for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
-                shape = st.get_slice(name).get_shape()
-                n = 1
-                for d in shape:
-                    n *= int(d)
-                total += n
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                    shape = st.get_slice(name).get_shape()
+                    n = 1
+                    for d in shape:
+                        n *= int(d)
+                    total += n
+        except Exception as exc:  # safetensors raises its own error type on a corrupt or truncated header
+            raise ModelImportError(f"{f} is corrupt or truncated: {exc}") from exc
     return total

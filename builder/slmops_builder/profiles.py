@@ -1,24 +1,49 @@
 """Hardware profiles: what a package variant is built for.
 
-A profile is a frozen spec: the execution provider, the precision and the quantization options the
-onnxruntime-genai model builder receives (as `--extra_options key=value`), and the least memory a
-device needs to run a small model built with it. The fleet matches a device's inventory against it.
+A profile is a frozen spec read from `profiles.toml` (next to this module) at import and validated
+there: the execution provider, the precision, the quantization method and the engine that builds it,
+the options the onnxruntime-genai model builder receives (as `--extra_options key=value`), and the
+least memory a device needs to run a small model built with it. The fleet matches a device's
+inventory against it; the convert step dispatches on its engine.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.resources import files
 from types import MappingProxyType
 from typing import Any
 
 from slmops_protos.package.v1 import manifest_pb2
 
-__all__ = ["PROFILES", "Profile", "UnknownProfileError", "get_profile", "profile_names"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "ENGINES",
+    "METHODS",
+    "PROFILES",
+    "Profile",
+    "ProfileSpecError",
+    "UnknownProfileError",
+    "get_profile",
+    "load_profiles",
+    "profile_names",
+]
 
 _MIB = 1024**2
-_PRECISIONS = ("int4", "int8", "fp16", "fp32")
-_PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
+METHODS = ("rtn", "k_quant", "lossless-gguf", "none")
+ENGINES = ("onnxruntime-genai", "slmops-gguf-lossless")
+REQUIREMENTS = ("any", "gguf-4bit")
+_FLOAT = ("fp16", "fp32")
+_KEYS = frozenset({"provider", "precision", "method", "engine", "min_memory_mb", "description", "options", "requires"})
+_REQUIRED = ("provider", "precision", "method", "engine", "min_memory_mb")
 
 
 class UnknownProfileError(ValueError):
@@ -27,6 +52,10 @@ class UnknownProfileError(ValueError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"unknown hardware profile {name!r}; known profiles: {', '.join(profile_names())}")
+
+
+class ProfileSpecError(ValueError):
+    """A profile specification (profiles.toml or a Profile built in code) is invalid."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +68,36 @@ class Profile:
     quantization: Mapping[str, str] = field(default_factory=dict)
     min_memory_bytes: int = 0
     description: str = ""
+    method: str = ""  # "" picks the default: "none" for float precisions, "rtn" otherwise
+    engine: str = "onnxruntime-genai"
+    requires: str = "any"
 
     def __post_init__(self) -> None:
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"profile {self.name}: precision {self.precision!r} not in {_PRECISIONS}")
-        if self.execution_provider not in _PROVIDERS:
-            raise ValueError(f"profile {self.name}: provider {self.execution_provider!r} not in {_PROVIDERS}")
+        where = f"profile {self.name}"
+        if self.precision not in PRECISIONS:
+            raise ProfileSpecError(f"{where}: precision {self.precision!r} not in {PRECISIONS}")
+        if self.execution_provider not in PROVIDERS:
+            raise ProfileSpecError(f"{where}: provider {self.execution_provider!r} not in {PROVIDERS}")
+        method = self.method or ("none" if self.precision in _FLOAT else "rtn")
+        if method not in METHODS:
+            raise ProfileSpecError(f"{where}: method {method!r} not in {METHODS}")
+        if (method == "none") != (self.precision in _FLOAT):
+            raise ProfileSpecError(f"{where}: method {method!r} does not fit precision {self.precision}")
+        if self.engine not in ENGINES:
+            raise ProfileSpecError(f"{where}: engine {self.engine!r} not in {ENGINES}")
+        lossless = method == "lossless-gguf"
+        if lossless != (self.engine == "slmops-gguf-lossless"):
+            raise ProfileSpecError(f"{where}: method lossless-gguf goes with engine slmops-gguf-lossless only")
+        if lossless and (self.precision, self.execution_provider, self.requires) != ("int4", "cpu", "gguf-4bit"):
+            raise ProfileSpecError(f"{where}: lossless-gguf is a cpu int4 method and requires = 'gguf-4bit'")
+        if self.requires not in REQUIREMENTS:
+            raise ProfileSpecError(f"{where}: requires {self.requires!r} not in {REQUIREMENTS}")
+        if not isinstance(self.min_memory_bytes, int) or self.min_memory_bytes < 0:
+            raise ProfileSpecError(f"{where}: min memory must be a non-negative integer")
+        bad = [k for k, v in self.quantization.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ProfileSpecError(f"{where}: options must map strings to strings; fix {', '.join(map(str, bad))}")
+        object.__setattr__(self, "method", method)
         # Freeze the options so a profile cannot change after it was hashed into a cache key.
         object.__setattr__(self, "quantization", MappingProxyType(dict(sorted(self.quantization.items()))))
 
@@ -54,8 +107,15 @@ class Profile:
             "name": self.name,
             "execution_provider": self.execution_provider,
             "precision": self.precision,
+            "method": self.method,
+            "engine": self.engine,
             "quantization": dict(self.quantization),
         }
+
+    @property
+    def quantization_method(self) -> str:
+        """The manifest's `Lineage.quantization_method`: the method, "" for float weights."""
+        return "" if self.method == "none" else self.method
 
     def builder_args(self) -> list[str]:
         """Arguments for `python -m onnxruntime_genai.models.builder` (besides -i/-o/-c)."""
@@ -75,38 +135,51 @@ class Profile:
         return pb
 
 
-PROFILES: Mapping[str, Profile] = MappingProxyType(
-    {
-        p.name: p
-        for p in (
-            Profile(
-                "cpu-int4",
-                "cpu",
-                "int4",
-                {"block_size": "32", "accuracy_level": "4"},
-                256 * _MIB,
-                "CPU, int4 weights (RTN, block 32), int8 activations in MatMul (accuracy level 4)",
-            ),
-            Profile(
-                "cpu-int8",
-                "cpu",
-                "int8",
-                {"block_size": "32", "accuracy_level": "4"},
-                384 * _MIB,
-                "CPU, int8 weights (RTN, block 32)",
-            ),
-            Profile("cpu-fp32", "cpu", "fp32", {}, 1024 * _MIB, "CPU, float32: the reference, largest and slowest"),
-            Profile("cuda-fp16", "cuda", "fp16", {}, 512 * _MIB, "NVIDIA GPU, float16"),
-            Profile(
-                "cuda-int4",
-                "cuda",
-                "int4",
-                {"block_size": "32", "accuracy_level": "4"},
-                256 * _MIB,
-                "NVIDIA GPU, int4 weights (RTN, block 32)",
-            ),
-        )
-    }
+def load_profiles(text: str, *, source: str = "profiles.toml") -> Mapping[str, Profile]:
+    """Parse and validate a profiles file; returns name -> Profile (read-only). Errors name the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileSpecError(f"{source}: not valid TOML: {exc}") from None
+    extra = set(data) - {"profiles"}
+    if extra or not isinstance(data.get("profiles"), dict) or not data["profiles"]:
+        raise ProfileSpecError(f"{source}: expected only a non-empty [profiles] table (found {sorted(data)})")
+    out: dict[str, Profile] = {}
+    for name, body in data["profiles"].items():
+        where = f"{source}: profiles.{name}"
+        if not isinstance(body, dict):
+            raise ProfileSpecError(f"{where} must be a table")
+        unknown = sorted(set(body) - _KEYS)
+        if unknown:
+            raise ProfileSpecError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}")
+        missing = [k for k in _REQUIRED if k not in body]
+        if missing:
+            raise ProfileSpecError(f"{where}: missing key(s) {', '.join(missing)}")
+        options = body.get("options", {})
+        if not isinstance(options, dict):
+            raise ProfileSpecError(f"{where}.options must be a table of strings")
+        memory = body["min_memory_mb"]
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
+            raise ProfileSpecError(f"{where}.min_memory_mb must be a positive integer, not {memory!r}")
+        try:
+            out[name] = Profile(
+                name,
+                body["provider"],
+                body["precision"],
+                options,
+                memory * _MIB,
+                str(body.get("description", "")),
+                method=body["method"],
+                engine=body["engine"],
+                requires=body.get("requires", "any"),
+            )
+        except ProfileSpecError as exc:
+            raise ProfileSpecError(f"{source}: {exc}") from None
+    return MappingProxyType(out)
+
+
+PROFILES: Mapping[str, Profile] = load_profiles(
+    files("slmops_builder").joinpath("profiles.toml").read_text(encoding="utf-8")
 )
 
 

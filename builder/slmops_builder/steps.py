@@ -81,6 +81,10 @@ class StepCache:
     def entry(self, step: str, key: str) -> Path:
         return self.root / step / key
 
+    def has(self, step: str, key: str) -> bool:
+        """Whether (step, key) is in the cache (a complete entry), without running anything."""
+        return self._lookup(self.entry(step, key), key) is not None
+
     def run(
         self,
         step: str,

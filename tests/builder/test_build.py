@@ -78,6 +78,7 @@ def test_package_contents_and_lineage(
     assert m.lineage.base_model_sha256 == folder_sha256(tiny_hf_model)  # from slmops_source.json
     assert m.lineage.base_model == str(tiny_hf_model.resolve())
     assert set(m.lineage.tool_versions) >= {"onnxruntime-genai", "transformers", "onnxruntime"}
+    assert m.lineage.engine == "onnxruntime-genai" and m.lineage.quantization_method == "rtn"
     assert m.evaluation.size_bytes == sum(f.size for f in m.files)
     assert m.evaluation.metrics["decode_tps"] > 0 and "ttft_ms" in m.evaluation.metrics
     assert m.profile.min_memory_bytes >= 256 * 1024**2

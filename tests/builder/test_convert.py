@@ -36,6 +36,8 @@ def test_convert_is_cached_and_never_modified(tiny_hf_model: Path, tmp_path: Pat
     assert (first.path / "genai_config.json").is_file() and (first.path / "model.onnx").is_file()
     record = json.loads((first.path / ENTRY_FILE).read_text())
     assert record["key"] == first.key and record["params"]["profile"]["name"] == "cpu-int4"
+    # The engine and method that built it, for the manifest's lineage.
+    assert (record["engine"], record["quantization_method"]) == ("onnxruntime-genai", "rtn")
     mtime = (first.path / "model.onnx").stat().st_mtime_ns
     hashes = file_hashes(first.path)
 
@@ -62,6 +64,10 @@ def test_cache_key_follows_inputs_and_profile(tiny_hf_model: Path, tmp_path: Pat
     key_int4, _ = convert_key(tiny_hf_model, get_profile("cpu-int4"))
     key_fp32, _ = convert_key(tiny_hf_model, get_profile("cpu-fp32"))
     assert key_int4 != key_fp32
+    assert convert_key(tiny_hf_model, get_profile("cpu-int4-kquant"))[0] != key_int4
+    # The lossless profile's key holds the source GGUF's hash and the rewrite's format version.
+    _, record = convert_key(tiny_hf_model, get_profile("cpu-int4-gguf"))
+    assert {"gguf_sha256", "lossless_format"} <= set(record["params"]) and "gguf" in record["tools"]
     copy = tmp_path / "copy"
     shutil.copytree(tiny_hf_model, copy)
     (copy / "slmops_source.json").write_text("{}")  # lineage only: not an input of the conversion
