@@ -30,6 +30,7 @@ _err = Console(stderr=True, soft_wrap=True)
 
 EXIT_USER_ERROR = 1
 EXIT_VERIFY_FAILED = 3
+EXIT_GATES_FAILED = 4
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
@@ -43,6 +44,7 @@ def _user_errors() -> Iterator[None]:
     from pydantic import ValidationError
 
     from slmops_builder.convert import ConversionError
+    from slmops_builder.evaluate import EvaluationError
     from slmops_builder.importer import ModelImportError
     from slmops_builder.keys import KeyFileError
     from slmops_builder.profiles import UnknownProfileError
@@ -52,7 +54,7 @@ def _user_errors() -> Iterator[None]:
         yield
     except PackageError as exc:
         _fail(f"package rejected: {exc.reason}", EXIT_VERIFY_FAILED)
-    except (KeyFileError, UnknownProfileError, ModelImportError, ConversionError) as exc:
+    except (KeyFileError, UnknownProfileError, ModelImportError, ConversionError, EvaluationError) as exc:
         _fail(str(exc))
     except ValidationError as exc:
         _fail(f"bad settings: {exc.errors()[0].get('loc')}: {exc.errors()[0].get('msg')}")
@@ -120,12 +122,25 @@ def import_(
 
 @app.command()
 def build(
-    model: Annotated[Path, typer.Option("--model", "-m", help="HF model folder (from 'slmops builder import').")],
-    name: Annotated[str, typer.Option("--name", "-n", help="Package name, e.g. smollm2-135m-instruct.")],
-    version: Annotated[str, typer.Option("--version", "-v", help="Semantic version, e.g. 1.0.0.")],
-    key: Annotated[Path, typer.Option("--key", "-k", help="Private signing key (from 'slmops builder keygen').")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Package folder to write (replaced if it exists).")],
-    profile: Annotated[str, typer.Option("--profile", "-p", help="Hardware profile.")] = "cpu-int4",
+    recipe: Annotated[
+        Path | None,
+        typer.Argument(help="A recipe (.toml): build, evaluate, gate and sign every profile it names."),
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="HF model folder (from 'slmops builder import').")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Package name, e.g. smollm2-135m-instruct.")] = None,
+    version: Annotated[str | None, typer.Option("--version", "-v", help="Semantic version, e.g. 1.0.0.")] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", "-k", help="Private signing key (from 'slmops builder keygen').")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Package folder to write (replaced if it exists); with a recipe: its output."),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", "-p", help="Hardware profile [default: cpu-int4].")
+    ] = None,
     search: Annotated[
         list[str] | None,
         typer.Option("--search", "-s", help="Generation default for genai_config.json, key=value (repeatable)."),
@@ -138,67 +153,164 @@ def build(
         typer.Option("--cache-dir", help="Step cache [default: $SLMOPS_CACHE_DIR or ~/.cache/slmops/builder]."),
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads for conversion and evaluation.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With a recipe: print the steps and cache hits, run nothing.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress display).")] = False,
 ) -> None:
-    """Convert a model for a hardware profile, evaluate it, and write a signed package."""
+    """Convert a model for a hardware profile, evaluate it, and write a signed package; or, given a
+    recipe file, do that for every profile it names, gate each variant, and write a report.
+
+    Exit codes: 0 done; 1 bad input; 4 a recipe's gates left a profile (or its fallback chain) without a package.
+    """
     with _user_errors():
-        from slmops_builder.build import STEPS, BuildEvent, build_package, check_name_version
-        from slmops_builder.convert import parse_search_overrides
-        from slmops_builder.keys import load_private_key
-        from slmops_builder.profiles import get_profile
-
-        prof = get_profile(profile)
-        check_name_version(name, version)
-        overrides = parse_search_overrides(search or [])
-        if not (model / "config.json").is_file():
-            _fail(f"no model folder at {model} (no config.json); create one with 'slmops builder import'")
-        load_private_key(key)
-        settings = _settings(cache_dir, threads)
-        result = _run_build(
-            lambda progress: build_package(
-                model,
-                prof,
-                name,
-                version,
-                key,
-                out,
-                search=overrides,
-                golden_prompts=prompt or None,
-                cache_dir=settings.cache_dir,
-                threads=settings.threads,
-                progress=progress,
-            ),
-            STEPS,
-            BuildEvent,
-            quiet=as_json,
-        )
-        written, events = result
-        summary = {
-            "package_id": written.package_id,
-            "path": str(written.path),
-            "name": written.manifest.name,
-            "version": written.manifest.version,
-            "profile": written.manifest.profile.name,
-            "files": len(written.manifest.files),
-            "size_bytes": written.manifest.evaluation.size_bytes,
-            "metrics": dict(written.manifest.evaluation.metrics),
-            "steps": {e.step: {"seconds": round(e.seconds, 3), "detail": e.detail} for e in events},
-        }
-        if as_json:
-            typer.echo(json.dumps(summary, indent=2))
+        if recipe is not None:
+            single: dict[str, object] = {"--model": model, "--name": name, "--version": version, "--profile": profile}
+            single |= {"--search": search, "--golden-prompt": prompt}
+            given = [flag for flag, value in single.items() if value]
+            if given:
+                _fail(f"{', '.join(given)} cannot be combined with a recipe (set them in {recipe})")
+            if recipe.suffix.lower() != ".toml":
+                _fail(f"{recipe} is not a recipe (.toml); for a single package use --model")
+            _build_recipe(recipe, key, out, cache_dir, threads, dry_run=dry_run, as_json=as_json)
             return
-        table = Table(title=f"package {written.manifest.name} {written.manifest.version} ({prof.name})")
-        table.add_column("file")
-        table.add_column("size", justify="right")
-        table.add_column("sha256")
-        for f in sorted(written.manifest.files, key=lambda f: f.path):
-            table.add_row(f.path, _size(f.size), f.sha256[:16])
+        if dry_run:
+            _fail("--dry-run needs a recipe file")
+        missing = [f for f, v in (("--model", model), ("--name", name), ("--version", version)) if v is None]
+        missing += [f for f, v in (("--key", key), ("--out", out)) if v is None]
+        if missing:
+            _fail(f"missing {', '.join(missing)} (or give a recipe file)")
+        assert model is not None and name is not None and version is not None and key is not None and out is not None
+        _build_one(model, name, version, key, out, profile or "cpu-int4", search, prompt, cache_dir, threads, as_json)
+
+
+def _build_one(
+    model: Path,
+    name: str,
+    version: str,
+    key: Path,
+    out: Path,
+    profile: str,
+    search: list[str] | None,
+    prompt: list[str] | None,
+    cache_dir: Path | None,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    from slmops_builder.build import STEPS, build_package, check_name_version
+    from slmops_builder.convert import parse_search_overrides
+    from slmops_builder.keys import load_private_key
+    from slmops_builder.profiles import get_profile
+
+    prof = get_profile(profile)
+    check_name_version(name, version)
+    overrides = parse_search_overrides(search or [])
+    if not (model / "config.json").is_file():
+        _fail(f"no model folder at {model} (no config.json); create one with 'slmops builder import'")
+    load_private_key(key)
+    settings = _settings(cache_dir, threads)
+    written, events = _run_build(
+        lambda progress: build_package(
+            model,
+            prof,
+            name,
+            version,
+            key,
+            out,
+            search=overrides,
+            golden_prompts=prompt or None,
+            cache_dir=settings.cache_dir,
+            threads=settings.threads,
+            progress=progress,
+        ),
+        [(s, "") for s in STEPS],
+        quiet=as_json,
+    )
+    summary = {
+        "package_id": written.package_id,
+        "path": str(written.path),
+        "name": written.manifest.name,
+        "version": written.manifest.version,
+        "profile": written.manifest.profile.name,
+        "files": len(written.manifest.files),
+        "size_bytes": written.manifest.evaluation.size_bytes,
+        "metrics": dict(written.manifest.evaluation.metrics),
+        "steps": {e.step: {"seconds": round(e.seconds, 3), "detail": e.detail} for e in events},
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"package {written.manifest.name} {written.manifest.version} ({prof.name})")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    table.add_column("sha256")
+    for f in sorted(written.manifest.files, key=lambda f: f.path):
+        table.add_row(f.path, _size(f.size), f.sha256[:16])
+    _out.print(table)
+    _out.print(f"package id: [bold]{written.package_id}[/]")
+    _out.print(f"written to: {written.path}  ({_size(written.manifest.evaluation.size_bytes)})")
+
+
+def _build_recipe(
+    path: Path,
+    key: Path | None,
+    out: Path | None,
+    cache_dir: Path | None,
+    threads: int | None,
+    *,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    from slmops_builder.recipe import REPORT_FILE, build_recipe, load_recipe, plan_recipe, progress_steps
+    from slmops_builder.report import variants_table, verdict_lines
+
+    loaded = load_recipe(path)
+    settings = _settings(cache_dir, threads)
+    n = threads or loaded.recipe.evaluation.threads or settings.threads
+    if dry_run:
+        plan = plan_recipe(loaded, cache_dir=settings.cache_dir, threads=n)
+        output = out if out is not None else loaded.output
+        if as_json:
+            data = {"recipe": str(path), "output": str(output), "steps": [p.to_dict() for p in plan]}
+            typer.echo(json.dumps(data, indent=2))
+            return
+        table = Table(title=f"plan: {loaded.recipe.name} {loaded.recipe.version} -> {output}")
+        for col in ("step", "target", "cache", "key"):
+            table.add_column(col)
+        for p in plan:
+            cache = "hit" if p.cached else ("miss" if p.key else "-")
+            table.add_row(p.step, p.target, cache, (p.key or "")[:16])
         _out.print(table)
-        _out.print(f"package id: [bold]{written.package_id}[/]")
-        _out.print(f"written to: {written.path}  ({_size(written.manifest.evaluation.size_bytes)})")
+        return
+    if key is None:
+        _fail("missing --key (the private signing key)")
+    from slmops_builder.keys import load_private_key
+
+    load_private_key(key)
+    result, _ = _run_build(
+        lambda progress: build_recipe(
+            loaded, key, cache_dir=settings.cache_dir, threads=n, output=out, progress=progress
+        ),
+        progress_steps(loaded),
+        quiet=as_json,
+    )
+    report = result.to_dict()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _out.print(variants_table(report))
+        for line in verdict_lines(report):
+            _out.print(escape(line), highlight=False)
+        for v in result.variants:
+            if v.package_id:
+                _out.print(f"{v.profile}: package [bold]{v.package_id}[/] in {v.package_path}")
+        _out.print(f"report: {result.output / REPORT_FILE}")
+    if not result.ok:
+        failed = [f"{v.profile} ({v.reason})" for v in result.variants if v.verdict == "failed gates"]
+        _fail("gates left a profile without a package: " + "; ".join(failed), EXIT_GATES_FAILED)
 
 
-def _run_build(call: Any, steps: tuple[str, ...], event_type: Any, *, quiet: bool) -> tuple[Any, list[Any]]:
+def _run_build(call: Any, rows: list[tuple[str, str]], *, quiet: bool) -> tuple[Any, list[Any]]:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     done: list[Any] = []
@@ -212,19 +324,30 @@ def _run_build(call: Any, steps: tuple[str, ...], event_type: Any, *, quiet: boo
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=_err, transient=False
     ) as progress:
-        tasks = {s: progress.add_task(f"[dim]{s}", total=1, start=False) for s in steps}
+        tasks = {(s, t): progress.add_task(f"[dim]{s} {t}".rstrip(), total=1, start=False) for s, t in rows}
 
         def show(event: Any) -> None:
-            task = tasks[event.step]
+            label = f"{event.step} {event.target}".rstrip()
+            task = tasks.get((event.step, event.target))
+            if task is None:
+                task = tasks[(event.step, event.target)] = progress.add_task(label, total=1, start=False)
             if event.status == "start":
+                started.add(task)
                 progress.start_task(task)
-                progress.update(task, description=f"[bold]{event.step}[/] ...")
+                progress.update(task, description=f"[bold]{label}[/] ...")
             else:
                 done.append(event)
-                progress.update(task, completed=1, description=f"[green]{event.step}[/] {event.detail}")
+                progress.update(task, completed=1, description=f"[green]{label}[/] {escape(event.detail)}")
                 progress.stop_task(task)
 
-        return call(show), done
+        started: set[Any] = set()
+        result = call(show)
+        for (s, t), task in tasks.items():  # e.g. the package step of a variant that failed its gates
+            if task not in started:
+                progress.start_task(task)
+                progress.update(task, completed=1, description=f"[dim]{s} {t}".rstrip() + " (skipped)")
+                progress.stop_task(task)
+        return result, done
 
 
 @app.command()
@@ -314,11 +437,13 @@ def profiles(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON
         typer.echo(json.dumps([{**p.spec(), "min_memory_bytes": p.min_memory_bytes} for p in PROFILES.values()]))
         return
     table = Table(title="hardware profiles")
-    for col in ("name", "provider", "precision", "quantization", "min memory", "description"):
+    table.add_column("name", no_wrap=True)
+    for col in ("provider", "precision", "method", "engine", "options", "min memory", "description"):
         table.add_column(col)
     for p in PROFILES.values():
         q = ", ".join(f"{k}={v}" for k, v in p.quantization.items()) or "-"
-        table.add_row(p.name, p.execution_provider, p.precision, q, _size(p.min_memory_bytes), p.description)
+        row = (p.name, p.execution_provider, p.precision, p.method, p.engine, q, _size(p.min_memory_bytes))
+        table.add_row(*row, p.description)
     _out.print(table)
 
 
@@ -329,3 +454,9 @@ def _size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+# Training commands (task, finetune, distill, adapter-base, adapter-export): slmops_builder.train.cli.
+from slmops_builder.train.cli import register as _register_training  # noqa: E402
+
+_register_training(app)

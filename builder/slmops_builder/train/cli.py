@@ -1,0 +1,383 @@
+"""`slmops builder task | finetune | distill | adapter-base | adapter-export`: training commands.
+
+`register(app)` adds them to the builder's typer app. Every heavy import happens inside a command,
+so `slmops --help` stays fast. User errors print one line and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["register"]
+
+_out = Console(soft_wrap=True)
+_err = Console(stderr=True, soft_wrap=True)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    from slmops_builder.cli import _fail, _user_errors
+    from slmops_builder.train.adapters import AdapterExportError
+    from slmops_builder.train.finetune import QLoRAUnavailable
+
+    with _user_errors():
+        try:
+            yield
+        except (QLoRAUnavailable, AdapterExportError) as exc:
+            _fail(str(exc))
+
+
+@contextmanager
+def _step_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[Any], None]]:
+    """A rich progress bar fed with ProgressEvents (nothing with --json)."""
+    if quiet:
+        yield lambda event: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=_err,
+    ) as progress:
+        task = progress.add_task(label, total=total, loss="")
+
+        def update(event: Any) -> None:
+            text = f"loss {event.train_loss:.4f}"
+            if event.val_loss is not None:
+                text += f"  val {event.val_loss:.4f}"
+            progress.update(task, completed=event.step, loss=text)
+
+        yield update
+
+
+def _read_template(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"no chat template file at {path}")
+    return path.read_text()
+
+
+def task(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for train.jsonl, validation.jsonl, test.jsonl.")],
+    train: Annotated[int, typer.Option("--train", help="Training examples.")] = 2000,
+    validation: Annotated[int, typer.Option("--validation", help="Validation examples.")] = 200,
+    test: Annotated[int, typer.Option("--test", help="Test examples.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seed (same seed, same files).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Generate the device-command task (command -> JSON action), splits from disjoint templates."""
+    with _errors():
+        from slmops_builder.train.tasks import SPLITS, dataset_sha256, generate_splits, write_jsonl
+
+        splits = generate_splits(train, validation, test, seed=seed)
+        summary: dict[str, Any] = {"out": str(out), "seed": seed, "splits": {}}
+        for name in SPLITS:
+            examples = splits.split(name)
+            write_jsonl(examples, out / f"{name}.jsonl")
+            summary["splits"][name] = {
+                "examples": len(examples),
+                "templates": len(splits.templates[name]),
+                "sha256": dataset_sha256(examples),
+            }
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+            return
+        table = Table(title=f"device-command task (seed {seed}) in {out}")
+        for col in ("split", "examples", "templates", "sha256"):
+            table.add_column(col)
+        for name, row in summary["splits"].items():
+            table.add_row(name, str(row["examples"]), str(row["templates"]), row["sha256"][:16])
+        _out.print(table)
+
+
+def finetune(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Base HF model folder.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Training JSONL ({input, output} or {messages}).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (adapter/, checkpoints/, loss.csv, loss.png).")],
+    validation: Annotated[
+        Path | None, typer.Option("--validation", help="Validation JSONL: early stopping and best adapter.")
+    ] = None,
+    r: Annotated[int, typer.Option("--r", help="LoRA rank.")] = 8,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.05,
+    target_modules: Annotated[
+        str, typer.Option("--target-modules", help="Comma-separated module names.")
+    ] = "q_proj,k_proj,v_proj,o_proj",
+    chat_template: Annotated[
+        Path | None, typer.Option("--chat-template", help="Jinja chat template file [default: the model's].")
+    ] = None,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 50,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step.")] = 1,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example (truncated).")] = 256,
+    warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps.")] = 0,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
+    ] = False,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validation losses.")] = 10,
+    patience: Annotated[int, typer.Option("--patience", help="Evaluations without improvement; 0: off.")] = 3,
+    save_every: Annotated[int, typer.Option("--save-every", help="Steps between checkpoints.")] = 10,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="Torch threads.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write base+adapter merged (out/merged).")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="4-bit base (needs CUDA and bitsandbytes).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
+) -> None:
+    """Fine-tune a LoRA adapter with PEFT (CPU; QLoRA on CUDA).
+
+    For adapters that run on an int4 base, train on the base's dequantized copy
+    ('adapter-base --dequantized DIR', then '--model DIR').
+    """
+    with _errors():
+        from slmops_builder.train.finetune import FinetuneConfig, LoraSettings, check_qlora
+        from slmops_builder.train.finetune import finetune as run_finetune
+        from slmops_builder.train.tasks import load_jsonl
+
+        if qlora:
+            check_qlora()
+        train_examples = load_jsonl(data)
+        val_examples = load_jsonl(validation) if validation else []
+        cfg = FinetuneConfig(
+            lora=LoraSettings(
+                r=r,
+                alpha=alpha,
+                dropout=dropout,
+                target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
+            ),
+            max_steps=max_steps,
+            learning_rate=lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            max_length=max_length,
+            warmup_steps=warmup,
+            gradient_checkpointing=gradient_checkpointing,
+            eval_every=eval_every,
+            patience=patience,
+            save_every=save_every,
+            seed=seed,
+            threads=threads,
+            qlora=qlora,
+            chat_template=_read_template(chat_template),
+        )
+        with _step_progress(max_steps, "finetune", as_json) as progress:
+            result = run_finetune(
+                model, train_examples, out, cfg, validation=val_examples, resume=resume, merge=merge, progress=progress
+            )
+        summary = result.to_json()
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+            return
+        _out.print(
+            f"adapter: {result.adapter_dir} ({result.adapter_bytes / 1024:.0f} KiB) after {result.steps} steps"
+            + (" (stopped early)" if result.stopped_early else "")
+        )
+        first, last = summary["first_train_loss"], summary["last_train_loss"]
+        _out.print(f"train loss {first:.4f} -> {last:.4f}; best validation loss {result.best_val_loss}")
+        _out.print(f"curves: {result.loss_csv}, {result.loss_png}")
+
+
+def distill(
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher HF folder (fine-tuned on the task).")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL task inputs (references only score the teacher).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (teacher.jsonl, student/, loss.csv).")],
+    test: Annotated[Path | None, typer.Option("--test", help="Held-out JSONL: evaluate all three models.")] = None,
+    student: Annotated[
+        Path | None, typer.Option("--student", help="Student HF folder [default: a layer-pruned teacher].")
+    ] = None,
+    keep_layers: Annotated[int, typer.Option("--keep-layers", help="Layers of the pruned student.")] = 8,
+    max_steps: Annotated[int, typer.Option("--max-steps")] = 200,
+    lr: Annotated[float, typer.Option("--lr")] = 5e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    temperature: Annotated[float, typer.Option("--temperature", help="KD softmax temperature.")] = 2.0,
+    kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of KL (1 - it: CE on teacher text).")] = 0.5,
+    teacher_batch: Annotated[int, typer.Option("--teacher-batch", help="Teacher generation batch.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples to evaluate (0: all).")] = 0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Distil a teacher into a smaller student: teacher answers (cached), then KD training."""
+    with _errors():
+        from slmops_builder.train.distill import DistillConfig, evaluate_models, teacher_outputs
+        from slmops_builder.train.distill import distill as run_distill
+        from slmops_builder.train.tasks import load_jsonl
+
+        inputs = load_jsonl(data)
+        held_out = load_jsonl(test) if test else []
+        cfg = DistillConfig(
+            keep_layers=keep_layers,
+            max_steps=max_steps,
+            learning_rate=lr,
+            batch_size=batch_size,
+            temperature=temperature,
+            kd_weight=kd_weight,
+            seed=seed,
+            threads=threads,
+            teacher_batch_size=teacher_batch,
+            max_new_tokens=max_new_tokens,
+        )
+        with _err.status("stage 1: teacher answers ...") if not as_json else _nothing():
+            stage1 = teacher_outputs(
+                teacher,
+                inputs,
+                out / "teacher.jsonl",
+                batch_size=teacher_batch,
+                max_new_tokens=max_new_tokens,
+                threads=threads,
+            )
+        if not as_json:
+            _out.print(
+                f"teacher: {len(stage1.examples)} valid, {stage1.invalid} invalid (filtered) of {stage1.total}"
+                + (" (cached)" if stage1.cached else f" in {stage1.seconds:.0f} s")
+            )
+        with _step_progress(max_steps, "distill", as_json) as progress:
+            result = run_distill(teacher, stage1.examples, out / "run", cfg, student=student, progress=progress)
+        summary: dict[str, Any] = {"teacher_outputs": stage1.to_json(), "distill": result.to_json()}
+        if held_out:
+            chosen = held_out[:eval_limit] if eval_limit else held_out
+            models = {"teacher": teacher, "student": result.student_dir}
+            models["baseline"] = result.init_dir if result.init_dir is not None else student  # type: ignore[assignment]
+            with _err.status("evaluating ...") if not as_json else _nothing():
+                summary["evaluation"] = evaluate_models(models, chosen, max_new_tokens=max_new_tokens, threads=threads)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+            return
+        _out.print(f"student: {result.student_dir} ({result.mode}, {result.steps} steps)")
+        if "evaluation" in summary:
+            table = Table(title="held-out evaluation")
+            for col in ("model", "exact match", "field acc", "decode s/resp", "weights MB"):
+                table.add_column(col)
+            for name, row in summary["evaluation"].items():
+                table.add_row(
+                    name,
+                    f"{row['exact_match']:.3f}",
+                    f"{row['field_accuracy']:.3f}",
+                    f"{row['decode_s_per_response']:.3f}",
+                    f"{row['weights_mb']:.1f}",
+                )
+            _out.print(table)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def adapter_base(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Base HF model folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter-ready onnxruntime-genai folder to write.")],
+    precision: Annotated[str, typer.Option("--precision", help="int4 or fp32.")] = "int4",
+    r: Annotated[int, typer.Option("--r", help="LoRA rank (adapters may use another rank).")] = 8,
+    target_modules: Annotated[str, typer.Option("--target-modules")] = "q_proj,k_proj,v_proj,o_proj",
+    dequantized: Annotated[
+        Path | None, typer.Option("--dequantized", help="Also write the int4 base's dequantized HF copy here.")
+    ] = None,
+    package: Annotated[Path | None, typer.Option("--package", help="Also write a signed model package here.")] = None,
+    name: Annotated[str, typer.Option("--name")] = "model-lora-base",
+    version: Annotated[str, typer.Option("--version")] = "1.0.0",
+    key: Annotated[Path | None, typer.Option("--key", "-k", help="Signing key (with --package).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Builder step cache.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Build a base that onnxruntime-genai runs with per-request LoRA adapters."""
+    with _errors():
+        from slmops_builder.cli import _fail
+        from slmops_builder.train.adapters import build_adapter_base, dequantize_base, package_adapter_base
+        from slmops_builder.train.finetune import LoraSettings
+
+        if package is not None and key is None:
+            _fail("--package needs --key")
+        lora = LoraSettings(r=r, target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
+        with _err.status("converting ...") if not as_json else _nothing():
+            base = build_adapter_base(model, lora, out, precision=precision, name=name, cache_dir=cache_dir,
+                                      threads=threads)  # fmt: skip
+        summary: dict[str, Any] = {"path": str(base.path), "precision": precision, "lora_inputs": len(base.inputs)}
+        if dequantized is not None:
+            if precision != "int4":
+                _fail("--dequantized needs --precision int4")
+            summary["dequantized"] = str(dequantize_base(model, base.path, dequantized))
+        if package is not None and key is not None:
+            written = package_adapter_base(base, name=name, version=version, key=key, out=package)
+            summary["package"] = {"path": str(written.path), "package_id": written.package_id}
+        typer.echo(json.dumps(summary, indent=2)) if as_json else _out.print(summary)
+
+
+def adapter_export(
+    adapter: Annotated[Path, typer.Option("--adapter", "-a", help="PEFT adapter folder (finetune's out/adapter).")],
+    base: Annotated[Path, typer.Option("--base", "-b", help="Adapter-ready base folder (from 'adapter-base').")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=".onnx_adapter file to write.")],
+    package: Annotated[Path | None, typer.Option("--package", help="Also write a signed adapter package.")] = None,
+    base_package: Annotated[
+        Path | None, typer.Option("--base-package", help="The base's package (the adapter binds to its id).")
+    ] = None,
+    adapter_name: Annotated[
+        str | None, typer.Option("--adapter-name", help="Name requests use [default: file stem].")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Package name [default: adapter name].")] = None,
+    version: Annotated[str, typer.Option("--version")] = "1.0.0",
+    key: Annotated[Path | None, typer.Option("--key", "-k")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Export a PEFT adapter for onnxruntime-genai multi-LoRA and optionally package it."""
+    with _errors():
+        from slmops_builder.cli import _fail
+        from slmops_builder.train.adapters import export_adapter, package_adapter
+
+        if out.suffix != ".onnx_adapter":
+            _fail("--out must end in .onnx_adapter")
+        if package is not None and (key is None or base_package is None):
+            _fail("--package needs --key and --base-package")
+        info = export_adapter(adapter, base, out)
+        summary: dict[str, Any] = {"path": str(out), **info}
+        if package is not None and key is not None and base_package is not None:
+            lineage: dict[str, Any] = {}
+            run_summary = adapter.parent / "finetune.json"
+            if run_summary.is_file():
+                data = json.loads(run_summary.read_text())
+                lineage["dataset_sha256"] = [h for h in (data.get("train_sha256"), data.get("validation_sha256")) if h]
+                lineage["base_model"] = data.get("base_model", "")
+            a_name = adapter_name or out.stem
+            written = package_adapter(
+                out,
+                adapter_name=a_name,
+                name=name or a_name,
+                version=version,
+                base_package=base_package,
+                key=key,
+                out=package,
+                lineage=lineage,
+            )
+            summary["package"] = {
+                "path": str(written.path),
+                "package_id": written.package_id,
+                "base_package_id": written.manifest.adapters[0].base_package_id,
+                "bytes": written.manifest.evaluation.size_bytes,
+            }
+        typer.echo(json.dumps(summary, indent=2)) if as_json else _out.print(summary)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the training commands to the builder's app."""
+    app.command("task")(task)
+    app.command("finetune")(finetune)
+    app.command("distill")(distill)
+    app.command("adapter-base")(adapter_base)
+    app.command("adapter-export")(adapter_export)

@@ -1,0 +1,368 @@
+"""Distillation in two stages.
+
+Stage 1 (`teacher_outputs`): the teacher (an HF folder) answers the task inputs, batched and greedy;
+each answer is kept with the teacher's scores (mean token log-probability; exact match and field
+accuracy against the reference when there is one) in a JSONL cache keyed by the teacher's weights,
+the inputs and the generation settings. Answers that are not a JSON object are filtered out and
+counted.
+
+Stage 2 (`distill`): a student (by default a layer-pruned copy of the teacher: evenly spaced layers,
+first and last kept) learns the teacher's answers: KL divergence between temperature-softened
+teacher and student distributions (scaled by T^2) plus cross-entropy on the teacher's text, when the
+two share a vocabulary; cross-entropy on the teacher's text alone (sequence-level KD) otherwise.
+`evaluate_models` scores teacher, student and the undistilled student on held-out examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmops_builder.train.finetune import (
+    IGNORE_INDEX,
+    ProgressEvent,
+    batch_indices,
+    collate,
+    encode_example,
+    load_tokenizer,
+    plot_losses,
+    write_loss_csv,
+)
+from slmops_builder.train.tasks import Example, dataset_sha256, parse_action, score
+
+__all__ = [
+    "DistillConfig",
+    "DistillResult",
+    "TeacherOutputs",
+    "distill",
+    "evaluate_models",
+    "prune_layers",
+    "teacher_outputs",
+    "weights_bytes",
+]
+
+STUDENT_DIR = "student"
+INIT_DIR = "student-init"
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep_layers: int = Field(default=8, ge=1, description="layers of the pruned student (ignored with a given student)")
+    max_steps: int = Field(default=200, ge=1)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    temperature: float = Field(default=2.0, gt=0)
+    kd_weight: float = Field(default=0.5, ge=0.0, le=1.0, description="weight of the KL term; 1 - it weights the CE")
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
+    teacher_batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    path: Path
+    examples: list[Example]  # the valid answers, as training examples
+    total: int
+    invalid: int
+    cached: bool
+    seconds: float
+    exact_match: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "total": self.total,
+            "valid": len(self.examples),
+            "invalid": self.invalid,
+            "cached": self.cached,
+            "seconds": round(self.seconds, 2),
+            "teacher_exact_match": self.exact_match,
+        }
+
+
+@dataclass
+class DistillResult:
+    student_dir: Path
+    init_dir: Path | None
+    steps: int
+    mode: str  # "kl+ce" or "sequence"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "student_dir": str(self.student_dir),
+            "init_dir": str(self.init_dir) if self.init_dir else None,
+            "steps": self.steps,
+            "mode": self.mode,
+            "first_loss": self.history[0]["train_loss"] if self.history else None,
+            "last_loss": self.history[-1]["train_loss"] if self.history else None,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _folder_hash(folder: Path) -> str:
+    from slmops_builder.steps import file_hashes
+
+    return hashlib.sha256(json.dumps(file_hashes(folder), sort_keys=True).encode()).hexdigest()
+
+
+def teacher_outputs(
+    teacher: Path,
+    examples: Sequence[Example],
+    cache_path: Path,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TeacherOutputs:
+    """Stage 1: the teacher's answers for `examples` (their references are used only for scores)."""
+    import torch
+
+    from slmops_builder.train.finetune import load_causal_lm
+    from slmops_builder.train.generation import generate_hf
+
+    teacher, cache_path = Path(teacher), Path(cache_path)
+    if not (teacher / "config.json").is_file():
+        raise FileNotFoundError(f"the teacher must be a Hugging Face model folder; {teacher} has no config.json")
+    key = hashlib.sha256(
+        json.dumps(
+            {"teacher": _folder_hash(teacher), "data": dataset_sha256(examples), "max_new_tokens": max_new_tokens},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    meta_path = cache_path.with_name(cache_path.name + ".meta.json")
+    t0 = time.perf_counter()
+    cached = meta_path.is_file() and cache_path.is_file() and json.loads(meta_path.read_text()).get("key") == key
+    if not cached:
+        if threads:
+            torch.set_num_threads(threads)
+        tok = load_tokenizer(teacher)
+        model = load_causal_lm(teacher)
+        rows: list[dict[str, Any]] = []
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            gen = generate_hf(
+                model, tok, [ex.prompt_messages for ex in chunk], max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
+            for ex, text, lp in zip(chunk, gen.texts, gen.token_logprobs, strict=True):
+                s = score([text], [ex.output])
+                rows.append(
+                    {
+                        "messages": ex.prompt_messages,
+                        "reference": ex.output,
+                        "teacher_output": text,
+                        "valid": parse_action(text) is not None,
+                        "exact": bool(s.exact),
+                        "field_accuracy": round(s.field_accuracy, 4),
+                        "mean_logprob": round(lp, 5),
+                    }
+                )
+            if progress:
+                progress(min(i + batch_size, len(examples)), len(examples))
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(cache_path.name + ".partial")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        tmp.replace(cache_path)
+        meta_path.write_text(json.dumps({"key": key, "teacher": str(teacher.resolve()), "rows": len(rows)}) + "\n")
+    rows = [json.loads(line) for line in cache_path.read_text().splitlines() if line.strip()]
+    valid = [r for r in rows if r["valid"]]
+    out = [
+        Example(tuple([*r["messages"], {"role": "assistant", "content": r["teacher_output"]}]), "teacher")
+        for r in valid
+    ]
+    exact = sum(r["exact"] for r in rows) / len(rows) if rows else None
+    return TeacherOutputs(cache_path, out, len(rows), len(rows) - len(valid), cached, time.perf_counter() - t0, exact)
+
+
+def prune_layers(teacher: Path, keep_layers: int, out: Path) -> Path:
+    """An HF copy of `teacher` with `keep_layers` evenly spaced decoder layers (first and last kept)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(teacher))
+    n = int(config.num_hidden_layers)
+    if not 1 <= keep_layers <= n:
+        raise ValueError(f"keep_layers must be in 1..{n}, not {keep_layers}")
+    keep = (
+        sorted({round(i * (n - 1) / max(keep_layers - 1, 1)) for i in range(keep_layers)}) if keep_layers > 1 else [0]
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
+    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in keep])
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(teacher)).save_pretrained(str(tmp))
+    (tmp / "slmops_pruned.json").write_text(json.dumps({"teacher": str(teacher), "layers": keep}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _same_vocab(a: Any, b: Any) -> bool:
+    return bool(a.get_vocab() == b.get_vocab())
+
+
+def distill(
+    teacher: Path,
+    data: Sequence[Example],
+    out: Path,
+    config: DistillConfig | None = None,
+    *,
+    student: Path | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> DistillResult:
+    """Stage 2: train the student on `data` (the teacher's answers) with KD; writes `out/student`."""
+    import torch
+    import torch.nn.functional as F
+
+    from slmops_builder.train.finetune import load_causal_lm
+
+    cfg = config or DistillConfig()
+    teacher, out = Path(teacher), Path(out)
+    if not data:
+        raise ValueError("no training examples (did the teacher produce only invalid answers?)")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    init_dir: Path | None = None
+    if student is None:
+        init_dir = prune_layers(teacher, cfg.keep_layers, out / INIT_DIR)
+        student = init_dir
+    t_tok, s_tok = load_tokenizer(teacher), load_tokenizer(student)
+    kd = _same_vocab(t_tok, s_tok)
+    teacher_model = load_causal_lm(teacher).eval() if kd and cfg.kd_weight > 0 else None
+    model = load_causal_lm(student)
+    model.config.use_cache = False
+    model.train()
+    encoded = [encode_example(s_tok, ex, cfg.max_length) for ex in data]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.1, 1.0 - s / cfg.max_steps))
+    pad_id = int(s_tok.pad_token_id)
+    temp = cfg.temperature
+    history: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for step in range(1, cfg.max_steps + 1):
+        idx = batch_indices(len(encoded), cfg.batch_size, step - 1, cfg.seed)
+        batch = collate([encoded[i] for i in idx], pad_id)
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        ce = outputs.loss
+        loss = ce
+        kl_value = None
+        if teacher_model is not None:
+            with torch.no_grad():
+                t_logits = teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
+            s_sel = outputs.logits[:, :-1][mask] / temp
+            t_sel = t_logits[:, :-1][mask] / temp
+            kl = F.kl_div(F.log_softmax(s_sel, -1), F.log_softmax(t_sel, -1), log_target=True, reduction="batchmean")
+            kl = kl * temp * temp
+            kl_value = kl.detach().item()
+            loss = cfg.kd_weight * kl + (1 - cfg.kd_weight) * ce
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        row = {
+            "step": step,
+            "train_loss": loss.detach().item(),
+            "val_loss": None,
+            "ce": ce.detach().item(),
+            "kl": kl_value,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        history.append(row)
+        if progress:
+            progress(ProgressEvent(step, cfg.max_steps, row["train_loss"], None, row["seconds"]))
+    student_dir = out / STUDENT_DIR
+    model.config.use_cache = True
+    model.save_pretrained(str(student_dir))
+    s_tok.save_pretrained(str(student_dir))
+    write_loss_csv(history, out / "loss.csv")
+    plot_losses(history, out / "loss.png", title=f"distillation ({'KL+CE' if teacher_model is not None else 'CE'})")
+    result = DistillResult(
+        student_dir, init_dir, cfg.max_steps, "kl+ce" if teacher_model is not None else "sequence", history
+    )
+    result.seconds = time.perf_counter() - t0
+    summary = {
+        **result.to_json(),
+        "teacher": str(teacher.resolve()),
+        "config": cfg.model_dump(mode="json"),
+        "data_sha256": dataset_sha256(data),
+        "examples": len(data),
+    }
+    (out / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def weights_bytes(model_or_dir: Any) -> int:
+    """Bytes of a torch model's parameters, or of the weight files (.onnx*, .safetensors) in a folder."""
+    if isinstance(model_or_dir, str | Path):
+        folder = Path(model_or_dir)
+        files = [
+            p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".data") or p.name.endswith(".onnx")
+        ]
+        return sum(p.stat().st_size for p in files)
+    seen: set[int] = set()
+    total = 0
+    for p in model_or_dir.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def evaluate_models(
+    models: dict[str, Path],
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 1,
+    threads: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Exact match, decode time per response and weights memory of HF folders on `examples`."""
+    import torch
+
+    from slmops_builder.train.finetune import load_causal_lm
+    from slmops_builder.train.generation import generate_hf
+
+    if threads:
+        torch.set_num_threads(threads)
+    out: dict[str, dict[str, Any]] = {}
+    prompts = [ex.prompt_messages for ex in examples]
+    for name, path in models.items():
+        tok = load_tokenizer(path)
+        model = load_causal_lm(path)
+        gen = generate_hf(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        s = score(gen.texts, [ex.output for ex in examples])
+        out[name] = {
+            **s.to_json(),
+            "decode_s_per_response": round(gen.seconds_per_response, 4),
+            "weights_mb": round(weights_bytes(model) / 1e6, 2),
+        }
+        del model
+    return out
