@@ -26,6 +26,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -42,18 +43,31 @@ RESULT = "RESULT "
 
 # -- where the models are ---------------------------------------------------------------------
 def default_model_dir() -> Path | None:
-    """The cpu-int4 conversion of SmolLM2 in the builder cache (made by `slmops builder build --profile cpu-int4`)."""
+    """The cpu-int4 conversion of an imported SmolLM2 (.cache/smollm2-hf/<key>) in the builder cache, made
+    by `slmops builder build --profile cpu-int4`; the cache also holds conversions of other models."""
+    imports = (ROOT / ".cache" / "smollm2-hf").resolve()
     for step in sorted((ROOT / ".cache" / "builder" / "convert").glob("*/slmops_step.json")):
         try:
-            params = json.loads(step.read_text()).get("params", {})
+            made = json.loads(step.read_text())
         except (OSError, ValueError):
             continue
-        if params.get("profile", {}).get("name") == "cpu-int4" and (step.parent / "genai_config.json").is_file():
+        profile = made.get("params", {}).get("profile", {})
+        if (
+            profile.get("name") == "cpu-int4"
+            and not profile.get("quantization", {}).get("adapter_path")
+            and Path(made.get("model_dir", "/")).resolve().parent == imports
+            and (step.parent / "genai_config.json").is_file()
+        ):
             return step.parent
     return None
 
 
-def default_hf_dir() -> Path | None:
+def default_hf_dir(model_dir: Path | None) -> Path | None:
+    """The imported HF folder `model_dir` was converted from (else any imported SmolLM2)."""
+    if model_dir is not None:
+        made = json.loads((model_dir / "slmops_step.json").read_text())
+        if (Path(made["model_dir"]) / "slmops_source.json").is_file():
+            return Path(made["model_dir"])
     for source in sorted((ROOT / ".cache" / "smollm2-hf").glob("*/slmops_source.json")):
         return source.parent
     return None
@@ -87,7 +101,8 @@ def percentile(values: list[float], q: float) -> float:
 class Run:
     """One generation's timings, seen by the caller: start, first token, last token, tokens."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_tokens: int = 0) -> None:
+        self.prompt_tokens = prompt_tokens
         self.t0 = time.perf_counter()
         self.t_first = 0.0
         self.t_last = 0.0
@@ -115,14 +130,16 @@ def engine_inprocess(args: argparse.Namespace) -> Callable[[], Run]:
     import onnxruntime_genai as og
 
     cfg = og.Config(str(args.model_dir))
-    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
+    # the agent's session options (runtime.LoadedModel): intra-op threads that do not spin
+    session = {"intra_op_num_threads": args.threads, "session.intra_op.allow_spinning": "0"}
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
     model = og.Model(cfg)
     tokenizer = og.Tokenizer(model)
     eos = set(int(t) for t in tokenizer.eos_token_ids)
     ids = tokenizer.encode(PROMPT)
 
     def once() -> Run:
-        run = Run()
+        run = Run(len(ids))
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + args.new_tokens, do_sample=False)
         generator = og.Generator(model, params)
@@ -152,11 +169,17 @@ def engine_llamacpp(args: argparse.Namespace) -> Callable[[], Run]:
         seed=0,
         verbose=False,
     )
+    # the prompt's tokens as the other engines see them (the chat markers are special tokens, no extra bos)
+    ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
 
     def once() -> Run:
-        run = Run()
-        for _ in llm.create_completion(PROMPT, max_tokens=args.new_tokens, temperature=0.0, stream=True):
-            run.token()
+        # Forget the previous run: otherwise llama-cpp-python finds the whole prompt in its KV cache
+        # and skips the prefill, so its time to first token would not be one.
+        llm.reset()
+        run = Run(len(ids))
+        for chunk in llm.create_completion(ids, max_tokens=args.new_tokens, temperature=0.0, stream=True):
+            if chunk["choices"][0]["finish_reason"] is None:  # the last chunk only says why it ended
+                run.token()
         return run
 
     return once
@@ -173,7 +196,7 @@ def engine_transformers(args: argparse.Namespace) -> Callable[[], Run]:
     input_ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
 
     def once() -> Run:
-        run = Run()
+        run = Run(input_ids.shape[1])
         with torch.inference_mode():
             out = model(input_ids=input_ids, use_cache=True)
             past = out.past_key_values
@@ -194,20 +217,36 @@ def engine_transformers(args: argparse.Namespace) -> Callable[[], Run]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Measure one in-process engine; print its figures as one JSON line."""
+    """One in-process engine, loaded once; commands on stdin: run (one generation, its figures as a
+    JSON line), rss, stop."""
     make = {"inprocess": engine_inprocess, "llama.cpp": engine_llamacpp, "transformers": engine_transformers}
     once = make[args.worker](args)
-    for _ in range(args.warmup):
-        once()
-    runs = [once() for _ in range(args.runs)]
-    print(RESULT + json.dumps(_figures(runs) | {"peak_rss_mb": peak_rss_mb()}), flush=True)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "run":
+            print(RESULT + json.dumps(_one(once())), flush=True)
+        elif command == "rss":
+            print(f"RSS {peak_rss_mb()}", flush=True)
+        else:
+            return
 
 
-def _figures(runs: list[Run]) -> dict[str, Any]:
+def _one(run: Run) -> dict[str, Any]:
     return {
-        "ttft_ms": [r.ttft_ms for r in runs],
-        "decode_tps": [r.decode_tps for r in runs],
-        "tokens": [r.tokens for r in runs],
+        "ttft_ms": run.ttft_ms,
+        "decode_tps": run.decode_tps,
+        "tokens": run.tokens,
+        "prompt_tokens": run.prompt_tokens,
+    }
+
+
+def _figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "ttft_ms": [r["ttft_ms"] for r in runs],
+        "decode_tps": [r["decode_tps"] for r in runs],
+        "tokens": [r["tokens"] for r in runs],
+        "prompt_tokens": max(r["prompt_tokens"] for r in runs),
     }
 
 
@@ -243,27 +282,54 @@ def serve(args: argparse.Namespace) -> None:
     host.close()
 
 
-class AgentProcess:
-    def __init__(self, args: argparse.Namespace) -> None:
-        cmd = [sys.executable, __file__, "--serve", *_common(args)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+class Unavailable(Exception):
+    """An engine that cannot run here (not installed, crashed, failed to load)."""
+
+
+class Process:
+    """A subprocess that answers commands on stdin, one line each: the agent (--serve) or an engine (--worker)."""
+
+    def __init__(self, args: argparse.Namespace, role: list[str]) -> None:
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop)
+        cmd = [sys.executable, __file__, *role, *_common(args)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.ready = self._read().split()
+        if not self.ready or self.ready[0] != "READY":
+            self.proc.wait(30)
+            if self.proc.returncode is not None and self.proc.returncode < 0:
+                # e.g. SIGILL: a build for instructions this CPU (or VM) does not allow
+                raise Unavailable(f"crashed: {signal.Signals(-self.proc.returncode).name}")
+            self.stderr.seek(0)
+            tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+            raise Unavailable(f"failed: {tail}")
+
+    def _read(self) -> str:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().split()
-        if not line or line[0] != "READY":
-            raise RuntimeError(f"the agent did not start: {line}")
-        self.grpc_target, self.url = line[1], line[2]
+        return self.proc.stdout.readline()
+
+    def ask(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def run(self) -> dict[str, Any]:
+        line = self.ask("run")
+        if not line.startswith(RESULT):
+            raise RuntimeError(f"the engine failed mid-way: {line!r}")
+        result: dict[str, Any] = json.loads(line[len(RESULT) :])
+        return result
 
     def rss(self) -> float:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("rss\n")
-        self.proc.stdin.flush()
-        return float(self.proc.stdout.readline().split()[1])
+        return float(self.ask("rss").split()[1])
 
     def stop(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("stop\n")
-        self.proc.stdin.flush()
-        self.proc.wait(30)
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+            self.proc.wait(30)
+        self.stderr.close()
 
 
 def grpc_once(stub: Any, new_tokens: int) -> Run:
@@ -280,6 +346,7 @@ def grpc_once(stub: Any, new_tokens: int) -> Run:
         final = chunk
     assert final is not None
     run.tokens = final.usage.completion_tokens  # pieces are not tokens: count what the server generated
+    run.prompt_tokens = final.usage.prompt_tokens
     return run
 
 
@@ -302,44 +369,13 @@ def openai_once(client: Any, url: str, new_tokens: int) -> Run:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                run.prompt_tokens = chunk["usage"]["prompt_tokens"]
             if any(c.get("text") for c in chunk.get("choices", [])):
                 if not run.tokens:
                     run.token()
                 run.t_last = time.perf_counter()
     run.tokens = tokens
     return run
-
-
-def measure_agent(args: argparse.Namespace, engine: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    import grpc
-    import httpx
-
-    from slmops_protos.agent.v1 import agent_pb2_grpc
-
-    agent = AgentProcess(args)
-    sweep: list[dict[str, Any]] = []
-    try:
-        if engine == "grpc":
-            channel = grpc.insecure_channel(agent.grpc_target)
-            stub = agent_pb2_grpc.InferenceStub(channel)
-
-            def once() -> Run:
-                return grpc_once(stub, args.new_tokens)
-        else:
-            client = httpx.Client()
-
-            def once() -> Run:
-                return openai_once(client, agent.url, args.new_tokens)
-
-        for _ in range(args.warmup):
-            once()
-        runs = [once() for _ in range(args.runs)]
-        figures = _figures(runs) | {"peak_rss_mb": agent.rss()}
-        if engine == "grpc":
-            sweep = concurrency(args, agent.grpc_target)
-    finally:
-        agent.stop()
-    return figures, sweep
 
 
 def concurrency(args: argparse.Namespace, target: str) -> list[dict[str, Any]]:
@@ -401,19 +437,61 @@ def _common(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def measure_worker(args: argparse.Namespace, engine: str) -> dict[str, Any] | str:
-    if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
-        return "not installed"
-    cmd = [sys.executable, __file__, "--worker", engine, *_common(args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT):
-            result: dict[str, Any] = json.loads(line[len(RESULT) :])
-            return result
-    if done.returncode < 0:  # e.g. SIGILL: a build for instructions this CPU (or VM) does not allow
-        return f"crashed: {signal.Signals(-done.returncode).name}"
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return f"failed: {tail}"
+def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str, Any] | str], list[dict[str, Any]]]:
+    """Start every engine, then take turns: one run of each per round, so that a change in the
+    machine's load falls on all of them alike. Then the concurrency sweep against the agent."""
+    import grpc
+    import httpx
+
+    from slmops_protos.agent.v1 import agent_pb2_grpc
+
+    results: dict[str, dict[str, Any] | str] = {}
+    runners: dict[str, Callable[[], dict[str, Any]]] = {}
+    rss: dict[str, Callable[[], float]] = {}
+    processes: list[Process] = []
+    agent: Process | None = None
+    try:
+        if {"grpc", "openai"} & set(args.engines):
+            agent = Process(args, ["--serve"])
+            processes.append(agent)
+            stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(agent.ready[1]))
+            client, url = httpx.Client(), agent.ready[2]
+            runners["grpc"] = lambda: _one(grpc_once(stub, args.new_tokens))
+            runners["openai"] = lambda: _one(openai_once(client, url, args.new_tokens))
+            rss["grpc"] = rss["openai"] = agent.rss
+        for engine in args.engines:
+            if engine in ("grpc", "openai"):
+                continue
+            elif engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+                results[engine] = "not installed"
+            elif engine == "transformers" and args.hf_dir is None:
+                results[engine] = "no HF folder"
+            else:
+                try:
+                    process = Process(args, ["--worker", engine])
+                except Unavailable as exc:
+                    results[engine] = str(exc)
+                    continue
+                processes.append(process)
+                runners[engine], rss[engine] = process.run, process.rss
+        runners = {engine: runners[engine] for engine in args.engines if engine in runners}
+        runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in runners}
+        for i in range(args.warmup + args.runs):
+            console.print(
+                f"[dim]round {i + 1} of {args.warmup + args.runs}{' (warm-up)' if i < args.warmup else ''}[/dim]"
+            )
+            for engine, runner in runners.items():
+                got = runner()
+                if i >= args.warmup:
+                    runs[engine].append(got)
+        for engine in runners:
+            results[engine] = _figures(runs[engine]) | {"peak_rss_mb": rss[engine]()}
+        sweep = concurrency(args, agent.ready[1]) if agent is not None else []
+    finally:
+        for process in processes:
+            process.stop()
+    ordered = {engine: results[engine] for engine in args.engines if engine in results}
+    return ordered, sweep
 
 
 def main() -> None:
@@ -433,7 +511,7 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model_dir = args.model_dir or default_model_dir()
-    args.hf_dir = args.hf_dir or default_hf_dir()
+    args.hf_dir = args.hf_dir or default_hf_dir(args.model_dir)
     args.gguf = args.gguf or default_gguf()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.worker:
@@ -453,17 +531,7 @@ def main() -> None:
         f"{args.runs} runs after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f} "
         f"on {os.cpu_count()} cores; int4 model {args.model_dir}"
     )
-    results: dict[str, dict[str, Any] | str] = {}
-    sweep: list[dict[str, Any]] = []
-    for engine in args.engines:
-        console.print(f"[dim]measuring {engine}...[/dim]")
-        if engine in ("grpc", "openai"):
-            results[engine], got = measure_agent(args, engine)
-            sweep = got or sweep
-        elif engine == "transformers" and args.hf_dir is None:
-            results[engine] = "no HF folder"
-        else:
-            results[engine] = measure_worker(args, engine)
+    results, sweep = measure(args, console)
     print_tables(console, results, sweep)
     if args.json is not None:
         rows = [
@@ -472,6 +540,7 @@ def main() -> None:
                 "ttft_ms_p50": statistics.median(r["ttft_ms"]),
                 "decode_tps_p50": statistics.median(r["decode_tps"]),
                 "peak_rss_mb": r["peak_rss_mb"],
+                "prompt_tokens": r["prompt_tokens"],
             }
             for engine, r in results.items()
             if isinstance(r, dict)
@@ -496,10 +565,11 @@ def print_tables(console: Any, results: dict[str, dict[str, Any] | str], sweep: 
     for col in ("engine", "TTFT p50 ms", "vs llama.cpp", "decode tok/s p50", "vs llama.cpp", "peak RSS MiB"):
         table.add_column(col, justify="left" if col == "engine" else "right")
     table.add_column("vs llama.cpp", justify="right")
+    table.add_column("prompt", justify="right")
     table.add_column("tokens", justify="right")
     for engine, r in results.items():
         if not isinstance(r, dict):
-            table.add_row(engine, r, "", "", "", "", "", "")
+            table.add_row(engine, r, "", "", "", "", "", "", "")
             continue
         ttft = statistics.median(r["ttft_ms"])
         tps = statistics.median(r["decode_tps"])
@@ -511,6 +581,7 @@ def print_tables(console: Any, results: dict[str, dict[str, Any] | str], sweep: 
             ratio(tps, "decode_tps"),
             f"{r['peak_rss_mb']:.0f}",
             ratio(r["peak_rss_mb"], "peak_rss_mb"),
+            str(r["prompt_tokens"]),
             f"{min(r['tokens'])}-{max(r['tokens'])}",
         )
     console.print(table)

@@ -70,6 +70,12 @@ class HostCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_tokens_per_second", "Decode speed of the last request.", value=snap.last_tokens_per_s
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_batches", "Batches of several requests decoded together.", value=snap.batches_total
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_batched_requests", "Requests that ran in a batch of several.", value=snap.batched_requests_total
+        )
         yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting or running.", value=self.host.queue.depth)
         yield GaugeMetricFamily(
             f"{PREFIX}_queue_bound", "Requests allowed to wait or run.", value=self.host.queue.bound

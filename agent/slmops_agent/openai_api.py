@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from slmops_agent.errors import InvalidRequest, NotFound, QueueFull, status_name
+from slmops_agent.relay import Relay
 from slmops_agent.runtime import FinishReason, GenerationRequest, GenerationResult, ModelHost
 
 HTTP_STATUS = {
@@ -150,16 +151,13 @@ class _Run:
     yields ("text", str) pieces and ends with ("done", GenerationResult); leaving it cancels."""
 
     def __init__(self, host: ModelHost, req: GenerationRequest) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.relay = Relay(asyncio.get_running_loop())
         self.cancel = threading.Event()
         self.future = host.submit(req, cancel=self.cancel, on_text=lambda t: self._put("text", t))
         self.future.add_done_callback(self._done)
 
     def _put(self, kind: str, value: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.items.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is closed
+        if not self.relay.put(kind, value):  # the loop is closed
             self.cancel.set()
 
     def _done(self, future: concurrent.futures.Future[GenerationResult]) -> None:
@@ -171,7 +169,7 @@ class _Run:
             self._put("done", future.result())
 
     async def next(self) -> tuple[str, Any]:
-        kind, value = await self.items.get()
+        kind, value = await self.relay.next()
         if kind == "error":
             raise value
         return kind, value

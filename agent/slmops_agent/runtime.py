@@ -1,12 +1,15 @@
 """The inference runtime: an onnxruntime-genai model loaded from a slot folder, and the host
-that serves the active one (a bounded FIFO queue, one generation at a time, hot swap)."""
+that serves the active one (a bounded FIFO queue, one turn at a time: a request alone or a batch of
+the requests waiting together, hot swap)."""
 
 from __future__ import annotations
 
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import enum
+import functools
 import json
 import logging
 import threading
@@ -16,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from slmops_agent.errors import (
     AgentError,
@@ -185,10 +190,108 @@ def _genai() -> Any:
     return og
 
 
-class LoadedModel:
-    """One slot folder loaded with onnxruntime-genai. Generation on one instance is serialized by its host."""
+DEFAULT_MAX_BATCH = 4
 
-    def __init__(self, path: Path, info: ModelInfo, *, threads: int) -> None:
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A request made ready for the model: its prompt tokens, its token budget and its search options."""
+
+    ids: list[int]
+    max_new: int
+    options: dict[str, Any]
+
+
+class _Decoding:
+    """One request's side of the token loop: end of sequence, stop sequences, the budget, the text
+    pieces handed to `on_text`, and the counts and timings of the result."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        prepared: _Prepared,
+        stop: tuple[str, ...],
+        on_text: Callable[[str], None] | None,
+        started: float,
+    ) -> None:
+        self.model = model
+        self.prepared = prepared
+        self.stream = model.tokenizer.create_stream()
+        self.scanner = _StopScanner(stop)
+        self.on_text = on_text
+        self.t0 = started
+        self.t_first = self.t_last = 0.0
+        self.generated = 0
+        self.finish = FinishReason.LENGTH
+        self.done = False
+
+    def feed(self, token: int) -> bool:
+        """Take the next token; True when the request is complete (end of sequence, a stop, the budget)."""
+        self.t_last = time.perf_counter()
+        if self.generated == 0:
+            self.t_first = self.t_last
+        if token in self.model.eos_ids:
+            self.finish = FinishReason.STOP
+            self.done = True
+            return True
+        self.generated += 1
+        out = self.scanner.feed(self.stream.decode(token))
+        if out and self.on_text is not None:
+            self.on_text(out)
+        if self.scanner.stopped:
+            self.finish = FinishReason.STOP
+            self.done = True
+        elif self.generated >= self.prepared.max_new:
+            self.done = True
+        return self.done
+
+    def cancel(self) -> None:
+        self.finish = FinishReason.CANCELLED
+        self.done = True
+
+    def result(self) -> GenerationResult:
+        if self.finish is not FinishReason.STOP:
+            rest = self.scanner.flush()
+            if rest and self.on_text is not None:
+                self.on_text(rest)
+        t_end = time.perf_counter()
+        decode_s = self.t_last - self.t_first
+        n = self.generated
+        return GenerationResult(
+            text=self.scanner.text,
+            finish_reason=self.finish,
+            prompt_tokens=len(self.prepared.ids),
+            completion_tokens=n,
+            ttft_ms=(self.t_first - self.t0) * 1000 if self.t_first else 0.0,
+            tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_ms=(t_end - self.t0) * 1000,
+            model_version=self.model.info.version,
+            package_id=self.model.info.package_id,
+        )
+
+
+@dataclass(frozen=True)
+class BatchMember:
+    """One request of a batch: `done` receives its result, or the error that ended it alone."""
+
+    req: GenerationRequest
+    cancel: threading.Event
+    on_text: Callable[[str], None] | None
+    started: float
+    done: Callable[[GenerationResult | BaseException], None]
+
+
+class LoadedModel:
+    """One slot folder loaded with onnxruntime-genai. Its host runs one generation or one batch on it at a time.
+
+    `threads` is ONNX Runtime's intra-op pool; `spinning` lets those threads spin while they wait
+    for work (a little faster on idle cores, a collapse when another process wants them: off by
+    default). `max_batch` > 1 lets `generate_batch` decode that many requests together through
+    onnxruntime-genai's Engine (its static batching: requests join when a batch starts)."""
+
+    def __init__(
+        self, path: Path, info: ModelInfo, *, threads: int, spinning: bool = False, max_batch: int = DEFAULT_MAX_BATCH
+    ) -> None:
         og = _genai()
         self.path = path
         self.info = info
@@ -196,7 +299,12 @@ class LoadedModel:
         try:
             genai_config = json.loads((path / "genai_config.json").read_text())
             cfg = og.Config(str(path))
-            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+            session = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": "1" if spinning else "0"}
+            overlay: dict[str, Any] = {"model": {"decoder": {"session_options": session}}}
+            self.max_batch = max_batch if hasattr(og, "Engine") else 1
+            if self.max_batch > 1:
+                overlay["engine"] = {"static_batching": {"max_batch_size": self.max_batch}}
+            cfg.overlay(json.dumps(overlay))
             self.model = og.Model(cfg)
             self.tokenizer = og.Tokenizer(self.model)
             self.adapters: Any = None
@@ -229,19 +337,12 @@ class LoadedModel:
             raise InvalidRequest("the prompt encodes to no tokens")
         return ids
 
-    def generate(
-        self,
-        req: GenerationRequest,
-        *,
-        limits: Limits,
-        cancel: threading.Event | None = None,
-        on_text: Callable[[str], None] | None = None,
-        started: float | None = None,
-    ) -> GenerationResult:
-        """Run the token loop; call `on_text` with each decoded piece; stop within one token of `cancel`."""
-        og = _genai()
-        t0 = started if started is not None else time.perf_counter()
-        cancel = cancel or threading.Event()
+    def batchable(self, req: GenerationRequest) -> bool:
+        """Whether `req` may share a batch: the Engine has no adapters and, in static batching, no per-request seed."""
+        return self.max_batch > 1 and not req.adapter and req.seed is None
+
+    def prepare(self, req: GenerationRequest, limits: Limits) -> _Prepared:
+        """Check what needs the model (adapter, context) and translate the sampling fields."""
         if req.adapter and (self.adapters is None or req.adapter not in self.info.adapters):
             have = ", ".join(self.info.adapters) or "none"
             raise NotFound(f"adapter {req.adapter!r} is not loaded (this model has: {have})")
@@ -265,65 +366,174 @@ class LoadedModel:
             options["random_seed"] = int(req.seed)
         if req.repetition_penalty is not None:
             options["repetition_penalty"] = req.repetition_penalty
+        return _Prepared(ids, max_new, options)
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        *,
+        limits: Limits,
+        cancel: threading.Event | None = None,
+        on_text: Callable[[str], None] | None = None,
+        started: float | None = None,
+    ) -> GenerationResult:
+        """Run the token loop; call `on_text` with each decoded piece; stop within one token of `cancel`."""
+        og = _genai()
+        t0 = started if started is not None else time.perf_counter()
+        cancel = cancel or threading.Event()
+        prepared = self.prepare(req, limits)
         params = og.GeneratorParams(self.model)
         try:
-            params.set_search_options(**options)
+            params.set_search_options(**prepared.options)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise InvalidRequest(f"onnxruntime-genai refused the search options: {exc}") from exc
         generator = og.Generator(self.model, params)
         if req.adapter:
             generator.set_active_adapter(self.adapters, req.adapter)
-        stream = self.tokenizer.create_stream()
-        scanner = _StopScanner(req.stop)
-        finish = FinishReason.LENGTH
-        generated = 0
-        t_first = t_last = 0.0
+        decoding = _Decoding(self, prepared, req.stop, on_text, t0)
         if cancel.is_set():
-            finish = FinishReason.CANCELLED
+            decoding.cancel()
         else:
-            generator.append_tokens(ids)
-        while finish is not FinishReason.CANCELLED and not generator.is_done():
+            generator.append_tokens(prepared.ids)
+        while not decoding.done and not generator.is_done():
             if cancel.is_set():
-                finish = FinishReason.CANCELLED
+                decoding.cancel()
                 break
             generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            t_last = time.perf_counter()
-            if generated == 0:
-                t_first = t_last
-            if token in self.eos_ids:
-                finish = FinishReason.STOP
-                break
-            generated += 1
-            out = scanner.feed(stream.decode(token))
-            if out and on_text is not None:
-                on_text(out)
-            if scanner.stopped:
-                finish = FinishReason.STOP
-                break
-            if generated >= max_new:
-                break
-        if finish is not FinishReason.STOP:
-            rest = scanner.flush()
-            if rest and on_text is not None:
-                on_text(rest)
-        t_end = time.perf_counter()
-        decode_s = t_last - t_first
-        return GenerationResult(
-            text=scanner.text,
-            finish_reason=finish,
-            prompt_tokens=len(ids),
-            completion_tokens=generated,
-            ttft_ms=(t_first - t0) * 1000 if t_first else 0.0,
-            tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
-            total_ms=(t_end - t0) * 1000,
-            model_version=self.info.version,
-            package_id=self.info.package_id,
+            decoding.feed(int(generator.get_next_tokens()[0]))
+        return decoding.result()
+
+    def generate_batch(self, members: list[BatchMember], *, limits: Limits) -> None:
+        """Decode `members` together (each must be `batchable`); every member's `done` is called once,
+        when it ends: its result, or the error that ended it (an error of one does not end the others).
+        The batch gets an Engine of its own: an Engine answers only the thread that made it, and
+        making one costs microseconds. A model the Engine refuses stops batching: the members run
+        one after the other."""
+        try:
+            engine = _genai().Engine(self.model)
+        except RuntimeError as exc:
+            log.warning("onnxruntime-genai's Engine refuses %s, so it will not batch: %s", self.path, exc)
+            self.max_batch = 1
+            engine = None
+        if engine is not None:
+            _BatchRun(self, engine, members, limits).run()
+            return
+        for member in members:
+            try:
+                result = self.generate(
+                    member.req, limits=limits, cancel=member.cancel, on_text=member.on_text, started=member.started
+                )
+            except Exception as exc:
+                member.done(exc)
+            else:
+                member.done(result)
+
+
+class _BatchRun:
+    """One static batch on the model's Engine: each member a Request with its own turn options."""
+
+    def __init__(self, model: LoadedModel, engine: Any, members: list[BatchMember], limits: Limits) -> None:
+        self.model = model
+        self.engine = engine
+        self.members = members
+        self.limits = limits
+        self.live: list[tuple[BatchMember, _Decoding, Any, int]] = []  # member, decoding, Request, turn id
+        self.ended: set[int] = set()  # ids of the members whose `done` was called
+
+    def end(self, member: BatchMember, outcome: GenerationResult | BaseException) -> None:
+        if id(member) not in self.ended:
+            self.ended.add(id(member))
+            member.done(outcome)
+
+    def start(self, member: BatchMember) -> None:
+        og = _genai()
+        prepared = self.model.prepare(member.req, self.limits)
+        decoding = _Decoding(self.model, prepared, member.req.stop, member.on_text, member.started)
+        if member.cancel.is_set():
+            decoding.cancel()
+            self.end(member, decoding.result())
+            return
+        request_options = og.RequestOptions()
+        request_options.set_max_session_tokens(len(prepared.ids) + prepared.max_new)
+        request = self.engine.create_request(options=request_options)
+        turn = og.TurnOptions(request)
+        opts = prepared.options
+        turn.set_max_generated_tokens(prepared.max_new)
+        try:
+            if "do_sample" in opts:
+                turn.set_do_sample(opts["do_sample"])
+            if "temperature" in opts:
+                turn.set_temperature(opts["temperature"])
+            if "top_p" in opts:
+                turn.set_top_p(opts["top_p"])
+            if "top_k" in opts:
+                turn.set_top_k(opts["top_k"])
+            if "repetition_penalty" in opts:
+                turn.set_repetition_penalty(opts["repetition_penalty"])
+            turn_id = request.begin_turn(np.asarray(prepared.ids, dtype=np.int32), turn)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            request.close()
+            raise InvalidRequest(f"onnxruntime-genai refused the search options: {exc}") from exc
+        self.live.append((member, decoding, request, turn_id))
+
+    def run(self) -> None:
+        og = _genai()
+        token_flag, finished_flag, failed_flag = (
+            og.EngineEventFlags.TOKEN,
+            og.EngineEventFlags.TURN_FINISHED,
+            og.EngineEventFlags.FAILED,
         )
+        try:
+            for member in self.members:
+                try:
+                    self.start(member)
+                except Exception as exc:
+                    self.end(member, exc)
+            if not self.live:
+                return
+            engine = self.engine
+            by_request = {
+                id(request): (member, decoding, request, turn) for member, decoding, request, turn in self.live
+            }
+            events = engine.create_event_buffer(2 * len(self.live) + 8)
+            while engine.has_pending_requests():
+                for member, decoding, request, turn in self.live:
+                    if not decoding.done and member.cancel.is_set():
+                        decoding.cancel()
+                        request.cancel_turn(turn)
+                        self.end(member, decoding.result())
+                engine.run(events)
+                for i in range(len(events)):
+                    event = events[i]
+                    member, decoding, request, turn = by_request[id(event.request)]
+                    if id(member) in self.ended:
+                        continue  # stopped by us; the Engine reports its cancelled turn
+                    flags = event.flags
+                    if flags & failed_flag:
+                        self.end(member, AgentError(f"onnxruntime-genai failed the request: {event.error_code.name}"))
+                        continue
+                    try:
+                        if flags & token_flag and decoding.feed(int(event.token)) and not flags & finished_flag:
+                            request.cancel_turn(turn)  # a stop sequence, end of sequence or our budget
+                    except Exception as exc:  # the member's own callback failed: it alone ends
+                        request.cancel_turn(turn)
+                        self.end(member, exc)
+                        continue
+                    if decoding.done or flags & finished_flag:
+                        self.end(member, decoding.result())
+        except Exception as exc:
+            for member in self.members:
+                self.end(member, exc)
+        finally:
+            for _, _, request, _ in self.live:
+                with contextlib.suppress(RuntimeError):
+                    request.close()
 
 
-def load_model(path: Path, info: ModelInfo, *, threads: int) -> LoadedModel:
-    return LoadedModel(path, info, threads=threads)
+def load_model(
+    path: Path, info: ModelInfo, *, threads: int, spinning: bool = False, max_batch: int = DEFAULT_MAX_BATCH
+) -> LoadedModel:
+    return LoadedModel(path, info, threads=threads, spinning=spinning, max_batch=max_batch)
 
 
 class CancelToken(threading.Event):
@@ -344,74 +554,135 @@ def _cancel_reason(cancel: threading.Event) -> str:
 
 
 class Ticket:
-    """A place in the queue."""
+    """A place in the queue: waiting, then running (alone, at the head of a batch, or in another's
+    batch), then done. `job` is what the holder asked for (the host's; the queue only carries it)."""
 
-    __slots__ = ("admitted",)
+    __slots__ = ("admitted", "finished", "job", "outcome", "started", "state")
 
-    def __init__(self) -> None:
+    def __init__(self, job: Any = None) -> None:
         self.admitted = time.monotonic()
+        self.job = job
+        self.state = "waiting"
+        self.started = 0.0
+        self.finished = threading.Event()
+        self.outcome: Any = None
 
 
 class RequestQueue:
-    """A bounded FIFO of requests; one runs at a time. Past the bound: QueueFull, with a retry hint
-    from the recent time per request."""
+    """A bounded FIFO of requests. One turn runs at a time: a request alone, or a batch that its head
+    takes from the front of the queue (only requests the head's `fits` accepts, stopping at the first
+    it refuses, so nobody is overtaken). Past the bound: QueueFull, with a retry hint from the recent
+    time per request."""
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
         self._cond = threading.Condition()
-        self._tickets: collections.deque[Ticket] = collections.deque()
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._running = 0
         self._turn_ms = 0.0  # moving average of the time a turn takes
+        self._last_batch = 1  # size of the latest batch
+        self._arrivals = 0  # requests admitted while the latest batch ran
+        self._last_end = 0.0  # when the queue last fell idle (monotonic)
 
     @property
     def depth(self) -> int:
         """Requests waiting or running."""
-        return len(self._tickets)
+        return len(self._waiting) + self._running
 
     def retry_after_ms(self) -> int:
         """When a place is likely free: after the running turn, so the recent mean turn (1 s before
         any), within [50 ms, 60 s]."""
         return int(min(60_000.0, max(50.0, self._turn_ms or 1000.0)))
 
-    def admit(self) -> Ticket:
+    def admit(self, job: Any = None) -> Ticket:
         """Take a place at the end of the queue or raise QueueFull at once."""
         with self._cond:
-            depth = len(self._tickets)
+            depth = self.depth
             if depth >= self.bound:
                 raise QueueFull(
                     f"{depth} requests are queued (the bound is {self.bound}); retry later",
                     retry_after_ms=self.retry_after_ms(),
                 )
-            ticket = Ticket()
-            self._tickets.append(ticket)
+            ticket = Ticket(job)
+            self._waiting.append(ticket)
+            if self._running:
+                self._arrivals += 1
+            self._cond.notify_all()  # a head lingering for its batch
             return ticket
 
-    def wait(self, ticket: Ticket, cancel: threading.Event) -> None:
-        """Block until `ticket` is first; Cancelled if `cancel` is set first."""
+    def start(
+        self,
+        ticket: Ticket,
+        cancel: threading.Event,
+        *,
+        fits: Callable[[Ticket], bool] | None = None,
+        max_batch: int = 1,
+        linger_s: float = 0.0,
+    ) -> list[Ticket] | None:
+        """Block until `ticket` runs. At the front with nothing running, it heads a turn: the returned
+        batch is `ticket` and up to `max_batch` - 1 followers from the front of the queue that `fits`
+        accepts. When the latest batch had several members and the queue fell idle just now, the head
+        waits up to `linger_s` for as many as it had plus those that arrived while it ran (the clients
+        of a batch come back together). None: another head took `ticket` into its batch. Cancelled if
+        `cancel` is set while waiting."""
         with self._cond:
-            while self._tickets[0] is not ticket:
+            while ticket.state == "waiting" and not (self._running == 0 and self._waiting[0] is ticket):
                 if cancel.is_set():
                     raise Cancelled("cancelled while waiting in the queue")
                 self._cond.wait(0.02)
+            if ticket.state != "waiting":
+                return None
+            batch = [self._take()]
+            if max_batch > 1 and fits is not None and fits(ticket):
+                now = time.monotonic()
+                want = min(max_batch, self._last_batch + self._arrivals)
+                deadline = now + linger_s if want > 1 and now - self._last_end < 0.1 else now
+                while len(batch) < max_batch:
+                    if self._waiting and fits(self._waiting[0]):
+                        batch.append(self._take())
+                        continue
+                    now = time.monotonic()
+                    if self._waiting or len(batch) >= want or now >= deadline:
+                        break
+                    self._cond.wait(deadline - now)
+            self._last_batch = len(batch)
+            self._arrivals = 0
+            self._cond.notify_all()  # the followers' holders
+            return batch
 
-    def release(self, ticket: Ticket, *, ran_s: float | None = None) -> None:
+    def _take(self) -> Ticket:
+        ticket = self._waiting.popleft()
+        ticket.state = "running"
+        ticket.started = time.perf_counter()
+        self._running += 1
+        return ticket
+
+    def release(self, ticket: Ticket, *, measure: bool = True) -> None:
+        """Free the place (once; later calls do nothing). A turn that ran is measured for the retry hint."""
         with self._cond:
-            self._tickets.remove(ticket)
-            if ran_s is not None:
-                ms = ran_s * 1000
-                self._turn_ms = ms if not self._turn_ms else 0.8 * self._turn_ms + 0.2 * ms
+            if ticket.state == "waiting":
+                self._waiting.remove(ticket)
+            elif ticket.state == "running":
+                self._running -= 1
+                if measure:
+                    ms = (time.perf_counter() - ticket.started) * 1000
+                    self._turn_ms = ms if not self._turn_ms else 0.8 * self._turn_ms + 0.2 * ms
+                if self._running == 0:
+                    self._last_end = time.monotonic()
+            ticket.state = "done"
             self._cond.notify_all()
 
     @contextmanager
     def turn(self, cancel: threading.Event) -> Iterator[None]:
+        """Hold a turn alone (no batch) for the duration of the block."""
         ticket = self.admit()
-        ran: float | None = None
+        ok = False
         try:
-            self.wait(ticket, cancel)
-            t0 = time.perf_counter()
+            self.start(ticket, cancel)
             yield
-            ran = time.perf_counter() - t0
+            ok = True
         finally:
-            self.release(ticket, ran_s=ran)
+            self.release(ticket, measure=ok)
 
 
 TTFT_BUCKETS_MS = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0)
@@ -428,6 +699,8 @@ class MetricsSnapshot:
     prompt_tokens_total: int
     decode_seconds_total: float
     last_tokens_per_s: float
+    batches_total: int
+    batched_requests_total: int
 
 
 @dataclass
@@ -450,6 +723,8 @@ class Metrics:
     _prompt_tokens: int = 0
     _decode_s: float = 0.0
     _last_tps: float = 0.0
+    _batches: int = 0
+    _batched_requests: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def request(self) -> None:
@@ -478,6 +753,12 @@ class Metrics:
                 self._last_tps = result.tokens_per_s
                 self._decode_s += (result.completion_tokens - 1) / result.tokens_per_s
 
+    def batch(self, size: int) -> None:
+        """A batch of `size` (> 1) requests started."""
+        with self._lock:
+            self._batches += 1
+            self._batched_requests += size
+
     def window(self) -> tuple[float, float]:
         """Mean (tokens/s, TTFT ms) since the previous call."""
         with self._lock:
@@ -502,7 +783,18 @@ class Metrics:
                 prompt_tokens_total=self._prompt_tokens,
                 decode_seconds_total=self._decode_s,
                 last_tokens_per_s=self._last_tps,
+                batches_total=self._batches,
+                batched_requests_total=self._batched_requests,
             )
+
+
+@dataclass(frozen=True)
+class _Job:
+    req: GenerationRequest
+    cancel: threading.Event
+    on_text: Callable[[str], None] | None
+    on_start: Callable[[ModelInfo], None] | None
+    started: float
 
 
 class ModelHost:
@@ -511,12 +803,19 @@ class ModelHost:
 
     `submit` validates and takes a place in the bounded queue at once (raising InvalidRequest,
     NoModelLoaded or QueueFull in the caller's thread), then waits and generates in a worker of a
-    pool as large as the queue bound, so threads never outnumber the places."""
+    pool as large as the queue bound, so threads never outnumber the places. When its turn comes, a
+    request heads a batch of the requests behind it that can share one (`LoadedModel.batchable`, up
+    to the model's `max_batch`); each member still streams, stops and is cancelled on its own.
+    `batch_linger_s`: after a batch of several, how long the next head may wait for the clients of
+    that batch to come back (only when the queue has just fallen idle)."""
 
-    def __init__(self, *, queue_bound: int, limits: Limits, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, *, queue_bound: int, limits: Limits, metrics: Metrics | None = None, batch_linger_s: float = 0.02
+    ) -> None:
         self.queue = RequestQueue(queue_bound)
         self.limits = limits
         self.metrics = metrics or Metrics()
+        self.batch_linger_s = batch_linger_s
         self._model: LoadedModel | None = None
         self._lock = threading.Lock()
         self._listeners: list[Callable[[LoadedModel | None], None]] = []
@@ -568,58 +867,103 @@ class ModelHost:
             validate_request(req, self.limits)
             if self._model is None:
                 raise NoModelLoaded("no model is loaded yet (the device has not installed a package)")
-            ticket = self.queue.admit()
+            ticket = self.queue.admit(_Job(req, cancel, on_text, on_start, started))
         except BaseException as exc:
             self.metrics.outcome(status_name(exc))
             raise
         try:
-            future = self._pool.submit(self._run, ticket, req, cancel, on_text, on_start, started)
+            future = self._pool.submit(self._run, ticket)
         except RuntimeError as exc:  # the pool is shut down: the agent is stopping
-            self.queue.release(ticket)
+            self.queue.release(ticket, measure=False)
             self.metrics.outcome("UNAVAILABLE")
             raise NoModelLoaded("the agent is shutting down") from exc
 
         def never_ran(f: concurrent.futures.Future[GenerationResult]) -> None:
             if f.cancelled():  # cancelled before a worker picked it up: `_run` will not free the place
-                self.queue.release(ticket)
+                cancel.set()  # should another head have taken it into a batch, it stops there
+                self.queue.release(ticket, measure=False)
                 self.metrics.outcome("CANCELLED")
 
         future.add_done_callback(never_ran)
         return future
 
-    def _run(
-        self,
-        ticket: Ticket,
-        req: GenerationRequest,
-        cancel: threading.Event,
-        on_text: Callable[[str], None] | None,
-        on_start: Callable[[ModelInfo], None] | None,
-        started: float,
-    ) -> GenerationResult:
-        ran: float | None = None
+    def _fits(self, ticket: Ticket) -> bool:
+        model = self._model
+        return model is not None and model.batchable(ticket.job.req)
+
+    def _run(self, ticket: Ticket) -> GenerationResult:
+        job: _Job = ticket.job
         try:
-            self.queue.wait(ticket, cancel)
-            t0 = time.perf_counter()
-            model = self._model
-            if model is None:
-                raise NoModelLoaded("no model is loaded")
-            if req.model_version and req.model_version not in (model.info.version, model.info.package_id):
-                raise NotFound(f"model version {req.model_version!r} is not active (active: {model.info.version})")
-            if on_start is not None:
-                on_start(model.info)
-            result = model.generate(req, limits=self.limits, cancel=cancel, on_text=on_text, started=started)
-            ran = time.perf_counter() - t0
+            batch = self.queue.start(
+                ticket,
+                job.cancel,
+                fits=self._fits,
+                max_batch=self._model.max_batch if self._model is not None else 1,
+                linger_s=self.batch_linger_s,
+            )
+            if batch is not None:
+                self._generate(batch)
+            ticket.finished.wait()  # a member of another's batch: until its head says it ended
+            if isinstance(ticket.outcome, BaseException):
+                raise ticket.outcome
+            result: GenerationResult = ticket.outcome
         except BaseException as exc:
-            code = _cancel_reason(cancel) if isinstance(exc, Cancelled) else status_name(exc)
+            code = _cancel_reason(job.cancel) if isinstance(exc, Cancelled) else status_name(exc)
             if code == "INTERNAL" and not isinstance(exc, AgentError):
                 log.error("generation failed", exc_info=exc)
             self.metrics.outcome(code)
             raise
         finally:
-            self.queue.release(ticket, ran_s=ran)
-        self.metrics.outcome(_cancel_reason(cancel) if result.finish_reason is FinishReason.CANCELLED else "OK")
+            self.queue.release(ticket, measure=False)  # a request that never ran; no-op once ended
+        self.metrics.outcome(_cancel_reason(job.cancel) if result.finish_reason is FinishReason.CANCELLED else "OK")
         self.metrics.result(result)
         return result
+
+    def _end(self, ticket: Ticket, outcome: GenerationResult | BaseException) -> None:
+        ticket.outcome = outcome
+        self.queue.release(ticket)
+        ticket.finished.set()
+
+    def _generate(self, batch: list[Ticket]) -> None:
+        """Run a turn: each ticket ends (`_end`) with its result or its own error."""
+        model = self._model
+        members: list[Ticket] = []
+        for ticket in batch:
+            job: _Job = ticket.job
+            try:
+                if model is None:
+                    raise NoModelLoaded("no model is loaded")
+                if job.req.model_version and job.req.model_version not in (model.info.version, model.info.package_id):
+                    raise NotFound(
+                        f"model version {job.req.model_version!r} is not active (active: {model.info.version})"
+                    )
+                if job.on_start is not None:
+                    job.on_start(model.info)
+                members.append(ticket)
+            except BaseException as exc:
+                self._end(ticket, exc)
+        if model is None or not members:
+            return
+        if len(members) == 1:
+            ticket = members[0]
+            job = ticket.job
+            try:
+                result = model.generate(
+                    job.req, limits=self.limits, cancel=job.cancel, on_text=job.on_text, started=job.started
+                )
+            except BaseException as exc:
+                self._end(ticket, exc)
+            else:
+                self._end(ticket, result)
+            return
+        self.metrics.batch(len(members))
+        model.generate_batch(
+            [
+                BatchMember(t.job.req, t.job.cancel, t.job.on_text, t.job.started, functools.partial(self._end, t))
+                for t in members
+            ],
+            limits=self.limits,
+        )
 
     def generate(
         self,

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from slmops_agent.errors import AgentError, Cancelled, QueueFull, status_name
 from slmops_agent.reach import TlsFiles, auth_interceptor, require_protection
+from slmops_agent.relay import Relay
 from slmops_agent.runtime import (
     CancelToken,
     FinishReason,
@@ -192,14 +193,11 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         self, request: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.GenerateResponse]:
         req = request_from_pb(request)
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        relay = Relay(asyncio.get_running_loop())
         cancel = CancelToken()
 
         def put(kind: str, value: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(items.put_nowait, (kind, value))
-            except RuntimeError:  # the loop is closed: nobody is listening any more
+            if not relay.put(kind, value):  # the loop is closed: nobody is listening any more
                 cancel.set()
 
         def done(future: concurrent.futures.Future[GenerationResult]) -> None:
@@ -217,7 +215,7 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
             future.add_done_callback(done)
             info = ModelInfo()
             while True:
-                kind, value = await items.get()
+                kind, value = await relay.next()
                 if kind == "start":
                     info = value
                 elif kind == "text":

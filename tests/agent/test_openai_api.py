@@ -81,6 +81,7 @@ def test_chat_completion_matches_grpc_and_streams_the_same_text(stack: Stack) ->
     assert reply.usage is not None and reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
 
+    stack.host.pace_s = 0.003  # a device's speed: each piece is an event of its own
     stream = stack.client.chat.completions.create(
         model="tiny-llama",
         messages=[{"role": "user", "content": question}],

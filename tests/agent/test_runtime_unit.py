@@ -179,3 +179,49 @@ def test_one_mapping_from_errors_to_status_codes(exc: BaseException, name: str) 
     code, message = status_for(exc)
     assert code is grpc.StatusCode[name]
     assert message == (str(exc) if name != "INTERNAL" else "internal error: ZeroDivisionError: ")
+
+
+def test_a_head_takes_the_followers_that_fit_in_order_and_stops_at_the_first_that_does_not() -> None:
+    q = RequestQueue(bound=8)
+    tickets = [q.admit(job) for job in ("a", "b", "c", "x", "d")]  # "x" cannot share a batch
+    never = threading.Event()
+    batch = q.start(tickets[0], never, fits=lambda t: t.job != "x", max_batch=4)
+    assert batch is not None and [t.job for t in batch] == ["a", "b", "c"]
+    assert q.start(tickets[1], never) is None  # taken by the head: its holder only waits for the end
+    assert q.depth == 5
+    for t in batch:
+        q.release(t)
+    alone = q.start(tickets[3], never, fits=lambda t: t.job != "x", max_batch=4)
+    assert alone is not None and [t.job for t in alone] == ["x"]
+    q.release(tickets[3])
+    q.release(tickets[3])  # a second release does nothing
+    assert q.depth == 1
+
+
+def test_after_a_batch_the_next_head_lingers_for_the_clients_coming_back() -> None:
+    q = RequestQueue(bound=8)
+    never = threading.Event()
+    first = [q.admit(i) for i in range(3)]
+    batch = q.start(first[0], never, fits=lambda t: True, max_batch=4, linger_s=5.0)
+    assert batch is not None and len(batch) == 3
+    for t in batch:
+        q.release(t)
+    head = q.admit(10)
+    threading.Timer(0.05, lambda: [q.admit(11), q.admit(12)]).start()
+    t0 = time.monotonic()
+    again = q.start(head, never, fits=lambda t: True, max_batch=4, linger_s=5.0)
+    assert again is not None and [t.job for t in again] == [10, 11, 12]  # as many as the last batch
+    assert time.monotonic() - t0 < 2.0
+    late = q.admit(13)  # arrives while that batch runs: the next head waits for one more
+    for t in again:
+        q.release(t)
+    threading.Timer(0.05, lambda: [q.admit(j) for j in (14, 15, 16)]).start()
+    grown = q.start(late, never, fits=lambda t: True, max_batch=4, linger_s=5.0)
+    assert grown is not None and [t.job for t in grown] == [13, 14, 15, 16]
+    for t in grown:
+        q.release(t)
+    time.sleep(0.15)  # idle for a while: a new head does not wait
+    lone = q.admit(20)
+    t0 = time.monotonic()
+    assert [t.job for t in q.start(lone, never, fits=lambda t: True, max_batch=4, linger_s=5.0) or []] == [20]
+    assert time.monotonic() - t0 < 0.5

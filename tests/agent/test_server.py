@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent_helpers import ServerThread, load_unpacked
+from agent_helpers import PacedHost, ServerThread, load_unpacked
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -25,8 +25,8 @@ def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel
 
 
 @pytest.fixture
-def host() -> Iterator[ModelHost]:
-    h = ModelHost(queue_bound=2, limits=Limits(default_max_new_tokens=8, max_new_tokens_limit=100))
+def host() -> Iterator[PacedHost]:
+    h = PacedHost(queue_bound=2, limits=Limits(default_max_new_tokens=8, max_new_tokens_limit=100))
     yield h
     h.close()
 
@@ -90,9 +90,11 @@ def test_unavailable_and_not_serving_before_a_model(served: ServerThread, host: 
 
 @pytest.mark.parametrize("transport", [0, 1], ids=["unix", "tcp"])
 def test_streaming_and_unary_generation(
-    served: ServerThread, host: ModelHost, model: LoadedModel, transport: int
+    served: ServerThread, host: PacedHost, model: LoadedModel, transport: int
 ) -> None:
+    """At a device's speed (a few ms a token) each piece is a message of its own."""
     host.swap(model)
+    host.pace_s = 0.003
     channel, s = stub(served.addresses[transport])
     with channel:
         chunks = list(s.Generate(chat("What is the capital of France?", max_new_tokens=12), timeout=30))
@@ -212,3 +214,55 @@ def test_a_second_server_on_the_same_socket_is_refused(served: ServerThread, hos
     other = AgentServer(host, socket_path=short_dir / "agent.sock", tcp_address=None)
     with pytest.raises(AgentError, match="in use"):
         asyncio.run(other.start())
+
+
+def test_the_relay_joins_pieces_that_piled_up_and_keeps_the_order() -> None:
+    """The generation thread wakes the loop once for what piles up; text pieces come joined, other
+    events on their own and in order."""
+    from slmops_agent.relay import Relay
+
+    async def main() -> list[tuple[str, object]]:
+        relay = Relay(asyncio.get_running_loop())
+
+        def produce() -> None:
+            for event in [("start", 1), ("text", "a"), ("text", "b"), ("text", "c"), ("done", 2)]:
+                assert relay.put(*event)
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        thread.join()  # all five before the loop runs again
+        got = [await relay.next() for _ in range(3)]
+        assert relay.put("text", "d")  # a later piece wakes it again
+        got.append(await asyncio.wait_for(relay.next(), 5))
+        return got
+
+    assert asyncio.run(main()) == [("start", 1), ("text", "abc"), ("done", 2), ("text", "d")]
+
+
+def test_the_first_piece_holds_the_generation_until_the_consumer_has_sent_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time to first token does not wait for the GIL's switch interval: the producer of the first
+    piece waits until the consumer comes back for more; later pieces do not wait."""
+    from slmops_agent import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "FLUSH_WAIT_S", 5.0)
+
+    async def main() -> None:
+        relay = relay_module.Relay(asyncio.get_running_loop())
+        returned = threading.Event()
+
+        def produce() -> None:
+            relay.put("text", "a")
+            returned.set()
+            relay.put("text", "b")
+            relay.put("done", None)
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        assert await relay.next() == ("text", "a")
+        await asyncio.sleep(0.1)
+        assert not returned.is_set()  # "a" is still being sent: the producer waits
+        assert await asyncio.wait_for(relay.next(), 5) == ("text", "b")
+        assert returned.is_set() and await asyncio.wait_for(relay.next(), 5) == ("done", None)
+        await asyncio.to_thread(thread.join, 5)
+
+    asyncio.run(main())

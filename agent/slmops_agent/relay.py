@@ -1,0 +1,73 @@
+"""Events from a generation thread to the event loop that streams them.
+
+onnxruntime-genai keeps the GIL while it computes a token, so each time the generation thread wakes
+the loop, the two threads hand the GIL over before the next token can start. `Relay` wakes the
+loop once for whatever piles up until the loop runs, and `next` joins consecutive text pieces:
+a loop that keeps up still gets every token on its own, one that falls behind catches up in one
+message instead of slowing the token loop down further.
+
+The first text piece is the time to first token: its `put` waits (up to `FLUSH_WAIT_S`) until the
+consumer has handled it (sent it on) and asks for more. Without that wait the generation thread goes
+straight on to the next token with the GIL held, and the loop gets the first piece only after the
+GIL's switch interval (5 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from typing import Any
+
+Event = tuple[str, Any]
+FLUSH_WAIT_S = 0.01
+
+
+class Relay:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[Event] = []
+        self._woken = False
+        self._ready = asyncio.Event()
+        self._taken: collections.deque[Event] = collections.deque()
+        self._first_text = True  # the next text `put` is the first
+        self._first_given = False  # `next` has returned the first text
+        self._drained = threading.Event()  # set when the consumer is back after the first text
+
+    def put(self, kind: str, value: Any) -> bool:
+        """From any thread; False when the loop is closed (nobody will read the event)."""
+        with self._lock:
+            self._pending.append((kind, value))
+            flush = kind == "text" and self._first_text
+            if flush:
+                self._first_text = False
+                self._drained.clear()
+            wake, self._woken = not self._woken, True
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:
+                return False
+        if flush:
+            self._drained.wait(FLUSH_WAIT_S)  # releases the GIL: the loop sends the first piece now
+        return True
+
+    async def next(self) -> Event:
+        """The next event, in order; consecutive ("text", ...) events come joined as one."""
+        if self._first_given and not self._taken:
+            self._drained.set()  # back for more after the first piece: it is on its way
+        while not self._taken:
+            await self._ready.wait()
+            self._ready.clear()
+            with self._lock:
+                pending, self._pending = self._pending, []
+                self._woken = False
+            for kind, value in pending:
+                if kind == "text" and self._taken and self._taken[-1][0] == "text":
+                    self._taken[-1] = ("text", self._taken[-1][1] + value)
+                else:
+                    self._taken.append((kind, value))
+        event = self._taken.popleft()
+        self._first_given = self._first_given or event[0] == "text"
+        return event
