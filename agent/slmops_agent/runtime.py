@@ -296,6 +296,7 @@ class LoadedModel:
         self.path = path
         self.info = info
         self.threads = threads
+        self.spinning = spinning
         try:
             genai_config = json.loads((path / "genai_config.json").read_text())
             cfg = og.Config(str(path))

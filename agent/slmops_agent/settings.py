@@ -52,6 +52,12 @@ class AgentSettings(BaseSettings):
         description="Bearer token callers must send on TCP gRPC and /v1 (needed off loopback).",
     )
     threads: int = Field(default_factory=free_cores, ge=1, le=256, description="onnxruntime intra-op threads.")
+    spinning: bool = Field(
+        False,
+        description="Let onnxruntime's threads spin while waiting: ~10% faster decode on idle cores, "
+        "a collapse when other processes share them (the default: off).",
+    )
+    max_batch: int = Field(4, ge=1, le=64, description="Concurrent requests decoded together in one batch at most.")
     queue_bound: int = Field(8, ge=1, le=10_000, description="Requests waiting or running before RESOURCE_EXHAUSTED.")
     default_max_new_tokens: int = Field(256, ge=1, le=1 << 20)
     max_new_tokens_limit: int = Field(4096, ge=1, le=1 << 20)

@@ -449,7 +449,7 @@ class Updater:
 
     def _load_slot(self, slot: str, info: SlotInfo) -> LoadedModel:
         target = self._load_target(info.package_id)
-        return self.loader(self.layout.slot(slot), self._model_info(target, slot), threads=self.settings.threads)
+        return self.loader(self.layout.slot(slot), self._model_info(target, slot), **self._load_options())
 
     # -- desired state ---------------------------------------------------------------------------
     def _on_desired(self, d: Desired, local_dir: Path | None) -> None:
@@ -785,7 +785,7 @@ class Updater:
         t0 = time.perf_counter()
         info = self._model_info(target, slot)
         try:
-            loaded = self.loader(self.layout.slot(slot), info, threads=self.settings.threads)
+            loaded = self.loader(self.layout.slot(slot), info, **self._load_options())
         except ModelLoadError as exc:
             raise PackageRejected(f"TESTING: {exc}") from exc
         prompts = list(target.manifest.golden_prompts) or [manifest_pb2.GoldenPrompt(prompt=DEFAULT_PROMPT)]
@@ -963,6 +963,10 @@ class Updater:
                 if f.sha256 == sha:
                     return f.path
         return sha[:12]
+
+    def _load_options(self) -> dict[str, Any]:
+        st = self.settings
+        return {"threads": st.threads, "spinning": st.spinning, "max_batch": st.max_batch}
 
     @staticmethod
     def _model_info(target: _Target, slot: str) -> ModelInfo:

@@ -166,6 +166,17 @@ def test_install_then_update_to_a_version_that_changes_one_file(rig: Rig, pkg_v1
     assert on_disk == record
 
 
+def test_the_runtime_settings_reach_the_loaded_model(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
+    rig = Rig(tmp_path / "state", trusted_hex, threads=1, spinning=True, max_batch=1)
+    rig.updater.start()
+    try:
+        assert install(rig, pkg_v1, 1).state is UpdateState.COMMITTED
+    finally:
+        rig.updater.stop()
+    model = rig.host.model
+    assert model is not None and (model.threads, model.spinning, model.max_batch) == (1, True, 1)
+
+
 def test_old_generations_are_ignored_and_the_same_package_is_a_no_op(rig: Rig, pkg_v1: Path) -> None:
     install(rig, pkg_v1, 5)
     writes = rig.updater.record.writes
