@@ -42,7 +42,9 @@ METHODS = ("rtn", "k_quant", "lossless-gguf", "none")
 ENGINES = ("onnxruntime-genai", "slmops-gguf-lossless")
 REQUIREMENTS = ("any", "gguf-4bit")
 _FLOAT = ("fp16", "fp32")
-_KEYS = frozenset({"provider", "precision", "method", "engine", "min_memory_mb", "description", "options", "requires"})
+_KEYS = frozenset(
+    {"provider", "precision", "method", "engine", "min_memory_mb", "description", "options", "requires", "cpu_features"}
+)
 _REQUIRED = ("provider", "precision", "method", "engine", "min_memory_mb")
 
 
@@ -71,6 +73,7 @@ class Profile:
     method: str = ""  # "" picks the default: "none" for float precisions, "rtn" otherwise
     engine: str = "onnxruntime-genai"
     requires: str = "any"
+    cpu_features: tuple[str, ...] = ()  # the device must report each (inventory cpu_features), e.g. "avx2"
 
     def __post_init__(self) -> None:
         where = f"profile {self.name}"
@@ -97,7 +100,10 @@ class Profile:
         bad = [k for k, v in self.quantization.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise ProfileSpecError(f"{where}: options must map strings to strings; fix {', '.join(map(str, bad))}")
+        if any(not isinstance(f, str) or not f or f != f.strip().lower() for f in self.cpu_features):
+            raise ProfileSpecError(f"{where}: cpu_features must be lower-case flag names like 'avx2'")
         object.__setattr__(self, "method", method)
+        object.__setattr__(self, "cpu_features", tuple(sorted(set(self.cpu_features))))
         # Freeze the options so a profile cannot change after it was hashed into a cache key.
         object.__setattr__(self, "quantization", MappingProxyType(dict(sorted(self.quantization.items()))))
 
@@ -132,6 +138,7 @@ class Profile:
             min_memory_bytes=self.min_memory_bytes if min_memory_bytes is None else min_memory_bytes,
         )
         pb.quantization.update(self.quantization)
+        pb.cpu_features.extend(self.cpu_features)
         return pb
 
 
@@ -172,10 +179,17 @@ def load_profiles(text: str, *, source: str = "profiles.toml") -> Mapping[str, P
                 method=body["method"],
                 engine=body["engine"],
                 requires=body.get("requires", "any"),
+                cpu_features=_features(body.get("cpu_features", []), where),
             )
         except ProfileSpecError as exc:
             raise ProfileSpecError(f"{source}: {exc}") from None
     return MappingProxyType(out)
+
+
+def _features(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(f, str) for f in value):
+        raise ProfileSpecError(f"{where}.cpu_features must be a list of strings, not {value!r}")
+    return tuple(value)
 
 
 PROFILES: Mapping[str, Profile] = load_profiles(

@@ -217,6 +217,7 @@ class PackageRow(Base):
     precision: Mapped[str] = mapped_column(String(32), default="", server_default="")
     min_memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     base_package_id: Mapped[str | None] = mapped_column(SHA, nullable=True)
+    cpu_features: Mapped[str] = mapped_column(String(1024), default="", server_default="")  # comma-separated
 
 
 class ReleaseRow(Base):
@@ -413,6 +414,7 @@ class PackageRecord:
     precision: str = ""
     min_memory_bytes: int = 0
     base_package_id: str | None = None
+    cpu_features: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -427,6 +429,7 @@ class PackageRecord:
             precision=self.precision,
             min_memory_bytes=self.min_memory_bytes,
             base_package_id=self.base_package_id or "",
+            cpu_features=self.cpu_features,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -445,6 +448,7 @@ class PackageRecord:
             "provider": self.provider,
             "precision": self.precision,
             "min_memory_bytes": self.min_memory_bytes,
+            "cpu_features": list(self.cpu_features),
             "base_package_id": self.base_package_id,
         }
 
@@ -463,6 +467,7 @@ class NewPackage:
     precision: str = ""
     min_memory_bytes: int = 0
     base_package_id: str | None = None  # an adapter package's base (must be a stored model package)
+    cpu_features: tuple[str, ...] = ()  # CPU flags a device must report to run it
 
 
 @dataclass(frozen=True)
@@ -974,6 +979,7 @@ class Store:
                     precision=pkg.precision,
                     min_memory_bytes=pkg.min_memory_bytes,
                     base_package_id=pkg.base_package_id,
+                    cpu_features=",".join(pkg.cpu_features),
                 )
             )
             s.flush()  # the package row before its files (foreign key)
@@ -1000,6 +1006,7 @@ class Store:
             precision=row.precision or "",
             min_memory_bytes=row.min_memory_bytes or 0,
             base_package_id=row.base_package_id,
+            cpu_features=tuple(f for f in (row.cpu_features or "").split(",") if f),
         )
 
     def list_packages(self) -> list[PackageRecord]:

@@ -491,6 +491,7 @@ class Variant:
     precision: str = ""
     min_memory_bytes: int = 0
     base_package_id: str = ""  # an adapter package: the model package it needs
+    cpu_features: tuple[str, ...] = ()  # CPU flags the device must report (its inventory's cpu_features)
 
 
 @dataclass(frozen=True)
@@ -529,6 +530,10 @@ def _verdict(v: Variant, inventory: dict[str, Any], active_base: str) -> str:
         have = [str(p) for p in inventory.get("providers") or []]
         if wanted not in have:
             return f"needs {wanted}; the device has {', '.join(have) or 'no providers reported (CPU assumed)'}"
+    flags = {str(f).lower() for f in inventory.get("cpu_features") or []}
+    lacking = [f for f in v.cpu_features if f not in flags]
+    if lacking:
+        return f"needs CPU features {', '.join(lacking)}; the device does not report them"
     memory = int(inventory.get("memory_bytes") or 0)
     if v.min_memory_bytes:
         if memory <= 0:

@@ -198,6 +198,7 @@ class FleetService:
                 precision=manifest.profile.precision.lower(),
                 min_memory_bytes=manifest.profile.min_memory_bytes,
                 base_package_id=base,
+                cpu_features=tuple(sorted({f.strip().lower() for f in manifest.profile.cpu_features if f.strip()})),
             )
         )
         pkg = self.store.get_package(pid)

@@ -76,6 +76,9 @@ def test_to_pb() -> None:
     assert dict(pb.quantization) == {"accuracy_level": "4", "block_size": "32"}
     assert pb.min_memory_bytes == get_profile("cpu-int4").min_memory_bytes
     assert get_profile("cpu-int4").to_pb(min_memory_bytes=5).min_memory_bytes == 5
+    assert list(pb.cpu_features) == []
+    vnni = load_profiles(GOOD.replace('method = "rtn"', 'method = "rtn"\ncpu_features = ["avx512_vnni", "avx2"]'))
+    assert list(vnni["p"].to_pb().cpu_features) == ["avx2", "avx512_vnni"]
 
 
 def test_bad_profile_specs_refused() -> None:
@@ -118,6 +121,8 @@ def test_profiles_file_is_validated() -> None:
         GOOD.replace('{ block_size = "32" }', "{ block_size = 32 }"): "strings to strings",
         GOOD + "\n[other]\nx = 1\n": "only a non-empty \\[profiles\\] table",
         "[profiles.p\n": "not valid TOML",
+        GOOD.replace('method = "rtn"', 'method = "rtn"\ncpu_features = "avx2"'): "cpu_features must be a list",
+        GOOD.replace('method = "rtn"', 'method = "rtn"\ncpu_features = ["AVX2"]'): "lower-case flag names",
     }
     for text, message in cases.items():
         with pytest.raises(ProfileSpecError, match=message):

@@ -65,6 +65,24 @@ def test_select_variant_says_why() -> None:
     assert [c["profile"] for c in sel.candidates] == ["cuda-fp16", "cpu-fp32", "cpu-int4"]  # the preference order
 
 
+def test_select_variant_by_cpu_features() -> None:
+    vnni = Variant("v4" * 32, "model", "cpu-int4-vnni", "cpu", "int8", GiB, cpu_features=("avx512_vnni", "avx512f"))
+    inv = {**CPU_ONLY, "memory_bytes": 2 * GiB}
+    plain = select_variant([vnni, CPU_INT4], inventory={**inv, "cpu_features": ["avx2", "avx512f"]})
+    assert plain.package_id == CPU_INT4.package_id
+    refused = next(c for c in plain.candidates if c["package_id"] == vnni.package_id)
+    assert not refused["ok"] and refused["why"] == "needs CPU features avx512_vnni; the device does not report them"
+    rich = select_variant([vnni, CPU_INT4], inventory={**inv, "cpu_features": ["AVX512_VNNI", "avx512f"]})
+    assert rich.package_id == vnni.package_id  # int8 ranks above int4 once the device has the flags
+
+
+def test_cpu_features_survive_the_store(store: Store) -> None:
+    vnni = Variant("v4" * 32, "model", "cpu-int4-vnni", "cpu", "int4", GiB, cpu_features=("avx512_vnni",))
+    _package(store, vnni)
+    assert store.get_package(vnni.package_id).variant().cpu_features == ("avx512_vnni",)
+    assert store.get_package(vnni.package_id).to_json()["cpu_features"] == ["avx512_vnni"]
+
+
 def test_select_adapter_needs_the_base_the_device_runs() -> None:
     a1 = Variant("a1" * 32, "adapter", "", base_package_id="b1" * 32)
     a2 = Variant("a2" * 32, "adapter", "", base_package_id="b2" * 32)
@@ -136,6 +154,7 @@ def _package(store: Store, v: Variant, version: str = "2.0.0", name: str = "m") 
             precision=v.precision,
             min_memory_bytes=v.min_memory_bytes,
             base_package_id=v.base_package_id or None,
+            cpu_features=v.cpu_features,
         )
     )
     return v.package_id

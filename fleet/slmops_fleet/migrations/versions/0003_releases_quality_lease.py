@@ -26,6 +26,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("precision", sa.String(length=32), nullable=False, server_default=""))
         batch_op.add_column(sa.Column("min_memory_bytes", sa.BigInteger(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("base_package_id", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("cpu_features", sa.String(length=1024), nullable=False, server_default=""))
     _backfill_packages()
     op.create_table(
         "releases",
@@ -82,14 +83,15 @@ def _backfill_packages() -> None:
         base = next((a.base_package_id for a in m.adapters if a.base_package_id), None) if m.kind == "adapter" else None
         conn.execute(
             sa.text(
-                "UPDATE packages SET provider = :p, precision = :q, min_memory_bytes = :m, base_package_id = :b "
-                "WHERE id = :id"
+                "UPDATE packages SET provider = :p, precision = :q, min_memory_bytes = :m, base_package_id = :b, "
+                "cpu_features = :f WHERE id = :id"
             ),
             {
                 "p": (m.profile.execution_provider or "cpu").lower(),
                 "q": m.profile.precision.lower(),
                 "m": m.profile.min_memory_bytes,
                 "b": base,
+                "f": ",".join(sorted({f.strip().lower() for f in m.profile.cpu_features if f.strip()})),
                 "id": pid,
             },
         )
@@ -106,6 +108,7 @@ def downgrade() -> None:
     op.drop_table("release_packages")
     op.drop_table("releases")
     with op.batch_alter_table("packages", schema=None) as batch_op:
+        batch_op.drop_column("cpu_features")
         batch_op.drop_column("base_package_id")
         batch_op.drop_column("min_memory_bytes")
         batch_op.drop_column("precision")

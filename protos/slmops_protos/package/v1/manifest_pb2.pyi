@@ -82,6 +82,7 @@ class HardwareProfile(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     MIN_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CPU_FEATURES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "cpu-int4" """
     execution_provider: _builtins.str
@@ -93,6 +94,10 @@ class HardwareProfile(_message.Message):
     def quantization(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """e.g. block_size=32, accuracy_level=4"""
 
+    @_builtins.property
+    def cpu_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CPU features the device must report (its inventory's cpu_features), e.g. "avx2", "avx512_vnni" """
+
     def __init__(
         self,
         *,
@@ -101,10 +106,11 @@ class HardwareProfile(_message.Message):
         precision: _builtins.str = ...,
         quantization: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         min_memory_bytes: _builtins.int = ...,
+        cpu_features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "min_memory_bytes", b"min_memory_bytes", "name", b"name", "precision", b"precision", "quantization", b"quantization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_features", b"cpu_features", "execution_provider", b"execution_provider", "min_memory_bytes", b"min_memory_bytes", "name", b"name", "precision", b"precision", "quantization", b"quantization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
