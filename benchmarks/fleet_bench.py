@@ -7,9 +7,9 @@ the real MQTT protocol through the real broker, a chunk bitmap, per-chunk and pe
 checks, repair requests for gaps, the manifest's signature checked). Two releases to all devices:
 
   full     a package of `--model-mib` of model data plus small files
-  adapter  the same package plus a LoRA-sized adapter file (`--adapter-kib`): only that blob is new.
-           The fleet has no adapter-only package kind here yet, so this is the content-addressed
-           delta an adapter release costs: a device fetches only the blob it lacks.
+  adapter  an adapter package (manifest kind "adapter", bound to the full package as its base) holding
+           one LoRA-sized file (`--adapter-kib`): the fleet sends it only to devices running that base,
+           and they fetch only its blob.
 
 Measured: seconds from the rollout until the fleet sees every device COMMITTED; the fleet's egress
 (chunk bytes it sent, broadcast + repair, from GET /v1/stats) over the bytes of the blobs the
@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat 
 from fleetkit import make_package, random_bytes, swarm_worker  # noqa: E402
 
 from slmops_builder.keys import generate_key, public_path  # noqa: E402
+from slmops_builder.packaging import read_manifest  # noqa: E402
 from slmops_cli.procs import Service, wait_until  # noqa: E402
 from slmops_fleet.client import FleetClient, FleetClientError  # noqa: E402
 
@@ -174,6 +175,7 @@ class Workers:
 
 
 def packages(workdir: Path, key: Path, model_mib: float, adapter_kib: float) -> dict[str, Path]:
+    """The full package, and an adapter package bound to it (read its id from the full package)."""
     files = {
         "model.onnx.data": random_bytes(int(model_mib * 2**20), seed=1),
         "model.onnx": random_bytes(64 * 1024, seed=2),
@@ -181,8 +183,9 @@ def packages(workdir: Path, key: Path, model_mib: float, adapter_kib: float) -> 
         "genai_config.json": b'{"model": {"type": "llama"}}',
     }
     full = make_package(files, workdir / "full" / "package", key, name="bench", version="1.0.0")
-    with_adapter = {**files, "adapters/support.onnx_adapter": random_bytes(int(adapter_kib * 1024), seed=4)}
-    adapter = make_package(with_adapter, workdir / "adapter" / "package", key, name="bench", version="1.0.1")
+    _, base_id = read_manifest(full)
+    lora = {"support.onnx_adapter": random_bytes(int(adapter_kib * 1024), seed=4)}
+    adapter = make_package(lora, workdir / "adapter" / "package", key, name="support", adapter_of=base_id)
     return {"full": full, "adapter": adapter}
 
 

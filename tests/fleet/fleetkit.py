@@ -35,9 +35,16 @@ def random_bytes(n: int, seed: int) -> bytes:
 
 
 def make_package(
-    files: dict[str, bytes], out: Path, key_path: Path, *, name: str = "fleet-test", version: str = "1.0.0"
+    files: dict[str, bytes],
+    out: Path,
+    key_path: Path,
+    *,
+    name: str = "fleet-test",
+    version: str = "1.0.0",
+    adapter_of: str = "",
 ) -> Path:
-    """A signed package folder of `files` (the fleet does not care whether they are a model)."""
+    """A signed package folder of `files` (the fleet does not care whether they are a model). With
+    `adapter_of` (a base package id) it is an adapter package whose first file is the adapter."""
     from slmops_builder.keys import load_private_key
     from slmops_builder.packaging import PackageSpec, write_package
 
@@ -51,6 +58,9 @@ def make_package(
         version=version,
         profile=manifest_pb2.HardwareProfile(name="cpu-int4", execution_provider="cpu", precision="int4"),
     )
+    if adapter_of:
+        spec.kind = "adapter"
+        spec.adapters = [manifest_pb2.Adapter(name=name, base_package_id=adapter_of, path=next(iter(files)))]
     return write_package(src, spec, load_private_key(key_path), out).path
 
 
