@@ -242,3 +242,29 @@ def smollm2_package(
         smollm2_hf_model, "cpu-int4", SMOLLM2_NAME, "1.0.0", signing_key[0], out, cache_dir=CACHE_ROOT / "builder"
     )
     return written.path
+
+
+@pytest.fixture(scope="session")
+def adapter_pair(
+    tiny_hf_model: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """A tiny base built with LoRA inputs (fp32) and a signed adapter package bound to it (the
+    adapter's name is "lora")."""
+    from slmops_builder.train import adapters
+    from slmops_builder.train.finetune import LoraSettings
+
+    root = tmp_path_factory.mktemp("adapter-pair")
+    base = adapters.build_adapter_base(
+        tiny_hf_model, LoraSettings(r=4, target_modules=("q_proj", "v_proj")), root / "base", precision="fp32",
+        cache_dir=root / "cache", threads=1,
+    )  # fmt: skip
+    layout = next((root / "cache" / "lora-layouts").iterdir())  # the PEFT layout the base was built with
+    adapters.export_adapter(layout, base, root / "lora.onnx_adapter")
+    base_pkg = adapters.package_adapter_base(
+        base, name="tiny-base", version="1.0.0", key=signing_key[0], out=root / "b"
+    )
+    adapter_pkg = adapters.package_adapter(
+        root / "lora.onnx_adapter", adapter_name="lora", name="tiny-lora", version="0.1.0", base_package=base_pkg.path,
+        key=signing_key[0], out=root / "a",
+    )  # fmt: skip
+    return base_pkg.path, adapter_pkg.path

@@ -268,6 +268,7 @@ def ask(
     ),
     system: str | None = typer.Option(None, "--system", help="A system message first."),
     raw: bool = typer.Option(False, "--raw", help="Send PROMPT as a raw prompt, no chat template."),
+    adapter: str = typer.Option("", "--adapter", help="A LoRA adapter of the active model (see `agent models`)."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the call is abandoned."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming."),
     token: TokenOpt = None,
@@ -281,7 +282,7 @@ def ask(
     if raw and system:
         raise _fail("--system needs a chat request; leave out --raw", 2)
     where = _target(target, state_dir)
-    request = agent_pb2.GenerateRequest(max_new_tokens=max_new_tokens)
+    request = agent_pb2.GenerateRequest(max_new_tokens=max_new_tokens, adapter=adapter)
     if raw:
         request.prompt = prompt
     else:

@@ -524,29 +524,6 @@ def test_an_adapter_on_its_base_fetches_only_its_file_and_is_tested_with_the_bas
     assert all((rig.state_dir / "blobs" / f.sha256).exists() for f in manifest_of(pkg_v1).files)
 
 
-@pytest.fixture(scope="module")
-def adapter_pair(tiny_hf_model: Path, signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A tiny base built with LoRA inputs (fp32) and a signed adapter package bound to it."""
-    adapters = pytest.importorskip("slmops_builder.train.adapters", reason="the builder's adapter tools")
-    from slmops_builder.train.finetune import LoraSettings
-
-    root = tmp_path_factory.mktemp("adapter-pair")
-    base = adapters.build_adapter_base(
-        tiny_hf_model, LoraSettings(r=4, target_modules=("q_proj", "v_proj")), root / "base", precision="fp32",
-        cache_dir=root / "cache", threads=1,
-    )  # fmt: skip
-    layout = next((root / "cache" / "lora-layouts").iterdir())  # the PEFT layout the base was built with
-    adapters.export_adapter(layout, base, root / "lora.onnx_adapter")
-    base_pkg = adapters.package_adapter_base(
-        base, name="tiny-base", version="1.0.0", key=signing_key[0], out=root / "b"
-    )
-    adapter_pkg = adapters.package_adapter(
-        root / "lora.onnx_adapter", adapter_name="lora", name="tiny-lora", version="0.1.0", base_package=base_pkg.path,
-        key=signing_key[0], out=root / "a",
-    )  # fmt: skip
-    return base_pkg.path, adapter_pkg.path
-
-
 def test_an_adapter_package_commits_next_to_its_base_and_rolls_back_to_it(
     tmp_path: Path, trusted_hex: str, adapter_pair: tuple[Path, Path]
 ) -> None:
