@@ -5,9 +5,11 @@ and the ingest worker that turns what devices send into store rows and blob tran
   subscribes again on every connect; after each connect the fleet republishes every device's
   newest desired state (retained, QoS 1): the embedded broker keeps retained messages only in
   memory, and republishing is idempotent for devices (same generation).
-- The paho network thread only parses payloads and queues them (bounded: a full queue drops
-  and counts, it never blocks the network thread); one worker thread writes reports and inserts
-  telemetry in batches; blob requests have their own queue and thread, so that a wave's
+- The paho network thread only parses payloads and queues them. The queues are bounded: when one
+  is full the network thread waits for room (up to `backpressure_s`, well inside the keepalive),
+  so paho stops reading and the broker holds the rest of the burst (QoS 1, nothing acknowledged
+  is lost to a burst); only past that wait is a message dropped and counted. One worker thread
+  writes reports and inserts telemetry in batches; blob requests have their own queue and thread, so that a wave's
   requests reach the distributor together instead of one per report written.
 """
 
@@ -216,6 +218,7 @@ class Ingest:
         queue_bound: int = 10_000,
         telemetry_batch: int = 5000,
         telemetry_flush_s: float = 1.0,
+        backpressure_s: float = 10.0,
     ) -> None:
         self.store = store
         self.topics = topics
@@ -225,6 +228,7 @@ class Ingest:
         self._requests: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self.telemetry_batch = telemetry_batch
         self.telemetry_flush_s = telemetry_flush_s
+        self.backpressure_s = backpressure_s
         self.counters = IngestCounters()
         self._thread: threading.Thread | None = None
         self._request_thread: threading.Thread | None = None
@@ -262,7 +266,7 @@ class Ingest:
         with self._processed:
             self._pending += 1
         try:
-            (self._requests if isinstance(item, BlobRequestIn) else self._queue).put_nowait(item)
+            (self._requests if isinstance(item, BlobRequestIn) else self._queue).put(item, timeout=self.backpressure_s)
         except queue.Full:
             with self._processed:
                 self._pending -= 1

@@ -226,3 +226,40 @@ def test_blob_requests_are_served_while_the_ingest_worker_is_busy(blob: BlobReco
     finally:
         release.set()
         ingest.stop()
+
+
+def test_a_full_ingest_queue_holds_the_network_thread_instead_of_dropping() -> None:
+    """A burst larger than the queue waits for room (the broker keeps the rest); only a queue that
+    stays full past `backpressure_s` drops, and counts it."""
+    release = threading.Event()
+    ingest = Ingest(
+        None,  # type: ignore[arg-type]
+        TOPICS,
+        None,  # type: ignore[arg-type]
+        republish=lambda: release.wait(10),
+        queue_bound=1,
+        backpressure_s=5.0,
+    )
+    ingest.start()
+    try:
+        ingest.request_republish()  # the worker takes it and blocks: the queue is empty again
+        time.sleep(0.2)
+        ingest.request_republish()  # fills the queue
+        burst = threading.Thread(target=ingest.request_republish)  # must wait for room
+        burst.start()
+        time.sleep(0.3)
+        assert burst.is_alive() and ingest.counters.dropped_queue_full == 0
+        release.set()
+        burst.join(5)
+        assert not burst.is_alive() and ingest.wait_idle(5)
+        assert ingest.counters.dropped_queue_full == 0
+        release.clear()
+        ingest.backpressure_s = 0.2
+        ingest.request_republish()
+        time.sleep(0.2)
+        ingest.request_republish()
+        ingest.request_republish()  # the queue stays full past the wait: dropped and counted
+        assert ingest.counters.dropped_queue_full == 1
+    finally:
+        release.set()
+        ingest.stop()
