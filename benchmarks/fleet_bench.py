@@ -38,14 +38,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# The tests' Mosquitto launcher (tests/brokers.py) and simulated devices (tests/fleet/fleetkit.py).
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "fleet")]
+# The tests' Mosquitto launcher (tests/brokers.py), simulated devices (tests/fleet/fleetkit.py) and
+# process helpers (tests/e2e/e2e_kit.py).
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "fleet"), str(ROOT / "tests" / "e2e")]
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 from brokers import MosquittoBroker, start_mosquitto  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
+from e2e_kit import healthy, read_json  # noqa: E402
 from fleetkit import make_package, random_bytes, swarm_worker  # noqa: E402
 
 from slmops_builder.keys import generate_key, public_path  # noqa: E402
@@ -71,9 +73,9 @@ class Fleet:
             env["SLMOPS_FLEET_COALESCE_WINDOW_S"] = str(coalesce_s)
         self.service = Service("fleet", args, workdir / "fleet.log", env=env)
         info_path = data / "fleet.json"
-        self.info: dict[str, Any] = self.service.wait_for(lambda: _read_json(info_path), timeout=60, what="fleet.json")
+        self.info: dict[str, Any] = self.service.wait_for(lambda: read_json(info_path), timeout=60, what="fleet.json")
         self.client = FleetClient(self.info["url"], self.info["admin_token"], timeout=120)
-        self.service.wait_for(lambda: _healthy(self.client), timeout=60, what="a healthy API")
+        self.service.wait_for(lambda: healthy(self.info["url"]), timeout=60, what="a healthy API")
 
     def enroll(self, name: str, attempts: int = 3) -> dict[str, Any]:
         """Enroll one device (a fresh token per attempt: a lost response may have used the last one)."""
@@ -275,22 +277,6 @@ def measure_telemetry(fleet: Fleet, workers: Workers, n: int, args: argparse.Nam
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data
-
-
-def _healthy(client: FleetClient) -> bool:
-    try:
-        client.health()
-    except Exception:
-        return False
-    return True
 
 
 def table(runs: list[dict[str, Any]], telemetry: float | None) -> None:

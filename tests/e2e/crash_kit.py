@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from e2e_kit import AGENT_ENV, FleetProc
+from e2e_kit import AGENT_ENV, FleetProc, healthy, read_json
 
 from slmops_builder.keys import load_private_key
 from slmops_builder.packaging import PackageSpec, write_package
@@ -163,22 +163,6 @@ def blob_stats(fleet: FleetProc, sha256: str) -> dict[str, int]:
         return next(b for b in client.stats()["blobs"] if b["sha256"] == sha256)
 
 
-def _read_json(path: Path) -> dict[str, object] | None:
-    try:
-        data: dict[str, object] = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data
-
-
-def _healthy(client: FleetClient) -> bool:
-    try:
-        client.health()
-    except Exception:
-        return False
-    return True
-
-
 def start_fleet(data_dir: Path, log: Path, trust_key: Path, *extra: str, rate: int = RATE) -> FleetProc:
     """`slmops fleet serve` on `data_dir` (the same data folder keeps its ports across restarts),
     broadcasting 256 KiB chunks paced to `rate` bytes/s."""
@@ -187,9 +171,8 @@ def start_fleet(data_dir: Path, log: Path, trust_key: Path, *extra: str, rate: i
     service = Service("fleet", [*args, *extra], log)
     info_path = data_dir / "fleet.json"
     info_path.unlink(missing_ok=True)
-    info = service.wait_for(lambda: _read_json(info_path), timeout=60, what="fleet.json")
-    client = FleetClient(str(info["url"]), str(info["admin_token"]), timeout=5)
-    service.wait_for(lambda: _healthy(client), timeout=60, what="a healthy API")
+    info = service.wait_for(lambda: read_json(info_path), timeout=60, what="fleet.json")
+    service.wait_for(lambda: healthy(str(info["url"])), timeout=60, what="a healthy API")
     return FleetProc(service, data_dir, info)
 
 

@@ -27,6 +27,8 @@ import pytest
 from brokers import MosquittoBroker, start_mosquitto
 from fleetkit import make_package
 
+from slmops_fleet.db import Store
+
 PG_BASE_URL = os.environ.get("SLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -112,3 +114,15 @@ def admin(fleet: Any) -> Iterator[httpx.Client]:
         base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}, timeout=30
     ) as client:
         yield client
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A migrated fleet store on SQLite and on PostgreSQL."""
+    url = str(request.getfixturevalue("pg_url")) if request.param == "postgresql" else f"sqlite:///{tmp_path}/fleet.db"
+    s = Store(url)
+    s.migrate()
+    try:
+        yield s
+    finally:
+        s.close()

@@ -3,9 +3,7 @@ at the store level (SQLite and PostgreSQL) with a clock the test controls; selec
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,17 +119,6 @@ def test_quality_gate_limits_are_checked() -> None:
 
 
 # --- the store ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = str(request.getfixturevalue("pg_url")) if request.param == "postgresql" else f"sqlite:///{tmp_path}/fleet.db"
-    s = Store(url)
-    s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _device(store: Store, name: str, inventory: dict[str, Any]) -> str:

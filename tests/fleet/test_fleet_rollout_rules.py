@@ -3,7 +3,6 @@ wave machine stepped with a clock the test controls."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -149,17 +148,6 @@ def test_counters_and_percentiles() -> None:
 
 
 # --- the store's wave machine, stepped by hand ----------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = str(request.getfixturevalue("pg_url")) if request.param == "postgresql" else f"sqlite:///{tmp_path}/fleet.db"
-    s = Store(url)
-    s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _setup(store: Store, n: int) -> tuple[list[str], str, str]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,17 +18,6 @@ from slmops_fleet.db import (
 from slmops_fleet.errors import Conflict, EnrollmentRefused, InvalidRequest, NotFound
 
 PUB = "11" * 32
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = str(request.getfixturevalue("pg_url")) if request.param == "postgresql" else f"sqlite:///{tmp_path}/fleet.db"
-    s = Store(url)
-    s.migrate()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _enroll(store: Store, token: str | None = None, name: str = "d") -> str:
