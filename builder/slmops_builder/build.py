@@ -25,7 +25,7 @@ from slmops_builder.evaluate import (
     GoldenPromptSpec,
     evaluate_folder,
 )
-from slmops_builder.importer import folder_sha256, read_source_info
+from slmops_builder.importer import add_training_lineage, folder_sha256, read_source_info
 from slmops_builder.keys import load_private_key
 from slmops_builder.packaging import PackageSpec, WrittenPackage, write_package
 from slmops_builder.profiles import Profile, get_profile
@@ -179,7 +179,7 @@ def _lineage(model_dir: Path, profile: Profile, search: Mapping[str, object], co
         quantization_method=profile.quantization_method,
     )
     lineage.tool_versions.update(tool_versions((*CONVERT_TOOLS, "torch")))
-    return lineage
+    return add_training_lineage(lineage, model_dir, info)
 
 
 _PROVIDER_NAMES = {

@@ -6,7 +6,10 @@ Sources:
 - a Hugging Face model folder (``config.json`` + weights + tokenizer): copied.
 
 The out folder gets ``slmops_source.json`` (source path, its SHA-256, architecture): the lineage
-the builder writes into each package it makes from this folder.
+the builder writes into each package it makes from this folder. A folder written by
+``slmops builder distill`` or ``finetune --merge`` holds ``slmops_training.json`` (kind, teacher,
+teacher_sha256, base_model, dataset_sha256): it is kept under the info's ``"training"`` key and
+becomes the packages' ``Lineage.teacher`` and ``Lineage.dataset_sha256`` (`add_training_lineage`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,20 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from slmops_protos.manifests import sha256_file
+from slmops_protos.package.v1 import manifest_pb2
 
 __all__ = [
     "BUNDLED_SOURCES",
     "SOURCE_FILE",
     "SUPPORTED_ARCHITECTURES",
+    "TRAINING_FILE",
     "ImportedModel",
     "ModelImportError",
+    "add_training_lineage",
     "bundled_smollm2_gguf",
     "folder_sha256",
     "import_model",
     "read_source_info",
+    "read_training_file",
 ]
 
 SOURCE_FILE = "slmops_source.json"
+TRAINING_FILE = "slmops_training.json"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 BUNDLED_SOURCES = ("smollm2",)
 # Architectures that both transformers and onnxruntime-genai's model builder handle.
 SUPPORTED_ARCHITECTURES = frozenset(
@@ -122,6 +132,57 @@ def read_source_info(model_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _check_training(data: object, where: Path) -> dict[str, Any]:
+    """`data` if it is a valid training record: a dict of strings ("kind" required; a non-empty
+    "teacher_sha256" is hex) with "dataset_sha256" a list of SHA-256 hex strings."""
+
+    def bad(why: str) -> ModelImportError:
+        return ModelImportError(f"{where} is not a valid training record: {why}")
+
+    if not isinstance(data, dict):
+        raise bad("not a JSON object")
+    if not isinstance(data.get("kind"), str) or not data["kind"]:
+        raise bad('no "kind" string')
+    hashes = data.get("dataset_sha256")
+    if not isinstance(hashes, list) or not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in hashes):
+        raise bad('"dataset_sha256" must be a list of SHA-256 hex strings')
+    for k, v in data.items():
+        if k != "dataset_sha256" and not isinstance(v, str):
+            raise bad(f"{k!r} must be a string, not {type(v).__name__}")
+    if data.get("teacher_sha256") and not _HEX64.fullmatch(data["teacher_sha256"]):
+        raise bad('"teacher_sha256" is not a SHA-256 hex string')
+    return dict(data)
+
+
+def read_training_file(model_dir: Path) -> dict[str, Any] | None:
+    """The validated `TRAINING_FILE` of an HF folder, None when it has none; ModelImportError
+    naming the file when it is malformed."""
+    path = Path(model_dir) / TRAINING_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelImportError(f"{path} is not a valid training record: {exc}") from exc
+    return _check_training(data, path)
+
+
+def add_training_lineage(
+    lineage: manifest_pb2.Lineage, model_dir: Path, info: dict[str, Any] | None = None
+) -> manifest_pb2.Lineage:
+    """Set `lineage.teacher` and `lineage.dataset_sha256` from the training record of `model_dir`:
+    the one its import kept (`info`, its `read_source_info`), else the folder's own `TRAINING_FILE`
+    (a trained folder built without an import). Nothing to set for a model that was not trained."""
+    if info and "training" in info:
+        training: dict[str, Any] | None = _check_training(info["training"], Path(model_dir) / SOURCE_FILE)
+    else:
+        training = read_training_file(model_dir)
+    if training:
+        lineage.teacher = training.get("teacher", "")
+        lineage.dataset_sha256[:] = training["dataset_sha256"]
+    return lineage
+
+
 def import_model(source: str | Path, out_dir: Path) -> ImportedModel:
     """Import `source` into `out_dir` (absent or empty). The model is written to a temporary
     sibling and renamed, so a failed import leaves nothing behind. See the module doc."""
@@ -138,6 +199,7 @@ def import_model(source: str | Path, out_dir: Path) -> ImportedModel:
     is_gguf = path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path))
     if not path.is_dir() and not is_gguf:
         raise ModelImportError(f"{path} is neither a GGUF file nor a Hugging Face model folder")
+    training = read_training_file(path) if path.is_dir() else None  # fail on a bad one before copying
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -155,6 +217,8 @@ def import_model(source: str | Path, out_dir: Path) -> ImportedModel:
             "architecture": arch,
             "num_parameters": params,
         }
+        if training is not None:
+            info["training"] = training
         (tmp / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()

@@ -85,6 +85,7 @@ from slmops_builder.evaluate import (
 from slmops_builder.gates import GateResult, Gates, check_gates
 from slmops_builder.importer import (
     BUNDLED_SOURCES,
+    add_training_lineage,
     bundled_smollm2_gguf,
     folder_sha256,
     import_model,
@@ -682,6 +683,7 @@ def _package(
         quantization_method=v.method,
     )
     lineage.tool_versions.update(tool_versions((*CONVERT_TOOLS, "torch")))
+    add_training_lineage(lineage, imported / "model", info)
     metrics = {k: val for k, val in v.metrics.items() if k != "size_mb"}
     spec = PackageSpec(
         name=recipe.name,

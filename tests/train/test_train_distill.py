@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from slmops_builder.cli import app
+from slmops_builder.importer import folder_sha256
 from slmops_builder.train.distill import DistillConfig, distill, evaluate_models, prune_layers, teacher_outputs
-from slmops_builder.train.tasks import generate_splits, write_jsonl
+from slmops_builder.train.tasks import dataset_sha256, generate_splits, write_jsonl
 
 
 def test_teacher_outputs_are_cached_scored_and_invalid_ones_counted(trainable_tiny: Path, tmp_path: Path) -> None:
@@ -40,6 +41,15 @@ def test_distill_prunes_trains_with_kl_and_ce_and_evaluates(trainable_tiny: Path
     assert json.loads((result.student_dir / "config.json").read_text())["num_hidden_layers"] == 1
     assert json.loads((result.init_dir / "slmops_pruned.json").read_text())["layers"] == [0]
     assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "distill.json").is_file()
+    training = json.loads((result.student_dir / "slmops_training.json").read_text())
+    assert training == {
+        "kind": "distill",
+        "teacher": str(trainable_tiny.resolve()),
+        "teacher_sha256": folder_sha256(trainable_tiny),
+        "base_model": str(result.init_dir.resolve()),
+        "dataset_sha256": [dataset_sha256(splits.train)],
+    }
+    assert not (tmp_path / "run" / "student.partial").exists()
     models = {"teacher": trainable_tiny, "student": result.student_dir, "baseline": result.init_dir}
     table = evaluate_models(models, splits.test, max_new_tokens=4)
     assert set(table) == set(models)

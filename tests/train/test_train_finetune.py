@@ -48,6 +48,12 @@ def test_cli_finetune_loss_falls_and_writes_curves(trainable_tiny: Path, tmp_pat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000008", "step-000012"]
     record = json.loads((out / "finetune.json").read_text())
     assert record["config"]["lora"]["r"] == 4 and len(record["train_sha256"]) == 64
+    training = json.loads((out / "merged" / "slmops_training.json").read_text())
+    assert training == {
+        "kind": "finetune",
+        "base_model": str(trainable_tiny.resolve()),
+        "dataset_sha256": [record["train_sha256"], record["validation_sha256"]],
+    }
 
 
 class _Crash(Exception):

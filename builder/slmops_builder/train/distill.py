@@ -11,6 +11,8 @@ first and last kept) learns the teacher's answers: KL divergence between tempera
 teacher and student distributions (scaled by T^2) plus cross-entropy on the teacher's text, when the
 two share a vocabulary; cross-entropy on the teacher's text alone (sequence-level KD) otherwise.
 `evaluate_models` scores teacher, student and the undistilled student on held-out examples.
+The student folder holds slmops_training.json (teacher, its weights' hash, data hash): the lineage
+its packages carry.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from slmops_builder.train.finetune import (
     load_tokenizer,
     plot_losses,
     write_loss_csv,
+    write_training_record,
 )
 from slmops_builder.train.tasks import Example, dataset_sha256, parse_action, score
 
@@ -298,10 +301,24 @@ def distill(
         history.append(row)
         if progress:
             progress(ProgressEvent(step, cfg.max_steps, row["train_loss"], None, row["seconds"]))
+    from slmops_builder.importer import folder_sha256
+
     student_dir = out / STUDENT_DIR
     model.config.use_cache = True
-    model.save_pretrained(str(student_dir))
-    s_tok.save_pretrained(str(student_dir))
+    tmp = student_dir.with_name(student_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    s_tok.save_pretrained(str(tmp))
+    training = {
+        "kind": "distill",
+        "teacher": str(teacher.resolve()),
+        "teacher_sha256": folder_sha256(teacher),
+        "base_model": str(Path(student).resolve()),
+        "dataset_sha256": [dataset_sha256(data)],
+    }
+    write_training_record(tmp, training)
+    shutil.rmtree(student_dir, ignore_errors=True)  # a rerun into the same folder replaces its student
+    tmp.rename(student_dir)
     write_loss_csv(history, out / "loss.csv")
     plot_losses(history, out / "loss.png", title=f"distillation ({'KL+CE' if teacher_model is not None else 'CE'})")
     result = DistillResult(

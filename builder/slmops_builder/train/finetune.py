@@ -7,7 +7,8 @@ batches as an uninterrupted one.
 
 Output folder:
     adapter/            the best adapter (lowest validation loss; the last one without validation)
-    merged/             base + adapter merged (only with `merge=True`), an HF folder for the profile build
+    merged/             base + adapter merged (only with `merge=True`), an HF folder for the profile build,
+                        with slmops_training.json (base model, data hashes: the packages' lineage)
     checkpoints/step-N/ adapter + trainer_state.pt (the last `keep_checkpoints`)
     loss.csv, loss.png  the curves; finetune.json: the summary, config and data hashes
 """
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from slmops_builder.importer import TRAINING_FILE
 from slmops_builder.train.tasks import Example, dataset_sha256
 
 if TYPE_CHECKING:
@@ -406,7 +408,14 @@ def finetune(
         _save_adapter(model, tok, adapter_dir)
     merged_dir = None
     if merge:
-        merged_dir = merge_adapter(base_model, adapter_dir, out_dir / MERGED_DIR, chat_template=cfg.chat_template)
+        training = {
+            "kind": "finetune",
+            "base_model": str(base_model.resolve()),
+            "dataset_sha256": [dataset_sha256(d) for d in (train, validation) if d],
+        }
+        merged_dir = merge_adapter(
+            base_model, adapter_dir, out_dir / MERGED_DIR, chat_template=cfg.chat_template, training=training
+        )
     write_loss_csv(history, out_dir / "loss.csv")
     plot_losses(history, out_dir / "loss.png", title=f"LoRA r={cfg.lora.r} on {base_model.name}")
     result = FinetuneResult(
@@ -441,8 +450,16 @@ def _save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> None:
     tmp.rename(adapter_dir)
 
 
-def merge_adapter(base_model: Path, adapter_dir: Path, out: Path, *, chat_template: str | None = None) -> Path:
-    """Write base + adapter merged into one HF folder (with the tokenizer) at `out`."""
+def merge_adapter(
+    base_model: Path,
+    adapter_dir: Path,
+    out: Path,
+    *,
+    chat_template: str | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write base + adapter merged into one HF folder (with the tokenizer) at `out`; `training`, the
+    run's lineage record, goes into it as `TRAINING_FILE` (see slmops_builder.importer)."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_causal_lm(base_model), str(adapter_dir)).merge_and_unload()
@@ -450,9 +467,16 @@ def merge_adapter(base_model: Path, adapter_dir: Path, out: Path, *, chat_templa
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     load_tokenizer(base_model, chat_template).save_pretrained(str(tmp))
+    if training is not None:
+        write_training_record(tmp, training)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def write_training_record(folder: Path, record: dict[str, Any]) -> None:
+    """Write a trained HF folder's lineage record (`TRAINING_FILE`, read back at import)."""
+    (Path(folder) / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_loss_csv(history: Sequence[dict[str, Any]], path: Path) -> None:
