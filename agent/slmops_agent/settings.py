@@ -69,6 +69,12 @@ class AgentSettings(BaseSettings):
     smoke_test_max_new_tokens: int = Field(16, ge=1, le=4096)
     blob_stall_s: float = Field(5.0, gt=0, description="No progress this long: ask for the missing chunks.")
     blob_stall_max_s: float = Field(60.0, gt=0, description="Cap of the repair back-off.")
+    blob_stall_gap_factor: float = Field(
+        2.0,
+        ge=0,
+        description="A stall also needs this many times the longest recent gap between chunks without one "
+        "(a broker slow to fan a broadcast out is not a stall); 0: blob_stall_s alone.",
+    )
     blob_request_max_chunks: int = Field(256, ge=1, le=65_536, description="Chunk indexes per BlobRequest at most.")
     blob_verify_attempts: int = Field(2, ge=1, le=10, description="Fetches of a blob that fails its SHA-256 check.")
     bitmap_flush_s: float = Field(1.0, ge=0, description="Chunk bitmaps are fsynced at most this often.")

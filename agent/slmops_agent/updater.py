@@ -284,6 +284,8 @@ class Updater:
         self._wanted: frozenset[str] = frozenset()
         self._bytes_needed = 0
         self._last_progress_report = 0.0
+        self._chunk_gap = 0.0  # the longest recent gap between new chunks of the download (s)
+        self._last_chunk: float | None = None
         self._recovered = threading.Event()
         self.last_smoke_test: list[SmokeResult] = []
 
@@ -603,6 +605,7 @@ class Updater:
                 continue
             download = self.store.open_download(sha, size, chunk_size)
             self._fetches[sha] = _Fetch(download, last_progress=now, backoff=self.settings.blob_stall_s)
+        self._chunk_gap, self._last_chunk = 0.0, None
         self._bytes_needed = sum(f.download.size for f in self._fetches.values())
         self._wanted = frozenset(self._fetches)
         for sha, f in self._fetches.items():
@@ -638,6 +641,7 @@ class Updater:
         if not new:
             return
         now = time.monotonic()
+        self._note_gap(now)
         for other in self._fetches.values():  # chunks of the package are flowing: none of its blobs is stalled
             other.last_progress = now
         f.backoff = self.settings.blob_stall_s
@@ -651,6 +655,13 @@ class Updater:
         if now - self._last_progress_report >= 5.0:
             self._last_progress_report = now
             self._report()
+
+    def _note_gap(self, now: float) -> None:
+        """Follow the longest recent gap between chunks (a peak that fades by a tenth per chunk; a gap
+        counts up to the longest stall wait): chunks of several blobs come in bursts."""
+        last, self._last_chunk = self._last_chunk, now
+        if last is not None:
+            self._chunk_gap = max(min(now - last, self.settings.blob_stall_max_s), 0.9 * self._chunk_gap)
 
     def _finish_blob(self, sha: str, f: _Fetch) -> None:
         try:
@@ -675,11 +686,12 @@ class Updater:
             return
         now = time.monotonic()
         connected = self.is_connected()
+        slow = self.settings.blob_stall_gap_factor * self._chunk_gap  # chunks come about this far apart
         for sha, f in list(self._fetches.items()):
             f.download.flush(force=False)
             if not connected:
                 continue
-            if now - max(f.last_progress, f.last_request) >= f.backoff:
+            if now - max(f.last_progress, f.last_request) >= min(max(f.backoff, slow), self.settings.blob_stall_max_s):
                 if f.last_request > float("-inf"):
                     f.backoff = min(f.backoff * 2, self.settings.blob_stall_max_s)
                 self._request(sha, f, now)

@@ -37,6 +37,8 @@ class Feeder:
         self.tamper: dict[str, bytes] = {}
         self.drop: dict[str, set[int]] = {}
         self.serve = True
+        self.pace_s = 0.0  # > 0: each blob's first request gets its chunks this far apart, the only answer
+        self.paced: set[str] = set()
         self.requests: list[BlobWant] = []
         self.updater: Updater | None = None
 
@@ -51,9 +53,19 @@ class Feeder:
         data = self.tamper.get(want.sha256, self.blobs[want.sha256])
         chunks = chunks_of(data, want.sha256, want.chunk_size)
         dropped = self.drop.get(want.sha256, set()) if not want.missing else set()
+        send = [c for c in chunks if (not want.missing or c.index in want.missing) and c.index not in dropped]
+        if self.pace_s:  # one slow broadcast per blob; later requests are only counted
+            if want.sha256 not in self.paced:
+                self.paced.add(want.sha256)
+                threading.Thread(target=self._paced, args=(self.updater, send), daemon=True).start()
+            return
+        for c in send:
+            self.updater.submit_chunk(chunk_from_pb(c))
+
+    def _paced(self, updater: Updater, chunks: list[Any]) -> None:
         for c in chunks:
-            if (not want.missing or c.index in want.missing) and c.index not in dropped:
-                self.updater.submit_chunk(chunk_from_pb(c))
+            time.sleep(self.pace_s)
+            updater.submit_chunk(chunk_from_pb(c))
 
 
 class Rig:
@@ -299,6 +311,27 @@ def test_repair_requests_are_capped_per_message(tmp_path: Path, trusted_hex: str
     repairs = [w.missing for w in rig.feeder.requests if w.missing]
     assert repairs[0] == (1, 2) and all(len(m) <= 2 for m in repairs)
     assert sorted(i for m in repairs for i in m) == list(range(1, count))  # each missing chunk asked once
+
+
+def test_chunks_slower_than_the_stall_time_are_not_a_stall(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
+    """A broker fanning a broadcast out to many devices delivers a chunk every few seconds: once the
+    agent has seen that pace it waits blob_stall_gap_factor times the gap before asking again."""
+    big = max(manifest_of(pkg_v1).files, key=lambda f: f.size)
+    count = -(-big.size // SMALL_CHUNK)
+    assert count >= 6, count
+    asked: dict[float, int] = {}
+    for factor in (0.0, 2.0):
+        rig = Rig(tmp_path / f"state-{factor}", trusted_hex, blob_stall_s=0.2, blob_stall_gap_factor=factor)
+        rig.feeder.pace_s = 0.35
+        rig.updater.start()
+        try:
+            record = install(rig, pkg_v1, 1)
+        finally:
+            rig.updater.stop()
+        assert record.state is UpdateState.COMMITTED, record.reason
+        asked[factor] = sum(w.sha256 == big.sha256 and bool(w.missing) for w in rig.feeder.requests)
+    assert asked[0.0] >= count - 3, asked  # about one request for its gaps per chunk without it
+    assert asked[2.0] <= 1, asked  # at most one, before the pace was known
 
 
 def test_download_resumes_after_a_restart(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
