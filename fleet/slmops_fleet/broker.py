@@ -29,6 +29,9 @@ import logging
 import secrets
 import socket
 import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -38,6 +41,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
@@ -224,11 +228,145 @@ class _ReplayReader(ReaderAdapter):
         self.inner.feed_eof()
 
 
+Subscribers = list[tuple[Session, int]]
+
+
+class _Subscriptions(dict[str, Subscribers]):
+    """amqtt's subscription table (topic filter -> subscribers), with two changes:
+
+    - it is iterated over snapshots: amqtt 0.12 loops over it while awaiting its topic plugins, so
+      a device that subscribed or went away meanwhile raised "dictionary changed size during
+      iteration" and the message was lost for every subscriber after that point;
+    - `matching` finds a topic's subscribers by one lookup of the topic itself plus the wildcard
+      filters, instead of testing every filter: each device has filters of its own, so amqtt's scan
+      made every message cost O(devices) (`_Broker._run_broadcast` uses it).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._wildcards: set[str] = set()
+
+    def __setitem__(self, topic_filter: str, subscribers: Subscribers) -> None:
+        super().__setitem__(topic_filter, subscribers)
+        if "+" in topic_filter or "#" in topic_filter:
+            self._wildcards.add(topic_filter)
+
+    def __delitem__(self, topic_filter: str) -> None:
+        super().__delitem__(topic_filter)
+        self._wildcards.discard(topic_filter)
+
+    def clear(self) -> None:
+        super().clear()
+        self._wildcards.clear()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.keys()))
+
+    def items(self) -> list[tuple[str, Subscribers]]:  # type: ignore[override]
+        return [(k, list(v)) for k, v in super().items()]
+
+    def matching(self, topic: str, matches: Callable[[str, str], bool]) -> list[Subscribers]:
+        """Snapshots of the subscribers of every filter that matches `topic` (`matches` is amqtt's
+        own filter test, for the wildcard filters)."""
+        found = [list(subs) for f in sorted(self._wildcards) if matches(topic, f) and (subs := self.get(f))]
+        exact = self.get(topic)
+        return [list(exact), *found] if exact else found
+
+
+class _BroadcastQueue(asyncio.Queue[dict[str, Any]]):
+    """amqtt's queue of messages to fan out, counting those the fleet published."""
+
+    fleet_messages = 0
+
+    @staticmethod
+    def _from_fleet(item: dict[str, Any]) -> bool:
+        return getattr(item.get("session"), "username", None) == FLEET_USERNAME
+
+    def _put(self, item: dict[str, Any]) -> None:
+        super()._put(item)
+        self.fleet_messages += self._from_fleet(item)
+
+    def _get(self) -> dict[str, Any]:
+        item: dict[str, Any] = super()._get()
+        self.fleet_messages -= self._from_fleet(item)
+        return item
+
+
+class _CountedHandler:
+    """A device's protocol handler whose deliveries (`mqtt_publish`, a QoS 1 one ends with the
+    device's PUBACK or amqtt's 5 s timeout) are counted from the moment amqtt creates them."""
+
+    def __init__(self, handler: Any, broker: _Broker) -> None:
+        self._handler = handler
+        self._broker = broker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handler, name)
+
+    def mqtt_publish(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        self._broker.device_deliveries += 1
+        return self._deliver(self._handler.mqtt_publish(*args, **kwargs))
+
+    async def _deliver(self, publish: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            return await publish
+        finally:
+            self._broker.device_deliveries -= 1
+
+
 class _Broker(Broker):
-    """amqtt's Broker with one fix: on connect, amqtt 0.12 sends a client the retained messages
+    """amqtt's Broker with two fixes: on connect, amqtt 0.12 sends a client the retained messages
     matching *every* client's subscriptions (it loops over all filters), which leaks one device's
-    retained desired state to another. Only the client's own subscriptions may deliver retained
-    messages to it."""
+    retained desired state to another: only the client's own subscriptions may deliver retained
+    messages to it. Its subscription table is iterated over snapshots and indexed (`_Subscriptions`,
+    `_run_broadcast`). It also counts its deliveries to devices and the fleet's messages waiting for
+    the fan-out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _Subscriptions()
+        self._broadcast_queue = _BroadcastQueue()
+        self.device_deliveries = 0  # messages to devices amqtt has started and not finished
+
+    def _get_handler(self, session: Session) -> Any:
+        handler = super()._get_handler(session)
+        if handler is None or session.username == FLEET_USERNAME:
+            return handler
+        return _CountedHandler(handler, self)
+
+    @property
+    def fleet_messages_queued(self) -> int:
+        """The fleet's messages (desired states, chunks) that amqtt has not fanned out yet."""
+        queue = self._broadcast_queue
+        return queue.fleet_messages if isinstance(queue, _BroadcastQueue) else 0
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
+        """amqtt 0.12's `_run_broadcast`, with the subscribers found by `_Subscriptions.matching`
+        (one lookup, not a scan of every device's filters) from a snapshot."""
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        assert isinstance(self._subscriptions, _Subscriptions)
+        for subscriptions in self._subscriptions.matching(topic, self._matches):
+            for target_session, sub_qos in subscriptions:
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    continue
+                connected = target_session.transitions.state == "connected"
+                if (
+                    not connected
+                    and not target_session.clean_session
+                    and qos in (QOS_1, QOS_2)
+                    and not target_session.is_anonymous
+                ):
+                    await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+                if not connected:
+                    continue
+                handler = self._get_handler(target_session)
+                if handler:
+                    running_tasks.append(
+                        asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
+                    )
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -263,6 +401,7 @@ class EmbeddedBroker:
 
     HOST = "127.0.0.1"
     CONNECT_TIMEOUT_S = 10.0
+    BACKLOG_REFRESH_S = 0.1
 
     def __init__(self, registry: CredentialRegistry, *, port: int = 0, flag: str = "--broker-port") -> None:
         self.registry = registry
@@ -272,6 +411,9 @@ class EmbeddedBroker:
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self.port = 0
+        self._backlog = (0, 0)
+        self._backlog_at = float("-inf")
+        self._device_writers: set[asyncio.StreamWriter] = set()  # the devices' connections
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -306,8 +448,11 @@ class EmbeddedBroker:
         out = StreamWriterAdapter(writer)
         try:
             gate = _ReplayReader(StreamReaderAdapter(reader))
-            if not await self._admit(gate, out):
+            admitted, username = await self._admit(gate, out)
+            if not admitted:
                 return
+            if username != FLEET_USERNAME:
+                self._device_writers.add(writer)
             gate.replay()
             await self._broker.external_connected(gate, out, "default")
         except (ConnectionError, OSError) as exc:  # the client went away; nothing to do
@@ -317,27 +462,56 @@ class EmbeddedBroker:
         finally:
             if task is not None:
                 self._clients.discard(task)
+            self._device_writers.discard(writer)
             writer.close()
 
-    async def _admit(self, gate: _ReplayReader, out: StreamWriterAdapter) -> bool:
+    async def _admit(self, gate: _ReplayReader, out: StreamWriterAdapter) -> tuple[bool, str | None]:
         """Check the credentials in CONNECT before amqtt sees it: amqtt 0.12 deletes or takes over the
         session of the client id a CONNECT names *before* it authenticates, so without this gate an
-        anonymous client could disconnect any device and drop its subscriptions."""
+        anonymous client could disconnect any device and drop its subscriptions. Returns (admitted,
+        the CONNECT's username)."""
         try:
             connect = await asyncio.wait_for(ConnectPacket.from_stream(gate), timeout=self.CONNECT_TIMEOUT_S)
         except Exception as exc:  # garbage, a timeout or a closed socket: nothing to answer
             log.info("MQTT connection dropped before a valid CONNECT: %s", type(exc).__name__)
-            return False
+            return False, None
         if connect is None or connect.payload is None or connect.variable_header is None:
-            return False
+            return False, None
         if connect.proto_level != _MQTT_311:
-            return True  # amqtt refuses it with "unacceptable protocol version" before touching any session
+            return True, None  # amqtt refuses it with "unacceptable protocol version" before touching any session
         if self.registry.authenticate(connect.username, connect.password, connect.client_id) is None:
             log.info("MQTT connection refused for user %r (client %r)", connect.username, connect.client_id)
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(out)
             await out.close()
-            return False
-        return True
+            return False, None
+        return True, connect.username
+
+    def backlog(self) -> tuple[int, int]:
+        """(messages to devices amqtt has not finished delivering, plus the fleet's messages it has not
+        fanned out yet; connected devices). amqtt fans a message out as one task per subscriber,
+        and a QoS 1 delivery ends when the device acknowledges it (or after amqtt's 5 s timeout); it
+        buffers without bound. So this is the backlog between the fleet and the devices; the
+        devices' requests and reports (to the fleet) do not count. Read at most every
+        `BACKLOG_REFRESH_S` (the blob sender polls it); safe to call from another thread."""
+        broker = self._broker
+        if broker is None:
+            return 0, 0
+        now = time.monotonic()
+        if now - self._backlog_at < self.BACKLOG_REFRESH_S:
+            return self._backlog
+        while True:
+            try:
+                sessions = [s for s, _ in list(broker.sessions.values())]
+                break
+            except RuntimeError:  # mutated during the copy: copy again
+                continue
+        devices = sum(1 for s in sessions if s.username != FLEET_USERNAME and s.transitions.is_connected())
+        # amqtt stops waiting for a PUBACK after 5 s, though the message may still sit in the
+        # connection's write buffer: a device with bytes not yet written counts as a delivery too.
+        writing = sum(1 for w in list(self._device_writers) if w.transport.get_write_buffer_size() > 0)
+        self._backlog = (broker.fleet_messages_queued + broker.device_deliveries + writing, devices)
+        self._backlog_at = now
+        return self._backlog
 
     @property
     def connected_clients(self) -> list[str]:

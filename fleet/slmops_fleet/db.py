@@ -1781,26 +1781,37 @@ class Store:
 
     def apply_reported(self, rep: ReportedUpdate) -> bool:
         """Record a device's report; advance the rollout it is about. False for an unknown device."""
+        return self.apply_reported_many([rep])[0]
+
+    def apply_reported_many(self, reps: Sequence[ReportedUpdate]) -> list[bool]:
+        """Record reports in order, in one transaction; each rollout that a report ended a target of
+        is advanced once, after all of them (advancing reads every target of the rollout: once per
+        report made a wave of N devices cost N^2). False for a report from an unknown device."""
         now = utcnow()
+        known: list[bool] = []
+        ended: set[str] = set()  # rollouts a report ended a target of
         with self.session(write=True) as s:
-            row = s.get(DeviceRow, rep.device_id, with_for_update=True)
-            if row is None:
-                return False
-            row.last_seen = now
-            row.reported_at = now
-            row.state = rep.state
-            row.reported_generation = _i64(rep.generation)
-            row.target_package_id = rep.target_package_id or None
-            row.active_package_id = rep.active_package_id or None
-            row.active_version = rep.active_version or None
-            row.active_slot = rep.active_slot or None
-            row.reason = rep.reason or None
-            row.bytes_needed = _i64(rep.bytes_needed)
-            row.bytes_received = _i64(rep.bytes_received)
-            if rep.inventory:
-                row.inventory = rep.inventory
-            desired = s.get(DesiredStateRow, (rep.device_id, rep.generation)) if rep.generation else None
-            if desired is not None and desired.rollout_id:
+            for rep in reps:
+                row = s.get(DeviceRow, rep.device_id, with_for_update=True)
+                known.append(row is not None)
+                if row is None:
+                    continue
+                row.last_seen = now
+                row.reported_at = now
+                row.state = rep.state
+                row.reported_generation = _i64(rep.generation)
+                row.target_package_id = rep.target_package_id or None
+                row.active_package_id = rep.active_package_id or None
+                row.active_version = rep.active_version or None
+                row.active_slot = rep.active_slot or None
+                row.reason = rep.reason or None
+                row.bytes_needed = _i64(rep.bytes_needed)
+                row.bytes_received = _i64(rep.bytes_received)
+                if rep.inventory:
+                    row.inventory = rep.inventory
+                desired = s.get(DesiredStateRow, (rep.device_id, rep.generation)) if rep.generation else None
+                if desired is None or not desired.rollout_id:
+                    continue
                 target = s.get(RolloutDeviceRow, (desired.rollout_id, rep.device_id))
                 if (
                     target is not None
@@ -1813,12 +1824,14 @@ class Store:
                     target.updated_at = now
                     if rep.test is not None:
                         target.test = rep.test
-                    s.flush()
                     if rep.state in TARGET_TERMINAL:
-                        rollout = s.get(RolloutRow, desired.rollout_id, with_for_update=True)
-                        if rollout is not None:
-                            self._advance(s, rollout, now, drive=False)
-            return True
+                        ended.add(desired.rollout_id)
+            s.flush()
+            for rollout_id in sorted(ended):
+                rollout = s.get(RolloutRow, rollout_id, with_for_update=True)
+                if rollout is not None:
+                    self._advance(s, rollout, now, drive=False)
+        return known
 
     def insert_telemetry(self, samples: Iterable[TelemetryRecord], dropped: dict[str, int] | None = None) -> int:
         """Insert samples, ignoring ones already stored (QoS 1 may deliver a batch twice): one

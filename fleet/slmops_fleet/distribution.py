@@ -1,7 +1,8 @@
 """Blob delivery: paced broadcasts that devices of a wave share, and unicast repairs.
 
 - A whole-blob request starts a broadcast on `blobs/{sha}/chunks` after a coalescing window
-  that each further request extends (up to `coalesce_max_s` after the first one); requests for
+  that each further request extends (up to `coalesce_max_s` after the first one, later while the
+  broker says it is still delivering, up to `in_flight_max_s`); requests for
   the same blob (and chunk size) that arrive while it is pending or running join it: the broker
   does the fan-out, so a blob goes out about once per wave. A device that joins a running
   broadcast keeps the rest of it and asks for its gaps afterwards.
@@ -10,9 +11,20 @@
   broadcast of the blob runs and the coalescing window has passed. Then chunks that several
   devices lack are broadcast once more (only those chunks), and the others go by unicast on
   `devices/{id}/blobs`.
+- A device's newest gap request replaces its earlier one (it lists what the device lacks now).
+  Where the broker can tell how far its deliveries to devices lag (`broker_backlog`: the embedded
+  broker), chunks that a broadcast sent after the device started fetching (the fleet published
+  its desired state, `fetch_started`, or it first asked for the blob: a broker keeps a publisher's
+  order, so those reach it after its desired state), while the broker has been busy since (or
+  until less than `settle_s`, or twice the recent request round trip, ago), are dropped from its
+  requests (a whole-blob request is then answered by nothing): it asked before they reached it,
+  and asks again after its stall timer if they never do.
 - One sender thread serves every transfer round-robin, one chunk at a time, paced to
   `rate` bytes/s in total, with at most `max_inflight` chunks published but not yet
-  acknowledged by the broker, so neither the fleet's client nor the broker buffers much.
+  acknowledged by the broker, so neither the fleet's client nor the broker buffers much. Where
+  the broker tells its backlog, the sender also waits while more deliveries are unacknowledged
+  than devices are connected (about one chunk per device), so a broadcast goes no faster than
+  the devices take it in.
 - Bytes and chunks sent are counted per blob (broadcast vs repair) and flushed to the store.
 """
 
@@ -126,6 +138,11 @@ class BlobDistributor:
         rebroadcast_min_devices: int = 2,
         ack_timeout_s: float = 30.0,
         disconnected_give_up_s: float = 60.0,
+        broker_backlog: Callable[[], tuple[int, int]] | None = None,
+        idle_backlog: int = 16,
+        min_paced_backlog: int = 64,
+        settle_s: float = 2.0,
+        in_flight_max_s: float = 60.0,
     ) -> None:
         self.topics = topics
         self.publisher = publisher
@@ -140,6 +157,16 @@ class BlobDistributor:
         self.max_inflight = max_inflight
         self.ack_timeout_s = ack_timeout_s
         self.disconnected_give_up_s = disconnected_give_up_s
+        self._broker_backlog = broker_backlog
+        self.idle_backlog = idle_backlog
+        self.min_paced_backlog = min_paced_backlog
+        self.settle_s = settle_s
+        self.in_flight_max_s = in_flight_max_s
+        self._last_busy = float("-inf")  # when the broker was last seen busy
+        self._sent_at: dict[tuple[str, int], dict[int, float]] = {}  # when each chunk was last broadcast
+        self._asked_at: dict[tuple[str, int], dict[str, float]] = {}  # when each device first asked for it
+        self._fetching: dict[str, tuple[int, float]] = {}  # device -> (generation, when its desired state went out)
+        self._round_trip = 0.0  # recent longest time from a desired state going out to the device's first request
         self._cond = threading.Condition()
         self._jobs: list[_Job] = []
         self._broadcasts: dict[tuple[str, int], _Job] = {}  # full broadcasts, by (sha256, chunk size)
@@ -177,10 +204,19 @@ class BlobDistributor:
             if self._stopping:
                 return RequestOutcome("refused", "the fleet is stopping")
             self._blobs[sha256] = blob
+            self._forget_old_sends(key, now)
+            asked = self._asked_at.setdefault(key, {})
+            if device_id not in asked:
+                asked[device_id] = now
+                fetching = self._fetching.get(device_id)
+                if fetching is not None:
+                    self._round_trip = max(min(now - fetching[1], self.in_flight_max_s), 0.9 * self._round_trip)
             if wanted and len(wanted) < count:
                 self._count(sha256, partial_requests=1)
                 return self._add_gaps(device_id, blob, cs, count, wanted, now)
             self._count(sha256, whole_requests=1)
+            if self._all_on_the_way(key, count, device_id, now):
+                return RequestOutcome("covered", "a broadcast of every chunk is still being delivered")
             job = self._broadcasts.get(key)
             if job is not None:
                 job.members.add(device_id)
@@ -202,6 +238,19 @@ class BlobDistributor:
             self._cond.notify_all()
             return RequestOutcome("broadcast", f"{count} chunks in {self.coalesce_window_s:.1f} s or more")
 
+    def fetch_started(self, device_id: str, generation: int) -> None:
+        """The fleet published the device's desired state `generation`: chunks it broadcasts from now on
+        reach the device after that state, so the device keeps them (once per generation)."""
+        with self._cond:
+            if self._fetching.get(device_id, (None, 0.0))[0] != generation:
+                self._fetching[device_id] = (generation, time.monotonic())
+
+    def _since(self, key: tuple[str, int], device_id: str) -> float:
+        """Since when the device keeps the blob's chunks (as far as the fleet can tell)."""
+        asked = self._asked_at[key][device_id]
+        fetching = self._fetching.get(device_id)
+        return min(asked, fetching[1]) if fetching is not None else asked
+
     def _add_gaps(
         self, device_id: str, blob: BlobRecord, cs: int, count: int, wanted: list[int], now: float
     ) -> RequestOutcome:
@@ -211,15 +260,62 @@ class BlobDistributor:
         for job in (self._broadcasts.get(key), self._rebroadcasts.get(key), self._repairs.get((device_id, *key))):
             if job is not None:
                 queued.update(job.pending)
-        left = [i for i in wanted if i not in queued]
-        if not left:
-            return RequestOutcome("covered", f"{len(wanted)} chunks already queued")
+        sent = self._sent_at.get(key)
+        if sent:
+            self._busy()  # refreshes when the broker was last seen busy
+            since = self._since(key, device_id)
+            queued.update(i for i, at in sent.items() if at >= since and self._maybe_in_flight(at, now))
+        left = {i for i in wanted if i not in queued}
         gaps = self._gaps.get(key)
+        if not left:
+            if gaps is not None:
+                gaps.wants.pop(device_id, None)  # what it asked for before is on its way too
+            return RequestOutcome("covered", f"{len(wanted)} chunks already queued or just sent")
         if gaps is None:
             gaps = self._gaps[key] = _Gaps(blob, cs, count, now)
             self._cond.notify_all()
-        gaps.wants.setdefault(device_id, set()).update(left)
+        gaps.wants[device_id] = left
         return RequestOutcome("gaps", f"{len(left)} chunks")
+
+    def _busy(self, *, pacing: bool = False) -> bool:
+        """True while the broker is still delivering (more than `idle_backlog` deliveries pending), or,
+        with `pacing`, while more deliveries are pending than devices are connected."""
+        if self._broker_backlog is None:
+            return False
+        try:
+            pending, connected = self._broker_backlog()
+        except Exception:  # never let a probe stop the sender
+            log.exception("could not read the broker's backlog")
+            return False
+        if pending > self.idle_backlog:
+            self._last_busy = time.monotonic()
+        return pending > (max(self.min_paced_backlog, connected) if pacing else self.idle_backlog)
+
+    def _all_on_the_way(self, key: tuple[str, int], count: int, device_id: str, now: float) -> bool:
+        """Every chunk of the blob was broadcast after the device started fetching, and the broker may
+        still be delivering them (a device whose stall timer fired before a slow broker reached it)."""
+        sent = self._sent_at.get(key)
+        if not sent or len(sent) < count:
+            return False
+        oldest = min(sent.values())
+        self._busy()  # refreshes when the broker was last seen busy
+        return oldest >= self._since(key, device_id) and self._maybe_in_flight(oldest, now)
+
+    def _forget_old_sends(self, key: tuple[str, int], now: float) -> None:
+        """Drop a blob's send and request times once none of its chunks can still be on the way."""
+        sent = self._sent_at.get(key)
+        if sent and now - max(sent.values()) >= self.in_flight_max_s:
+            del self._sent_at[key]
+            self._asked_at.pop(key, None)
+
+    def _maybe_in_flight(self, sent_at: float, now: float) -> bool:
+        """A chunk broadcast at `sent_at` may still be on its way to devices, or a device's request
+        about it may be: the broker was busy after it was sent, and until less than `settle_s` ago or
+        than twice the recent request round trip (a desired state out, the device's first request
+        in: how stale a request can be when it reaches the fleet)."""
+        settle = max(self.settle_s, 2 * self._round_trip)
+        busy_after = sent_at <= self._last_busy and now - self._last_busy < settle
+        return busy_after and now - sent_at < self.in_flight_max_s
 
     def _refuse(self, device_id: str, sha256: str, why: str) -> RequestOutcome:
         log.warning("blob request from %s for %s refused: %s", device_id, sha256[:12], why)
@@ -304,6 +400,15 @@ class BlobDistributor:
                 now = time.monotonic()
                 self._dispatch_gaps(now)
                 ready = [j for j in self._jobs if j.start_at <= now and j.pending]
+                due = [j for j in ready if self._broadcasts.get((j.sha256, j.chunk_size)) is j and not j.started]
+                due = [j for j in due if now < j.first_request + self.in_flight_max_s]
+                if due and self._busy():
+                    # The broker is still delivering (the desired states that make devices ask, another
+                    # broadcast): the requests of devices that get them later still join this one.
+                    ready = [j for j in ready if j not in due]
+                    if not ready:
+                        self._cond.wait(timeout=0.1)
+                        continue
                 if ready:
                     job = ready[self._rr % len(ready)]
                     self._rr += 1
@@ -320,14 +425,22 @@ class BlobDistributor:
                         self._unregister(job)
                     return job, index, last
                 waits = [j.start_at - now for j in self._jobs if j.pending]
-                waits += [g.since + self.coalesce_window_s - now for g in self._gaps.values()]
+                waits += [max(0.1, g.since + self.coalesce_window_s - now) for g in self._gaps.values()]
                 self._cond.wait(timeout=max(0.01, min(waits)) if waits else None)
 
     def _dispatch_gaps(self, now: float) -> None:
         """Send gathered gaps once no broadcast of their blob runs and the window has passed: chunks
         that `rebroadcast_min_devices` or more devices lack are broadcast again, the others unicast."""
-        for key, gaps in list(self._gaps.items()):
-            if key in self._broadcasts or key in self._rebroadcasts or now < gaps.since + self.coalesce_window_s:
+        waiting = [
+            key for key, g in self._gaps.items()
+            if key not in self._broadcasts and key not in self._rebroadcasts and now >= g.since + self.coalesce_window_s
+        ]  # fmt: skip
+        if not waiting:
+            return
+        held = self._busy()  # a busy broker may still deliver what they ask for
+        for key in waiting:
+            gaps = self._gaps[key]
+            if held and now < gaps.since + self.in_flight_max_s:
                 continue
             del self._gaps[key]
             sha256, cs = key
@@ -433,6 +546,12 @@ class BlobDistributor:
             # the broker is slow): stop waiting for it; devices ask for the chunks they lack.
             self._inflight.popleft()
 
+    def _wait_for_broker(self) -> None:
+        """Wait while the broker's backlog is about a chunk per device or more (at most `ack_timeout_s`)."""
+        deadline = time.monotonic() + self.ack_timeout_s
+        while not self._stopping and time.monotonic() < deadline and self._busy(pacing=True):
+            time.sleep(0.05)
+
     def _wait_connected(self) -> bool:
         deadline = time.monotonic() + self.disconnected_give_up_s
         while not self._stopping and time.monotonic() < deadline:
@@ -446,10 +565,13 @@ class BlobDistributor:
         data = self._read(job, index)
         payload = chunk_to_pb(job.sha256, index, job.count, job.size, job.chunk_size, data)
         self._drain_inflight(self.max_inflight - 1)
+        self._wait_for_broker()
         self._pace(len(data))
         self._inflight.append(self.publisher.publish(job.topic, payload, qos=1))
         job.sent_chunks += 1
         if job.kind == BROADCAST:
+            with self._cond:
+                self._sent_at.setdefault((job.sha256, job.chunk_size), {})[index] = time.monotonic()
             self._count(job.sha256, broadcast_bytes=len(data), broadcast_chunks=1)
         else:
             self._count(job.sha256, repair_bytes=len(data), repair_chunks=1)

@@ -131,6 +131,12 @@ class FleetMqtt:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def unacknowledged(self) -> int:
+        """Messages the fleet published that the broker has not acknowledged yet (paho's queue,
+        with those past its in-flight window: a rollout's desired states wait there)."""
+        return len(self.client._out_messages)
+
     def stop(self) -> None:
         self._stopping = True
         self.client.disconnect()
@@ -217,6 +223,7 @@ class Ingest:
         republish: Callable[[], None],
         queue_bound: int = 10_000,
         telemetry_batch: int = 5000,
+        report_batch: int = 500,
         telemetry_flush_s: float = 1.0,
         backpressure_s: float = 10.0,
     ) -> None:
@@ -227,6 +234,7 @@ class Ingest:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self._requests: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self.telemetry_batch = telemetry_batch
+        self.report_batch = report_batch
         self.telemetry_flush_s = telemetry_flush_s
         self.backpressure_s = backpressure_s
         self.counters = IngestCounters()
@@ -309,12 +317,16 @@ class Ingest:
         dropped: dict[str, int] = {}
         held = 0  # telemetry messages whose samples wait in `samples`
         deadline = 0.0
+        carry: Any = None  # an item taken from the queue while gathering reports, handled next
         while True:
             timeout = max(0.0, deadline - time.monotonic()) if held else None
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
+            if carry is not None:
+                item, carry = carry, None
+            else:
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
             if isinstance(item, TelemetryIn):
                 if not held:
                     deadline = time.monotonic() + self.telemetry_flush_s
@@ -333,12 +345,41 @@ class Ingest:
                 continue
             if item is self._stop:
                 return
+            if isinstance(item, ReportedUpdate):
+                carry = self._apply_reports(item)
+                continue
             try:
                 self._apply(item)
             except Exception:
                 log.exception("applying %s failed", type(item).__name__)
             finally:
                 self._done(1)
+
+    def _apply_reports(self, first: ReportedUpdate) -> Any:
+        """Apply `first` and the reports queued right behind it in one store transaction (up to
+        `report_batch`); return the item that ended the run (None when the queue ran dry)."""
+        reports, after = [first], None
+        while len(reports) < self.report_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(item, ReportedUpdate):
+                after = item
+                break
+            reports.append(item)
+        try:
+            known = self.store.apply_reported_many(reports)
+            self.counters.reported += len(reports)
+            for rep, ok in zip(reports, known, strict=True):
+                if not ok:
+                    self.counters.unknown_device += 1
+                    log.warning("report from unknown device %s ignored", rep.device_id)
+        except Exception:
+            log.exception("applying %d reports failed", len(reports))
+        finally:
+            self._done(len(reports))
+        return after
 
     def _done(self, n: int) -> None:
         if n:
@@ -356,11 +397,6 @@ class Ingest:
     def _apply(self, item: Any) -> None:
         if item is _REPUBLISH:
             self._republish()
-        elif isinstance(item, ReportedUpdate):
-            self.counters.reported += 1
-            if not self.store.apply_reported(item):
-                self.counters.unknown_device += 1
-                log.warning("report from unknown device %s ignored", item.device_id)
 
     def _run_requests(self) -> None:
         """Blob requests, as many as are queued at a time: one store query checks them all."""

@@ -222,6 +222,7 @@ class FleetServer:
             coalesce_window_s=s.coalesce_window_s,
             coalesce_max_s=s.coalesce_max_s,
             max_inflight=s.max_inflight,
+            broker_backlog=self._backlog if self.broker is not None else None,
         )
         self.distributor = distributor
         service = FleetService(
@@ -292,6 +293,13 @@ class FleetServer:
         except (OSError, ValueError):
             return {}
         return {k: int(v) for k, v in data.items() if isinstance(v, int) and 0 < v < 65536}
+
+    def _backlog(self) -> tuple[int, int]:
+        """The embedded broker's backlog (see `EmbeddedBroker.backlog`), plus the fleet's messages not
+        yet in the broker: the blob sender paces on it."""
+        assert self.broker is not None and self.mqtt is not None
+        pending, devices = self.broker.backlog()
+        return pending + self.mqtt.unacknowledged, devices
 
     async def _start_embedded_broker(self, remembered: int | None) -> EmbeddedBroker:
         assert self.registry is not None

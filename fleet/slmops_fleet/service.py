@@ -324,6 +324,7 @@ class FleetService:
 
     def publish_desired(self, records: list[DesiredRecord]) -> None:
         for d in records:
+            self.distributor.fetch_started(d.device_id, d.generation)
             self.publisher.publish(
                 self.topics.desired(d.device_id), desired_to_pb(d, self.settings.chunk_size), qos=1, retain=True
             )

@@ -17,9 +17,14 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from slmops_agent.settings import AgentSettings
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.package.v1 import manifest_pb2
 from slmops_protos.topics import Topics, chunk_count
+
+# The agent's stall rule, with its defaults (SwarmDevice.tick).
+STALL_MAX_S: float = AgentSettings.model_fields["blob_stall_max_s"].default
+STALL_GAP_FACTOR: float = AgentSettings.model_fields["blob_stall_gap_factor"].default
 
 # --- packages -----------------------------------------------------------------------------------------
 
@@ -457,6 +462,8 @@ class SwarmDevice:
         self.bad_chunks = 0
         self.bytes_received = 0
         self.telemetry_seq = 0
+        self.chunk_gap = 0.0  # the longest recent gap between chunks, fading (the agent's rule)
+        self.last_chunk: float | None = None
 
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -497,6 +504,7 @@ class SwarmDevice:
             return
         now = time.monotonic()
         chunk_size = d.chunk_size or 512 * 1024
+        self.chunk_gap, self.last_chunk = 0.0, None
         self.fetches = {
             f.sha256: _Fetch.new(f.sha256, f.size, chunk_size, now, self.stall_s)
             for f in manifest.files
@@ -520,6 +528,9 @@ class SwarmDevice:
             return
         self.bytes_received += len(c.data)
         now = time.monotonic()
+        if self.last_chunk is not None:
+            self.chunk_gap = max(min(now - self.last_chunk, STALL_MAX_S), 0.9 * self.chunk_gap)
+        self.last_chunk = now
         f.backoff = self.stall_s
         for other in self.fetches.values():  # chunks are flowing: no blob of the package is stalled
             other.last_progress = now
@@ -550,11 +561,13 @@ class SwarmDevice:
         f.last_request = now
 
     def tick(self, now: float) -> None:
-        """Ask for the gaps of a fetch that made no progress for its back-off time (doubling, up to 8 s)."""
+        """Ask for the gaps of a fetch that made no progress for its back-off time (doubling) and for
+        twice the longest recent gap between chunks, up to STALL_MAX_S: the agent's rule and defaults."""
         for f in list(self.fetches.values()):
-            if now - max(f.last_progress, f.last_request) >= f.backoff:
+            wait = min(max(f.backoff, STALL_GAP_FACTOR * self.chunk_gap), STALL_MAX_S)
+            if now - max(f.last_progress, f.last_request) >= wait:
                 if f.last_request > f.last_progress:
-                    f.backoff = min(f.backoff * 2, 8.0)
+                    f.backoff = min(f.backoff * 2, STALL_MAX_S)
                 self._request(f, now)
 
     def _report(self) -> None:

@@ -263,3 +263,94 @@ def test_a_full_ingest_queue_holds_the_network_thread_instead_of_dropping() -> N
     finally:
         release.set()
         ingest.stop()
+
+
+class Backlog:
+    """The embedded broker's (pending deliveries, connected clients), set by the test."""
+
+    def __init__(self, pending: int, connected: int) -> None:
+        self.pending, self.connected = pending, connected
+
+    def __call__(self) -> tuple[int, int]:
+        return self.pending, self.connected
+
+
+def test_the_sender_waits_while_the_broker_holds_about_a_chunk_per_device(
+    distributor: Callable[..., Any], blob: BlobRecord
+) -> None:
+    backlog = Backlog(pending=150, connected=100)  # more deliveries unacknowledged than devices
+    # in_flight_max_s: a broadcast waits at most this long to start while the broker is busy.
+    d, rec = distributor(coalesce_window_s=0.0, broker_backlog=backlog, in_flight_max_s=0.1)
+    d.request("dev-a", blob.sha256, (), CHUNK)
+    time.sleep(0.5)
+    assert rec.sent == [], "the broker still holds a chunk per device: nothing more may go out"
+    backlog.pending = 100  # one per device: the next chunk may go
+    _wait_idle(d)
+    assert rec.chunks(TOPICS.blob_chunks(blob.sha256)) == list(range(8))
+
+
+def test_gaps_the_broker_is_still_delivering_are_covered(distributor: Callable[..., Any], blob: BlobRecord) -> None:
+    """With 1,000 devices amqtt takes seconds to fan a chunk out: a device asks for chunks that are
+    on their way. Those are not sent again; a device that joined after them gets them; a device's
+    newest request replaces its older one."""
+    backlog = Backlog(pending=0, connected=1000)
+    d, rec = distributor(coalesce_window_s=0.1, broker_backlog=backlog, settle_s=0.3)
+    bcast, late = TOPICS.blob_chunks(blob.sha256), TOPICS.device_blobs("dev-late")
+    d.request("dev-a", blob.sha256, (), CHUNK)
+    d.request("dev-b", blob.sha256, (), CHUNK)
+    _wait_idle(d)
+    assert rec.chunks(bcast) == list(range(8))
+    backlog.pending = 40  # still delivering them, under a chunk per device
+    # The broker is still busy with them: asked before they arrived (dev-b's stall timer fired
+    # before any chunk reached it: it asks for the whole blob again).
+    assert d.request("dev-a", blob.sha256, (6, 7), CHUNK).action == "covered"
+    assert d.request("dev-b", blob.sha256, (), CHUNK).action == "covered"
+    # A device that first asked after they went out will not get them from that broadcast.
+    assert d.request("dev-late", blob.sha256, (0, 1, 2), CHUNK).action == "gaps"
+    assert d.request("dev-late", blob.sha256, (1, 2), CHUNK).action == "gaps"  # it got chunk 0 meanwhile
+    time.sleep(0.5)
+    assert rec.chunks(late) == [], "gaps wait while the broker is delivering"
+    backlog.pending = 0
+    _wait_idle(d)
+    assert rec.chunks(late) == [1, 2] and rec.chunks(bcast) == list(range(8))
+    # Once the broker has been idle for settle_s, a device that still lacks a chunk gets it.
+    time.sleep(0.4)
+    assert d.request("dev-b", blob.sha256, (7,), CHUNK).action == "gaps"
+    _wait_idle(d)
+    assert rec.chunks(TOPICS.device_blobs("dev-b")) == [7]
+
+
+def test_a_broadcast_waits_to_start_while_the_broker_is_delivering(
+    distributor: Callable[..., Any], blob: BlobRecord
+) -> None:
+    """The desired states of a big wave reach devices over seconds: the broadcast waits for the
+    broker to drain, so the requests of the late ones join it instead of starting another."""
+    backlog = Backlog(pending=500, connected=1000)
+    d, rec = distributor(coalesce_window_s=0.1, coalesce_max_s=0.2, broker_backlog=backlog)
+    assert d.request("dev-0", blob.sha256, (), CHUNK).action == "broadcast"
+    time.sleep(0.5)  # past coalesce_max_s
+    assert rec.sent == []
+    assert d.request("dev-1", blob.sha256, (), CHUNK).action == "joined"
+    backlog.pending = 0
+    _wait_idle(d)
+    assert rec.chunks(TOPICS.blob_chunks(blob.sha256)) == list(range(8))
+    assert len(rec.sent) == 8
+
+
+def test_a_request_slower_than_the_broadcast_it_asked_for_is_covered(
+    distributor: Callable[..., Any], blob: BlobRecord
+) -> None:
+    """A slow broker hands the fleet a device's first request after the broadcast went out; the
+    device's desired state went out before the broadcast, so the broadcast's chunks reach it after
+    that state, and it keeps them: nothing is sent again while the broker is busy delivering."""
+    backlog = Backlog(pending=0, connected=1000)
+    d, rec = distributor(coalesce_window_s=0.1, broker_backlog=backlog)
+    d.fetch_started("dev-slow", 1)
+    d.fetch_started("dev-late", 0)
+    d.request("dev-a", blob.sha256, (), CHUNK)
+    _wait_idle(d)
+    assert rec.chunks(TOPICS.blob_chunks(blob.sha256)) == list(range(8))
+    d.fetch_started("dev-late", 1)  # its desired state goes out after the broadcast
+    backlog.pending = 900
+    assert d.request("dev-slow", blob.sha256, (), CHUNK).action == "covered"
+    assert d.request("dev-late", blob.sha256, (), CHUNK).action == "broadcast"

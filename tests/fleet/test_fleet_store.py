@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -152,6 +153,32 @@ def test_rollouts_number_generations_and_settle(store: Store) -> None:
     assert not store.apply_reported(
         ReportedUpdate("dev-unknown", 1, "IDLE", active_package_id="", active_version="", **base)
     )
+
+
+def test_reports_applied_as_a_batch_settle_the_rollout_once(store: Store) -> None:
+    """The ingest worker applies the reports queued together in one transaction: in order, unknown
+    devices flagged, and the rollout advanced once after them (not once per report)."""
+    devices = [_enroll(store, name=f"d{i}") for i in range(3)]
+    pid = _package(store)
+    rollout, _ = store.create_rollout(pid, "all")
+    base = {"target_package_id": pid, "active_slot": "b", "reason": "", "bytes_needed": 110, "bytes_received": 110}
+    fetching = [ReportedUpdate(d, 1, "FETCHING", active_package_id="", active_version="", **base) for d in devices]
+    done = [ReportedUpdate(d, 1, "COMMITTED", active_package_id=pid, active_version="1.0.0", **base) for d in devices]
+    unknown = ReportedUpdate("dev-unknown", 1, "IDLE", active_package_id="", active_version="", **base)
+    advanced: list[str] = []
+    advance = store._advance
+
+    def counted(s: Any, row: Any, now: Any, **kw: Any) -> Any:
+        advanced.append(row.id)
+        return advance(s, row, now, **kw)
+
+    store._advance = counted  # type: ignore[method-assign]
+    known = store.apply_reported_many([*fetching, unknown, *done])  # each device: FETCHING, then COMMITTED
+    assert known == [True, True, True, False, True, True, True]
+    assert advanced == [rollout.id]
+    settled = store.get_rollout(rollout.id)
+    assert settled.state == "succeeded" and settled.counts() == {"COMMITTED": 3}
+    assert {store.get_device(d).state for d in devices} == {"COMMITTED"}
 
 
 def test_concurrent_rollouts_keep_generations_strictly_increasing(store: Store) -> None:
