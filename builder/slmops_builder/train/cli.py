@@ -104,6 +104,7 @@ def task(
 
 
 def finetune(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option("--model", "-m", help="Base HF model folder.")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Training JSONL ({input, output} or {messages}).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (adapter/, checkpoints/, loss.csv, loss.png).")],
@@ -136,57 +137,94 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Also write base+adapter merged (out/merged).")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="4-bit base (needs CUDA and bitsandbytes).")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="peft: our PEFT loop (all options). olive: 'olive finetune --method lora --torch_dtype float32'"
+            " (always float32: Olive's bfloat16 default is slow and lossy on CPU; LoRA dropout fixed at 0.05;"
+            " refuses --validation, --resume, --patience, --eval-every, --save-every, --qlora; needs the"
+            " datasets package).",
+        ),
+    ] = "peft",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
-    """Fine-tune a LoRA adapter with PEFT (CPU; QLoRA on CUDA).
+    """Fine-tune a LoRA adapter with PEFT (CPU; QLoRA on CUDA), or with Olive (--engine olive).
 
     For adapters that run on an int4 base, train on the base's dequantized copy
     ('adapter-base --dequantized DIR', then '--model DIR').
     """
     with _errors():
+        from slmops_builder.cli import _fail
         from slmops_builder.train.finetune import FinetuneConfig, LoraSettings, check_qlora
         from slmops_builder.train.finetune import finetune as run_finetune
+        from slmops_builder.train.olive import OliveEngineError
         from slmops_builder.train.tasks import load_jsonl
 
-        if qlora:
+        if engine not in ("peft", "olive"):
+            _fail(f"--engine must be peft or olive, not {engine!r}")
+        if qlora and engine == "peft":
             check_qlora()
         train_examples = load_jsonl(data)
         val_examples = load_jsonl(validation) if validation else []
+        settings: dict[str, Any] = {
+            "max_steps": max_steps,
+            "learning_rate": lr,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "max_length": max_length,
+            "warmup_steps": warmup,
+            "gradient_checkpointing": gradient_checkpointing,
+            "eval_every": eval_every,
+            "patience": patience,
+            "save_every": save_every,
+            "seed": seed,
+            "threads": threads,
+            "qlora": qlora,
+        }
+        if engine == "olive":  # what the olive engine refuses counts only when given on the command line
+            for name in ("eval_every", "patience", "save_every"):
+                source = ctx.get_parameter_source(name)  # typer's own (vendored) click: compare by name
+                if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+                    del settings[name]
         cfg = FinetuneConfig(
+            engine=engine,  # type: ignore[arg-type]  # checked above
             lora=LoraSettings(
                 r=r,
                 alpha=alpha,
                 dropout=dropout,
                 target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
             ),
-            max_steps=max_steps,
-            learning_rate=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            max_length=max_length,
-            warmup_steps=warmup,
-            gradient_checkpointing=gradient_checkpointing,
-            eval_every=eval_every,
-            patience=patience,
-            save_every=save_every,
-            seed=seed,
-            threads=threads,
-            qlora=qlora,
             chat_template=_read_template(chat_template),
+            **settings,
         )
-        with _step_progress(max_steps, "finetune", as_json) as progress:
-            result = run_finetune(
-                model, train_examples, out, cfg, validation=val_examples, resume=resume, merge=merge, progress=progress
-            )
+        try:
+            with _step_progress(max_steps, f"finetune ({engine})", as_json) as progress:
+                result = run_finetune(
+                    model,
+                    train_examples,
+                    out,
+                    cfg,
+                    validation=val_examples,
+                    resume=resume,
+                    merge=merge,
+                    progress=progress,
+                )
+        except OliveEngineError as exc:
+            _fail(str(exc))
         summary = result.to_json()
         if as_json:
-            typer.echo(json.dumps(summary, indent=2))
+            typer.echo(json.dumps({**summary, "engine": engine}, indent=2))
             return
         _out.print(
             f"adapter: {result.adapter_dir} ({result.adapter_bytes / 1024:.0f} KiB) after {result.steps} steps"
             + (" (stopped early)" if result.stopped_early else "")
+            + f" [{engine}]"
         )
         first, last = summary["first_train_loss"], summary["last_train_loss"]
+        if first is None:
+            _out.print("no loss curve (the trainer reported no losses)")
+            return
         _out.print(f"train loss {first:.4f} -> {last:.4f}; best validation loss {result.best_val_loss}")
         _out.print(f"curves: {result.loss_csv}, {result.loss_png}")
 

@@ -1,5 +1,8 @@
 """LoRA fine-tuning with PEFT (CPU), with checkpoints, resume, early stopping and loss curves.
 
+`FinetuneConfig.engine` picks the trainer: "peft" (this module's loop, the default) or "olive"
+(`olive finetune` in float32, see slmops_builder.train.olive; same output layout, fewer options).
+
 A small explicit training loop rather than the HF Trainer, so that what is saved is exactly what
 is needed to resume bit-for-bit: the adapter, the optimizer and scheduler, the RNG states and the
 loss history. The data order is a pure function of (seed, step), so a resumed run sees the same
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FinetuneConfig",
+    "FinetuneEngine",
     "FinetuneResult",
     "LoraSettings",
     "ProgressEvent",
@@ -54,6 +58,9 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "finetune.json"
 IGNORE_INDEX = -100
+
+
+FinetuneEngine = Literal["peft", "olive"]
 
 
 class QLoRAUnavailable(RuntimeError):
@@ -74,6 +81,9 @@ class FinetuneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    engine: FinetuneEngine = Field(
+        default="peft", description="peft: this module's loop; olive: `olive finetune` (float32, fewer options)"
+    )
     lora: LoraSettings = LoraSettings()
     max_steps: int = Field(default=50, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
@@ -270,12 +280,19 @@ def finetune(
     merge: bool = False,
     progress: Callable[[ProgressEvent], None] | None = None,
 ) -> FinetuneResult:
-    """Train a LoRA adapter on `train` (chat examples) over the HF model in `base_model`."""
+    """Train a LoRA adapter on `train` (chat examples) over the HF model in `base_model`.
+    With `config.engine == "olive"`, `olive finetune` trains it (slmops_builder.train.olive)."""
+    cfg = config or FinetuneConfig()
+    if cfg.engine == "olive":
+        from slmops_builder.train.olive import finetune_olive
+
+        return finetune_olive(
+            base_model, train, out_dir, cfg, validation=validation, resume=resume, merge=merge, progress=progress
+        )
     import torch
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    cfg = config or FinetuneConfig()
     base_model, out_dir = Path(base_model), Path(out_dir)
     if not (base_model / "config.json").is_file():
         raise FileNotFoundError(f"{base_model} is not a model folder (no config.json)")
@@ -432,6 +449,7 @@ def finetune(
     )
     summary = {
         **result.to_json(),
+        "engine": "peft",
         "base_model": str(base_model.resolve()),
         "config": cfg.model_dump(mode="json"),
         "train_sha256": dataset_sha256(train),
