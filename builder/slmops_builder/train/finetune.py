@@ -423,6 +423,41 @@ def finetune(
             break
     if not val_encoded:
         _save_adapter(model, tok, adapter_dir)
+    return finish_run(
+        base_model,
+        out_dir,
+        cfg,
+        train,
+        validation,
+        history,
+        merge=merge,
+        steps=step,
+        resumed_from=resumed_from,
+        stopped_early=stopped_early,
+        best_val_loss=best_val,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def finish_run(
+    base_model: Path,
+    out_dir: Path,
+    cfg: FinetuneConfig,
+    train: Sequence[Example],
+    validation: Sequence[Example],
+    history: list[dict[str, Any]],
+    *,
+    merge: bool,
+    steps: int,
+    seconds: float,
+    resumed_from: int = 0,
+    stopped_early: bool = False,
+    best_val_loss: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> FinetuneResult:
+    """The end of a run, whichever engine trained out/adapter: the merged model (with its training
+    record) when asked for, the loss curves when there is a history, the result and finetune.json."""
+    adapter_dir = out_dir / ADAPTER_DIR
     merged_dir = None
     if merge:
         training = {
@@ -433,29 +468,34 @@ def finetune(
         merged_dir = merge_adapter(
             base_model, adapter_dir, out_dir / MERGED_DIR, chat_template=cfg.chat_template, training=training
         )
-    write_loss_csv(history, out_dir / "loss.csv")
-    plot_losses(history, out_dir / "loss.png", title=f"LoRA r={cfg.lora.r} on {base_model.name}")
+    if history:
+        write_loss_csv(history, out_dir / "loss.csv")
+        title = f"LoRA r={cfg.lora.r} on {base_model.name}" + (f" ({cfg.engine})" if cfg.engine != "peft" else "")
+        plot_losses(history, out_dir / "loss.png", title=title)
     result = FinetuneResult(
         out_dir=out_dir,
         adapter_dir=adapter_dir,
         merged_dir=merged_dir,
-        steps=step,
+        steps=steps,
         resumed_from=resumed_from,
         stopped_early=stopped_early,
-        best_val_loss=best_val,
+        best_val_loss=best_val_loss,
         history=history,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         adapter_bytes=_dir_bytes(adapter_dir),
     )
     summary = {
         **result.to_json(),
-        "engine": "peft",
+        "engine": cfg.engine,
         "base_model": str(base_model.resolve()),
         "config": cfg.model_dump(mode="json"),
         "train_sha256": dataset_sha256(train),
         "validation_sha256": dataset_sha256(validation) if validation else None,
         "train_examples": len(train),
+        **(extra or {}),
     }
+    if not history:
+        summary["loss_csv"] = summary["loss_png"] = None
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return result
 

@@ -30,19 +30,14 @@ from typing import Any
 
 from slmops_builder.train.finetune import (
     ADAPTER_DIR,
-    MERGED_DIR,
-    SUMMARY_FILE,
     FinetuneConfig,
     FinetuneResult,
     ProgressEvent,
-    _dir_bytes,
+    finish_run,
     load_tokenizer,
-    merge_adapter,
-    plot_losses,
     prompt_text,
-    write_loss_csv,
 )
-from slmops_builder.train.tasks import Example, dataset_sha256
+from slmops_builder.train.tasks import Example
 
 __all__ = [
     "OLIVE_LORA_DROPOUT",
@@ -291,42 +286,15 @@ def finetune_olive(
     if progress and history:
         last = history[-1]
         progress(ProgressEvent(last["step"], cfg.max_steps, last["train_loss"], None, time.perf_counter() - t0))
-    merged_dir = None
-    if merge:
-        training = {
-            "kind": "finetune",
-            "base_model": str(base_model.resolve()),
-            "dataset_sha256": [dataset_sha256(train)],
-        }
-        merged_dir = merge_adapter(
-            base_model, adapter_dir, out_dir / MERGED_DIR, chat_template=cfg.chat_template, training=training
-        )
-    if history:
-        write_loss_csv(history, out_dir / "loss.csv")
-        plot_losses(history, out_dir / "loss.png", title=f"LoRA r={cfg.lora.r} on {base_model.name} (olive)")
-    result = FinetuneResult(
-        out_dir=out_dir,
-        adapter_dir=adapter_dir,
-        merged_dir=merged_dir,
+    return finish_run(
+        base_model,
+        out_dir,
+        cfg,
+        train,
+        (),
+        history,
+        merge=merge,
         steps=steps,
-        resumed_from=0,
-        stopped_early=False,
-        best_val_loss=None,
-        history=history,
         seconds=time.perf_counter() - t0,
-        adapter_bytes=_dir_bytes(adapter_dir),
+        extra={"olive_command": cmd},
     )
-    summary = {
-        **result.to_json(),
-        "engine": "olive",
-        "base_model": str(base_model.resolve()),
-        "config": cfg.model_dump(mode="json"),
-        "train_sha256": dataset_sha256(train),
-        "validation_sha256": None,
-        "train_examples": len(train),
-        "olive_command": cmd,
-    }
-    if not history:
-        summary["loss_csv"] = summary["loss_png"] = None
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return result
