@@ -9,7 +9,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +331,22 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+@contextlib.contextmanager
+def serving(host: Any, *, addr_file: bool = True) -> Iterator[ServerThread]:
+    """A ServerThread for `host` with its Unix socket (and address file) in a short folder under /tmp
+    (socket paths are limited to 107 characters); stopped and removed afterwards."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="sa-", dir="/tmp"))
+    server = ServerThread(host, folder / "agent.sock", folder / "grpc.addr" if addr_file else None)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class PacedHost(ModelHost):

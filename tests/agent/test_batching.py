@@ -7,8 +7,6 @@ queue's one turn (`queue.turn`) while the streams arrive, then let go."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from agent_helpers import PacedHost, ServerThread, load_unpacked
+from agent_helpers import PacedHost, ServerThread, load_unpacked, serving
 from test_metrics import HttpThread, scrape
 
 from slmops_agent.runtime import GenerationRequest, Limits, LoadedModel, ModelInfo
@@ -42,13 +40,8 @@ def host(model: LoadedModel) -> Iterator[PacedHost]:
 
 @pytest.fixture
 def served(host: PacedHost) -> Iterator[ServerThread]:
-    folder = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
-    s = ServerThread(host, folder / "agent.sock", None)
-    try:
+    with serving(host, addr_file=False) as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

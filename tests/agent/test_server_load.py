@@ -7,8 +7,6 @@ before handing each decoded piece on (a slow device); everything else is the rea
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +15,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from agent_helpers import PacedHost, ServerThread, load_unpacked
+from agent_helpers import PacedHost, ServerThread, load_unpacked, serving
 
 from slmops_agent.runtime import (
     FinishReason,
@@ -45,13 +43,8 @@ def host(model: LoadedModel) -> Iterator[PacedHost]:
 
 @pytest.fixture
 def served(host: PacedHost) -> Iterator[ServerThread]:
-    folder = Path(tempfile.mkdtemp(prefix="sl-", dir="/tmp"))
-    s = ServerThread(host, folder / "agent.sock", folder / "grpc.addr")
-    try:
+    with serving(host) as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def prompt(max_new_tokens: int) -> agent_pb2.GenerateRequest:

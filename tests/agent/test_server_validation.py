@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent_helpers import ServerThread, load_unpacked
+from agent_helpers import ServerThread, load_unpacked, serving
 
 from slmops_agent.runtime import Limits, LoadedModel, ModelHost
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
@@ -29,17 +29,9 @@ def host() -> Iterator[ModelHost]:
 
 
 @pytest.fixture(scope="module")
-def served(host: ModelHost, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    import shutil
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="sv-", dir="/tmp"))
-    s = ServerThread(host, folder / "agent.sock", folder / "grpc.addr")
-    try:
+def served(host: ModelHost) -> Iterator[ServerThread]:
+    with serving(host) as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
