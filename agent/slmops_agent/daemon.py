@@ -86,6 +86,7 @@ class Agent:
             queue_bound=settings.queue_bound,
             limits=Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit),
             metrics=self.metrics,
+            stream_group_s=settings.stream_group_s,
         )
         self.inventory: Inventory = collect_inventory(settings.state_dir)
         self.mqtt: AgentMqtt | None = None

@@ -32,6 +32,7 @@ from slmops_agent.errors import (
     QueueFull,
     status_name,
 )
+from slmops_agent.relay import GROUP_S
 
 log = logging.getLogger(__name__)
 
@@ -808,15 +809,23 @@ class ModelHost:
     request heads a batch of the requests behind it that can share one (`LoadedModel.batchable`, up
     to the model's `max_batch`); each member still streams, stops and is cancelled on its own.
     `batch_linger_s`: after a batch of several, how long the next head may wait for the clients of
-    that batch to come back (only when the queue has just fallen idle)."""
+    that batch to come back (only when the queue has just fallen idle). `stream_group_s`: the servers'
+    streams send the text after the first piece in groups this far apart (`relay.Relay`)."""
 
     def __init__(
-        self, *, queue_bound: int, limits: Limits, metrics: Metrics | None = None, batch_linger_s: float = 0.02
+        self,
+        *,
+        queue_bound: int,
+        limits: Limits,
+        metrics: Metrics | None = None,
+        batch_linger_s: float = 0.02,
+        stream_group_s: float = GROUP_S,
     ) -> None:
         self.queue = RequestQueue(queue_bound)
         self.limits = limits
         self.metrics = metrics or Metrics()
         self.batch_linger_s = batch_linger_s
+        self.stream_group_s = stream_group_s
         self._model: LoadedModel | None = None
         self._lock = threading.Lock()
         self._listeners: list[Callable[[LoadedModel | None], None]] = []

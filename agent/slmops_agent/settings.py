@@ -58,6 +58,9 @@ class AgentSettings(BaseSettings):
         "a collapse when other processes share them (the default: off).",
     )
     max_batch: int = Field(4, ge=1, le=64, description="Concurrent requests decoded together in one batch at most.")
+    stream_group_s: float = Field(
+        0.025, ge=0, le=1, description="After the first piece, streamed text goes in groups this far apart (0: each)."
+    )
     queue_bound: int = Field(8, ge=1, le=10_000, description="Requests waiting or running before RESOURCE_EXHAUSTED.")
     default_max_new_tokens: int = Field(256, ge=1, le=1 << 20)
     max_new_tokens_limit: int = Field(4096, ge=1, le=1 << 20)

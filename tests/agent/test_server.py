@@ -222,7 +222,7 @@ def test_the_relay_joins_pieces_that_piled_up_and_keeps_the_order() -> None:
     from slmops_agent.relay import Relay
 
     async def main() -> list[tuple[str, object]]:
-        relay = Relay(asyncio.get_running_loop())
+        relay = Relay(asyncio.get_running_loop(), group_s=0.0)
 
         def produce() -> None:
             for event in [("start", 1), ("text", "a"), ("text", "b"), ("text", "c"), ("done", 2)]:
@@ -237,6 +237,34 @@ def test_the_relay_joins_pieces_that_piled_up_and_keeps_the_order() -> None:
         return got
 
     assert asyncio.run(main()) == [("start", 1), ("text", "abc"), ("done", 2), ("text", "d")]
+
+
+def test_the_relay_groups_text_in_time_and_holds_no_piece_past_the_next_event() -> None:
+    """After the first piece, text that comes within `group_s` of the last wake waits for the next
+    event instead of waking the loop; the end of the stream (or a piece after `group_s`) brings it."""
+    from slmops_agent.relay import Relay
+
+    async def main() -> None:
+        relay = Relay(asyncio.get_running_loop(), group_s=0.2)
+
+        async def put(kind: str, value: object) -> None:
+            await asyncio.to_thread(relay.put, kind, value)  # from another thread, as the token loop does
+
+        await put("text", "a")  # the first piece always wakes the loop
+        assert await asyncio.wait_for(relay.next(), 5) == ("text", "a")
+        await put("text", "b")
+        await put("text", "c")
+        with pytest.raises(TimeoutError):  # within 0.2 s of the last wake: held
+            await asyncio.wait_for(asyncio.shield(waiting := asyncio.ensure_future(relay.next())), 0.1)
+        await asyncio.sleep(0.15)
+        await put("text", "d")  # 0.2 s after the last wake: wakes the loop with everything held
+        assert await asyncio.wait_for(waiting, 5) == ("text", "bcd")
+        await put("text", "e")
+        await put("done", None)  # the end is never held, nor is the text before it
+        assert await asyncio.wait_for(relay.next(), 5) == ("text", "e")
+        assert await asyncio.wait_for(relay.next(), 5) == ("done", None)
+
+    asyncio.run(main())
 
 
 def test_the_first_piece_holds_the_generation_until_the_consumer_has_sent_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,6 +120,7 @@ def test_the_unary_call_gets_the_retry_hint_too(served: ServerThread, host: Pace
 
 def test_a_cancelled_stream_stops_within_a_token_and_frees_its_place(served: ServerThread, host: PacedHost) -> None:
     host.pace_s = 0.02
+    host.stream_group_s = 0.0  # a message per token, so that the client's count is the tokens it heard of
     with grpc.insecure_channel(served.addresses[0]) as channel:
         stream = agent_pb2_grpc.InferenceStub(channel).Generate(prompt(200), timeout=60)
         received = [next(stream) for _ in range(3)]
@@ -192,3 +193,23 @@ def test_1000_short_requests_leave_no_thread_or_memory_growth(served: ServerThre
     assert os_after - pool_after <= os_before - pool_before + 2  # grpc's own pollers may come and go
     assert rss_after - rss_before < 40 * 1024**2, f"RSS grew by {(rss_after - rss_before) / 1024**2:.1f} MiB"
     assert host.metrics.snapshot().requests_by_code == {"OK": 1200}
+
+
+def test_a_slow_stream_comes_in_time_groups_with_the_same_text(served: ServerThread, host: PacedHost) -> None:
+    """At 10 ms a token, a 60 ms group sends several tokens per message after the first; the text is
+    the same as one message per token, and the first piece still comes on its own."""
+    host.pace_s = 0.01
+    request = agent_pb2.GenerateRequest(prompt="Hello", max_new_tokens=40, temperature=0.0)
+    got: dict[float, list[agent_pb2.GenerateResponse]] = {}
+    with grpc.insecure_channel(served.addresses[0]) as channel:
+        stub = agent_pb2_grpc.InferenceStub(channel)
+        for group_s in (0.0, 0.06):
+            host.stream_group_s = group_s
+            got[group_s] = list(stub.Generate(request, timeout=30))
+    each, grouped = got[0.0], got[0.06]
+    tokens = each[-1].usage.completion_tokens
+    assert tokens == grouped[-1].usage.completion_tokens > 20
+    assert "".join(r.text for r in each) == "".join(r.text for r in grouped)
+    assert next(r.text for r in grouped if r.text) == next(r.text for r in each if r.text)  # the first alone
+    assert len([r for r in each if r.text]) >= tokens - 2  # about one message per token
+    assert len([r for r in grouped if r.text]) <= tokens // 3  # 40 tokens x 10 ms in 60 ms groups
