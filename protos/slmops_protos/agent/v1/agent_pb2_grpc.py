@@ -60,7 +60,8 @@ class InferenceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the completion token by token (a chunk may carry several tokens).
+        """Streams the completion: the first token in a message of its own, then the text in time groups
+        (the agent's stream_group_s, 25 ms by default; a message may carry several tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
