@@ -240,8 +240,9 @@ def test_the_relay_joins_pieces_that_piled_up_and_keeps_the_order() -> None:
 
 
 def test_the_relay_groups_text_in_time_and_holds_no_piece_past_the_next_event() -> None:
-    """After the first piece, text that comes within `group_s` of the last wake waits for the next
-    event instead of waking the loop; the end of the stream (or a piece after `group_s`) brings it."""
+    """The "start" event waits for the first piece; after it, text that comes within `group_s` of
+    the last wake waits for the next event instead of waking the loop; the end of the stream (or a
+    piece after `group_s`) brings it."""
     from slmops_agent.relay import Relay
 
     async def main() -> None:
@@ -250,7 +251,11 @@ def test_the_relay_groups_text_in_time_and_holds_no_piece_past_the_next_event() 
         async def put(kind: str, value: object) -> None:
             await asyncio.to_thread(relay.put, kind, value)  # from another thread, as the token loop does
 
+        await put("start", 1)  # never wakes the loop: it comes with the first piece
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiting := asyncio.ensure_future(relay.next())), 0.3)
         await put("text", "a")  # the first piece always wakes the loop
+        assert await asyncio.wait_for(waiting, 5) == ("start", 1)
         assert await asyncio.wait_for(relay.next(), 5) == ("text", "a")
         await put("text", "b")
         await put("text", "c")
