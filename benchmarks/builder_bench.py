@@ -8,7 +8,7 @@ are the dequantized Q4_1 GGUF the model ships as. Then checks the issue's target
 
 - lossless GGUF import: ppl <= 1.001x fp32, size <= 30% of fp32, decode >= 0.85x the RTN int4 profile;
 - the fastest int4 profile decodes >= 2.5x fp32;
-- the best quantizer applied to the fp32 weights (RTN, k-quant) has ppl <= 1.10x.
+- the best quantizer applied to the fp32 weights (RTN, k-quant, Olive's GPTQ) has ppl <= 1.10x.
 
     .venv/bin/python benchmarks/builder_bench.py [--profiles cpu-int4,cpu-fp32] [--json out.json]
 
@@ -45,6 +45,7 @@ app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 class Row:
     profile: str
     method: str
+    engine: str
     size_mb: float
     ppl: float
     decode_tps: float
@@ -82,7 +83,16 @@ def _measure(model_dir: Path, name: str, cache: Path, threads: int, max_tokens: 
         )
     m = ev.metrics
     console.log(f"{name}: {'cached build' if built.cached else 'built'} in {built.seconds:.0f} s; {m}")
-    return Row(name, profile.method, m["size_mb"], m["perplexity"], m["decode_tps"], m["ttft_ms"], built.seconds)
+    return Row(
+        name,
+        profile.method,
+        profile.engine,
+        m["size_mb"],
+        m["perplexity"],
+        m["decode_tps"],
+        m["ttft_ms"],
+        built.seconds,
+    )
 
 
 def _checks(rows: dict[str, Row]) -> list[tuple[str, bool | None, str]]:
@@ -104,7 +114,7 @@ def _checks(rows: dict[str, Row]) -> list[tuple[str, bool | None, str]]:
         best = max(int4, key=lambda r: r.decode_tps)
         speed = best.decode_tps / ref.decode_tps
         out.append((f"fastest int4 ({best.profile}) >= 2.5x fp32 decode", speed >= 2.5, f"{speed:.2f}x"))
-    requant = [r for r in rows.values() if r.method in ("rtn", "k_quant") and r.profile.startswith("cpu-int4")]
+    requant = [r for r in rows.values() if r.method in ("rtn", "k_quant", "gptq") and r.profile.startswith("cpu-int4")]
     if requant:
         best = min(requant, key=lambda r: r.ppl)
         ratios = ", ".join(f"{r.profile} {r.ppl / ref.ppl:.3f}x" for r in requant)
@@ -145,6 +155,7 @@ def main(
     for col in (
         "profile",
         "method",
+        "engine",
         "size MB",
         "size x",
         "ppl",
@@ -154,11 +165,12 @@ def main(
         "TTFT ms",
         "build s",
     ):
-        table.add_column(col, justify="left" if col in ("profile", "method") else "right")
+        table.add_column(col, justify="left" if col in ("profile", "method", "engine") else "right")
     for r in rows.values():
         table.add_row(
             r.profile,
             r.method,
+            r.engine,
             f"{r.size_mb:.1f}",
             f"{r.size_mb / ref.size_mb:.3f}" if ref else "",
             f"{r.ppl:.3f}",

@@ -178,7 +178,12 @@ def _lineage(model_dir: Path, profile: Profile, search: Mapping[str, object], co
         engine=profile.engine,
         quantization_method=profile.quantization_method,
     )
-    lineage.tool_versions.update(tool_versions((*CONVERT_TOOLS, "torch")))
+    tools: tuple[str, ...] = (*CONVERT_TOOLS, "torch")
+    if profile.engine == "olive":
+        from slmops_builder.olive_convert import OLIVE_TOOLS
+
+        tools = (*tools, *OLIVE_TOOLS)
+    lineage.tool_versions.update(tool_versions(tools))
     return add_training_lineage(lineage, model_dir, info)
 
 

@@ -8,6 +8,9 @@ The conversion dispatches on the profile's engine (`Profile.engine`; the manifes
 - `slmops-gguf-lossless`: the same int4 graph, whose weights `lossless.rewrite` then replaces with the
   GGUF's own 4-bit blocks. The GGUF is the one the model folder was imported from (its
   `slmops_source.json`), checked against the recorded SHA-256.
+- `olive`: `olive run` in a subprocess (`olive_convert.run_olive`): its ModelBuilder pass (RTN), or
+  its Gptq pass calibrated on the builder's calibration text and then ModelBuilder (GPTQ); the same
+  folder layout as the model builder's.
 
 The output is kept in the step cache: the same weights, profile and tool versions are converted
 once. `stage` then makes the package's folder from a cache entry (hard links for unchanged files,
@@ -92,6 +95,11 @@ def convert_key(model_dir: Path, profile: Profile) -> tuple[str, dict[str, Any]]
         params["gguf_sha256"] = info.get("source_sha256", "")
         params["lossless_format"] = FORMAT_VERSION
         tools = {**tools, **tool_versions(_LOSSLESS_TOOLS)}
+    elif profile.engine == "olive":
+        from slmops_builder.olive_convert import OLIVE_TOOLS, olive_key_params
+
+        params.update(olive_key_params(profile))
+        tools = {**tools, **tool_versions(OLIVE_TOOLS)}
     return StepCache.key(CONVERT_STEP, params, inputs, tools), {"params": params, "inputs": inputs, "tools": tools}
 
 
@@ -135,6 +143,11 @@ def convert(
     cache = StepCache(cache_dir)
 
     def produce(out: Path) -> None:
+        if profile.engine == "olive":
+            from slmops_builder.olive_convert import run_olive
+
+            run_olive(model_dir, profile, out, threads=threads, timeout_s=timeout_s)
+            return
         _run_model_builder(model_dir, profile, out, threads=threads, timeout_s=timeout_s)
         if gguf is not None:
             _import_gguf_blocks(out, gguf, model_dir)

@@ -2,9 +2,10 @@
 
 A profile is a frozen spec read from `profiles.toml` (next to this module) at import and validated
 there: the execution provider, the precision, the quantization method and the engine that builds it,
-the options the onnxruntime-genai model builder receives (as `--extra_options key=value`), and the
-least memory a device needs to run a small model built with it. The fleet matches a device's
-inventory against it; the convert step dispatches on its engine.
+the options the onnxruntime-genai model builder receives (as `--extra_options key=value`; the olive
+engine's `gptq_*` options go to its Gptq pass instead), and the least memory a device needs to run a
+small model built with it. The fleet matches a device's inventory against it; the convert step
+dispatches on its engine.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "ENGINES",
+    "GPTQ_OPTIONS",
     "METHODS",
+    "OLIVE_METHODS",
     "PROFILES",
     "Profile",
     "ProfileSpecError",
@@ -38,8 +41,14 @@ __all__ = [
 _MIB = 1024**2
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
-METHODS = ("rtn", "k_quant", "lossless-gguf", "none")
-ENGINES = ("onnxruntime-genai", "slmops-gguf-lossless")
+METHODS = ("rtn", "k_quant", "gptq", "lossless-gguf", "none")
+ENGINES = ("onnxruntime-genai", "slmops-gguf-lossless", "olive")
+# The olive engine's methods (its ModelBuilder pass quantizes with RTN; Gptq calibrates first) and
+# the options of its Gptq pass (the rest of `options` goes to the model builder).
+OLIVE_METHODS = ("rtn", "gptq")
+GPTQ_OPTIONS: Mapping[str, type] = MappingProxyType(
+    {"gptq_sym": bool, "gptq_damp_percent": float, "gptq_samples": int, "gptq_seq_len": int}
+)
 REQUIREMENTS = ("any", "gguf-4bit")
 _FLOAT = ("fp16", "fp32")
 _KEYS = frozenset(
@@ -100,12 +109,38 @@ class Profile:
         bad = [k for k, v in self.quantization.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise ProfileSpecError(f"{where}: options must map strings to strings; fix {', '.join(map(str, bad))}")
+        if self.engine == "olive" or method == "gptq":
+            self._check_olive(where, method)
         if any(not isinstance(f, str) or not f or f != f.strip().lower() for f in self.cpu_features):
             raise ProfileSpecError(f"{where}: cpu_features must be lower-case flag names like 'avx2'")
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "cpu_features", tuple(sorted(set(self.cpu_features))))
         # Freeze the options so a profile cannot change after it was hashed into a cache key.
         object.__setattr__(self, "quantization", MappingProxyType(dict(sorted(self.quantization.items()))))
+
+    def _check_olive(self, where: str, method: str) -> None:
+        if self.engine != "olive":
+            raise ProfileSpecError(f"{where}: method gptq goes with engine olive only")
+        if method not in OLIVE_METHODS:
+            raise ProfileSpecError(f"{where}: engine olive quantizes with {' or '.join(OLIVE_METHODS)}, not {method!r}")
+        if (self.precision, self.execution_provider, self.requires) != ("int4", "cpu", "any"):
+            raise ProfileSpecError(
+                f"{where}: engine olive builds cpu int4 only (requires = 'any'); "
+                f"not {self.execution_provider} {self.precision} (requires = {self.requires!r})"
+            )
+        for key, value in self.quantization.items():
+            kind = GPTQ_OPTIONS.get(key)
+            if kind is None:
+                if key.startswith("gptq_"):
+                    raise ProfileSpecError(f"{where}: unknown option {key}; known: {', '.join(GPTQ_OPTIONS)}")
+                continue
+            if method != "gptq":
+                raise ProfileSpecError(f"{where}: option {key} is for method gptq only")
+            if not isinstance(value, str) or not _parses(value, kind):
+                raise ProfileSpecError(f"{where}: option {key} must be a {kind.__name__} (as a string), not {value!r}")
+        block = self.quantization.get("block_size", "32")
+        if method == "gptq" and (not block.isdigit() or int(block) not in (16, 32, 64, 128, 256)):
+            raise ProfileSpecError(f"{where}: gptq's group size (block_size) must be 16, 32, 64, 128 or 256")
 
     def spec(self) -> dict[str, Any]:
         """Everything that changes the converted model: part of the step cache key."""
@@ -140,6 +175,16 @@ class Profile:
         pb.quantization.update(self.quantization)
         pb.cpu_features.extend(self.cpu_features)
         return pb
+
+
+def _parses(text: str, kind: type) -> bool:
+    if kind is bool:
+        return text in ("true", "false")
+    try:
+        value = kind(text)
+    except ValueError:
+        return False
+    return bool(value > 0) if kind is int else bool(value >= 0)
 
 
 def load_profiles(text: str, *, source: str = "profiles.toml") -> Mapping[str, Profile]:

@@ -30,6 +30,8 @@ def test_known_profiles() -> None:
         "cuda-int4",
         "dml-int4",
         "webgpu-int4",
+        "cpu-int4-olive",
+        "cpu-int4-gptq",
     ]
     p = get_profile("cpu-int4")
     assert (p.execution_provider, p.precision, p.method, p.engine) == ("cpu", "int4", "rtn", "onnxruntime-genai")
