@@ -150,17 +150,17 @@ def convert(
             return
         _run_model_builder(model_dir, profile, out, threads=threads, timeout_s=timeout_s)
         if gguf is not None:
-            _import_gguf_blocks(out, gguf, model_dir)
+            _import_gguf_blocks(out, gguf, model_dir, profile.float_compute)
 
     lineage = {"engine": profile.engine, "quantization_method": profile.quantization_method}
     return cache.run(CONVERT_STEP, key, produce, record={"model_dir": str(model_dir.resolve()), **lineage, **record})
 
 
-def _import_gguf_blocks(out: Path, gguf: Path, model_dir: Path) -> None:
+def _import_gguf_blocks(out: Path, gguf: Path, model_dir: Path, float_compute: tuple[str, ...]) -> None:
     from slmops_builder.lossless import LosslessImportError, rewrite
 
     try:
-        counts = rewrite(out, gguf, model_dir)
+        counts = rewrite(out, gguf, model_dir, float_compute=float_compute)
     except LosslessImportError as exc:
         raise ConversionError(f"lossless import of {gguf.name} failed: {exc}") from None
     with (out / CONVERT_LOG).open("a") as log:

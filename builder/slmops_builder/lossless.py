@@ -19,6 +19,10 @@ block of 32 along K, so:
 The weights are exact either way; the arithmetic follows the model's `accuracy_level`: 4 quantizes the
 activations to int8 per block inside the kernel (fast; as llama.cpp does with Q8_1 activations), 1
 computes in float32 (logits match the float32 reference, at about half the speed on this CPU).
+`float_compute` names projections (`FLOAT_COMPUTE_PROJECTIONS`) computed in float32 in a model built
+with level 4: on SmolLM2 almost all of level 4's perplexity cost comes from `down_proj`, whose input
+(the gated MLP activation) has the widest range, so float32 there alone brings it back to the
+float32 reference's for a fraction of the speed that all-float32 costs.
 
 `rewrite` takes the model builder's int4 output (block 32) for the model folder the GGUF was imported
 into and replaces every quantized weight with the GGUF's own codes, scales and minima. Before it writes
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ import numpy.typing as npt
 from onnx import GraphProto, NodeProto, numpy_helper
 
 __all__ = [
+    "FLOAT_COMPUTE_PROJECTIONS",
     "FORMAT_VERSION",
     "LOSSLESS_TYPES",
     "BlockWeights",
@@ -73,6 +78,8 @@ _HF_LAYER_PREFIX = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
+# The model builder's projections (its node names), as `float_compute` names them.
+FLOAT_COMPUTE_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 _SUPPORTED_ARCHITECTURES = ("llama",)
 _NODE = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/(\w+)/MatMul_Q4$")
 _F32 = npt.NDArray[np.float32]
@@ -288,10 +295,12 @@ def _check_against_folder(weights: Mapping[str, BlockWeights], model_dir: Path, 
             )
 
 
-def rewrite(folder: Path, gguf_path: Path, model_dir: Path) -> dict[str, int]:
-    """Replace the quantized weights of the model builder's int4 output in `folder` with the GGUF's.
+def rewrite(folder: Path, gguf_path: Path, model_dir: Path, *, float_compute: Collection[str] = ()) -> dict[str, int]:
+    """Replace the quantized weights of the model builder's int4 output in `folder` with the GGUF's;
+    the projections named in `float_compute` compute in float32 (accuracy level 1).
 
-    Returns counts of what changed ({"matmuls": .., "with_minima": .., "lm_head_bits": ..}).
+    Returns counts of what changed ({"matmuls": .., "with_minima": .., "lm_head_bits": ..,
+    "float_compute": ..}).
     """
     import onnx
     from onnx import helper
@@ -309,7 +318,12 @@ def rewrite(folder: Path, gguf_path: Path, model_dir: Path) -> dict[str, int]:
     producers = {o: n for n in graph.node for o in n.output}
     after: dict[str, list[onnx.NodeProto]] = {}  # node name -> the nodes to place right after it
     block_sums: dict[str, str] = {}  # input tensor -> its per-block sums
-    counts = {"matmuls": 0, "with_minima": 0, "lm_head_bits": 0}
+    counts = {"matmuls": 0, "with_minima": 0, "lm_head_bits": 0, "float_compute": 0}
+    unknown = set(float_compute) - set(FLOAT_COMPUTE_PROJECTIONS)
+    if unknown:
+        raise LosslessImportError(
+            f"float_compute: unknown projections {sorted(unknown)}; known: {FLOAT_COMPUTE_PROJECTIONS}"
+        )
 
     def set_init(name: str, array: np.ndarray) -> None:
         tensor = numpy_helper.from_array(array, name)
@@ -337,6 +351,12 @@ def rewrite(folder: Path, gguf_path: Path, model_dir: Path) -> dict[str, int]:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if _projection(node.name) in float_compute and attrs.get("accuracy_level") != 1:
+            others = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*others, helper.make_attribute("accuracy_level", 1)])
+            attrs["accuracy_level"] = 1
+            counts["float_compute"] += 1
         if attrs.get("block_size") != BLOCK:
             raise LosslessImportError(f"{node.name}: model builder used block size {attrs.get('block_size')}, not 32")
         w = source(node.name)
@@ -397,6 +417,14 @@ def rewrite(folder: Path, gguf_path: Path, model_dir: Path) -> dict[str, int]:
     onnx.save_model(model, str(model_path), save_as_external_data=True, location=data_name, size_threshold=1024)
     (folder / data_name).chmod(0o644)  # onnx writes it owner-only; the model builder's files are 0644
     return counts
+
+
+def _projection(node_name: str) -> str:
+    """The projection a MatMulNBits node computes ("lm_head", "down_proj", ...); "" for another node."""
+    if node_name == "/lm_head/MatMul_Q4":
+        return "lm_head"
+    match = _NODE.match(node_name)
+    return match.group(2) if match else ""
 
 
 def _split_matmul(

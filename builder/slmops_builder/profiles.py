@@ -49,6 +49,8 @@ OLIVE_METHODS = ("rtn", "gptq")
 GPTQ_OPTIONS: Mapping[str, type] = MappingProxyType(
     {"gptq_sym": bool, "gptq_damp_percent": float, "gptq_samples": int, "gptq_seq_len": int}
 )
+# Options the lossless engine applies itself (lossless.rewrite), not the model builder's.
+_ENGINE_ONLY_OPTIONS = frozenset({"float_compute"})
 REQUIREMENTS = ("any", "gguf-4bit")
 _FLOAT = ("fp16", "fp32")
 _KEYS = frozenset(
@@ -111,12 +113,37 @@ class Profile:
             raise ProfileSpecError(f"{where}: options must map strings to strings; fix {', '.join(map(str, bad))}")
         if self.engine == "olive" or method == "gptq":
             self._check_olive(where, method)
+        if "float_compute" in self.quantization:
+            self._check_float_compute(where)
         if any(not isinstance(f, str) or not f or f != f.strip().lower() for f in self.cpu_features):
             raise ProfileSpecError(f"{where}: cpu_features must be lower-case flag names like 'avx2'")
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "cpu_features", tuple(sorted(set(self.cpu_features))))
         # Freeze the options so a profile cannot change after it was hashed into a cache key.
         object.__setattr__(self, "quantization", MappingProxyType(dict(sorted(self.quantization.items()))))
+
+    def _check_float_compute(self, where: str) -> None:
+        from slmops_builder.lossless import FLOAT_COMPUTE_PROJECTIONS
+
+        if self.engine != "slmops-gguf-lossless":
+            raise ProfileSpecError(f"{where}: option float_compute is for engine slmops-gguf-lossless only")
+        if self.quantization.get("accuracy_level") != "4":
+            raise ProfileSpecError(
+                f"{where}: option float_compute needs accuracy_level = '4' (the rest is float already)"
+            )
+        names = self.quantization["float_compute"].split(",")
+        unknown = [n for n in names if n not in FLOAT_COMPUTE_PROJECTIONS]
+        if unknown or len(set(names)) != len(names):
+            raise ProfileSpecError(
+                f"{where}: float_compute must name distinct projections of {', '.join(FLOAT_COMPUTE_PROJECTIONS)} "
+                f"(comma-separated), not {self.quantization['float_compute']!r}"
+            )
+
+    @property
+    def float_compute(self) -> tuple[str, ...]:
+        """Projections the lossless engine computes in float32 in an accuracy-level-4 model."""
+        value = self.quantization.get("float_compute", "")
+        return tuple(value.split(",")) if value else ()
 
     def _check_olive(self, where: str, method: str) -> None:
         if self.engine != "olive":
@@ -161,8 +188,9 @@ class Profile:
     def builder_args(self) -> list[str]:
         """Arguments for `python -m onnxruntime_genai.models.builder` (besides -i/-o/-c)."""
         args = ["-p", self.precision, "-e", self.execution_provider]
-        if self.quantization:
-            args += ["--extra_options", *(f"{k}={v}" for k, v in self.quantization.items())]
+        options = [f"{k}={v}" for k, v in self.quantization.items() if k not in _ENGINE_ONLY_OPTIONS]
+        if options:
+            args += ["--extra_options", *options]
         return args
 
     def to_pb(self, *, min_memory_bytes: int | None = None) -> manifest_pb2.HardwareProfile:

@@ -177,7 +177,29 @@ def test_lossless_weights_and_logits(tiny_gguf: tuple[Path, Path], tmp_path: Pat
     fast = convert(folder, get_profile("cpu-int4-gguf"), cache_dir=cache, threads=1)
     fast_w = _onnx_weights(fast.path)
     assert np.array_equal(fast_w["/lm_head/MatMul_Q4"], head) and len(fast_w) == 2 * 4 + 1
-    assert np.abs(_logits(fast.path, ids) - ref_logits).mean() < 0.02 * np.abs(ref_logits).mean()
+    fast_err = np.abs(_logits(fast.path, ids) - ref_logits).mean()
+    assert fast_err < 0.02 * np.abs(ref_logits).mean()
+    # The mixed profile: the same weights again; down_proj alone computes in float32.
+    mixed = convert(folder, get_profile("cpu-int4-gguf-mixed"), cache_dir=cache, threads=1)
+    levels = _accuracy_levels(mixed.path)
+    assert {n: lvl for n, lvl in levels.items() if lvl != 4} == {
+        f"/model/layers.{i}/mlp/down_proj/MatMul_Q4": 1 for i in range(2)
+    }
+    assert all(np.array_equal(w, fast_w[n]) for n, w in _onnx_weights(mixed.path).items())
+    assert '"float_compute": 2' in (mixed.path / "slmops_convert.log").read_text()
+    assert np.abs(_logits(mixed.path, ids) - ref_logits).mean() < 0.02 * np.abs(ref_logits).mean()
+
+
+def _accuracy_levels(folder: Path) -> dict[str, int]:
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return {
+        n.name: next(helper.get_attribute_value(a) for a in n.attribute if a.name == "accuracy_level")
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+    }
 
 
 def test_gguf_without_4bit_blocks_is_refused(tiny_hf_model: Path, tmp_path: Path) -> None:

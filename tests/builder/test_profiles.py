@@ -23,6 +23,7 @@ def test_known_profiles() -> None:
         "cpu-int4",
         "cpu-int4-kquant",
         "cpu-int4-gguf",
+        "cpu-int4-gguf-mixed",
         "cpu-int4-gguf-exact",
         "cpu-int8",
         "cpu-fp32",
@@ -47,6 +48,10 @@ def test_known_profiles() -> None:
     assert (gguf.method, gguf.engine, gguf.requires) == ("lossless-gguf", "slmops-gguf-lossless", "gguf-4bit")
     assert gguf.quantization_method == "lossless-gguf"
     assert get_profile("cpu-int4-gguf-exact").quantization["accuracy_level"] == "1"
+    mixed = get_profile("cpu-int4-gguf-mixed")
+    assert mixed.float_compute == ("down_proj",) and gguf.float_compute == ()
+    assert "float_compute=down_proj" not in mixed.builder_args()  # the lossless engine's, not the model builder's
+    assert mixed.spec() != gguf.spec()
     # Smaller precisions need less memory.
     assert PROFILES["cpu-int4"].min_memory_bytes < PROFILES["cpu-int8"].min_memory_bytes
     assert PROFILES["cpu-int8"].min_memory_bytes < PROFILES["cpu-fp32"].min_memory_bytes
@@ -97,6 +102,17 @@ def test_bad_profile_specs_refused() -> None:
     with pytest.raises(ProfileSpecError, match="options must map strings to strings"):
         Profile("x", "cpu", "int4", {"block_size": 32})  # type: ignore[dict-item]
     assert Profile("x", "cpu", "fp16").method == "none" and Profile("x", "cpu", "int8").method == "rtn"
+    lossless = {"method": "lossless-gguf", "engine": "slmops-gguf-lossless", "requires": "gguf-4bit"}
+    level4 = {"accuracy_level": "4", "float_compute": "down_proj"}
+    with pytest.raises(ProfileSpecError, match="float_compute is for engine slmops-gguf-lossless only"):
+        Profile("x", "cpu", "int4", level4)
+    with pytest.raises(ProfileSpecError, match="float_compute needs accuracy_level = '4'"):
+        Profile("x", "cpu", "int4", {"accuracy_level": "1", "float_compute": "down_proj"}, **lossless)
+    for bad in ("down", "down_proj,down_proj", "", "down_proj, o_proj"):
+        with pytest.raises(ProfileSpecError, match="float_compute must name distinct projections"):
+            Profile("x", "cpu", "int4", {**level4, "float_compute": bad}, **lossless)
+    both = Profile("x", "cpu", "int4", {**level4, "float_compute": "down_proj,lm_head"}, **lossless)
+    assert both.float_compute == ("down_proj", "lm_head")
 
 
 GOOD = """
