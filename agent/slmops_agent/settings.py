@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,10 +53,11 @@ class AgentSettings(BaseSettings):
         description="Bearer token callers must send on TCP gRPC and /v1 (needed off loopback).",
     )
     threads: int = Field(default_factory=free_cores, ge=1, le=256, description="onnxruntime intra-op threads.")
-    spinning: bool = Field(
-        False,
-        description="Let onnxruntime's threads spin while waiting: ~10% faster decode on idle cores, "
-        "a collapse when other processes share them (the default: off).",
+    spinning: Literal["auto"] | bool = Field(
+        "auto",
+        description="Let onnxruntime's threads spin while waiting: much faster decode on idle cores, a "
+        "collapse when other processes want them. auto: on when, as a model loads, every thread has a "
+        "core that other processes leave free.",
     )
     max_batch: int = Field(4, ge=1, le=64, description="Concurrent requests decoded together in one batch at most.")
     stream_group_s: float = Field(

@@ -35,6 +35,8 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         ("log_level", "LOUD"),
         ("telemetry_interval_s", 0),
         ("unknown_setting", 1),
+        ("spinning", "sometimes"),
+        ("stream_group_s", -0.1),
     ],
 )
 def test_bad_settings_are_refused(tmp_path: Path, field: str, value: object) -> None:
@@ -44,3 +46,10 @@ def test_bad_settings_are_refused(tmp_path: Path, field: str, value: object) -> 
 
 def test_free_cores_is_at_least_one() -> None:
     assert free_cores() >= 1
+
+
+def test_spinning_is_auto_by_default_and_takes_booleans(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert AgentSettings(state_dir=tmp_path).spinning == "auto"
+    for text, value in (("1", True), ("false", False), ("auto", "auto")):
+        monkeypatch.setenv("SLMOPS_AGENT_SPINNING", text)
+        assert AgentSettings(state_dir=tmp_path).spinning == value
