@@ -33,6 +33,7 @@ def test_known_profiles() -> None:
         "webgpu-int4",
         "cpu-int4-olive",
         "cpu-int4-gptq",
+        "cpu-int4-gptq16",
     ]
     p = get_profile("cpu-int4")
     assert (p.execution_provider, p.precision, p.method, p.engine) == ("cpu", "int4", "rtn", "onnxruntime-genai")
