@@ -347,11 +347,11 @@ class LoadedModel:
         self.info = info
         self.threads = threads
         self.spinning = resolve_spinning(spinning, threads)
-        spinning = self.spinning
         try:
             genai_config = json.loads((path / "genai_config.json").read_text())
             cfg = og.Config(str(path))
-            session = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": "1" if spinning else "0"}
+            spin = "1" if self.spinning else "0"
+            session = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": spin}
             overlay: dict[str, Any] = {"model": {"decoder": {"session_options": session}}}
             self.max_batch = max_batch if hasattr(og, "Engine") else 1
             if self.max_batch > 1:

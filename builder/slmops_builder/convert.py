@@ -33,7 +33,7 @@ from typing import Any
 
 from slmops_builder.importer import SOURCE_FILE, read_source_info
 from slmops_builder.profiles import Profile
-from slmops_builder.steps import ENTRY_FILE, StepCache, StepResult, file_hashes, tool_versions
+from slmops_builder.steps import ENTRY_FILE, StepCache, StepResult, file_hashes, offline_env, tool_versions
 
 __all__ = [
     "CONVERT_LOG",
@@ -168,15 +168,7 @@ def _import_gguf_blocks(out: Path, gguf: Path, model_dir: Path, float_compute: t
 
 
 def _run_model_builder(model_dir: Path, profile: Profile, out: Path, *, threads: int | None, timeout_s: float) -> None:
-    n = str(threads or min(2, os.cpu_count() or 1))
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = offline_env(threads or min(2, os.cpu_count() or 1))
     log_path = out / CONVERT_LOG
     with tempfile.TemporaryDirectory(prefix="slmops-mb-") as hf_cache, log_path.open("w") as log:
         cmd = [

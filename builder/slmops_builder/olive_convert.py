@@ -46,6 +46,7 @@ from typing import Any
 
 from slmops_builder.convert import CONVERT_LOG, ConversionError, _tail
 from slmops_builder.profiles import GPTQ_OPTIONS, Profile
+from slmops_builder.steps import offline_env
 
 __all__ = [
     "LAUNCHER_VERSION",
@@ -166,7 +167,6 @@ def _failure_line(log: str) -> str:
 def run_olive(model_dir: Path, profile: Profile, out: Path, *, threads: int | None, timeout_s: float) -> None:
     """Convert `model_dir` for an olive `profile` into `out` (a fresh folder) with `olive run`."""
     _check_olive(profile)
-    n = str(threads or min(2, os.cpu_count() or 1))
     log_path = out / CONVERT_LOG
     with tempfile.TemporaryDirectory(prefix="slmops-olive-") as tmp_name, log_path.open("w") as log:
         work = Path(tmp_name)
@@ -181,18 +181,12 @@ def run_olive(model_dir: Path, profile: Profile, out: Path, *, threads: int | No
         config = olive_config(model_dir, profile, work, calibration)
         config_path = work / "olive_config.json"
         config_path.write_text(json.dumps(config, indent=2) + "\n")
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HOME": str(work / "hf"),  # the model builder's cache_dir is Olive's HF_HUB_CACHE
-            "HF_DATASETS_CACHE": str(work / "hf-datasets"),
-            "OLIVE_DISABLE_TELEMETRY": "1",
-            "OMP_NUM_THREADS": n,
-            "MKL_NUM_THREADS": n,
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+        env = offline_env(
+            threads or min(2, os.cpu_count() or 1),
+            HF_HOME=str(work / "hf"),  # the model builder's cache_dir is Olive's HF_HUB_CACHE
+            HF_DATASETS_CACHE=str(work / "hf-datasets"),
+            OLIVE_DISABLE_TELEMETRY="1",
+        )
         cmd = [sys.executable, "-m", "slmops_builder.olive_convert", "run", "--config", str(config_path)]
         cmd += ["--disable_telemetry"]
         log.write("$ " + " ".join(cmd) + "\n" + json.dumps(config, indent=2) + "\n")

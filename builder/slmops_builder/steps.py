@@ -25,7 +25,15 @@ from typing import Any
 
 from slmops_protos.manifests import sha256_file
 
-__all__ = ["ENTRY_FILE", "StepCache", "StepResult", "default_cache_dir", "file_hashes", "tool_versions"]
+__all__ = [
+    "ENTRY_FILE",
+    "StepCache",
+    "StepResult",
+    "default_cache_dir",
+    "file_hashes",
+    "offline_env",
+    "tool_versions",
+]
 
 ENTRY_FILE = "slmops_step.json"
 
@@ -35,6 +43,21 @@ def default_cache_dir() -> Path:
     from slmops_builder.settings import BuilderSettings
 
     return BuilderSettings().cache_dir.expanduser()
+
+
+def offline_env(threads: int | None, **extra: str) -> dict[str, str]:
+    """The environment of a tool the builder runs in a subprocess (model builder, Olive): this one's,
+    offline for the Hugging Face libraries, OpenMP/MKL limited to `threads` (None: left alone), plus `extra`."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return {**env, **extra}
 
 
 CONVERT_TOOLS = ("onnxruntime-genai", "onnxruntime", "transformers", "onnx-ir")

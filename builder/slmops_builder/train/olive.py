@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from slmops_builder.steps import offline_env
 from slmops_builder.train.finetune import (
     ADAPTER_DIR,
     FinetuneConfig,
@@ -258,10 +258,8 @@ def finetune_olive(
             )
         olive_out, trainer_dir = tmp / "olive-out", tmp / "trainer"
         cmd = olive_command(base_model.resolve(), data_file, olive_out, trainer_dir, cfg)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        env["HF_DATASETS_CACHE"] = str(tmp / "hf-datasets")  # the JSON dataset's arrow cache dies with tmp
-        if cfg.threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(cfg.threads)
+        # the JSON dataset's arrow cache dies with tmp
+        env = offline_env(cfg.threads, HF_DATASETS_CACHE=str(tmp / "hf-datasets"))
         proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log = proc.stdout or ""
         (out_dir / LOG_FILE).write_text(log)
