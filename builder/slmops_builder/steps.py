@@ -128,8 +128,9 @@ class StepCache:
                 return found
             if entry.exists():  # an entry without its record: a leftover of a crash
                 _rmtree(entry)
+            for stale in entry.parent.glob(f"{key}.tmp-*"):  # a killed run's (we hold the lock)
+                _rmtree(stale)
             tmp = entry.with_name(f"{key}.tmp-{os.getpid()}")
-            _rmtree(tmp)
             tmp.mkdir()
             start = time.monotonic()
             try:

@@ -181,3 +181,28 @@ def test_stage_refuses_existing_folder_and_bad_search(
     tok_cfg = json.loads((staged / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in tok_cfg["chat_template"]  # Foundry Local and older runtimes read it here
     assert json.loads((staged / "inference_model.json").read_text())["Name"] == "x"
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A process SIGKILLed while producing leaves `<key>.tmp-<pid>`; the next run of the key (holding
+    its lock) removes it and builds the entry afresh."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time; from pathlib import Path; from slmops_builder.steps import StepCache\n"
+        "def produce(out):\n"
+        "    (out / 'half').write_text('x'); print('producing', flush=True); time.sleep(60)\n"
+        "StepCache(Path(sys.argv[1])).run('s', 'k', produce)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "producing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert [p.name for p in (tmp_path / "s").glob("k.tmp-*")] == [f"k.tmp-{proc.pid}"]
+    t0 = time.monotonic()
+    result = StepCache(tmp_path).run("s", "k", lambda out: (out / "x").write_text("1"))
+    assert not result.cached and (result.path / "x").read_text() == "1" and time.monotonic() - t0 < 10
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["k", "k.lock"]
