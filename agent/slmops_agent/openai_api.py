@@ -151,7 +151,7 @@ class _Run:
     yields ("text", str) pieces and ends with ("done", GenerationResult); leaving it cancels."""
 
     def __init__(self, host: ModelHost, req: GenerationRequest) -> None:
-        self.relay = Relay(asyncio.get_running_loop(), host.stream_group_s)
+        self.relay = Relay(asyncio.get_running_loop(), host.stream_group_s, host.first_yield_s)
         self.cancel = threading.Event()
         self.future = host.submit(req, cancel=self.cancel, on_text=lambda t: self._put("text", t))
         self.future.add_done_callback(self._done)

@@ -33,7 +33,7 @@ from slmops_agent.errors import (
     QueueFull,
     status_name,
 )
-from slmops_agent.relay import GROUP_S
+from slmops_agent.relay import FIRST_YIELD_S, GROUP_S
 
 log = logging.getLogger(__name__)
 
@@ -860,7 +860,8 @@ class ModelHost:
     to the model's `max_batch`); each member still streams, stops and is cancelled on its own.
     `batch_linger_s`: after a batch of several, how long the next head may wait for the clients of
     that batch to come back (only when the queue has just fallen idle). `stream_group_s`: the servers'
-    streams send the text after the first piece in groups this far apart (`relay.Relay`)."""
+    streams send the text after the first piece in groups this far apart (`relay.Relay`);
+    `first_yield_s`: how long their generation pauses once the first piece is handed over."""
 
     def __init__(
         self,
@@ -884,6 +885,13 @@ class ModelHost:
     @property
     def model(self) -> LoadedModel | None:
         return self._model
+
+    @property
+    def first_yield_s(self) -> float:
+        """`relay.FIRST_YIELD_S` when the model's threads take every core (nothing else would get one
+        to send the first piece), else 0."""
+        model = self._model
+        return FIRST_YIELD_S if model is not None and model.threads >= (os.cpu_count() or 1) else 0.0
 
     def add_listener(self, callback: Callable[[LoadedModel | None], None]) -> None:
         self._listeners.append(callback)

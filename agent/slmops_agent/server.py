@@ -193,7 +193,7 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         self, request: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.GenerateResponse]:
         req = request_from_pb(request)
-        relay = Relay(asyncio.get_running_loop(), self.host.stream_group_s)
+        relay = Relay(asyncio.get_running_loop(), self.host.stream_group_s, self.host.first_yield_s)
         cancel = CancelToken()
 
         def put(kind: str, value: Any) -> None:

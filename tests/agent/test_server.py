@@ -299,3 +299,45 @@ def test_the_first_piece_holds_the_generation_until_the_consumer_has_sent_it(mon
         await asyncio.to_thread(thread.join, 5)
 
     asyncio.run(main())
+
+
+def test_after_the_first_piece_the_generation_pauses_for_first_yield_s() -> None:
+    """Once the consumer has taken the first piece, its producer still pauses `first_yield_s` (the
+    threads that carry the piece to the client get a core); later pieces never pause."""
+    from slmops_agent.relay import Relay
+
+    async def main() -> None:
+        relay = Relay(asyncio.get_running_loop(), group_s=0.0, first_yield_s=0.3)
+        took: list[float] = []
+
+        def produce() -> None:
+            for piece in "ab":
+                t0 = time.monotonic()
+                relay.put("text", piece)
+                took.append(time.monotonic() - t0)
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        assert await relay.next() == ("text", "a")
+        assert await asyncio.wait_for(relay.next(), 5) == ("text", "b")
+        await asyncio.to_thread(thread.join, 5)
+        assert took[0] >= 0.3 and took[1] < 0.3
+
+    asyncio.run(main())
+
+
+def test_the_host_asks_for_the_pause_only_when_the_model_takes_every_core(
+    model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slmops_agent import runtime
+
+    host = ModelHost(queue_bound=1, limits=Limits())
+    try:
+        assert host.first_yield_s == 0.0  # no model
+        host.swap(model)  # one thread
+        monkeypatch.setattr(runtime.os, "cpu_count", lambda: 1)
+        assert host.first_yield_s == runtime.FIRST_YIELD_S > 0
+        monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+        assert host.first_yield_s == 0.0
+    finally:
+        host.close()
