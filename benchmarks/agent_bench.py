@@ -444,7 +444,8 @@ def _common(args: argparse.Namespace) -> list[str]:
 
 def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str, Any] | str], list[dict[str, Any]]]:
     """Start every engine, then take turns: one run of each per round, so that a change in the
-    machine's load falls on all of them alike. Then the concurrency sweep against the agent."""
+    machine's load falls on all of them alike, with a pause after each run (`--settle`) so that no
+    engine runs while the previous one's threads still spin. Then the concurrency sweep against the agent."""
     import grpc
     import httpx
 
@@ -495,6 +496,7 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
                 got = runner()
                 if i >= args.warmup:
                     runs[engine].append(got)
+                time.sleep(args.settle)
         for engine in runners:
             results[engine] = _figures(runs[engine]) | {"peak_rss_mb": rss[engine]()}
         sweep = concurrency(args, agent.ready[1]) if agent is not None else []
@@ -521,6 +523,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=6, help="Measured runs per engine (after the warm-up).")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.5,
+        help="Seconds of pause after each run, so that the engine that just ran stops spinning before the "
+        "next one starts (onnxruntime's idle threads burn ~50 ms of CPU after a generation here): on a "
+        "device the agent runs alone.",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="Requests per client in the concurrency sweep.")
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
@@ -565,6 +575,8 @@ def main() -> None:
                 "decode_tps_p50": statistics.median(r["decode_tps"]),
                 "peak_rss_mb": r["peak_rss_mb"],
                 "prompt_tokens": r["prompt_tokens"],
+                "ttft_ms_runs": [round(x, 2) for x in r["ttft_ms"]],  # in round order: engines pair up by index
+                "decode_tps_runs": [round(x, 2) for x in r["decode_tps"]],
             }
             for engine, r in results.items()
             if isinstance(r, dict)
