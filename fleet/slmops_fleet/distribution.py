@@ -78,7 +78,12 @@ class _Job:
     first_request: float = 0.0
     started: bool = False
     sent_chunks: int = 0
+    sending: int | None = None  # the chunk taken from `pending` and not yet published
     file: BinaryIO | None = None
+
+    def to_send(self) -> set[int]:
+        """The chunks this job will still publish."""
+        return {*self.pending, *(() if self.sending is None else (self.sending,))}
 
     def describe(self) -> dict[str, object]:
         return {
@@ -87,7 +92,7 @@ class _Job:
             "chunk_size": self.chunk_size,
             "chunks": self.count,
             "sent": self.sent_chunks,
-            "remaining": len(self.pending),
+            "remaining": len(self.to_send()),
             "devices": sorted(self.members),
             "started": self.started,
         }
@@ -259,7 +264,7 @@ class BlobDistributor:
         queued: set[int] = set()
         for job in (self._broadcasts.get(key), self._rebroadcasts.get(key), self._repairs.get((device_id, *key))):
             if job is not None:
-                queued.update(job.pending)
+                queued.update(job.to_send())
         sent = self._sent_at.get(key)
         if sent:
             self._busy()  # refreshes when the broker was last seen busy
@@ -379,9 +384,9 @@ class BlobDistributor:
             picked = self._next_chunk()
             if picked is None:
                 break
-            job, index, last = picked
+            job, index = picked
             try:
-                self._send(job, index)
+                last = self._send(job, index)
             except Exception:
                 log.exception("sending chunk %d of blob %s failed; dropping this transfer", index, job.sha256[:12])
                 self._drop(job)
@@ -392,7 +397,7 @@ class BlobDistributor:
                 except Exception:  # the sender must outlive any one transfer
                     log.exception("finishing the transfer of blob %s failed", job.sha256[:12])
 
-    def _next_chunk(self) -> tuple[_Job, int, bool] | None:
+    def _next_chunk(self) -> tuple[_Job, int] | None:
         with self._cond:
             while True:
                 if self._stopping:
@@ -418,12 +423,8 @@ class BlobDistributor:
                             "%s of blob %s: %d chunks to %s",
                             job.kind, job.sha256[:12], len(job.pending), ", ".join(sorted(job.members)),
                         )  # fmt: skip
-                    index = job.pending.popleft()
-                    last = not job.pending
-                    if last:
-                        # From here a new request starts a new transfer instead of joining this one.
-                        self._unregister(job)
-                    return job, index, last
+                    job.sending = job.pending.popleft()
+                    return job, job.sending
                 waits = [j.start_at - now for j in self._jobs if j.pending]
                 waits += [max(0.1, g.since + self.coalesce_window_s - now) for g in self._gaps.values()]
                 self._cond.wait(timeout=max(0.01, min(waits)) if waits else None)
@@ -464,7 +465,7 @@ class BlobDistributor:
                     continue
                 repair = self._repairs.get((device_id, *key))
                 if repair is not None:
-                    have = set(repair.pending)
+                    have = repair.to_send()
                     repair.pending.extend(i for i in alone if i not in have)
                     continue
                 repair = _Job(
@@ -559,7 +560,11 @@ class BlobDistributor:
                 return True
         return False
 
-    def _send(self, job: _Job, index: int) -> None:
+    def _send(self, job: _Job, index: int) -> bool:
+        """Publish one chunk; True when it was the job's last. The job takes new members (and a
+        repair new chunks) until its last chunk is published (the sender may wait for the broker
+        first): a request that comes meanwhile joins it rather than starting another transfer of the
+        same chunks, and one that comes after it finds the chunk's send time."""
         if not self.publisher.wait_connected(0) and not self._wait_connected():
             raise ConnectionError("not connected to the broker")
         data = self._read(job, index)
@@ -568,10 +573,16 @@ class BlobDistributor:
         self._wait_for_broker()
         self._pace(len(data))
         self._inflight.append(self.publisher.publish(job.topic, payload, qos=1))
-        job.sent_chunks += 1
-        if job.kind == BROADCAST:
-            with self._cond:
+        with self._cond:
+            job.sent_chunks += 1
+            job.sending = None
+            if job.kind == BROADCAST:
                 self._sent_at.setdefault((job.sha256, job.chunk_size), {})[index] = time.monotonic()
+            last = not job.pending
+            if last:  # from here a new request starts a new transfer instead of joining this one
+                self._unregister(job)
+        if job.kind == BROADCAST:
             self._count(job.sha256, broadcast_bytes=len(data), broadcast_chunks=1)
         else:
             self._count(job.sha256, repair_bytes=len(data), repair_chunks=1)
+        return last

@@ -354,3 +354,37 @@ def test_a_request_slower_than_the_broadcast_it_asked_for_is_covered(
     backlog.pending = 900
     assert d.request("dev-slow", blob.sha256, (), CHUNK).action == "covered"
     assert d.request("dev-late", blob.sha256, (), CHUNK).action == "broadcast"
+
+
+def test_a_request_while_the_last_chunk_waits_for_the_broker_joins_its_broadcast(tmp_path: Path) -> None:
+    """A one-chunk blob (an adapter): the sender has taken its only chunk and waits for a busy broker.
+    Requests that come meanwhile join that broadcast instead of starting another (1,000 devices on
+    the embedded broker: the adapter's chunk went out 4-5 times)."""
+    import hashlib
+
+    data = random_bytes(CHUNK // 2, 3)
+    path = tmp_path / "adapter"
+    path.write_bytes(data)
+    small = BlobRecord(hashlib.sha256(data).hexdigest(), len(data), str(path))
+    rec, backlog = Recorder(), Backlog(pending=150, connected=100)
+    d = BlobDistributor(
+        TOPICS, rec, blob_lookup=lambda sha: small if sha == small.sha256 else None, blob_path=lambda b: Path(b.path),
+        stats_sink=lambda _deltas: None, default_chunk_size=CHUNK, rate=0, coalesce_window_s=0.0, max_inflight=2,
+        broker_backlog=backlog, in_flight_max_s=0.1,
+    )  # fmt: skip
+    d.start()
+    try:
+        assert d.request("dev-0", small.sha256, (), CHUNK).action == "broadcast"
+        deadline = time.monotonic() + 5
+        while not any(job["started"] for job in d.active()):  # the start is held for in_flight_max_s
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert rec.sent == [], "the chunk waits for the broker"
+        assert d.request("dev-1", small.sha256, (), CHUNK).action == "joined"
+        assert d.request("dev-2", small.sha256, (), CHUNK).action == "joined"
+        backlog.pending = 0
+        _wait_idle(d)
+        assert rec.chunks(TOPICS.blob_chunks(small.sha256)) == [0]
+    finally:
+        d.stop()
