@@ -17,8 +17,9 @@
   its desired state, `fetch_started`, or it first asked for the blob: a broker keeps a publisher's
   order, so those reach it after its desired state), while the broker has been busy since (or
   until less than `settle_s`, or twice the recent request round trip, ago), are dropped from its
-  requests (a whole-blob request is then answered by nothing): it asked before they reached it,
-  and asks again after its stall timer if they never do.
+  requests (a whole-blob request is then answered by nothing, as it is for that long after the
+  broadcast's last chunk went out, before the broker's backlog shows it): it asked before they
+  reached it, and asks again after its stall timer if they never do.
 - One sender thread serves every transfer round-robin, one chunk at a time, paced to
   `rate` bytes/s in total, with at most `max_inflight` chunks published but not yet
   acknowledged by the broker, so neither the fleet's client nor the broker buffers much. Where
@@ -304,7 +305,7 @@ class BlobDistributor:
             return False
         oldest = min(sent.values())
         self._busy()  # refreshes when the broker was last seen busy
-        return oldest >= self._since(key, device_id) and self._maybe_in_flight(oldest, now)
+        return oldest >= self._since(key, device_id) and self._maybe_in_flight(oldest, now, whole=True)
 
     def _forget_old_sends(self, key: tuple[str, int], now: float) -> None:
         """Drop a blob's send and request times once none of its chunks can still be on the way."""
@@ -313,14 +314,20 @@ class BlobDistributor:
             del self._sent_at[key]
             self._asked_at.pop(key, None)
 
-    def _maybe_in_flight(self, sent_at: float, now: float) -> bool:
+    def _maybe_in_flight(self, sent_at: float, now: float, *, whole: bool = False) -> bool:
         """A chunk broadcast at `sent_at` may still be on its way to devices, or a device's request
         about it may be: the broker was busy after it was sent, and until less than `settle_s` ago or
         than twice the recent request round trip (a desired state out, the device's first request
-        in: how stale a request can be when it reaches the fleet)."""
+        in: how stale a request can be when it reaches the fleet). For a `whole`-blob request, where
+        the broker reports its backlog, also when it was sent less than that long ago: the backlog
+        counts a chunk only once the broker has it and is read at most every 0.1 s, so a request
+        that comes right after the send would find the broker idle and start the same broadcast
+        again (1,000 devices on the embedded broker: every one-chunk blob went out twice)."""
+        if now - sent_at >= self.in_flight_max_s:
+            return False
         settle = max(self.settle_s, 2 * self._round_trip)
         busy_after = sent_at <= self._last_busy and now - self._last_busy < settle
-        return busy_after and now - sent_at < self.in_flight_max_s
+        return busy_after or (whole and self._broker_backlog is not None and now - sent_at < settle)
 
     def _refuse(self, device_id: str, sha256: str, why: str) -> RequestOutcome:
         log.warning("blob request from %s for %s refused: %s", device_id, sha256[:12], why)

@@ -388,3 +388,21 @@ def test_a_request_while_the_last_chunk_waits_for_the_broker_joins_its_broadcast
         assert rec.chunks(TOPICS.blob_chunks(small.sha256)) == [0]
     finally:
         d.stop()
+
+
+def test_a_request_right_after_a_broadcast_is_covered_before_the_broker_reports_it(
+    distributor: Callable[..., Any], blob: BlobRecord
+) -> None:
+    """The broker's backlog counts a chunk only once it has it: a device whose request comes just
+    after the broadcast (its desired state went out before) is covered for `settle_s` even while
+    the backlog still reads idle; later it gets the blob again."""
+    backlog = Backlog(pending=0, connected=1000)
+    d, rec = distributor(coalesce_window_s=0.0, broker_backlog=backlog, settle_s=0.5)
+    d.fetch_started("dev-b", 1)
+    d.request("dev-a", blob.sha256, (), CHUNK)
+    _wait_idle(d)
+    assert d.request("dev-b", blob.sha256, (), CHUNK).action == "covered"
+    time.sleep(0.6)
+    assert d.request("dev-b", blob.sha256, (), CHUNK).action == "broadcast"
+    _wait_idle(d)
+    assert rec.chunks(TOPICS.blob_chunks(blob.sha256)) == list(range(8)) * 2
