@@ -94,9 +94,19 @@ class FleetClient:
 
     # --- plumbing -------------------------------------------------------------------------------
 
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            if method != "GET":
+                raise
+            # A kept-alive connection that the fleet closed as this request went out (seen with 1,000
+            # devices keeping it busy): a GET changes nothing, so it goes once more, on a new one.
+            return self._http.request(method, path, **kwargs)
+
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._send(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise FleetClientError(
                 f"the fleet is not running at {self.url} (cannot connect: {_first_line(exc)}); "
