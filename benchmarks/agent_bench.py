@@ -538,6 +538,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["inprocess", "llama.cpp", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=["grouped", "each"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.settle < 0:
+        parser.error(f"--settle is a pause in seconds (0 or more), not {args.settle}")
     args.model_dir = args.model_dir or default_model_dir()
     args.hf_dir = args.hf_dir or default_hf_dir(args.model_dir)
     args.gguf = args.gguf or default_gguf()
