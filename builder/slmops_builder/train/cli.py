@@ -238,6 +238,14 @@ def distill(
         Path | None, typer.Option("--student", help="Student HF folder [default: a layer-pruned teacher].")
     ] = None,
     keep_layers: Annotated[int, typer.Option("--keep-layers", help="Layers of the pruned student.")] = 8,
+    vocab_top: Annotated[
+        int | None,
+        typer.Option(
+            "--vocab-top",
+            help="Trim the pruned student's vocabulary to the task's tokens plus the N most frequent "
+            "[default: keep the teacher's].",
+        ),
+    ] = None,
     max_steps: Annotated[int, typer.Option("--max-steps")] = 200,
     lr: Annotated[float, typer.Option("--lr")] = 5e-4,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
@@ -260,6 +268,7 @@ def distill(
         held_out = load_jsonl(test) if test else []
         cfg = DistillConfig(
             keep_layers=keep_layers,
+            vocab_top=vocab_top,
             max_steps=max_steps,
             learning_rate=lr,
             batch_size=batch_size,

@@ -7,9 +7,13 @@ the inputs and the generation settings. Answers that are not a JSON object are f
 counted.
 
 Stage 2 (`distill`): a student (by default a layer-pruned copy of the teacher: evenly spaced layers,
-first and last kept) learns the teacher's answers: KL divergence between temperature-softened
-teacher and student distributions (scaled by T^2) plus cross-entropy on the teacher's text, when the
-two share a vocabulary; cross-entropy on the teacher's text alone (sequence-level KD) otherwise.
+first and last kept; with `vocab_top`, its vocabulary trimmed to the task's tokens, see `vocab.py`)
+learns the teacher's answers: KL divergence between temperature-softened teacher and student
+distributions (scaled by T^2) plus cross-entropy on the teacher's text, when the student's tokens are
+the teacher's (the same vocabulary or a trimmed copy of it: the teacher's logits are taken at the
+student's tokens); cross-entropy on the teacher's text alone (sequence-level KD) otherwise. The
+teacher's distributions at the answer positions are computed once per example and kept in memory
+when they fit in `teacher_cache_mb`.
 `evaluate_models` scores teacher, student and the undistilled student on held-out examples.
 The student folder holds slmops_training.json (teacher, its weights' hash, data hash): the lineage
 its packages carry.
@@ -37,10 +41,12 @@ from slmops_builder.train.finetune import (
     encode_example,
     load_tokenizer,
     plot_losses,
+    prompt_text,
     write_loss_csv,
     write_training_record,
 )
 from slmops_builder.train.tasks import Example, dataset_sha256, parse_action, score
+from slmops_builder.train.vocab import VOCAB_FILE, read_kept_ids, trim_vocab
 
 __all__ = [
     "DistillConfig",
@@ -71,6 +77,13 @@ class DistillConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     teacher_batch_size: int = Field(default=8, ge=1)
     max_new_tokens: int = Field(default=64, ge=1)
+    vocab_top: int | None = Field(
+        default=None,
+        ge=0,
+        description="trim the pruned student's vocabulary to the task's tokens plus the N most frequent "
+        "(None: keep the teacher's)",
+    )
+    teacher_cache_mb: int = Field(default=2048, ge=0, description="memory for the teacher's distributions")
 
 
 @dataclass(frozen=True)
@@ -220,8 +233,58 @@ def prune_layers(teacher: Path, keep_layers: int, out: Path) -> Path:
     return out
 
 
-def _same_vocab(a: Any, b: Any) -> bool:
-    return bool(a.get_vocab() == b.get_vocab())
+def _teacher_ids(t_tok: Any, s_tok: Any, student: Path) -> tuple[bool, list[int] | None]:
+    """(whether the student's tokens are the teacher's, the teacher's id of each student token): the
+    same vocabulary gives (True, None), a trimmed copy of the teacher's (True, its kept ids)."""
+    kept = read_kept_ids(student)
+    if kept is None:
+        return t_tok.get_vocab() == s_tok.get_vocab(), None
+    if len(s_tok) != len(kept) or max(kept) >= len(t_tok):
+        return False, None
+    return t_tok.convert_ids_to_tokens(kept) == s_tok.convert_ids_to_tokens(list(range(len(kept)))), kept
+
+
+class _TeacherTargets:
+    """The teacher's log-probabilities (at temperature T, over the student's tokens) at the answer
+    positions of each example: computed for the examples of a batch, kept when they fit the budget."""
+
+    def __init__(self, model: Any, teacher_ids: list[int] | None, temperature: float, budget_bytes: int) -> None:
+        import torch
+
+        self.model = model
+        head = model.get_output_embeddings()
+        rows = head.weight.shape[0]
+        self.index = torch.tensor(teacher_ids if teacher_ids is not None else range(rows), dtype=torch.long)
+        self.weight = head.weight.detach()[self.index]
+        bias = getattr(head, "bias", None)
+        self.bias = bias.detach()[self.index] if bias is not None else None
+        self.temperature = temperature
+        self.budget = budget_bytes
+        self.used = 0
+        self.cache: dict[int, Any] = {}
+
+    def __call__(self, indices: Sequence[int], encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        missing = [i for i in dict.fromkeys(indices) if i not in self.cache]
+        fresh: dict[int, Any] = {}
+        if missing:
+            batch = collate([encoded[i] for i in missing], pad_id)
+            with torch.no_grad():
+                hidden = self.model.base_model(
+                    input_ids=self.index[batch["input_ids"]], attention_mask=batch["attention_mask"]
+                ).last_hidden_state
+                mask = batch["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
+                for row, i in enumerate(missing):
+                    logits = F.linear(hidden[row, :-1][mask[row]], self.weight, self.bias)
+                    fresh[i] = F.log_softmax(logits / self.temperature, -1)
+            for i, value in fresh.items():
+                size = value.numel() * value.element_size()
+                if self.used + size <= self.budget:
+                    self.cache[i] = value
+                    self.used += size
+        return torch.cat([self.cache[i] if i in self.cache else fresh[i] for i in indices])
 
 
 def distill(
@@ -251,12 +314,24 @@ def distill(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     init_dir: Path | None = None
+    t_tok = load_tokenizer(teacher)
     if student is None:
-        init_dir = prune_layers(teacher, cfg.keep_layers, out / INIT_DIR)
+        if cfg.vocab_top is None:
+            init_dir = prune_layers(teacher, cfg.keep_layers, out / INIT_DIR)
+        else:
+            pruned = prune_layers(teacher, cfg.keep_layers, out / (INIT_DIR + "-all-tokens"))
+            texts = [t for ex in data for t in (prompt_text(t_tok, ex.prompt_messages), ex.output)]
+            init_dir = trim_vocab(pruned, texts, out / INIT_DIR, keep_top=cfg.vocab_top).path
+            shutil.copy2(pruned / "slmops_pruned.json", init_dir / "slmops_pruned.json")
+            shutil.rmtree(pruned)
         student = init_dir
-    t_tok, s_tok = load_tokenizer(teacher), load_tokenizer(student)
-    kd = _same_vocab(t_tok, s_tok)
-    teacher_model = load_causal_lm(teacher).eval() if kd and cfg.kd_weight > 0 else None
+    s_tok = load_tokenizer(student)
+    shared, teacher_ids = _teacher_ids(t_tok, s_tok, student)
+    targets = None
+    if shared and cfg.kd_weight > 0:
+        targets = _TeacherTargets(
+            load_causal_lm(teacher).eval(), teacher_ids, cfg.temperature, cfg.teacher_cache_mb * 2**20
+        )
     model = load_causal_lm(student)
     model.config.use_cache = False
     model.train()
@@ -274,13 +349,11 @@ def distill(
         ce = outputs.loss
         loss = ce
         kl_value = None
-        if teacher_model is not None:
-            with torch.no_grad():
-                t_logits = teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if targets is not None:
+            t_logp = targets(idx, encoded, pad_id)
             mask = batch["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
             s_sel = outputs.logits[:, :-1][mask] / temp
-            t_sel = t_logits[:, :-1][mask] / temp
-            kl = F.kl_div(F.log_softmax(s_sel, -1), F.log_softmax(t_sel, -1), log_target=True, reduction="batchmean")
+            kl = F.kl_div(F.log_softmax(s_sel, -1), t_logp, log_target=True, reduction="batchmean")
             kl = kl * temp * temp
             kl_value = kl.detach().item()
             loss = cfg.kd_weight * kl + (1 - cfg.kd_weight) * ce
@@ -309,6 +382,8 @@ def distill(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     s_tok.save_pretrained(str(tmp))
+    if (Path(student) / VOCAB_FILE).is_file():  # the student's tokens are still those of its trimmed start
+        shutil.copy2(Path(student) / VOCAB_FILE, tmp / VOCAB_FILE)
     training = {
         "kind": "distill",
         "teacher": str(teacher.resolve()),
@@ -320,10 +395,9 @@ def distill(
     shutil.rmtree(student_dir, ignore_errors=True)  # a rerun into the same folder replaces its student
     tmp.rename(student_dir)
     write_loss_csv(history, out / "loss.csv")
-    plot_losses(history, out / "loss.png", title=f"distillation ({'KL+CE' if teacher_model is not None else 'CE'})")
-    result = DistillResult(
-        student_dir, init_dir, cfg.max_steps, "kl+ce" if teacher_model is not None else "sequence", history
-    )
+    mode = "kl+ce" if targets is not None else "sequence"
+    plot_losses(history, out / "loss.png", title=f"distillation ({'KL+CE' if targets is not None else 'CE'})")
+    result = DistillResult(student_dir, init_dir, cfg.max_steps, mode, history)
     result.seconds = time.perf_counter() - t0
     summary = {
         **result.to_json(),
