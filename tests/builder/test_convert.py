@@ -206,3 +206,21 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path: Pat
     result = StepCache(tmp_path).run("s", "k", lambda out: (out / "x").write_text("1"))
     assert not result.cached and (result.path / "x").read_text() == "1" and time.monotonic() - t0 < 10
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["k", "k.lock"]
+
+
+def test_kquant_tied_keeps_one_int4_table_for_a_tied_model(tiny_hf_model: Path, tmp_path: Path) -> None:
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tied = tmp_path / "tied"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_hf_model), dtype=torch.float32)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    model.save_pretrained(str(tied))
+    AutoTokenizer.from_pretrained(str(tiny_hf_model)).save_pretrained(str(tied))
+    built = convert(tied, get_profile("cpu-int4-kquant-tied"), cache_dir=tmp_path / "cache", threads=1)
+    graph = onnx.load(str(built.path / "model.onnx"), load_external_data=False).graph
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}  # the embedding reads the lm_head's table
+    (head,) = [n for n in graph.node if n.name.startswith("/lm_head/")]
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 4

@@ -22,6 +22,7 @@ def test_known_profiles() -> None:
     assert profile_names() == [
         "cpu-int4",
         "cpu-int4-kquant",
+        "cpu-int4-kquant-tied",
         "cpu-int4-gguf",
         "cpu-int4-gguf-mixed",
         "cpu-int4-gguf-exact",

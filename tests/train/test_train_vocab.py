@@ -1,6 +1,6 @@
 """Vocabulary trimming on the tiny model: exact tokenization and logits on the task's texts, any text
 still encodable, onnxruntime-genai reads the trimmed model, clear errors, and a distillation into a
-trimmed student that keeps the KL term."""
+trimmed student that keeps the KL term, and a context window that must hold the training length."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from pathlib import Path
 import onnxruntime_genai as og
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from slmops_builder.cli import app
 from slmops_builder.convert import convert
 from slmops_builder.profiles import get_profile
 from slmops_builder.train.distill import DistillConfig, distill
 from slmops_builder.train.finetune import load_causal_lm, load_tokenizer, prompt_text
 from slmops_builder.train.generation import OrtGenerator
-from slmops_builder.train.tasks import generate_splits
+from slmops_builder.train.tasks import generate_splits, write_jsonl
 from slmops_builder.train.vocab import VOCAB_FILE, read_kept_ids, trim_vocab
 
 UNSEEN = "Zebras quickly vault over 7 jumbled xylophones!"
@@ -99,9 +101,22 @@ def test_trimming_refuses_what_it_cannot_do(trainable_tiny: Path, tmp_path: Path
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_distilling_into_a_trimmed_student_keeps_the_kl_term(trainable_tiny: Path, tmp_path: Path) -> None:
+def test_distilling_into_a_trimmed_student_with_a_shorter_context_keeps_the_kl_term(
+    trainable_tiny: Path, tmp_path: Path
+) -> None:
     splits = generate_splits(16, 0, 0, seed=23)
-    cfg = DistillConfig(keep_layers=1, max_steps=10, learning_rate=3e-3, batch_size=4, threads=1, vocab_top=0)
+    with pytest.raises(ValueError, match="max_length 256 is longer than context_length 128"):
+        DistillConfig(context_length=128)
+    cfg = DistillConfig(
+        keep_layers=1,
+        max_steps=10,
+        learning_rate=3e-3,
+        batch_size=4,
+        threads=1,
+        vocab_top=0,
+        max_length=128,
+        context_length=128,
+    )
     result = distill(trainable_tiny, splits.train, tmp_path / "run", cfg)
     assert result.mode == "kl+ce" and result.init_dir is not None
     assert all(h["kl"] is not None and h["kl"] >= 0 for h in result.history)
@@ -109,7 +124,17 @@ def test_distilling_into_a_trimmed_student_keeps_the_kl_term(trainable_tiny: Pat
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
     kept = read_kept_ids(result.student_dir)
     assert kept is not None and kept == read_kept_ids(result.init_dir)
-    assert json.loads((result.student_dir / "config.json").read_text())["vocab_size"] == len(kept)
+    config = json.loads((result.student_dir / "config.json").read_text())
+    assert (config["vocab_size"], config["max_position_embeddings"]) == (len(kept), 128)
     assert json.loads((result.init_dir / "slmops_pruned.json").read_text())["layers"] == [0]
     assert (result.student_dir / VOCAB_FILE).is_file()
     assert not (tmp_path / "run" / "student-init-all-tokens").exists()
+
+
+def test_cli_distill_refuses_a_context_shorter_than_the_training_length(trainable_tiny: Path, tmp_path: Path) -> None:
+    write_jsonl(generate_splits(2, 0, 0, seed=24).train, tmp_path / "inputs.jsonl")
+    args = ["distill", "-t", str(trainable_tiny), "-d", str(tmp_path / "inputs.jsonl"), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--vocab-top", "0", "--context-length", "64"])
+    assert result.exit_code == 1
+    assert "max_length 256 is longer than context_length 64" in result.output
+    assert not (tmp_path / "out" / "teacher.jsonl").exists()  # refused before the teacher ran

@@ -246,6 +246,10 @@ def distill(
             "[default: keep the teacher's].",
         ),
     ] = None,
+    context_length: Annotated[
+        int | None,
+        typer.Option("--context-length", help="The pruned student's context window [default: the teacher's]."),
+    ] = None,
     max_steps: Annotated[int, typer.Option("--max-steps")] = 200,
     lr: Annotated[float, typer.Option("--lr")] = 5e-4,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
@@ -269,6 +273,7 @@ def distill(
         cfg = DistillConfig(
             keep_layers=keep_layers,
             vocab_top=vocab_top,
+            context_length=context_length,
             max_steps=max_steps,
             learning_rate=lr,
             batch_size=batch_size,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmops_builder.train.finetune import (
     IGNORE_INDEX,
@@ -84,6 +84,15 @@ class DistillConfig(BaseModel):
         "(None: keep the teacher's)",
     )
     teacher_cache_mb: int = Field(default=2048, ge=0, description="memory for the teacher's distributions")
+    context_length: int | None = Field(
+        default=None, ge=8, description="the pruned student's context window (None: the teacher's)"
+    )
+
+    @model_validator(mode="after")
+    def _fits_the_context(self) -> DistillConfig:
+        if self.context_length is not None and self.max_length > self.context_length:
+            raise ValueError(f"max_length {self.max_length} is longer than context_length {self.context_length}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -204,8 +213,9 @@ def teacher_outputs(
     return TeacherOutputs(cache_path, out, len(rows), len(rows) - len(valid), cached, time.perf_counter() - t0, exact)
 
 
-def prune_layers(teacher: Path, keep_layers: int, out: Path) -> Path:
-    """An HF copy of `teacher` with `keep_layers` evenly spaced decoder layers (first and last kept)."""
+def prune_layers(teacher: Path, keep_layers: int, out: Path, *, context_length: int | None = None) -> Path:
+    """An HF copy of `teacher` with `keep_layers` evenly spaced decoder layers (first and last kept)
+    and, when given, a shorter context window (the int4 build's rotary tables shrink with it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -221,6 +231,8 @@ def prune_layers(teacher: Path, keep_layers: int, out: Path) -> Path:
     for new_index, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_index
     model.config.num_hidden_layers = len(keep)
+    if context_length is not None:
+        model.config.max_position_embeddings = context_length
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     tmp = out.with_name(out.name + ".partial")
@@ -317,9 +329,11 @@ def distill(
     t_tok = load_tokenizer(teacher)
     if student is None:
         if cfg.vocab_top is None:
-            init_dir = prune_layers(teacher, cfg.keep_layers, out / INIT_DIR)
+            init_dir = prune_layers(teacher, cfg.keep_layers, out / INIT_DIR, context_length=cfg.context_length)
         else:
-            pruned = prune_layers(teacher, cfg.keep_layers, out / (INIT_DIR + "-all-tokens"))
+            pruned = prune_layers(
+                teacher, cfg.keep_layers, out / (INIT_DIR + "-all-tokens"), context_length=cfg.context_length
+            )
             texts = [t for ex in data for t in (prompt_text(t_tok, ex.prompt_messages), ex.output)]
             init_dir = trim_vocab(pruned, texts, out / INIT_DIR, keep_top=cfg.vocab_top).path
             shutil.copy2(pruned / "slmops_pruned.json", init_dir / "slmops_pruned.json")
