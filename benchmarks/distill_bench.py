@@ -1,12 +1,15 @@
 """Distillation on the device-command task: teacher vs distilled student (fp32 and int4) vs the
-undistilled student, in one table. By hand, not in CI (target: <= 60 minutes on 2 cores).
+undistilled student, in one table. By hand, not in CI (about 50 minutes on 2 cores).
 
     python benchmarks/distill_bench.py --threads 2 --json distill.json
+    python benchmarks/distill_bench.py --reuse-teacher ...   # another student, same teacher and answers
 
 1. teacher: SmolLM2-135M-Instruct fine-tuned on the task (LoRA, merged; fp32);
-2. stage 1: the teacher answers the training inputs (batched, cached JSONL, invalid answers dropped);
-3. stage 2: a layer-pruned copy of the teacher (--keep-layers) learns them with KL(T) + CE;
-4. the student is converted to int4 (cpu-int4 profile) and run in onnxruntime-genai;
+2. stage 1: the teacher answers its training inputs and more from the same templates (--distill-inputs;
+   batched, cached JSONL, invalid answers dropped);
+3. stage 2: a layer-pruned copy of the teacher (--keep-layers) with its vocabulary trimmed to the
+   task's tokens plus the --vocab-top most frequent (0 for no trimming) learns them with KL(T) + CE;
+4. the student is converted to int4 (--int4-profile) and run in onnxruntime-genai;
 5. all are scored on the held-out split (templates never seen in training), greedy, batch 1.
 Decode time per response is the mean wall time of one greedy answer (transformers fp32 for the fp32
 rows, onnxruntime-genai for student-int4); weights memory is the bytes of the parameters (fp32 rows)
@@ -37,13 +40,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="HF folder [default: the cached SmolLM2]")
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "distill-bench")
-    parser.add_argument("--train", type=int, default=400)
-    parser.add_argument("--test", type=int, default=40)
-    parser.add_argument("--teacher-steps", type=int, default=80)
-    parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--keep-layers", type=int, default=4)
+    parser.add_argument("--train", type=int, default=600, help="the teacher's training examples")
+    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument("--student-steps", type=int, default=1000)
+    parser.add_argument("--keep-layers", type=int, default=10)
+    parser.add_argument("--vocab-top", type=int, default=4096, help="0: the student keeps the teacher's vocabulary")
+    parser.add_argument(
+        "--distill-inputs",
+        type=int,
+        default=1200,
+        help="task inputs the teacher answers for the student (the training templates; at least --train)",
+    )
+    parser.add_argument("--context-length", type=int, default=2048, help="the student's context window")
+    parser.add_argument("--int4-profile", default="cpu-int4-kquant-tied", help="the profile of the student-int4 row")
     parser.add_argument("--student-lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--reuse-teacher",
+        action="store_true",
+        help="keep the teacher and its answers from an earlier run with the same teacher settings and data",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -56,8 +73,6 @@ def main() -> None:
 
     model = args.model or _smollm2_hf()
     work: Path = args.work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     splits = generate_splits(args.train, 16, args.test, seed=0)
     timings: dict[str, float] = {}
 
@@ -79,16 +94,30 @@ def main() -> None:
         threads=args.threads,
         warmup_steps=min(5, args.teacher_steps // 10),
     )
-    run = timed(
-        "teacher: LoRA fine-tune (merged)",
-        lambda: finetune(
-            model, splits.train, work / "teacher-run", teacher_cfg, validation=splits.validation, merge=True
-        ),
-    )
-    teacher = run.merged_dir
+    key = json.dumps({"model": str(model), "teacher": teacher_cfg.model_dump(mode="json"), "train": args.train})
+    key_file = work / "teacher-key.json"
+    reuse = args.reuse_teacher and key_file.is_file() and key_file.read_text() == key
+    for stale in (work / "distill", *(() if reuse else (work,))):
+        shutil.rmtree(stale, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if reuse:
+        teacher = Path(json.loads((work / "teacher-dir.json").read_text()))
+        print(f"[reused] teacher {teacher}")
+    else:
+        run = timed(
+            "teacher: LoRA fine-tune (merged)",
+            lambda: finetune(
+                model, splits.train, work / "teacher-run", teacher_cfg, validation=splits.validation, merge=True
+            ),
+        )
+        teacher = run.merged_dir
+        (work / "teacher-dir.json").write_text(json.dumps(str(teacher)))
+        key_file.write_text(key)
+    inputs = generate_splits(max(args.distill_inputs, args.train), 0, 0, seed=0).train
+    assert inputs[: len(splits.train)] == splits.train  # the teacher's training inputs, then more of the same templates
     stage1 = timed(
         "stage 1: teacher answers",
-        lambda: teacher_outputs(teacher, splits.train, work / "teacher.jsonl", batch_size=8, threads=args.threads),
+        lambda: teacher_outputs(teacher, inputs, work / "teacher.jsonl", batch_size=8, threads=args.threads),
     )
     print(f"          teacher answers: {len(stage1.examples)} valid, {stage1.invalid} invalid of {stage1.total}")
     cfg = DistillConfig(
@@ -97,6 +126,8 @@ def main() -> None:
         learning_rate=args.student_lr,
         batch_size=8,
         threads=args.threads,
+        vocab_top=args.vocab_top or None,
+        context_length=args.context_length,
     )
     result = timed("stage 2: KD training", lambda: distill(teacher, stage1.examples, work / "distill", cfg))
     table = timed(
@@ -108,9 +139,12 @@ def main() -> None:
         ),
     )
     converted = timed(
-        "student to cpu-int4",
+        f"student to {args.int4_profile}",
         lambda: convert(
-            result.student_dir, get_profile("cpu-int4"), cache_dir=ROOT / ".cache" / "builder", threads=args.threads
+            result.student_dir,
+            get_profile(args.int4_profile),
+            cache_dir=ROOT / ".cache" / "builder",
+            threads=args.threads,
         ),
     )
 
@@ -162,6 +196,8 @@ def main() -> None:
             "config": {
                 "train": len(splits.train),
                 "test": len(splits.test),
+                "distill_inputs": len(inputs),
+                "int4_profile": args.int4_profile,
                 "teacher": teacher_cfg.model_dump(mode="json"),
                 "student": cfg.model_dump(mode="json"),
             },
