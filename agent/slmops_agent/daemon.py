@@ -32,6 +32,7 @@ from slmops_protos.manifests import PackageError, public_key_from_hex
 log = logging.getLogger(__name__)
 
 TRUSTED_KEYS_FILE = "trusted_keys"
+READY_WAIT_S = 120.0  # the longest `serve` waits for the active model before it reports ready
 
 
 def trusted_key_hexes(layout: StateLayout, creds: Credentials | None) -> list[str]:
@@ -250,6 +251,9 @@ class Agent:
                 addresses.append(await self.http.start())
             self.updater.start()
             await loop.run_in_executor(None, self._start_fleet_link)
+            # "ready" once the active model is loaded (or recovery is over): a client that starts at
+            # the ready line finds the model, not an empty /v1/models or UNAVAILABLE
+            await loop.run_in_executor(None, self.updater.wait_recovered, READY_WAIT_S)
             if on_ready is not None:
                 on_ready(addresses)
             await self._stop.wait()
