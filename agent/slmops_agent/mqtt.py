@@ -28,6 +28,8 @@ from slmops_protos.topics import Topics
 
 log = logging.getLogger(__name__)
 
+ACK_POLL_S = 0.1  # how often a telemetry publish that waits for its ack checks the connection
+
 
 class AgentMqtt:
     def __init__(
@@ -169,12 +171,16 @@ class AgentMqtt:
         self.client.publish(self.topics.blob_requests(self.device_id), msg.SerializeToString(), qos=1)
 
     def publish_telemetry(self, msg: fleet_pb2.TelemetryBatch, timeout_s: float) -> bool:
-        """Publish a batch and wait for the broker's acknowledgement; True only if acknowledged."""
+        """Publish a batch and wait for the broker's acknowledgement; True only if acknowledged. The
+        wait ends early when the connection drops (the ack cannot come before a reconnect, and the
+        caller keeps the batch), so a broker that goes away never stalls the sampler for the timeout."""
         if not self.is_connected():
             return False
         info = self.client.publish(self.topics.telemetry(self.device_id), msg.SerializeToString(), qos=1)
+        deadline = time.monotonic() + timeout_s
         try:
-            info.wait_for_publish(timeout_s)
+            while not info.is_published() and self.is_connected() and (left := deadline - time.monotonic()) > 0:
+                info.wait_for_publish(min(ACK_POLL_S, left))
         except (RuntimeError, ValueError) as exc:
             log.debug("telemetry batch not sent: %s", exc)
             return False
