@@ -1,7 +1,11 @@
-"""Telemetry: the bounded SQLite queue, and no loss while the broker is away."""
+"""Telemetry: the bounded SQLite queue, no loss while the broker is away, and no stall when it dies
+with a batch in flight."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -123,3 +127,31 @@ def test_the_agent_starts_while_the_broker_is_down_and_connects_later(
     finally:
         agent.stop()
         sim.close()
+
+
+def test_a_publish_waiting_for_its_ack_ends_when_the_broker_dies(
+    short_dir: Path, private_broker: MosquittoBroker, trusted_hex: str
+) -> None:
+    device = f"dev-{uuid.uuid4().hex[:8]}"
+    state = short_dir / "state"
+    save_credentials(state, device, f"ack/{uuid.uuid4().hex[:8]}", trusted_hex, port=private_broker.port)
+    agent = AgentThread(agent_settings(state, telemetry_interval_s=60))  # the sampler stays out of the way
+    try:
+        mqtt = agent.agent.mqtt
+        assert mqtt is not None and private_broker.process is not None
+        deadline = time.monotonic() + 10
+        while not mqtt.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mqtt.is_connected()
+        os.kill(private_broker.process.pid, signal.SIGSTOP)  # connected, but nothing is acknowledged
+        result: dict[str, bool] = {}
+        batch = fleet_pb2.TelemetryBatch(device_id=device)
+        waiter = threading.Thread(target=lambda: result.update(acked=mqtt.publish_telemetry(batch, 60.0)))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()  # waiting for the broker's ack
+        private_broker.process.kill()  # the connection drops with the batch in flight
+        waiter.join(10)
+        assert not waiter.is_alive() and result == {"acked": False}  # not the 60 s ack timeout
+    finally:
+        agent.stop()
