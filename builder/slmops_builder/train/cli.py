@@ -251,6 +251,14 @@ def distill(
         typer.Option("--context-length", help="The pruned student's context window [default: the teacher's]."),
     ] = None,
     max_steps: Annotated[int, typer.Option("--max-steps")] = 200,
+    qat_steps: Annotated[
+        int,
+        typer.Option(
+            "--qat-steps",
+            help="Train the last N steps on the int4 weights of the cpu-int4 profile (RTN, block 32) and save "
+            "the student on that grid: build it with -p cpu-int4 and it loses nothing more [default: 0, float].",
+        ),
+    ] = 0,
     lr: Annotated[float, typer.Option("--lr")] = 5e-4,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     temperature: Annotated[float, typer.Option("--temperature", help="KD softmax temperature.")] = 2.0,
@@ -275,6 +283,7 @@ def distill(
             vocab_top=vocab_top,
             context_length=context_length,
             max_steps=max_steps,
+            qat_steps=qat_steps,
             learning_rate=lr,
             batch_size=batch_size,
             temperature=temperature,

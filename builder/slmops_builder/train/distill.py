@@ -27,6 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from slmops_builder.train.finetune import (
     write_loss_csv,
     write_training_record,
 )
+from slmops_builder.train.qat import QuantAwareWeights
 from slmops_builder.train.tasks import Example, dataset_sha256, parse_action, score
 from slmops_builder.train.vocab import VOCAB_FILE, read_kept_ids, trim_vocab
 
@@ -87,11 +89,19 @@ class DistillConfig(BaseModel):
     context_length: int | None = Field(
         default=None, ge=8, description="the pruned student's context window (None: the teacher's)"
     )
+    qat_steps: int = Field(
+        default=0,
+        ge=0,
+        description="the last N steps train on the int4 weights of the cpu-int4 profile (RTN, block 32), "
+        "and the student is saved on that grid (0: float training)",
+    )
 
     @model_validator(mode="after")
     def _fits_the_context(self) -> DistillConfig:
         if self.context_length is not None and self.max_length > self.context_length:
             raise ValueError(f"max_length {self.max_length} is longer than context_length {self.context_length}")
+        if self.qat_steps > self.max_steps:
+            raise ValueError(f"qat_steps {self.qat_steps} is more than max_steps {self.max_steps}")
         return self
 
 
@@ -349,6 +359,8 @@ def distill(
     model = load_causal_lm(student)
     model.config.use_cache = False
     model.train()
+    qat = QuantAwareWeights(model) if cfg.qat_steps else None
+    qat_from = cfg.max_steps - cfg.qat_steps + 1
     encoded = [encode_example(s_tok, ex, cfg.max_length) for ex in data]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.1, 1.0 - s / cfg.max_steps))
@@ -359,20 +371,24 @@ def distill(
     for step in range(1, cfg.max_steps + 1):
         idx = batch_indices(len(encoded), cfg.batch_size, step - 1, cfg.seed)
         batch = collate([encoded[i] for i in idx], pad_id)
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        ce = outputs.loss
-        loss = ce
-        kl_value = None
-        if targets is not None:
-            t_logp = targets(idx, encoded, pad_id)
-            mask = batch["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
-            s_sel = outputs.logits[:, :-1][mask] / temp
-            kl = F.kl_div(F.log_softmax(s_sel, -1), t_logp, log_target=True, reduction="batchmean")
-            kl = kl * temp * temp
-            kl_value = kl.detach().item()
-            loss = cfg.kd_weight * kl + (1 - cfg.kd_weight) * ce
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        quantized = qat is not None and step >= qat_from
+        with qat.quantized() if qat is not None and quantized else nullcontext():
+            outputs = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            )
+            ce = outputs.loss
+            loss = ce
+            kl_value = None
+            if targets is not None:
+                t_logp = targets(idx, encoded, pad_id)
+                mask = batch["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
+                s_sel = outputs.logits[:, :-1][mask] / temp
+                kl = F.kl_div(F.log_softmax(s_sel, -1), t_logp, log_target=True, reduction="batchmean")
+                kl = kl * temp * temp
+                kl_value = kl.detach().item()
+                loss = cfg.kd_weight * kl + (1 - cfg.kd_weight) * ce
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -383,6 +399,7 @@ def distill(
             "ce": ce.detach().item(),
             "kl": kl_value,
             "lr": scheduler.get_last_lr()[0],
+            "quantized": quantized,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         history.append(row)
@@ -392,6 +409,8 @@ def distill(
 
     student_dir = out / STUDENT_DIR
     model.config.use_cache = True
+    if qat is not None:
+        qat.snap()  # the saved weights are the int4 ones it trained on
     tmp = student_dir.with_name(student_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
@@ -405,6 +424,8 @@ def distill(
         "base_model": str(Path(student).resolve()),
         "dataset_sha256": [dataset_sha256(data)],
     }
+    if qat is not None:
+        training["quantization_aware"] = qat.describe(cfg.qat_steps, cfg.max_steps)
     write_training_record(tmp, training)
     shutil.rmtree(student_dir, ignore_errors=True)  # a rerun into the same folder replaces its student
     tmp.rename(student_dir)
