@@ -8,7 +8,8 @@ undistilled student, in one table. By hand, not in CI (about 50 minutes on 2 cor
 2. stage 1: the teacher answers its training inputs and more from the same templates (--distill-inputs;
    batched, cached JSONL, invalid answers dropped);
 3. stage 2: a layer-pruned copy of the teacher (--keep-layers) with its vocabulary trimmed to the
-   task's tokens plus the --vocab-top most frequent (0 for no trimming) learns them with KL(T) + CE;
+   task's tokens plus the --vocab-top most frequent (0 for no trimming) learns them with KL(T) + CE,
+   the last --qat-steps of them on the int4 weights of the cpu-int4 profile (quantization-aware);
 4. the student is converted to int4 (--int4-profile) and run in onnxruntime-genai;
 5. all are scored on the held-out split (templates never seen in training), greedy, batch 1.
 Decode time per response is the mean wall time of one greedy answer (transformers fp32 for the fp32
@@ -53,7 +54,18 @@ def main() -> None:
         help="task inputs the teacher answers for the student (the training templates; at least --train)",
     )
     parser.add_argument("--context-length", type=int, default=2048, help="the student's context window")
-    parser.add_argument("--int4-profile", default="cpu-int4-kquant-tied", help="the profile of the student-int4 row")
+    parser.add_argument(
+        "--qat-steps",
+        type=int,
+        default=0,
+        help="the last N KD steps train on the cpu-int4 profile's int4 weights (quantization-aware)",
+    )
+    parser.add_argument(
+        "--int4-profile",
+        default=None,
+        help="the profile of the student-int4 row [default: cpu-int4 with --qat-steps, the grid it trained on; "
+        "else cpu-int4-kquant-tied]",
+    )
     parser.add_argument("--student-lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -63,6 +75,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.int4_profile is None:
+        args.int4_profile = "cpu-int4" if args.qat_steps else "cpu-int4-kquant-tied"
 
     from slmops_builder.convert import convert
     from slmops_builder.profiles import get_profile
@@ -123,6 +137,7 @@ def main() -> None:
     cfg = DistillConfig(
         keep_layers=args.keep_layers,
         max_steps=args.student_steps,
+        qat_steps=args.qat_steps,
         learning_rate=args.student_lr,
         batch_size=8,
         threads=args.threads,
