@@ -6,7 +6,7 @@ undistilled student, in one table. By hand, not in CI (about 50 minutes on 2 cor
 
 1. teacher: SmolLM2-135M-Instruct fine-tuned on the task (LoRA, merged; fp32);
 2. stage 1: the teacher answers its training inputs and more from the same templates (--distill-inputs;
-   batched, cached JSONL, invalid answers dropped);
+   batched, cached JSONL, invalid answers dropped; with --keep-answers exact, wrong ones too);
 3. stage 2: a layer-pruned copy of the teacher (--keep-layers) with its vocabulary trimmed to the
    task's tokens plus the --vocab-top most frequent (0 for no trimming) learns them with KL(T) + CE,
    the last --qat-steps of them on the int4 weights of the cpu-int4 profile (quantization-aware);
@@ -54,6 +54,12 @@ def main() -> None:
         help="task inputs the teacher answers for the student (the training templates; at least --train)",
     )
     parser.add_argument("--context-length", type=int, default=2048, help="the student's context window")
+    parser.add_argument(
+        "--keep-answers",
+        choices=("valid", "exact"),
+        default="valid",
+        help="the teacher's answers the student learns: every valid one, or only those equal to the reference",
+    )
     parser.add_argument(
         "--qat-steps",
         type=int,
@@ -131,9 +137,14 @@ def main() -> None:
     assert inputs[: len(splits.train)] == splits.train  # the teacher's training inputs, then more of the same templates
     stage1 = timed(
         "stage 1: teacher answers",
-        lambda: teacher_outputs(teacher, inputs, work / "teacher.jsonl", batch_size=8, threads=args.threads),
+        lambda: teacher_outputs(
+            teacher, inputs, work / "teacher.jsonl", batch_size=8, threads=args.threads, keep=args.keep_answers
+        ),
     )
-    print(f"          teacher answers: {len(stage1.examples)} valid, {stage1.invalid} invalid of {stage1.total}")
+    print(
+        f"          teacher answers: {stage1.total - stage1.invalid} valid, {stage1.invalid} invalid, "
+        f"{stage1.rejected} not the reference; {len(stage1.examples)} kept of {stage1.total}"
+    )
     cfg = DistillConfig(
         keep_layers=args.keep_layers,
         max_steps=args.student_steps,

@@ -29,6 +29,27 @@ def test_teacher_outputs_are_cached_scored_and_invalid_ones_counted(trainable_ti
     assert not changed.cached and changed.total == 3  # other inputs: the cache is rebuilt
 
 
+def test_keep_exact_drops_the_answers_that_are_not_the_reference(trainable_tiny: Path, tmp_path: Path) -> None:
+    examples = generate_splits(4, 0, 0, seed=14).train
+    cache = tmp_path / "teacher.jsonl"
+    teacher_outputs(trainable_tiny, examples, cache, batch_size=4, max_new_tokens=4)
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    wrong = json.dumps({**json.loads(examples[1].output), "room": "attic"})  # valid JSON, not the reference
+    answers = [examples[0].output, wrong, "not json", examples[3].output]
+    for row, answer in zip(rows, answers, strict=True):  # the cached answers, as a teacher might have written them
+        row.update(teacher_output=answer, valid=answer != "not json", exact=answer == row["reference"])
+    cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exact = teacher_outputs(trainable_tiny, examples, cache, max_new_tokens=4, keep="exact")
+    assert exact.cached and [e.output for e in exact.examples] == [answers[0], answers[3]]
+    assert exact.to_json() | {"path": "", "seconds": 0} == {
+        "path": "", "total": 4, "valid": 3, "invalid": 1, "keep": "exact", "rejected": 1, "kept": 2,
+        "cached": True, "seconds": 0, "teacher_exact_match": 0.5,
+    }  # fmt: skip
+    valid = teacher_outputs(trainable_tiny, examples, cache, max_new_tokens=4)
+    assert [e.output for e in valid.examples] == [answers[0], wrong, answers[3]] and valid.rejected == 0
+    assert valid.examples[0].prompt_messages == examples[0].prompt_messages
+
+
 def test_distill_prunes_trains_with_kl_and_ce_and_evaluates(trainable_tiny: Path, tmp_path: Path) -> None:
     splits = generate_splits(16, 0, 2, seed=12)
     cfg = DistillConfig(keep_layers=1, max_steps=10, learning_rate=3e-3, batch_size=4, threads=1)
@@ -58,6 +79,15 @@ def test_distill_prunes_trains_with_kl_and_ce_and_evaluates(trainable_tiny: Path
     assert all(row["n"] == 2 and row["decode_s_per_response"] > 0 for row in table.values())
     with pytest.raises(ValueError, match=r"keep_layers must be in 1\.\.2"):
         prune_layers(trainable_tiny, 3, tmp_path / "x")
+
+
+def test_cli_distill_refuses_an_unknown_keep_answers(trainable_tiny: Path, tmp_path: Path) -> None:
+    write_jsonl(generate_splits(2, 0, 0, seed=15).train, tmp_path / "inputs.jsonl")
+    args = ["distill", "-t", str(trainable_tiny), "-d", str(tmp_path / "inputs.jsonl"), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--keep-answers", "best"])
+    assert result.exit_code == 1
+    assert "--keep-answers must be valid or exact, not 'best'" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_distill_refuses_when_the_teacher_writes_nothing_valid(trainable_tiny: Path, tmp_path: Path) -> None:

@@ -264,6 +264,14 @@ def distill(
     temperature: Annotated[float, typer.Option("--temperature", help="KD softmax temperature.")] = 2.0,
     kd_weight: Annotated[float, typer.Option("--kd-weight", help="Weight of KL (1 - it: CE on teacher text).")] = 0.5,
     teacher_batch: Annotated[int, typer.Option("--teacher-batch", help="Teacher generation batch.")] = 8,
+    keep_answers: Annotated[
+        str,
+        typer.Option(
+            "--keep-answers",
+            help="The teacher's answers the student learns: every valid one, or only those equal to their "
+            "input's reference (the teacher's mistakes are not taught).",
+        ),
+    ] = "valid",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples to evaluate (0: all).")] = 0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -272,10 +280,13 @@ def distill(
 ) -> None:
     """Distil a teacher into a smaller student: teacher answers (cached), then KD training."""
     with _errors():
+        from slmops_builder.cli import _fail
         from slmops_builder.train.distill import DistillConfig, evaluate_models, teacher_outputs
         from slmops_builder.train.distill import distill as run_distill
         from slmops_builder.train.tasks import load_jsonl
 
+        if keep_answers not in ("valid", "exact"):
+            _fail(f"--keep-answers must be valid or exact, not {keep_answers!r}")
         inputs = load_jsonl(data)
         held_out = load_jsonl(test) if test else []
         cfg = DistillConfig(
@@ -301,10 +312,12 @@ def distill(
                 batch_size=teacher_batch,
                 max_new_tokens=max_new_tokens,
                 threads=threads,
+                keep=keep_answers,  # type: ignore[arg-type]  # checked above
             )
         if not as_json:
             _out.print(
-                f"teacher: {len(stage1.examples)} valid, {stage1.invalid} invalid (filtered) of {stage1.total}"
+                f"teacher: {stage1.total - stage1.invalid} valid, {stage1.invalid} invalid (filtered) of {stage1.total}"
+                + (f"; {stage1.rejected} not the reference (filtered)" if keep_answers == "exact" else "")
                 + (" (cached)" if stage1.cached else f" in {stage1.seconds:.0f} s")
             )
         with _step_progress(max_steps, "distill", as_json) as progress:

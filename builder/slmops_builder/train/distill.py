@@ -4,7 +4,8 @@ Stage 1 (`teacher_outputs`): the teacher (an HF folder) answers the task inputs,
 each answer is kept with the teacher's scores (mean token log-probability; exact match and field
 accuracy against the reference when there is one) in a JSONL cache keyed by the teacher's weights,
 the inputs and the generation settings. Answers that are not a JSON object are filtered out and
-counted.
+counted; with `keep="exact"`, so are valid answers that differ from their input's reference (the
+teacher's mistakes are not taught; the count is `rejected`).
 
 Stage 2 (`distill`): a student (by default a layer-pruned copy of the teacher: evenly spaced layers,
 first and last kept; with `vocab_top`, its vocabulary trimmed to the task's tokens, see `vocab.py`)
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -53,6 +54,7 @@ from slmops_builder.train.vocab import VOCAB_FILE, read_kept_ids, trim_vocab
 __all__ = [
     "DistillConfig",
     "DistillResult",
+    "KeepAnswers",
     "TeacherOutputs",
     "distill",
     "evaluate_models",
@@ -63,6 +65,8 @@ __all__ = [
 
 STUDENT_DIR = "student"
 INIT_DIR = "student-init"
+
+KeepAnswers = Literal["valid", "exact"]
 
 
 class DistillConfig(BaseModel):
@@ -108,19 +112,24 @@ class DistillConfig(BaseModel):
 @dataclass(frozen=True)
 class TeacherOutputs:
     path: Path
-    examples: list[Example]  # the valid answers, as training examples
+    examples: list[Example]  # the kept answers, as training examples
     total: int
     invalid: int
     cached: bool
     seconds: float
     exact_match: float | None
+    keep: KeepAnswers = "valid"
+    rejected: int = 0  # valid answers dropped for differing from the reference (keep="exact")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
             "total": self.total,
-            "valid": len(self.examples),
+            "valid": self.total - self.invalid,
             "invalid": self.invalid,
+            "keep": self.keep,
+            "rejected": self.rejected,
+            "kept": len(self.examples),
             "cached": self.cached,
             "seconds": round(self.seconds, 2),
             "teacher_exact_match": self.exact_match,
@@ -162,9 +171,11 @@ def teacher_outputs(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     threads: int | None = None,
+    keep: KeepAnswers = "valid",
     progress: Callable[[int, int], None] | None = None,
 ) -> TeacherOutputs:
-    """Stage 1: the teacher's answers for `examples` (their references are used only for scores)."""
+    """Stage 1: the teacher's answers for `examples`; their references score the answers and, with
+    `keep="exact"`, only the answers equal to theirs are kept for the student."""
     import torch
 
     from slmops_builder.train.finetune import load_causal_lm
@@ -215,12 +226,14 @@ def teacher_outputs(
         meta_path.write_text(json.dumps({"key": key, "teacher": str(teacher.resolve()), "rows": len(rows)}) + "\n")
     rows = [json.loads(line) for line in cache_path.read_text().splitlines() if line.strip()]
     valid = [r for r in rows if r["valid"]]
+    kept = [r for r in valid if r["exact"]] if keep == "exact" else valid
     out = [
-        Example(tuple([*r["messages"], {"role": "assistant", "content": r["teacher_output"]}]), "teacher")
-        for r in valid
+        Example(tuple([*r["messages"], {"role": "assistant", "content": r["teacher_output"]}]), "teacher") for r in kept
     ]
     exact = sum(r["exact"] for r in rows) / len(rows) if rows else None
-    return TeacherOutputs(cache_path, out, len(rows), len(rows) - len(valid), cached, time.perf_counter() - t0, exact)
+    seconds = time.perf_counter() - t0
+    invalid = len(rows) - len(valid)
+    return TeacherOutputs(cache_path, out, len(rows), invalid, cached, seconds, exact, keep, len(valid) - len(kept))
 
 
 def prune_layers(teacher: Path, keep_layers: int, out: Path, *, context_length: int | None = None) -> Path:
