@@ -2,6 +2,7 @@
 undistilled student, in one table. By hand, not in CI (about 50 minutes on 2 cores).
 
     python benchmarks/distill_bench.py --threads 2 --json distill.json
+    python benchmarks/distill_bench.py --test 300 ...   # about 64 minutes; 100 examples are few for a 95% line
     python benchmarks/distill_bench.py --reuse-teacher ...   # another student, same teacher and answers
 
 1. teacher: SmolLM2-135M-Instruct fine-tuned on the task (LoRA, merged; fp32);
@@ -57,14 +58,14 @@ def main() -> None:
     parser.add_argument(
         "--keep-answers",
         choices=("valid", "exact"),
-        default="valid",
+        default="exact",
         help="the teacher's answers the student learns: every valid one, or only those equal to the reference",
     )
     parser.add_argument(
         "--qat-steps",
         type=int,
-        default=0,
-        help="the last N KD steps train on the cpu-int4 profile's int4 weights (quantization-aware)",
+        default=400,
+        help="the last N KD steps train on the cpu-int4 profile's int4 weights (quantization-aware; 0: none)",
     )
     parser.add_argument(
         "--int4-profile",
