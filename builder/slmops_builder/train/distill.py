@@ -384,8 +384,8 @@ def distill(
     for step in range(1, cfg.max_steps + 1):
         idx = batch_indices(len(encoded), cfg.batch_size, step - 1, cfg.seed)
         batch = collate([encoded[i] for i in idx], pad_id)
-        quantized = qat is not None and step >= qat_from
-        with qat.quantized() if qat is not None and quantized else nullcontext():
+        on_grid = qat.quantized() if qat is not None and step >= qat_from else None
+        with on_grid or nullcontext():
             outputs = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
             )
@@ -412,7 +412,7 @@ def distill(
             "ce": ce.detach().item(),
             "kl": kl_value,
             "lr": scheduler.get_last_lr()[0],
-            "quantized": quantized,
+            "quantized": on_grid is not None,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         history.append(row)

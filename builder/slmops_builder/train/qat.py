@@ -65,10 +65,8 @@ class QuantAwareWeights:
         gradient of what ran within (the straight-through estimator)."""
         import torch
 
-        with torch.no_grad():
-            masters = [p.detach().clone() for p in self.params]
-            for p in self.params:
-                p.copy_(int4_rtn(p, self.block_size))
+        masters = [p.detach().clone() for p in self.params]
+        self.snap()
         try:
             yield
         finally:
