@@ -109,6 +109,7 @@ class Run:
         self.t_first = 0.0
         self.t_last = 0.0
         self.tokens = 0
+        self.server: tuple[float, float] | None = None  # the agent's own (TTFT ms, decode tok/s), from its timings
 
     def token(self, n: int = 1) -> None:
         now = time.perf_counter()
@@ -235,21 +236,43 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def _one(run: Run) -> dict[str, Any]:
-    return {
+    one = {
         "ttft_ms": run.ttft_ms,
         "decode_tps": run.decode_tps,
         "tokens": run.tokens,
         "prompt_tokens": run.prompt_tokens,
     }
+    if run.server is not None:
+        one["server_ttft_ms"], one["server_decode_tps"] = run.server
+    return one
 
 
 def _figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "ttft_ms": [r["ttft_ms"] for r in runs],
-        "decode_tps": [r["decode_tps"] for r in runs],
-        "tokens": [r["tokens"] for r in runs],
-        "prompt_tokens": max(r["prompt_tokens"] for r in runs),
+    figures = {key: [r[key] for r in runs] for key in ("ttft_ms", "decode_tps", "tokens")}
+    figures["prompt_tokens"] = max(r["prompt_tokens"] for r in runs)
+    if "server_ttft_ms" in runs[0]:
+        figures |= {key: [r[key] for r in runs] for key in ("server_ttft_ms", "server_decode_tps")}
+    return figures
+
+
+def paired(results: dict[str, dict[str, Any] | str], engine: str) -> dict[str, float] | None:
+    """`engine` against inprocess round by round (the two ran one after the other, so each pair saw
+    the same machine): p50 of the TTFT each round added and of the decode speed as a fraction of the
+    in-process run's; for the gRPC rows also how much of the TTFT the agent itself saw (its timings,
+    from the request's arrival in the queue to its first token) and the client's share beyond that."""
+    base, row = results.get("inprocess"), results.get(engine)
+    if not isinstance(base, dict) or not isinstance(row, dict):
+        return None
+    pairs = list(zip(base["ttft_ms"], row["ttft_ms"], base["decode_tps"], row["decode_tps"], strict=True))
+    out = {
+        "ttft_added_ms_p50": statistics.median(t - b for b, t, _, _ in pairs),
+        "decode_fraction_p50": statistics.median(d / c for _, _, c, d in pairs if c > 0),
     }
+    if "server_ttft_ms" in row:
+        server = list(zip(base["ttft_ms"], row["ttft_ms"], row["server_ttft_ms"], strict=True))
+        out["server_ttft_added_ms_p50"] = statistics.median(s - b for b, _, s in server)
+        out["transport_ttft_ms_p50"] = statistics.median(t - s for _, t, s in server)
+    return out
 
 
 # -- the agent as a server process ----------------------------------------------------------------
@@ -257,12 +280,13 @@ def serve(args: argparse.Namespace) -> None:
     """The agent's serving stack (ModelHost, gRPC, HTTP) on loopback; commands on stdin: rss, stop."""
     sys.path[:0] = [str(ROOT / "agent"), str(ROOT / "protos")]
     from slmops_agent.httpapi import HttpServer
+    from slmops_agent.relay import GROUP_S
     from slmops_agent.runtime import Limits, ModelHost, ModelInfo, load_model
     from slmops_agent.server import AgentServer
 
     info = ModelInfo(name="smollm2", version="1.0.0", package_id="bench", profile="cpu-int4", slot="a")
     limits = Limits(default_max_new_tokens=args.new_tokens, max_new_tokens_limit=4096)
-    host = ModelHost(queue_bound=64, limits=limits, **({} if args.serve == "grouped" else {"stream_group_s": 0.0}))
+    host = ModelHost(queue_bound=64, limits=limits, stream_group_s=GROUP_S if args.serve == "grouped" else 0.0)
     host.swap(load_model(Path(args.model_dir), info, threads=args.threads, spinning=args.spinning == "1"))
 
     async def main() -> None:
@@ -350,6 +374,7 @@ def grpc_once(stub: Any, new_tokens: int) -> Run:
     assert final is not None
     run.tokens = final.usage.completion_tokens  # pieces are not tokens: count what the server generated
     run.prompt_tokens = final.usage.prompt_tokens
+    run.server = (final.timings.time_to_first_token_ms, final.timings.tokens_per_second)
     return run
 
 
@@ -384,11 +409,12 @@ def openai_once(client: Any, url: str, new_tokens: int) -> Run:
 def concurrency(args: argparse.Namespace, target: str) -> list[dict[str, Any]]:
     import grpc
 
+    from slmops_agent.cli import channel_options
     from slmops_protos.agent.v1 import agent_pb2_grpc
 
     out = []
     for clients in args.clients:
-        channels = [grpc.insecure_channel(target) for _ in range(clients)]
+        channels = [grpc.insecure_channel(target, options=channel_options()) for _ in range(clients)]
         runs: list[Run] = []
         lock = threading.Lock()
         start = threading.Barrier(clients)
@@ -449,6 +475,7 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
     import grpc
     import httpx
 
+    from slmops_agent.cli import channel_options
     from slmops_protos.agent.v1 import agent_pb2_grpc
 
     results: dict[str, dict[str, Any] | str] = {}
@@ -460,13 +487,13 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
         if "grpc-each" in args.engines:
             each = Process(args, ["--serve", "each"])
             processes.append(each)
-            each_stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(each.ready[1]))
+            each_stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(each.ready[1], options=channel_options()))
             runners["grpc-each"] = lambda: _one(grpc_once(each_stub, args.new_tokens))
             rss["grpc-each"] = each.rss
         if {"grpc", "openai"} & set(args.engines):
             agent = Process(args, ["--serve", "grouped"])
             processes.append(agent)
-            stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(agent.ready[1]))
+            stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(agent.ready[1], options=channel_options()))
             client, url = httpx.Client(), agent.ready[2]
             runners["grpc"] = lambda: _one(grpc_once(stub, args.new_tokens))
             runners["openai"] = lambda: _one(openai_once(client, url, args.new_tokens))
@@ -570,23 +597,29 @@ def main() -> None:
     results, sweep = measure(args, console)
     print_tables(console, results, sweep)
     if args.json is not None:
-        rows = [
-            {
-                "engine": engine,
-                "ttft_ms_p50": statistics.median(r["ttft_ms"]),
-                "decode_tps_p50": statistics.median(r["decode_tps"]),
-                "peak_rss_mb": r["peak_rss_mb"],
-                "prompt_tokens": r["prompt_tokens"],
-                "ttft_ms_runs": [round(x, 2) for x in r["ttft_ms"]],  # in round order: engines pair up by index
-                "decode_tps_runs": [round(x, 2) for x in r["decode_tps"]],
-            }
-            for engine, r in results.items()
-            if isinstance(r, dict)
-        ]
+        rows = [_json_row(engine, r, results) for engine, r in results.items() if isinstance(r, dict)]
         args.json.write_text(
             json.dumps({"rows": rows, "concurrency": sweep, "spinning": args.spinning == "1"}, indent=2) + "\n"
         )
         console.print(f"figures written to {args.json}")
+
+
+def _json_row(engine: str, r: dict[str, Any], results: dict[str, dict[str, Any] | str]) -> dict[str, Any]:
+    row = {
+        "engine": engine,
+        "ttft_ms_p50": statistics.median(r["ttft_ms"]),
+        "decode_tps_p50": statistics.median(r["decode_tps"]),
+        "peak_rss_mb": r["peak_rss_mb"],
+        "prompt_tokens": r["prompt_tokens"],
+    }
+    # per run, in round order: engines pair up by index
+    for key in ("ttft_ms", "decode_tps", "server_ttft_ms", "server_decode_tps"):
+        if key in r:
+            row[f"{key}_runs"] = [round(x, 2) for x in r[key]]
+    against = paired(results, engine) if engine != "inprocess" else None
+    if against is not None:
+        row["vs_inprocess"] = against
+    return row
 
 
 def print_tables(console: Any, results: dict[str, dict[str, Any] | str], sweep: list[dict[str, Any]]) -> None:
@@ -638,6 +671,20 @@ def print_tables(console: Any, results: dict[str, dict[str, Any] | str], sweep: 
                 f"{row['ttft_ms_p95']:.1f}",
             )
         console.print(conc)
+    against = {engine: p for engine in results if engine != "inprocess" and (p := paired(results, engine))}
+    if against:
+        pairs = Table(title="Against inprocess, round by round (p50 of the per-round differences and ratios)")
+        for col in ("engine", "TTFT added ms", "decode vs inprocess", "agent's own TTFT added ms", "transport ms"):
+            pairs.add_column(col, justify="left" if col == "engine" else "right")
+        for engine, p in against.items():
+            pairs.add_row(
+                engine,
+                f"{p['ttft_added_ms_p50']:+.1f}",
+                f"{p['decode_fraction_p50']:.1%}",
+                f"{p['server_ttft_added_ms_p50']:+.1f}" if "server_ttft_added_ms_p50" in p else "",
+                f"{p['transport_ttft_ms_p50']:.1f}" if "transport_ttft_ms_p50" in p else "",
+            )
+        console.print(pairs)
 
 
 if __name__ == "__main__":

@@ -307,9 +307,10 @@ def _file_names(package: Path) -> dict[str, str]:
 def _ask(state: Path, question: str) -> dict[str, Any]:
     import grpc
 
+    from slmops_agent.cli import channel_options
     from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
-    channel = grpc.insecure_channel(f"unix:{state / 'agent.sock'}")
+    channel = grpc.insecure_channel(f"unix:{state / 'agent.sock'}", options=channel_options())
     stub = agent_pb2_grpc.InferenceStub(channel)
     request = agent_pb2.GenerateRequest(
         messages=[agent_pb2.ChatMessage(role="user", content=question)], max_new_tokens=64

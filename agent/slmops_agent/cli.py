@@ -202,17 +202,27 @@ def _target(target: str | None, state_dir: Path | None) -> str:
     return settings.grpc_address
 
 
+def channel_options() -> list[tuple[str, int]]:
+    """The client channel options for the agent: a streamed Generate is read on the calling thread
+    (grpcio's SingleThreadedUnaryStream) instead of through grpc's background thread, one thread hop
+    less per message; with the model's threads on every core the first piece reached the client
+    ~0.5-1 ms sooner (benchmarks/README.md)."""
+    import grpc.experimental
+
+    return [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+
+
 def _channel(where: str, tls_ca: Path | None) -> Any:
     """A gRPC channel to `where`: TLS when a CA file is given, plain otherwise."""
     import grpc
 
     if tls_ca is None:
-        return grpc.insecure_channel(where)
+        return grpc.insecure_channel(where, options=channel_options())
     try:
         ca = tls_ca.read_bytes()
     except OSError as exc:
         raise _fail(f"cannot read the CA file {tls_ca}: {exc.strerror}", 2) from None
-    return grpc.secure_channel(where, grpc.ssl_channel_credentials(root_certificates=ca))
+    return grpc.secure_channel(where, grpc.ssl_channel_credentials(root_certificates=ca), options=channel_options())
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
