@@ -309,6 +309,38 @@ def serve(args: argparse.Namespace) -> None:
     host.close()
 
 
+FLOOR_METHOD = "/bench.Floor/Stream"
+
+
+def serve_floor() -> None:
+    """gRPC's own floor: a grpc.aio server whose one streaming method answers with one empty message
+    at once (no model, no queue, no threads of ours); commands on stdin: stop."""
+    import grpc
+
+    async def stream(request: bytes, context: Any) -> Any:
+        yield b""
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Floor", {"Stream": handler}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"READY 127.0.0.1:{port}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        await server.stop(1.0)
+
+    asyncio.run(main())
+
+
+def floor_once(call: Any) -> float:
+    """Milliseconds from the call to its first message."""
+    t0 = time.perf_counter()
+    for _ in call(b"", timeout=30):
+        return (time.perf_counter() - t0) * 1000
+    raise RuntimeError("the floor server sent nothing")
+
+
 class Unavailable(Exception):
     """An engine that cannot run here (not installed, crashed, failed to load)."""
 
@@ -468,10 +500,14 @@ def _common(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str, Any] | str], list[dict[str, Any]]]:
+def measure(
+    args: argparse.Namespace, console: Any
+) -> tuple[dict[str, dict[str, Any] | str], list[dict[str, Any]], list[float]]:
     """Start every engine, then take turns: one run of each per round, so that a change in the
     machine's load falls on all of them alike, with a pause after each run (`--settle`) so that no
-    engine runs while the previous one's threads still spin. Then the concurrency sweep against the agent."""
+    engine runs while the previous one's threads still spin. With the agent's rows, each round ends with
+    gRPC's floor (`serve_floor`: an empty streaming call after the same pause). Then the concurrency
+    sweep against the agent."""
     import grpc
     import httpx
 
@@ -483,6 +519,8 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
     rss: dict[str, Callable[[], float]] = {}
     processes: list[Process] = []
     agent: Process | None = None
+    floor: list[float] = []
+    floor_call: Any = None
     try:
         if "grpc-each" in args.engines:
             each = Process(args, ["--serve", "each"])
@@ -498,6 +536,11 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
             runners["grpc"] = lambda: _one(grpc_once(stub, args.new_tokens))
             runners["openai"] = lambda: _one(openai_once(client, url, args.new_tokens))
             rss["grpc"] = rss["openai"] = agent.rss
+        if {"grpc", "grpc-each"} & set(args.engines):
+            floor_server = Process(args, ["--serve", "floor"])
+            processes.append(floor_server)
+            floor_channel = grpc.insecure_channel(floor_server.ready[1], options=channel_options())
+            floor_call = floor_channel.unary_stream(FLOOR_METHOD)
         for engine in args.engines:
             if engine in ("grpc", "grpc-each", "openai"):
                 continue
@@ -524,6 +567,10 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
                 if i >= args.warmup:
                     runs[engine].append(got)
                 time.sleep(args.settle)
+            if floor_call is not None:
+                got_floor = floor_once(floor_call)
+                if i >= args.warmup:
+                    floor.append(got_floor)
         for engine in runners:
             results[engine] = _figures(runs[engine]) | {"peak_rss_mb": rss[engine]()}
         sweep = concurrency(args, agent.ready[1]) if agent is not None else []
@@ -531,7 +578,7 @@ def measure(args: argparse.Namespace, console: Any) -> tuple[dict[str, dict[str,
         for process in processes:
             process.stop()
     ordered = {engine: results[engine] for engine in args.engines if engine in results}
-    return ordered, sweep
+    return ordered, sweep, floor
 
 
 def main() -> None:
@@ -563,7 +610,7 @@ def main() -> None:
     parser.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     parser.add_argument("--worker", choices=["inprocess", "llama.cpp", "transformers"], help=argparse.SUPPRESS)
-    parser.add_argument("--serve", choices=["grouped", "each"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["grouped", "each", "floor"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.settle < 0:
         parser.error(f"--settle is a pause in seconds (0 or more), not {args.settle}")
@@ -578,6 +625,9 @@ def main() -> None:
         args.spinning = "1" if resolve_spinning("auto", args.threads) else "0"
     if args.worker:
         worker(args)
+        return
+    if args.serve == "floor":
+        serve_floor()
         return
     if args.serve:
         serve(args)
@@ -594,12 +644,22 @@ def main() -> None:
         f"{args.runs} runs after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f} "
         f"on {os.cpu_count()} cores; int4 model {args.model_dir}"
     )
-    results, sweep = measure(args, console)
-    print_tables(console, results, sweep)
+    results, sweep, floor = measure(args, console)
+    print_tables(console, results, sweep, floor)
     if args.json is not None:
         rows = [_json_row(engine, r, results) for engine, r in results.items() if isinstance(r, dict)]
         args.json.write_text(
-            json.dumps({"rows": rows, "concurrency": sweep, "spinning": args.spinning == "1"}, indent=2) + "\n"
+            json.dumps(
+                {
+                    "rows": rows,
+                    "concurrency": sweep,
+                    "spinning": args.spinning == "1",
+                    "grpc_floor_ms_p50": statistics.median(floor) if floor else None,
+                    "grpc_floor_ms_runs": [round(x, 3) for x in floor],
+                },
+                indent=2,
+            )
+            + "\n"
         )
         console.print(f"figures written to {args.json}")
 
@@ -622,7 +682,9 @@ def _json_row(engine: str, r: dict[str, Any], results: dict[str, dict[str, Any] 
     return row
 
 
-def print_tables(console: Any, results: dict[str, dict[str, Any] | str], sweep: list[dict[str, Any]]) -> None:
+def print_tables(
+    console: Any, results: dict[str, dict[str, Any] | str], sweep: list[dict[str, Any]], floor: list[float]
+) -> None:
     from rich.table import Table
 
     ref = results.get("llama.cpp")
@@ -685,6 +747,12 @@ def print_tables(console: Any, results: dict[str, dict[str, Any] | str], sweep: 
                 f"{p['transport_ttft_ms_p50']:.1f}" if "transport_ttft_ms_p50" in p else "",
             )
         console.print(pairs)
+    if floor:
+        console.print(
+            "gRPC's own floor on this machine: an empty streaming call's first message "
+            f"{statistics.median(floor):.2f} ms p50 after the same pause (grpc.aio server, no model): "
+            "the least transport any gRPC row can show."
+        )
 
 
 if __name__ == "__main__":
