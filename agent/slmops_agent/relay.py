@@ -17,9 +17,12 @@ handed over -> in the client 2.6 ms p50, 0.7 ms with a 2 ms pause, `FIRST_YIELD_
 
 After the first piece, text is grouped in time: a text piece wakes the loop only when `group_s` has
 passed since the last wake; one that comes sooner waits for the next event (the next piece, or the
-end), so no piece is held back longer than one token's time. Every wake costs both processes of a
-stream a few context switches, and on a small CPU each one stalls onnxruntime's intra-op threads in
-the middle of a token: at ~80 tokens/s, a 25 ms group sends 2-3 tokens per message. "start" (which
+end), so no piece is held back longer than `group_s` and one token's time. Every wake costs both
+processes of a stream a few context switches and the generation thread a GIL handover, and on a small
+CPU each one stalls onnxruntime's intra-op threads in the middle of a token: about 1 ms of decoding
+per message for SmolLM2 on 2 cores. The default, 100 ms (10 updates a second, ~13 tokens a message at
+128 tokens/s), kept the agent's decode rate at 97.0-98.1% of the in-process loop's in three
+agent_bench runs, where 25 ms groups gave 91.6-99.8% and 50 ms 92.6-94.7% (benchmarks/README.md). "start" (which
 model answers) never wakes the loop: it comes with the first piece, so the prefill runs undisturbed;
 "done" and "error" always wake it. `group_s=0` streams every piece as it comes.
 """
@@ -35,7 +38,7 @@ from typing import Any
 Event = tuple[str, Any]
 FLUSH_WAIT_S = 0.01
 FIRST_YIELD_S = 0.002
-GROUP_S = 0.025
+GROUP_S = 0.1
 
 
 class Relay:

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slmops_agent.relay import GROUP_S
+
 DEFAULT_STATE_DIR = Path("~/.slmops/agent")
 
 
@@ -61,7 +63,7 @@ class AgentSettings(BaseSettings):
     )
     max_batch: int = Field(4, ge=1, le=64, description="Concurrent requests decoded together in one batch at most.")
     stream_group_s: float = Field(
-        0.025, ge=0, le=1, description="After the first piece, streamed text goes in groups this far apart (0: each)."
+        GROUP_S, ge=0, le=1, description="After the first piece, streamed text goes in groups this far apart (0: each)."
     )
     queue_bound: int = Field(8, ge=1, le=10_000, description="Requests waiting or running before RESOURCE_EXHAUSTED.")
     default_max_new_tokens: int = Field(256, ge=1, le=1 << 20)

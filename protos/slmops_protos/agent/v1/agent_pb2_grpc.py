@@ -61,7 +61,7 @@ class InferenceServicer:
 
     def Generate(self, request, context):
         """Streams the completion: the first token in a message of its own, then the text in time groups
-        (the agent's stream_group_s, 25 ms by default; a message may carry several tokens).
+        (the agent's stream_group_s, 100 ms by default; a message may carry several tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

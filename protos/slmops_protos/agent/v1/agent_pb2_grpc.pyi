@@ -33,7 +33,7 @@ class InferenceStub:
     def __new__(cls, channel: _aio.Channel) -> InferenceAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_agent_pb2.GenerateRequest, _agent_pb2.GenerateResponse]
     """Streams the completion: the first token in a message of its own, then the text in time groups
-    (the agent's stream_group_s, 25 ms by default; a message may carry several tokens).
+    (the agent's stream_group_s, 100 ms by default; a message may carry several tokens).
     """
     GenerateUnary: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GenerateRequest, _agent_pb2.GenerateResponse]
     """The whole completion at once."""
@@ -45,7 +45,7 @@ class InferenceAsyncStub(InferenceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_agent_pb2.GenerateRequest, _agent_pb2.GenerateResponse]  # type: ignore[assignment]
     """Streams the completion: the first token in a message of its own, then the text in time groups
-    (the agent's stream_group_s, 25 ms by default; a message may carry several tokens).
+    (the agent's stream_group_s, 100 ms by default; a message may carry several tokens).
     """
     GenerateUnary: _aio.UnaryUnaryMultiCallable[_agent_pb2.GenerateRequest, _agent_pb2.GenerateResponse]  # type: ignore[assignment]
     """The whole completion at once."""
@@ -60,7 +60,7 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.GenerateResponse], _abc.AsyncIterator[_agent_pb2.GenerateResponse]]:
         """Streams the completion: the first token in a message of its own, then the text in time groups
-        (the agent's stream_group_s, 25 ms by default; a message may carry several tokens).
+        (the agent's stream_group_s, 100 ms by default; a message may carry several tokens).
         """
 
     @_abc_1.abstractmethod
