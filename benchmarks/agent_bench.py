@@ -45,10 +45,18 @@ RESULT = "RESULT "
 
 # -- where the models are ---------------------------------------------------------------------
 def default_model_dir() -> Path | None:
-    """The cpu-int4 conversion of an imported SmolLM2 (.cache/smollm2-hf/<key>) in the builder cache, made
-    by `slmops builder build --profile cpu-int4`; the cache also holds conversions of other models."""
+    """The cpu-int4 conversion of an imported SmolLM2 (.cache/smollm2-hf/<key>) made by `slmops builder
+    build --profile cpu-int4`, in the tests' builder cache (.cache/builder) or the builder's default one
+    ($SLMOPS_CACHE_DIR or ~/.cache/slmops/builder); the caches also hold conversions of other models."""
+    from slmops_builder.steps import default_cache_dir
+
     imports = (ROOT / ".cache" / "smollm2-hf").resolve()
-    for step in sorted((ROOT / ".cache" / "builder" / "convert").glob("*/slmops_step.json")):
+    steps = [
+        p
+        for cache in (ROOT / ".cache" / "builder", default_cache_dir())
+        for p in cache.glob("convert/*/slmops_step.json")
+    ]
+    for step in sorted(steps):
         try:
             made = json.loads(step.read_text())
         except (OSError, ValueError):
