@@ -653,9 +653,10 @@ def main() -> None:
         f"on {os.cpu_count()} cores; int4 model {args.model_dir}"
     )
     results, sweep, floor = measure(args, console)
-    print_tables(console, results, sweep, floor)
+    against = {engine: p for engine in results if engine != "inprocess" and (p := paired(results, engine))}
+    print_tables(console, results, sweep, floor, against)
     if args.json is not None:
-        rows = [_json_row(engine, r, results) for engine, r in results.items() if isinstance(r, dict)]
+        rows = [_json_row(engine, r, against.get(engine)) for engine, r in results.items() if isinstance(r, dict)]
         args.json.write_text(
             json.dumps(
                 {
@@ -672,7 +673,7 @@ def main() -> None:
         console.print(f"figures written to {args.json}")
 
 
-def _json_row(engine: str, r: dict[str, Any], results: dict[str, dict[str, Any] | str]) -> dict[str, Any]:
+def _json_row(engine: str, r: dict[str, Any], against: dict[str, float] | None) -> dict[str, Any]:
     row = {
         "engine": engine,
         "ttft_ms_p50": statistics.median(r["ttft_ms"]),
@@ -684,14 +685,17 @@ def _json_row(engine: str, r: dict[str, Any], results: dict[str, dict[str, Any] 
     for key in ("ttft_ms", "decode_tps", "server_ttft_ms", "server_decode_tps"):
         if key in r:
             row[f"{key}_runs"] = [round(x, 2) for x in r[key]]
-    against = paired(results, engine) if engine != "inprocess" else None
     if against is not None:
         row["vs_inprocess"] = against
     return row
 
 
 def print_tables(
-    console: Any, results: dict[str, dict[str, Any] | str], sweep: list[dict[str, Any]], floor: list[float]
+    console: Any,
+    results: dict[str, dict[str, Any] | str],
+    sweep: list[dict[str, Any]],
+    floor: list[float],
+    against: dict[str, dict[str, float]],
 ) -> None:
     from rich.table import Table
 
@@ -741,7 +745,6 @@ def print_tables(
                 f"{row['ttft_ms_p95']:.1f}",
             )
         console.print(conc)
-    against = {engine: p for engine in results if engine != "inprocess" and (p := paired(results, engine))}
     if against:
         pairs = Table(title="Against inprocess, round by round (p50 of the per-round differences and ratios)")
         for col in ("engine", "TTFT added ms", "decode vs inprocess", "agent's own TTFT added ms", "transport ms"):
