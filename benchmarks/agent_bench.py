@@ -74,8 +74,9 @@ def default_model_dir() -> Path | None:
 
 def default_hf_dir(model_dir: Path | None) -> Path | None:
     """The imported HF folder `model_dir` was converted from (else any imported SmolLM2)."""
-    if model_dir is not None:
-        made = json.loads((model_dir / "slmops_step.json").read_text())
+    step = model_dir / "slmops_step.json" if model_dir is not None else None
+    if step is not None and step.is_file():  # a builder cache entry (a package's folder has none)
+        made = json.loads(step.read_text())
         if (Path(made["model_dir"]) / "slmops_source.json").is_file():
             return Path(made["model_dir"])
     for source in sorted((ROOT / ".cache" / "smollm2-hf").glob("*/slmops_source.json")):
@@ -622,6 +623,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.settle < 0:
         parser.error(f"--settle is a pause in seconds (0 or more), not {args.settle}")
+    if args.model_dir is not None and not (args.model_dir / "genai_config.json").is_file():
+        parser.error(f"--model-dir {args.model_dir} is not an onnxruntime-genai folder (no genai_config.json)")
     args.model_dir = args.model_dir or default_model_dir()
     args.hf_dir = args.hf_dir or default_hf_dir(args.model_dir)
     args.gguf = args.gguf or default_gguf()
