@@ -12,8 +12,7 @@ from slmops_agent.errors import (
     status_name,
 )
 from slmops_agent.settings import AgentSettings, load_settings
-
-__version__ = "0.1.0"
+from slmops_protos import __version__
 
 __all__ = [
     "AgentError",

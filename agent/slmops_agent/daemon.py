@@ -13,7 +13,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from slmops_agent import __version__
 from slmops_agent.credentials import Credentials, CredentialsError
 from slmops_agent.errors import AgentError
 from slmops_agent.httpapi import HttpServer
@@ -26,6 +25,7 @@ from slmops_agent.server import AgentServer, AgentStatus
 from slmops_agent.settings import AgentSettings
 from slmops_agent.telemetry import Sample, Telemetry, TelemetryQueue, read_temperature
 from slmops_agent.updater import BlobWant, Desired, Report, Updater, chunk_from_pb
+from slmops_protos import __version__
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.manifests import PackageError, public_key_from_hex
 

@@ -97,7 +97,7 @@ def onnxruntime_providers() -> list[str]:
 def collect_inventory(state_dir: Path) -> Inventory:
     import psutil
 
-    from slmops_agent import __version__
+    from slmops_protos import __version__
 
     probe = state_dir if state_dir.exists() else Path(os.path.expanduser("~"))
     return Inventory(

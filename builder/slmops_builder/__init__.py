@@ -6,7 +6,7 @@ functions that need them (import_model, convert's subprocess, evaluate_folder).
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from slmops_protos import __version__
 
 if TYPE_CHECKING:
     from slmops_builder.build import BuildEvent, GoldenPromptSpec, build_package, evaluate_folder

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from slmops_builder import __version__
 from slmops_builder.keys import sign
+from slmops_protos import __version__
 from slmops_protos.manifests import (
     BLOBS_DIR,
     FORMAT_VERSION,

@@ -63,7 +63,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slmops_builder import __version__, evaluate, importer
+from slmops_builder import evaluate, importer
 from slmops_builder.build import (
     BuildEvent,
     ProgressFn,
@@ -95,6 +95,7 @@ from slmops_builder.keys import load_private_key
 from slmops_builder.packaging import PackageSpec, WrittenPackage, write_package
 from slmops_builder.profiles import get_profile
 from slmops_builder.steps import CONVERT_TOOLS, StepCache, StepResult, tool_versions
+from slmops_protos import __version__
 from slmops_protos.manifests import sha256_file
 from slmops_protos.package.v1 import manifest_pb2
 

@@ -8,7 +8,7 @@ Public API for other components and tests:
 """
 
 __all__ = ["FleetClient", "FleetServer", "FleetSettings", "FleetThread", "__version__"]
-from slmops_fleet._version import __version__
+from slmops_protos import __version__
 
 
 def __getattr__(name: str) -> object:

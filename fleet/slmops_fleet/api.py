@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import ClientDisconnect
 
-from slmops_fleet._version import __version__
 from slmops_fleet.errors import FleetError, InvalidRequest, TooLarge
 from slmops_fleet.service import FleetService
+from slmops_protos import __version__
 from slmops_protos.manifests import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from slmops_fleet._version import __version__
 from slmops_fleet.blobstore import BlobStore, BlobWriter
 from slmops_fleet.codec import desired_to_pb
 from slmops_fleet.db import (
@@ -31,6 +30,7 @@ from slmops_fleet.errors import Conflict, InvalidRequest, NotFound, Provisioning
 from slmops_fleet.provisioning import Provisioner
 from slmops_fleet.rollouts import Gates, PlanError, RolloutPlan, parse_waves
 from slmops_fleet.settings import FleetSettings
+from slmops_protos import __version__
 from slmops_protos.manifests import (
     PackageError,
     is_sha256_hex,

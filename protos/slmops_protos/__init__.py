@@ -1,5 +1,7 @@
 """The slmops contract: generated protobuf/gRPC code and the helpers every side shares."""
 
+from importlib.metadata import version as _distribution_version
+
 from slmops_protos.manifests import (
     PackageError,
     canonical_bytes,
@@ -7,15 +9,24 @@ from slmops_protos.manifests import (
     parse_signed_manifest,
     verify_signed_manifest,
 )
+from slmops_protos.providers import EXECUTION_PROVIDERS, ort_provider_name, provider_rank
+from slmops_protos.states import UpdateState
 from slmops_protos.topics import Topics, chunk_count
 
+# The one version of slmops (pyproject.toml's): every program reports this one.
+__version__ = _distribution_version("slmops")
+
 __all__ = [
+    "EXECUTION_PROVIDERS",
     "PackageError",
     "Topics",
+    "UpdateState",
+    "__version__",
     "canonical_bytes",
     "chunk_count",
+    "ort_provider_name",
     "package_id",
     "parse_signed_manifest",
+    "provider_rank",
     "verify_signed_manifest",
 ]
-__version__ = "0.1.0"
