@@ -1,0 +1,26 @@
+"""`slmops fleet ...`: run the fleet manager and operate it.
+
+Cheap to import: FastAPI, SQLAlchemy, amqtt and paho are imported inside the commands.
+Commands other than `serve` find the fleet by --fleet URL + --token, by SLMOPS_FLEET_URL and
+SLMOPS_FLEET_TOKEN, or by <data dir>/fleet.json (which `serve` writes).
+"""
+
+import typer
+
+from slmops_fleet.cli import devices, packages, releases, rollouts, serve, status, tokens
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Run the fleet manager and operate it: tokens, packages, rollouts, devices.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.command()(serve.serve)
+app.command()(status.status)
+app.command()(status.stats)
+app.add_typer(tokens.app, name="token")
+app.add_typer(packages.app, name="package")
+app.add_typer(releases.app, name="release")
+app.add_typer(rollouts.app, name="rollout")
+app.add_typer(devices.app, name="device")

@@ -1,0 +1,72 @@
+"""`slmops fleet device ...`: list enrolled devices and tag them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from slmops_fleet.cli.common import (
+    DataDirOpt,
+    FleetOpt,
+    JsonOpt,
+    TokenOpt,
+    ago_text,
+    call,
+    new_table,
+    out_console,
+    print_json,
+    size_text,
+)
+
+app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+
+
+@app.command("list")
+def device_list(
+    fleet: FleetOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List enrolled devices."""
+    devices = call(fleet, token, data_dir, lambda c: c.list_devices())
+    if as_json:
+        print_json(devices)
+        return
+    table = new_table("devices", "id", "name", "tags", "state", "active version", "progress", "last seen")
+    for d in devices:
+        progress = ""
+        if d["bytes_needed"]:
+            progress = f"{size_text(d['bytes_received'])} / {size_text(d['bytes_needed'])}"
+        table.add_row(
+            d["id"],
+            d["name"] or "",
+            ",".join(d.get("tags") or []),
+            d["state"] or "enrolled",
+            d["active_version"] or "",
+            progress,
+            ago_text(d["last_seen"]),
+        )
+    out_console().print(table)
+
+
+@app.command("tag")
+def device_tag(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    add: Annotated[list[str] | None, typer.Option("--add", help="Tag to add; repeatable or comma-separated.")] = None,
+    remove: Annotated[
+        list[str] | None, typer.Option("--remove", help="Tag to remove; repeatable or comma-separated.")
+    ] = None,
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add or remove a device's tags (rollouts select devices by them: --select tag=canary)."""
+    adds = [t.strip() for item in (add or []) for t in item.split(",") if t.strip()]
+    removes = [t.strip() for item in (remove or []) for t in item.split(",") if t.strip()]
+    if not adds and not removes:
+        raise typer.BadParameter("give --add or --remove")
+    d = call(fleet, token, data_dir, lambda c: c.update_device_tags(device_id, adds, removes))
+    if as_json:
+        print_json(d)
+        return
+    out_console().print(f"{d['id']}: tags {', '.join(d['tags']) or 'none'}", highlight=False)

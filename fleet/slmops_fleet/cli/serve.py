@@ -1,0 +1,121 @@
+"""`slmops fleet serve`: the whole fleet in this process until Ctrl+C or SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from slmops_fleet.cli.common import DataDirOpt, fail
+
+
+def serve(
+    data_dir: DataDirOpt = None,
+    host: Annotated[str | None, typer.Option("--host", help="HTTP listen address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="HTTP port; 0 picks a free one (default).")] = None,
+    public_url: Annotated[str | None, typer.Option("--public-url", help="The fleet URL devices are told.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="SQLAlchemy URL (default: sqlite in the data folder).")
+    ] = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option("--broker-url", help="External broker mqtt://user:pass@host:port (default: embedded amqtt)."),
+    ] = None,
+    broker_port: Annotated[
+        int | None, typer.Option("--broker-port", help="Embedded broker port on 127.0.0.1; 0 picks a free one.")
+    ] = None,
+    broker_provisioning: Annotated[
+        str | None,
+        typer.Option("--broker-provisioning", help="External broker: 'dynsec' (Mosquitto dynamic security) or 'none'."),
+    ] = None,
+    broker_admin_url: Annotated[
+        str | None, typer.Option("--broker-admin-url", help="Dynamic-security admin mqtt://user:pass@host:port.")
+    ] = None,
+    public_broker_host: Annotated[
+        str | None, typer.Option("--public-broker-host", help="Broker host for devices.")
+    ] = None,
+    public_broker_port: Annotated[
+        int | None, typer.Option("--public-broker-port", help="Broker port for devices.")
+    ] = None,
+    topic_root: Annotated[str | None, typer.Option("--topic-root", help="MQTT topic root (default slmops/v1).")] = None,
+    chunk_size: Annotated[int | None, typer.Option("--chunk-size", help="Bytes per chunk, 262144..1048576.")] = None,
+    broadcast_rate: Annotated[
+        int | None, typer.Option("--broadcast-rate", help="Bytes/s for all chunk transfers together; 0: no limit.")
+    ] = None,
+    trust_key: Annotated[
+        list[Path] | None,
+        typer.Option("--trust-key", help="Trusted package signing public key (*.pub); repeatable."),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
+) -> None:
+    """Run the fleet manager: HTTP API, MQTT broker (or client of an external one), database."""
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    from slmops_fleet.errors import FleetError
+    from slmops_fleet.settings import FleetSettings
+
+    given: dict[str, Any] = {
+        "data_dir": data_dir,
+        "http_host": host,
+        "http_port": port,
+        "public_url": public_url,
+        "database_url": database_url,
+        "broker_url": broker_url,
+        "broker_port": broker_port,
+        "broker_provisioning": broker_provisioning,
+        "broker_admin_url": broker_admin_url,
+        "public_broker_host": public_broker_host,
+        "public_broker_port": public_broker_port,
+        "topic_root": topic_root,
+        "chunk_size": chunk_size,
+        "broadcast_rate": broadcast_rate,
+        "signing_keys": trust_key or None,
+        "log_level": log_level,
+    }
+    try:
+        settings = FleetSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        fail(f"bad settings: {problems}")
+
+    _configure_logging(settings.log_level)
+    from slmops_fleet.server import FleetInfo, run_server
+
+    def ready(info: FleetInfo) -> None:
+        kind = "embedded amqtt" if info.mqtt.embedded else "external"
+        lines = [
+            "slmops fleet is running",
+            f"  HTTP API      {info.url}",
+            f"  MQTT broker   {info.mqtt.host}:{info.mqtt.port} ({kind}, topic root {info.mqtt.topic_root})",
+            f"  admin token   {settings.admin_token_file}",
+            f"  fleet.json    {settings.fleet_json}",
+            "Stop with Ctrl+C or SIGTERM.",
+        ]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(run_server(settings, on_ready=ready))
+    except FleetError as exc:
+        fail(exc.reason)
+    except KeyboardInterrupt:
+        pass
+    logging.getLogger(__name__).info("fleet stopped")
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for name in ("amqtt", "transitions", "uvicorn.access", "uvicorn.error", "alembic", "httpx"):
+        logging.getLogger(name).setLevel(max(quiet, getattr(logging, level)))
