@@ -18,9 +18,9 @@ def __getattr__(name: str) -> object:
 
         return FleetSettings
     if name in ("FleetServer", "FleetThread"):
-        from slmops_fleet import server
+        from slmops_fleet import process
 
-        return getattr(server, name)
+        return getattr(process, name)
     if name == "FleetClient":
         from slmops_fleet.client import FleetClient
 

@@ -1,4 +1,4 @@
-"""The fleet's own error types. `api.py` maps them to HTTP status codes in one place."""
+"""The fleet's own error types. `http_api.py` maps them to HTTP status codes in one place."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def serve(
         fail(f"bad settings: {problems}")
 
     _configure_logging(settings.log_level)
-    from slmops_fleet.server import FleetInfo, run_server
+    from slmops_fleet.process import FleetInfo, run_server
 
     def ready(info: FleetInfo) -> None:
         kind = "embedded amqtt" if info.mqtt.embedded else "external"

@@ -26,14 +26,15 @@ from typing import Any
 
 import uvicorn
 
-from slmops_fleet.api import create_app
 from slmops_fleet.blobstore import BlobStore
-from slmops_fleet.broker import CredentialRegistry, EmbeddedBroker, bind_listener
 from slmops_fleet.db import BlobRecord, Store
 from slmops_fleet.distribution import BlobDistributor
 from slmops_fleet.driver import RolloutDriver
+from slmops_fleet.embedded_broker import CredentialRegistry, EmbeddedBroker, bind_listener
 from slmops_fleet.errors import FleetError, StartupError
-from slmops_fleet.mqtt import FleetMqtt, Ingest, MqttEndpoint
+from slmops_fleet.http_api import create_app
+from slmops_fleet.ingest import Ingest
+from slmops_fleet.mqtt_client import FleetMqtt, MqttEndpoint
 from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, NoProvisioner, Provisioner
 from slmops_fleet.service import BrokerInfo, FleetService, load_trusted_keys
 from slmops_fleet.settings import FleetSettings

@@ -1,0 +1,179 @@
+"""The fleet's MQTT client: one paho-mqtt threaded client, to the embedded or an external broker.
+
+The client reconnects by itself with capped exponential back-off and full jitter, and subscribes
+again on every connect; after each connect the fleet republishes every device's newest desired
+state (retained, QoS 1): the embedded broker keeps retained messages only in memory, and
+republishing is idempotent for devices (same generation). `on_message` runs in paho's network
+thread: the fleet hands it to `slmops_fleet.ingest.Ingest`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+from slmops_protos.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class _Handle:
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    def wait(self, timeout: float) -> bool:
+        """False if the message is not acknowledged within `timeout`, or never will be (paho raises
+        for a message it could not send: not connected, queue full)."""
+        try:
+            if self._info.is_published():
+                return True
+            self._info.wait_for_publish(timeout)
+            return self._info.is_published()
+        except (RuntimeError, ValueError):
+            return False
+
+
+@dataclass(frozen=True)
+class MqttEndpoint:
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+
+class FleetMqtt:
+    """The fleet's paho client. `on_message(topic, payload)` runs in paho's network thread."""
+
+    def __init__(
+        self,
+        endpoint: MqttEndpoint,
+        topics: Topics,
+        *,
+        client_id: str,
+        clean_session: bool,
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        keepalive_s: int = 30,
+        reconnect_max_s: int = 30,
+        max_inflight: int = 32,
+    ) -> None:
+        self.endpoint = endpoint
+        self.topics = topics
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+        self.keepalive_s = keepalive_s
+        self.reconnect_max_s = reconnect_max_s
+        self._connected = threading.Event()
+        self._attempt = 0
+        self._stopping = False
+        self.last_error: str | None = None
+        self.connects = 0
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
+        if endpoint.username is not None:
+            c.username_pw_set(endpoint.username, endpoint.password)
+        c.max_inflight_messages_set(max_inflight)
+        c.reconnect_delay_set(1, 1)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_message = self._on_message
+        self.client = c
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def set_handlers(
+        self, on_message: Callable[[str, bytes], None], on_connected: Callable[[], None] | None = None
+    ) -> None:
+        """Set the callbacks (before `start`)."""
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+
+    def start(self) -> None:
+        self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=self.keepalive_s)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        if timeout <= 0:
+            return self._connected.is_set()
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def unacknowledged(self) -> int:
+        """Messages the fleet published that the broker has not acknowledged yet (paho's queue,
+        with those past its in-flight window: a rollout's desired states wait there)."""
+        return len(self.client._out_messages)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+
+    # --- publishing -----------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> _Handle:
+        """Thread-safe. While disconnected, QoS 1 messages wait in paho's queue and go out on reconnect."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("publish on %s failed: %s", topic, paho.error_string(info.rc))
+        return _Handle(info)
+
+    # --- paho callbacks (network thread) ---------------------------------------------------------
+
+    def _backoff(self) -> None:
+        """Capped exponential back-off with full jitter, so a fleet does not reconnect in lockstep."""
+        self._attempt += 1
+        cap = max(1, min(self.reconnect_max_s, 2 ** min(self._attempt, 16)))
+        delay = random.randint(1, cap)
+        self.client.reconnect_delay_set(delay, delay)
+
+    def _on_connect(self, client: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection: {reason}"
+            log.error("MQTT: %s (user %r)", self.last_error, self.endpoint.username)
+            self._backoff()
+            return
+        self._attempt = 0
+        self.last_error = None
+        self.connects += 1
+        client.subscribe([(t, 1) for t in self.topics.fleet_subscriptions()])
+        self._connected.set()
+        log.info("MQTT connected to %s:%d", self.endpoint.host, self.endpoint.port)
+        if self._on_connected_cb is not None:
+            self._on_connected_cb()
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._connected.clear()
+        if not self._stopping:
+            self.last_error = f"disconnected: {reason}"
+            log.warning("MQTT disconnected from %s:%d (%s)", self.endpoint.host, self.endpoint.port, reason)
+            self._backoff()
+
+    def _on_connect_fail(self, _c: paho.Client, _u: Any) -> None:
+        self.last_error = f"cannot connect to {self.endpoint.host}:{self.endpoint.port}"
+        log.warning("MQTT: %s", self.last_error)
+        self._backoff()
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if self._on_message_cb is None:
+            return
+        try:
+            self._on_message_cb(msg.topic, bytes(msg.payload))
+        except Exception:
+            log.exception("handling a message on %s failed", msg.topic)
