@@ -100,8 +100,8 @@ class FleetClient:
         except (httpx.ReadError, httpx.RemoteProtocolError):
             if method != "GET":
                 raise
-            # A kept-alive connection that the fleet closed as this request went out (seen with 1,000
-            # devices keeping it busy): a GET changes nothing, so it goes once more, on a new one.
+            # A kept-alive connection that the fleet closed as this request went out (a busy fleet
+            # does): a GET changes nothing, so it goes once more, on a new one.
             return self._http.request(method, path, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:

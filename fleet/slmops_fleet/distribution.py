@@ -322,7 +322,7 @@ class BlobDistributor:
         the broker reports its backlog, also when it was sent less than that long ago: the backlog
         counts a chunk only once the broker has it and is read at most every 0.1 s, so a request
         that comes right after the send would find the broker idle and start the same broadcast
-        again (1,000 devices on the embedded broker: every one-chunk blob went out twice)."""
+        again."""
         if now - sent_at >= self.in_flight_max_s:
             return False
         settle = max(self.settle_s, 2 * self._round_trip)

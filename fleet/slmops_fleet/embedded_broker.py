@@ -1,7 +1,7 @@
 """The embedded MQTT broker: amqtt 0.12 in the fleet's event loop, on 127.0.0.1 only.
 
 Authentication and topic ACLs are two small amqtt plugins (loaded by class path in the
-`plugins` config section, nothing else loaded: amqtt's default plugins double the CPU per
+`plugins` config section, nothing else loaded: amqtt's default plugins add CPU to every
 message) that consult the live `CredentialRegistry`:
 
 - a device authenticates with its id and password, and must use its id as client id;
