@@ -20,7 +20,6 @@ violations); `--json PATH` writes it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import random
 import sys
@@ -30,16 +29,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-# The e2e tests' process handles (tests/e2e/crash_kit.py) and the tiny test model (tests/conftest.py).
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
-
-from crash_kit import CHUNK, Agent, enroll, padded_package, release, start_fleet  # noqa: E402
-from e2e_kit import FleetProc  # noqa: E402
-
-from slmops_builder.keys import generate_key, public_path  # noqa: E402
-from slmops_cli.procs import ProcessFailed  # noqa: E402
-from slmops_fleet.client import FleetClient  # noqa: E402
+from slmops_builder.keys import generate_key, public_path
+from slmops_cli.procs import ProcessFailed
+from slmops_fleet.client import FleetClient
+from slmops_testing.crash import CHUNK, Agent, enroll, padded_package, release, start_fleet
+from slmops_testing.processes import FleetProc
+from slmops_testing.tiny_model import TINY_NAME, TINY_PROFILE, make_tiny_hf_model
 
 STATES = ("FETCHING", "VERIFYING", "STAGED", "TESTING", "COMMITTED", "ROLLED_BACK")
 RATE = 2 * 1024 * 1024  # the fleet's broadcast pace: an 8-chunk padding takes ~1 s
@@ -49,10 +44,9 @@ def tiny_package(workdir: Path, key: Path) -> Path:
     """The tests' tiny Llama, converted and packaged like any model (about 20 s, once)."""
     from slmops_builder.build import build_package
 
-    conftest: Any = importlib.import_module("conftest")
-    hf = conftest.make_tiny_hf_model(workdir / "tiny-hf")
+    hf = make_tiny_hf_model(workdir / "tiny-hf")
     built = build_package(
-        hf, conftest.TINY_PROFILE, conftest.TINY_NAME, "1.0.0", key, workdir / "tiny", cache_dir=workdir / "cache",
+        hf, TINY_PROFILE, TINY_NAME, "1.0.0", key, workdir / "tiny", cache_dir=workdir / "cache",
         threads=1,
     )  # fmt: skip
     return Path(built.path)

@@ -2,7 +2,7 @@
 
 For each broker and each N: a real fleet (`slmops fleet serve`, its own process), N devices
 enrolled over the fleet's HTTP API (each with its own broker credentials and ACL), then run as
-lean simulated devices (tests/fleet/fleetkit.py `SwarmDevice`: many per process on one selector,
+lean simulated devices (slmops_testing/swarm.py `SwarmDevice`: many per process on one selector,
 the real MQTT protocol through the real broker, a chunk bitmap, per-chunk and per-blob SHA-256
 checks, repair requests for gaps, the manifest's signature checked). Two releases to all devices:
 
@@ -37,23 +37,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-# The tests' Mosquitto launcher (tests/brokers.py), simulated devices (tests/fleet/fleetkit.py) and
-# process helpers (tests/e2e/e2e_kit.py).
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "fleet"), str(ROOT / "tests" / "e2e")]
+import httpx
+import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-import httpx  # noqa: E402
-import psutil  # noqa: E402
-from brokers import MosquittoBroker, start_mosquitto  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
-from e2e_kit import healthy, read_json  # noqa: E402
-from fleetkit import make_package, random_bytes, swarm_worker  # noqa: E402
-
-from slmops_builder.keys import generate_key, public_path  # noqa: E402
-from slmops_builder.packaging import read_manifest  # noqa: E402
-from slmops_cli.procs import Service, wait_until  # noqa: E402
-from slmops_fleet.client import FleetClient, FleetClientError  # noqa: E402
+from slmops_builder.keys import generate_key, public_path
+from slmops_builder.packaging import read_manifest
+from slmops_cli.procs import Service, wait_until
+from slmops_fleet.client import FleetClient, FleetClientError
+from slmops_testing.brokers import MosquittoBroker, start_mosquitto
+from slmops_testing.packages import make_package, random_bytes
+from slmops_testing.processes import healthy, read_json
+from slmops_testing.swarm import swarm_worker
 
 CHUNK = 512 * 1024
 DEVICES_PER_WORKER = 250

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -28,26 +27,12 @@ from typing import Protocol
 
 import pytest
 
+from slmops_testing.tiny_model import TINY_NAME, TINY_PROFILE, make_tiny_hf_model
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO_ROOT / ".cache"
-TINY_PROFILE = "cpu-int4"
-TINY_NAME = "tiny-llama"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_FIXTURES = frozenset({"smollm2_hf_model", "smollm2_package"})
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-_CORPUS = [
-    "Hello world. The quick brown fox jumps over the lazy dog.",
-    "The capital of France is Paris. The capital of Italy is Rome.",
-    "You are a helpful assistant. Answer the user's question briefly.",
-    "system user assistant: one two three four five six seven eight nine ten.",
-    "Small language models run on edge devices with ONNX Runtime.",
-]
 
 
 class PackageFactory(Protocol):
@@ -72,73 +57,6 @@ def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     path = tmp_path_factory.mktemp("keys") / "signing.key"
     generate_key(path)
     return path, public_path(path)
-
-
-def make_tiny_hf_model(out: Path, *, seed: int = 0) -> Path:
-    """Write a tiny Llama (2 layers, hidden 64, 4 heads, 2 kv heads) and a trained BPE tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in specials}
-    tok_cfg = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>",
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 256,
-        "chat_template": CHATML_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    special_map = {k: tok_cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=ids["<|im_start|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|im_end|>"],
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    # Random weights would mostly pick single-byte tokens, whose sequences are not valid UTF-8.
-    # Zero their output rows (and the specials'): their logit is then 0 while some merged word
-    # scores above it, so greedy output is a readable (if senseless) run of corpus words that
-    # never hits eos early.
-    with torch.no_grad():
-        for token, index in tok.get_vocab().items():
-            if len(token) == 1 or token in specials:
-                model.lm_head.weight[index] = 0.0
-    model.generation_config.bos_token_id = config.bos_token_id
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="session")

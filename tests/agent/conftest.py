@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from agent_helpers import FleetSim, agent_settings, spec
-from brokers import MosquittoBroker, start_mosquitto
 
 from slmops_agent.settings import AgentSettings
+from slmops_testing.brokers import MosquittoBroker, start_mosquitto
 
 
 @pytest.fixture

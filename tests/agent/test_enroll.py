@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import free_port
 from typer.testing import CliRunner
 
 from slmops_agent.cli import app
@@ -20,6 +19,7 @@ from slmops_agent.credentials import Credentials
 from slmops_agent.enroll import enroll
 from slmops_agent.errors import EnrollError
 from slmops_agent.inventory import collect_inventory, cpu_features
+from slmops_testing.brokers import free_port
 
 KEY = "0f1677178bcf02f76cfbf8fffa674db25036871ec1f65c6c7500f80480af6bd0"
 

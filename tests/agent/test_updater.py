@@ -468,7 +468,7 @@ def test_golden_answers_that_differ_commit_and_report_the_score(
 ) -> None:
     """The device does not judge the reference comparison itself: it commits and reports the score;
     the fleet's quality gate decides for the wave."""
-    from release_kit import repackage
+    from slmops_testing.packages import repackage
 
     record = install(rig, pkg_v1, 1)
     judged = len(manifest_of(pkg_v1).golden_prompts)

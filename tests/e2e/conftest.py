@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from e2e_kit import AGENT_ENV, AgentProc, FleetProc, healthy, read_json
 
 from slmops_cli.procs import Service, run, wait_until
+from slmops_testing.processes import AGENT_ENV, AgentProc, FleetProc, healthy, read_json
 
 
 @pytest.fixture

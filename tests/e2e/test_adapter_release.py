@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from e2e_kit import AgentProc, FleetProc
 
 from slmops_cli.procs import ProcessFailed
+from slmops_testing.processes import AgentProc, FleetProc
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import crash_kit
 import pytest
-from brokers import CorruptingProxy, start_mosquitto
-from crash_kit import CHUNK, Agent, blob_stats, padded_package, release, wait_device, wait_mid_transfer
-from e2e_kit import FleetProc
+
+from slmops_testing import crash
+from slmops_testing.brokers import CorruptingProxy, start_mosquitto
+from slmops_testing.crash import CHUNK, Agent, blob_stats, padded_package, release, wait_device, wait_mid_transfer
+from slmops_testing.processes import FleetProc
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,7 +31,7 @@ def start_fleet(tmp_path: Path, signing_key: tuple[Path, Path]) -> Iterator[Call
 
     def start(*extra: str) -> FleetProc:
         log = tmp_path / "logs" / f"fleet-{len(started)}.log"
-        started.append(crash_kit.start_fleet(tmp_path / "fleet", log, signing_key[1], *extra))
+        started.append(crash.start_fleet(tmp_path / "fleet", log, signing_key[1], *extra))
         return started[-1]
 
     yield start
@@ -44,7 +45,7 @@ def enroll(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
     def make(fleet: FleetProc, name: str, mqtt_port: int | None = None) -> Agent:
-        agents.append(crash_kit.enroll(fleet, tmp_path / name, tmp_path / "logs", mqtt_port))
+        agents.append(crash.enroll(fleet, tmp_path / name, tmp_path / "logs", mqtt_port))
         return agents[-1]
 
     yield make

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from brokers import start_mosquitto
-from e2e_kit import AgentProc, FleetProc
 
 from slmops_builder.keys import generate_key, load_private_key, public_path, sign
 from slmops_cli.procs import ProcessFailed, run
 from slmops_protos import Topics
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.manifests import SIGNED_MANIFEST_FILE, parse_signed_manifest
+from slmops_testing.brokers import start_mosquitto
+from slmops_testing.processes import AgentProc, FleetProc
 
 pytestmark = pytest.mark.timeout(400)
 

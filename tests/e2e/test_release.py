@@ -8,12 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from e2e_kit import AgentProc, FleetProc
-from release_kit import repackage
 
 from slmops_cli.procs import wait_until
 from slmops_protos.manifests import SIGNED_MANIFEST_FILE
 from slmops_protos.package.v1 import manifest_pb2
+from slmops_testing.packages import repackage
+from slmops_testing.processes import AgentProc, FleetProc
 
 pytestmark = pytest.mark.timeout(300)
 

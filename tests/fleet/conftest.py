@@ -24,10 +24,10 @@ from typing import Any
 
 import httpx
 import pytest
-from brokers import MosquittoBroker, start_mosquitto
-from fleetkit import make_package
 
 from slmops_fleet.db import Store
+from slmops_testing.brokers import MosquittoBroker, start_mosquitto
+from slmops_testing.packages import make_package
 
 PG_BASE_URL = os.environ.get("SLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -102,7 +102,7 @@ def fleet_settings(signing_key: tuple[Path, Path], tmp_path: Path) -> Callable[.
 
 @pytest.fixture
 def fleet(fleet_settings: Callable[..., Any]) -> Iterator[Any]:
-    from slmops_fleet.server import FleetThread
+    from slmops_fleet.process import FleetThread
 
     with FleetThread(fleet_settings()) as running:
         yield running

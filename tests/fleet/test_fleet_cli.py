@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-from fleetkit import random_bytes
 
 from slmops_cli.procs import Service, run, run_json, slmops_cmd
+from slmops_testing.packages import random_bytes
 
 
 def fail(args: list[str], env: dict[str, str] | None = None) -> str:

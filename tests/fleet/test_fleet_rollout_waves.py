@@ -14,11 +14,12 @@ from typing import Any
 import httpx
 import paho.mqtt.client as paho
 import pytest
-from fleetkit import SimDevice, random_bytes
-from test_fleet_api import enroll, new_token, upload
 
-from slmops_fleet.server import FleetThread
+from slmops_fleet.process import FleetThread
 from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_testing.fleet_api import enroll, new_token, upload
+from slmops_testing.packages import random_bytes
+from slmops_testing.simulated_devices import SimDevice
 
 
 class AnsweringDevice(SimDevice):

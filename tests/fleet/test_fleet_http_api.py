@@ -9,51 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from fleetkit import SimDevice, make_package, package_blobs, random_bytes
 
 from slmops_builder.keys import generate_key
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.manifests import package_id
 from slmops_protos.package.v1 import manifest_pb2
-
-PUB = "ab" * 32
-INVENTORY = {
-    "os": "Linux",
-    "arch": "x86_64",
-    "cpu_count": 2,
-    "memory_bytes": 8 << 30,
-    "disk_free_bytes": 20 << 30,
-    "providers": ["CPUExecutionProvider"],
-    "cpu_features": ["avx2"],
-    "agent_version": "0.1.0",
-}
-
-
-def new_token(admin: httpx.Client, ttl_s: int | None = None) -> str:
-    r = admin.post("/v1/tokens", json={"ttl_s": ttl_s} if ttl_s else {})
-    assert r.status_code == 200, r.text
-    return str(r.json()["token"])
-
-
-def enroll(fleet: Any, token: str, name: str = "edge-1") -> httpx.Response:
-    return httpx.post(
-        fleet.url + "/v1/enroll", json={"token": token, "public_key": PUB, "name": name, "inventory": INVENTORY}
-    )
-
-
-def device_count(admin: httpx.Client) -> int:
-    return len(admin.get("/v1/devices").json()["devices"])
-
-
-def upload(admin: httpx.Client, folder: Path, blobs: bool = True) -> dict[str, Any]:
-    r = admin.post("/v1/packages", content=(folder / "manifest.signed.pb").read_bytes())
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    if blobs:
-        for sha in body["missing_blobs"]:
-            assert admin.put(f"/v1/blobs/{sha}", content=(folder / "blobs" / sha).read_bytes()).status_code == 200
-    return body
-
+from slmops_testing.fleet_api import PUB, device_count, enroll, new_token, upload
+from slmops_testing.packages import make_package, package_blobs, random_bytes
+from slmops_testing.simulated_devices import SimDevice
 
 # --- enrollment -------------------------------------------------------------------------------------------
 
@@ -288,7 +251,7 @@ def test_rollout_publishes_retained_desired_state_and_tracks_reports(
 def test_fleet_restart_keeps_devices_and_republishes_desired_states(
     fleet_settings: Callable[..., Any], fleet_package: Callable[..., Path]
 ) -> None:
-    from slmops_fleet.server import FleetThread
+    from slmops_fleet.process import FleetThread
 
     settings = fleet_settings()
     folder = fleet_package({"a.bin": b"hello"})

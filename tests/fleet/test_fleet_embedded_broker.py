@@ -1,10 +1,8 @@
-"""Broker authentication and topic ACLs through real MQTT connections: the embedded amqtt broker
-and Mosquitto with dynamic security, checked by the same probe."""
+"""The embedded amqtt broker: device authentication and topic ACLs through real MQTT connections
+(the probe every broker must pass), and the changes to amqtt's subscription table and queues."""
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,28 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from fleetkit import SimDevice, check_device_isolation, random_bytes
 
-from slmops_fleet.broker import filter_covered
 from slmops_fleet.codec import chunk_to_pb
-from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_fleet.embedded_broker import filter_covered
 from slmops_protos.topics import Topics
-
-
-def _enroll_two_and_roll_out(fleet: Any, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    with httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}) as admin:
-        creds = []
-        for name in ("a", "b"):
-            token = admin.post("/v1/tokens", json={}).json()["token"]
-            r = httpx.post(fleet.url + "/v1/enroll", json={"token": token, "public_key": "cd" * 32, "name": name})
-            assert r.status_code == 200, r.text
-            creds.append(r.json())
-        body = admin.post("/v1/packages", content=(folder / "manifest.signed.pb").read_bytes()).json()
-        for sha in body["missing_blobs"]:
-            assert admin.put(f"/v1/blobs/{sha}", content=(folder / "blobs" / sha).read_bytes()).status_code == 200
-        r = admin.post("/v1/rollouts", json={"package_id": body["package_id"], "target": "all"})
-        assert r.status_code == 200, r.text
-    return creds[0], creds[1]
+from slmops_testing.fleet_api import enroll_two_and_roll_out
+from slmops_testing.packages import random_bytes
+from slmops_testing.simulated_devices import SimDevice, check_device_isolation
 
 
 def test_filter_coverage() -> None:
@@ -48,7 +31,7 @@ def test_filter_coverage() -> None:
 
 
 def test_embedded_broker_isolates_devices(fleet: Any, fleet_package: Callable[..., Path]) -> None:
-    a, b = _enroll_two_and_roll_out(fleet, fleet_package({"m.bin": random_bytes(1000, 3)}))
+    a, b = enroll_two_and_roll_out(fleet, fleet_package({"m.bin": random_bytes(1000, 3)}))
     registry = fleet.server.registry
     check_device_isolation(
         "127.0.0.1",
@@ -62,7 +45,7 @@ def test_embedded_broker_isolates_devices(fleet: Any, fleet_package: Callable[..
 
 def test_embedded_broker_refuses_before_touching_sessions(fleet: Any, fleet_package: Callable[..., Path]) -> None:
     """A client with a stolen client id but no password must not kick the device off or drop its subscriptions."""
-    a, _b = _enroll_two_and_roll_out(fleet, fleet_package({"m.bin": b"x"}))
+    a, _b = enroll_two_and_roll_out(fleet, fleet_package({"m.bin": b"x"}))
     dev = SimDevice.enrolled(a)
     try:
         assert not dev.connect().is_failure
@@ -85,100 +68,13 @@ def test_embedded_broker_refuses_before_touching_sessions(fleet: Any, fleet_pack
         dev.close()
 
 
-@pytest.mark.mosquitto
-def test_mosquitto_dynsec_isolates_devices(
-    mosquitto_broker: Any, fleet_settings: Callable[..., Any], fleet_package: Callable[..., Path]
-) -> None:
-    from slmops_fleet.server import FleetThread
-
-    settings = fleet_settings(broker_url=mosquitto_broker.url, topic_root="slmops/v1")
-    with FleetThread(settings) as fleet:
-        assert fleet.info.mqtt.embedded is False and fleet.info.mqtt.port == mosquitto_broker.port
-        a, b = _enroll_two_and_roll_out(fleet, fleet_package({"m.bin": random_bytes(1000, 4)}))
-        assert a["mqtt"]["port"] == mosquitto_broker.port
-        check_device_isolation(
-            mosquitto_broker.host,
-            mosquitto_broker.port,
-            Topics(settings.topic_root),
-            a,
-            b,
-            (mosquitto_broker.admin_username, mosquitto_broker.admin_password),
-        )
-
-
-@pytest.mark.mosquitto
-def test_mosquitto_refused_provisioning_leaves_no_device(
-    mosquitto_broker: Any, fleet_settings: Callable[..., Any]
-) -> None:
-    """If the broker stops answering, enrollment fails with 503 and the token stays usable."""
-    from slmops_fleet.server import FleetThread
-
-    with FleetThread(fleet_settings(broker_url=mosquitto_broker.url)) as fleet:
-        fleet.server.provisioner.timeout_s = 2.0
-        with httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}) as admin:
-            token = admin.post("/v1/tokens", json={}).json()["token"]
-            mosquitto_broker.stop()
-            r = httpx.post(fleet.url + "/v1/enroll", json={"token": token, "public_key": "cd" * 32}, timeout=30)
-            assert r.status_code == 503 and "broker credentials" in r.json()["detail"], r.text
-            assert admin.get("/v1/devices").json()["devices"] == []
-            mosquitto_broker.start()
-            fleet.server.provisioner.timeout_s = 15.0
-            r = httpx.post(fleet.url + "/v1/enroll", json={"token": token, "public_key": "cd" * 32}, timeout=30)
-            assert r.status_code == 200, r.text
-            dev = SimDevice.enrolled(r.json())
-            try:
-                assert not dev.connect().is_failure
-            finally:
-                dev.close()
-
-
-def test_external_broker_without_provisioning(
-    fleet_settings: Callable[..., Any], fleet_package: Callable[..., Path]
-) -> None:
-    """`--broker-provisioning none` on the machine's anonymous Mosquitto (port 1883, a unique topic root):
-    the fleet only uses the broker; devices get the broker's address and the topic root."""
-    try:
-        socket.create_connection(("127.0.0.1", 1883), timeout=1).close()
-    except OSError:
-        pytest.skip("no MQTT broker on 127.0.0.1:1883")
-    from slmops_fleet.server import FleetThread
-
-    root = f"slmops-test-{os.urandom(4).hex()}/v1"
-    settings = fleet_settings(broker_url="mqtt://127.0.0.1:1883", broker_provisioning="none", topic_root=root)
-    with FleetThread(settings) as fleet:
-        a, _b = _enroll_two_and_roll_out(fleet, fleet_package({"m.bin": b"payload"}))
-        assert a["mqtt"]["host"] == "127.0.0.1" and a["mqtt"]["port"] == 1883 and a["mqtt"]["topic_root"] == root
-        dev = SimDevice.enrolled(a)
-        try:
-            assert not dev.connect().is_failure
-            dev.subscribe_device_topics()
-            assert dev.desired().device_id == a["device_id"]
-            dev.report(fleet_pb2.COMMITTED, 1, active_version="1.0.0")
-            with httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}) as admin:
-                for _ in range(100):
-                    if admin.get(f"/v1/devices/{a['device_id']}").json()["state"] == "COMMITTED":
-                        break
-                    time.sleep(0.1)
-                assert admin.get(f"/v1/devices/{a['device_id']}").json()["active_version"] == "1.0.0"
-        finally:
-            dev.close()
-        # Clear the retained desired states this test left on the shared broker.
-        for creds in (a, _b):
-            dev = SimDevice("127.0.0.1", 1883, username=None, password=None, client_id="cleanup-" + os.urandom(3).hex())
-            dev.connect()
-            dev.client.publish(
-                f"{root}/devices/{creds['device_id']}/desired", b"", qos=1, retain=True
-            ).wait_for_publish(5)
-            dev.close()
-
-
 def test_embedded_broker_backlog_counts_unacknowledged_deliveries_to_devices(
     fleet: Any, fleet_package: Callable[..., Path]
 ) -> None:
     """The blob sender paces on it: deliveries a device has not acknowledged yet count."""
-    a, _b = _enroll_two_and_roll_out(fleet, fleet_package({"m.bin": random_bytes(1000, 4)}))
+    a, _b = enroll_two_and_roll_out(fleet, fleet_package({"m.bin": random_bytes(1000, 4)}))
     broker, topics = fleet.server.broker, Topics(fleet.settings.topic_root)
-    from slmops_fleet.broker import _Subscriptions
+    from slmops_fleet.embedded_broker import _Subscriptions
 
     assert isinstance(broker._broker.subscriptions, _Subscriptions)  # the running broker's table
     dev = SimDevice.enrolled(a)
@@ -209,7 +105,7 @@ def test_embedded_broker_subscription_table_is_iterated_over_snapshots() -> None
     """amqtt 0.12 fans a message out by iterating its subscription table while awaiting the topic
     plugin: a device that subscribed meanwhile (a new filter) raised "dictionary changed size during
     iteration" and the message was lost for every later subscriber (seen with 1,000 devices)."""
-    from slmops_fleet.broker import _Subscriptions
+    from slmops_fleet.embedded_broker import _Subscriptions
 
     plain: dict[str, list[Any]] = {"r/blobs/+/chunks": [("dev-a", 1)], "r/devices/a/desired": []}
     with pytest.raises(RuntimeError, match="changed size"):
@@ -235,7 +131,7 @@ def test_embedded_broker_counts_the_fleets_messages_waiting_for_fan_out() -> Non
     import asyncio
     from types import SimpleNamespace
 
-    from slmops_fleet.broker import FLEET_USERNAME, _BroadcastQueue
+    from slmops_fleet.embedded_broker import FLEET_USERNAME, _BroadcastQueue
 
     async def run() -> list[int]:
         q = _BroadcastQueue()
@@ -257,7 +153,7 @@ def test_embedded_broker_finds_subscribers_without_scanning_every_filter() -> No
     wildcard filters that match, found without testing every device's filters."""
     from amqtt.broker import Broker
 
-    from slmops_fleet.broker import _Subscriptions
+    from slmops_fleet.embedded_broker import _Subscriptions
 
     table = _Subscriptions()
     for i in range(1000):

@@ -18,15 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from e2e_kit import AGENT_ENV, FleetProc, healthy, read_json
 
-from slmops_builder.keys import load_private_key
-from slmops_builder.packaging import PackageSpec, write_package
 from slmops_cli.procs import Service, run, wait_until
 from slmops_fleet.client import FleetClient
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
-from slmops_protos.manifests import SIGNED_MANIFEST_FILE, parse_signed_manifest
+from slmops_protos.manifests import SIGNED_MANIFEST_FILE, package_id, parse_signed_manifest
 from slmops_protos.package.v1 import manifest_pb2
+from slmops_testing.packages import repackage
+from slmops_testing.processes import AGENT_ENV, FleetProc, healthy, read_json
 
 CHUNK = 256 * 1024
 RATE = 512 * 1024  # bytes/s of the fleet's paced broadcast: a 2 MiB padding takes ~4 s
@@ -41,24 +40,10 @@ ENV = {**AGENT_ENV, "SLMOPS_AGENT_BITMAP_FLUSH_S": "0", "SLMOPS_AGENT_SHUTDOWN_G
 def padded_package(tiny: Path, out: Path, key: Path, version: str, pad_bytes: int) -> tuple[Path, str, str]:
     """The tiny model's package with `padding.bin` (`pad_bytes` fresh random bytes) added, signed
     again as `version`. Returns (folder, package id, the padding blob's SHA-256)."""
-    manifest = parse_signed_manifest((tiny / SIGNED_MANIFEST_FILE).read_bytes()).manifest
-    m = manifest_pb2.Manifest.FromString(manifest)
-    src = out.with_name(out.name + ".src")
-    for f in m.files:
-        dest = src / f.path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes((tiny / "blobs" / f.sha256).read_bytes())
-    (src / PAD).write_bytes(os.urandom(pad_bytes))
-    spec = PackageSpec(
-        name=m.name,
-        version=version,
-        profile=m.profile,
-        lineage=m.lineage,
-        golden_prompts=list(m.golden_prompts),
-    )
-    written = write_package(src, spec, load_private_key(key), out)
-    pad_sha = next(f.sha256 for f in written.manifest.files if f.path == PAD)
-    return written.path, written.package_id, pad_sha
+    path = repackage(tiny, out, key, version=version, extra_files={PAD: os.urandom(pad_bytes)})
+    signed = parse_signed_manifest((path / SIGNED_MANIFEST_FILE).read_bytes())
+    files = manifest_pb2.Manifest.FromString(signed.manifest).files
+    return path, package_id(signed.manifest), next(f.sha256 for f in files if f.path == PAD)
 
 
 def bitmap_progress(state_dir: Path, sha256: str) -> tuple[int, int] | None:

@@ -1,0 +1,11 @@
+"""What the tests and the benchmarks share (not installed on devices, not used by the programs):
+
+- `brokers`: a Mosquitto 2 of the tests' own (dynamic security, persistence) and a TCP relay that
+  corrupts a chunk on the wire.
+- `packages`: signed package folders of given files, and an existing package signed again.
+- `tiny_model`: the tests' tiny Llama as a Hugging Face folder.
+- `simulated_devices`: a device as the fleet sees it (a real paho client) and the ACL probe.
+- `swarm`: many lean simulated devices per thread (benchmarks/fleet_bench.py).
+- `processes`: handles on real `slmops fleet serve` and `slmops agent run` processes.
+- `crash`: a restartable agent process and packages whose transfer spans many chunks (crash tests).
+"""
