@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"slmops_protos": ROOT / "protos", "slmops_agent": ROOT / "agent", "slmops_fleet": ROOT / "fleet",
-           "slmops_builder": ROOT / "builder", "slmops_cli": ROOT}  # fmt: skip
+           "slmops_builder": ROOT / "builder", "slmops_cli": ROOT, "slmops_testing": ROOT}  # fmt: skip
 GENERATED = ("slmops_protos.agent.", "slmops_protos.fleet.", "slmops_protos.package.")
 
 
