@@ -531,9 +531,11 @@ def rollout_create(
     if as_json:
         _print_json(rollout)
         return
+    from slmops_fleet.rollouts.states import TargetState
+
     sizes = "+".join(str(w["size"]) for w in rollout["waves"]) or "0"
     what = rollout.get("release") or f"{rollout['package_name']} {rollout['package_version']}"
-    no_variant = rollout["counts"].get("NO_VARIANT", 0)
+    no_variant = rollout["counts"].get(TargetState.NO_VARIANT.value, 0)
     _stdout().print(
         f"rollout [bold]{rollout['id']}[/]: {what} to {len(rollout['devices']) - no_variant} devices in "
         f"{len(rollout['waves'])} waves ({sizes}) ({rollout['state']})"
@@ -645,6 +647,8 @@ def rollout_status(
     as_json: JsonOpt = False,
 ) -> None:
     """One rollout: wave by wave, then device by device."""
+    from slmops_fleet.rollouts.states import ACTIVE_ROLLOUT_STATES
+
     r = _call(fleet, token, data_dir, lambda c: c.get_rollout(rollout_id))
     if as_json:
         _print_json(r)
@@ -662,7 +666,7 @@ def rollout_status(
         "completed",
     )
     for w in r.get("waves", []):
-        marker = " <" if w["index"] == r.get("current_wave") and r["state"] in ("in_progress", "paused") else ""
+        marker = " <" if w["index"] == r.get("current_wave") and r["state"] in ACTIVE_ROLLOUT_STATES else ""
         waves.add_row(
             f"{w['index'] + 1}{marker}",
             str(w["size"]),

@@ -27,7 +27,7 @@ import pytest
 from brokers import MosquittoBroker, start_mosquitto
 from fleetkit import make_package
 
-from slmops_fleet.db import Store
+from slmops_fleet.store import Store
 
 PG_BASE_URL = os.environ.get("SLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

@@ -16,9 +16,9 @@ import pytest
 from fleetkit import random_bytes
 from paho.mqtt.enums import CallbackAPIVersion
 
-from slmops_fleet.db import BlobRecord
 from slmops_fleet.distribution import BlobDistributor
 from slmops_fleet.mqtt import Ingest, _Handle
+from slmops_fleet.store.records import BlobRecord
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.topics import Topics
 

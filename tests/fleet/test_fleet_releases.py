@@ -8,10 +8,15 @@ from typing import Any
 
 import pytest
 
-from slmops_fleet.db import DRIVER_LEASE, NewPackage, ReportedUpdate, Store, utcnow
-from slmops_fleet.driver import RolloutDriver
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound
-from slmops_fleet.rollouts import GateInput, Gates, PlanError, RolloutPlan, Variant, evaluate_gates, select_variant
+from slmops_fleet.rollouts.driver import DRIVER_LEASE, RolloutDriver
+from slmops_fleet.rollouts.gates import GateInput, Gates, evaluate_gates
+from slmops_fleet.rollouts.plan import RolloutPlan
+from slmops_fleet.rollouts.variants import Variant, select_variant
+from slmops_fleet.rollouts.waves import PlanError
+from slmops_fleet.store import Store
+from slmops_fleet.store.database import utcnow
+from slmops_fleet.store.records import NewPackage, ReportedUpdate
 
 GiB = 1 << 30
 CPU_INT4 = Variant("c4" * 32, "model", "cpu-int4", "cpu", "int4", 1 * GiB)

@@ -9,22 +9,14 @@ from typing import Any
 
 import pytest
 
-from slmops_fleet.db import NewPackage, ReportedUpdate, Store, TelemetryRecord, utcnow
 from slmops_fleet.errors import Conflict, InvalidRequest
-from slmops_fleet.rollouts import (
-    GateInput,
-    Gates,
-    PlanError,
-    RolloutPlan,
-    WaveSpec,
-    counter_delta,
-    evaluate_gates,
-    p95,
-    parse_selector,
-    parse_waves,
-    plan_waves,
-    selector_matches,
-)
+from slmops_fleet.rollouts.gates import GateInput, Gates, counter_delta, evaluate_gates, p95
+from slmops_fleet.rollouts.plan import RolloutPlan
+from slmops_fleet.rollouts.selectors import parse_selector, selector_matches
+from slmops_fleet.rollouts.waves import PlanError, WaveSpec, parse_waves, plan_waves
+from slmops_fleet.store import Store
+from slmops_fleet.store.database import utcnow
+from slmops_fleet.store.records import NewPackage, ReportedUpdate, TelemetryRecord
 
 DEVICES = [f"dev-{i:02d}" for i in range(10)]
 
@@ -328,7 +320,7 @@ def test_a_rollout_made_before_waves_existed_migrates_and_finishes(tmp_path: Pat
     from alembic.config import Config
     from sqlalchemy import text
 
-    from slmops_fleet.db import MIGRATIONS_DIR
+    from slmops_fleet.store.database import MIGRATIONS_DIR
 
     store = Store(f"sqlite:///{tmp_path}/old.db")
     try:
