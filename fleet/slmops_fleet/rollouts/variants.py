@@ -47,6 +47,22 @@ class Selection:
         return {"package_id": self.package_id, "reason": self.reason, "candidates": self.candidates}
 
 
+def check_release(variants: Sequence[Variant]) -> None:
+    """A release holds model variants (one per hardware profile) or adapter packages (one per base
+    package), so that a device gets one package of it; a PlanError says what clashes."""
+    kinds = {v.kind for v in variants}
+    if len(kinds) > 1:
+        raise PlanError("a release holds model variants or adapter packages, not both")
+    adapters = kinds == {"adapter"}
+    seen: dict[str, str] = {}
+    for v in variants:
+        k = v.base_package_id if adapters else v.profile
+        if k in seen:
+            what = f"base {k[:12]}" if adapters else f"profile {k or '(none)'}"
+            raise PlanError(f"packages {seen[k][:12]} and {v.package_id[:12]} are both for {what}")
+        seen[k] = v.package_id
+
+
 def _provider_rank(provider: str) -> int:
     """The contract's ranking, but an unknown accelerator ranks just before the CPU (not after it)."""
     return provider_rank(provider) if ort_provider_name(provider) else provider_rank("cpu") - 1

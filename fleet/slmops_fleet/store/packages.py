@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound
+from slmops_fleet.rollouts.variants import check_release
+from slmops_fleet.rollouts.waves import PlanError
 from slmops_fleet.store.database import Database, new_id, utcnow
 from slmops_fleet.store.records import NewPackage, PackageRecord, ReleaseRecord
 from slmops_fleet.store.schema import BlobRow, PackageFileRow, PackageRow, ReleasePackageRow, ReleaseRow
@@ -111,8 +112,7 @@ class PackageQueries(Database):
     # --- releases ------------------------------------------------------------------------------
 
     def create_release(self, name: str, version: str, package_ids: Sequence[str]) -> ReleaseRecord:
-        """Group packages into release NAME@VERSION. Either model variants (one per hardware profile)
-        or adapter packages (one per base package): a device gets one package of a release."""
+        """Group packages into release NAME@VERSION (`check_release` says which packages may be one)."""
         name, version = name.strip(), version.strip()
         if not name or not version or "@" in name or len(name) > 200 or len(version) > 128:
             raise InvalidRequest("a release needs a NAME (no '@', at most 200 characters) and a VERSION")
@@ -120,17 +120,10 @@ class PackageQueries(Database):
         if not refs:
             raise InvalidRequest("a release needs at least one package")
         packages = [self.get_package(ref) for ref in refs]
-        kinds = {p.kind for p in packages}
-        if len(kinds) > 1:
-            raise InvalidRequest("a release holds model variants or adapter packages, not both")
-        key = (lambda p: p.base_package_id) if kinds == {"adapter"} else (lambda p: p.profile)
-        seen: dict[Any, str] = {}
-        for p in packages:
-            k = key(p)
-            if k in seen:
-                what = f"base {str(k)[:12]}" if kinds == {"adapter"} else f"profile {k or '(none)'}"
-                raise InvalidRequest(f"packages {seen[k][:12]} and {p.id[:12]} are both for {what}")
-            seen[k] = p.id
+        try:
+            check_release([p.variant() for p in packages])
+        except PlanError as exc:
+            raise InvalidRequest(str(exc)) from exc
         now = utcnow()
         release_id = new_id("rel")
         try:
