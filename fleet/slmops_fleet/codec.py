@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from slmops_fleet.db import DesiredRecord, ReportedUpdate, TelemetryRecord
+from slmops_fleet.store.records import DesiredRecord, ReportedUpdate, TelemetryRecord
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.manifests import is_sha256_hex
 from slmops_protos.package.v1 import manifest_pb2

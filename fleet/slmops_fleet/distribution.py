@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from slmops_fleet.codec import chunk_to_pb
-from slmops_fleet.db import BlobRecord, BlobStatsDelta
 from slmops_fleet.settings import MAX_CHUNK, MIN_CHUNK
+from slmops_fleet.store.records import BlobRecord, BlobStatsDelta
 from slmops_protos.topics import Topics, chunk_count
 
 log = logging.getLogger(__name__)

@@ -45,8 +45,8 @@ from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from slmops_fleet.db import hash_secret, secrets_equal
 from slmops_fleet.errors import StartupError
+from slmops_fleet.store.devices import hash_secret, secrets_equal
 from slmops_protos.topics import Topics
 
 log = logging.getLogger(__name__)

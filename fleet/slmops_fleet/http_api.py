@@ -1,4 +1,4 @@
-"""The fleet's HTTP API (FastAPI). It translates HTTP to `FleetService` calls and back; the one
+"""The fleet's HTTP API (FastAPI). It translates HTTP to `FleetOperations` calls and back; the one
 exception handler here maps the fleet's error types to status codes.
 
 Every /v1 endpoint except /v1/enroll needs `Authorization: Bearer <admin token>`;
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import ClientDisconnect
 
 from slmops_fleet.errors import FleetError, InvalidRequest, TooLarge
-from slmops_fleet.service import FleetService
+from slmops_fleet.operations import FleetOperations
 from slmops_protos import __version__
 from slmops_protos.manifests import MAX_MANIFEST_BYTES
 
@@ -129,7 +129,7 @@ class RolloutAction(BaseModel):
     reason: str = Field("", max_length=500)
 
 
-def create_app(service: FleetService, admin_token: str) -> FastAPI:
+def create_app(service: FleetOperations, admin_token: str) -> FastAPI:
     app = FastAPI(title="slmops fleet", version=__version__, docs_url="/docs", redoc_url=None)
 
     @app.exception_handler(FleetError)

@@ -26,8 +26,9 @@ from slmops_fleet.codec import (
     reported_from_pb,
     telemetry_from_pb,
 )
-from slmops_fleet.db import ReportedUpdate, Store, TelemetryRecord
 from slmops_fleet.distribution import BlobDistributor
+from slmops_fleet.store import Store
+from slmops_fleet.store.records import ReportedUpdate, TelemetryRecord
 from slmops_protos.topics import Topics
 
 log = logging.getLogger(__name__)

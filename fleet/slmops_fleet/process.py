@@ -27,17 +27,18 @@ from typing import Any
 import uvicorn
 
 from slmops_fleet.blobstore import BlobStore
-from slmops_fleet.db import BlobRecord, Store
 from slmops_fleet.distribution import BlobDistributor
-from slmops_fleet.driver import RolloutDriver
 from slmops_fleet.embedded_broker import CredentialRegistry, EmbeddedBroker, bind_listener
 from slmops_fleet.errors import FleetError, StartupError
 from slmops_fleet.http_api import create_app
 from slmops_fleet.ingest import Ingest
 from slmops_fleet.mqtt_client import FleetMqtt, MqttEndpoint
+from slmops_fleet.operations import BrokerInfo, FleetOperations, load_trusted_keys
 from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, NoProvisioner, Provisioner
-from slmops_fleet.service import BrokerInfo, FleetService, load_trusted_keys
+from slmops_fleet.rollouts.driver import RolloutDriver
 from slmops_fleet.settings import FleetSettings
+from slmops_fleet.store import Store
+from slmops_fleet.store.records import BlobRecord
 from slmops_protos.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class FleetServer:
         self.mqtt: FleetMqtt | None = None
         self.ingest: Ingest | None = None
         self.distributor: BlobDistributor | None = None
-        self.service: FleetService | None = None
+        self.service: FleetOperations | None = None
         self.driver: RolloutDriver | None = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -226,7 +227,7 @@ class FleetServer:
             broker_backlog=self._backlog if self.broker is not None else None,
         )
         self.distributor = distributor
-        service = FleetService(
+        service = FleetOperations(
             s,
             store,
             blobs,

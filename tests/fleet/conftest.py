@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from slmops_fleet.db import Store
+from slmops_fleet.store import Store
 from slmops_testing.brokers import MosquittoBroker, start_mosquitto
 from slmops_testing.packages import make_package
 

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from slmops_fleet.db import BlobRecord
 from slmops_fleet.distribution import BlobDistributor
+from slmops_fleet.store.records import BlobRecord
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.topics import Topics
 from slmops_testing.fleet_api import upload

@@ -1,5 +1,6 @@
-"""Releases, hardware-aware selection, the on-device quality gates and the rollout driver's lease,
-at the store level (SQLite and PostgreSQL) with a clock the test controls; selection table-driven."""
+"""Releases at the store level (SQLite and PostgreSQL) with a clock the test controls: each device gets
+its variant, adapters go to devices running their base, the on-device quality gates, and the rollout
+driver's lease."""
 
 from __future__ import annotations
 
@@ -7,118 +8,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from test_fleet_rollout_variants import CPU_FP32, CPU_INT4, CPU_ONLY, CUDA_FP16, WITH_CUDA, GiB
 
-from slmops_fleet.db import DRIVER_LEASE, NewPackage, ReportedUpdate, Store, utcnow
-from slmops_fleet.driver import RolloutDriver
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound
-from slmops_fleet.rollouts import GateInput, Gates, PlanError, RolloutPlan, Variant, evaluate_gates, select_variant
-
-GiB = 1 << 30
-CPU_INT4 = Variant("c4" * 32, "model", "cpu-int4", "cpu", "int4", 1 * GiB)
-CPU_FP32 = Variant("c3" * 32, "model", "cpu-fp32", "cpu", "fp32", 4 * GiB)
-CUDA_FP16 = Variant("cf" * 32, "model", "cuda-fp16", "cuda", "fp16", 2 * GiB)
-CPU_ONLY = {"providers": ["CPUExecutionProvider"], "memory_bytes": 8 * GiB}
-WITH_CUDA = {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "memory_bytes": 8 * GiB}
-
-
-# --- selection, table-driven ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("variants", "inventory", "chosen"),
-    [
-        ([CPU_INT4, CPU_FP32, CUDA_FP16], WITH_CUDA, CUDA_FP16),  # an accelerator first
-        ([CPU_INT4, CPU_FP32, CUDA_FP16], CPU_ONLY, CPU_FP32),  # no CUDA: the higher precision that fits
-        ([CPU_INT4, CPU_FP32, CUDA_FP16], {**CPU_ONLY, "memory_bytes": 2 * GiB}, CPU_INT4),  # fp32 does not fit
-        ([CPU_INT4, CPU_FP32], {"memory_bytes": 8 * GiB}, CPU_FP32),  # no providers reported: CPU assumed
-        ([CUDA_FP16], CPU_ONLY, None),
-        ([CPU_INT4], {**CPU_ONLY, "memory_bytes": GiB // 2}, None),
-        ([CPU_INT4], {"providers": ["CPUExecutionProvider"]}, None),  # memory unknown but needed
-        ([Variant("u" * 64, "model", "cpu-any")], {}, Variant("u" * 64, "model", "cpu-any")),  # nothing needed
-    ],
-)
-def test_select_variant(variants: list[Variant], inventory: dict[str, Any], chosen: Variant | None) -> None:
-    sel = select_variant(variants, inventory=inventory)
-    assert sel.package_id == (chosen.package_id if chosen else None)
-    assert len(sel.candidates) == len(variants)
-    verdicts = {c["package_id"]: c for c in sel.candidates}
-    for v in variants:
-        if chosen is not None and v is chosen:
-            assert verdicts[v.package_id]["ok"] and verdicts[v.package_id]["why"].startswith("chosen")
-        elif not verdicts[v.package_id]["ok"]:
-            assert verdicts[v.package_id]["why"].startswith("needs"), verdicts[v.package_id]
-    if chosen is None:
-        assert sel.reason.startswith("no runnable variant: ")
-
-
-def test_select_variant_says_why() -> None:
-    sel = select_variant([CPU_INT4, CPU_FP32, CUDA_FP16], inventory={**CPU_ONLY, "memory_bytes": 3 * GiB})
-    why = {c["profile"]: c["why"] for c in sel.candidates}
-    assert sel.package_id == CPU_INT4.package_id
-    assert why["cuda-fp16"] == "needs CUDAExecutionProvider; the device has CPUExecutionProvider"
-    assert why["cpu-fp32"] == f"needs {4 * GiB} bytes of memory; the device has {3 * GiB}"
-    assert sel.reason == (
-        f"cpu-int4: CPUExecutionProvider, int4, needs {GiB} bytes of {3 * GiB} (2 of 3 variants not runnable here)"
-    )
-    assert [c["profile"] for c in sel.candidates] == ["cuda-fp16", "cpu-fp32", "cpu-int4"]  # the preference order
-
-
-def test_select_variant_by_cpu_features() -> None:
-    vnni = Variant("v4" * 32, "model", "cpu-int4-vnni", "cpu", "int8", GiB, cpu_features=("avx512_vnni", "avx512f"))
-    inv = {**CPU_ONLY, "memory_bytes": 2 * GiB}
-    plain = select_variant([vnni, CPU_INT4], inventory={**inv, "cpu_features": ["avx2", "avx512f"]})
-    assert plain.package_id == CPU_INT4.package_id
-    refused = next(c for c in plain.candidates if c["package_id"] == vnni.package_id)
-    assert not refused["ok"] and refused["why"] == "needs CPU features avx512_vnni; the device does not report them"
-    rich = select_variant([vnni, CPU_INT4], inventory={**inv, "cpu_features": ["AVX512_VNNI", "avx512f"]})
-    assert rich.package_id == vnni.package_id  # int8 ranks above int4 once the device has the flags
-
-
-def test_cpu_features_survive_the_store(store: Store) -> None:
-    vnni = Variant("v4" * 32, "model", "cpu-int4-vnni", "cpu", "int4", GiB, cpu_features=("avx512_vnni",))
-    _package(store, vnni)
-    assert store.get_package(vnni.package_id).variant().cpu_features == ("avx512_vnni",)
-    assert store.get_package(vnni.package_id).to_json()["cpu_features"] == ["avx512_vnni"]
-
-
-def test_select_adapter_needs_the_base_the_device_runs() -> None:
-    a1 = Variant("a1" * 32, "adapter", "", base_package_id="b1" * 32)
-    a2 = Variant("a2" * 32, "adapter", "", base_package_id="b2" * 32)
-    assert select_variant([a1, a2], inventory={}, active_base="b2" * 32).package_id == a2.package_id
-    none = select_variant([a1], inventory={}, active_base="")
-    assert none.package_id is None and "runs no model yet" in none.reason
-    other = select_variant([a1], inventory={}, active_base="b3" * 32)
-    assert other.package_id is None and f"the device runs {'b3' * 6}" in other.reason
-
-
-# --- the quality gates, table-driven ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("gates", "figures", "ok", "note"),
-    [
-        (Gates(min_quality_score=0.8), GateInput(scored=1, golden_judged=4, golden_matched=3), False, "score 75%"),
-        (Gates(min_quality_score=0.75), GateInput(scored=1, golden_judged=4, golden_matched=3), True, "score 75%"),
-        (Gates(min_quality_score=0.9), GateInput(), True, "not judged yet: 0 of 1"),
-        (Gates(min_quality_score=0.9, min_devices=2), GateInput(scored=1, golden_judged=2), True, "1 of 2"),
-        (Gates(min_health_pass_rate=1.0), GateInput(tests_ran=3, tests_passed=2), False, "pass rate 67% (2/3"),
-        (Gates(min_health_pass_rate=0.5), GateInput(tests_ran=2, tests_passed=1), True, "pass rate 50%"),
-        (Gates(min_health_pass_rate=0.5), GateInput(), True, "health checks not judged yet"),
-    ],
-)
-def test_quality_gates(gates: Gates, figures: GateInput, ok: bool, note: str) -> None:
-    result = evaluate_gates(gates, figures, install_only=True)  # judged while a wave runs
-    assert result.ok is ok and gates.any
-    assert note in result.checks[0]["note"], result.checks
-
-
-def test_quality_gate_limits_are_checked() -> None:
-    for bad in ({"min_quality_score": 1.5}, {"min_health_pass_rate": -0.1}):
-        with pytest.raises(PlanError, match="between 0 and 1"):
-            Gates(**bad)  # type: ignore[arg-type]
-
-
-# --- the store ----------------------------------------------------------------------------------------------
+from slmops_fleet.rollouts.driver import DRIVER_LEASE, RolloutDriver
+from slmops_fleet.rollouts.gates import Gates
+from slmops_fleet.rollouts.plan import RolloutPlan
+from slmops_fleet.rollouts.variants import Variant
+from slmops_fleet.store import Store
+from slmops_fleet.store.database import utcnow
+from slmops_fleet.store.records import NewPackage, ReportedUpdate
 
 
 def _device(store: Store, name: str, inventory: dict[str, Any]) -> str:
@@ -379,3 +278,10 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(store: Store) -> None:
     assert RolloutDriver(store, lambda _r: None, holder="fleet-3").step() == 0
     holder = store.lease_holder(DRIVER_LEASE)
     assert holder is not None and holder[0] == "other-host:1:abcd"
+
+
+def test_cpu_features_survive_the_store(store: Store) -> None:
+    vnni = Variant("v4" * 32, "model", "cpu-int4-vnni", "cpu", "int4", GiB, cpu_features=("avx512_vnni",))
+    _package(store, vnni)
+    assert store.get_package(vnni.package_id).variant().cpu_features == ("avx512_vnni",)
+    assert store.get_package(vnni.package_id).to_json()["cpu_features"] == ["avx512_vnni"]

@@ -8,15 +8,11 @@ from typing import Any
 
 import pytest
 
-from slmops_fleet.db import (
-    BlobStatsDelta,
-    NewPackage,
-    ReportedUpdate,
-    Store,
-    TelemetryRecord,
-    hash_secret,
-)
 from slmops_fleet.errors import Conflict, EnrollmentRefused, InvalidRequest, NotFound
+from slmops_fleet.rollouts import rules
+from slmops_fleet.store import Store
+from slmops_fleet.store.devices import hash_secret
+from slmops_fleet.store.records import BlobStatsDelta, NewPackage, ReportedUpdate, TelemetryRecord
 
 PUB = "11" * 32
 
@@ -155,7 +151,7 @@ def test_rollouts_number_generations_and_settle(store: Store) -> None:
     )
 
 
-def test_reports_applied_as_a_batch_settle_the_rollout_once(store: Store) -> None:
+def test_reports_applied_as_a_batch_settle_the_rollout_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ingest worker applies the reports queued together in one transaction: in order, unknown
     devices flagged, and the rollout advanced once after them (not once per report)."""
     devices = [_enroll(store, name=f"d{i}") for i in range(3)]
@@ -166,13 +162,13 @@ def test_reports_applied_as_a_batch_settle_the_rollout_once(store: Store) -> Non
     done = [ReportedUpdate(d, 1, "COMMITTED", active_package_id=pid, active_version="1.0.0", **base) for d in devices]
     unknown = ReportedUpdate("dev-unknown", 1, "IDLE", active_package_id="", active_version="", **base)
     advanced: list[str] = []
-    advance = store._advance
+    advance = rules.advance
 
-    def counted(s: Any, row: Any, now: Any, **kw: Any) -> Any:
-        advanced.append(row.id)
-        return advance(s, row, now, **kw)
+    def counted(rollout: Any, storage: Any, now: Any, **kw: Any) -> Any:
+        advanced.append(rollout.id)
+        return advance(rollout, storage, now, **kw)
 
-    store._advance = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(rules, "advance", counted)
     known = store.apply_reported_many([*fetching, unknown, *done])  # each device: FETCHING, then COMMITTED
     assert known == [True, True, True, False, True, True, True]
     assert advanced == [rollout.id]

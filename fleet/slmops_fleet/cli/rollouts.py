@@ -19,6 +19,7 @@ from slmops_fleet.cli.common import (
     parse_duration,
     print_json,
 )
+from slmops_fleet.rollouts.states import ACTIVE_ROLLOUT_STATES, TargetState
 
 app = typer.Typer(help="Rollouts.", no_args_is_help=True)
 
@@ -130,7 +131,7 @@ def rollout_create(
         return
     sizes = "+".join(str(w["size"]) for w in rollout["waves"]) or "0"
     what = rollout.get("release") or f"{rollout['package_name']} {rollout['package_version']}"
-    no_variant = rollout["counts"].get("NO_VARIANT", 0)
+    no_variant = rollout["counts"].get(TargetState.NO_VARIANT.value, 0)
     out_console().print(
         f"rollout [bold]{rollout['id']}[/]: {what} to {len(rollout['devices']) - no_variant} devices in "
         f"{len(rollout['waves'])} waves ({sizes}) ({rollout['state']})"
@@ -255,7 +256,7 @@ def rollout_status(
         "completed",
     )
     for w in r.get("waves", []):
-        marker = " <" if w["index"] == r.get("current_wave") and r["state"] in ("in_progress", "paused") else ""
+        marker = " <" if w["index"] == r.get("current_wave") and r["state"] in ACTIVE_ROLLOUT_STATES else ""
         waves.add_row(
             f"{w['index'] + 1}{marker}",
             str(w["size"]),

@@ -1,1 +1,1 @@
-"""Alembic migrations of the fleet store (applied by slmops_fleet.db.Store.migrate)."""
+"""Alembic migrations of the fleet store (applied by slmops_fleet.store.Store.migrate)."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from alembic import context
 
-from slmops_fleet.db import Base
+from slmops_fleet.store.schema import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run the fleet's migrations through slmops_fleet.db.Store.migrate()")
+    raise RuntimeError("run the fleet's migrations through slmops_fleet.store.Store.migrate()")
 
 context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
 with context.begin_transaction():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from slmops_fleet.db import UTCDateTime
+from slmops_fleet.store.schema import UTCDateTime
 
 revision = "0001"
 down_revision = None

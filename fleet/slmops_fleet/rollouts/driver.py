@@ -25,9 +25,12 @@ import secrets
 import socket
 from collections.abc import Callable
 
-from slmops_fleet.db import DRIVER_LEASE, DesiredRecord, Store
+from slmops_fleet.store import Store
+from slmops_fleet.store.records import DesiredRecord
 
 log = logging.getLogger(__name__)
+
+DRIVER_LEASE = "rollout-driver"
 
 
 class RolloutDriver:

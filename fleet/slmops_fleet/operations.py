@@ -1,7 +1,9 @@
-"""What the fleet does for its HTTP API: enrollment, packages and blobs, rollouts, status.
+"""The fleet's operations, what it does for its HTTP API: enrollment, packages and blobs, releases
+and rollouts, reading devices and status.
 
-The API translates HTTP to these calls and back and nothing more; every rule lives here or in
-the store. Errors are `slmops_fleet.errors` types, mapped to status codes in `api.py`.
+The API translates HTTP to these calls and back and nothing more; every rule lives here, in the
+rollout rules (`slmops_fleet.rollouts`) or in the store. Errors are `slmops_fleet.errors` types,
+mapped to status codes in `http_api.py`.
 """
 
 from __future__ import annotations
@@ -18,18 +20,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slmops_fleet.blobstore import BlobStore, BlobWriter
 from slmops_fleet.codec import desired_to_pb
-from slmops_fleet.db import (
-    BlobStatsDelta,
-    DesiredRecord,
-    NewPackage,
-    Store,
-    hash_secret,
-)
 from slmops_fleet.distribution import BlobDistributor, Publisher
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound, ProvisioningError, TooLarge, Unavailable
 from slmops_fleet.provisioning import Provisioner
-from slmops_fleet.rollouts import Gates, PlanError, RolloutPlan, parse_waves
+from slmops_fleet.rollouts.gates import Gates
+from slmops_fleet.rollouts.plan import RolloutPlan
+from slmops_fleet.rollouts.waves import PlanError, parse_waves
 from slmops_fleet.settings import FleetSettings
+from slmops_fleet.store import Store
+from slmops_fleet.store.devices import hash_secret
+from slmops_fleet.store.records import BlobStatsDelta, DesiredRecord, NewPackage
 from slmops_protos import __version__
 from slmops_protos.manifests import (
     PackageError,
@@ -78,7 +78,7 @@ def load_trusted_keys(settings: FleetSettings) -> list[Ed25519PublicKey]:
     return list(keys.values())
 
 
-class FleetService:
+class FleetOperations:
     def __init__(
         self,
         settings: FleetSettings,
@@ -263,7 +263,7 @@ class FleetService:
     ) -> dict[str, Any]:
         """Start a rollout of a package or of a release (NAME@VERSION or id; each device gets the
         variant `select_variant` picks): its first wave at once, the others by the rollout driver.
-        `selector` narrows the target by tags and inventory (see `slmops_fleet.rollouts.parse_selector`)."""
+        `selector` narrows the target by tags and inventory (see `slmops_fleet.rollouts.selectors.parse_selector`)."""
         if (package_ref is None) == (release is None):
             raise InvalidRequest("name a package or a release to roll out (exactly one)")
         try:

@@ -1,0 +1,126 @@
+"""Telemetry samples (batched inserts, the newest samples of a device) and the fleet's counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+
+from slmops_fleet.store.database import INT64_MAX, Database, i64, utcnow
+from slmops_fleet.store.records import TelemetryRecord
+from slmops_fleet.store.schema import BlobRow, DeviceRow, PackageRow, RolloutRow, TelemetrySampleRow
+
+# The order of the tuples `Store.insert_telemetry` builds.
+_TELEMETRY_COLUMNS = (
+    "device_id", "seq", "timestamp_ms", "received_at", "cpu_percent", "memory_used_bytes", "memory_total_bytes",
+    "disk_free_bytes", "temperature_c", "requests_total", "errors_total", "tokens_per_s", "ttft_ms", "queue_depth",
+    "update_state", "active_package_id",
+)  # fmt: skip
+
+
+class TelemetryQueries(Database):
+    def insert_telemetry(self, samples: Iterable[TelemetryRecord], dropped: dict[str, int] | None = None) -> int:
+        """Insert samples, ignoring ones already stored (QoS 1 may deliver a batch twice): one
+        INSERT ... ON CONFLICT DO NOTHING executed for the whole batch, in one transaction, with
+        plain tuples (SQLAlchemy's per-row parameter processing would cost more than SQLite's
+        insert). Returns rows offered."""
+        now = utcnow()
+        samples = list(samples)
+        with self.session(write=True) as s:
+            devices = {t.device_id for t in samples} | set(dropped or {})
+            known = set(s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(devices))).all()) if devices else set()
+            received = self._received_at(now)
+            top = INT64_MAX
+            rows = [
+                (
+                    t.device_id,
+                    min(t.seq, top),
+                    t.timestamp_ms,
+                    received,
+                    t.cpu_percent,
+                    min(t.memory_used_bytes, top),
+                    min(t.memory_total_bytes, top),
+                    min(t.disk_free_bytes, top),
+                    t.temperature_c,
+                    min(t.requests_total, top),
+                    min(t.errors_total, top),
+                    t.tokens_per_s,
+                    t.ttft_ms,
+                    t.queue_depth,
+                    t.update_state,
+                    t.active_package_id,
+                )
+                for t in samples
+                if t.device_id in known
+            ]
+            conn = s.connection()
+            if rows:
+                conn.exec_driver_sql(self._telemetry_insert_sql(), rows)
+            if known:
+                seen = update(DeviceRow).where(DeviceRow.id == bindparam("device"))
+                conn.execute(seen.values(last_seen=now), [{"device": d} for d in sorted(known)])
+                counted = [{"device": d, "dropped": i64(n)} for d, n in sorted((dropped or {}).items()) if d in known]
+                if counted:
+                    conn.execute(seen.values(telemetry_dropped_total=bindparam("dropped")), counted)
+        return len(rows)
+
+    def _received_at(self, now: datetime) -> Any:
+        """`now` as the driver takes it for telemetry_samples.received_at."""
+        process = TelemetrySampleRow.__table__.c.received_at.type.bind_processor(self.engine.dialect)
+        return process(now) if process is not None else now
+
+    def _telemetry_insert_sql(self) -> str:
+        mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(self.engine.dialect.paramstyle)
+        if self.engine.dialect.name not in ("sqlite", "postgresql") or mark is None:
+            raise NotImplementedError(f"database {self.engine.dialect.name} is not supported")
+        columns = ", ".join(_TELEMETRY_COLUMNS)
+        marks = ", ".join([mark] * len(_TELEMETRY_COLUMNS))
+        return f"INSERT INTO telemetry_samples ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+
+    def telemetry(self, device_id: str, limit: int = 100) -> list[TelemetryRecord]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(TelemetrySampleRow)
+                .where(TelemetrySampleRow.device_id == device_id)
+                .order_by(TelemetrySampleRow.timestamp_ms.desc(), TelemetrySampleRow.seq.desc())
+                .limit(limit)
+            ).all()
+            return [
+                TelemetryRecord(
+                    device_id=r.device_id,
+                    seq=r.seq,
+                    timestamp_ms=r.timestamp_ms,
+                    cpu_percent=r.cpu_percent,
+                    memory_used_bytes=r.memory_used_bytes,
+                    memory_total_bytes=r.memory_total_bytes,
+                    disk_free_bytes=r.disk_free_bytes,
+                    temperature_c=r.temperature_c,
+                    requests_total=r.requests_total,
+                    errors_total=r.errors_total,
+                    tokens_per_s=r.tokens_per_s,
+                    ttft_ms=r.ttft_ms,
+                    queue_depth=r.queue_depth,
+                    update_state=r.update_state,
+                    active_package_id=r.active_package_id,
+                )
+                for r in rows
+            ]
+
+    def counts(self) -> dict[str, Any]:
+        with self.session() as s:
+            by_state = dict(
+                s.execute(select(func.coalesce(DeviceRow.state, "NEW"), func.count()).group_by(DeviceRow.state)).all()
+            )
+            rollouts = dict(s.execute(select(RolloutRow.state, func.count()).group_by(RolloutRow.state)).all())
+            return {
+                "devices": sum(by_state.values()),
+                "devices_by_state": by_state,
+                "packages": s.scalar(select(func.count()).select_from(PackageRow)) or 0,
+                "blobs": s.scalar(select(func.count()).select_from(BlobRow)) or 0,
+                "blob_bytes": s.scalar(select(func.coalesce(func.sum(BlobRow.size), 0))) or 0,
+                "rollouts": sum(rollouts.values()),
+                "rollouts_by_state": rollouts,
+                "telemetry_samples": s.scalar(select(func.count()).select_from(TelemetrySampleRow)) or 0,
+            }
