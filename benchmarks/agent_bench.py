@@ -450,7 +450,7 @@ def openai_once(client: Any, url: str, new_tokens: int) -> Run:
 def concurrency(args: argparse.Namespace, target: str) -> list[dict[str, Any]]:
     import grpc
 
-    from slmops_agent.cli import channel_options
+    from slmops_agent.client import channel_options
     from slmops_protos.agent.v1 import agent_pb2_grpc
 
     out = []
@@ -520,7 +520,7 @@ def measure(
     import grpc
     import httpx
 
-    from slmops_agent.cli import channel_options
+    from slmops_agent.client import channel_options
     from slmops_protos.agent.v1 import agent_pb2_grpc
 
     results: dict[str, dict[str, Any] | str] = {}
