@@ -287,10 +287,11 @@ def paired(results: dict[str, dict[str, Any] | str], engine: str) -> dict[str, f
 # -- the agent as a server process ----------------------------------------------------------------
 def serve(args: argparse.Namespace) -> None:
     """The agent's serving stack (ModelHost, gRPC, HTTP) on loopback; commands on stdin: rss, stop."""
-    sys.path[:0] = [str(ROOT / "agent"), str(ROOT / "protos")]
     from slmops_agent.httpapi import HttpServer
     from slmops_agent.relay import GROUP_S
-    from slmops_agent.runtime import Limits, ModelHost, ModelInfo, load_model
+    from slmops_agent.runtime.host import ModelHost
+    from slmops_agent.runtime.model import ModelInfo, load_model
+    from slmops_agent.runtime.requests import Limits
     from slmops_agent.server import AgentServer
 
     info = ModelInfo(name="smollm2", version="1.0.0", package_id="bench", profile="cpu-int4", slot="a")
@@ -630,8 +631,7 @@ def main() -> None:
     args.gguf = args.gguf or default_gguf()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.spinning == "auto":
-        sys.path[:0] = [str(ROOT / "agent")]
-        from slmops_agent.runtime import resolve_spinning
+        from slmops_agent.runtime.spinning import resolve_spinning
 
         args.spinning = "1" if resolve_spinning("auto", args.threads) else "0"
     if args.worker:

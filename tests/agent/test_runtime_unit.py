@@ -17,7 +17,9 @@ from slmops_agent.errors import (
     QueueFull,
     status_name,
 )
-from slmops_agent.runtime import GenerationRequest, Limits, RequestQueue, _StopScanner, validate_request
+from slmops_agent.runtime.queue import RequestQueue
+from slmops_agent.runtime.requests import GenerationRequest, Limits, validate_request
+from slmops_agent.runtime.stops import StopScanner
 
 LIMITS = Limits(default_max_new_tokens=16, max_new_tokens_limit=64)
 
@@ -65,7 +67,7 @@ def test_valid_request_passes() -> None:
     ],
 )
 def test_stop_scanner(stops: tuple[str, ...], pieces: list[str], emitted: list[str], text: str, stopped: bool) -> None:
-    s = _StopScanner(stops)
+    s = StopScanner(stops)
     out = []
     for p in pieces:
         out.append(s.feed(p))
@@ -241,7 +243,7 @@ def test_after_a_batch_the_next_head_lingers_for_the_clients_coming_back() -> No
 def test_spinning_pays_only_when_every_thread_has_a_free_core(
     threads: int, cores: int, others_busy: float, spin: bool
 ) -> None:
-    from slmops_agent.runtime import spinning_pays
+    from slmops_agent.runtime.spinning import spinning_pays
 
     assert spinning_pays(threads, cores, others_busy) is spin
 
@@ -253,7 +255,7 @@ def test_auto_spinning_measures_the_other_processes() -> None:
     import subprocess
     import sys
 
-    from slmops_agent.runtime import others_busy_cores, resolve_spinning
+    from slmops_agent.runtime.spinning import others_busy_cores, resolve_spinning
 
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
