@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from agent_helpers import ServerThread
-from test_updater import Rig, install
+from test_update_machine import Rig, install
 
 from slmops_agent.runtime.model import ModelInfo
 from slmops_agent.runtime.requests import GenerationRequest
