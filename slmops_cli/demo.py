@@ -307,7 +307,7 @@ def _file_names(package: Path) -> dict[str, str]:
 def _ask(state: Path, question: str) -> dict[str, Any]:
     import grpc
 
-    from slmops_agent.cli import channel_options
+    from slmops_agent.client import channel_options
     from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
     channel = grpc.insecure_channel(f"unix:{state / 'agent.sock'}", options=channel_options())

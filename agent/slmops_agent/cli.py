@@ -202,31 +202,17 @@ def _target(target: str | None, state_dir: Path | None) -> str:
     return settings.grpc_address
 
 
-def channel_options() -> list[tuple[str, int]]:
-    """The client channel options for the agent: a streamed Generate is read on the calling thread
-    (grpcio's SingleThreadedUnaryStream) instead of through grpc's background thread, one thread hop
-    less per message; with the model's threads on every core the first piece reached the client
-    ~0.5-1 ms sooner (benchmarks/README.md)."""
-    import grpc.experimental
-
-    return [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
-
-
 def _channel(where: str, tls_ca: Path | None) -> Any:
     """A gRPC channel to `where`: TLS when a CA file is given, plain otherwise."""
-    import grpc
+    from slmops_agent.client import open_channel
 
     if tls_ca is None:
-        return grpc.insecure_channel(where, options=channel_options())
+        return open_channel(where)
     try:
         ca = tls_ca.read_bytes()
     except OSError as exc:
         raise _fail(f"cannot read the CA file {tls_ca}: {exc.strerror}", 2) from None
-    return grpc.secure_channel(where, grpc.ssl_channel_credentials(root_certificates=ca), options=channel_options())
-
-
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    return open_channel(where, ca)
 
 
 def _unary(
@@ -240,13 +226,14 @@ def _unary(
     """Call one unary Inference RPC on the local agent; return (where, reply)."""
     import grpc
 
+    from slmops_agent.client import bearer_metadata
     from slmops_protos.agent.v1 import agent_pb2_grpc
 
     where = _target(target, state_dir)
     with _channel(where, tls_ca) as channel:
         try:
             stub = agent_pb2_grpc.InferenceStub(channel)
-            return where, getattr(stub, method)(request, timeout=10, metadata=_metadata(token))
+            return where, getattr(stub, method)(request, timeout=10, metadata=bearer_metadata(token))
         except grpc.RpcError as exc:
             raise _rpc_error(exc, where) from None
 
@@ -287,6 +274,7 @@ def ask(
     """Ask the local agent; the answer streams to the terminal, then tokens/s and time to first token."""
     import grpc
 
+    from slmops_agent.client import bearer_metadata
     from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
     if raw and system:
@@ -306,7 +294,7 @@ def ask(
     with _channel(where, tls_ca) as channel:
         stub = agent_pb2_grpc.InferenceStub(channel)
         try:
-            for chunk in stub.Generate(request, timeout=timeout, metadata=_metadata(token)):
+            for chunk in stub.Generate(request, timeout=timeout, metadata=bearer_metadata(token)):
                 if chunk.text:
                     text.append(chunk.text)
                     if not as_json:

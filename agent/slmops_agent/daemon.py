@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from slmops_agent.codec import blob_want_to_pb, chunk_from_pb, desired_from_pb, inventory_to_pb, report_to_pb
 from slmops_agent.credentials import Credentials, CredentialsError
 from slmops_agent.errors import AgentError
 from slmops_agent.httpapi import HttpServer
@@ -20,11 +21,15 @@ from slmops_agent.inventory import Inventory, collect_inventory
 from slmops_agent.layout import StateLayout, StateLock, write_atomic
 from slmops_agent.mqtt import AgentMqtt
 from slmops_agent.reach import require_protection, tls_from
-from slmops_agent.runtime import Limits, Metrics, ModelHost, ModelInfo
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.metrics import Metrics
+from slmops_agent.runtime.model import ModelInfo
+from slmops_agent.runtime.requests import Limits
 from slmops_agent.server import AgentServer, AgentStatus
 from slmops_agent.settings import AgentSettings
 from slmops_agent.telemetry import Sample, Telemetry, TelemetryQueue, read_temperature
-from slmops_agent.updater import BlobWant, Desired, Report, Updater, chunk_from_pb
+from slmops_agent.update.machine import Updater
+from slmops_agent.update.messages import BlobWant, Report
 from slmops_protos import __version__
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.manifests import PackageError, public_key_from_hex
@@ -140,16 +145,16 @@ class Agent:
             free = shutil.disk_usage(self.layout.root).free
         except OSError:
             free = self.inventory.disk_free_bytes
-        return replace(self.inventory, disk_free_bytes=free).to_pb()
+        return inventory_to_pb(replace(self.inventory, disk_free_bytes=free))
 
     def _publish_report(self, report: Report) -> None:
-        msg = report.to_pb(self.device_id, self._inventory_pb())
+        msg = report_to_pb(report, self.device_id, self._inventory_pb())
         if self.mqtt is not None:
             self.mqtt.publish_reported(msg)
 
     def _publish_blob_request(self, want: BlobWant) -> None:
         if self.mqtt is not None:
-            self.mqtt.publish_blob_request(want.to_pb(self.device_id))
+            self.mqtt.publish_blob_request(blob_want_to_pb(want, self.device_id))
 
     def status(self) -> AgentStatus:
         r = self.updater.record
@@ -208,7 +213,7 @@ class Agent:
         updater = self.updater
 
         def on_desired(msg: fleet_pb2.DesiredState) -> None:
-            updater.submit_desired(Desired.from_pb(msg))
+            updater.submit_desired(desired_from_pb(msg))
 
         def on_chunk(msg: fleet_pb2.BlobChunk) -> None:
             updater.submit_chunk(chunk_from_pb(msg))
@@ -289,7 +294,7 @@ class Agent:
 def install_package(settings: AgentSettings, package_dir: Path, *, timeout_s: float = 600.0) -> Report:
     """Side-load a package folder into the state folder (the agent must not be running): the same
     signature check, staging, smoke test and commit as an update from the fleet."""
-    from slmops_agent.updater import read_package_id
+    from slmops_agent.update.packages import read_package_id
 
     layout = StateLayout(settings.state_dir)
     layout.create()

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from slmops_agent.errors import AgentError
 from slmops_agent.reach import TlsFiles, require_protection, token_matches
-from slmops_agent.runtime import ModelHost
+from slmops_agent.runtime.host import ModelHost
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slmops_protos.fleet.v1 import fleet_pb2
-
 # CPU flags worth telling the fleet about (it picks a variant by them); everything else is noise.
 _INTERESTING_FLAGS = (
     "sse4_1",
@@ -52,18 +50,6 @@ class Inventory:
     providers: list[str] = field(default_factory=list)
     cpu_features: list[str] = field(default_factory=list)
     agent_version: str = ""
-
-    def to_pb(self) -> fleet_pb2.Inventory:
-        return fleet_pb2.Inventory(
-            os=self.os,
-            arch=self.arch,
-            cpu_count=self.cpu_count,
-            memory_bytes=self.memory_bytes,
-            disk_free_bytes=self.disk_free_bytes,
-            providers=self.providers,
-            cpu_features=self.cpu_features,
-            agent_version=self.agent_version,
-        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

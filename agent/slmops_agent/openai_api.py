@@ -29,7 +29,8 @@ from starlette.routing import Route
 
 from slmops_agent.errors import InvalidRequest, NotFound, QueueFull, status_name
 from slmops_agent.relay import Relay
-from slmops_agent.runtime import FinishReason, GenerationRequest, GenerationResult, ModelHost
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.requests import FinishReason, GenerationRequest, GenerationResult
 
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,

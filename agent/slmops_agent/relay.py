@@ -12,19 +12,18 @@ straight on to the next token with the GIL held, and the loop gets the first pie
 GIL's switch interval (5 ms). With `first_yield_s` the generation thread then pauses that long more:
 where onnxruntime's threads take every core, the piece the loop has handed to gRPC (or the HTTP
 server) still has to be written by its threads and read by the client's, and each waits for a core
-until the scheduler preempts the token loop (SmolLM2 on 2 cores, 2 spinning threads: first piece
-handed over -> in the client 2.6 ms p50, 0.7 ms with a 2 ms pause, `FIRST_YIELD_S`).
+until the scheduler preempts the token loop; a short pause (`FIRST_YIELD_S`) lets them run first
+(benchmarks/README.md).
 
 After the first piece, text is grouped in time: a text piece wakes the loop only when `group_s` has
 passed since the last wake; one that comes sooner waits for the next event (the next piece, or the
 end), so no piece is held back longer than `group_s` and one token's time. Every wake costs both
 processes of a stream a few context switches and the generation thread a GIL handover, and on a small
-CPU each one stalls onnxruntime's intra-op threads in the middle of a token: about 1 ms of decoding
-per message for SmolLM2 on 2 cores. The default, 100 ms (10 updates a second, ~13 tokens a message at
-128 tokens/s), kept the agent's decode rate at 97.0-98.1% of the in-process loop's in three
-agent_bench runs, where 25 ms groups gave 91.6-99.8% and 50 ms 92.6-94.7% (benchmarks/README.md). "start" (which
-model answers) never wakes the loop: it comes with the first piece, so the prefill runs undisturbed;
-"done" and "error" always wake it. `group_s=0` streams every piece as it comes.
+CPU each one stalls onnxruntime's intra-op threads in the middle of a token. The default, 100 ms (10
+updates a second), keeps the agent's decode rate close to the in-process loop's where shorter groups
+cost it visibly (agent_bench; benchmarks/README.md). "start" (which model answers) never wakes the
+loop: it comes with the first piece, so the prefill runs undisturbed; "done" and "error" always wake it.
+`group_s=0` streams every piece as it comes.
 """
 
 from __future__ import annotations

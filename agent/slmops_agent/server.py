@@ -1,6 +1,6 @@
 """The local gRPC API (slmops.agent.v1.Inference), the health service and reflection.
 
-The servicer translates messages and delegates to the ModelHost; the token loop runs in a
+The servicer translates messages (`codec`) and delegates to the ModelHost; the token loop runs in a
 worker thread. One interceptor maps the agent's error types to status codes.
 """
 
@@ -21,18 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from slmops_agent.codec import final_to_pb, models_to_pb, request_from_pb, status_to_pb, text_to_pb
 from slmops_agent.errors import AgentError, Cancelled, QueueFull, status_name
 from slmops_agent.reach import TlsFiles, auth_interceptor, require_protection
 from slmops_agent.relay import Relay
-from slmops_agent.runtime import (
-    CancelToken,
-    FinishReason,
-    GenerationRequest,
-    GenerationResult,
-    LoadedModel,
-    ModelHost,
-    ModelInfo,
-)
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.model import LoadedModel, ModelInfo
+from slmops_agent.runtime.requests import CancelToken, GenerationResult
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -115,55 +110,6 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
     await context.abort(code, message, trailing_metadata=trailers_for(exc))
 
 
-# -- translation at the edge -------------------------------------------------------------------
-def request_from_pb(msg: agent_pb2.GenerateRequest) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=msg.prompt,
-        messages=tuple((m.role, m.content) for m in msg.messages),
-        max_new_tokens=msg.max_new_tokens,
-        temperature=msg.temperature if msg.HasField("temperature") else None,
-        top_p=msg.top_p if msg.HasField("top_p") else None,
-        top_k=msg.top_k if msg.HasField("top_k") else None,
-        seed=msg.seed if msg.HasField("seed") else None,
-        stop=tuple(msg.stop),
-        adapter=msg.adapter,
-        model_version=msg.model_version,
-        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else None,
-    )
-
-
-_FINISH = {
-    FinishReason.LENGTH: agent_pb2.LENGTH,
-    FinishReason.STOP: agent_pb2.STOP,
-    FinishReason.CANCELLED: agent_pb2.CANCELLED,
-}
-
-
-def final_to_pb(result: GenerationResult, *, text: str) -> agent_pb2.GenerateResponse:
-    return agent_pb2.GenerateResponse(
-        text=text,
-        finish_reason=_FINISH[result.finish_reason],
-        usage=agent_pb2.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
-        timings=agent_pb2.Timings(
-            time_to_first_token_ms=result.ttft_ms, tokens_per_second=result.tokens_per_s, total_ms=result.total_ms
-        ),
-        model_version=result.model_version,
-        package_id=result.package_id,
-    )
-
-
-def model_info_to_pb(info: ModelInfo, *, active: bool) -> agent_pb2.ModelInfo:
-    return agent_pb2.ModelInfo(
-        name=info.name,
-        version=info.version,
-        package_id=info.package_id,
-        profile=info.profile,
-        slot=info.slot,
-        active=active,
-        adapters=list(info.adapters),
-    )
-
-
 @dataclass(frozen=True)
 class AgentStatus:
     device_id: str = ""
@@ -219,7 +165,7 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
                 if kind == "start":
                     info = value
                 elif kind == "text":
-                    yield agent_pb2.GenerateResponse(text=value, model_version=info.version, package_id=info.package_id)
+                    yield text_to_pb(value, info)
                 elif kind == "done":
                     yield final_to_pb(value, text="")
                     return
@@ -244,30 +190,21 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
     ) -> agent_pb2.ListModelsResponse:
         status = self.status()
         model = self.host.model
-        active_id = model.info.package_id if model is not None else ""
         infos = status.installed or ([model.info] if model is not None else [])
-        return agent_pb2.ListModelsResponse(
-            models=[model_info_to_pb(i, active=bool(active_id) and i.package_id == active_id) for i in infos]
-        )
+        return models_to_pb(infos, model.info.package_id if model is not None else "")
 
     async def GetStatus(
         self, request: agent_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.GetStatusResponse:
         status = self.status()
         model = self.host.model
-        msg = agent_pb2.GetStatusResponse(
-            device_id=status.device_id,
-            update_state=status.update_state,
-            active_slot=model.info.slot if model is not None else status.active_slot,
+        return status_to_pb(
+            status,
+            model.info if model is not None else None,
             queue_depth=self.host.queue.depth,
             requests_total=self.host.metrics.requests_total,
             errors_total=self.host.metrics.errors_total,
-            agent_version=status.agent_version,
-            uptime_s=status.uptime_s,
         )
-        if model is not None:
-            msg.active_model.CopyFrom(model_info_to_pb(model.info, active=True))
-        return msg
 
 
 class AgentServer:

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmops_agent.state import UpdateState
+from slmops_agent.codec import sample_to_pb
 from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_protos.states import UpdateState
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +40,6 @@ class Sample:
     update_state: UpdateState
     active_package_id: str
 
-    def to_pb(self, seq: int = 0) -> fleet_pb2.TelemetrySample:
-        msg = fleet_pb2.TelemetrySample(
-            timestamp_unix_ms=self.timestamp_unix_ms,
-            cpu_percent=self.cpu_percent,
-            memory_used_bytes=self.memory_used_bytes,
-            memory_total_bytes=self.memory_total_bytes,
-            disk_free_bytes=self.disk_free_bytes,
-            requests_total=self.requests_total,
-            errors_total=self.errors_total,
-            tokens_per_s=self.tokens_per_s,
-            ttft_ms=self.ttft_ms,
-            queue_depth=self.queue_depth,
-            update_state=self.update_state.to_pb(),
-            active_package_id=self.active_package_id,
-            seq=seq,
-        )
-        if self.temperature_c is not None:
-            msg.temperature_c = self.temperature_c
-        return msg
-
 
 class TelemetryQueue:
     """Samples waiting for delivery, oldest first, at most `bound` of them."""
@@ -78,7 +59,7 @@ class TelemetryQueue:
 
     def put(self, sample: Sample) -> int:
         """Queue a sample; return its seq. Drops (and counts) the oldest past the bound."""
-        body = sample.to_pb().SerializeToString()
+        body = sample_to_pb(sample).SerializeToString()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:

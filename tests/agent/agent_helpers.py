@@ -17,7 +17,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from slmops_agent.credentials import Credentials, MqttCredentials
-from slmops_agent.runtime import GenerationRequest, GenerationResult, ModelHost, ModelInfo
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.model import ModelInfo
+from slmops_agent.runtime.requests import GenerationRequest, GenerationResult
 from slmops_agent.settings import AgentSettings
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.manifests import package_id, parse_signed_manifest
@@ -276,7 +278,7 @@ def load_unpacked(pkg: Path, folder: Path, *, version: str = "1.0.0") -> Any:
     """Unpack a package's blobs into `folder` (files under their names) and load it (one thread)."""
     import json
 
-    from slmops_agent.runtime import ModelInfo, load_model
+    from slmops_agent.runtime.model import ModelInfo, load_model
 
     for f in json.loads((pkg / "manifest.json").read_text())["files"]:
         (folder / f["path"]).write_bytes((pkg / "blobs" / f["sha256"]).read_bytes())

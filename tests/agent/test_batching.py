@@ -18,7 +18,8 @@ import pytest
 from agent_helpers import PacedHost, ServerThread, load_unpacked, serving
 from test_metrics import HttpThread, scrape
 
-from slmops_agent.runtime import GenerationRequest, Limits, LoadedModel, ModelInfo
+from slmops_agent.runtime.model import LoadedModel, ModelInfo
+from slmops_agent.runtime.requests import GenerationRequest, Limits
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 TOKENS = 16

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from slmops_agent.cli import app
+from slmops_agent.codec import inventory_to_pb
 from slmops_agent.credentials import Credentials
 from slmops_agent.enroll import enroll
 from slmops_agent.errors import EnrollError
@@ -170,4 +171,4 @@ def test_cpu_features_from_cpuinfo(tmp_path: Path) -> None:
 def test_inventory_of_this_machine(tmp_path: Path) -> None:
     inv = collect_inventory(tmp_path)
     assert inv.arch and inv.os and inv.cpu_count == os.cpu_count()
-    assert inv.to_pb().providers == inv.providers and inv.disk_free_bytes > 0
+    assert inventory_to_pb(inv).providers == inv.providers and inv.disk_free_bytes > 0

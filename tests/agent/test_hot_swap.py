@@ -13,11 +13,12 @@ from typing import Any
 import grpc
 import pytest
 from agent_helpers import ServerThread
-from test_updater import Rig, install
+from test_update_machine import Rig, install
 
-from slmops_agent.runtime import GenerationRequest, ModelInfo
-from slmops_agent.state import UpdateState
+from slmops_agent.runtime.model import ModelInfo
+from slmops_agent.runtime.requests import GenerationRequest
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
+from slmops_protos.states import UpdateState
 
 TOKENS = 12
 

@@ -17,7 +17,9 @@ from agent_helpers import AgentThread, ServerThread, agent_settings, load_unpack
 from prometheus_client.parser import text_string_to_metric_families
 
 from slmops_agent.httpapi import HttpServer
-from slmops_agent.runtime import Limits, LoadedModel, ModelHost
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.model import LoadedModel
+from slmops_agent.runtime.requests import Limits
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 

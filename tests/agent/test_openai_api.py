@@ -18,7 +18,8 @@ import pytest
 from agent_helpers import PacedHost, ServerThread, load_unpacked
 
 from slmops_agent.httpapi import HttpServer
-from slmops_agent.runtime import Limits, LoadedModel
+from slmops_agent.runtime.model import LoadedModel
+from slmops_agent.runtime.requests import Limits
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 

@@ -27,7 +27,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from slmops_agent.errors import AgentError
 from slmops_agent.httpapi import HttpServer
 from slmops_agent.reach import TlsFiles, is_loopback, tls_from, token_matches
-from slmops_agent.runtime import Limits, LoadedModel, ModelHost
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.model import LoadedModel
+from slmops_agent.runtime.requests import Limits
 from slmops_agent.server import SERVICE_NAME, AgentServer
 from slmops_cli.procs import slmops_cmd
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc

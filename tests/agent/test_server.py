@@ -14,7 +14,9 @@ from agent_helpers import PacedHost, ServerThread, load_unpacked
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from slmops_agent.runtime import Limits, LoadedModel, ModelHost
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.model import LoadedModel
+from slmops_agent.runtime.requests import Limits
 from slmops_agent.server import SERVICE_NAME, AgentServer
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
@@ -329,15 +331,15 @@ def test_after_the_first_piece_the_generation_pauses_for_first_yield_s() -> None
 def test_the_host_asks_for_the_pause_only_when_the_model_takes_every_core(
     model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from slmops_agent import runtime
+    from slmops_agent.runtime import host as host_module
 
     host = ModelHost(queue_bound=1, limits=Limits())
     try:
         assert host.first_yield_s == 0.0  # no model
         host.swap(model)  # one thread
-        monkeypatch.setattr(runtime.os, "cpu_count", lambda: 1)
-        assert host.first_yield_s == runtime.FIRST_YIELD_S > 0
-        monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(host_module.os, "cpu_count", lambda: 1)
+        assert host.first_yield_s == host_module.FIRST_YIELD_S > 0
+        monkeypatch.setattr(host_module.os, "cpu_count", lambda: 4)
         assert host.first_yield_s == 0.0
     finally:
         host.close()

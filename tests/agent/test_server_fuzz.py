@@ -15,7 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from slmops_agent.runtime import Limits, LoadedModel, ModelHost
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.model import LoadedModel
+from slmops_agent.runtime.requests import Limits
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 LIMITS = Limits(default_max_new_tokens=4, max_new_tokens_limit=6, max_prompt_chars=2_000)

@@ -17,11 +17,8 @@ import psutil
 import pytest
 from agent_helpers import PacedHost, ServerThread, load_unpacked, serving
 
-from slmops_agent.runtime import (
-    FinishReason,
-    Limits,
-    LoadedModel,
-)
+from slmops_agent.runtime.model import LoadedModel
+from slmops_agent.runtime.requests import FinishReason, Limits
 from slmops_agent.server import RETRY_AFTER_KEY
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 

@@ -10,7 +10,9 @@ import grpc
 import pytest
 from agent_helpers import ServerThread, load_unpacked, serving
 
-from slmops_agent.runtime import Limits, LoadedModel, ModelHost
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.model import LoadedModel
+from slmops_agent.runtime.requests import Limits
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 LIMITS = Limits(default_max_new_tokens=8, max_new_tokens_limit=100, max_prompt_chars=20_000)

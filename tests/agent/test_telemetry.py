@@ -12,9 +12,9 @@ from pathlib import Path
 
 from agent_helpers import AgentThread, FleetSim, agent_settings, save_credentials
 
-from slmops_agent.state import UpdateState
 from slmops_agent.telemetry import Sample, Telemetry, TelemetryQueue
 from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_protos.states import UpdateState
 from slmops_testing.brokers import MosquittoBroker
 
 

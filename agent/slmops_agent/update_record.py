@@ -16,24 +16,9 @@ from typing import Any
 
 from slmops_agent.errors import AgentError
 from slmops_agent.layout import SLOTS, write_atomic
-from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_protos.states import UpdateState
 
 RECORD_VERSION = 1
-
-
-class UpdateState(enum.Enum):
-    """Stable on-disk names (the same as the protobuf enum's)."""
-
-    IDLE = "IDLE"
-    FETCHING = "FETCHING"
-    VERIFYING = "VERIFYING"
-    STAGED = "STAGED"
-    TESTING = "TESTING"
-    COMMITTED = "COMMITTED"
-    ROLLED_BACK = "ROLLED_BACK"
-
-    def to_pb(self) -> fleet_pb2.UpdateState.ValueType:
-        return fleet_pb2.UpdateState.Value(self.value)
 
 
 # A state's side effect, in the order the updater runs them. The record says "I am in state X";
@@ -110,17 +95,6 @@ class TestSummary:
     matched: int = 0  # judged prompts whose output equals the reference
     seconds: float = 0.0
     adapter: str = ""
-
-    def to_pb(self) -> fleet_pb2.TestResult:
-        return fleet_pb2.TestResult(
-            ran=self.ran,
-            passed=self.passed,
-            prompts=self.prompts,
-            judged=self.judged,
-            matched=self.matched,
-            seconds=self.seconds,
-            adapter=self.adapter,
-        )
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,17 @@ from typing import Any
 import pytest
 from agent_helpers import SMALL_CHUNK, agent_settings, chunks_of, desired_for, manifest_of, pkg_id, signed_manifest
 
+from slmops_agent.codec import chunk_from_pb, desired_from_pb, report_to_pb
 from slmops_agent.layout import StateLayout
-from slmops_agent.runtime import GenerationRequest, Limits, ModelHost
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.requests import GenerationRequest, Limits
 from slmops_agent.settings import AgentSettings
-from slmops_agent.state import StateStore, UpdateRecord, UpdateState
-from slmops_agent.updater import BlobWant, Desired, Report, Updater, chunk_from_pb
+from slmops_agent.update.machine import Updater
+from slmops_agent.update.messages import BlobWant, Report
+from slmops_agent.update_record import StateStore, UpdateRecord
 from slmops_protos.manifests import parse_signed_manifest
 from slmops_protos.package.v1 import manifest_pb2
+from slmops_protos.states import UpdateState
 
 DEVICE = "dev-test"
 HAPPY = ["FETCHING", "VERIFYING", "STAGED", "TESTING", "COMMITTED"]
@@ -97,7 +101,7 @@ class Rig:
         return u
 
     def desired(self, pkg: Path | None, generation: int, **kw: Any) -> None:
-        self.updater.submit_desired(Desired.from_pb(desired_for(pkg, generation, DEVICE, **kw)))
+        self.updater.submit_desired(desired_from_pb(desired_for(pkg, generation, DEVICE, **kw)))
 
     def wait(self, predicate: Callable[[UpdateRecord], bool], timeout: float = 60) -> UpdateRecord:
         return self.updater.wait_for(predicate, timeout)
@@ -211,7 +215,7 @@ def test_bad_signature_rolls_back_and_the_old_version_keeps_serving(rig: Rig, pk
     sig = bytearray(msg.model.manifest.signatures[0].signature)
     sig[0] ^= 0xFF
     msg.model.manifest.signatures[0].signature = bytes(sig)
-    rig.updater.submit_desired(Desired.from_pb(msg))
+    rig.updater.submit_desired(desired_from_pb(msg))
     record = rig.wait_done(2)
     assert record.state is UpdateState.ROLLED_BACK and "bad signature" in record.reason
     assert rig.states(2) == ["ROLLED_BACK"] and rig.reports[-1].reason == record.reason
@@ -225,7 +229,7 @@ def test_untrusted_key_and_mismatched_id_are_refused(rig: Rig, pkg_v1: Path, oth
     assert record.state is UpdateState.ROLLED_BACK and "untrusted" in record.reason
     msg = desired_for(pkg_v1, 2, DEVICE)
     msg.model.package_id = "0" * 64
-    rig.updater.submit_desired(Desired.from_pb(msg))
+    rig.updater.submit_desired(desired_from_pb(msg))
     record = rig.wait_done(2)
     assert record.state is UpdateState.ROLLED_BACK and "does not match its manifest" in record.reason
     assert rig.serving() == "" and not rig.feeder.requests
@@ -345,7 +349,7 @@ def test_download_resumes_after_a_restart(tmp_path: Path, trusted_hex: str, pkg_
     bitmap = rig.state_dir / "blobs" / f"{big.sha256}.bitmap"
     rig.wait(lambda r: r.state is UpdateState.FETCHING)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(rig.updater._fetches) != 1:
+    while time.monotonic() < deadline and len(rig.updater.fetcher.fetches) != 1:
         time.sleep(0.05)
     rig.updater.stop()  # flushes the bitmaps
     assert bitmap.exists()
@@ -488,7 +492,7 @@ def test_golden_answers_that_differ_commit_and_report_the_score(
         True,
     )
     final = [r for r in rig.reports if r.generation == 2 and r.state is UpdateState.COMMITTED][-1]
-    msg = final.to_pb(DEVICE)
+    msg = report_to_pb(final, DEVICE)
     assert msg.HasField("test") and (msg.test.ran, msg.test.judged, msg.test.matched) == (True, judged, 0)
     # The result survives a restart (it is part of the persisted record) and a new target clears it.
     assert StateStore(rig.state_dir / "state.json").load().test == record.test

@@ -36,7 +36,7 @@ class InsufficientSpace(BlobError):
 
 @dataclass(frozen=True)
 class Chunk:
-    """One numbered piece of a blob, as it arrived (translated from BlobChunk at the MQTT edge)."""
+    """One numbered piece of a blob, as it arrived (translated from BlobChunk by `codec.chunk_from_pb`)."""
 
     blob_sha256: str
     index: int

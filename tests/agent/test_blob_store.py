@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from slmops_agent.blob_store import BlobStore, Chunk, InsufficientSpace
 from slmops_agent.errors import BlobError
-from slmops_agent.store import BlobStore, Chunk, InsufficientSpace
 
 CHUNK = 1024
 

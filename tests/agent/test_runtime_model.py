@@ -11,7 +11,9 @@ import pytest
 from agent_helpers import load_unpacked
 
 from slmops_agent.errors import InvalidRequest, ModelLoadError, NoModelLoaded, NotFound
-from slmops_agent.runtime import FinishReason, GenerationRequest, Limits, LoadedModel, ModelHost, ModelInfo, load_model
+from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.model import LoadedModel, ModelInfo, load_model
+from slmops_agent.runtime.requests import FinishReason, GenerationRequest, Limits
 
 LIMITS = Limits(default_max_new_tokens=12, max_new_tokens_limit=200)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from slmops_agent.layout import write_atomic
-from slmops_agent.state import (
+from slmops_agent.update_record import (
     RECOVERY,
     SIDE_EFFECTS,
     TRANSITIONS,
@@ -18,10 +18,10 @@ from slmops_agent.state import (
     StateError,
     StateStore,
     UpdateRecord,
-    UpdateState,
     check_transition,
 )
 from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_protos.states import UpdateState
 
 
 def test_state_names_match_the_contract() -> None:

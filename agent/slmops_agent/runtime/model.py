@@ -1,0 +1,200 @@
+"""The loaded model: one slot folder opened with onnxruntime-genai, its tokenizer and adapters, and
+the token loop of one request (a batch goes to `batching`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmops_agent.errors import InvalidRequest, ModelLoadError, NotFound
+from slmops_agent.runtime.batching import BatchMember, BatchRun
+from slmops_agent.runtime.decoding import Decoding, Prepared
+from slmops_agent.runtime.genai import load_genai
+from slmops_agent.runtime.requests import GenerationRequest, GenerationResult, Limits
+from slmops_agent.runtime.spinning import Spinning, resolve_spinning
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_MAX_BATCH = 4
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str = ""
+    version: str = ""
+    package_id: str = ""
+    profile: str = ""
+    slot: str = ""
+    adapters: tuple[str, ...] = ()
+    # relative path of each adapter file inside the slot folder
+    adapter_files: tuple[tuple[str, str], ...] = ()
+
+
+class LoadedModel:
+    """One slot folder loaded with onnxruntime-genai. Its host runs one generation or one batch on it at a time.
+
+    `threads` is ONNX Runtime's intra-op pool; `spinning` lets those threads spin while they wait
+    for work (much faster on idle cores, a collapse when another process wants them); "auto" (the
+    agent's default) decides at load time (`resolve_spinning`). `max_batch` > 1 lets
+    `generate_batch` decode that many requests together through onnxruntime-genai's Engine (its
+    static batching: requests join when a batch starts)."""
+
+    def __init__(
+        self,
+        path: Path,
+        info: ModelInfo,
+        *,
+        threads: int,
+        spinning: Spinning = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        og = load_genai()
+        self.path = path
+        self.info = info
+        self.threads = threads
+        self.spinning = resolve_spinning(spinning, threads)
+        try:
+            genai_config = json.loads((path / "genai_config.json").read_text())
+            cfg = og.Config(str(path))
+            spin = "1" if self.spinning else "0"
+            session = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": spin}
+            overlay: dict[str, Any] = {"model": {"decoder": {"session_options": session}}}
+            self.max_batch = max_batch if hasattr(og, "Engine") else 1
+            if self.max_batch > 1:
+                overlay["engine"] = {"static_batching": {"max_batch_size": self.max_batch}}
+            cfg.overlay(json.dumps(overlay))
+            self.model = og.Model(cfg)
+            self.tokenizer = og.Tokenizer(self.model)
+            self.adapters: Any = None
+            if info.adapter_files:
+                self.adapters = og.Adapters(self.model)
+                for name, rel in info.adapter_files:
+                    self.adapters.load(str(path / rel), name)
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"{path} is not an onnxruntime-genai folder: {exc.filename} is missing") from exc
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ModelLoadError(f"onnxruntime-genai cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        model_cfg = genai_config.get("model", {})
+        self.context_length = int(model_cfg.get("context_length") or 2048)
+        self.vocab_size = int(model_cfg.get("vocab_size") or 0)  # 0: unknown
+        eos = model_cfg.get("eos_token_id", [])
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids.update(int(t) for t in self.tokenizer.eos_token_ids)
+
+    def encode(self, req: GenerationRequest) -> list[int]:
+        if req.messages:
+            messages = [{"role": r, "content": c} for r, c in req.messages]
+            try:
+                text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            except RuntimeError as exc:
+                raise InvalidRequest(f"the model's chat template refused the messages: {exc}") from exc
+        else:
+            text = req.prompt
+        ids = [int(t) for t in self.tokenizer.encode(text)]
+        if not ids:
+            raise InvalidRequest("the prompt encodes to no tokens")
+        return ids
+
+    def batchable(self, req: GenerationRequest) -> bool:
+        """Whether `req` may share a batch: the Engine has no adapters and, in static batching, no per-request seed."""
+        return self.max_batch > 1 and not req.adapter and req.seed is None
+
+    def prepare(self, req: GenerationRequest, limits: Limits) -> Prepared:
+        """Check what needs the model (adapter, context) and translate the sampling fields."""
+        if req.adapter and (self.adapters is None or req.adapter not in self.info.adapters):
+            have = ", ".join(self.info.adapters) or "none"
+            raise NotFound(f"adapter {req.adapter!r} is not loaded (this model has: {have})")
+        ids = self.encode(req)
+        if len(ids) >= self.context_length:
+            raise InvalidRequest(f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}")
+        max_new = min(req.max_new_tokens or limits.default_max_new_tokens, self.context_length - len(ids))
+        options: dict[str, Any] = {"max_length": len(ids) + max_new}
+        # Unset fields keep the package's generation defaults (genai_config.json "search");
+        # temperature 0 asks for greedy decoding, > 0 for sampling at that temperature.
+        if req.temperature is not None:
+            options["do_sample"] = req.temperature > 0
+            if req.temperature > 0:
+                options["temperature"] = req.temperature
+        if req.top_p is not None:
+            options["top_p"] = req.top_p
+        if req.top_k is not None:
+            # more than the vocabulary: all of it (onnxruntime-genai refuses more)
+            options["top_k"] = min(req.top_k, self.vocab_size) if self.vocab_size else req.top_k
+        if req.seed is not None:
+            options["random_seed"] = int(req.seed)
+        if req.repetition_penalty is not None:
+            options["repetition_penalty"] = req.repetition_penalty
+        return Prepared(ids, max_new, options)
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        *,
+        limits: Limits,
+        cancel: threading.Event | None = None,
+        on_text: Callable[[str], None] | None = None,
+        started: float | None = None,
+    ) -> GenerationResult:
+        """Run the token loop; call `on_text` with each decoded piece; stop within one token of `cancel`."""
+        og = load_genai()
+        t0 = started if started is not None else time.perf_counter()
+        cancel = cancel or threading.Event()
+        prepared = self.prepare(req, limits)
+        params = og.GeneratorParams(self.model)
+        try:
+            params.set_search_options(**prepared.options)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidRequest(f"onnxruntime-genai refused the search options: {exc}") from exc
+        generator = og.Generator(self.model, params)
+        if req.adapter:
+            generator.set_active_adapter(self.adapters, req.adapter)
+        decoding = Decoding(self, prepared, req.stop, on_text, t0)
+        if cancel.is_set():
+            decoding.cancel()
+        else:
+            generator.append_tokens(prepared.ids)
+        while not decoding.done and not generator.is_done():
+            if cancel.is_set():
+                decoding.cancel()
+                break
+            generator.generate_next_token()
+            decoding.feed(int(generator.get_next_tokens()[0]))
+        return decoding.result()
+
+    def generate_batch(self, members: list[BatchMember], *, limits: Limits) -> None:
+        """Decode `members` together (each must be `batchable`); every member's `done` is called once,
+        when it ends: its result, or the error that ended it (an error of one does not end the others).
+        The batch gets an Engine of its own: an Engine answers only the thread that made it, and
+        making one costs microseconds. A model the Engine refuses stops batching: the members run
+        one after the other."""
+        try:
+            engine = load_genai().Engine(self.model)
+        except RuntimeError as exc:
+            log.warning("onnxruntime-genai's Engine refuses %s, so it will not batch: %s", self.path, exc)
+            self.max_batch = 1
+            engine = None
+        if engine is not None:
+            BatchRun(self, engine, members, limits).run()
+            return
+        for member in members:
+            try:
+                result = self.generate(
+                    member.req, limits=limits, cancel=member.cancel, on_text=member.on_text, started=member.started
+                )
+            except Exception as exc:
+                member.done(exc)
+            else:
+                member.done(result)
+
+
+def load_model(
+    path: Path, info: ModelInfo, *, threads: int, spinning: Spinning = False, max_batch: int = DEFAULT_MAX_BATCH
+) -> LoadedModel:
+    return LoadedModel(path, info, threads=threads, spinning=spinning, max_batch=max_batch)
