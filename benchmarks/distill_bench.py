@@ -88,8 +88,9 @@ def main() -> None:
     from slmops_builder.convert import convert
     from slmops_builder.profiles import get_profile
     from slmops_builder.train.distill import DistillConfig, distill, evaluate_models, teacher_outputs, weights_bytes
-    from slmops_builder.train.finetune import FinetuneConfig, LoraSettings, finetune
+    from slmops_builder.train.finetune import finetune
     from slmops_builder.train.generation import OrtGenerator, evaluate_examples
+    from slmops_builder.train.runs import FinetuneConfig, LoraSettings
     from slmops_builder.train.tasks import generate_splits
 
     model = args.model or _smollm2_hf()

@@ -67,8 +67,11 @@ def main() -> None:
     from slmops_builder.convert import convert
     from slmops_builder.profiles import get_profile
     from slmops_builder.train.adapters import AdapterBase, build_adapter_base, dequantize_base, export_adapter
-    from slmops_builder.train.finetune import FinetuneConfig, LoraSettings, finetune, merge_adapter
-    from slmops_builder.train.tasks import dataset_sha256, generate_splits
+    from slmops_builder.train.examples import dataset_sha256
+    from slmops_builder.train.finetune import finetune
+    from slmops_builder.train.run_output import merge_adapter
+    from slmops_builder.train.runs import FinetuneConfig, LoraSettings
+    from slmops_builder.train.tasks import generate_splits
 
     model = args.model or _smollm2_hf()
     work: Path = args.work

@@ -169,7 +169,7 @@ def adapter_pair(
     """A tiny base built with LoRA inputs (fp32) and a signed adapter package bound to it (the
     adapter's name is "lora")."""
     from slmops_builder.train import adapters
-    from slmops_builder.train.finetune import LoraSettings
+    from slmops_builder.train.runs import LoraSettings
 
     root = tmp_path_factory.mktemp("adapter-pair")
     base = adapters.build_adapter_base(

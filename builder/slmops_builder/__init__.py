@@ -10,7 +10,8 @@ from slmops_protos import __version__
 
 if TYPE_CHECKING:
     from slmops_builder.build import BuildEvent, GoldenPromptSpec, build_package, evaluate_folder
-    from slmops_builder.convert import ConversionError, convert, parse_search_overrides, stage
+    from slmops_builder.convert import convert, parse_search_overrides, stage
+    from slmops_builder.engines import ConversionError
     from slmops_builder.importer import ImportedModel, ModelImportError, import_model
     from slmops_builder.keys import KeyFileError, generate_key, load_private_key, load_public_key
     from slmops_builder.packaging import (
@@ -31,7 +32,7 @@ _EXPORTS = {
     "GoldenPromptSpec": "slmops_builder.build",
     "build_package": "slmops_builder.build",
     "evaluate_folder": "slmops_builder.build",
-    "ConversionError": "slmops_builder.convert",
+    "ConversionError": "slmops_builder.engines",
     "convert": "slmops_builder.convert",
     "parse_search_overrides": "slmops_builder.convert",
     "stage": "slmops_builder.convert",

@@ -1,7 +1,7 @@
 """Build one signed package: convert (cached), stage, evaluate, write and sign.
 
 Steps, each reported to `progress` as it starts and ends:
-    convert   the model builder, or the step cache's earlier output
+    convert   the profile's conversion engine, or the step cache's earlier output
     stage     the package folder: genai_config search overrides, inference_model.json
     evaluate  load the staged folder in onnxruntime-genai (exactly what a device loads), run the
               golden prompts greedily (their outputs become the references), measure speed
@@ -25,12 +25,12 @@ from slmops_builder.evaluate import (
     GoldenPromptSpec,
     evaluate_folder,
 )
-from slmops_builder.importer import add_training_lineage, folder_sha256, read_source_info
 from slmops_builder.keys import load_private_key
+from slmops_builder.lineage import package_lineage
 from slmops_builder.packaging import PackageSpec, WrittenPackage, write_package
 from slmops_builder.profiles import Profile, get_profile
-from slmops_builder.steps import CONVERT_TOOLS, tool_versions
 from slmops_protos.package.v1 import manifest_pb2
+from slmops_protos.providers import ort_provider_name
 
 __all__ = [
     "DEFAULT_GOLDEN_PROMPTS",
@@ -114,7 +114,7 @@ def build_package(
                 name=name,
                 version=version,
                 profile=prof.to_pb(min_memory_bytes=min_memory_bytes(prof, size)),
-                lineage=_lineage(model_dir, prof, overrides, converted.key),
+                lineage=package_lineage(model_dir, prof, recipe_sha256=_build_sha256(prof, overrides, converted.key)),
                 evaluation=manifest_pb2.Evaluation(metrics=evaluation.metrics, size_bytes=size),
                 golden_prompts=[
                     manifest_pb2.GoldenPrompt(
@@ -164,39 +164,14 @@ def check_name_version(name: str, version: str) -> None:
         raise ValueError(f"version {version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
 
 
-def _lineage(model_dir: Path, profile: Profile, search: Mapping[str, object], convert_key: str) -> manifest_pb2.Lineage:
-    info = read_source_info(model_dir)
-    if info and info.get("source_sha256"):
-        base, digest = str(info.get("source", model_dir)), str(info["source_sha256"])
-    else:
-        base, digest = str(model_dir.resolve()), folder_sha256(model_dir)
+def _build_sha256(profile: Profile, search: Mapping[str, object], convert_key: str) -> str:
+    """A single build's stand-in for a recipe's hash: its profile, search defaults and conversion."""
     recipe = json.dumps({"profile": profile.spec(), "search": dict(search), "convert": convert_key}, sort_keys=True)
-    lineage = manifest_pb2.Lineage(
-        base_model=base,
-        base_model_sha256=digest,
-        recipe_sha256=hashlib.sha256(recipe.encode()).hexdigest(),
-        engine=profile.engine,
-        quantization_method=profile.quantization_method,
-    )
-    tools: tuple[str, ...] = (*CONVERT_TOOLS, "torch")
-    if profile.engine == "olive":
-        from slmops_builder.olive_convert import OLIVE_TOOLS
-
-        tools = (*tools, *OLIVE_TOOLS)
-    lineage.tool_versions.update(tool_versions(tools))
-    return add_training_lineage(lineage, model_dir, info)
-
-
-_PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "webgpu": "WebGpuExecutionProvider",
-}
+    return hashlib.sha256(recipe.encode()).hexdigest()
 
 
 def can_run_here(profile: Profile) -> bool:
     """Whether this machine's onnxruntime offers the profile's execution provider."""
     import onnxruntime
 
-    return _PROVIDER_NAMES.get(profile.execution_provider, "") in onnxruntime.get_available_providers()
+    return ort_provider_name(profile.execution_provider) in onnxruntime.get_available_providers()

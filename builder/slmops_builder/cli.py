@@ -7,15 +7,15 @@ Cheap to import: torch, transformers and onnxruntime-genai are imported inside t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from slmops_builder.cli_errors import EXIT_GATES_FAILED, err_console, fail, user_errors
 
 __all__ = ["app"]
 
@@ -26,40 +26,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 _out = Console(soft_wrap=True)
-_err = Console(stderr=True, soft_wrap=True)
-
-EXIT_USER_ERROR = 1
-EXIT_VERIFY_FAILED = 3
-EXIT_GATES_FAILED = 4
-
-
-def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the errors a user can cause into one line and an exit code, never a traceback."""
-    from pydantic import ValidationError
-
-    from slmops_builder.convert import ConversionError
-    from slmops_builder.evaluate import EvaluationError
-    from slmops_builder.importer import ModelImportError
-    from slmops_builder.keys import KeyFileError
-    from slmops_builder.profiles import UnknownProfileError
-    from slmops_protos.manifests import PackageError
-
-    try:
-        yield
-    except PackageError as exc:
-        _fail(f"package rejected: {exc.reason}", EXIT_VERIFY_FAILED)
-    except (KeyFileError, UnknownProfileError, ModelImportError, ConversionError, EvaluationError) as exc:
-        _fail(str(exc))
-    except ValidationError as exc:
-        _fail(f"bad settings: {exc.errors()[0].get('loc')}: {exc.errors()[0].get('msg')}")
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as exc:
-        _fail(str(exc))
+_err = err_console
 
 
 def _settings(cache_dir: Path | None = None, threads: int | None = None) -> Any:
@@ -79,7 +46,7 @@ def keygen(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key.")] = False,
 ) -> None:
     """Create an Ed25519 package-signing key."""
-    with _user_errors():
+    with user_errors():
         from slmops_builder.keys import generate_key, public_path
         from slmops_protos.manifests import key_id
 
@@ -98,7 +65,7 @@ def import_(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Import a base model into a Hugging Face folder (fp32 safetensors + tokenizer)."""
-    with _user_errors():
+    with user_errors():
         from slmops_builder.importer import import_model
 
         with _err.status(f"importing {source} ..."):
@@ -163,23 +130,23 @@ def build(
 
     Exit codes: 0 done; 1 bad input; 4 a recipe's gates left a profile (or its fallback chain) without a package.
     """
-    with _user_errors():
+    with user_errors():
         if recipe is not None:
             single: dict[str, object] = {"--model": model, "--name": name, "--version": version, "--profile": profile}
             single |= {"--search": search, "--golden-prompt": prompt}
             given = [flag for flag, value in single.items() if value]
             if given:
-                _fail(f"{', '.join(given)} cannot be combined with a recipe (set them in {recipe})")
+                fail(f"{', '.join(given)} cannot be combined with a recipe (set them in {recipe})")
             if recipe.suffix.lower() != ".toml":
-                _fail(f"{recipe} is not a recipe (.toml); for a single package use --model")
+                fail(f"{recipe} is not a recipe (.toml); for a single package use --model")
             _build_recipe(recipe, key, out, cache_dir, threads, dry_run=dry_run, as_json=as_json)
             return
         if dry_run:
-            _fail("--dry-run needs a recipe file")
+            fail("--dry-run needs a recipe file")
         missing = [f for f, v in (("--model", model), ("--name", name), ("--version", version)) if v is None]
         missing += [f for f, v in (("--key", key), ("--out", out)) if v is None]
         if missing:
-            _fail(f"missing {', '.join(missing)} (or give a recipe file)")
+            fail(f"missing {', '.join(missing)} (or give a recipe file)")
         assert model is not None and name is not None and version is not None and key is not None and out is not None
         _build_one(model, name, version, key, out, profile or "cpu-int4", search, prompt, cache_dir, threads, as_json)
 
@@ -206,7 +173,7 @@ def _build_one(
     check_name_version(name, version)
     overrides = parse_search_overrides(search or [])
     if not (model / "config.json").is_file():
-        _fail(f"no model folder at {model} (no config.json); create one with 'slmops builder import'")
+        fail(f"no model folder at {model} (no config.json); create one with 'slmops builder import'")
     load_private_key(key)
     settings = _settings(cache_dir, threads)
     written, events = _run_build(
@@ -261,7 +228,9 @@ def _build_recipe(
     dry_run: bool,
     as_json: bool,
 ) -> None:
-    from slmops_builder.recipe import REPORT_FILE, build_recipe, load_recipe, plan_recipe, progress_steps
+    from slmops_builder.recipe_plan import plan_recipe, progress_steps
+    from slmops_builder.recipe_run import REPORT_FILE, build_recipe
+    from slmops_builder.recipe_schema import load_recipe
     from slmops_builder.report import variants_table, verdict_lines
 
     loaded = load_recipe(path)
@@ -283,7 +252,7 @@ def _build_recipe(
         _out.print(table)
         return
     if key is None:
-        _fail("missing --key (the private signing key)")
+        fail("missing --key (the private signing key)")
     from slmops_builder.keys import load_private_key
 
     load_private_key(key)
@@ -307,7 +276,7 @@ def _build_recipe(
         _out.print(f"report: {result.output / REPORT_FILE}")
     if not result.ok:
         failed = [f"{v.profile} ({v.reason})" for v in result.variants if v.verdict == "failed gates"]
-        _fail("gates left a profile without a package: " + "; ".join(failed), EXIT_GATES_FAILED)
+        fail("gates left a profile without a package: " + "; ".join(failed), EXIT_GATES_FAILED)
 
 
 def _run_build(call: Any, rows: list[tuple[str, str]], *, quiet: bool) -> tuple[Any, list[Any]]:
@@ -356,7 +325,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Show a package's manifest (not verified: use 'verify' before trusting it)."""
-    with _user_errors():
+    with user_errors():
         from google.protobuf import json_format
 
         from slmops_builder.packaging import read_manifest
@@ -402,7 +371,7 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check the signature and every blob's size and SHA-256. Exit 3 when the package is rejected."""
-    with _user_errors():
+    with user_errors():
         from slmops_builder.keys import load_public_key
         from slmops_builder.packaging import verify_package
 

@@ -1,22 +1,15 @@
 """Convert a Hugging Face folder to an onnxruntime-genai folder for one hardware profile.
 
-The conversion dispatches on the profile's engine (`Profile.engine`; the manifest's lineage takes
-`Profile.engine` and `Profile.quantization_method`, and the cache entry's record holds both):
-
-- `onnxruntime-genai`: onnxruntime-genai's model builder in a subprocess (so the 1-3 GB it takes are
-  returned when it ends), with the profile's precision and extra options (RTN, k-quant, ...).
-- `slmops-gguf-lossless`: the same int4 graph, whose weights `lossless.rewrite` then replaces with the
-  GGUF's own 4-bit blocks. The GGUF is the one the model folder was imported from (its
-  `slmops_source.json`), checked against the recorded SHA-256.
-- `olive`: `olive run` in a subprocess (`olive_convert.run_olive`): its ModelBuilder pass (RTN), or
-  its Gptq pass calibrated on the builder's calibration text and then ModelBuilder (GPTQ); the same
-  folder layout as the model builder's.
+The conversion runs the engine registered under the profile's engine name (`slmops_builder.engines`:
+the model builder, the lossless GGUF import, Olive); the manifest's lineage takes `Profile.engine`
+and `Profile.quantization_method`, and the cache entry's record holds both.
 
 The output is kept in the step cache: the same weights, profile and tool versions are converted
-once. `stage` then makes the package's folder from a cache entry (hard links for unchanged files,
-fresh files for what it rewrites), so the cache is never modified:
-generation defaults (`search`), Foundry Local's `inference_model.json`, and the chat template
-copied into `tokenizer_config.json` for tokenizers that read it only there.
+once (the key adds what the engine says decides its output, and its tools' versions). `stage` then
+makes the package's folder from a cache entry (hard links for unchanged files, fresh files for what
+it rewrites), so the cache is never modified: generation defaults (`search`), Foundry Local's
+`inference_model.json`, and the chat template copied into `tokenizer_config.json` for tokenizers
+that read it only there.
 """
 
 from __future__ import annotations
@@ -24,32 +17,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from slmops_builder.importer import SOURCE_FILE, read_source_info
+from slmops_builder.engines import CONVERT_LOG, get_engine
+from slmops_builder.importer import SOURCE_FILE
 from slmops_builder.profiles import Profile
-from slmops_builder.steps import ENTRY_FILE, StepCache, StepResult, file_hashes, offline_env, tool_versions
+from slmops_builder.steps import ENTRY_FILE, StepCache, StepResult, file_hashes, tool_versions
 
 __all__ = [
-    "CONVERT_LOG",
     "SEARCH_OPTIONS",
-    "ConversionError",
     "convert",
     "convert_key",
     "inference_model_json",
-    "lossless_source",
     "parse_search_overrides",
     "stage",
     "validate_search",
 ]
 
 CONVERT_STEP = "convert"
-CONVERT_LOG = "slmops_convert.log"
 # Files of a cache entry that are the cache's own, not the model's.
 _NOT_MODEL = frozenset({ENTRY_FILE, CONVERT_LOG})
 # onnxruntime-genai's search options and their types.
@@ -72,58 +59,13 @@ SEARCH_OPTIONS: Mapping[str, type] = {
 }
 
 
-class ConversionError(RuntimeError):
-    """The model builder failed; `log_tail` holds the end of its output."""
-
-    def __init__(self, message: str, log_tail: str = "") -> None:
-        super().__init__(message + (f"\n--- model builder output (tail) ---\n{log_tail}" if log_tail else ""))
-        self.log_tail = log_tail
-
-
-_LOSSLESS_TOOLS = ("gguf", "onnx", "numpy")
-
-
 def convert_key(model_dir: Path, profile: Profile) -> tuple[str, dict[str, Any]]:
     """The step cache key of converting `model_dir` for `profile`, and what went into it."""
+    engine = get_engine(profile.engine)
     inputs = file_hashes(model_dir, exclude=frozenset({SOURCE_FILE}))
-    tools = tool_versions()
-    params: dict[str, Any] = {"profile": profile.spec()}
-    if profile.engine == "slmops-gguf-lossless":
-        from slmops_builder.lossless import FORMAT_VERSION
-
-        info = read_source_info(model_dir) or {}
-        params["gguf_sha256"] = info.get("source_sha256", "")
-        params["lossless_format"] = FORMAT_VERSION
-        tools = {**tools, **tool_versions(_LOSSLESS_TOOLS)}
-    elif profile.engine == "olive":
-        from slmops_builder.olive_convert import OLIVE_TOOLS, olive_key_params
-
-        params.update(olive_key_params(profile))
-        tools = {**tools, **tool_versions(OLIVE_TOOLS)}
+    tools = {**tool_versions(), **tool_versions(engine.tools)}
+    params: dict[str, Any] = {"profile": profile.spec(), **engine.key_params(model_dir, profile)}
     return StepCache.key(CONVERT_STEP, params, inputs, tools), {"params": params, "inputs": inputs, "tools": tools}
-
-
-def lossless_source(model_dir: Path, profile: Profile) -> Path:
-    """The GGUF `model_dir` was imported from, checked (same SHA-256, 4-bit projections) for `profile`."""
-    from slmops_builder.lossless import LosslessImportError, check_gguf
-    from slmops_protos.manifests import sha256_file
-
-    info = read_source_info(model_dir)
-    path = Path(str((info or {}).get("source_path", "")))
-    if info is None or path.suffix.lower() != ".gguf":
-        origin = "not imported by slmops" if info is None else f"imported from {info.get('source_path')}"
-        raise ConversionError(
-            f"profile {profile.name} needs a model imported from a GGUF with 4-bit blocks; {model_dir} was {origin}"
-        )
-    if not path.is_file():
-        raise ConversionError(f"profile {profile.name}: the source GGUF {path} is gone; import the model again")
-    if sha256_file(path) != info.get("source_sha256"):
-        raise ConversionError(f"profile {profile.name}: {path} changed since {model_dir} was imported from it")
-    try:
-        check_gguf(path)
-    except LosslessImportError as exc:
-        raise ConversionError(f"profile {profile.name}: {exc}") from None
-    return path
 
 
 def convert(
@@ -138,68 +80,17 @@ def convert(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); run 'slmops builder import'")
-    gguf = lossless_source(model_dir, profile) if profile.engine == "slmops-gguf-lossless" else None
+    engine = get_engine(profile.engine)
+    engine.check_source(model_dir, profile)
     key, record = convert_key(model_dir, profile)
-    cache = StepCache(cache_dir)
 
     def produce(out: Path) -> None:
-        if profile.engine == "olive":
-            from slmops_builder.olive_convert import run_olive
-
-            run_olive(model_dir, profile, out, threads=threads, timeout_s=timeout_s)
-            return
-        _run_model_builder(model_dir, profile, out, threads=threads, timeout_s=timeout_s)
-        if gguf is not None:
-            _import_gguf_blocks(out, gguf, model_dir, profile.float_compute)
+        engine.run(model_dir, profile, out, threads=threads, timeout_s=timeout_s)
 
     lineage = {"engine": profile.engine, "quantization_method": profile.quantization_method}
-    return cache.run(CONVERT_STEP, key, produce, record={"model_dir": str(model_dir.resolve()), **lineage, **record})
-
-
-def _import_gguf_blocks(out: Path, gguf: Path, model_dir: Path, float_compute: tuple[str, ...]) -> None:
-    from slmops_builder.lossless import LosslessImportError, rewrite
-
-    try:
-        counts = rewrite(out, gguf, model_dir, float_compute=float_compute)
-    except LosslessImportError as exc:
-        raise ConversionError(f"lossless import of {gguf.name} failed: {exc}") from None
-    with (out / CONVERT_LOG).open("a") as log:
-        log.write(f"lossless import of {gguf}: {json.dumps(counts, sort_keys=True)}\n")
-
-
-def _run_model_builder(model_dir: Path, profile: Profile, out: Path, *, threads: int | None, timeout_s: float) -> None:
-    env = offline_env(threads or min(2, os.cpu_count() or 1))
-    log_path = out / CONVERT_LOG
-    with tempfile.TemporaryDirectory(prefix="slmops-mb-") as hf_cache, log_path.open("w") as log:
-        cmd = [
-            sys.executable,
-            "-m",
-            "onnxruntime_genai.models.builder",
-            "-i",
-            str(model_dir.resolve()),
-            "-o",
-            str(out.resolve()),
-            "-c",
-            hf_cache,
-            *profile.builder_args(),
-        ]
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            raise ConversionError(f"model builder took longer than {timeout_s:.0f} s", _tail(log_path)) from None
-    if proc.returncode != 0:
-        raise ConversionError(f"model builder failed (exit {proc.returncode}) for {profile.name}", _tail(log_path))
-    if not (out / "genai_config.json").is_file() or not any(out.glob("*.onnx")):
-        raise ConversionError("model builder wrote no genai_config.json or .onnx model", _tail(log_path))
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    return StepCache(cache_dir).run(
+        CONVERT_STEP, key, produce, record={"model_dir": str(model_dir.resolve()), **lineage, **record}
+    )
 
 
 def stage(

@@ -6,16 +6,20 @@ only when its metric was measured and meets the bound; a metric that could not b
 variant on a machine without a GPU, say) fails the gate with that reason. Gates whose metric can
 never exist for a recipe (a ratio without a reference, task accuracy without a task set) are
 refused when the recipe is loaded, before any work.
+
+`gate_variants` gives each variant of a recipe build its verdict: packaged, failed gates, not
+selected (a fallback chain packages only its first variant that passes) or reference only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["GATES", "GateResult", "Gates", "check_gates"]
+__all__ = ["GATES", "GateResult", "GatedVariant", "Gates", "check_gates", "gate_variants"]
 
 # gate name -> (metric, "max" | "min", unit for messages)
 GATES: Mapping[str, tuple[str, str, str]] = {
@@ -92,3 +96,51 @@ def check_gates(
         reason = f"{gate}: {metric} {value:.4g}{unit} {op} {bound:g}{unit}"
         out.append(GateResult(gate, metric, bound, float(value), passed, reason))
     return out
+
+
+class GatedVariant(Protocol):
+    """What `gate_variants` reads and sets on a variant (a recipe's `VariantResult`)."""
+
+    profile: str
+    metrics: dict[str, float]
+    size_bytes: int
+    gates: list[GateResult]
+    verdict: str
+    reason: str
+
+    @property
+    def passed(self) -> bool: ...
+
+
+def gate_variants(
+    variants: Sequence[GatedVariant],
+    *,
+    reference: str | None,
+    thresholds: Mapping[str, float],
+    to_package: Sequence[str],
+    fallback: Sequence[str],
+    runnable: Mapping[str, bool],
+) -> None:
+    """Add the ratios to the reference, check the gates and set each variant's verdict and reason.
+    `to_package`: the profiles asked for; `fallback`: the chain of which only the first that passes
+    is packaged; `runnable`: profile -> whether this machine could evaluate it."""
+    ref = next((v for v in variants if v.profile == reference), None)
+    for v in variants:
+        if ref is not None:
+            if "perplexity" in v.metrics and "perplexity" in ref.metrics:
+                v.metrics["ppl_ratio"] = v.metrics["perplexity"] / ref.metrics["perplexity"]
+            v.metrics["size_ratio"] = v.size_bytes / ref.size_bytes
+        why = "not measured" if runnable[v.profile] else "not measured: this machine cannot run the variant"
+        v.gates = check_gates(thresholds, v.metrics, unmeasured=why)
+    chain = list(fallback)
+    chosen = next((v.profile for v in variants if v.profile in chain and v.passed), None) if chain else None
+    for v in variants:
+        failed = "; ".join(g.reason for g in v.gates if not g.passed)
+        if v.profile not in to_package:
+            v.verdict, v.reason = "reference only", "the gates' reference; not in profiles"
+        elif not v.passed:
+            v.verdict, v.reason = "failed gates", failed
+        elif chain and v.profile in chain and v.profile != chosen:
+            v.verdict, v.reason = "not selected", f"fallback chose {chosen}, earlier in {chain}"
+        else:
+            v.verdict, v.reason = "packaged", "; ".join(g.reason for g in v.gates) or "no gates"

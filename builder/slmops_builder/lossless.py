@@ -10,7 +10,7 @@ block of 32 along K, so:
   `sum_b m[n, b] * sum_{k in block b} x[k]`, a MatMul of the per-block sums of x (`K/32` values, one
   small MatMul against a 0/1 block matrix) with `m` (`K/32 x N`, float32) added to the output. The
   kernel stays the fast integer path; the float zero points that would express `m` directly fall back
-  to a path ~16x slower on this CPU.
+  to a much slower path.
 - Q8_0 (SmolLM2's tied embedding / lm_head) is an 8-bit `MatMulNBits` and an 8-bit
   `GatherBlockQuantized` sharing one tensor of codes `q + 128` (the 8-bit default zero point). In a
   model built with float32 compute (accuracy level < 4) the lm_head is instead two 4-bit halves
@@ -18,11 +18,11 @@ block of 32 along K, so:
 
 The weights are exact either way; the arithmetic follows the model's `accuracy_level`: 4 quantizes the
 activations to int8 per block inside the kernel (fast; as llama.cpp does with Q8_1 activations), 1
-computes in float32 (logits match the float32 reference, at about half the speed on this CPU).
+computes in float32 (logits match the float32 reference, at a lower speed).
 `float_compute` names projections (`FLOAT_COMPUTE_PROJECTIONS`) computed in float32 in a model built
-with level 4: on SmolLM2 almost all of level 4's perplexity cost comes from `down_proj`, whose input
-(the gated MLP activation) has the widest range, so float32 there alone brings it back to the
-float32 reference's for a fraction of the speed that all-float32 costs.
+with level 4: most of level 4's perplexity cost comes from `down_proj`, whose input (the gated MLP
+activation) has the widest range, so float32 there alone brings it back to the float32 reference's
+for a fraction of the speed that all-float32 costs.
 
 `rewrite` takes the model builder's int4 output (block 32) for the model folder the GGUF was imported
 into and replaces every quantized weight with the GGUF's own codes, scales and minima. Before it writes
@@ -373,8 +373,8 @@ def rewrite(folder: Path, gguf_path: Path, model_dir: Path, *, float_compute: Co
         if node.name == "/lm_head/MatMul_Q4":
             counts["lm_head_bits"] = w.bits
         if w.bits == 8 and attrs.get("accuracy_level", 4) < 4:
-            # An 8-bit MatMulNBits has no float32-compute kernel on CPU (it falls back to a path ~40x
-            # slower): compute it as two exact 4-bit halves instead.
+            # An 8-bit MatMulNBits has no float32-compute kernel on CPU (it falls back to a much slower
+            # path): compute it as two exact 4-bit halves instead.
             after[node.name] = _split_matmul(node, w, attrs, set_init)
             counts["split_8bit"] = counts.get("split_8bit", 0) + 1
             continue

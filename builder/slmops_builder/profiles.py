@@ -5,7 +5,8 @@ there: the execution provider, the precision, the quantization method and the en
 the options the onnxruntime-genai model builder receives (as `--extra_options key=value`; the olive
 engine's `gptq_*` options go to its Gptq pass instead), and the least memory a device needs to run a
 small model built with it. The fleet matches a device's inventory against it; the convert step
-dispatches on its engine.
+runs the engine registered under its `engine` name (`slmops_builder.engines`), and each engine says
+which methods and options it takes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from importlib.resources import files
 from types import MappingProxyType
 from typing import Any
 
+from slmops_builder.engines import CONVERSION_ENGINES, ConversionEngine
 from slmops_protos.package.v1 import manifest_pb2
 
 if sys.version_info >= (3, 11):
@@ -25,10 +27,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
-    "ENGINES",
-    "GPTQ_OPTIONS",
     "METHODS",
-    "OLIVE_METHODS",
     "PROFILES",
     "Profile",
     "ProfileSpecError",
@@ -40,17 +39,11 @@ __all__ = [
 
 _MIB = 1024**2
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
+# The execution providers the builder writes graphs for: those of the contract's EXECUTION_PROVIDERS
+# that onnxruntime-genai's model builder targets (a test checks they are the contract's names).
 PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
-METHODS = ("rtn", "k_quant", "gptq", "lossless-gguf", "none")
-ENGINES = ("onnxruntime-genai", "slmops-gguf-lossless", "olive")
-# The olive engine's methods (its ModelBuilder pass quantizes with RTN; Gptq calibrates first) and
-# the options of its Gptq pass (the rest of `options` goes to the model builder).
-OLIVE_METHODS = ("rtn", "gptq")
-GPTQ_OPTIONS: Mapping[str, type] = MappingProxyType(
-    {"gptq_sym": bool, "gptq_damp_percent": float, "gptq_samples": int, "gptq_seq_len": int}
-)
-# Options the lossless engine applies itself (lossless.rewrite), not the model builder's.
-_ENGINE_ONLY_OPTIONS = frozenset({"float_compute"})
+# Every engine's methods, "none" (float weights) included.
+METHODS = tuple(dict.fromkeys(m for engine in CONVERSION_ENGINES.values() for m in engine.methods))
 REQUIREMENTS = ("any", "gguf-4bit")
 _FLOAT = ("fp16", "fp32")
 _KEYS = frozenset(
@@ -97,13 +90,10 @@ class Profile:
             raise ProfileSpecError(f"{where}: method {method!r} not in {METHODS}")
         if (method == "none") != (self.precision in _FLOAT):
             raise ProfileSpecError(f"{where}: method {method!r} does not fit precision {self.precision}")
-        if self.engine not in ENGINES:
-            raise ProfileSpecError(f"{where}: engine {self.engine!r} not in {ENGINES}")
-        lossless = method == "lossless-gguf"
-        if lossless != (self.engine == "slmops-gguf-lossless"):
-            raise ProfileSpecError(f"{where}: method lossless-gguf goes with engine slmops-gguf-lossless only")
-        if lossless and (self.precision, self.execution_provider, self.requires) != ("int4", "cpu", "gguf-4bit"):
-            raise ProfileSpecError(f"{where}: lossless-gguf is a cpu int4 method and requires = 'gguf-4bit'")
+        engine = CONVERSION_ENGINES.get(self.engine)
+        if engine is None:
+            raise ProfileSpecError(f"{where}: engine {self.engine!r} not in {tuple(CONVERSION_ENGINES)}")
+        _check_method(where, engine, method)
         if self.requires not in REQUIREMENTS:
             raise ProfileSpecError(f"{where}: requires {self.requires!r} not in {REQUIREMENTS}")
         if not isinstance(self.min_memory_bytes, int) or self.min_memory_bytes < 0:
@@ -111,63 +101,26 @@ class Profile:
         bad = [k for k, v in self.quantization.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise ProfileSpecError(f"{where}: options must map strings to strings; fix {', '.join(map(str, bad))}")
-        if self.engine == "olive" or method == "gptq":
-            self._check_olive(where, method)
-        if "float_compute" in self.quantization:
-            self._check_float_compute(where)
+        for key in self.quantization:
+            owner = next((e for e in CONVERSION_ENGINES.values() if key in e.own_options), engine)
+            if owner is not engine:
+                raise ProfileSpecError(f"{where}: option {key} is for engine {owner.name} only")
+        object.__setattr__(self, "method", method)
+        try:
+            engine.check_profile(self)
+        except ValueError as exc:
+            raise ProfileSpecError(f"{where}: {exc}") from None
         if any(not isinstance(f, str) or not f or f != f.strip().lower() for f in self.cpu_features):
             raise ProfileSpecError(f"{where}: cpu_features must be lower-case flag names like 'avx2'")
-        object.__setattr__(self, "method", method)
         object.__setattr__(self, "cpu_features", tuple(sorted(set(self.cpu_features))))
         # Freeze the options so a profile cannot change after it was hashed into a cache key.
         object.__setattr__(self, "quantization", MappingProxyType(dict(sorted(self.quantization.items()))))
-
-    def _check_float_compute(self, where: str) -> None:
-        from slmops_builder.lossless import FLOAT_COMPUTE_PROJECTIONS
-
-        if self.engine != "slmops-gguf-lossless":
-            raise ProfileSpecError(f"{where}: option float_compute is for engine slmops-gguf-lossless only")
-        if self.quantization.get("accuracy_level") != "4":
-            raise ProfileSpecError(
-                f"{where}: option float_compute needs accuracy_level = '4' (the rest is float already)"
-            )
-        names = self.quantization["float_compute"].split(",")
-        unknown = [n for n in names if n not in FLOAT_COMPUTE_PROJECTIONS]
-        if unknown or len(set(names)) != len(names):
-            raise ProfileSpecError(
-                f"{where}: float_compute must name distinct projections of {', '.join(FLOAT_COMPUTE_PROJECTIONS)} "
-                f"(comma-separated), not {self.quantization['float_compute']!r}"
-            )
 
     @property
     def float_compute(self) -> tuple[str, ...]:
         """Projections the lossless engine computes in float32 in an accuracy-level-4 model."""
         value = self.quantization.get("float_compute", "")
         return tuple(value.split(",")) if value else ()
-
-    def _check_olive(self, where: str, method: str) -> None:
-        if self.engine != "olive":
-            raise ProfileSpecError(f"{where}: method gptq goes with engine olive only")
-        if method not in OLIVE_METHODS:
-            raise ProfileSpecError(f"{where}: engine olive quantizes with {' or '.join(OLIVE_METHODS)}, not {method!r}")
-        if (self.precision, self.execution_provider, self.requires) != ("int4", "cpu", "any"):
-            raise ProfileSpecError(
-                f"{where}: engine olive builds cpu int4 only (requires = 'any'); "
-                f"not {self.execution_provider} {self.precision} (requires = {self.requires!r})"
-            )
-        for key, value in self.quantization.items():
-            kind = GPTQ_OPTIONS.get(key)
-            if kind is None:
-                if key.startswith("gptq_"):
-                    raise ProfileSpecError(f"{where}: unknown option {key}; known: {', '.join(GPTQ_OPTIONS)}")
-                continue
-            if method != "gptq":
-                raise ProfileSpecError(f"{where}: option {key} is for method gptq only")
-            if not isinstance(value, str) or not _parses(value, kind):
-                raise ProfileSpecError(f"{where}: option {key} must be a {kind.__name__} (as a string), not {value!r}")
-        block = self.quantization.get("block_size", "32")
-        if method == "gptq" and (not block.isdigit() or int(block) not in (16, 32, 64, 128, 256)):
-            raise ProfileSpecError(f"{where}: gptq's group size (block_size) must be 16, 32, 64, 128 or 256")
 
     def spec(self) -> dict[str, Any]:
         """Everything that changes the converted model: part of the step cache key."""
@@ -188,7 +141,8 @@ class Profile:
     def builder_args(self) -> list[str]:
         """Arguments for `python -m onnxruntime_genai.models.builder` (besides -i/-o/-c)."""
         args = ["-p", self.precision, "-e", self.execution_provider]
-        options = [f"{k}={v}" for k, v in self.quantization.items() if k not in _ENGINE_ONLY_OPTIONS]
+        own = CONVERSION_ENGINES[self.engine].own_options
+        options = [f"{k}={v}" for k, v in self.quantization.items() if k not in own]
         if options:
             args += ["--extra_options", *options]
         return args
@@ -205,14 +159,16 @@ class Profile:
         return pb
 
 
-def _parses(text: str, kind: type) -> bool:
-    if kind is bool:
-        return text in ("true", "false")
-    try:
-        value = kind(text)
-    except ValueError:
-        return False
-    return bool(value > 0) if kind is int else bool(value >= 0)
+def _check_method(where: str, engine: ConversionEngine, method: str) -> None:
+    """A method another engine owns goes with that engine only; an engine builds only its methods."""
+    if method not in engine.methods and set(engine.methods) <= set(engine.exclusive_methods):
+        raise ProfileSpecError(f"{where}: method {' or '.join(engine.methods)} goes with engine {engine.name} only")
+    owner = next((e for e in CONVERSION_ENGINES.values() if method in e.exclusive_methods), engine)
+    if owner is not engine:
+        raise ProfileSpecError(f"{where}: method {method} goes with engine {owner.name} only")
+    if method not in engine.methods:
+        methods = " or ".join(engine.methods)
+        raise ProfileSpecError(f"{where}: engine {engine.name} quantizes with {methods}, not {method!r}")
 
 
 def load_profiles(text: str, *, source: str = "profiles.toml") -> Mapping[str, Profile]:

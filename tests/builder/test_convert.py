@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from slmops_builder.convert import (
-    ConversionError,
     convert,
     convert_key,
     inference_model_json,
@@ -17,6 +16,7 @@ from slmops_builder.convert import (
     stage,
     validate_search,
 )
+from slmops_builder.engines import ConversionError
 from slmops_builder.profiles import get_profile
 from slmops_builder.steps import ENTRY_FILE, StepCache, file_hashes
 

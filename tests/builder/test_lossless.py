@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from slmops_builder.convert import ConversionError, convert
+from slmops_builder.convert import convert
+from slmops_builder.engines import ConversionError
 from slmops_builder.lossless import BlockWeights, LosslessImportError, check_gguf, read_block_weights
 from slmops_builder.profiles import get_profile
 from slmops_protos.manifests import sha256_file

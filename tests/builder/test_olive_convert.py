@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from slmops_builder.build import build_package
-from slmops_builder.convert import ConversionError, convert, convert_key, stage
+from slmops_builder.convert import convert, convert_key, stage
+from slmops_builder.engines import ConversionError
+from slmops_builder.engines.olive import OLIVE_EXTRAS, calibration_text, check_disjoint, olive_config
 from slmops_builder.evaluate import heldout_text
-from slmops_builder.olive_convert import OLIVE_EXTRAS, calibration_text, check_disjoint, olive_config
 from slmops_builder.profiles import Profile, ProfileSpecError, get_profile, load_profiles
 from slmops_builder.steps import ENTRY_FILE
 

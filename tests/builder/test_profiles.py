@@ -159,3 +159,12 @@ def test_public_api_resolves() -> None:
         assert getattr(slmops_builder, name) is not None, name
     with pytest.raises(AttributeError):
         _ = slmops_builder.not_a_thing
+
+
+def test_profiles_use_the_contract_s_providers_and_registered_engines() -> None:
+    from slmops_builder.engines import CONVERSION_ENGINES
+    from slmops_builder.profiles import PROVIDERS
+    from slmops_protos.providers import EXECUTION_PROVIDERS
+
+    assert set(PROVIDERS) <= set(EXECUTION_PROVIDERS)
+    assert {p.engine for p in PROFILES.values()} == set(CONVERSION_ENGINES)

@@ -15,7 +15,9 @@ from slmops_builder.cli import app
 from slmops_builder.importer import ModelImportError
 from slmops_builder.keys import load_public_key
 from slmops_builder.packaging import verify_package
-from slmops_builder.recipe import RecipeError, build_recipe, load_recipe, plan_recipe
+from slmops_builder.recipe_plan import plan_recipe
+from slmops_builder.recipe_run import build_recipe
+from slmops_builder.recipe_schema import RecipeError, load_recipe
 
 runner = CliRunner()
 

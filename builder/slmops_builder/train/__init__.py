@@ -1,12 +1,21 @@
 """Training in the builder: the edge task and its data, LoRA fine-tuning, multi-LoRA export, distillation.
 
-- `tasks`       the device-command task (generator, disjoint-template splits, scorer, user JSONL)
-- `finetune`    LoRA/QLoRA with PEFT: checkpoints, exact resume, early stopping, loss curves
-- `adapters`    adapter-ready onnxruntime-genai bases, int4-dequantized training copies, `.onnx_adapter`
-                export, adapter packages bound to their base package
-- `distill`     teacher answers (cached), layer-pruned student trained with KL + CE, evaluation
-- `generation`  greedy generation in transformers and in onnxruntime-genai (per-request adapters)
-- `cli`         `slmops builder task | finetune | distill | adapter-base | adapter-export`
+- `tasks`        the device-command task: generator with disjoint-template splits
+- `actions`      the task's JSON action: canonical text, parsing, scoring
+- `examples`     chat examples and the user's JSONL data
+- `runs`         what the fine-tuning engines share: settings, progress, result, run layout, protocol
+- `finetune`     `finetune()` and the training engines' registry (`TRAINING_ENGINES`)
+- `peft_engine`  LoRA/QLoRA with PEFT: checkpoints, exact resume, early stopping
+- `olive_engine` `olive finetune` in float32 into the same layout
+- `hf_models`    Hugging Face models and tokenizers for training (QLoRA on CUDA)
+- `batches`      examples as token batches, the seeded data order
+- `run_output`   the end of a run: merged model, training record, loss curves, finetune.json
+- `adapters`     adapter-ready onnxruntime-genai bases, int4-dequantized training copies, `.onnx_adapter`
+                 export, adapter packages bound to their base package
+- `distill`      teacher answers (cached), layer-pruned student trained with KL + CE, evaluation
+- `qat`, `vocab` the student's int4-aware training and trimmed vocabulary
+- `generation`   greedy generation in transformers and in onnxruntime-genai (per-request adapters)
+- `cli`          `slmops builder task | finetune | distill | adapter-base | adapter-export`
 
 Importing this package loads nothing heavy; torch, transformers and onnxruntime load inside functions.
 """

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from slmops_builder.packaging import WrittenPackage
-    from slmops_builder.train.finetune import LoraSettings
+    from slmops_builder.train.runs import LoraSettings
 
 __all__ = [
     "ADAPTER_LAYOUT_FILE",

@@ -16,23 +16,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from slmops_builder.cli_errors import err_console, fail, user_errors
+
 __all__ = ["register"]
 
 _out = Console(soft_wrap=True)
-_err = Console(stderr=True, soft_wrap=True)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    from slmops_builder.cli import _fail, _user_errors
-    from slmops_builder.train.adapters import AdapterExportError
-    from slmops_builder.train.finetune import QLoRAUnavailable
-
-    with _user_errors():
-        try:
-            yield
-        except (QLoRAUnavailable, AdapterExportError) as exc:
-            _fail(str(exc))
+_err = err_console
 
 
 @contextmanager
@@ -79,8 +68,9 @@ def task(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Generate the device-command task (command -> JSON action), splits from disjoint templates."""
-    with _errors():
-        from slmops_builder.train.tasks import SPLITS, dataset_sha256, generate_splits, write_jsonl
+    with user_errors():
+        from slmops_builder.train.examples import dataset_sha256, write_jsonl
+        from slmops_builder.train.tasks import SPLITS, generate_splits
 
         splits = generate_splits(train, validation, test, seed=seed)
         summary: dict[str, Any] = {"out": str(out), "seed": seed, "splits": {}}
@@ -154,19 +144,14 @@ def finetune(
     For adapters that run on an int4 base, train on the base's dequantized copy
     ('adapter-base --dequantized DIR', then '--model DIR').
     """
-    with _errors():
-        from slmops_builder.cli import _fail
-        from slmops_builder.train.finetune import FinetuneConfig, LoraSettings, check_qlora
+    with user_errors():
+        from slmops_builder.train.examples import load_jsonl
+        from slmops_builder.train.finetune import TRAINING_ENGINES
         from slmops_builder.train.finetune import finetune as run_finetune
-        from slmops_builder.train.olive import OliveEngineError
-        from slmops_builder.train.tasks import load_jsonl
+        from slmops_builder.train.runs import FinetuneConfig, LoraSettings
 
-        if engine not in ("peft", "olive"):
-            _fail(f"--engine must be peft or olive, not {engine!r}")
-        if qlora and engine == "peft":
-            check_qlora()
-        train_examples = load_jsonl(data)
-        val_examples = load_jsonl(validation) if validation else []
+        if engine not in TRAINING_ENGINES:
+            fail(f"--engine must be {' or '.join(TRAINING_ENGINES)}, not {engine!r}")
         settings: dict[str, Any] = {
             "max_steps": max_steps,
             "learning_rate": lr,
@@ -182,11 +167,12 @@ def finetune(
             "threads": threads,
             "qlora": qlora,
         }
-        if engine == "olive":  # what the olive engine refuses counts only when given on the command line
-            for name in ("eval_every", "patience", "save_every"):
-                source = ctx.get_parameter_source(name)  # typer's own (vendored) click: compare by name
-                if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
-                    del settings[name]
+        # Left to the config's defaults (the same values) unless given on the command line: an engine
+        # that cannot honour them (olive) refuses only what was asked for.
+        for name in ("eval_every", "patience", "save_every"):
+            source = ctx.get_parameter_source(name)  # typer's own (vendored) click: compare by name
+            if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+                del settings[name]
         cfg = FinetuneConfig(
             engine=engine,  # type: ignore[arg-type]  # checked above
             lora=LoraSettings(
@@ -198,20 +184,20 @@ def finetune(
             chat_template=_read_template(chat_template),
             **settings,
         )
-        try:
-            with _step_progress(max_steps, f"finetune ({engine})", as_json) as progress:
-                result = run_finetune(
-                    model,
-                    train_examples,
-                    out,
-                    cfg,
-                    validation=val_examples,
-                    resume=resume,
-                    merge=merge,
-                    progress=progress,
-                )
-        except OliveEngineError as exc:
-            _fail(str(exc))
+        TRAINING_ENGINES[engine].check(cfg)
+        train_examples = load_jsonl(data)
+        val_examples = load_jsonl(validation) if validation else []
+        with _step_progress(max_steps, f"finetune ({engine})", as_json) as progress:
+            result = run_finetune(
+                model,
+                train_examples,
+                out,
+                cfg,
+                validation=val_examples,
+                resume=resume,
+                merge=merge,
+                progress=progress,
+            )
         summary = result.to_json()
         if as_json:
             typer.echo(json.dumps({**summary, "engine": engine}, indent=2))
@@ -279,14 +265,13 @@ def distill(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Distil a teacher into a smaller student: teacher answers (cached), then KD training."""
-    with _errors():
-        from slmops_builder.cli import _fail
+    with user_errors():
         from slmops_builder.train.distill import DistillConfig, evaluate_models, teacher_outputs
         from slmops_builder.train.distill import distill as run_distill
-        from slmops_builder.train.tasks import load_jsonl
+        from slmops_builder.train.examples import load_jsonl
 
         if keep_answers not in ("valid", "exact"):
-            _fail(f"--keep-answers must be valid or exact, not {keep_answers!r}")
+            fail(f"--keep-answers must be valid or exact, not {keep_answers!r}")
         inputs = load_jsonl(data)
         held_out = load_jsonl(test) if test else []
         cfg = DistillConfig(
@@ -372,13 +357,12 @@ def adapter_base(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Build a base that onnxruntime-genai runs with per-request LoRA adapters."""
-    with _errors():
-        from slmops_builder.cli import _fail
+    with user_errors():
         from slmops_builder.train.adapters import build_adapter_base, dequantize_base, package_adapter_base
-        from slmops_builder.train.finetune import LoraSettings
+        from slmops_builder.train.runs import LoraSettings
 
         if package is not None and key is None:
-            _fail("--package needs --key")
+            fail("--package needs --key")
         lora = LoraSettings(r=r, target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()))
         with _err.status("converting ...") if not as_json else _nothing():
             base = build_adapter_base(model, lora, out, precision=precision, name=name, cache_dir=cache_dir,
@@ -386,7 +370,7 @@ def adapter_base(
         summary: dict[str, Any] = {"path": str(base.path), "precision": precision, "lora_inputs": len(base.inputs)}
         if dequantized is not None:
             if precision != "int4":
-                _fail("--dequantized needs --precision int4")
+                fail("--dequantized needs --precision int4")
             summary["dequantized"] = str(dequantize_base(model, base.path, dequantized))
         if package is not None and key is not None:
             written = package_adapter_base(base, name=name, version=version, key=key, out=package)
@@ -411,14 +395,13 @@ def adapter_export(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Export a PEFT adapter for onnxruntime-genai multi-LoRA and optionally package it."""
-    with _errors():
-        from slmops_builder.cli import _fail
+    with user_errors():
         from slmops_builder.train.adapters import export_adapter, package_adapter
 
         if out.suffix != ".onnx_adapter":
-            _fail("--out must end in .onnx_adapter")
+            fail("--out must end in .onnx_adapter")
         if package is not None and (key is None or base_package is None):
-            _fail("--package needs --key and --base-package")
+            fail("--package needs --key and --base-package")
         info = export_adapter(adapter, base, out)
         summary: dict[str, Any] = {"path": str(out), **info}
         if package is not None and key is not None and base_package is not None:

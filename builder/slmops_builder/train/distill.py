@@ -35,20 +35,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slmops_builder.train.finetune import (
-    IGNORE_INDEX,
-    ProgressEvent,
-    batch_indices,
-    collate,
-    encode_example,
-    load_tokenizer,
-    plot_losses,
-    prompt_text,
-    write_loss_csv,
-    write_training_record,
-)
+from slmops_builder.train.actions import parse_action, score
+from slmops_builder.train.batches import IGNORE_INDEX, batch_indices, collate, encode_example
+from slmops_builder.train.examples import Example, dataset_sha256
+from slmops_builder.train.hf_models import load_tokenizer, prompt_text
 from slmops_builder.train.qat import QuantAwareWeights
-from slmops_builder.train.tasks import Example, dataset_sha256, parse_action, score
+from slmops_builder.train.run_output import plot_losses, write_loss_csv, write_training_record
+from slmops_builder.train.runs import ProgressEvent
 from slmops_builder.train.vocab import VOCAB_FILE, read_kept_ids, trim_vocab
 
 __all__ = [
@@ -178,8 +171,8 @@ def teacher_outputs(
     `keep="exact"`, only the answers equal to theirs are kept for the student."""
     import torch
 
-    from slmops_builder.train.finetune import load_causal_lm
     from slmops_builder.train.generation import generate_hf
+    from slmops_builder.train.hf_models import load_causal_lm
 
     teacher, cache_path = Path(teacher), Path(cache_path)
     if not (teacher / "config.json").is_file():
@@ -335,7 +328,7 @@ def distill(
     import torch
     import torch.nn.functional as F
 
-    from slmops_builder.train.finetune import load_causal_lm
+    from slmops_builder.train.hf_models import load_causal_lm
 
     cfg = config or DistillConfig()
     teacher, out = Path(teacher), Path(out)
@@ -486,8 +479,8 @@ def evaluate_models(
     """Exact match, decode time per response and weights memory of HF folders on `examples`."""
     import torch
 
-    from slmops_builder.train.finetune import load_causal_lm
     from slmops_builder.train.generation import generate_hf
+    from slmops_builder.train.hf_models import load_causal_lm
 
     if threads:
         torch.set_num_threads(threads)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmops_builder.train.tasks import Example, Score, score
+from slmops_builder.train.actions import Score, score
+from slmops_builder.train.examples import Example
 
 __all__ = ["Generations", "OrtGenerator", "evaluate_examples", "generate_hf"]
 
@@ -38,7 +39,7 @@ def generate_hf(
     """Greedy outputs of `model` for chat `prompts`, in order, with each output's mean token logprob."""
     import torch
 
-    from slmops_builder.train.finetune import prompt_text
+    from slmops_builder.train.hf_models import prompt_text
 
     tokenizer.padding_side = "left"
     texts: list[str] = []

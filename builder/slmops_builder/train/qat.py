@@ -3,7 +3,7 @@
 The profile (onnxruntime-genai's model builder, RTN, symmetric, block 32) quantizes each block of 32
 weights along a row's input dimension to `s*q`, q in -8..7, with `s = e / -8` where `e` is the block's
 weight of largest magnitude (so `e` itself is exactly `-8*s`) and `q = clamp(round(w/s), -8, 7)`.
-`int4_rtn` computes the same numbers in torch (tests/train/test_train_qat.py checks them against
+`int4_rtn` computes the same numbers in torch (tests/builder/train/test_qat.py checks them against
 onnxruntime's own quantizer bit for bit), and on weights it has already quantized it is the
 identity, so a model trained and saved on that grid converts to int4 without any further loss.
 

@@ -10,41 +10,23 @@ phrasings the model never saw. Every intent has phrasings in every split. The ou
     {"action": "none"}         a question, small talk, or an explicit "don't"
     {"action": "unsupported"}  a request for a device or service the home does not have
 
-Keys appear in that order and only when they apply; `target_text` is the one canonical text.
-`score` gives exact match (parsed JSON equal), field accuracy and JSON validity.
-`load_jsonl` reads user data: `{"input": ..., "output": ...}` or `{"messages": [...]}` per line.
+Keys appear in that order and only when they apply (`actions.target_text`, the one canonical
+text; `actions.score` scores answers). The examples are `examples.Example`s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "SPLITS",
-    "SYSTEM_PROMPT",
-    "DatasetError",
-    "Example",
-    "Score",
-    "TaskSplits",
-    "dataset_sha256",
-    "generate_splits",
-    "load_jsonl",
-    "parse_action",
-    "score",
-    "target_text",
-    "write_jsonl",
-]
+from slmops_builder.train.actions import SYSTEM_PROMPT, target_text
+from slmops_builder.train.examples import Example
+
+__all__ = ["SPLITS", "TaskSplits", "generate_splits", "number_words"]
 
 SPLITS = ("train", "validation", "test")
-SYSTEM_PROMPT = "Turn the smart-home command into one JSON action."
-KEY_ORDER = ("action", "device", "room", "level", "temperature", "delay_s")
 
 # canonical device -> (words for it, its adjustable quantity or None)
 DEVICES: dict[str, tuple[tuple[str, ...], str | None]] = {
@@ -246,51 +228,6 @@ FIXED_DELAYS: tuple[tuple[str, int], ...] = (
 )
 
 
-class DatasetError(ValueError):
-    """Bad records in a user's JSONL file: every bad line, with its number and what is wrong."""
-
-    def __init__(self, path: Path, problems: Sequence[tuple[int, str]]) -> None:
-        self.path = path
-        self.problems = list(problems)
-        shown = "; ".join(f"line {n}: {why}" for n, why in self.problems[:20])
-        more = f"; and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
-        super().__init__(f"{path}: {len(self.problems)} bad record(s): {shown}{more}")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One chat exchange: `messages` ends with the assistant's answer (the training target)."""
-
-    messages: tuple[dict[str, str], ...]
-    template: str = ""
-
-    @property
-    def prompt_messages(self) -> list[dict[str, str]]:
-        return [dict(m) for m in self.messages[:-1]]
-
-    @property
-    def input(self) -> str:
-        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
-
-    @property
-    def output(self) -> str:
-        return self.messages[-1]["content"]
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"messages": [dict(m) for m in self.messages]}
-        if self.template:
-            data["template"] = self.template
-        return data
-
-    @classmethod
-    def from_pair(cls, user: str, answer: str, *, system: str | None = SYSTEM_PROMPT, template: str = "") -> Example:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": answer},
-        ]
-        return cls(tuple(msgs), template)
-
-
 @dataclass(frozen=True)
 class TaskSplits:
     train: list[Example]
@@ -302,13 +239,6 @@ class TaskSplits:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; one of {', '.join(SPLITS)}")
         return list(getattr(self, name))
-
-
-def target_text(action: dict[str, Any]) -> str:
-    """The canonical JSON text of an action (keys in schema order, compact)."""
-    ordered = {k: action[k] for k in KEY_ORDER if k in action}
-    ordered.update({k: v for k, v in action.items() if k not in ordered})
-    return json.dumps(ordered, separators=(", ", ": "))
 
 
 def _assign_templates(ids: Sequence[str], rng: random.Random) -> dict[str, list[str]]:
@@ -450,157 +380,3 @@ def generate_splits(
             [t for ts in by_split[split].values() for t in ts] + delay_split[split] + fixed_split[split]
         )
     return TaskSplits(out["train"], out["validation"], out["test"], used)
-
-
-# --- scoring ----------------------------------------------------------------------------------------
-
-_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
-
-
-def parse_action(text: str) -> dict[str, Any] | None:
-    """The first JSON object in a model's output, or None when there is none."""
-    text = text.strip()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        match = _JSON_OBJECT.search(text)
-        if match is None:
-            return None
-        try:
-            value = json.loads(match.group(0))
-        except json.JSONDecodeError:
-            return None
-    return value if isinstance(value, dict) else None
-
-
-@dataclass(frozen=True)
-class Score:
-    n: int
-    exact: int
-    valid_json: int
-    field_accuracy: float
-
-    @property
-    def exact_match(self) -> float:
-        return self.exact / self.n if self.n else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "exact": self.exact,
-            "exact_match": round(self.exact_match, 4),
-            "valid_json": self.valid_json,
-            "field_accuracy": round(self.field_accuracy, 4),
-        }
-
-
-def score(predictions: Sequence[str], references: Sequence[str]) -> Score:
-    """Exact match: both parse and are equal (or, when the reference is not JSON, the stripped texts
-    are equal). Field accuracy: per example, matching keys / keys in either, averaged."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    exact = valid = 0
-    fields = 0.0
-    for pred, ref in zip(predictions, references, strict=True):
-        got, want = parse_action(pred), parse_action(ref)
-        if got is not None:
-            valid += 1
-        if want is None:
-            ok = pred.strip() == ref.strip()
-            exact += ok
-            fields += float(ok)
-            continue
-        if got == want:
-            exact += 1
-        keys = set(want) | set(got or {})
-        fields += sum(1 for k in keys if got is not None and k in got and k in want and got[k] == want[k]) / len(keys)
-    n = len(references)
-    return Score(n, exact, valid, fields / n if n else 0.0)
-
-
-# --- user data ----------------------------------------------------------------------------------------
-
-_ROLES = frozenset({"system", "user", "assistant"})
-
-
-def _record(raw: Any, system: str | None) -> Example:
-    if not isinstance(raw, dict):
-        raise ValueError("not a JSON object")
-    if "messages" in raw:
-        msgs = raw["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise ValueError("'messages' must be a non-empty list")
-        clean: list[dict[str, str]] = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] needs string 'role' and 'content'")
-            if m["role"] not in _ROLES:
-                raise ValueError(f"messages[{i}] has unknown role {m['role']!r}")
-            clean.append({"role": m["role"], "content": m["content"]})
-        if clean[-1]["role"] != "assistant":
-            raise ValueError("the last message must be the assistant's answer")
-        if not any(m["role"] == "user" for m in clean):
-            raise ValueError("no user message")
-        if not clean[-1]["content"].strip():
-            raise ValueError("the assistant's answer is empty")
-        return Example(tuple(clean), str(raw.get("template", "")))
-    if "input" in raw and "output" in raw:
-        user, answer = raw["input"], raw["output"]
-        if not isinstance(user, str) or not user.strip():
-            raise ValueError("'input' must be a non-empty string")
-        if isinstance(answer, dict):
-            answer = target_text(answer)
-        if not isinstance(answer, str) or not answer.strip():
-            raise ValueError("'output' must be a non-empty string or a JSON object")
-        return Example.from_pair(user, answer, system=system)
-    raise ValueError("needs 'input' and 'output', or 'messages'")
-
-
-def load_jsonl(path: Path, *, system: str | None = SYSTEM_PROMPT) -> list[Example]:
-    """Read a JSONL file of examples; raises DatasetError listing every bad line (1-based)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no data file at {path}")
-    examples: list[Example] = []
-    problems: list[tuple[int, str]] = []
-    with path.open(encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as exc:
-            raise DatasetError(path, [(0, f"not UTF-8 text ({exc.reason})")]) from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append((number, f"not JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        try:
-            examples.append(_record(raw, system))
-        except ValueError as exc:
-            problems.append((number, str(exc)))
-    if problems:
-        raise DatasetError(path, problems)
-    if not examples:
-        raise DatasetError(path, [(0, "no records")])
-    return examples
-
-
-def write_jsonl(examples: Iterable[Example], path: Path) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def dataset_sha256(examples: Iterable[Example]) -> str:
-    h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps(ex.to_json(), sort_keys=True).encode())
-        h.update(b"\n")
-    return h.hexdigest()

@@ -1,4 +1,4 @@
-"""Olive as a conversion engine (profile engine `olive`): `olive run` in a subprocess.
+"""The `olive` engine: `olive run` in a subprocess.
 
 The workflow is written from the profile: for method `rtn` one `ModelBuilder` pass (int4, the
 profile's options as the model builder's extra options); for method `gptq` Olive's `Gptq` pass
@@ -10,18 +10,7 @@ folder; only the onnxruntime-genai folder is moved into `out`, in the model-buil
 (Olive's own extras, `config.json`, `model_config.json` and `generation_config.json`, are left out).
 
 Olive 0.13 does not run against onnxruntime-genai 0.18 as shipped, so Olive runs through a launcher
-(`python -m slmops_builder.olive_convert <olive args>`) that makes two adjustments, each applied
-only when the installed onnxruntime-genai needs it:
-
-1. `ModelBuilder.maybe_patch_quant` becomes a no-op when `onnxruntime_genai.models.quantized_model`
-   does not exist. Olive imports that module for every onnxruntime-genai >= 0.9 to patch its
-   quantized format in (plus `make_packed_matmul_int4`/`make_embedding`); 0.18 has no such module
-   and reads Olive's format natively (`onnxruntime_genai/models/loaders/olive.py`). Without this:
-   `ModuleNotFoundError: No module named 'onnxruntime_genai.models.quantized_model'`.
-2. `onnxruntime_genai.models.builder.create_model` is wrapped to run `parse_extra_options` first
-   when Olive calls it without (0.18 expects the caller to have loaded the Hugging Face details
-   there). Without this: `Exception: Hugging Face details not found in extra_options. Please call
-   `parse_extra_options` before `create_model`.`
+(`python -m slmops_builder.engines.olive_launcher <olive args>`, see there).
 
 The profile's options go to the model builder through the pass's `extra_options` under their
 0.18 names (`block_size`, `accuracy_level`, ...): the pass's typed `int4_block_size`,
@@ -30,7 +19,6 @@ The profile's options go to the model builder through the pass's `extra_options`
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -40,17 +28,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
-from slmops_builder.convert import CONVERT_LOG, ConversionError, _tail
-from slmops_builder.profiles import GPTQ_OPTIONS, Profile
+from slmops_builder.engines.base import CONVERT_LOG, ConversionError, log_tail
 from slmops_builder.steps import offline_env
 
+if TYPE_CHECKING:
+    from slmops_builder.profiles import Profile
+
 __all__ = [
+    "GPTQ_OPTIONS",
     "LAUNCHER_VERSION",
+    "OLIVE",
     "OLIVE_TOOLS",
+    "OliveEngine",
     "calibration_text",
     "check_disjoint",
     "olive_config",
@@ -63,8 +58,64 @@ LAUNCHER_VERSION = 1
 OLIVE_TOOLS = ("olive-ai", "torch", "datasets")
 # Files Olive writes next to the model that the model builder does not: not part of our layout.
 OLIVE_EXTRAS = frozenset({"config.json", "model_config.json", "generation_config.json"})
+# The options of Olive's Gptq pass (the rest of a profile's options goes to the model builder).
+GPTQ_OPTIONS: Mapping[str, type] = MappingProxyType(
+    {"gptq_sym": bool, "gptq_damp_percent": float, "gptq_samples": int, "gptq_seq_len": int}
+)
+_GPTQ_GROUP_SIZES = (16, 32, 64, 128, 256)
 _GPTQ_DEFAULTS = {"gptq_sym": "false", "gptq_damp_percent": "0.01", "gptq_samples": "128", "gptq_seq_len": "256"}
 _ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception|Exit)|Exception)\b.*:", re.MULTILINE)
+
+
+class OliveEngine:
+    name: str = "olive"
+    # Its ModelBuilder pass quantizes with RTN; its Gptq pass calibrates first.
+    methods: tuple[str, ...] = ("rtn", "gptq")
+    exclusive_methods: tuple[str, ...] = ("gptq",)
+    own_options: frozenset[str] = frozenset(GPTQ_OPTIONS)
+    tools: tuple[str, ...] = OLIVE_TOOLS
+
+    def check_profile(self, profile: Profile) -> None:
+        if (profile.precision, profile.execution_provider, profile.requires) != ("int4", "cpu", "any"):
+            raise ValueError(
+                f"engine olive builds cpu int4 only (requires = 'any'); "
+                f"not {profile.execution_provider} {profile.precision} (requires = {profile.requires!r})"
+            )
+        for key, value in profile.quantization.items():
+            kind = GPTQ_OPTIONS.get(key)
+            if kind is None:
+                if key.startswith("gptq_"):
+                    raise ValueError(f"unknown option {key}; known: {', '.join(GPTQ_OPTIONS)}")
+                continue
+            if profile.method != "gptq":
+                raise ValueError(f"option {key} is for method gptq only")
+            if not _parses(value, kind):
+                raise ValueError(f"option {key} must be a {kind.__name__} (as a string), not {value!r}")
+        block = profile.quantization.get("block_size", "32")
+        if profile.method == "gptq" and (not block.isdigit() or int(block) not in _GPTQ_GROUP_SIZES):
+            raise ValueError("gptq's group size (block_size) must be 16, 32, 64, 128 or 256")
+
+    def key_params(self, model_dir: Path, profile: Profile) -> dict[str, Any]:
+        return olive_key_params(profile)
+
+    def check_source(self, model_dir: Path, profile: Profile) -> None:
+        pass
+
+    def run(self, model_dir: Path, profile: Profile, out: Path, *, threads: int | None, timeout_s: float) -> None:
+        run_olive(model_dir, profile, out, threads=threads, timeout_s=timeout_s)
+
+
+OLIVE = OliveEngine()
+
+
+def _parses(text: str, kind: type) -> bool:
+    if kind is bool:
+        return text in ("true", "false")
+    try:
+        value = kind(text)
+    except ValueError:
+        return False
+    return bool(value > 0) if kind is int else bool(value >= 0)
 
 
 def calibration_text() -> str:
@@ -187,7 +238,7 @@ def run_olive(model_dir: Path, profile: Profile, out: Path, *, threads: int | No
             HF_DATASETS_CACHE=str(work / "hf-datasets"),
             OLIVE_DISABLE_TELEMETRY="1",
         )
-        cmd = [sys.executable, "-m", "slmops_builder.olive_convert", "run", "--config", str(config_path)]
+        cmd = [sys.executable, "-m", "slmops_builder.engines.olive_launcher", "run", "--config", str(config_path)]
         cmd += ["--disable_telemetry"]
         log.write("$ " + " ".join(cmd) + "\n" + json.dumps(config, indent=2) + "\n")
         log.flush()
@@ -196,70 +247,17 @@ def run_olive(model_dir: Path, profile: Profile, out: Path, *, threads: int | No
                 cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False
             )
         except subprocess.TimeoutExpired:
-            raise ConversionError(f"olive took longer than {timeout_s:.0f} s", _tail(log_path)) from None
+            raise ConversionError(f"olive took longer than {timeout_s:.0f} s", log_tail(log_path)) from None
         log.flush()
         result = work / "olive-out"
         if proc.returncode != 0 or not (result / "genai_config.json").is_file():
             why = f"exit {proc.returncode}" if proc.returncode else "no genai_config.json in its output"
             failure = _failure_line(log_path.read_text(errors="replace"))
             raise ConversionError(
-                f"olive failed ({why}) for {profile.name}" + (f": {failure}" if failure else ""), _tail(log_path)
+                f"olive failed ({why}) for {profile.name}" + (f": {failure}" if failure else ""), log_tail(log_path)
             )
         for src in sorted(result.iterdir()):
             if src.name not in OLIVE_EXTRAS and src.name != CONVERT_LOG:
                 shutil.move(str(src), out / src.name)
     if not (out / "genai_config.json").is_file() or not any(out.glob("*.onnx")):
-        raise ConversionError("olive wrote no genai_config.json or .onnx model", _tail(log_path))
-
-
-# --- the launcher: `python -m slmops_builder.olive_convert <olive CLI args>` ------------------------
-
-
-def _adjust_for_genai() -> None:
-    """Make Olive 0.13's ModelBuilder pass work with the installed onnxruntime-genai (module doc)."""
-    from olive.passes.onnx.model_builder import ModelBuilder
-
-    if importlib.util.find_spec("onnxruntime_genai.models.quantized_model") is None:
-        # Such onnxruntime-genai (0.18) reads Olive's quantized format itself (models/loaders/olive.py).
-        ModelBuilder.maybe_patch_quant = staticmethod(lambda: None)
-
-    import onnxruntime_genai.models.builder as mb
-
-    parse = getattr(mb, "parse_extra_options", None)
-    if parse is None or getattr(mb.create_model, "_slmops_wrapped", False):
-        return
-    create = mb.create_model
-
-    @functools.wraps(create)
-    def create_model(
-        model_name: Any,
-        input_path: Any,
-        output_dir: Any,
-        precision: Any,
-        execution_provider: Any,
-        cache_dir: Any,
-        **extra: Any,
-    ) -> Any:
-        if "hf_details" not in extra:
-            items = [f"{k}={v}" for k, v in extra.items()]
-            parsed = parse(model_name, input_path, output_dir, precision, execution_provider, cache_dir, items)
-            # Values Olive passed typed (not strings) and 0.18 left as text go back to their type.
-            for key, value in extra.items():
-                if not isinstance(value, str) and parsed.get(key) == str(value):
-                    parsed[key] = value
-            extra = parsed
-        return create(model_name, input_path, output_dir, precision, execution_provider, cache_dir, **extra)
-
-    create_model._slmops_wrapped = True  # type: ignore[attr-defined]
-    mb.create_model = create_model
-
-
-def _launch(argv: list[str]) -> None:
-    _adjust_for_genai()
-    from olive.cli.launcher import main
-
-    main(argv, called_as_console_script=False)
-
-
-if __name__ == "__main__":
-    _launch(sys.argv[1:])
+        raise ConversionError("olive wrote no genai_config.json or .onnx model", log_tail(log_path))

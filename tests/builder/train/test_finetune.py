@@ -11,14 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from slmops_builder.cli import app
-from slmops_builder.train.finetune import (
-    FinetuneConfig,
-    LoraSettings,
-    ProgressEvent,
-    finetune,
-    latest_checkpoint,
-)
-from slmops_builder.train.tasks import generate_splits, write_jsonl
+from slmops_builder.train.examples import write_jsonl
+from slmops_builder.train.finetune import finetune
+from slmops_builder.train.peft_engine import latest_checkpoint
+from slmops_builder.train.runs import FinetuneConfig, LoraSettings, ProgressEvent
+from slmops_builder.train.tasks import generate_splits
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 

@@ -1,4 +1,4 @@
-"""Olive as a fine-tuning engine: `olive finetune --method lora --torch_dtype float32` in a subprocess.
+"""The Olive fine-tuning engine (`engine == "olive"`): `olive finetune --method lora` in a subprocess.
 
 The examples are rendered with the same text as the PEFT engine (the chat-template prompt, the answer,
 eos) into a JSONL file of {"text": ...} rows that Olive loads with the `json` dataset builder. Olive runs
@@ -23,24 +23,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from slmops_builder.steps import offline_env
-from slmops_builder.train.finetune import (
-    ADAPTER_DIR,
-    FinetuneConfig,
-    FinetuneResult,
-    ProgressEvent,
-    finish_run,
-    load_tokenizer,
-    prompt_text,
-)
-from slmops_builder.train.tasks import Example
+from slmops_builder.train.examples import Example
+from slmops_builder.train.hf_models import load_tokenizer, prompt_text
+from slmops_builder.train.run_output import finish_run
+from slmops_builder.train.runs import ADAPTER_DIR, FinetuneConfig, FinetuneResult, ProgressEvent, ProgressFn
 
 __all__ = [
+    "OLIVE",
     "OLIVE_LORA_DROPOUT",
+    "OliveEngine",
     "OliveEngineError",
     "OliveUnsupported",
     "check_olive",
@@ -225,7 +221,7 @@ def finetune_olive(
     validation: Sequence[Example] = (),
     resume: bool = False,
     merge: bool = False,
-    progress: Callable[[ProgressEvent], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> FinetuneResult:
     """Train a LoRA adapter with `olive finetune` into the PEFT engine's layout (see the module doc)."""
     cfg = config or FinetuneConfig(engine="olive")
@@ -296,3 +292,29 @@ def finetune_olive(
         seconds=time.perf_counter() - t0,
         extra={"olive_command": cmd},
     )
+
+
+class OliveEngine:
+    name = "olive"
+
+    def check(self, config: FinetuneConfig) -> None:
+        pass  # what Olive needs is checked when it starts (check_olive), after the options it refuses
+
+    def train(
+        self,
+        base_model: Path,
+        train: Sequence[Example],
+        out_dir: Path,
+        config: FinetuneConfig,
+        *,
+        validation: Sequence[Example],
+        resume: bool,
+        merge: bool,
+        progress: ProgressFn | None,
+    ) -> FinetuneResult:
+        return finetune_olive(
+            base_model, train, out_dir, config, validation=validation, resume=resume, merge=merge, progress=progress
+        )
+
+
+OLIVE = OliveEngine()

@@ -9,17 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from slmops_builder.cli import app
-from slmops_builder.train.tasks import (
-    SPLITS,
-    TEMPLATES,
-    DatasetError,
-    generate_splits,
-    load_jsonl,
-    number_words,
-    parse_action,
-    score,
-    target_text,
-)
+from slmops_builder.train.actions import parse_action, score, target_text
+from slmops_builder.train.examples import DatasetError, load_jsonl
+from slmops_builder.train.tasks import SPLITS, TEMPLATES, generate_splits, number_words
 
 
 def test_splits_are_disjoint_by_template_and_cover_every_intent() -> None:

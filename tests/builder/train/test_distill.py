@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from slmops_builder.cli import app
 from slmops_builder.importer import folder_sha256
 from slmops_builder.train.distill import DistillConfig, distill, evaluate_models, prune_layers, teacher_outputs
-from slmops_builder.train.tasks import dataset_sha256, generate_splits, write_jsonl
+from slmops_builder.train.examples import dataset_sha256, write_jsonl
+from slmops_builder.train.tasks import generate_splits
 
 
 def test_teacher_outputs_are_cached_scored_and_invalid_ones_counted(trainable_tiny: Path, tmp_path: Path) -> None:

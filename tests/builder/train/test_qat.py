@@ -17,8 +17,9 @@ from slmops_builder.convert import convert
 from slmops_builder.profiles import get_profile
 from slmops_builder.train.adapters import _dequantize_nbits
 from slmops_builder.train.distill import DistillConfig, distill
+from slmops_builder.train.examples import write_jsonl
 from slmops_builder.train.qat import QuantAwareWeights, int4_rtn
-from slmops_builder.train.tasks import generate_splits, write_jsonl
+from slmops_builder.train.tasks import generate_splits
 
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul_Q4$")
 

@@ -17,9 +17,10 @@ from slmops_builder.cli import app
 from slmops_builder.convert import convert
 from slmops_builder.profiles import get_profile
 from slmops_builder.train.distill import DistillConfig, distill
-from slmops_builder.train.finetune import load_causal_lm, load_tokenizer, prompt_text
+from slmops_builder.train.examples import write_jsonl
 from slmops_builder.train.generation import OrtGenerator
-from slmops_builder.train.tasks import generate_splits, write_jsonl
+from slmops_builder.train.hf_models import load_causal_lm, load_tokenizer, prompt_text
+from slmops_builder.train.tasks import generate_splits
 from slmops_builder.train.vocab import VOCAB_FILE, read_kept_ids, trim_vocab
 
 UNSEEN = "Zebras quickly vault over 7 jumbled xylophones!"

@@ -22,7 +22,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @pytest.fixture(scope="session")
 def lora_settings() -> object:
     """The LoRA settings of `fixed_adapters` (rank 4, attention and MLP)."""
-    from slmops_builder.train.finetune import LoraSettings
+    from slmops_builder.train.runs import LoraSettings
 
     return LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=LORA_TARGETS)
 
@@ -46,8 +46,10 @@ def trainable_tiny(tiny_hf_model: Path, tmp_path_factory: pytest.TempPathFactory
 def fixed_adapters(
     trainable_tiny: Path, lora_settings: object, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, object]:
-    from slmops_builder.train.finetune import FinetuneConfig, LoraSettings, finetune
-    from slmops_builder.train.tasks import Example, generate_splits
+    from slmops_builder.train.examples import Example
+    from slmops_builder.train.finetune import finetune
+    from slmops_builder.train.runs import FinetuneConfig, LoraSettings
+    from slmops_builder.train.tasks import generate_splits
 
     inputs = [e.input for e in generate_splits(16, 0, 0, seed=3).train]
     assert isinstance(lora_settings, LoraSettings)

@@ -1,5 +1,6 @@
 """Training lineage: a trained HF folder's slmops_training.json survives the import and becomes the
-packages' Lineage.teacher and Lineage.dataset_sha256 (both in `slmops builder build` and in recipes)."""
+packages' Lineage.teacher and Lineage.dataset_sha256 (`package_lineage`, which both `slmops builder build` and
+recipes call)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from slmops_builder import recipe as recipe_mod
-from slmops_builder.build import _lineage
+from slmops_builder import recipe_run
 from slmops_builder.importer import (
     TRAINING_FILE,
     ModelImportError,
     import_model,
     read_source_info,
 )
+from slmops_builder.lineage import package_lineage
 from slmops_builder.profiles import get_profile
 
 TEACHER_SHA = hashlib.sha256(b"teacher").hexdigest()
@@ -78,16 +79,18 @@ def test_a_malformed_training_record_is_refused_naming_the_file(
 
 
 def test_build_lineage_carries_teacher_and_data_hashes(imported: Path, tiny_hf_model: Path, tmp_path: Path) -> None:
-    lineage = _lineage(imported, get_profile("cpu-int4"), {}, "convert-key")
+    lineage = package_lineage(imported, get_profile("cpu-int4"), recipe_sha256="")
     assert lineage.teacher == RECORD["teacher"]
     assert list(lineage.dataset_sha256) == DATA_SHA
     assert lineage.base_model.endswith("trained") and len(lineage.base_model_sha256) == 64
     # a trained folder built without an import: its own record
     finetuned = {"kind": "finetune", "base_model": "/b", "dataset_sha256": DATA_SHA[:1]}
-    direct = _lineage(_trained_folder(tiny_hf_model, tmp_path / "d", finetuned), get_profile("cpu-int4"), {}, "k")
+    direct = package_lineage(
+        _trained_folder(tiny_hf_model, tmp_path / "d", finetuned), get_profile("cpu-int4"), recipe_sha256=""
+    )
     assert (direct.teacher, list(direct.dataset_sha256)) == ("", DATA_SHA[:1])
     # a model that was not trained: nothing
-    plain = _lineage(tiny_hf_model, get_profile("cpu-int4"), {}, "k")
+    plain = package_lineage(tiny_hf_model, get_profile("cpu-int4"), recipe_sha256="")
     assert (plain.teacher, list(plain.dataset_sha256)) == ("", [])
 
 
@@ -98,13 +101,32 @@ def test_recipe_package_lineage_carries_teacher_and_data_hashes(
     cache_entry.mkdir()
     imported.rename(cache_entry / "model")  # the recipe's import step output: <entry>/model
     specs: list[Any] = []
-    monkeypatch.setattr(recipe_mod, "write_package", lambda staged, spec, key, out: specs.append(spec))
+    monkeypatch.setattr(recipe_run, "write_package", lambda staged, spec, key, out: specs.append(spec))
     loaded = SimpleNamespace(
         recipe=SimpleNamespace(name="tiny", version="1.0.0", parent_package=""), source="x", sha256="0" * 64
     )
-    variant = recipe_mod.VariantResult("cpu-int4", "onnxruntime-genai", "rtn", {}, [], size_bytes=1)
-    recipe_mod._package(loaded, variant, tmp_path, [], None, tmp_path / "out", cache_entry)  # type: ignore[arg-type]
+    variant = recipe_run.VariantResult("cpu-int4", "onnxruntime-genai", "rtn", {}, [], size_bytes=1)
+    recipe_run._package(loaded, variant, tmp_path, [], None, tmp_path / "out", cache_entry)  # type: ignore[arg-type]
     (spec,) = specs
     assert spec.lineage.teacher == RECORD["teacher"]
     assert list(spec.lineage.dataset_sha256) == DATA_SHA
     assert spec.lineage.recipe_sha256 == "0" * 64
+
+
+def test_both_paths_record_the_engine_s_tools(imported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`slmops builder build` and a recipe write the same lineage: the olive engine's tools included."""
+    olive = get_profile("cpu-int4-olive")
+    built = package_lineage(imported, olive, recipe_sha256="1" * 64)
+    cache_entry = tmp_path / "entry"
+    cache_entry.mkdir()
+    imported.rename(cache_entry / "model")
+    specs: list[Any] = []
+    monkeypatch.setattr(recipe_run, "write_package", lambda staged, spec, key, out: specs.append(spec))
+    loaded = SimpleNamespace(
+        recipe=SimpleNamespace(name="tiny", version="1.0.0", parent_package=""), source="x", sha256="1" * 64
+    )
+    variant = recipe_run.VariantResult(olive.name, olive.engine, olive.quantization_method, {}, [], size_bytes=1)
+    recipe_run._package(loaded, variant, tmp_path, [], None, tmp_path / "out", cache_entry)  # type: ignore[arg-type]
+    (spec,) = specs
+    assert "olive-ai" in built.tool_versions and "onnxruntime-genai" in built.tool_versions
+    assert spec.lineage == built

@@ -23,8 +23,9 @@ from slmops_builder.train.adapters import (
     package_adapter,
     package_adapter_base,
 )
-from slmops_builder.train.finetune import LoraSettings, load_causal_lm, load_tokenizer, prompt_text
 from slmops_builder.train.generation import OrtGenerator, generate_hf
+from slmops_builder.train.hf_models import load_causal_lm, load_tokenizer, prompt_text
+from slmops_builder.train.runs import LoraSettings
 from slmops_builder.train.tasks import generate_splits
 
 

@@ -14,9 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from slmops_builder.cli import app
-from slmops_builder.train.finetune import FinetuneConfig, LoraSettings, finetune
-from slmops_builder.train.olive import OliveEngineError, OliveUnsupported, olive_command, olive_refusals
-from slmops_builder.train.tasks import Example, generate_splits, write_jsonl
+from slmops_builder.train.examples import Example, write_jsonl
+from slmops_builder.train.finetune import finetune
+from slmops_builder.train.olive_engine import OliveEngineError, OliveUnsupported, olive_command, olive_refusals
+from slmops_builder.train.runs import FinetuneConfig, LoraSettings
+from slmops_builder.train.tasks import generate_splits
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
 
@@ -94,7 +96,7 @@ def test_olive_failure_shows_its_output_and_leaves_no_adapter(
     trainable_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real `olive finetune` failure: LoRA targets the model lacks."""
-    monkeypatch.setattr("slmops_builder.train.olive.check_olive", lambda: None)
+    monkeypatch.setattr("slmops_builder.train.olive_engine.check_olive", lambda: None)
     train = [Example.from_pair(e.input, e.output) for e in generate_splits(16, 0, 0, seed=3).train]
     bad = LoraSettings(r=4, alpha=8, target_modules=("no_such_proj",))
     cfg = FinetuneConfig(engine="olive", lora=bad, max_steps=2, max_length=64, threads=1)

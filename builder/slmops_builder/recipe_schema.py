@@ -1,0 +1,243 @@
+"""A build recipe's schema: one TOML file -> a signed, evaluated, gated package per hardware profile.
+
+A recipe (unknown keys are refused, with the key named):
+
+    name = "smollm2-135m-instruct"       # package name
+    version = "1.0.0"                    # semantic version
+    model = "smollm2"                    # "smollm2" (bundled), a .gguf file or an HF folder
+    profiles = ["cpu-int4", "cpu-int8", "cpu-fp32"]
+    fallback = ["cpu-int4", "cpu-int8", "cpu-fp32"]   # optional: package only the first that passes
+    output = "dist/smollm2"              # replaced by each build; relative paths: to the recipe file
+    parent_package = ""                  # optional: the package id this release follows
+
+    [search]                             # optional generation defaults written into genai_config.json
+    temperature = 0.7
+
+    [evaluation]                         # every key optional
+    heldout = "heldout.txt"              # text for perplexity [default: the builder's bundled prose]
+    golden_prompts = ["What is the capital of France?"]
+    golden_max_new_tokens = 24
+    tasks = "tasks.jsonl"                # {"input": ..., "output": ...} per line: exact-match accuracy
+    max_tokens = 1024                    # perplexity: tokens scored, window per generator
+    window = 512
+    threads = 2
+
+    [gates]                              # every gate optional; see slmops_builder.gates
+    reference = "cpu-fp32"               # ratios are relative to it [default: cpu-fp32 if in profiles]
+    max_ppl_ratio = 1.05
+    min_decode_tps = 100
+
+The plan (`slmops_builder.recipe_plan`) and the build (`slmops_builder.recipe_run`) take the
+`LoadedRecipe` that `load_recipe` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slmops_builder.build import check_name_version
+from slmops_builder.convert import validate_search
+from slmops_builder.evaluate import TaskExample, heldout_text, load_tasks
+from slmops_builder.gates import Gates
+from slmops_builder.importer import BUNDLED_SOURCES
+from slmops_builder.profiles import get_profile
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["EvaluationConfig", "LoadedRecipe", "Recipe", "RecipeError", "load_recipe"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be built: the message names the file and the key."""
+
+
+class EvaluationConfig(BaseModel):
+    """The `[evaluation]` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heldout: Path | None = None
+    golden_prompts: list[str] = Field(default_factory=lambda: ["What is the capital of France?"], min_length=1)
+    golden_max_new_tokens: int = Field(default=24, ge=1, le=4096)
+    tasks: Path | None = None
+    max_tokens: int = Field(default=1024, ge=2)
+    window: int = Field(default=512, ge=2)
+    threads: int | None = Field(default=None, ge=1, le=256)
+
+
+class Recipe(BaseModel):
+    """A build recipe (see the module doc)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    model: str = "smollm2"
+    profiles: list[str] = Field(default_factory=list)
+    fallback: list[str] = Field(default_factory=list)
+    output: Path = Path("dist")
+    parent_package: str = ""
+    search: dict[str, bool | int | float] = Field(default_factory=dict)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    gates: Gates = Field(default_factory=Gates)
+
+    @field_validator("profiles", "fallback")
+    @classmethod
+    def _known_profiles(cls, names: list[str]) -> list[str]:
+        for n in names:
+            get_profile(n)  # UnknownProfileError (a ValueError) lists the known names
+        if len(set(names)) != len(names):
+            raise ValueError("a profile is listed twice")
+        return names
+
+    @field_validator("parent_package")
+    @classmethod
+    def _package_id(cls, value: str) -> str:
+        if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+            raise ValueError("must be a package id (64 lowercase hex digits)")
+        return value
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return validate_search(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        check_name_version(self.name, self.version)
+        if not self.profiles and not self.fallback:
+            raise ValueError("no profiles: set 'profiles' (or 'fallback')")
+        missing = [p for p in self.fallback if self.profiles and p not in self.profiles]
+        if missing:
+            raise ValueError(f"fallback profile(s) {missing} are not in profiles")
+        if self.gates.reference is not None:
+            get_profile(self.gates.reference)
+        if self.gates.needs_reference() and self.reference is None:
+            gate = next(g for g in ("max_ppl_ratio", "max_size_ratio") if getattr(self.gates, g) is not None)
+            raise ValueError(
+                f"gates.{gate} needs a reference variant: add 'cpu-fp32' to profiles or set gates.reference"
+            )
+        if self.gates.min_task_accuracy is not None and self.evaluation.tasks is None:
+            raise ValueError("gates.min_task_accuracy needs a task set: set evaluation.tasks")
+        return self
+
+    @property
+    def variants(self) -> list[str]:
+        """The profiles to package, in order (`profiles`, else `fallback`)."""
+        return list(self.profiles or self.fallback)
+
+    @property
+    def reference(self) -> str | None:
+        """The variant ratios are relative to: `gates.reference`, else cpu-fp32 when built."""
+        if self.gates.reference is not None:
+            return self.gates.reference
+        return "cpu-fp32" if "cpu-fp32" in self.variants else None
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe with its paths resolved and its data read."""
+
+    path: Path
+    sha256: str  # of the recipe file's bytes
+    recipe: Recipe
+    source: str | Path  # "smollm2" or a path
+    output: Path
+    heldout: str
+    heldout_name: str
+    tasks: tuple[TaskExample, ...]
+
+    @property
+    def variants(self) -> list[str]:
+        """Everything converted and evaluated: the recipe's variants plus the reference."""
+        names = self.recipe.variants
+        ref = self.recipe.reference
+        return names + ([ref] if ref and ref not in names else [])
+
+
+def load_recipe(path: Path) -> LoadedRecipe:
+    """Read and validate a recipe; resolve its paths against its folder; read its data files."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except OSError as exc:
+        raise RecipeError(f"recipe {path} cannot be read: {exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: {_describe(exc)}") from None
+    base = path.parent
+    source: str | Path
+    if recipe.model in BUNDLED_SOURCES:
+        source = recipe.model
+    else:
+        source = (base / recipe.model).expanduser().resolve()
+        if not source.exists():
+            raise RecipeError(f"{path}: model: {source} not found")
+    from_gguf = isinstance(source, str) or source.suffix.lower() == ".gguf"
+    needs_gguf = [n for n in recipe.variants if get_profile(n).requires == "gguf-4bit"]
+    if needs_gguf and not from_gguf:
+        raise RecipeError(f"{path}: profiles: {', '.join(needs_gguf)} need a GGUF model source, not {source}")
+    ev = recipe.evaluation
+    if ev.heldout is not None:
+        held = base / ev.heldout
+        try:
+            text = held.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: evaluation.heldout: {held} not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"{path}: evaluation.heldout: {held} cannot be read as UTF-8 text: {exc}") from None
+        held_name = str(held)
+    else:
+        text, held_name = heldout_text(), "slmops_builder/data/heldout.txt"
+    tasks: list[TaskExample] = []
+    if ev.tasks is not None:
+        try:
+            tasks = load_tasks(base / ev.tasks)
+        except (FileNotFoundError, ValueError) as exc:
+            raise RecipeError(f"{path}: evaluation.tasks: {exc}") from None
+    return LoadedRecipe(
+        path=path,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        recipe=recipe,
+        source=source,
+        output=base / recipe.output,
+        heldout=text,
+        heldout_name=held_name,
+        tasks=tuple(tasks),
+    )
+
+
+def _describe(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r} (known: {', '.join(_known_keys(err['loc']))})"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _known_keys(loc: Sequence[int | str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        info = model.model_fields.get(str(part))
+        ann = info.annotation if info else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+    return sorted(model.model_fields)
