@@ -378,3 +378,11 @@ class PacedHost(ModelHost):
         future = super().submit(req, cancel=cancel, on_text=paced, on_start=on_start)
         self.futures.append(future)
         return future
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `check` every 5 ms until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)

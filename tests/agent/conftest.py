@@ -1,6 +1,7 @@
 """Agent-only fixtures: test settings, the tiny packages (v1, v2 differing only in genai_config.json,
 one signed by an untrusted key), a paho client playing the fleet on the machine's Mosquitto
-(127.0.0.1:1883, a unique topic root per test), and a private Mosquitto tests may stop and start."""
+(127.0.0.1:1883, a unique topic root per test), a private Mosquitto tests may stop and start, the tiny
+model loaded once per run (`model`) and the update rig (`rig`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import FleetSim, agent_settings, spec
+from agent_helpers import FleetSim, agent_settings, load_unpacked, spec
+from update_rig import Rig
 
+from slmops_agent.runtime.model import LoadedModel
 from slmops_agent.settings import AgentSettings
 from slmops_testing.brokers import MosquittoBroker, start_mosquitto
 
@@ -65,6 +68,24 @@ def other_key_pkg(tiny_hf_model: Path, tmp_path_factory: pytest.TempPathFactory)
         key,
         base / "package",
     ).path
+
+
+@pytest.fixture(scope="session")
+def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The tiny v1 package unpacked and loaded once for the whole run (hosts swap it in; none closes it)."""
+    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
+
+
+@pytest.fixture
+def rig(tmp_path: Path, trusted_hex: str) -> Iterator[Rig]:
+    """An updater with its own state folder and model host, started; stopped and closed afterwards."""
+    r = Rig(tmp_path / "state", trusted_hex)
+    r.updater.start()
+    try:
+        yield r
+    finally:
+        r.updater.stop()
+        r.host.close()
 
 
 @pytest.fixture

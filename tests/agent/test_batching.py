@@ -8,14 +8,13 @@ queue's one turn (`queue.turn`) while the streams arrive, then let go."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from agent_helpers import PacedHost, ServerThread, load_unpacked, serving
+from agent_helpers import PacedHost, ServerThread, load_unpacked, serving, wait_until
 from test_metrics import HttpThread, scrape
 
 from slmops_agent.runtime.model import LoadedModel, ModelInfo
@@ -24,11 +23,6 @@ from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 TOKENS = 16
 PROMPTS = ("Hello world.", "The capital of France is", "Small language models", "one two three four")
-
-
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 @pytest.fixture
@@ -64,13 +58,6 @@ def collect(
 ) -> tuple[str, agent_pb2.GenerateResponse]:
     chunks = list(stub.Generate(req, timeout=60))
     return "".join(c.text for c in chunks), chunks[-1]
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 class Streams:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from agent_helpers import ServerThread
-from test_update_machine import Rig, install
+from update_rig import Rig, install
 
 from slmops_agent.runtime.model import ModelInfo
 from slmops_agent.runtime.requests import GenerationRequest
@@ -21,17 +20,6 @@ from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 from slmops_protos.states import UpdateState
 
 TOKENS = 12
-
-
-@pytest.fixture
-def rig(tmp_path: Path, trusted_hex: str) -> Iterator[Rig]:
-    r = Rig(tmp_path / "state", trusted_hex)
-    r.updater.start()
-    try:
-        yield r
-    finally:
-        r.updater.stop()
-        r.host.close()
 
 
 def hold_old_streams(rig: Rig, release: threading.Event) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from agent_helpers import AgentThread, ServerThread, agent_settings, load_unpacked
+from agent_helpers import AgentThread, ServerThread, agent_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from slmops_agent.httpapi import HttpServer
@@ -32,11 +32,6 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 class HttpThread:

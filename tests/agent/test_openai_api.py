@@ -15,17 +15,12 @@ import grpc
 import httpx
 import openai
 import pytest
-from agent_helpers import PacedHost, ServerThread, load_unpacked
+from agent_helpers import PacedHost, ServerThread
 
 from slmops_agent.httpapi import HttpServer
 from slmops_agent.runtime.model import LoadedModel
 from slmops_agent.runtime.requests import Limits
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
-
-
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 class Stack:

@@ -16,7 +16,7 @@ import grpc
 import httpx
 import openai
 import pytest
-from agent_helpers import ServerThread, agent_settings, load_unpacked
+from agent_helpers import ServerThread, agent_settings
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -73,11 +73,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def tls(certs: tuple[Path, Path]) -> TlsFiles:
     return TlsFiles.load(*certs)
-
-
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 @pytest.fixture

@@ -18,11 +18,6 @@ from slmops_agent.runtime.requests import FinishReason, GenerationRequest, Limit
 LIMITS = Limits(default_max_new_tokens=12, max_new_tokens_limit=200)
 
 
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
-
-
 def test_chat_generation_streams_pieces_that_make_the_text(model: LoadedModel) -> None:
     pieces: list[str] = []
     result = model.generate(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent_helpers import PacedHost, ServerThread, load_unpacked
+from agent_helpers import PacedHost, ServerThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -19,11 +19,6 @@ from slmops_agent.runtime.model import LoadedModel
 from slmops_agent.runtime.requests import Limits
 from slmops_agent.server import SERVICE_NAME, AgentServer
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
-
-
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 @pytest.fixture

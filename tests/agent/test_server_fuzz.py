@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-from agent_helpers import load_unpacked, serving
+from agent_helpers import serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -69,11 +68,6 @@ def requests(draw: st.DrawFn) -> agent_pb2.GenerateRequest:
     versions = st.sampled_from(["", "", "", "1.0.0", "ab" * 32, "9.9.9"])
     req.model_version = draw(versions if tame else versions | SHORT)
     return req
-
-
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import grpc
 import psutil
 import pytest
-from agent_helpers import PacedHost, ServerThread, load_unpacked, serving
+from agent_helpers import PacedHost, ServerThread, serving, wait_until
 
 from slmops_agent.runtime.model import LoadedModel
 from slmops_agent.runtime.requests import FinishReason, Limits
@@ -23,11 +22,6 @@ from slmops_agent.server import RETRY_AFTER_KEY
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 BOUND = 16
-
-
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 @pytest.fixture
@@ -46,13 +40,6 @@ def served(host: PacedHost) -> Iterator[ServerThread]:
 
 def prompt(max_new_tokens: int) -> agent_pb2.GenerateRequest:
     return agent_pb2.GenerateRequest(prompt="Hello", max_new_tokens=max_new_tokens)
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def test_64_streams_against_a_bound_of_16(served: ServerThread, host: PacedHost) -> None:

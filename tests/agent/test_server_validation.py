@@ -4,11 +4,10 @@ bad requests and the status code and words each gets, on both the streaming and 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-from agent_helpers import ServerThread, load_unpacked, serving
+from agent_helpers import ServerThread, serving
 
 from slmops_agent.runtime.host import ModelHost
 from slmops_agent.runtime.model import LoadedModel
@@ -16,11 +15,6 @@ from slmops_agent.runtime.requests import Limits
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
 LIMITS = Limits(default_max_new_tokens=8, max_new_tokens_limit=100, max_prompt_chars=20_000)
-
-
-@pytest.fixture(scope="module")
-def model(pkg_v1: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_unpacked(pkg_v1, tmp_path_factory.mktemp("unpacked"))
 
 
 @pytest.fixture(scope="module")
