@@ -513,12 +513,6 @@ class EmbeddedBroker:
         self._backlog_at = now
         return self._backlog
 
-    @property
-    def connected_clients(self) -> list[str]:
-        if self._broker is None:
-            return []
-        return sorted(cid for cid, (s, _) in self._broker.sessions.items() if s.transitions.is_connected())
-
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()

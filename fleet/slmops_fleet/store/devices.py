@@ -140,45 +140,6 @@ class DeviceQueries(Database):
 
     # --- devices ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _device_record(row: DeviceRow, desired: DesiredStateRow | None) -> DeviceRecord:
-        return DeviceRecord(
-            id=row.id,
-            name=row.name,
-            public_key=row.public_key,
-            inventory=dict(row.inventory or {}),
-            created_at=row.created_at,
-            last_seen=row.last_seen,
-            state=row.state,
-            reported_generation=row.reported_generation or 0,
-            target_package_id=row.target_package_id,
-            active_package_id=row.active_package_id,
-            active_version=row.active_version,
-            active_slot=row.active_slot,
-            reason=row.reason,
-            bytes_needed=row.bytes_needed or 0,
-            bytes_received=row.bytes_received or 0,
-            reported_at=row.reported_at,
-            telemetry_dropped_total=row.telemetry_dropped_total or 0,
-            desired_generation=desired.generation if desired else 0,
-            desired_package_id=desired.package_id if desired else None,
-            tags=list(row.tags or []),
-        )
-
-    def _latest_desired(self, s: Session, device_ids: Sequence[str] | None = None) -> dict[str, DesiredStateRow]:
-        latest = select(DesiredStateRow.device_id, func.max(DesiredStateRow.generation).label("g")).group_by(
-            DesiredStateRow.device_id
-        )
-        if device_ids is not None:
-            latest = latest.where(DesiredStateRow.device_id.in_(device_ids))
-        sub = latest.subquery()
-        rows = s.scalars(
-            select(DesiredStateRow).join(
-                sub, (DesiredStateRow.device_id == sub.c.device_id) & (DesiredStateRow.generation == sub.c.g)
-            )
-        ).all()
-        return {r.device_id: r for r in rows}
-
     def list_devices(self) -> list[DeviceRecord]:
         with self.session() as s:
             rows = s.scalars(select(DeviceRow).order_by(DeviceRow.created_at, DeviceRow.id)).all()
@@ -214,11 +175,3 @@ class DeviceQueries(Database):
     def device_password_hashes(self) -> dict[str, str]:
         with self.session() as s:
             return {r.id: r.mqtt_password_hash for r in s.execute(select(DeviceRow.id, DeviceRow.mqtt_password_hash))}
-
-    def device_password_hash(self, device_id: str) -> str | None:
-        with self.session() as s:
-            return s.scalar(select(DeviceRow.mqtt_password_hash).where(DeviceRow.id == device_id))
-
-    def device_exists(self, device_id: str) -> bool:
-        with self.session() as s:
-            return s.scalar(select(func.count()).select_from(DeviceRow).where(DeviceRow.id == device_id)) == 1
