@@ -21,7 +21,7 @@ from slmops_agent.runtime.requests import FinishReason, GenerationResult
 from slmops_agent.server import AgentStatus
 from slmops_agent.telemetry import Sample
 from slmops_agent.update.messages import BlobWant, Report
-from slmops_agent.update_record import TestSummary
+from slmops_agent.update_record import TestSummary as SmokeSummary  # not a test class for pytest
 from slmops_protos.agent.v1 import agent_pb2
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.states import UpdateState
@@ -56,7 +56,7 @@ def test_chunks_and_blob_requests() -> None:
 
 
 def test_a_report_carries_its_state_test_and_inventory() -> None:
-    test = TestSummary(ran=True, passed=True, prompts=2, judged=1, matched=1, seconds=0.5, adapter="a")
+    test = SmokeSummary(ran=True, passed=True, prompts=2, judged=1, matched=1, seconds=0.5, adapter="a")
     report = Report(UpdateState.COMMITTED, 5, "t", "p", "1.0", "b", test=test)
     msg = report_to_pb(report, "d1", fleet_pb2.Inventory(os="linux"))
     assert msg.state == fleet_pb2.COMMITTED and (msg.device_id, msg.generation, msg.active_slot) == ("d1", 5, "b")
