@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -112,6 +113,13 @@ class SimDevice:
 
     def close(self) -> None:
         self.client.disconnect()
+        self.client.loop_stop()
+
+    def drop(self) -> None:
+        """Lose the connection without a DISCONNECT (a crash or a cut cable): the broker publishes the will."""
+        sock = self.client.socket()
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
         self.client.loop_stop()
 
     def _on_connect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -315,3 +323,61 @@ def check_device_isolation(
     finally:
         dev_a.close()
         watcher.close()
+
+
+def check_hostile_wills(
+    host: str,
+    port: int,
+    topics: Topics,
+    a: dict[str, Any],
+    b: dict[str, Any],
+    observer: tuple[str, str],
+    *,
+    refused: bool,
+) -> None:
+    """Device A connects with a will on device B's topics (retained and not), then drops its connection
+    without a DISCONNECT: nothing may reach B's topics, live or retained. `refused`: the broker refuses
+    such a CONNECT outright (the embedded broker); otherwise it may accept it but must not deliver the
+    will (Mosquitto checks a will against the ACL when it publishes it)."""
+    a_id, b_id = a["device_id"], b["device_id"]
+    marker = b"will-" + os.urandom(6)
+    wills = [
+        (topics.reported(b_id), False),
+        (topics.reported(b_id), True),
+        (topics.desired(b_id), True),  # a retained desired state with a huge generation would pin B
+        (topics.telemetry(b_id), False),
+    ]
+    watcher = SimDevice(host, port, username=observer[0], password=observer[1],
+                        client_id="will-watch-" + os.urandom(3).hex(), topic_root=topics.root)  # fmt: skip
+    try:
+        assert not watcher.connect().is_failure
+        assert watcher.subscribe(f"{topics.root}/#")
+        for topic, retain in wills:
+            probe = SimDevice.enrolled(a, client_id=a_id)
+            probe.client.will_set(topic, marker + topic.encode(), qos=1, retain=retain)
+            try:
+                connack = probe.connect()
+                if refused:
+                    assert connack.is_failure, f"a will on {topic!r} (retain={retain}) was accepted"
+                elif not connack.is_failure:
+                    probe.drop()
+            finally:
+                probe.client.loop_stop()
+        time.sleep(1.0)
+        with watcher._cond:
+            live = [m.topic for m in watcher.received if m.payload.startswith(marker)]
+        assert not live, f"A's will reached {live}"
+    finally:
+        watcher.close()
+    # Nothing retained either: a fresh subscriber to B's topics gets no will.
+    late = SimDevice(host, port, username=observer[0], password=observer[1],
+                     client_id="will-late-" + os.urandom(3).hex(), topic_root=topics.root)  # fmt: skip
+    try:
+        assert not late.connect().is_failure
+        assert late.subscribe(f"{topics.root}/devices/{b_id}/#")
+        time.sleep(1.0)
+        with late._cond:
+            kept = [m.topic for m in late.received if m.payload.startswith(marker)]
+        assert not kept, f"A's will was retained on {kept}"
+    finally:
+        late.close()

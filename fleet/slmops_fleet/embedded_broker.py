@@ -8,6 +8,8 @@ message) that consult the live `CredentialRegistry`:
 - it may publish only `Topics.device_publish_acl(id)` and subscribe only to filters that
   `Topics.device_subscribe_acl(id)` covers;
 - the fleet's own internal user may do anything;
+- a device's will (CONNECT) is refused unless it is on one of its own publish topics, not retained,
+  at QoS 0 or 1 (amqtt publishes a will without the topic check);
 - anonymous clients are refused.
 
 Nothing may depend on amqtt's queue for offline clients (it loses binary messages after a
@@ -129,6 +131,20 @@ class CredentialRegistry:
         if not username or username not in self:
             return False
         return topic in self.topics.device_publish_acl(username)
+
+    def will_refused(self, username: str | None, *, topic: str | None, retain: bool, qos: int) -> str:
+        """Why a CONNECT's will is refused ("" when it is allowed). amqtt publishes a will (and keeps it
+        when retained) without asking the topic plugin, so a device's will is checked here: none, or
+        one on its own publish topics, never retained, at QoS 0 or 1."""
+        if topic is None or username == self.fleet_username:
+            return ""
+        if retain:
+            return f"a retained will (on {topic!r})"
+        if qos > 1:
+            return f"a will at QoS {qos}"
+        if not self.may_publish(username, topic):
+            return f"a will on {topic!r}, outside its publish ACL"
+        return ""
 
     def may_subscribe(self, username: str | None, topic_filter: str) -> bool:
         if username == self.fleet_username:
@@ -481,6 +497,17 @@ class EmbeddedBroker:
             return True, None  # amqtt refuses it with "unacceptable protocol version" before touching any session
         if self.registry.authenticate(connect.username, connect.password, connect.client_id) is None:
             log.info("MQTT connection refused for user %r (client %r)", connect.username, connect.client_id)
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(out)
+            await out.close()
+            return False, None
+        refused = self.registry.will_refused(
+            connect.username,
+            topic=connect.will_topic if connect.will_flag else None,
+            retain=connect.will_retain_flag,
+            qos=connect.will_qos,
+        )
+        if refused:
+            log.warning("MQTT connection refused for %r: %s", connect.username, refused)
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(out)
             await out.close()
             return False, None

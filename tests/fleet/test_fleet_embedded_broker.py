@@ -16,7 +16,7 @@ from slmops_fleet.embedded_broker import filter_covered
 from slmops_protos.topics import Topics
 from slmops_testing.fleet_api import enroll_two_and_roll_out
 from slmops_testing.packages import random_bytes
-from slmops_testing.simulated_devices import SimDevice, check_device_isolation
+from slmops_testing.simulated_devices import SimDevice, check_device_isolation, check_hostile_wills
 
 
 def test_filter_coverage() -> None:
@@ -41,6 +41,29 @@ def test_embedded_broker_isolates_devices(fleet: Any, fleet_package: Callable[..
         b,
         (registry.fleet_username, registry.fleet_password),
     )
+
+
+def test_embedded_broker_refuses_a_will_outside_the_devices_acl(fleet: Any, fleet_package: Callable[..., Path]) -> None:
+    """amqtt publishes (and retains) a CONNECT's will without asking the topic plugin: the broker checks it
+    at CONNECT. A will on another device's topics, retained or not, is refused and reaches no one; on the
+    device's own publish topics a will is allowed, but not a retained one."""
+    a, b = enroll_two_and_roll_out(fleet, fleet_package({"m.bin": random_bytes(1000, 5)}))
+    registry = fleet.server.registry
+    topics = Topics(fleet.settings.topic_root)
+    observer = (registry.fleet_username, registry.fleet_password)
+    with httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}) as admin:
+        before = admin.get(f"/v1/devices/{b['device_id']}").json()
+    check_hostile_wills("127.0.0.1", fleet.info.mqtt.port, topics, a, b, observer, refused=True)
+    for retain, qos, accepted in ((True, 1, False), (False, 2, False), (False, 1, True)):
+        dev = SimDevice.enrolled(a)
+        dev.client.will_set(topics.reported(a["device_id"]), b"gone", qos=qos, retain=retain)
+        try:
+            assert dev.connect().is_failure is not accepted, f"own-topic will retain={retain} qos={qos}"
+        finally:
+            dev.close()
+    with httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}) as admin:
+        after = admin.get(f"/v1/devices/{b['device_id']}").json()
+    assert (after["state"], after["reported_generation"]) == (before["state"], before["reported_generation"])
 
 
 def test_embedded_broker_refuses_before_touching_sessions(fleet: Any, fleet_package: Callable[..., Path]) -> None:

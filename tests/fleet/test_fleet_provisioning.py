@@ -18,7 +18,7 @@ from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.topics import Topics
 from slmops_testing.fleet_api import enroll_two_and_roll_out
 from slmops_testing.packages import random_bytes
-from slmops_testing.simulated_devices import SimDevice, check_device_isolation
+from slmops_testing.simulated_devices import SimDevice, check_device_isolation, check_hostile_wills
 
 
 @pytest.mark.mosquitto
@@ -39,6 +39,15 @@ def test_mosquitto_dynsec_isolates_devices(
             a,
             b,
             (mosquitto_broker.admin_username, mosquitto_broker.admin_password),
+        )
+        check_hostile_wills(
+            mosquitto_broker.host,
+            mosquitto_broker.port,
+            Topics(settings.topic_root),
+            a,
+            b,
+            (mosquitto_broker.admin_username, mosquitto_broker.admin_password),
+            refused=False,
         )
 
 
