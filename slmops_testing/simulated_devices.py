@@ -118,7 +118,7 @@ class SimDevice:
     def drop(self) -> None:
         """Lose the connection without a DISCONNECT (a crash or a cut cable): the broker publishes the will."""
         sock = self.client.socket()
-        if sock is not None:
+        if isinstance(sock, socket.socket):
             sock.shutdown(socket.SHUT_RDWR)
         self.client.loop_stop()
 
