@@ -1,7 +1,5 @@
 """The slmops contract: generated protobuf/gRPC code and the helpers every side shares."""
 
-from importlib.metadata import version as _distribution_version
-
 from slmops_protos.manifests import (
     PackageError,
     canonical_bytes,
@@ -13,8 +11,8 @@ from slmops_protos.providers import EXECUTION_PROVIDERS, ort_provider_name, prov
 from slmops_protos.states import UpdateState
 from slmops_protos.topics import Topics, chunk_count
 
-# The one version of slmops (pyproject.toml's): every program reports this one.
-__version__ = _distribution_version("slmops")
+# The one version of slmops: pyproject.toml reads it from here, and every program reports it.
+__version__ = "0.1.0"
 
 __all__ = [
     "EXECUTION_PROVIDERS",
