@@ -7,8 +7,10 @@ agent's `state.json` and the fleet's per-device rollout state.
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
-from slmops_protos.fleet.v1 import fleet_pb2
+if TYPE_CHECKING:
+    from slmops_protos.fleet.v1 import fleet_pb2
 
 
 class UpdateState(str, enum.Enum):
@@ -21,4 +23,6 @@ class UpdateState(str, enum.Enum):
     ROLLED_BACK = "ROLLED_BACK"
 
     def to_pb(self) -> fleet_pb2.UpdateState.ValueType:
+        from slmops_protos.fleet.v1 import fleet_pb2  # the generated code loads only where it is used
+
         return fleet_pb2.UpdateState.Value(self.value)
