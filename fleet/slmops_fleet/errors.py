@@ -1,4 +1,4 @@
-"""The fleet's own error types. `http_api.py` maps them to HTTP status codes in one place."""
+"""The fleet's own error types. `http_guard.error_response` turns them into HTTP answers in one place."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ class InvalidRequest(FleetError):
 
 class EnrollmentRefused(FleetError):
     """An enrollment token is unknown, expired or already used (401)."""
+
+    status_code = 401
+
+
+class Unauthorized(FleetError):
+    """A missing or wrong admin token (401)."""
 
     status_code = 401
 

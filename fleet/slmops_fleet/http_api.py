@@ -2,22 +2,23 @@
 exception handler here maps the fleet's error types to status codes.
 
 Every /v1 endpoint except /v1/enroll needs `Authorization: Bearer <admin token>`;
-/v1/enroll is authorised by its one-time enrollment token; /healthz is open.
+/v1/enroll is authorised by its one-time enrollment token; /healthz is open. The token and the body's
+size are checked before the body is read (`http_guard.RequestGuard`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import ClientDisconnect
 
 from slmops_fleet.errors import FleetError, InvalidRequest, TooLarge
+from slmops_fleet.http_guard import RequestGuard, error_response
 from slmops_fleet.operations import FleetOperations
 from slmops_protos import __version__
 from slmops_protos.manifests import MAX_MANIFEST_BYTES
@@ -132,17 +133,14 @@ class RolloutAction(BaseModel):
 def create_app(service: FleetOperations, admin_token: str) -> FastAPI:
     app = FastAPI(title="slmops fleet", version=__version__, docs_url="/docs", redoc_url=None)
 
+    # The admin token and body sizes are checked before a route reads the body (http_guard).
+    app.add_middleware(RequestGuard, admin_token=admin_token)
+
     @app.exception_handler(FleetError)
     async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return JSONResponse({"detail": exc.reason}, status_code=exc.status_code, headers=headers)
+        return error_response(exc)
 
-    def admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), admin_token.encode()):
-            raise _Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(admin)])
+    v1 = APIRouter(prefix="/v1")
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -278,10 +276,6 @@ def create_app(service: FleetOperations, admin_token: str) -> FastAPI:
 
     app.include_router(v1)
     return app
-
-
-class _Unauthorized(FleetError):
-    status_code = 401
 
 
 async def _read_limited(request: Request, limit: int, what: str) -> bytes:
