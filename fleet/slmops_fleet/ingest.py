@@ -26,6 +26,7 @@ from slmops_fleet.codec import (
     reported_from_pb,
     telemetry_from_pb,
 )
+from slmops_fleet.device_limits import BlobRequestPolicy
 from slmops_fleet.distribution import BlobDistributor
 from slmops_fleet.store import Store
 from slmops_fleet.store.records import ReportedUpdate, TelemetryRecord
@@ -58,6 +59,7 @@ class Ingest:
         distributor: BlobDistributor,
         *,
         republish: Callable[[], None],
+        blob_policy: BlobRequestPolicy | None = None,
         queue_bound: int = 10_000,
         telemetry_batch: int = 5000,
         report_batch: int = 500,
@@ -68,6 +70,7 @@ class Ingest:
         self.topics = topics
         self.distributor = distributor
         self._republish = republish
+        self.blob_policy = blob_policy
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self._requests: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self.telemetry_batch = telemetry_batch
@@ -96,6 +99,10 @@ class Ingest:
                 item = telemetry_from_pb(device_id, payload)
             elif kind == "blob-requests":
                 item = blob_request_from_pb(device_id, payload)
+                if self.blob_policy is not None:
+                    item = self.blob_policy.admit(item)
+                    if item is None:
+                        return
             else:
                 return
         except PayloadError as exc:
