@@ -246,7 +246,7 @@ class FleetServer:
             self.topics,
             distributor,
             republish=service.republish_desired,
-            blob_policy=BlobRequestPolicy(s.chunk_size),
+            blob_policy=BlobRequestPolicy(s.chunk_size, rate=s.blob_request_rate, burst=s.blob_request_burst),
         )
         self.ingest = ingest
         mqtt.set_handlers(ingest.on_message, ingest.request_republish)

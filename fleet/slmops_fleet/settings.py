@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from slmops_protos.manifests import MAX_FILE_BYTES
+from slmops_protos.manifests import MAX_FILE_BYTES, MAX_FILES
 from slmops_protos.topics import DEFAULT_ROOT
 
 DEFAULT_DATA_DIR = Path("~/.slmops/fleet")
@@ -102,6 +102,18 @@ class FleetSettings(BaseSettings):
         description="A broadcast starts at most this long after its first request, however many more come.",
     )
     max_inflight: int = Field(8, ge=1, le=1000, description="Chunks published but not yet acknowledged by the broker.")
+    blob_request_rate: float = Field(
+        50.0,
+        gt=0,
+        description="Blob requests one device may send per second on average (SLMOPS_FLEET_BLOB_REQUEST_RATE); "
+        "more are dropped and counted. An agent asks once per blob it fetches, then after stalls.",
+    )
+    blob_request_burst: int = Field(
+        MAX_FILES,
+        ge=1,
+        description="Blob requests one device may send at once (SLMOPS_FLEET_BLOB_REQUEST_BURST); the default lets "
+        "an agent ask for every blob of the largest package a manifest may list at once.",
+    )
     signing_keys: list[Path] = Field(
         default_factory=list,
         description="Trusted package signing public keys (hex files as `slmops builder keygen` writes); "

@@ -1,15 +1,17 @@
 """What one device may ask of a real fleet (FleetThread, embedded broker) through MQTT: blob requests
-always use the fleet's chunk size."""
+always use the fleet's chunk size and are held to a rate per device."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from slmops_fleet.settings import MAX_CHUNK
 from slmops_testing.fleet_api import enroll_two_and_roll_out
@@ -61,3 +63,55 @@ def test_chunk_sizes_named_by_a_device_start_no_broadcast(fleet: Any, fleet_pack
         assert fleet.server.ingest.blob_policy.counters.resized == 19
     finally:
         dev.close()
+
+
+def test_a_device_flooding_blob_requests_is_held_to_its_rate(
+    fleet_settings: Callable[..., Any], fleet_package: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past its burst a device's requests are dropped at the network thread, counted, and logged once."""
+    from slmops_fleet.process import FleetThread
+
+    data = random_bytes(2 * CHUNK, 32)
+    sha = hashlib.sha256(data).hexdigest()
+    caplog.set_level(logging.WARNING, logger="slmops_fleet.device_limits")
+    with FleetThread(fleet_settings(blob_request_rate=0.5, blob_request_burst=5)) as fleet:
+        a, b = enroll_two_and_roll_out(fleet, fleet_package({"weights.bin": data}))
+        flooder, other = _connected(a), _connected(b)
+        try:
+            flooder.desired()
+            for _ in range(40):
+                flooder.request_blob(sha, missing=[1])
+            ingest = fleet.server.ingest
+            policy = ingest.blob_policy
+            _wait(lambda: policy.counters.rate_limited + ingest.counters.blob_requests == 40, 10, "40 requests")
+            served = ingest.counters.blob_requests
+            assert 5 <= served <= 6 and policy.counters.rate_limited == 40 - served
+            dropped = [r for r in caplog.records if "dropped: more than" in r.getMessage()]
+            assert len(dropped) == 1 and flooder.device_id in dropped[0].getMessage()
+            # The other device has its own bucket: its request is served and its blob arrives.
+            other.desired()
+            other.request_blob(sha)
+            assert other.wait_blob(sha) == data
+            assert policy.counters.rate_limited == 40 - served
+        finally:
+            flooder.close()
+            other.close()
+
+
+def test_the_token_bucket_refills_and_logs_once_per_window(caplog: pytest.LogCaptureFixture) -> None:
+    from slmops_fleet.codec import BlobRequestIn
+    from slmops_fleet.device_limits import BlobRequestPolicy
+
+    now = [100.0]
+    policy = BlobRequestPolicy(CHUNK, rate=2.0, burst=3, log_window_s=60.0, clock=lambda: now[0])
+    ask = BlobRequestIn("dev-1", "a" * 64, (), CHUNK)
+    caplog.set_level(logging.WARNING, logger="slmops_fleet.device_limits")
+    assert [policy.admit(ask) is not None for _ in range(5)] == [True, True, True, False, False]
+    assert policy.admit(BlobRequestIn("dev-2", "a" * 64, (), CHUNK)) is not None  # a bucket per device
+    now[0] += 1.0  # two tokens back
+    assert [policy.admit(ask) is not None for _ in range(3)] == [True, True, False]
+    now[0] += 100.0  # full again (three at most), and the window is over
+    assert [policy.admit(ask) is not None for _ in range(4)] == [True, True, True, False]
+    assert policy.counters.rate_limited == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "dev-1" in messages[0] and "(2 more like it" in messages[1]
