@@ -247,6 +247,7 @@ class FleetServer:
             distributor,
             republish=service.republish_desired,
             blob_policy=BlobRequestPolicy(s.chunk_size, rate=s.blob_request_rate, burst=s.blob_request_burst),
+            max_telemetry_samples=s.telemetry_max_samples,
         )
         self.ingest = ingest
         mqtt.set_handlers(ingest.on_message, ingest.request_republish)

@@ -120,6 +120,12 @@ class FleetSettings(BaseSettings):
         "<data_dir>/trusted-keys/*.pub are trusted as well.",
     )
     max_blob_bytes: int = Field(MAX_FILE_BYTES, ge=1, description="Largest blob the API accepts.")
+    telemetry_max_samples: int = Field(
+        10_000,
+        ge=1,
+        description="Samples one TelemetryBatch may carry (SLMOPS_FLEET_TELEMETRY_MAX_SAMPLES); a batch with more "
+        "is refused whole and counted. The default is the most an agent sends in one (its telemetry_batch).",
+    )
     token_default_ttl_s: int = Field(3600, ge=1, description="Enrollment token lifetime when none is asked for.")
     token_max_ttl_s: int = Field(30 * 86400, ge=1, description="Longest enrollment token lifetime allowed.")
     mqtt_keepalive_s: int = Field(30, ge=5, le=3600)

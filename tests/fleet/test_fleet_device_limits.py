@@ -1,5 +1,5 @@
 """What one device may ask of a real fleet (FleetThread, embedded broker) through MQTT: blob requests
-always use the fleet's chunk size and are held to a rate per device."""
+always use the fleet's chunk size and are held to a rate per device; a telemetry batch has a size."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from slmops_fleet.settings import MAX_CHUNK
+from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_testing.fleet_api import enroll_two_and_roll_out
 from slmops_testing.packages import random_bytes
 from slmops_testing.simulated_devices import SimDevice
@@ -115,3 +116,47 @@ def test_the_token_bucket_refills_and_logs_once_per_window(caplog: pytest.LogCap
     assert policy.counters.rate_limited == 4
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and "dev-1" in messages[0] and "(2 more like it" in messages[1]
+
+
+def _telemetry(device_id: str, n: int, first_seq: int) -> bytes:
+    now_ms = int(time.time() * 1000)
+    samples = [
+        fleet_pb2.TelemetrySample(timestamp_unix_ms=now_ms, seq=first_seq + i, requests_total=i) for i in range(n)
+    ]
+    return fleet_pb2.TelemetryBatch(device_id=device_id, samples=samples).SerializeToString()
+
+
+def test_a_telemetry_batch_past_the_sample_limit_is_refused_whole(
+    fleet_settings: Callable[..., Any], fleet_package: Callable[..., Path]
+) -> None:
+    from slmops_fleet.process import FleetThread
+
+    with FleetThread(fleet_settings(telemetry_max_samples=50)) as fleet:
+        a, _b = enroll_two_and_roll_out(fleet, fleet_package({"weights.bin": b"w"}))
+        dev = _connected(a)
+        try:
+            topic = dev.topics.telemetry(dev.device_id)
+            dev.publish(topic, _telemetry(dev.device_id, 51, 1))
+            dev.publish(topic, _telemetry(dev.device_id, 50, 100))  # at the limit: kept, every sample
+            _wait(lambda: fleet.server.store.counts()["telemetry_samples"] > 0, 10, "telemetry samples")
+            assert fleet.server.ingest.wait_idle(10)
+            assert fleet.server.store.counts()["telemetry_samples"] == 50
+            seqs = sorted(t.seq for t in fleet.server.store.telemetry(dev.device_id, limit=1000))
+            assert seqs == list(range(100, 150))
+            counters = fleet.server.ingest.counters
+            assert counters.telemetry_refused == 1 and counters.telemetry_batches == 1 and counters.malformed == 0
+        finally:
+            dev.close()
+
+
+def test_the_default_sample_limit_takes_any_batch_an_agent_sends() -> None:
+    """An agent sends at most `telemetry_batch` samples a message, which it bounds: the fleet's
+    default limit takes that many (and refuses the 300,000 one message once carried)."""
+    from annotated_types import Le
+
+    from slmops_agent.settings import AgentSettings
+    from slmops_fleet.settings import FleetSettings
+
+    agent_max = next(m.le for m in AgentSettings.model_fields["telemetry_batch"].metadata if isinstance(m, Le))
+    fleet_max = FleetSettings.model_fields["telemetry_max_samples"].default
+    assert agent_max <= fleet_max < 300_000
