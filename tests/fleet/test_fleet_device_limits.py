@@ -160,3 +160,47 @@ def test_the_default_sample_limit_takes_any_batch_an_agent_sends() -> None:
     agent_max = next(m.le for m in AgentSettings.model_fields["telemetry_batch"].metadata if isinstance(m, Le))
     fleet_max = FleetSettings.model_fields["telemetry_max_samples"].default
     assert agent_max <= fleet_max < 300_000
+
+
+def test_one_device_cannot_outweigh_the_pooled_quality_score(fleet: Any, fleet_package: Callable[..., Path]) -> None:
+    """A device reporting a million matched golden prompts counts for what its package holds (2 judged
+    of 3 prompts): with another device matching none, the pooled score is 2/4 and the gate fails."""
+    golden = [("What is 2+2?", "4"), ("Capital of France?", "Paris"), ("Say hello", "")]
+    folder = fleet_package({"weights.bin": b"w"}, golden=golden)
+    gates = {"min_quality_score": 0.6, "min_devices": 2}
+    a, b = enroll_two_and_roll_out(fleet, folder, waves=["100%"], gates=gates)
+    liar, honest = _connected(a), _connected(b)
+    try:
+        with _admin(fleet) as admin:
+
+            def rollout() -> dict[str, Any]:
+                body: dict[str, Any] = admin.get("/v1/rollouts/latest").json()
+                return body
+
+            def commit(dev: SimDevice, n: int, judged: int, matched: int) -> None:
+                d = dev.desired()
+                test = fleet_pb2.TestResult(ran=True, passed=True, prompts=n, judged=judged, matched=matched)
+                pid = d.model.package_id
+                dev.report(
+                    fleet_pb2.COMMITTED, d.generation, target_package_id=pid, active_package_id=pid,
+                    active_version="1.0.0", test=test,
+                )  # fmt: skip
+
+            def test_of(device_id: str) -> dict[str, Any] | None:
+                found: dict[str, Any] | None = next(d for d in rollout()["devices"] if d["device_id"] == device_id).get(
+                    "test"
+                )
+                return found
+
+            commit(liar, 10**6, 10**6, 10**6)
+            _wait(lambda: test_of(liar.device_id) is not None, 10, "the first report")
+            reported = test_of(liar.device_id)
+            assert reported is not None and (reported["prompts"], reported["judged"], reported["matched"]) == (3, 2, 2)
+            commit(honest, 3, 2, 0)
+            _wait(lambda: rollout()["state"] != "in_progress", 15, "the gate's verdict")
+            done = rollout()
+            assert done["state"] == "rolled_back", done
+            assert "on-device quality score 50% (2/4 golden prompts matched" in done["reason"]
+    finally:
+        liar.close()
+        honest.close()
