@@ -109,6 +109,18 @@ def test_absurd_generation_jumps_are_refused(
     assert len(refused) == 3 and str(2**64 - 1) in refused[0]
 
 
+def test_a_download_follows_the_fleets_chunk_size(rig: Rig, pkg_v1: Path) -> None:
+    """The desired state named one chunk size and the fleet sends chunks in another (its setting changed
+    after it published that state, and it answers every request in its own): each download starts
+    again in the fleet's chunk size and the package commits."""
+    rig.feeder.chunk_size = 2 * SMALL_CHUNK
+    rig.feeder.add(pkg_v1)
+    rig.desired(pkg_v1, 1)
+    record = rig.wait_done(1, timeout=30)
+    assert record.state is UpdateState.COMMITTED, record.reason
+    assert rig.updater.fetcher.bad_chunks == 0 and rig.serving() == "1.0.0"
+
+
 def test_bad_signature_rolls_back_and_the_old_version_keeps_serving(rig: Rig, pkg_v1: Path, pkg_v2: Path) -> None:
     install(rig, pkg_v1, 1)
     msg = desired_for(pkg_v2, 2, DEVICE)
