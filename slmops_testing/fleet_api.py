@@ -47,9 +47,10 @@ def upload(admin: httpx.Client, folder: Path, blobs: bool = True) -> dict[str, A
     return body
 
 
-def enroll_two_and_roll_out(fleet: Any, folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def enroll_two_and_roll_out(fleet: Any, folder: Path, **rollout: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Enroll devices "a" and "b" on a running fleet (a FleetThread) and roll the package `folder` out
-    to both; returns their enrollment responses, for `check_device_isolation`."""
+    to both (`rollout`: more fields of the rollout request, e.g. gates); returns their enrollment
+    responses, for `check_device_isolation`."""
     with httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}) as admin:
         creds = []
         for name in ("a", "b"):
@@ -58,6 +59,6 @@ def enroll_two_and_roll_out(fleet: Any, folder: Path) -> tuple[dict[str, Any], d
             assert r.status_code == 200, r.text
             creds.append(r.json())
         body = upload(admin, folder)
-        r = admin.post("/v1/rollouts", json={"package_id": body["package_id"], "target": "all"})
+        r = admin.post("/v1/rollouts", json={"package_id": body["package_id"], "target": "all", **rollout})
         assert r.status_code == 200, r.text
     return creds[0], creds[1]

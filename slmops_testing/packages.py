@@ -31,9 +31,11 @@ def make_package(
     name: str = "fleet-test",
     version: str = "1.0.0",
     adapter_of: str = "",
+    golden: list[tuple[str, str]] | None = None,
 ) -> Path:
     """A signed package folder of `files` (the fleet does not care whether they are a model). With
-    `adapter_of` (a base package id) it is an adapter package whose first file is the adapter."""
+    `adapter_of` (a base package id) it is an adapter package whose first file is the adapter;
+    `golden` lists its golden prompts as (prompt, reference)."""
     from slmops_builder.keys import load_private_key
     from slmops_builder.packaging import PackageSpec, write_package
 
@@ -46,6 +48,7 @@ def make_package(
         name=name,
         version=version,
         profile=manifest_pb2.HardwareProfile(name="cpu-int4", execution_provider="cpu", precision="int4"),
+        golden_prompts=[manifest_pb2.GoldenPrompt(prompt=p, reference=r) for p, r in golden or []],
     )
     if adapter_of:
         spec.kind = "adapter"

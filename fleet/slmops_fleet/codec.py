@@ -19,6 +19,10 @@ class PayloadError(ValueError):
     """An MQTT payload does not parse or contradicts its topic."""
 
 
+class TooManySamples(PayloadError):
+    """A TelemetryBatch carries more samples than the fleet takes in one message."""
+
+
 @dataclass(frozen=True)
 class BlobRequestIn:
     device_id: str
@@ -100,9 +104,12 @@ def reported_from_pb(device_id: str, payload: bytes) -> ReportedUpdate:
     )
 
 
-def telemetry_from_pb(device_id: str, payload: bytes) -> TelemetryIn:
+def telemetry_from_pb(device_id: str, payload: bytes, max_samples: int | None = None) -> TelemetryIn:
+    """The batch's samples; TooManySamples past `max_samples`, before any of them is turned into a row."""
     msg = _parse(fleet_pb2.TelemetryBatch(), payload, "TelemetryBatch")
     _check_device(device_id, msg.device_id, "TelemetryBatch")
+    if max_samples is not None and len(msg.samples) > max_samples:
+        raise TooManySamples(f"TelemetryBatch carries {len(msg.samples)} samples (at most {max_samples} taken)")
     samples = [
         TelemetryRecord(
             device_id=device_id,

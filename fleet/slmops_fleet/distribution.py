@@ -2,10 +2,10 @@
 
 - A whole-blob request starts a broadcast on `blobs/{sha}/chunks` after a coalescing window
   that each further request extends (up to `coalesce_max_s` after the first one, later while the
-  broker says it is still delivering, up to `in_flight_max_s`); requests for
-  the same blob (and chunk size) that arrive while it is pending or running join it: the broker
-  does the fan-out, so a blob goes out about once per wave. A device that joins a running
-  broadcast keeps the rest of it and asks for its gaps afterwards.
+  broker says it is still delivering, up to `in_flight_max_s`); requests for the same blob
+  (all in the fleet's chunk size: `device_limits`) that come while it is pending or running join
+  it: the broker does the fan-out, so a blob goes out about once per wave. A device that joins a
+  running broadcast keeps the rest of it and asks for its gaps afterwards.
 - Requests for some chunks (gaps) are gathered per blob: chunks that a pending or running
   broadcast of the blob will still send are dropped from them, and the rest wait until no
   broadcast of the blob runs and the coalescing window has passed. Then chunks that several

@@ -6,6 +6,10 @@ paho stops reading and the broker holds the rest of the burst (QoS 1, nothing ac
 lost to a burst); only past that wait is a message dropped and counted. One worker thread writes
 reports and inserts telemetry in batches; blob requests have their own queue and thread, so that
 a wave's requests reach the distributor together instead of one per report written.
+
+What one device may send is bounded before it is queued: a telemetry batch with more samples than
+`max_telemetry_samples` is refused whole (no agent sends one; keeping part of it would store what a
+broken or hostile device chose), and blob requests pass `device_limits.BlobRequestPolicy`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from slmops_fleet.codec import (
     BlobRequestIn,
     PayloadError,
     TelemetryIn,
+    TooManySamples,
     blob_request_from_pb,
     reported_from_pb,
     telemetry_from_pb,
 )
+from slmops_fleet.device_limits import BlobRequestPolicy, WindowedLog
 from slmops_fleet.distribution import BlobDistributor
 from slmops_fleet.store import Store
 from slmops_fleet.store.records import ReportedUpdate, TelemetryRecord
@@ -39,6 +45,7 @@ class IngestCounters:
     reported: int = 0
     telemetry_batches: int = 0
     telemetry_samples: int = 0
+    telemetry_refused: int = 0  # batches with more samples than `max_telemetry_samples`, refused whole
     blob_requests: int = 0
     malformed: int = 0
     unknown_device: int = 0
@@ -58,6 +65,8 @@ class Ingest:
         distributor: BlobDistributor,
         *,
         republish: Callable[[], None],
+        blob_policy: BlobRequestPolicy | None = None,
+        max_telemetry_samples: int | None = None,
         queue_bound: int = 10_000,
         telemetry_batch: int = 5000,
         report_batch: int = 500,
@@ -68,6 +77,9 @@ class Ingest:
         self.topics = topics
         self.distributor = distributor
         self._republish = republish
+        self.blob_policy = blob_policy
+        self.max_telemetry_samples = max_telemetry_samples
+        self._warn = WindowedLog(60.0)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self._requests: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self.telemetry_batch = telemetry_batch
@@ -93,11 +105,19 @@ class Ingest:
             if kind == "reported":
                 item = reported_from_pb(device_id, payload)
             elif kind == "telemetry":
-                item = telemetry_from_pb(device_id, payload)
+                item = telemetry_from_pb(device_id, payload, self.max_telemetry_samples)
             elif kind == "blob-requests":
                 item = blob_request_from_pb(device_id, payload)
+                if self.blob_policy is not None:
+                    item = self.blob_policy.admit(item)
+                    if item is None:
+                        return
             else:
                 return
+        except TooManySamples as exc:
+            self.counters.telemetry_refused += 1
+            self._warn.warning(f"{device_id} telemetry", "refused a telemetry batch from %s: %s", device_id, exc)
+            return
         except PayloadError as exc:
             self.counters.malformed += 1
             log.warning("dropping a message on %s: %s", topic, exc)

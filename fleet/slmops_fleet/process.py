@@ -27,6 +27,7 @@ from typing import Any
 import uvicorn
 
 from slmops_fleet.blobstore import BlobStore
+from slmops_fleet.device_limits import BlobRequestPolicy
 from slmops_fleet.distribution import BlobDistributor
 from slmops_fleet.embedded_broker import CredentialRegistry, EmbeddedBroker, bind_listener
 from slmops_fleet.errors import FleetError, StartupError
@@ -240,7 +241,14 @@ class FleetServer:
         )
         service.url = url
         self.service = service
-        ingest = Ingest(store, self.topics, distributor, republish=service.republish_desired)
+        ingest = Ingest(
+            store,
+            self.topics,
+            distributor,
+            republish=service.republish_desired,
+            blob_policy=BlobRequestPolicy(s.chunk_size, rate=s.blob_request_rate, burst=s.blob_request_burst),
+            max_telemetry_samples=s.telemetry_max_samples,
+        )
         self.ingest = ingest
         mqtt.set_handlers(ingest.on_message, ingest.request_republish)
         ingest.start()

@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from slmops_protos.manifests import MAX_FILE_BYTES
+from slmops_protos.manifests import MAX_FILE_BYTES, MAX_FILES
 from slmops_protos.topics import DEFAULT_ROOT
 
 DEFAULT_DATA_DIR = Path("~/.slmops/fleet")
@@ -102,12 +102,30 @@ class FleetSettings(BaseSettings):
         description="A broadcast starts at most this long after its first request, however many more come.",
     )
     max_inflight: int = Field(8, ge=1, le=1000, description="Chunks published but not yet acknowledged by the broker.")
+    blob_request_rate: float = Field(
+        50.0,
+        gt=0,
+        description="Blob requests one device may send per second on average (SLMOPS_FLEET_BLOB_REQUEST_RATE); "
+        "more are dropped and counted. An agent asks once per blob it fetches, then after stalls.",
+    )
+    blob_request_burst: int = Field(
+        MAX_FILES,
+        ge=1,
+        description="Blob requests one device may send at once (SLMOPS_FLEET_BLOB_REQUEST_BURST); the default lets "
+        "an agent ask for every blob of the largest package a manifest may list at once.",
+    )
     signing_keys: list[Path] = Field(
         default_factory=list,
         description="Trusted package signing public keys (hex files as `slmops builder keygen` writes); "
         "<data_dir>/trusted-keys/*.pub are trusted as well.",
     )
     max_blob_bytes: int = Field(MAX_FILE_BYTES, ge=1, description="Largest blob the API accepts.")
+    telemetry_max_samples: int = Field(
+        10_000,
+        ge=1,
+        description="Samples one TelemetryBatch may carry (SLMOPS_FLEET_TELEMETRY_MAX_SAMPLES); a batch with more "
+        "is refused whole and counted. The default is the most an agent sends in one (its telemetry_batch).",
+    )
     token_default_ttl_s: int = Field(3600, ge=1, description="Enrollment token lifetime when none is asked for.")
     token_max_ttl_s: int = Field(30 * 86400, ge=1, description="Longest enrollment token lifetime allowed.")
     mqtt_keepalive_s: int = Field(30, ge=5, le=3600)

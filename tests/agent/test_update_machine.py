@@ -3,6 +3,7 @@ fleet: DesiredState messages and chunks are fed to the updater directly."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -86,6 +87,38 @@ def test_old_generations_are_ignored_and_the_same_package_is_a_no_op(rig: Rig, p
     rig.desired(None, 7)  # no model: keep what runs
     record = rig.wait(lambda r: r.generation == 7)
     assert record.state is UpdateState.COMMITTED and rig.serving() == "1.0.0"
+
+
+def test_absurd_generation_jumps_are_refused(
+    rig: Rig, pkg_v1: Path, pkg_v2: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged retained desired state with generation 2^64-1 (or any jump past 2^32, or past 2^63-1)
+    is refused, so the real desired states that follow are still taken."""
+    caplog.set_level(logging.WARNING, logger="slmops_agent.update.machine")
+    install(rig, pkg_v1, 1)
+    rig.feeder.add(pkg_v2)
+    for forged in (2**64 - 1, 2**63, 2 + 2**32):
+        rig.desired(pkg_v2, forged)
+    rig.desired(None, 1 + 2**32)  # the largest step allowed: taken (no model: keep what runs)
+    record = rig.wait(lambda r: r.generation == 1 + 2**32)
+    assert record.state is UpdateState.COMMITTED and rig.serving() == "1.0.0"
+    rig.desired(pkg_v2, 2 + 2**32)
+    record = rig.wait_done(2 + 2**32, timeout=30)
+    assert record.state is UpdateState.COMMITTED and rig.serving() == "2.0.0"
+    refused = [r.getMessage() for r in caplog.records if "refused desired generation" in r.getMessage()]
+    assert len(refused) == 3 and str(2**64 - 1) in refused[0]
+
+
+def test_a_download_follows_the_fleets_chunk_size(rig: Rig, pkg_v1: Path) -> None:
+    """The desired state named one chunk size and the fleet sends chunks in another (its setting changed
+    after it published that state, and it answers every request in its own): each download starts
+    again in the fleet's chunk size and the package commits."""
+    rig.feeder.chunk_size = 2 * SMALL_CHUNK
+    rig.feeder.add(pkg_v1)
+    rig.desired(pkg_v1, 1)
+    record = rig.wait_done(1, timeout=30)
+    assert record.state is UpdateState.COMMITTED, record.reason
+    assert rig.updater.fetcher.bad_chunks == 0 and rig.serving() == "1.0.0"
 
 
 def test_bad_signature_rolls_back_and_the_old_version_keeps_serving(rig: Rig, pkg_v1: Path, pkg_v2: Path) -> None:

@@ -33,6 +33,7 @@ class Feeder:
         self.drop: dict[str, set[int]] = {}
         self.serve = True
         self.pace_s = 0.0  # > 0: each blob's first request gets its chunks this far apart, the only answer
+        self.chunk_size: int | None = None  # chunks in this size whatever a request names (the fleet's)
         self.paced: set[str] = set()
         self.requests: list[BlobWant] = []
         self.updater: Updater | None = None
@@ -46,7 +47,10 @@ class Feeder:
         if not self.serve or self.updater is None or want.sha256 not in self.blobs:
             return
         data = self.tamper.get(want.sha256, self.blobs[want.sha256])
-        chunks = chunks_of(data, want.sha256, want.chunk_size)
+        size = self.chunk_size or want.chunk_size
+        if self.chunk_size and want.missing and want.chunk_size != self.chunk_size:
+            return  # the fleet refuses chunk indexes in another chunk size
+        chunks = chunks_of(data, want.sha256, size)
         dropped = self.drop.get(want.sha256, set()) if not want.missing else set()
         send = [c for c in chunks if (not want.missing or c.index in want.missing) and c.index not in dropped]
         if self.pace_s:  # one slow broadcast per blob; later requests are only counted

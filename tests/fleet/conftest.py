@@ -7,8 +7,8 @@
                              `.stop()`, `.kill()`, `.restart()`. Torn down after the test.
 - `pg_url`                -> a PostgreSQL SQLAlchemy URL whose search_path is a fresh schema (dropped
                              afterwards); skips only when no server answers at 127.0.0.1:5432.
-- `fleet_package`         -> make(files, *, name=..., version=...) -> a signed package folder of `files`
-                             (signed with the session's `signing_key`).
+- `fleet_package`         -> make(files, *, name=..., version=..., golden=...) -> a signed package folder
+                             of `files` (signed with the session's `signing_key`).
 - `fleet_settings`        -> make(**overrides) -> FleetSettings in a fresh data folder, trusting `signing_key`.
 - `fleet`                 -> a running FleetThread with the embedded broker (function scope).
 - `admin`                 -> an httpx.Client on the `fleet` with the admin token.
@@ -72,10 +72,9 @@ def pg_url() -> Iterator[str]:
 def fleet_package(signing_key: tuple[Path, Path], tmp_path: Path) -> Callable[..., Path]:
     counter = iter(range(1_000_000))
 
-    def make(files: dict[str, bytes], *, name: str = "fleet-test", version: str = "1.0.0") -> Path:
-        return make_package(
-            files, tmp_path / f"pkg-{next(counter)}" / "package", signing_key[0], name=name, version=version
-        )
+    def make(files: dict[str, bytes], *, name: str = "fleet-test", version: str = "1.0.0", **kwargs: Any) -> Path:
+        out = tmp_path / f"pkg-{next(counter)}" / "package"
+        return make_package(files, out, signing_key[0], name=name, version=version, **kwargs)
 
     return make
 

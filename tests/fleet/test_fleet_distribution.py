@@ -109,13 +109,16 @@ def test_broadcast_late_joiner_repair_and_delta(paced_fleet: Any, fleet_package:
         assert st[big]["repair_chunks"] == len(missed) and st[big]["repair_bytes"] == len(missed) * CHUNK
         assert st[mid]["broadcast_chunks"] == 3 and st[mid]["repair_chunks"] == 0
 
-        # A repair may use another chunk size (the device's bitmap): 512 KiB chunks, 6 of them.
+        # A repair in another chunk size (512 KiB: its indexes name other bytes) is refused and counted;
+        # the same chunks in the fleet's size are sent.
         a.blobs.pop(big)
         a.request_blob(big, missing=[0, 5], chunk_size=2 * CHUNK)
-        a.wait_for(lambda: len(a.blob(big).chunks) == 2, 20, "two 512 KiB repair chunks")
+        a.request_blob(big, missing=[0, 5], chunk_size=CHUNK)
+        a.wait_for(lambda: len(a.blob(big).chunks) == 2, 20, "two 256 KiB repair chunks")
         asm = a.blob(big)
-        assert asm.chunk_size == 2 * CHUNK and asm.count == 6
-        assert asm.chunks[5] == files_v1["model.onnx.data"][5 * 2 * CHUNK :]
+        assert asm.chunk_size == CHUNK and asm.count == 12 and sorted(asm.chunks) == [0, 5]
+        assert asm.chunks[5] == files_v1["model.onnx.data"][5 * CHUNK : 6 * CHUNK]
+        assert fleet.server.ingest.blob_policy.counters.refused_chunk_size == 1
 
         # Version 2 changes one small file: only that blob moves, in one broadcast shared by both devices.
         before = _stats(admin)

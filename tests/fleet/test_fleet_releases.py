@@ -18,11 +18,19 @@ from slmops_fleet.rollouts.variants import Variant
 from slmops_fleet.store import Store
 from slmops_fleet.store.database import utcnow
 from slmops_fleet.store.records import NewPackage, ReportedUpdate
+from slmops_protos.package.v1 import manifest_pb2
 
 
 def _device(store: Store, name: str, inventory: dict[str, Any]) -> str:
     token = store.create_token(60)[0]
     return store.enroll(token, public_key="11" * 32, name=name, inventory=inventory, mqtt_password_hash="h").id
+
+
+def _manifest(name: str) -> bytes:
+    """Stored manifest bytes with two golden prompts that have references (what TESTING can judge)."""
+    golden = [manifest_pb2.GoldenPrompt(prompt=f"p{i}", reference=f"r{i}") for i in range(2)]
+    manifest = manifest_pb2.Manifest(name=name, golden_prompts=golden).SerializeToString()
+    return manifest_pb2.SignedManifest(manifest=manifest).SerializeToString()
 
 
 def _package(store: Store, v: Variant, version: str = "2.0.0", name: str = "m") -> str:
@@ -34,7 +42,7 @@ def _package(store: Store, v: Variant, version: str = "2.0.0", name: str = "m") 
             v.kind,
             v.profile,
             "k",
-            f"manifest {v.profile} {version}".encode(),
+            _manifest(f"{name} {v.profile} {version}"),
             [],
             provider=v.provider,
             precision=v.precision,
@@ -165,6 +173,14 @@ def test_canaries_scoring_below_the_quality_gate_roll_back(store: Store) -> None
         "at least 50% required"
     )
     assert sorted(t.state for t in done.devices) == ["CANCELLED", "CANCELLED", "COMMITTED"]
+
+
+def test_a_report_counts_no_more_golden_prompts_than_its_package_holds(store: Store) -> None:
+    _old, new, canary, r, desired = _two_waves(store, Gates(min_quality_score=0.5))
+    claim = {"ran": True, "passed": True, "prompts": 10**6, "judged": 10**6, "matched": 10**6, "seconds": 0.1}
+    _report(store, canary, desired[0].generation, "COMMITTED", new, claim)
+    target = next(t for t in store.get_rollout(r.id).devices if t.device_id == canary)
+    assert target.test == {**claim, "prompts": 2, "judged": 2, "matched": 2}
 
 
 def test_canaries_that_score_well_pass_and_unhealthy_ones_fail(store: Store) -> None:

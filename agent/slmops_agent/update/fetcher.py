@@ -15,6 +15,7 @@ from slmops_agent.blob_store import BlobStore, Chunk, Download
 from slmops_agent.errors import BlobError
 from slmops_agent.settings import AgentSettings
 from slmops_agent.update.messages import BlobWant
+from slmops_protos.topics import chunk_count
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class BlobFetcher:
         f = self.fetches.get(chunk.blob_sha256)
         if f is None:
             return ChunkOutcome.NOTHING
+        if chunk.chunk_size != f.download.chunk_size:
+            self._follow_chunk_size(f, chunk)
         try:
             new = f.download.write_chunk(chunk)
         except BlobError as exc:
@@ -149,6 +152,22 @@ class BlobFetcher:
         if repairing and not f.outstanding and self.is_connected():
             self._request(chunk.blob_sha256, f, now)  # the repair batch is in: ask for the next one at once
         return ChunkOutcome.PROGRESS
+
+    def _follow_chunk_size(self, f: _Fetch, chunk: Chunk) -> None:
+        """The fleet sends every chunk in its own chunk size, whatever a request names. A download opened
+        at another one (the desired state that started it came before the fleet's chunk size changed)
+        could never complete: it starts again at the fleet's. A chunk that contradicts the blob's size
+        is left to `write_chunk` to refuse."""
+        d = f.download
+        if chunk.blob_size != d.size or chunk.chunk_size <= 0 or chunk.count != chunk_count(d.size, chunk.chunk_size):
+            return
+        log.warning(
+            "%s: the fleet sends %d-byte chunks, this download asked for %d-byte ones: starting it again",
+            self._describe(d.sha256), chunk.chunk_size, d.chunk_size,
+        )  # fmt: skip
+        d.close()
+        f.download = self.store.open_download(d.sha256, d.size, chunk.chunk_size)
+        f.outstanding = set()
 
     def _note_gap(self, now: float) -> None:
         """Follow the longest recent gap between chunks (a peak that fades by a tenth per chunk; a gap

@@ -68,6 +68,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 PROGRESS_REPORT_S = 5.0  # while fetching, a progress report at most this often
+# The fleet numbers a device's desired states one by one and stores them as signed 64-bit integers:
+# a generation further ahead than this, or past that, is forged (a retained message on the device's
+# topic), and taking it would make the agent ignore every real desired state after it.
+MAX_GENERATION_STEP = 1 << 32
+MAX_GENERATION = (1 << 63) - 1
 
 
 # -- the worker's events -----------------------------------------------------------------------
@@ -313,6 +318,13 @@ class Updater:
                 return
             if d.generation <= r.generation:
                 log.debug("ignored desired generation %d (handled %d)", d.generation, r.generation)
+                return
+            if d.generation > min(r.generation + MAX_GENERATION_STEP, MAX_GENERATION):
+                log.warning(
+                    "refused desired generation %d: more than %d past the handled %d (or past %d); the fleet "
+                    "never skips that far",
+                    d.generation, MAX_GENERATION_STEP, r.generation, MAX_GENERATION,
+                )  # fmt: skip
                 return
         if d.package_id is None:
             self._save(replace(r, generation=d.generation, rollout_id=d.rollout_id))

@@ -9,6 +9,9 @@
   devices that reported one; `min_health_pass_rate` is the share of devices whose TESTING passed
   (loaded, answered every prompt, within the latency budget) among those that ran it. A device
   commits a package whose prompts differ from the references; the quality gate is what aborts.
+- A device's counts are bounded by the package its report is about (`bound_test`): it cannot
+  have run more golden prompts than the package holds, nor judged more than have a reference, so
+  one device cannot outweigh the others in the pooled score by claiming a million matches.
 """
 
 from __future__ import annotations
@@ -20,6 +23,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from slmops_fleet.rollouts.waves import PlanError
+
+
+@dataclass(frozen=True)
+class GoldenPrompts:
+    """What TESTING can count for a package: the prompts a device runs and those it can judge."""
+
+    prompts: int  # the manifest's golden prompts (an agent runs one default prompt when it has none)
+    judged: int  # of them with a builder reference
+
+    def bound(self, test: dict[str, Any]) -> dict[str, Any]:
+        """A device's TESTING result with its counts at most what this package allows."""
+        prompts = min(int(test.get("prompts") or 0), self.prompts)
+        judged = min(int(test.get("judged") or 0), self.judged, prompts)
+        matched = min(int(test.get("matched") or 0), judged)
+        return {**test, "prompts": prompts, "judged": judged, "matched": matched}
 
 
 @dataclass(frozen=True)

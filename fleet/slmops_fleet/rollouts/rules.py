@@ -12,7 +12,7 @@ until it resumes; the wave timeout and the soak count only running time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -449,15 +449,23 @@ def control(rollout: Rollout, action: str, reason: str, storage: RolloutStorage,
 
 
 def report(
-    target: Target, generation: int, state: str, reason: str, test: dict[str, Any] | None, now: datetime
+    target: Target,
+    generation: int,
+    state: str,
+    reason: str,
+    test: dict[str, Any] | None,
+    now: datetime,
+    *,
+    bound: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> bool:
     """A device reported `state` for desired state `generation` of this target; True when the report
-    ended the target (its rollout may move on)."""
+    ended the target (its rollout may move on). `bound` limits the TESTING result kept to what the
+    target's package allows (`gates.GoldenPrompts`)."""
     if target.generation != generation or target.state in TERMINAL_TARGET_STATES or target.state == state:
         return False
     target.state = state
     target.reason = reason or None
     target.updated_at = now
     if test is not None:
-        target.test = test
+        target.test = bound(test) if bound is not None else test
     return state in TERMINAL_TARGET_STATES

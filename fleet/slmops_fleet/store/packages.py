@@ -4,16 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from google.protobuf.message import DecodeError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound
+from slmops_fleet.rollouts.gates import GoldenPrompts
 from slmops_fleet.rollouts.variants import check_release
 from slmops_fleet.rollouts.waves import PlanError
 from slmops_fleet.store.database import Database, new_id, utcnow
 from slmops_fleet.store.records import NewPackage, PackageRecord, ReleaseRecord
 from slmops_fleet.store.schema import BlobRow, PackageFileRow, PackageRow, ReleasePackageRow, ReleaseRow
+from slmops_protos.manifests import PackageError, parse_signed_manifest
+from slmops_protos.package.v1 import manifest_pb2
+
+
+def golden_prompts(s: Session, package_id: str) -> GoldenPrompts | None:
+    """What TESTING can count for a stored package, read from its manifest; None for an unknown id."""
+    row = s.get(PackageRow, package_id)
+    if row is None:
+        return None
+    try:
+        manifest = manifest_pb2.Manifest.FromString(parse_signed_manifest(row.signed_manifest).manifest)
+        golden = list(manifest.golden_prompts)
+    except (PackageError, DecodeError):
+        # The fleet verified the manifest on upload; one that does not parse lets no prompt be judged.
+        golden = []
+    # An agent runs one default prompt, without a reference, for a manifest that has none.
+    return GoldenPrompts(prompts=max(1, len(golden)), judged=sum(1 for g in golden if g.reference))
 
 
 def package_record(s: Session, row: PackageRow) -> PackageRecord:

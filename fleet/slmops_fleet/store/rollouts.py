@@ -6,20 +6,24 @@ Lock order everywhere: devices (by id), then rollouts, as device reports take th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
+from functools import partial
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound
 from slmops_fleet.rollouts import rules
+from slmops_fleet.rollouts.gates import GoldenPrompts
 from slmops_fleet.rollouts.plan import RolloutPlan
 from slmops_fleet.rollouts.states import NO_WAVE, TERMINAL_TARGET_STATES, RolloutState, TargetState, WaveState
 from slmops_fleet.rollouts.variants import Selection, Variant, select_variant
 from slmops_fleet.store.database import Database, i64, new_id, utcnow
 from slmops_fleet.store.devices import latest_desired
-from slmops_fleet.store.packages import package_record
+from slmops_fleet.store.packages import golden_prompts, package_record
 from slmops_fleet.store.records import (
     DesiredRecord,
     ReportedUpdate,
@@ -38,6 +42,8 @@ from slmops_fleet.store.schema import (
     RolloutWaveRow,
     TelemetrySampleRow,
 )
+
+log = logging.getLogger(__name__)
 
 
 class _Storage:
@@ -403,6 +409,7 @@ class RolloutQueries(Database):
         now = utcnow()
         known: list[bool] = []
         ended: set[str] = set()  # rollouts a report ended a target of
+        golden: dict[str, GoldenPrompts | None] = {}  # package id -> what its TESTING can count
         with self.session(write=True) as s:
             for rep in reps:
                 row = s.get(DeviceRow, rep.device_id, with_for_update=True)
@@ -426,7 +433,10 @@ class RolloutQueries(Database):
                 if desired is None or not desired.rollout_id:
                     continue
                 target = s.get(RolloutDeviceRow, (desired.rollout_id, rep.device_id))
-                if target is not None and rules.report(target, rep.generation, rep.state, rep.reason, rep.test, now):
+                if target is None:
+                    continue
+                bound = partial(_bounded_test, s, golden, rep, desired.package_id)
+                if rules.report(target, rep.generation, rep.state, rep.reason, rep.test, now, bound=bound):
                     ended.add(desired.rollout_id)
             s.flush()
             for rollout_id in sorted(ended):
@@ -434,3 +444,24 @@ class RolloutQueries(Database):
                 if rollout is not None:
                     rules.advance(rollout, _Storage(s, rollout, now), now, drive=False)
         return known
+
+
+def _bounded_test(
+    s: Session, golden: dict[str, GoldenPrompts | None], rep: ReportedUpdate, package_id: str, test: dict[str, Any]
+) -> dict[str, Any]:
+    """A report's TESTING result, its counts bounded by the package the report is about (`golden`
+    keeps each package's counts for the rest of the transaction)."""
+    if package_id not in golden:
+        golden[package_id] = golden_prompts(s, package_id)
+    limit = golden[package_id]
+    if limit is None:
+        return test
+    bounded = limit.bound(test)
+    if bounded != test:
+        log.warning(
+            "device %s reported %s of %s judged golden prompts matched (%s run) for package %s, which holds %d "
+            "(%d with a reference): counted as %d of %d",
+            rep.device_id, test.get("matched"), test.get("judged"), test.get("prompts"), package_id[:12],
+            limit.prompts, limit.judged, bounded["matched"], bounded["judged"],
+        )  # fmt: skip
+    return bounded
