@@ -1,5 +1,9 @@
 """Device credentials and ACLs on the broker.
 
+Every provisioner can add a device, remove it (revocation: its credentials are gone and its live
+connections are closed at once) and set its password (credential rotation: the connections made
+with the old one are closed, the device reconnects with the new one).
+
 - `EmbeddedProvisioner`: the embedded broker's live registry.
 - `DynsecProvisioner`: a Mosquitto 2 broker with the dynamic security plugin. The fleet connects
   as a dynsec admin and, per device, creates a role holding exactly the device's ACL and a client
@@ -13,6 +17,7 @@ import json
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
@@ -36,16 +41,28 @@ class Provisioner(Protocol):
 
     def remove_device(self, device_id: str) -> None: ...
 
+    def set_password(self, device_id: str, password: str) -> None: ...
+
 
 class EmbeddedProvisioner:
-    def __init__(self, registry: CredentialRegistry) -> None:
+    """`disconnect(device_id)` closes the device's live connections (`EmbeddedBroker.disconnect`)."""
+
+    def __init__(self, registry: CredentialRegistry, disconnect: Callable[[str], None] | None = None) -> None:
         self.registry = registry
+        self.disconnect = disconnect
 
     def add_device(self, device_id: str, password: str) -> None:
         self.registry.add_device(device_id, hash_secret(password))
 
     def remove_device(self, device_id: str) -> None:
         self.registry.remove_device(device_id)
+        if self.disconnect is not None:
+            self.disconnect(device_id)
+
+    def set_password(self, device_id: str, password: str) -> None:
+        self.registry.add_device(device_id, hash_secret(password))
+        if self.disconnect is not None:
+            self.disconnect(device_id)
 
 
 class NoProvisioner:
@@ -53,7 +70,10 @@ class NoProvisioner:
         log.info("broker provisioning is off: give %s its broker credentials yourself", device_id)
 
     def remove_device(self, device_id: str) -> None:
-        pass
+        log.warning("broker provisioning is off: remove %s's broker credentials yourself", device_id)
+
+    def set_password(self, device_id: str, password: str) -> None:
+        log.warning("broker provisioning is off: set %s's new broker password yourself", device_id)
 
 
 def device_role(device_id: str) -> str:
@@ -216,5 +236,10 @@ class DynsecProvisioner:
             raise
 
     def remove_device(self, device_id: str) -> None:
+        """Mosquitto closes the client's connections when it is deleted."""
         self.command({"command": "deleteClient", "username": device_id}, ok_errors=("not found",))
         self.command({"command": "deleteRole", "rolename": device_role(device_id)}, ok_errors=("not found",))
+
+    def set_password(self, device_id: str, password: str) -> None:
+        """Mosquitto (2.0) closes the client's connections when its password changes."""
+        self.command({"command": "setClientPassword", "username": device_id, "password": password})
