@@ -11,12 +11,11 @@ security: a running fleet (FleetThread), devices on real MQTT connections (SimDe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -25,33 +24,12 @@ from slmops_testing.fleet_api import new_token, upload
 from slmops_testing.packages import random_bytes
 from slmops_testing.simulated_devices import SimDevice
 
-BROKERS = ["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
-
-
-@pytest.fixture(params=BROKERS)
-def any_fleet(request: pytest.FixtureRequest, fleet_settings: Callable[..., Any]) -> Iterator[Any]:
-    """A running fleet on the embedded broker, then on a Mosquitto of its own (dynsec)."""
-    from slmops_fleet.process import FleetThread
-
-    if request.param == "mosquitto":
-        settings = fleet_settings(broker_url=request.getfixturevalue("mosquitto_broker").url)
-    else:
-        settings = fleet_settings()
-    with FleetThread(settings) as fleet:
-        yield fleet
-
-
-@pytest.fixture
-def owner(any_fleet: Any) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=any_fleet.url, headers={"Authorization": f"Bearer {any_fleet.admin_token}"}, timeout=30
-    ) as client:
-        yield client
-
 
 def new_key() -> str:
-    raw = Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    raw = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
     return raw.hex()
 
