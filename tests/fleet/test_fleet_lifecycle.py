@@ -179,3 +179,43 @@ def test_rotation_keeps_the_old_password_until_the_device_confirms(any_fleet: An
     owner.post(f"/v1/devices/{device_id}/revoke")
     r = owner.post(f"/v1/devices/{device_id}/rotate-credentials")
     assert r.status_code == 409, r.text
+
+
+def test_an_agent_that_crashed_before_its_ack_falls_back_and_confirms(
+    any_fleet: Any, owner: httpx.Client, tmp_path: Path
+) -> None:
+    """The agent saved the new password and died before its ack: the broker still knows only the old
+    one. Restarted, its MQTT link is refused with the new one, connects with the old, gets the retained
+    update again, confirms, and is switched over (the agent's own link: AgentMqtt + CredentialKeeper)."""
+    from slmops_agent.credentials import CredentialKeeper, Credentials
+    from slmops_agent.mqtt import AgentMqtt
+
+    enrolled = enroll(any_fleet, owner, "crashy").json()
+    device_id, old = enrolled["device_id"], enrolled["mqtt"]["password"]
+    owner.post(f"/v1/devices/{device_id}/rotate-credentials").raise_for_status()
+    (pending,) = any_fleet.server.store.pending_rotations()
+    creds = Credentials.from_json({"version": 1, "device_id": device_id, "fleet_url": any_fleet.url, **enrolled})
+    creds = Credentials.from_json(
+        {**creds.to_json(), "mqtt": {**enrolled["mqtt"], "password": pending.password, "previous_password": old}}
+    )
+    path = tmp_path / "credentials.json"
+    creds.save(path)
+    link = AgentMqtt(
+        creds,
+        on_desired=lambda _m: None,
+        on_chunk=lambda _m: None,
+        wants_blob=lambda _s: False,
+        keeper=CredentialKeeper(path, creds),
+        reconnect_min_s=0.5,
+        reconnect_max_s=2,
+        connect_jitter_s=0,
+    )
+    link.start()
+    try:
+        wait_for(lambda: not Credentials.load(path).mqtt.previous_password, timeout=30, what="the new password working")
+        wait_for(lambda: link.connects >= 2 and link.is_connected(), what="the link on its new password")
+        assert owner.get(f"/v1/devices/{device_id}").json()["rotation_started_at"] is None
+        assert Credentials.load(path).mqtt.password == pending.password
+        assert refused(enrolled, old)
+    finally:
+        link.stop()
