@@ -10,7 +10,9 @@ enroll again. Revoking twice changes nothing (the broker is asked again, harmles
 **Rotate** (`slmops fleet device rotate-credentials ID`), in this order, each step safe to repeat:
 1. the store keeps a pending rotation (an id and the new password) until the device confirms it;
    asking again while one is pending gives the same one;
-2. the fleet publishes a `CredentialsUpdate` on the device's `credentials` topic, retained (the
+2. the broker's ACL of the device is brought up to date (on Mosquitto, a device enrolled by an older
+   fleet lacks the credentials topics: they are added and its connection closed, so it subscribes
+   again); the fleet publishes a `CredentialsUpdate` on the device's `credentials` topic, retained (the
    device may be offline: it gets it when it reconnects with its old password; the fleet publishes
    every pending one again whenever its own MQTT session connects);
 3. the agent saves the new password atomically (keeping the one it last connected with until the new
@@ -64,6 +66,10 @@ class DeviceLifecycle:
 
     def rotate(self, device_id: str) -> dict[str, Any]:
         pending = self.store.start_rotation(device_id)
+        try:
+            self.provisioner.ensure_acl(device_id)  # it may have been enrolled before the credentials topics
+        except ProvisioningError as exc:
+            raise Unavailable(f"cannot update the device's broker ACL: {exc.reason}") from exc
         self._send(pending)
         device = self.store.get_device(device_id)
         log.info("credential rotation %s of %s sent", pending.rotation_id, device_id)

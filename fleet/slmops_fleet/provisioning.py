@@ -43,6 +43,8 @@ class Provisioner(Protocol):
 
     def set_password(self, device_id: str, password: str) -> None: ...
 
+    def ensure_acl(self, device_id: str) -> None: ...
+
 
 class EmbeddedProvisioner:
     """`disconnect(device_id)` closes the device's live connections (`EmbeddedBroker.disconnect`)."""
@@ -64,6 +66,9 @@ class EmbeddedProvisioner:
         if self.disconnect is not None:
             self.disconnect(device_id)
 
+    def ensure_acl(self, device_id: str) -> None:
+        pass  # the registry asks `Topics` on every check: always this version's ACL
+
 
 class NoProvisioner:
     def add_device(self, device_id: str, password: str) -> None:
@@ -74,6 +79,9 @@ class NoProvisioner:
 
     def set_password(self, device_id: str, password: str) -> None:
         log.warning("broker provisioning is off: set %s's new broker password yourself", device_id)
+
+    def ensure_acl(self, device_id: str) -> None:
+        pass
 
 
 def device_role(device_id: str) -> str:
@@ -243,3 +251,18 @@ class DynsecProvisioner:
     def set_password(self, device_id: str, password: str) -> None:
         """Mosquitto (2.0) closes the client's connections when its password changes."""
         self.command({"command": "setClientPassword", "username": device_id, "password": password})
+
+    def ensure_acl(self, device_id: str) -> None:
+        """Give the device's role every entry of this version's ACL (a device enrolled by an older fleet
+        lacks the newer topics). If one was missing, its connections are closed (disable, enable), so
+        that it subscribes again under the new ACL."""
+        added = False
+        for acl in device_acls(self.topics, device_id):
+            r = self.command(
+                {"command": "addRoleACL", "rolename": device_role(device_id), **acl}, ok_errors=("already exists",)
+            )
+            added = added or not r.get("error")
+        if added:
+            log.info("ACL of %s brought up to date; its connections are closed to take it", device_id)
+            self.command({"command": "disableClient", "username": device_id})
+            self.command({"command": "enableClient", "username": device_id})

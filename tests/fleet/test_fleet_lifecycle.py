@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -181,24 +182,15 @@ def test_rotation_keeps_the_old_password_until_the_device_confirms(any_fleet: An
     assert r.status_code == 409, r.text
 
 
-def test_an_agent_that_crashed_before_its_ack_falls_back_and_confirms(
-    any_fleet: Any, owner: httpx.Client, tmp_path: Path
-) -> None:
-    """The agent saved the new password and died before its ack: the broker still knows only the old
-    one. Restarted, its MQTT link is refused with the new one, connects with the old, gets the retained
-    update again, confirms, and is switched over (the agent's own link: AgentMqtt + CredentialKeeper)."""
+def agent_link(enrolled: dict[str, Any], path: Path, *, password: str = "", previous: str = "") -> Any:
+    """The agent's own MQTT link (AgentMqtt with a CredentialKeeper on `path`), started."""
     from slmops_agent.credentials import CredentialKeeper, Credentials
     from slmops_agent.mqtt import AgentMqtt
 
-    enrolled = enroll(any_fleet, owner, "crashy").json()
-    device_id, old = enrolled["device_id"], enrolled["mqtt"]["password"]
-    owner.post(f"/v1/devices/{device_id}/rotate-credentials").raise_for_status()
-    (pending,) = any_fleet.server.store.pending_rotations()
-    creds = Credentials.from_json({"version": 1, "device_id": device_id, "fleet_url": any_fleet.url, **enrolled})
-    creds = Credentials.from_json(
-        {**creds.to_json(), "mqtt": {**enrolled["mqtt"], "password": pending.password, "previous_password": old}}
-    )
-    path = tmp_path / "credentials.json"
+    mqtt = {**enrolled["mqtt"], "previous_password": previous}
+    if password:
+        mqtt["password"] = password
+    creds = Credentials.from_json({"version": 1, "device_id": enrolled["device_id"], "fleet_url": "", "mqtt": mqtt})
     creds.save(path)
     link = AgentMqtt(
         creds,
@@ -211,6 +203,23 @@ def test_an_agent_that_crashed_before_its_ack_falls_back_and_confirms(
         connect_jitter_s=0,
     )
     link.start()
+    return link
+
+
+def test_an_agent_that_crashed_before_its_ack_falls_back_and_confirms(
+    any_fleet: Any, owner: httpx.Client, tmp_path: Path
+) -> None:
+    """The agent saved the new password and died before its ack: the broker still knows only the old
+    one. Restarted, its MQTT link is refused with the new one, connects with the old, gets the retained
+    update again, confirms, and is switched over (the agent's own link: AgentMqtt + CredentialKeeper)."""
+    from slmops_agent.credentials import Credentials
+
+    enrolled = enroll(any_fleet, owner, "crashy").json()
+    device_id, old = enrolled["device_id"], enrolled["mqtt"]["password"]
+    owner.post(f"/v1/devices/{device_id}/rotate-credentials").raise_for_status()
+    (pending,) = any_fleet.server.store.pending_rotations()
+    path = tmp_path / "credentials.json"
+    link = agent_link(enrolled, path, password=pending.password, previous=old)
     try:
         wait_for(lambda: not Credentials.load(path).mqtt.previous_password, timeout=30, what="the new password working")
         wait_for(lambda: link.connects >= 2 and link.is_connected(), what="the link on its new password")
@@ -219,3 +228,42 @@ def test_an_agent_that_crashed_before_its_ack_falls_back_and_confirms(
         assert refused(enrolled, old)
     finally:
         link.stop()
+
+
+@pytest.mark.mosquitto
+def test_a_device_enrolled_before_rotation_existed_gets_its_acl_updated(
+    mosquitto_broker: Any, fleet_settings: Callable[..., Any], tmp_path: Path
+) -> None:
+    """On Mosquitto a device's ACL is a dynsec role made at enrollment: one made by an older fleet lacks
+    the credentials topics. Rotating adds them and makes the device subscribe again."""
+    from slmops_agent.credentials import Credentials
+    from slmops_fleet.process import FleetThread
+    from slmops_fleet.provisioning import device_role
+
+    with FleetThread(fleet_settings(broker_url=mosquitto_broker.url)) as fleet:
+        owner = httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"})
+        enrolled = enroll(fleet, owner, "old-timer").json()
+        device_id = enrolled["device_id"]
+        topics = fleet.server.topics
+        for acltype, topic in (
+            ("publishClientSend", topics.credentials_ack(device_id)),
+            ("subscribeLiteral", topics.credentials(device_id)),
+        ):
+            fleet.server.provisioner.command(
+                {"command": "removeRoleACL", "rolename": device_role(device_id), "acltype": acltype, "topic": topic}
+            )
+        path = tmp_path / "credentials.json"
+        link = agent_link(enrolled, path)
+        try:
+            wait_for(link.is_connected, what="the old device connected")
+            owner.post(f"/v1/devices/{device_id}/rotate-credentials").raise_for_status()
+            wait_for(
+                lambda: owner.get(f"/v1/devices/{device_id}").json()["rotation_started_at"] is None,
+                timeout=30,
+                what="the rotation confirmed",
+            )
+            wait_for(lambda: not Credentials.load(path).mqtt.previous_password, what="the new password working")
+            assert refused(enrolled, enrolled["mqtt"]["password"])
+        finally:
+            link.stop()
+            owner.close()
