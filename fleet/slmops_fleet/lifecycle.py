@@ -32,7 +32,7 @@ from typing import Any
 
 from slmops_fleet.codec import CredentialsAckIn, credentials_update_to_pb
 from slmops_fleet.distribution import Publisher
-from slmops_fleet.errors import ProvisioningError, Unavailable
+from slmops_fleet.errors import Conflict, ProvisioningError, Unavailable
 from slmops_fleet.provisioning import Provisioner
 from slmops_fleet.store import Store
 from slmops_fleet.store.lifecycle import PendingRotation
@@ -62,9 +62,17 @@ class DeviceLifecycle:
         self.publisher.publish(self.topics.credentials(device_id), b"", qos=1, retain=True)
         if now:
             log.warning("device %s revoked by %s", device_id, by)
-        return {**device.to_json(), "revoked_now": now}
+        if not self.provisioner.manages_credentials:
+            log.warning("remove the broker user of %s yourself: this fleet does not manage the broker's", device_id)
+        return {
+            **device.to_json(),
+            "revoked_now": now,
+            "broker_credentials_removed": self.provisioner.manages_credentials,
+        }
 
     def rotate(self, device_id: str) -> dict[str, Any]:
+        if not self.provisioner.manages_credentials:
+            raise Conflict("this fleet does not manage the broker's users (--broker-provisioning none): rotate there")
         pending = self.store.start_rotation(device_id)
         try:
             self.provisioner.ensure_acl(device_id)  # it may have been enrolled before the credentials topics

@@ -37,6 +37,8 @@ FLEET_ROLE = "slmops-fleet"
 
 
 class Provisioner(Protocol):
+    manages_credentials: bool  # False: the operator keeps the broker's users (nothing to revoke or rotate)
+
     def add_device(self, device_id: str, password: str) -> None: ...
 
     def remove_device(self, device_id: str) -> None: ...
@@ -48,6 +50,8 @@ class Provisioner(Protocol):
 
 class EmbeddedProvisioner:
     """`disconnect(device_id)` closes the device's live connections (`EmbeddedBroker.disconnect`)."""
+
+    manages_credentials = True
 
     def __init__(self, registry: CredentialRegistry, disconnect: Callable[[str], None] | None = None) -> None:
         self.registry = registry
@@ -71,6 +75,8 @@ class EmbeddedProvisioner:
 
 
 class NoProvisioner:
+    manages_credentials = False
+
     def add_device(self, device_id: str, password: str) -> None:
         log.info("broker provisioning is off: give %s its broker credentials yourself", device_id)
 
@@ -102,6 +108,8 @@ def device_acls(topics: Topics, device_id: str) -> list[dict[str, Any]]:
 
 class DynsecProvisioner:
     """Talks to Mosquitto's dynamic security plugin as an admin client (thread-safe)."""
+
+    manages_credentials = True
 
     def __init__(self, admin: BrokerAddress, topics: Topics, *, timeout_s: float = 10.0) -> None:
         if not admin.username:

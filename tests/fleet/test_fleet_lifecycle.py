@@ -82,6 +82,10 @@ def test_a_revoked_device_is_cut_off_at_once_and_its_record_kept(
         send_telemetry(dev_a, 1)
         wait_for(lambda: owner.get(f"/v1/devices/{a['device_id']}/telemetry").json()["samples"], what="telemetry")
 
+        # a rollout under way to both: the revoked device's target is cancelled, not failed
+        pkg = upload(owner, fleet_package({"m.bin": random_bytes(2000, 7)}))
+        first = owner.post("/v1/rollouts", json={"package_id": pkg["package_id"], "target": "all"}).json()
+
         started = time.monotonic()
         r = owner.post(f"/v1/devices/{a['device_id']}/revoke")
         assert r.status_code == 200, r.text
@@ -89,6 +93,10 @@ def test_a_revoked_device_is_cut_off_at_once_and_its_record_kept(
         took = time.monotonic() - started
         assert took < 5.0, f"the revoked device stayed connected {took:.1f} s"
         assert r.json()["status"] == "revoked" and r.json()["revoked_by"] == "owner" and r.json()["revoked_now"]
+        assert r.json()["broker_credentials_removed"] is True
+        targets = {t["device_id"]: t for t in owner.get(f"/v1/rollouts/{first['id']}").json()["devices"]}
+        assert targets[a["device_id"]]["state"] == "CANCELLED" and "revoked" in targets[a["device_id"]]["reason"]
+        assert targets[b["device_id"]]["state"] != "CANCELLED"
 
         # refused afterwards; the other device is untouched
         assert refused(a)
@@ -108,7 +116,6 @@ def test_a_revoked_device_is_cut_off_at_once_and_its_record_kept(
         assert again["revoked_now"] is False and again["revoked_at"] == rec["revoked_at"]
 
         # rollouts leave it out; naming it is refused
-        pkg = upload(owner, fleet_package({"m.bin": random_bytes(2000, 7)}))
         r = owner.post("/v1/rollouts", json={"package_id": pkg["package_id"], "target": [a["device_id"]]})
         assert r.status_code == 400 and "revoked" in r.json()["detail"], r.text
         r = owner.post("/v1/rollouts", json={"package_id": pkg["package_id"], "target": "all"})
