@@ -70,6 +70,9 @@ def test_a_read_only_token_changes_nothing(
             r = client.request(method, path, content=b'{"name": "x", "role": "admin"}')
             assert r.status_code == 403, (method, path, r.text)
             assert "read-only token 'auditor' may not" in r.json()["detail"]
+        # the role is checked before the body is read: an oversized body gets 403, not 413
+        r = client.post("/v1/rollouts", content=b"x" * (5 << 20), headers={"Content-Type": "application/json"})
+        assert r.status_code == 403, r.text
         # reading works, except the admin tokens
         assert client.get("/v1/devices").status_code == 200
         assert client.get(f"/v1/devices/{device_id}").json()["status"] == "active"
@@ -77,7 +80,9 @@ def test_a_read_only_token_changes_nothing(
         assert client.get("/v1/admin-tokens").status_code == 403
     assert snapshot(owner, device_id) == before
     refused = [e for e in owner.get("/v1/audit").json()["entries"] if e["actor"] == "auditor"]
-    assert len(refused) == len(routes) + 1 and {e["status"] for e in refused} == {403}  # + the token list
+    assert len(refused) == len(routes) + 2 and {e["status"] for e in refused} == {
+        403
+    }  # + the big body and the token list
     assert {e["role"] for e in refused} == {"read-only"} and all(e["client"] == "127.0.0.1" for e in refused)
 
 
