@@ -285,6 +285,8 @@ def check_device_isolation(
             topics.device_blobs(b_id),
             topics.reported(b_id),
             topics.telemetry(a_id),  # devices never read telemetry, not even their own
+            topics.credentials(b_id),  # B's new broker password
+            topics.credentials_ack(a_id),
             f"{topics.root}/devices/+/desired",
             f"{topics.root}/devices/+/blobs",
             f"{topics.root}/#",
@@ -306,6 +308,8 @@ def check_device_isolation(
             *topics.device_publish_acl(b_id),
             topics.desired(a_id),
             topics.desired(b_id),
+            topics.credentials(a_id),  # only the fleet gives passwords
+            topics.credentials(b_id),
             topics.device_blobs(b_id),
             topics.blob_chunks("b" * 64),
         ]

@@ -1,9 +1,12 @@
-"""The device's identity: its Ed25519 key and what the fleet gave it at enrollment."""
+"""The device's identity: its Ed25519 key and what the fleet gave it at enrollment, and
+`CredentialKeeper`, which carries its broker password through a rotation."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import logging
+import threading
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from slmops_agent.errors import AgentError
 from slmops_agent.layout import write_atomic
 
+log = logging.getLogger(__name__)
+
 CREDENTIALS_VERSION = 1
+MAX_PASSWORD_CHARS = 200
 
 
 class CredentialsError(AgentError):
@@ -28,6 +34,9 @@ class MqttCredentials:
     password: str
     topic_root: str = "slmops/v1"
     tls: bool = False
+    # During a credential rotation: the password the device last connected with, kept until the new
+    # one (`password`) has worked once ("" otherwise).
+    previous_password: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class Credentials:
                 password=str(m["password"]),
                 topic_root=str(m.get("topic_root") or "slmops/v1"),
                 tls=bool(m.get("tls", False)),
+                previous_password=str(m.get("previous_password") or ""),
             ),
             signing_keys=[str(k) for k in data.get("signing_keys", [])],
             name=str(data.get("name", "")),
@@ -85,6 +95,58 @@ class Credentials:
             return cls.from_json(data)
         except (KeyError, TypeError, ValueError) as exc:
             raise CredentialsError(f"{path} is malformed: {exc}") from exc
+
+
+class CredentialKeeper:
+    """The device's broker password through a rotation (see `slmops_fleet.lifecycle`), saved in
+    credentials.json atomically at each step. Thread-safe.
+
+    A new password from the fleet becomes `password`; the one the device last connected with stays as
+    `previous_password` until the new one has worked, because the broker switches only once the fleet
+    has the device's confirmation (which may be lost to a crash on either side). A connection refused
+    with one is tried with the other."""
+
+    def __init__(self, path: Path, creds: Credentials) -> None:
+        self.path = path
+        self._creds = creds
+        self._lock = threading.Lock()
+
+    @property
+    def creds(self) -> Credentials:
+        with self._lock:
+            return self._creds
+
+    def passwords(self) -> list[str]:
+        """The passwords to try, the newest first."""
+        m = self.creds.mqtt
+        return [m.password, m.previous_password] if m.previous_password else [m.password]
+
+    def accept(self, device_id: str, password: str) -> bool:
+        """Save a new password sent by the fleet; True when it is saved (also when it already was)."""
+        with self._lock:
+            m = self._creds.mqtt
+            if device_id != self._creds.device_id or not password or len(password) > MAX_PASSWORD_CHARS:
+                log.warning("credentials update refused: it names device %r or has no usable password", device_id)
+                return False
+            if password == m.password:
+                return True
+            keep = m.previous_password or m.password  # the one the broker still knows
+            self._save(replace(m, password=password, previous_password=keep))
+            log.info("new broker password saved; the old one is kept until the new one works")
+            return True
+
+    def connected_with(self, password: str) -> None:
+        """A connection with `password` was accepted: once it is the newest, the old one is dropped."""
+        with self._lock:
+            m = self._creds.mqtt
+            if m.previous_password and password == m.password:
+                self._save(replace(m, previous_password=""))
+                log.info("the new broker password works; the old one is forgotten")
+
+    def _save(self, mqtt: MqttCredentials) -> None:
+        creds = replace(self._creds, mqtt=mqtt)
+        creds.save(self.path)
+        self._creds = creds
 
 
 def load_or_create_device_key(path: Path) -> Ed25519PrivateKey:

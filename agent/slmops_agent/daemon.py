@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slmops_agent.codec import blob_want_to_pb, chunk_from_pb, desired_from_pb, inventory_to_pb, report_to_pb
-from slmops_agent.credentials import Credentials, CredentialsError
+from slmops_agent.credentials import CredentialKeeper, Credentials, CredentialsError
 from slmops_agent.errors import AgentError
 from slmops_agent.httpapi import HttpServer
 from slmops_agent.inventory import Inventory, collect_inventory
@@ -224,6 +224,7 @@ class Agent:
             on_chunk=on_chunk,
             wants_blob=updater.wants,
             on_connected=updater.notify_connected,
+            keeper=CredentialKeeper(self.layout.credentials, self.creds),
             keepalive_s=s.mqtt_keepalive_s,
             reconnect_min_s=s.mqtt_reconnect_min_s,
             reconnect_max_s=s.mqtt_reconnect_max_s,

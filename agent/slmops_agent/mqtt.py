@@ -5,6 +5,9 @@ reconnect with capped exponential back-off; a random wait before the first conne
 per-device minimum delay spread a fleet's reconnects after a broker restart. Subscriptions
 are made again on every connect. Payloads are slmops.fleet.v1 protobuf messages; a malformed
 one is logged and dropped.
+
+With a `CredentialKeeper`, a `CredentialsUpdate` from the fleet is saved and confirmed with a
+`CredentialsAck`; the next connection uses the new password, and a refused one tries the other.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import paho.mqtt.client as mqtt
 from google.protobuf.message import DecodeError, Message
 from paho.mqtt.enums import CallbackAPIVersion
 
-from slmops_agent.credentials import Credentials
+from slmops_agent.credentials import CredentialKeeper, Credentials
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.manifests import is_sha256_hex
 from slmops_protos.topics import Topics
@@ -40,6 +43,7 @@ class AgentMqtt:
         on_chunk: Callable[[fleet_pb2.BlobChunk], None],
         wants_blob: Callable[[str], bool],
         on_connected: Callable[[], None] | None = None,
+        keeper: CredentialKeeper | None = None,
         keepalive_s: int = 30,
         reconnect_min_s: float = 1.0,
         reconnect_max_s: float = 60.0,
@@ -52,6 +56,7 @@ class AgentMqtt:
         self.on_chunk = on_chunk
         self.wants_blob = wants_blob
         self.on_connected = on_connected
+        self.keeper = keeper
         self.keepalive_s = keepalive_s
         self.connect_jitter_s = connect_jitter_s
         self.connected = threading.Event()
@@ -65,7 +70,9 @@ class AgentMqtt:
             protocol=mqtt.MQTTv311,
             reconnect_on_failure=True,
         )
-        client.username_pw_set(creds.mqtt.username or self.device_id, creds.mqtt.password)
+        self._username = creds.mqtt.username or self.device_id
+        self._password = keeper.passwords()[0] if keeper is not None else creds.mqtt.password
+        client.username_pw_set(self._username, self._password)
         if creds.mqtt.tls:
             client.tls_set()
         # paho doubles the delay from min to max; a per-device minimum keeps a fleet from reconnecting in step
@@ -101,13 +108,18 @@ class AgentMqtt:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             log.warning("MQTT connect to %s:%s refused: %s", self.creds.mqtt.host, self.creds.mqtt.port, reason_code)
+            self._try_other_password()
             return
         self.connects += 1
+        if self.keeper is not None:
+            self.keeper.connected_with(self._password)
+            self._use_password(self.keeper.passwords()[0])  # the next connection tries the newest first
         client.subscribe(
             [
                 (self.topics.desired(self.device_id), 1),
                 (self.topics.device_blobs(self.device_id), 1),
                 (self.topics.all_blob_chunks, 1),
+                (self.topics.credentials(self.device_id), 1),
             ]
         )
         self.connected.set()
@@ -117,6 +129,33 @@ class AgentMqtt:
                 self.on_connected()
             except Exception:
                 log.exception("on_connected failed")
+
+    def _use_password(self, password: str) -> None:
+        if password != self._password:
+            self._password = password
+            self.client.username_pw_set(self._username, password)
+
+    def _try_other_password(self) -> None:
+        """During a rotation the broker knows one of two passwords: the next attempt tries the other."""
+        if self.keeper is None:
+            return
+        options = self.keeper.passwords()
+        if len(options) > 1:
+            self._use_password(options[(options.index(self._password) + 1) % 2 if self._password in options else 0])
+
+    def _on_credentials(self, payload: bytes | bytearray) -> None:
+        if not payload or self.keeper is None:
+            return  # a cleared retained message, or nobody to keep a password
+        update = _parse(fleet_pb2.CredentialsUpdate, payload)
+        if update is None or not update.rotation_id:
+            self._drop(self.topics.credentials(self.device_id), "not a CredentialsUpdate")
+            return
+        if not self.keeper.accept(update.device_id, update.password):
+            return
+        self._use_password(self.keeper.passwords()[0])
+        ack = fleet_pb2.CredentialsAck(device_id=self.device_id, rotation_id=update.rotation_id)
+        self.client.publish(self.topics.credentials_ack(self.device_id), ack.SerializeToString(), qos=1)
+        log.info("credential rotation %s saved and confirmed", update.rotation_id)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
@@ -139,6 +178,9 @@ class AgentMqtt:
                 self._drop(topic, "not a DesiredState")
                 return
             self.on_desired(desired)
+            return
+        if topic == self.topics.credentials(self.device_id):
+            self._on_credentials(payload)
             return
         if topic == self.topics.device_blobs(self.device_id):
             chunk = _parse(fleet_pb2.BlobChunk, payload)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -230,6 +231,27 @@ class FleetClient:
         return dict(
             self.request("POST", f"/v1/devices/{device_id}/tags", json={"add": add or [], "remove": remove or []})
         )
+
+    def revoke_device(self, device_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/devices/{quote(device_id, safe='')}/revoke"))
+
+    def rotate_credentials(self, device_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/devices/{quote(device_id, safe='')}/rotate-credentials"))
+
+    def list_admin_tokens(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/admin-tokens")["tokens"])
+
+    def create_admin_token(self, name: str, role: str) -> dict[str, Any]:
+        return dict(self.request("POST", "/v1/admin-tokens", json={"name": name, "role": role}))
+
+    def revoke_admin_token(self, name: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/admin-tokens/{quote(name, safe='')}/revoke"))
+
+    def audit(self, since: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if since:
+            params["since"] = since
+        return list(self.request("GET", "/v1/audit", params=params)["entries"])
 
     def create_rollout(
         self,

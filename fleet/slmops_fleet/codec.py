@@ -38,6 +38,12 @@ class TelemetryIn:
     dropped_total: int
 
 
+@dataclass(frozen=True)
+class CredentialsAckIn:
+    device_id: str
+    rotation_id: str
+
+
 def _parse(message: Any, payload: bytes, what: str) -> Any:
     try:
         message.ParseFromString(payload)
@@ -139,6 +145,20 @@ def blob_request_from_pb(device_id: str, payload: bytes) -> BlobRequestIn:
     if not is_sha256_hex(msg.blob_sha256):
         raise PayloadError(f"BlobRequest names no valid blob: {msg.blob_sha256[:80]!r}")
     return BlobRequestIn(device_id, msg.blob_sha256, tuple(msg.missing), msg.chunk_size)
+
+
+def credentials_ack_from_pb(device_id: str, payload: bytes) -> CredentialsAckIn:
+    msg = _parse(fleet_pb2.CredentialsAck(), payload, "CredentialsAck")
+    _check_device(device_id, msg.device_id, "CredentialsAck")
+    if not msg.rotation_id or len(msg.rotation_id) > 64:
+        raise PayloadError("CredentialsAck names no valid rotation")
+    return CredentialsAckIn(device_id, msg.rotation_id)
+
+
+def credentials_update_to_pb(device_id: str, rotation_id: str, password: str) -> bytes:
+    return fleet_pb2.CredentialsUpdate(
+        device_id=device_id, rotation_id=rotation_id, password=password
+    ).SerializeToString()
 
 
 def desired_to_pb(d: DesiredRecord, chunk_size: int) -> bytes:

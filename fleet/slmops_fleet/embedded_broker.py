@@ -429,7 +429,8 @@ class EmbeddedBroker:
         self.port = 0
         self._backlog = (0, 0)
         self._backlog_at = float("-inf")
-        self._device_writers: set[asyncio.StreamWriter] = set()  # the devices' connections
+        self._device_writers: dict[asyncio.StreamWriter, str] = {}  # the devices' connections -> device id
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -446,6 +447,7 @@ class EmbeddedBroker:
         """Bind, start amqtt, and return the bound port."""
         sock = bind_listener(self.HOST, self.requested_port, what="MQTT broker", flag=self._flag)
         self.port = sock.getsockname()[1]
+        self._loop = asyncio.get_running_loop()
         self._broker = _Broker(self._config(), plugin_namespace=f"amqtt.slmops_fleet.{id(self)}")
         try:
             await self._broker.start()
@@ -468,7 +470,7 @@ class EmbeddedBroker:
             if not admitted:
                 return
             if username != FLEET_USERNAME:
-                self._device_writers.add(writer)
+                self._device_writers[writer] = username or ""
             gate.replay()
             await self._broker.external_connected(gate, out, "default")
         except (ConnectionError, OSError) as exc:  # the client went away; nothing to do
@@ -478,7 +480,7 @@ class EmbeddedBroker:
         finally:
             if task is not None:
                 self._clients.discard(task)
-            self._device_writers.discard(writer)
+            self._device_writers.pop(writer, None)
             writer.close()
 
     async def _admit(self, gate: _ReplayReader, out: StreamWriterAdapter) -> tuple[bool, str | None]:
@@ -512,6 +514,18 @@ class EmbeddedBroker:
             await out.close()
             return False, None
         return True, connect.username
+
+    def disconnect(self, device_id: str) -> None:
+        """Close every connection of `device_id` at once (revoked, or its password changed); its next
+        CONNECT meets the registry as it is now. Safe to call from another thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._abort_connections, device_id)
+
+    def _abort_connections(self, device_id: str) -> None:
+        for writer, username in list(self._device_writers.items()):
+            if username == device_id:
+                log.info("closing the MQTT connection of %s", device_id)
+                writer.transport.abort()
 
     def backlog(self) -> tuple[int, int]:
         """(messages to devices amqtt has not finished delivering, plus the fleet's messages it has not

@@ -31,6 +31,12 @@ class Unauthorized(FleetError):
     status_code = 401
 
 
+class Forbidden(FleetError):
+    """The caller is known but may not do this: a read-only token writing, a revoked device (403)."""
+
+    status_code = 403
+
+
 class NotFound(FleetError):
     """No such package, device, rollout or blob (404)."""
 

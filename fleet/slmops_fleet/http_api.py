@@ -1,15 +1,17 @@
 """The fleet's HTTP API (FastAPI). It translates HTTP to `FleetOperations` calls and back; the one
 exception handler here maps the fleet's error types to status codes.
 
-Every /v1 endpoint except /v1/enroll needs `Authorization: Bearer <admin token>`;
-/v1/enroll is authorised by its one-time enrollment token; /healthz is open. The token and the body's
-size are checked before the body is read (`http_guard.RequestGuard`).
+Every /v1 endpoint except /v1/enroll needs `Authorization: Bearer <admin token>` whose role allows
+the request (`admin_auth`); /v1/enroll is authorised by its one-time enrollment token; /healthz is
+open. The token, its role and the body's size are checked before the body is read, and admin actions
+are written to the audit log (`http_guard.RequestGuard`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -17,8 +19,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import ClientDisconnect
 
+from slmops_fleet.admin_auth import AdminAuth, Principal
 from slmops_fleet.errors import FleetError, InvalidRequest, TooLarge
 from slmops_fleet.http_guard import RequestGuard, error_response
+from slmops_fleet.lifecycle import DeviceLifecycle
 from slmops_fleet.operations import FleetOperations
 from slmops_protos import __version__
 from slmops_protos.manifests import MAX_MANIFEST_BYTES
@@ -130,11 +134,24 @@ class RolloutAction(BaseModel):
     reason: str = Field("", max_length=500)
 
 
-def create_app(service: FleetOperations, admin_token: str) -> FastAPI:
+class AdminTokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, description="A unique name (it shows in the audit log).")
+    role: str = Field(description="read-only, operator or admin.")
+
+
+def _principal(request: Request) -> Principal:
+    principal = getattr(request.state, "principal", None)
+    assert isinstance(principal, Principal), "the guard sets the caller of every admin route"
+    return principal
+
+
+def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLifecycle) -> FastAPI:
     app = FastAPI(title="slmops fleet", version=__version__, docs_url="/docs", redoc_url=None)
 
-    # The admin token and body sizes are checked before a route reads the body (http_guard).
-    app.add_middleware(RequestGuard, admin_token=admin_token)
+    # The admin token, its role and body sizes are checked before a route reads the body; admin
+    # actions are audited (http_guard).
+    app.add_middleware(RequestGuard, auth=auth, audit=service.store)
 
     @app.exception_handler(FleetError)
     async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
@@ -156,13 +173,15 @@ def create_app(service: FleetOperations, admin_token: str) -> FastAPI:
 
     @app.post("/v1/enroll")
     def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:
-        return service.enroll(
+        answer = service.enroll(
             token=body.token,
             public_key=body.public_key,
             name=body.name,
             inventory=body.inventory.model_dump(),
             fleet_url=str(request.base_url).rstrip("/"),
         )
+        request.state.audit_target = answer["device_id"]
+        return answer
 
     @v1.post("/packages")
     async def upload_package(request: Request) -> dict[str, Any]:
@@ -218,6 +237,36 @@ def create_app(service: FleetOperations, admin_token: str) -> FastAPI:
     @v1.post("/devices/{device_id}/tags")
     def update_device_tags(device_id: str, body: TagsRequest) -> dict[str, Any]:
         return service.update_device_tags(device_id, body.add, body.remove)
+
+    @v1.post("/devices/{device_id}/revoke")
+    def revoke_device(device_id: str, request: Request) -> dict[str, Any]:
+        return lifecycle.revoke(device_id, by=_principal(request).name)
+
+    @v1.post("/devices/{device_id}/rotate-credentials")
+    def rotate_credentials(device_id: str) -> dict[str, Any]:
+        return lifecycle.rotate(device_id)
+
+    @v1.get("/admin-tokens")
+    def list_admin_tokens() -> dict[str, Any]:
+        return {"tokens": auth.list_tokens()}
+
+    @v1.post("/admin-tokens")
+    def create_admin_token(body: AdminTokenRequest, request: Request) -> dict[str, Any]:
+        request.state.audit_target = body.name
+        return auth.create_token(body.name, body.role, by=_principal(request))
+
+    @v1.post("/admin-tokens/{name}/revoke")
+    def revoke_admin_token(name: str, request: Request) -> dict[str, Any]:
+        return auth.revoke_token(name, by=_principal(request))
+
+    @v1.get("/audit")
+    def audit(
+        since: Annotated[datetime | None, Query(description="ISO 8601 time; entries from then on.")] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> dict[str, Any]:
+        if since is not None and since.tzinfo is None:
+            raise InvalidRequest("since needs a time zone (e.g. 2026-01-01T00:00:00Z)")
+        return {"entries": auth.audit(since, limit)}
 
     @v1.get("/devices/{device_id}/telemetry")
     def device_telemetry(device_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:

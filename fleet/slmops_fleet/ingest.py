@@ -24,10 +24,12 @@ from typing import Any
 
 from slmops_fleet.codec import (
     BlobRequestIn,
+    CredentialsAckIn,
     PayloadError,
     TelemetryIn,
     TooManySamples,
     blob_request_from_pb,
+    credentials_ack_from_pb,
     reported_from_pb,
     telemetry_from_pb,
 )
@@ -65,6 +67,7 @@ class Ingest:
         distributor: BlobDistributor,
         *,
         republish: Callable[[], None],
+        on_credentials_ack: Callable[[CredentialsAckIn], object] | None = None,
         blob_policy: BlobRequestPolicy | None = None,
         max_telemetry_samples: int | None = None,
         queue_bound: int = 10_000,
@@ -77,6 +80,7 @@ class Ingest:
         self.topics = topics
         self.distributor = distributor
         self._republish = republish
+        self._on_credentials_ack = on_credentials_ack
         self.blob_policy = blob_policy
         self.max_telemetry_samples = max_telemetry_samples
         self._warn = WindowedLog(60.0)
@@ -112,6 +116,8 @@ class Ingest:
                     item = self.blob_policy.admit(item)
                     if item is None:
                         return
+            elif kind == "credentials-ack" and self._on_credentials_ack is not None:
+                item = credentials_ack_from_pb(device_id, payload)
             else:
                 return
         except TooManySamples as exc:
@@ -254,6 +260,8 @@ class Ingest:
     def _apply(self, item: Any) -> None:
         if item is _REPUBLISH:
             self._republish()
+        elif isinstance(item, CredentialsAckIn) and self._on_credentials_ack is not None:
+            self._on_credentials_ack(item)
 
     def _run_requests(self) -> None:
         """Blob requests, as many as are queued at a time: one store query checks them all."""

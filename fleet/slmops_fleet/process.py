@@ -26,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from slmops_fleet.admin_auth import AdminAuth
 from slmops_fleet.blobstore import BlobStore
 from slmops_fleet.device_limits import BlobRequestPolicy
 from slmops_fleet.distribution import BlobDistributor
@@ -33,6 +34,7 @@ from slmops_fleet.embedded_broker import CredentialRegistry, EmbeddedBroker, bin
 from slmops_fleet.errors import FleetError, StartupError
 from slmops_fleet.http_api import create_app
 from slmops_fleet.ingest import Ingest
+from slmops_fleet.lifecycle import DeviceLifecycle
 from slmops_fleet.mqtt_client import FleetMqtt, MqttEndpoint
 from slmops_fleet.operations import BrokerInfo, FleetOperations, load_trusted_keys
 from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, NoProvisioner, Provisioner
@@ -159,7 +161,7 @@ class FleetServer:
             self.registry = CredentialRegistry(self.topics)
             self.registry.load(await asyncio.to_thread(store.device_password_hashes))
             self.broker = await self._start_embedded_broker(ports.get("broker_port"))
-            self.provisioner = EmbeddedProvisioner(self.registry)
+            self.provisioner = EmbeddedProvisioner(self.registry, self.broker.disconnect)
             endpoint = MqttEndpoint(
                 "127.0.0.1", self.broker.port, self.registry.fleet_username, self.registry.fleet_password
             )
@@ -241,11 +243,18 @@ class FleetServer:
         )
         service.url = url
         self.service = service
+        lifecycle = DeviceLifecycle(store, self.provisioner, mqtt, self.topics)
+
+        def republish() -> None:  # the fleet's MQTT session (re)connected
+            service.republish_desired()
+            lifecycle.republish_rotations()
+
         ingest = Ingest(
             store,
             self.topics,
             distributor,
-            republish=service.republish_desired,
+            republish=republish,
+            on_credentials_ack=lifecycle.confirmed,
             blob_policy=BlobRequestPolicy(s.chunk_size, rate=s.blob_request_rate, burst=s.blob_request_burst),
             max_telemetry_samples=s.telemetry_max_samples,
         )
@@ -274,7 +283,7 @@ class FleetServer:
 
         # HTTP last: when it answers, everything behind it works.
         config = uvicorn.Config(
-            create_app(service, admin_token),
+            create_app(service, auth=AdminAuth(admin_token, store), lifecycle=lifecycle),
             log_config=None,
             access_log=False,
             lifespan="off",

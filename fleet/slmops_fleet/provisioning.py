@@ -1,5 +1,9 @@
 """Device credentials and ACLs on the broker.
 
+Every provisioner can add a device, remove it (revocation: its credentials are gone and its live
+connections are closed at once) and set its password (credential rotation: the connections made
+with the old one are closed, the device reconnects with the new one).
+
 - `EmbeddedProvisioner`: the embedded broker's live registry.
 - `DynsecProvisioner`: a Mosquitto 2 broker with the dynamic security plugin. The fleet connects
   as a dynsec admin and, per device, creates a role holding exactly the device's ACL and a client
@@ -13,6 +17,7 @@ import json
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
@@ -32,27 +37,56 @@ FLEET_ROLE = "slmops-fleet"
 
 
 class Provisioner(Protocol):
+    manages_credentials: bool  # False: the operator keeps the broker's users (nothing to revoke or rotate)
+
     def add_device(self, device_id: str, password: str) -> None: ...
 
     def remove_device(self, device_id: str) -> None: ...
 
+    def set_password(self, device_id: str, password: str) -> None: ...
+
+    def ensure_acl(self, device_id: str) -> None: ...
+
 
 class EmbeddedProvisioner:
-    def __init__(self, registry: CredentialRegistry) -> None:
+    """`disconnect(device_id)` closes the device's live connections (`EmbeddedBroker.disconnect`)."""
+
+    manages_credentials = True
+
+    def __init__(self, registry: CredentialRegistry, disconnect: Callable[[str], None] | None = None) -> None:
         self.registry = registry
+        self.disconnect = disconnect
 
     def add_device(self, device_id: str, password: str) -> None:
         self.registry.add_device(device_id, hash_secret(password))
 
     def remove_device(self, device_id: str) -> None:
         self.registry.remove_device(device_id)
+        if self.disconnect is not None:
+            self.disconnect(device_id)
+
+    def set_password(self, device_id: str, password: str) -> None:
+        self.registry.add_device(device_id, hash_secret(password))
+        if self.disconnect is not None:
+            self.disconnect(device_id)
+
+    def ensure_acl(self, device_id: str) -> None:
+        pass  # the registry asks `Topics` on every check: always this version's ACL
 
 
 class NoProvisioner:
+    manages_credentials = False
+
     def add_device(self, device_id: str, password: str) -> None:
         log.info("broker provisioning is off: give %s its broker credentials yourself", device_id)
 
     def remove_device(self, device_id: str) -> None:
+        log.warning("broker provisioning is off: remove %s's broker credentials yourself", device_id)
+
+    def set_password(self, device_id: str, password: str) -> None:
+        log.warning("broker provisioning is off: set %s's new broker password yourself", device_id)
+
+    def ensure_acl(self, device_id: str) -> None:
         pass
 
 
@@ -74,6 +108,8 @@ def device_acls(topics: Topics, device_id: str) -> list[dict[str, Any]]:
 
 class DynsecProvisioner:
     """Talks to Mosquitto's dynamic security plugin as an admin client (thread-safe)."""
+
+    manages_credentials = True
 
     def __init__(self, admin: BrokerAddress, topics: Topics, *, timeout_s: float = 10.0) -> None:
         if not admin.username:
@@ -216,5 +252,25 @@ class DynsecProvisioner:
             raise
 
     def remove_device(self, device_id: str) -> None:
+        """Mosquitto closes the client's connections when it is deleted."""
         self.command({"command": "deleteClient", "username": device_id}, ok_errors=("not found",))
         self.command({"command": "deleteRole", "rolename": device_role(device_id)}, ok_errors=("not found",))
+
+    def set_password(self, device_id: str, password: str) -> None:
+        """Mosquitto (2.0) closes the client's connections when its password changes."""
+        self.command({"command": "setClientPassword", "username": device_id, "password": password})
+
+    def ensure_acl(self, device_id: str) -> None:
+        """Give the device's role every entry of this version's ACL (a device enrolled by an older fleet
+        lacks the newer topics). If one was missing, its connections are closed (disable, enable), so
+        that it subscribes again under the new ACL."""
+        added = False
+        for acl in device_acls(self.topics, device_id):
+            r = self.command(
+                {"command": "addRoleACL", "rolename": device_role(device_id), **acl}, ok_errors=("already exists",)
+            )
+            added = added or not r.get("error")
+        if added:
+            log.info("ACL of %s brought up to date; its connections are closed to take it", device_id)
+            self.command({"command": "disableClient", "username": device_id})
+            self.command({"command": "enableClient", "username": device_id})

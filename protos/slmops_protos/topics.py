@@ -26,6 +26,12 @@ class Topics:
     def device_blobs(self, device_id: str) -> str:
         return f"{self.root}/devices/{device_id}/blobs"
 
+    def credentials(self, device_id: str) -> str:
+        return f"{self.root}/devices/{device_id}/credentials"
+
+    def credentials_ack(self, device_id: str) -> str:
+        return f"{self.root}/devices/{device_id}/credentials-ack"
+
     def blob_chunks(self, sha256: str) -> str:
         return f"{self.root}/blobs/{sha256}/chunks"
 
@@ -35,11 +41,21 @@ class Topics:
 
     def device_publish_acl(self, device_id: str) -> list[str]:
         """The only topics a device may publish to."""
-        return [self.reported(device_id), self.telemetry(device_id), self.blob_requests(device_id)]
+        return [
+            self.reported(device_id),
+            self.telemetry(device_id),
+            self.blob_requests(device_id),
+            self.credentials_ack(device_id),
+        ]
 
     def device_subscribe_acl(self, device_id: str) -> list[str]:
         """The only topic filters a device may subscribe to."""
-        return [self.desired(device_id), self.device_blobs(device_id), self.all_blob_chunks]
+        return [
+            self.desired(device_id),
+            self.device_blobs(device_id),
+            self.all_blob_chunks,
+            self.credentials(device_id),
+        ]
 
     def fleet_subscriptions(self) -> list[str]:
         """What the fleet listens to."""
@@ -47,6 +63,7 @@ class Topics:
             f"{self.root}/devices/+/reported",
             f"{self.root}/devices/+/telemetry",
             f"{self.root}/devices/+/blob-requests",
+            f"{self.root}/devices/+/credentials-ack",
         ]
 
     def device_of(self, topic: str) -> str | None:

@@ -12,6 +12,9 @@
 - `fleet_settings`        -> make(**overrides) -> FleetSettings in a fresh data folder, trusting `signing_key`.
 - `fleet`                 -> a running FleetThread with the embedded broker (function scope).
 - `admin`                 -> an httpx.Client on the `fleet` with the admin token.
+- `any_fleet`             -> a running FleetThread on the embedded broker, then (a second parameter) on
+                             the test's own Mosquitto with dynamic security.
+- `owner`                 -> an httpx.Client on `any_fleet` with its owner's admin token.
 """
 
 from __future__ import annotations
@@ -111,6 +114,26 @@ def fleet(fleet_settings: Callable[..., Any]) -> Iterator[Any]:
 def admin(fleet: Any) -> Iterator[httpx.Client]:
     with httpx.Client(
         base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}, timeout=30
+    ) as client:
+        yield client
+
+
+@pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+def any_fleet(request: pytest.FixtureRequest, fleet_settings: Callable[..., Any]) -> Iterator[Any]:
+    from slmops_fleet.process import FleetThread
+
+    if request.param == "mosquitto":
+        settings = fleet_settings(broker_url=request.getfixturevalue("mosquitto_broker").url)
+    else:
+        settings = fleet_settings()
+    with FleetThread(settings) as fleet:
+        yield fleet
+
+
+@pytest.fixture
+def owner(any_fleet: Any) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=any_fleet.url, headers={"Authorization": f"Bearer {any_fleet.admin_token}"}, timeout=30
     ) as client:
         yield client
 

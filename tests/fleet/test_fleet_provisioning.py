@@ -105,6 +105,11 @@ def test_external_broker_without_provisioning(
                         break
                     time.sleep(0.1)
                 assert admin.get(f"/v1/devices/{a['device_id']}").json()["active_version"] == "1.0.0"
+                # the broker's users are the operator's: no rotation; a revocation says it removed nothing
+                r = admin.post(f"/v1/devices/{a['device_id']}/rotate-credentials")
+                assert r.status_code == 409 and "does not manage" in r.json()["detail"], r.text
+                r = admin.post(f"/v1/devices/{_b['device_id']}/revoke")
+                assert r.json()["status"] == "revoked" and r.json()["broker_credentials_removed"] is False
         finally:
             dev.close()
         # Clear the retained desired states this test left on the shared broker.

@@ -1,4 +1,4 @@
-"""`slmops fleet device ...`: list enrolled devices and tag them."""
+"""`slmops fleet device ...`: list enrolled devices, tag them, revoke them, rotate their credentials."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def device_list(
             d["id"],
             d["name"] or "",
             ",".join(d.get("tags") or []),
-            d["state"] or "enrolled",
+            "revoked" if d.get("status") == "revoked" else (d["state"] or "enrolled"),
             d["active_version"] or "",
             progress,
             ago_text(d["last_seen"]),
@@ -70,3 +70,42 @@ def device_tag(
         print_json(d)
         return
     out_console().print(f"{d['id']}: tags {', '.join(d['tags']) or 'none'}", highlight=False)
+
+
+@app.command("revoke")
+def device_revoke(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Decommission a device: its broker credentials are removed and its connection closed at once; its
+    record, reports and telemetry are kept; it is never targeted again and its key cannot enroll again."""
+    d = call(fleet, token, data_dir, lambda c: c.revoke_device(device_id))
+    if as_json:
+        print_json(d)
+        return
+    what = "revoked" if d["revoked_now"] else "was already revoked"
+    out_console().print(f"{d['id']}: {what} ({d['revoked_at']}, by {d['revoked_by']})", highlight=False)
+
+
+@app.command("rotate-credentials")
+def device_rotate(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Give a device a new broker password over its MQTT link; the old one is refused once the device
+    confirms (an offline device gets it when it reconnects). Running it again resends a pending one."""
+    r = call(fleet, token, data_dir, lambda c: c.rotate_credentials(device_id))
+    if as_json:
+        print_json(r)
+        return
+    out_console().print(
+        f"{r['device_id']}: rotation {r['rotation_id']} sent (pending since {r['started_at']}); "
+        "the old password works until the device confirms",
+        highlight=False,
+    )

@@ -3,14 +3,17 @@ the rest of the fleet needs (each returns plain dataclasses, `records`, never OR
 
 - `database`: the engine and one transaction per call (SQLite or PostgreSQL).
 - `schema`: the rows; `records`: what the store hands out.
-- `devices`, `packages`, `blobs`, `leases`, `rollouts`, `telemetry`: the queries of each entity;
+- `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `telemetry`, `admin`: the queries
+  of each entity (`lifecycle`: revocation and credential rotation; `admin`: admin tokens, audit log);
   the rollout rules themselves live in `slmops_fleet.rollouts.rules`.
 - `Store`: all of them on one object.
 """
 
+from slmops_fleet.store.admin import AdminQueries
 from slmops_fleet.store.blobs import BlobQueries
 from slmops_fleet.store.devices import DeviceQueries
 from slmops_fleet.store.leases import LeaseQueries
+from slmops_fleet.store.lifecycle import LifecycleQueries
 from slmops_fleet.store.packages import PackageQueries
 from slmops_fleet.store.rollouts import RolloutQueries
 from slmops_fleet.store.telemetry import TelemetryQueries
@@ -18,5 +21,14 @@ from slmops_fleet.store.telemetry import TelemetryQueries
 __all__ = ["Store"]
 
 
-class Store(DeviceQueries, PackageQueries, BlobQueries, LeaseQueries, RolloutQueries, TelemetryQueries):
+class Store(
+    DeviceQueries,
+    LifecycleQueries,
+    PackageQueries,
+    BlobQueries,
+    LeaseQueries,
+    RolloutQueries,
+    TelemetryQueries,
+    AdminQueries,
+):
     """Thread-safe access to the fleet database (one short session per call)."""

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from slmops_fleet.errors import EnrollmentRefused, InvalidRequest, NotFound
+from slmops_fleet.errors import EnrollmentRefused, Forbidden, InvalidRequest, NotFound
 from slmops_fleet.rollouts.selectors import check_tags
 from slmops_fleet.rollouts.waves import PlanError
 from slmops_fleet.store.database import Database, new_id, utcnow
@@ -50,6 +50,9 @@ def device_record(row: DeviceRow, desired: DesiredStateRow | None) -> DeviceReco
         desired_generation=desired.generation if desired else 0,
         desired_package_id=desired.package_id if desired else None,
         tags=list(row.tags or []),
+        revoked_at=row.revoked_at,
+        revoked_by=row.revoked_by,
+        rotation_started_at=row.rotation_started_at,
     )
 
 
@@ -99,6 +102,10 @@ class DeviceQueries(Database):
         device_id = new_id("dev")
         now = utcnow()
         with self.session(write=True) as s:
+            # A revoked device's key may not come back under a new id (checked before the token is used).
+            revoked = select(DeviceRow.id).where(DeviceRow.public_key == public_key, DeviceRow.revoked_at.is_not(None))
+            if s.scalar(revoked.limit(1)) is not None:
+                raise Forbidden("this device key belongs to a revoked device; make a new key to enroll again")
             claimed = s.execute(
                 update(EnrollmentTokenRow)
                 .where(
@@ -173,5 +180,7 @@ class DeviceQueries(Database):
             return device_record(row, latest_desired(s, [device_id]).get(device_id))
 
     def device_password_hashes(self) -> dict[str, str]:
+        """The broker password hash of every device that is not revoked."""
         with self.session() as s:
-            return {r.id: r.mqtt_password_hash for r in s.execute(select(DeviceRow.id, DeviceRow.mqtt_password_hash))}
+            rows = s.execute(select(DeviceRow.id, DeviceRow.mqtt_password_hash).where(DeviceRow.revoked_at.is_(None)))
+            return {r.id: r.mqtt_password_hash for r in rows}

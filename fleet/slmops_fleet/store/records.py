@@ -35,11 +35,19 @@ class DeviceRecord:
     desired_generation: int = 0
     desired_package_id: str | None = None
     tags: list[str] = field(default_factory=list)
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+    rotation_started_at: datetime | None = None  # a credential rotation the device has not confirmed
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("created_at", "last_seen", "reported_at"):
+        for k in ("created_at", "last_seen", "reported_at", "revoked_at", "rotation_started_at"):
             d[k] = _iso(d[k])
+        d["status"] = "revoked" if self.revoked else "active"
         return d
 
 
@@ -302,3 +310,35 @@ class BlobStatsRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "size": self.size, **asdict(self.stats)}
+
+
+@dataclass(frozen=True)
+class AdminTokenRecord:
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["created_at"] = _iso(self.created_at)
+        d["revoked_at"] = _iso(self.revoked_at)
+        return d
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: datetime
+    actor: str
+    role: str
+    client: str
+    method: str
+    path: str
+    target: str
+    status: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "at": _iso(self.at)}

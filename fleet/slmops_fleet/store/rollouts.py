@@ -147,23 +147,30 @@ class RolloutQueries(Database):
                 candidates = [pkg]
             variants = [package_record(s, r).variant() for r in candidates]
             if target == "all":
-                device_ids = list(s.scalars(select(DeviceRow.id).order_by(DeviceRow.id)).all())
+                device_ids = list(
+                    s.scalars(select(DeviceRow.id).where(DeviceRow.revoked_at.is_(None)).order_by(DeviceRow.id)).all()
+                )
                 if not device_ids:
-                    raise Conflict("no devices are enrolled; enroll one before rolling out")
+                    raise Conflict("no devices are enrolled (and not revoked); enroll one before rolling out")
             else:
                 device_ids = sorted(set(target))
                 if not device_ids:
                     raise InvalidRequest("target lists no devices")
             # Lock the target devices (PostgreSQL; SQLite serialises writers) so generations stay strictly
             # increasing under concurrent rollouts.
-            found = set(
-                s.scalars(
-                    select(DeviceRow.id).where(DeviceRow.id.in_(device_ids)).order_by(DeviceRow.id).with_for_update()
-                ).all()
+            locked = s.execute(
+                select(DeviceRow.id, DeviceRow.revoked_at)
+                .where(DeviceRow.id.in_(device_ids))
+                .order_by(DeviceRow.id)
+                .with_for_update()
             )
+            found = {r.id: r.revoked_at for r in locked}
             unknown = [d for d in device_ids if d not in found]
             if unknown:
                 raise InvalidRequest(f"unknown device ids: {', '.join(unknown)}")
+            revoked = [d for d in device_ids if found[d] is not None]
+            if revoked:
+                raise InvalidRequest(f"revoked devices cannot be targeted: {', '.join(revoked)}")
             if plan.selector:
                 rows = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(device_ids))).all()
                 device_ids = rules.narrow(plan.selector, device_ids, rows)
@@ -381,7 +388,8 @@ class RolloutQueries(Database):
     def latest_desired_states(self) -> list[DesiredRecord]:
         """Every device's newest desired state (republished, retained, whenever the fleet connects)."""
         with self.session() as s:
-            latest = latest_desired(s)
+            revoked = set(s.scalars(select(DeviceRow.id).where(DeviceRow.revoked_at.is_not(None))).all())
+            latest = {k: v for k, v in latest_desired(s).items() if k not in revoked}
             manifests: dict[str, bytes] = {}
             out = []
             for d in latest.values():

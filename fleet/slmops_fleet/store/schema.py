@@ -95,6 +95,14 @@ class DeviceRow(Base):
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     telemetry_dropped_total: Mapped[int] = mapped_column(BigInteger, default=0)
     tags: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
+    # Lifecycle (`slmops_fleet.lifecycle`): a revoked device keeps its row (audit) but no credentials.
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # A credential rotation the device has not confirmed yet: its new password, kept only until then
+    # (the fleet sends it again whenever its MQTT session connects).
+    rotation_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    rotation_password: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    rotation_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class PackageRow(Base):
@@ -254,3 +262,34 @@ class TelemetrySampleRow(Base):
     queue_depth: Mapped[int] = mapped_column(Integer, default=0)
     update_state: Mapped[str] = mapped_column(String(32), default="")
     active_package_id: Mapped[str] = mapped_column(String(64), default="")
+
+
+class AdminTokenRow(Base):
+    """A named admin token with a role (`slmops_fleet.admin_auth.Role`); only its hash is kept."""
+
+    __tablename__ = "admin_tokens"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(32))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class AuditRow(Base):
+    """One admin action (or an enrollment): who, what, when, and how it ended."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(32))
+    client: Mapped[str] = mapped_column(String(64), default="")
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    target: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[int] = mapped_column(Integer)

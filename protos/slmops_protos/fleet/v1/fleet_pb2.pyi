@@ -441,3 +441,57 @@ class BlobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BlobRequest: _TypeAlias = BlobRequest  # noqa: Y015
+
+@_typing.final
+class CredentialsUpdate(_message.Message):
+    """fleet -> device on devices/{id}/credentials (retained until the device confirms, then cleared):
+    the device's next broker password. The device saves it (keeping the one it last connected with
+    until the new one works) and confirms with a CredentialsAck; the broker switches to it then.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    ROTATION_ID_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    rotation_id: _builtins.str
+    password: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        rotation_id: _builtins.str = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "password", b"password", "rotation_id", b"rotation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialsUpdate: _TypeAlias = CredentialsUpdate  # noqa: Y015
+
+@_typing.final
+class CredentialsAck(_message.Message):
+    """device -> fleet on devices/{id}/credentials-ack: the password of `rotation_id` is saved."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    ROTATION_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    rotation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        rotation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "rotation_id", b"rotation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialsAck: _TypeAlias = CredentialsAck  # noqa: Y015
