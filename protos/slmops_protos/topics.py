@@ -33,13 +33,18 @@ class Topics:
     def all_blob_chunks(self) -> str:
         return f"{self.root}/blobs/+/chunks"
 
+    @property
+    def keys(self) -> str:
+        """The fleet's key statements (retained `KeyStatements`), for every device."""
+        return f"{self.root}/keys"
+
     def device_publish_acl(self, device_id: str) -> list[str]:
         """The only topics a device may publish to."""
         return [self.reported(device_id), self.telemetry(device_id), self.blob_requests(device_id)]
 
     def device_subscribe_acl(self, device_id: str) -> list[str]:
         """The only topic filters a device may subscribe to."""
-        return [self.desired(device_id), self.device_blobs(device_id), self.all_blob_chunks]
+        return [self.desired(device_id), self.device_blobs(device_id), self.all_blob_chunks, self.keys]
 
     def fleet_subscriptions(self) -> list[str]:
         """What the fleet listens to."""
