@@ -38,6 +38,7 @@ from slmops_fleet.operations import BrokerInfo, FleetOperations, load_trusted_ke
 from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, NoProvisioner, Provisioner
 from slmops_fleet.rollouts.driver import RolloutDriver
 from slmops_fleet.settings import FleetSettings
+from slmops_fleet.signing_keys import SigningKeys
 from slmops_fleet.store import Store
 from slmops_fleet.store.records import BlobRecord
 from slmops_protos.topics import Topics
@@ -232,7 +233,7 @@ class FleetServer:
             s,
             store,
             blobs,
-            trusted_keys=trusted,
+            keys=SigningKeys(trusted, store, mqtt, self.topics),
             provisioner=self.provisioner,
             publisher=mqtt,
             distributor=distributor,
@@ -245,7 +246,7 @@ class FleetServer:
             store,
             self.topics,
             distributor,
-            republish=service.republish_desired,
+            republish=service.republish,
             blob_policy=BlobRequestPolicy(s.chunk_size, rate=s.blob_request_rate, burst=s.blob_request_burst),
             max_telemetry_samples=s.telemetry_max_samples,
         )

@@ -3,13 +3,15 @@ the rest of the fleet needs (each returns plain dataclasses, `records`, never OR
 
 - `database`: the engine and one transaction per call (SQLite or PostgreSQL).
 - `schema`: the rows; `records`: what the store hands out.
-- `devices`, `packages`, `blobs`, `leases`, `rollouts`, `telemetry`: the queries of each entity;
+- `devices`, `packages`, `blobs`, `leases`, `rollouts`, `telemetry`, `keys` (key statements): the
+  queries of each entity;
   the rollout rules themselves live in `slmops_fleet.rollouts.rules`.
 - `Store`: all of them on one object.
 """
 
 from slmops_fleet.store.blobs import BlobQueries
 from slmops_fleet.store.devices import DeviceQueries
+from slmops_fleet.store.keys import KeyStatementQueries
 from slmops_fleet.store.leases import LeaseQueries
 from slmops_fleet.store.packages import PackageQueries
 from slmops_fleet.store.rollouts import RolloutQueries
@@ -18,5 +20,7 @@ from slmops_fleet.store.telemetry import TelemetryQueries
 __all__ = ["Store"]
 
 
-class Store(DeviceQueries, PackageQueries, BlobQueries, LeaseQueries, RolloutQueries, TelemetryQueries):
+class Store(
+    DeviceQueries, PackageQueries, BlobQueries, LeaseQueries, RolloutQueries, TelemetryQueries, KeyStatementQueries
+):
     """Thread-safe access to the fleet database (one short session per call)."""
