@@ -110,12 +110,14 @@ class KeyTrust:
         self.layout = layout
         self.ring = load_ring(layout, creds)
         self.on_change = on_change
-        self.refused = 0  # statements refused (bad signer, replay, malformed)
+        self.messages = 0  # KeyStatements messages handled
+        self.refused = 0  # statements refused (bad signer, retired key, malformed)
         self.last_refusal = ""
         self._lock = threading.Lock()
 
     def on_statements(self, msg: fleet_pb2.KeyStatements) -> None:
         """Apply the statements newer than the ring's (MQTT thread; never raises)."""
+        self.messages += 1
         if len(msg.statements) > MAX_STATEMENTS:
             self._refuse(f"{len(msg.statements)} key statements in one message (limit {MAX_STATEMENTS})")
             return
