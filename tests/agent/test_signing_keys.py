@@ -65,3 +65,16 @@ def test_a_device_enrolled_after_statements_skips_them(tmp_path: Path) -> None:
     trust = KeyTrust(layout, _creds([_hex(new)], sequence=1))  # what the fleet pins after statement 1
     trust.on_statements(_chain(s1))
     assert trust.refused == 0 and trust.ring.trusted == (_hex(new),)
+
+
+def test_too_many_statements_in_one_message_are_refused(tmp_path: Path) -> None:
+    from slmops_protos.key_statements import MAX_STATEMENTS
+
+    old = Ed25519PrivateKey.generate()
+    layout = StateLayout(tmp_path)
+    layout.create()
+    trust = KeyTrust(layout, _creds([_hex(old)]))
+    one = key_statement(1, [old], add=[Ed25519PrivateKey.generate().public_key()])
+    trust.on_statements(_chain(*[one] * (MAX_STATEMENTS + 1)))
+    assert trust.refused == 1 and "limit" in trust.last_refusal and trust.ring.sequence == 0
+    assert not layout.key_ring.exists()

@@ -14,6 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops_builder.keys import generate_key, key_statement, load_private_key
+from slmops_fleet.errors import Conflict
+from slmops_fleet.store import Store
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.key_statements import KeyRing, apply_chain
 from slmops_protos.manifests import key_id, public_key_bytes
@@ -69,6 +71,7 @@ def _rotate(
         (key_statement(2, [old], add=[stranger.public_key()]).SerializeToString(), 400, "retired key"),
         (key_statement(2, [stranger], add=[stranger.public_key()]).SerializeToString(), 400, "untrusted keys"),
         (b"\x00junk", 400, "does not parse"),
+        (b"\x00" * (64 * 1024 + 1), 413, "limit"),
     ):
         r = _post(admin, data)
         assert r.status_code == status and why in r.json()["detail"], r.text
@@ -130,3 +133,12 @@ def test_key_rotation_on_mosquitto(
 
     with FleetThread(fleet_settings(broker_url=mosquitto_broker.url)) as fleet, _admin(fleet) as admin:
         _rotate(fleet, admin, signing_key, tmp_path, fleet_package)
+
+
+def test_the_store_refuses_a_statement_at_or_below_the_last(store: Store) -> None:
+    store.add_key_statement(1, b"one", "k1")
+    store.add_key_statement(5, b"five", "k1")
+    for seq in (5, 3):
+        with pytest.raises(Conflict, match="already applied"):
+            store.add_key_statement(seq, b"again", "k1")
+    assert store.key_statements() == [b"one", b"five"]
