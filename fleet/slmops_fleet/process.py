@@ -138,12 +138,6 @@ class FleetServer:
         s.trusted_keys_dir.mkdir(exist_ok=True)
         admin_token = ensure_admin_token(s.admin_token_file)
         trusted = load_trusted_keys(s)
-        if not trusted:
-            log.warning(
-                "no trusted signing keys: package uploads are refused until you pass --trust-key or put a "
-                "*.pub into %s",
-                s.trusted_keys_dir,
-            )
         blobs = BlobStore(s.blobs_dir)
         blobs.create()
         ports = self._read_ports()
@@ -242,6 +236,12 @@ class FleetServer:
         )
         service.url = url
         self.service = service
+        if not await asyncio.to_thread(service.keys.trusted):  # the configured keys and the key statements
+            log.warning(
+                "no trusted signing keys: package uploads are refused until you pass --trust-key or put a "
+                "*.pub into %s",
+                s.trusted_keys_dir,
+            )
         ingest = Ingest(
             store,
             self.topics,

@@ -135,10 +135,11 @@ def apply_statement(ring: KeyRing, data: bytes) -> tuple[KeyRing, manifest_pb2.K
 
 def fold_statements(ring: KeyRing, chain: Iterable[bytes]) -> KeyRing:
     """The ring after statements checked when they were recorded (their signers are not checked
-    again: the keys that signed the first ones may have left the configuration since)."""
+    again: the keys that signed the first ones may have left the configuration since; nor is a key
+    required to remain, the configuration being the operator's to change)."""
     for data in chain:
         _, statement = parse_signed_statement(data)
-        ring = _change(ring, statement)
+        ring = _change(ring, statement, keep_one=False)
     return ring
 
 
@@ -149,7 +150,7 @@ def _check_sequence(ring: KeyRing, statement: manifest_pb2.KeyStatement) -> None
         )
 
 
-def _change(ring: KeyRing, statement: manifest_pb2.KeyStatement) -> KeyRing:
+def _change(ring: KeyRing, statement: manifest_pb2.KeyStatement, *, keep_one: bool = True) -> KeyRing:
     _check_sequence(ring, statement)
     if len(statement.add_keys) + len(statement.retire_keys) > MAX_KEYS_PER_STATEMENT:
         raise KeyStatementError(f"key statement names more than {MAX_KEYS_PER_STATEMENT} keys")
@@ -162,7 +163,7 @@ def _change(ring: KeyRing, statement: manifest_pb2.KeyStatement) -> KeyRing:
         raise KeyStatementError(f"key statement adds retired key {hex_key_id(back[0])}")
     retired = ring.retired | retire
     trusted = tuple(k for k in dict.fromkeys([*ring.trusted, *add]) if k not in retired)
-    if not trusted:
+    if keep_one and not trusted:
         raise KeyStatementError("key statement would retire the last trusted key")
     return KeyRing(trusted, retired, statement.sequence)
 

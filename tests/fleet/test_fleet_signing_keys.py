@@ -48,7 +48,8 @@ def _retained_chain(fleet: Any, creds: dict[str, Any]) -> fleet_pb2.KeyStatement
 
 def _rotate(
     fleet: Any, admin: httpx.Client, signing_key: tuple[Path, Path], tmp_path: Path, fleet_package: Callable[..., Path]
-) -> None:
+) -> Ed25519PrivateKey:
+    """Rotate from the session's key to a new one; return the new key."""
     old = load_private_key(signing_key[0])
     new_path = tmp_path / "new.key"
     new = generate_key(new_path)
@@ -100,6 +101,7 @@ def _rotate(
     later = enroll(fleet, new_token(admin)).json()
     assert later["signing_keys"] == [public_key_bytes(new.public_key()).hex()]
     assert later["key_sequence"] == 1
+    return new
 
 
 def test_key_rotation_on_the_embedded_broker(
@@ -109,14 +111,17 @@ def test_key_rotation_on_the_embedded_broker(
     tmp_path: Path,
     fleet_package: Callable[..., Path],
 ) -> None:
-    _rotate(fleet, admin, signing_key, tmp_path, fleet_package)
-    # the fleet keeps what it applied: after a restart the ring is the same and it publishes it again
-    settings = fleet.server.settings
+    new = _rotate(fleet, admin, signing_key, tmp_path, fleet_package)
+    # the fleet keeps what it applied: after a restart the ring is the same and it publishes it again,
+    # also when the operator no longer configures the retired key
+    settings = fleet.server.settings.model_copy(update={"signing_keys": []})
     fleet.stop()
     from slmops_fleet.process import FleetThread
 
     with FleetThread(settings) as again, _admin(again) as a2:
-        assert a2.get("/v1/signing-keys").json()["sequence"] == 1
+        listed = a2.get("/v1/signing-keys").json()
+        assert listed["sequence"] == 1 and listed["configured"] == []
+        assert [k["key_id"] for k in listed["trusted"]] == [key_id(new.public_key())]
         device = enroll(again, new_token(a2)).json()
         assert len(_retained_chain(again, device).statements) == 1
 
