@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops_builder.keys import generate_key, key_statement, load_private_key
+from slmops_cli.procs import run
 from slmops_fleet.errors import Conflict
 from slmops_fleet.store import Store
 from slmops_protos.fleet.v1 import fleet_pb2
@@ -122,6 +123,8 @@ def test_key_rotation_on_the_embedded_broker(
         listed = a2.get("/v1/signing-keys").json()
         assert listed["sequence"] == 1 and listed["configured"] == []
         assert [k["key_id"] for k in listed["trusted"]] == [key_id(new.public_key())]
+        table = run(["fleet", "keys", "list", "--fleet", again.url, "--token", again.admin_token])
+        assert key_id(new.public_key()) in table and "retired" in table and "yearly rotation" in table
         device = enroll(again, new_token(a2)).json()
         assert len(_retained_chain(again, device).statements) == 1
 

@@ -29,7 +29,7 @@ def keys_list(
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The keys the fleet trusts and has retired, and the statements applied (the last sequence)."""
+    """List the trusted and retired signing keys and the key statements applied."""
     result = call(fleet, token, data_dir, lambda c: c.signing_keys())
     if as_json:
         print_json(result)
@@ -45,8 +45,10 @@ def keys_apply(
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply a signed key statement: the fleet checks it (signed by a key it trusts, a sequence above
-    the last one), trusts and retires keys as it says, and passes it to every device."""
+    """Apply a signed key statement and pass it to every device.
+
+    The fleet checks it (signed by a key it trusts now, a sequence above the last one), then trusts
+    and retires keys as it says; devices offline now get it when they reconnect."""
     try:
         data = statement.read_bytes()
     except OSError as exc:
