@@ -32,6 +32,7 @@ def make_package(
     version: str = "1.0.0",
     adapter_of: str = "",
     golden: list[tuple[str, str]] | None = None,
+    security_version: int = 0,
 ) -> Path:
     """A signed package folder of `files` (the fleet does not care whether they are a model). With
     `adapter_of` (a base package id) it is an adapter package whose first file is the adapter;
@@ -49,6 +50,7 @@ def make_package(
         version=version,
         profile=manifest_pb2.HardwareProfile(name="cpu-int4", execution_provider="cpu", precision="int4"),
         golden_prompts=[manifest_pb2.GoldenPrompt(prompt=p, reference=r) for p, r in golden or []],
+        security_version=security_version,
     )
     if adapter_of:
         spec.kind = "adapter"
@@ -70,10 +72,12 @@ def repackage(
     references: str | None = None,
     profile: manifest_pb2.HardwareProfile | None = None,
     extra_files: dict[str, bytes] | None = None,
+    security_version: int | None = None,
 ) -> Path:
-    """`pkg`'s files and manifest, re-signed into `out`; `references` replaces every golden prompt's
-    reference answer (a package whose answers can never match on a device); `extra_files` (path ->
-    bytes) are added to the package's files."""
+    """`pkg`'s files and manifest, re-signed into `out` (with `key_path`); `references` replaces every
+    golden prompt's reference answer (a package whose answers can never match on a device);
+    `extra_files` (path -> bytes) are added to the package's files; `security_version` replaces the
+    manifest's."""
     from slmops_builder.keys import load_private_key
     from slmops_builder.packaging import PackageSpec, write_package
 
@@ -93,6 +97,7 @@ def repackage(
         evaluation=m.evaluation,
         golden_prompts=golden,
         adapters=list(m.adapters),
+        security_version=m.security_version if security_version is None else security_version,
     )
     with tempfile.TemporaryDirectory(prefix="repackage-") as tmp:
         src = Path(tmp)

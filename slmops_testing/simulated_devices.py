@@ -312,6 +312,7 @@ def check_device_isolation(
             topics.credentials(b_id),
             topics.device_blobs(b_id),
             topics.blob_chunks("b" * 64),
+            topics.keys,  # only the fleet states which signing keys devices trust
         ]
         for t in allowed + forbidden:
             dev_a.client.publish(t, marker + t.encode(), qos=1)

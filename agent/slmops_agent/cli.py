@@ -156,9 +156,10 @@ def install(
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Side-load a package without a fleet (the agent must be stopped): verify, stage, test, commit."""
-    from slmops_agent.daemon import add_trusted_key, install_package
+    from slmops_agent.daemon import install_package
     from slmops_agent.errors import AgentError
     from slmops_agent.layout import StateLayout
+    from slmops_agent.signing_keys import add_trusted_key
 
     settings = _settings(state_dir=state_dir, threads=threads)
     _setup_logging("WARNING")

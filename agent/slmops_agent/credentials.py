@@ -45,6 +45,7 @@ class Credentials:
     fleet_url: str
     mqtt: MqttCredentials
     signing_keys: list[str] = field(default_factory=list)  # hex of raw Ed25519 keys, pinned at enrollment
+    key_sequence: int = 0  # the fleet's last key statement when it gave `signing_keys`
     name: str = ""
     enrolled_unix_ms: int = 0
 
@@ -74,6 +75,7 @@ class Credentials:
                 previous_password=str(m.get("previous_password") or ""),
             ),
             signing_keys=[str(k) for k in data.get("signing_keys", [])],
+            key_sequence=int(data.get("key_sequence", 0)),
             name=str(data.get("name", "")),
             enrolled_unix_ms=int(data.get("enrolled_unix_ms", 0)),
         )

@@ -11,14 +11,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from slmops_agent.codec import blob_want_to_pb, chunk_from_pb, desired_from_pb, inventory_to_pb, report_to_pb
 from slmops_agent.credentials import CredentialKeeper, Credentials, CredentialsError
 from slmops_agent.errors import AgentError
 from slmops_agent.httpapi import HttpServer
 from slmops_agent.inventory import Inventory, collect_inventory
-from slmops_agent.layout import StateLayout, StateLock, write_atomic
+from slmops_agent.layout import StateLayout, StateLock
 from slmops_agent.mqtt import AgentMqtt
 from slmops_agent.reach import require_protection, tls_from
 from slmops_agent.runtime.host import ModelHost
@@ -27,48 +25,17 @@ from slmops_agent.runtime.model import ModelInfo
 from slmops_agent.runtime.requests import Limits
 from slmops_agent.server import AgentServer, AgentStatus
 from slmops_agent.settings import AgentSettings
+from slmops_agent.signing_keys import KeyTrust, load_ring, parse_keys
 from slmops_agent.telemetry import Sample, Telemetry, TelemetryQueue, read_temperature
 from slmops_agent.update.machine import Updater
 from slmops_agent.update.messages import BlobWant, Report
 from slmops_protos import __version__
 from slmops_protos.fleet.v1 import fleet_pb2
-from slmops_protos.manifests import PackageError, public_key_from_hex
+from slmops_protos.key_statements import KeyRing
 
 log = logging.getLogger(__name__)
 
-TRUSTED_KEYS_FILE = "trusted_keys"
 READY_WAIT_S = 120.0  # the longest `serve` waits for the active model before it reports ready
-
-
-def trusted_key_hexes(layout: StateLayout, creds: Credentials | None) -> list[str]:
-    """Keys pinned at enrollment plus keys added for side-loading (`trusted_keys`, one hex a line)."""
-    keys = list(creds.signing_keys) if creds is not None else []
-    path = layout.root / TRUSTED_KEYS_FILE
-    if path.exists():
-        keys += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return list(dict.fromkeys(keys))
-
-
-def add_trusted_key(layout: StateLayout, key: str) -> str:
-    """Pin one more signing key (hex of the raw key, or a file holding it); return its hex."""
-    candidate = Path(key)
-    text = candidate.read_text().strip() if candidate.is_file() else key.strip()
-    try:
-        public_key_from_hex(text)
-    except PackageError as exc:
-        raise AgentError(exc.reason) from exc
-    path = layout.root / TRUSTED_KEYS_FILE
-    existing = path.read_text().split() if path.exists() else []
-    if text not in existing:
-        write_atomic(path, ("\n".join([*existing, text]) + "\n").encode(), mode=0o600)
-    return text
-
-
-def parse_keys(hexes: list[str]) -> list[Ed25519PublicKey]:
-    try:
-        return [public_key_from_hex(k) for k in hexes]
-    except PackageError as exc:
-        raise AgentError(f"a pinned signing key is malformed: {exc.reason}") from exc
 
 
 class Agent:
@@ -97,11 +64,13 @@ class Agent:
         self.inventory: Inventory = collect_inventory(settings.state_dir)
         self.mqtt: AgentMqtt | None = None
         self.telemetry: Telemetry | None = None
+        self.keys = KeyTrust(self.layout, self.creds, on_change=self._keys_changed)
         self.updater = Updater(
             self.layout,
             settings,
             self.host,
-            trusted_keys=parse_keys(trusted_key_hexes(self.layout, self.creds)),
+            trusted_keys=parse_keys(self.keys.ring.trusted),
+            retired_keys=parse_keys(sorted(self.keys.ring.retired)),
             device_id=self.device_id,
             on_report=self._publish_report,
             on_blob_request=self._publish_blob_request,
@@ -137,6 +106,9 @@ class Agent:
         self._stop: asyncio.Event | None = None
 
     # -- wiring -------------------------------------------------------------------------------
+    def _keys_changed(self, ring: KeyRing) -> None:
+        self.updater.set_keys(parse_keys(ring.trusted), parse_keys(sorted(ring.retired)))
+
     def _connected(self) -> bool:
         return self.mqtt is not None and self.mqtt.is_connected()
 
@@ -222,6 +194,7 @@ class Agent:
             self.creds,
             on_desired=on_desired,
             on_chunk=on_chunk,
+            on_keys=self.keys.on_statements,
             wants_blob=updater.wants,
             on_connected=updater.notify_connected,
             keeper=CredentialKeeper(self.layout.credentials, self.creds),
@@ -307,11 +280,13 @@ def install_package(settings: AgentSettings, package_dir: Path, *, timeout_s: fl
     with StateLock(layout):
         host = ModelHost(queue_bound=1, limits=Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit))
         inventory = collect_inventory(settings.state_dir)
+        ring = load_ring(layout, creds)
         updater = Updater(
             layout,
             settings,
             host,
-            trusted_keys=parse_keys(trusted_key_hexes(layout, creds)),
+            trusted_keys=parse_keys(ring.trusted),
+            retired_keys=parse_keys(sorted(ring.retired)),
             device_id=creds.device_id if creds else "",
             providers=inventory.providers,
             memory_bytes=inventory.memory_bytes,

@@ -78,6 +78,7 @@ def enroll(
                 tls=bool(mqtt.get("tls", False)),
             ),
             signing_keys=[str(k) for k in data.get("signing_keys", [])],
+            key_sequence=int(data.get("key_sequence", 0)),
             name=name,
             enrolled_unix_ms=int(time.time() * 1000),
         )
@@ -89,6 +90,7 @@ def enroll(
     if force:
         save_device_key(layout.device_key, key)
     creds.save(layout.credentials)
+    layout.key_ring.unlink(missing_ok=True)  # the keys just pinned are the truth now
     return creds
 
 

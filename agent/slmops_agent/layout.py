@@ -18,6 +18,8 @@ class StateLayout:
     """The state folder:
 
     credentials.json   device id, MQTT credentials, pinned signing keys (0600)
+    trusted_keys       signing keys pinned for side-loading (`agent install --trust-key`)
+    signing_keys.json  the key ring after the fleet's key statements (trusted, retired, sequence)
     device_key.pem     the device's Ed25519 private key (0600)
     state.json         the versioned update-state record
     current            symlink to the active slot (the record is the truth)
@@ -36,6 +38,14 @@ class StateLayout:
     @property
     def credentials(self) -> Path:
         return self.root / "credentials.json"
+
+    @property
+    def key_ring(self) -> Path:
+        return self.root / "signing_keys.json"
+
+    @property
+    def trusted_keys(self) -> Path:
+        return self.root / "trusted_keys"
 
     @property
     def device_key(self) -> Path:

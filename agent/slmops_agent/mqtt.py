@@ -44,6 +44,7 @@ class AgentMqtt:
         wants_blob: Callable[[str], bool],
         on_connected: Callable[[], None] | None = None,
         keeper: CredentialKeeper | None = None,
+        on_keys: Callable[[fleet_pb2.KeyStatements], None] | None = None,
         keepalive_s: int = 30,
         reconnect_min_s: float = 1.0,
         reconnect_max_s: float = 60.0,
@@ -57,6 +58,7 @@ class AgentMqtt:
         self.wants_blob = wants_blob
         self.on_connected = on_connected
         self.keeper = keeper
+        self.on_keys = on_keys
         self.keepalive_s = keepalive_s
         self.connect_jitter_s = connect_jitter_s
         self.connected = threading.Event()
@@ -120,6 +122,7 @@ class AgentMqtt:
                 (self.topics.device_blobs(self.device_id), 1),
                 (self.topics.all_blob_chunks, 1),
                 (self.topics.credentials(self.device_id), 1),
+                *([(self.topics.keys, 1)] if self.on_keys is not None else []),
             ]
         )
         self.connected.set()
@@ -188,6 +191,15 @@ class AgentMqtt:
                 self._drop(topic, "not a BlobChunk")
                 return
             self.on_chunk(chunk)
+            return
+        if topic == self.topics.keys and self.on_keys is not None:
+            if not payload:  # a cleared retained message
+                return
+            statements = _parse(fleet_pb2.KeyStatements, payload)
+            if statements is None:
+                self._drop(topic, "not KeyStatements")
+                return
+            self.on_keys(statements)
             return
         if topic.startswith(self._chunk_prefix) and topic.endswith("/chunks"):
             sha = topic[len(self._chunk_prefix) : -len("/chunks")]

@@ -112,6 +112,7 @@ class UpdateRecord:
     reason: str = ""
     test: TestSummary | None = None  # the target's TESTING outcome (None until TESTING ran)
     test_attempts: int = 0
+    security_version: int = 0  # the highest security version committed: packages below it are refused
     transitions: int = 0  # record writes for the current target
     writes: int = 0  # record writes ever
     updated_unix_ms: int = 0
@@ -155,6 +156,7 @@ class UpdateRecord:
             reason=str(data.get("reason", "")),
             test=TestSummary(**data["test"]) if data.get("test") else None,
             test_attempts=int(data.get("test_attempts", 0)),
+            security_version=int(data.get("security_version", 0)),
             transitions=int(data.get("transitions", 0)),
             writes=int(data.get("writes", 0)),
             updated_unix_ms=int(data.get("updated_unix_ms", 0)),

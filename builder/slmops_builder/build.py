@@ -78,6 +78,7 @@ def build_package(
     cache_dir: Path | None = None,
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    security_version: int = 0,
 ) -> WrittenPackage:
     """Build and sign the package of `model_dir` for `profile` into `out_dir` (replaced atomically)."""
     report = progress or _noop
@@ -122,6 +123,7 @@ def build_package(
                     )
                     for p, ref in zip(prompts, evaluation.references, strict=True)
                 ],
+                security_version=security_version,
             )
             written = write_package(staged, spec, key, Path(out_dir))
             done(f"{written.package_id[:12]} -> {written.path}")

@@ -1,4 +1,4 @@
-"""`slmops builder ...`: keys, import, build, inspect, verify.
+"""`slmops builder ...`: keys and key statements, import, build, inspect, verify.
 
 Cheap to import: torch, transformers and onnxruntime-genai are imported inside the commands
 (through the modules they call). User errors print one clear line and exit non-zero.
@@ -54,6 +54,50 @@ def keygen(
         _out.print(f"private key: {out}  (keep it secret)")
         _out.print(f"public key:  {public_path(out)}  (give it to the fleet and devices)")
         _out.print(f"key id:      {key_id(key.public_key())}")
+
+
+@app.command("key-statement")
+def key_statement(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Signed statement file to write.")],
+    sign_with: Annotated[
+        list[Path],
+        typer.Option("--sign-with", "-k", help="Private key the fleet and devices trust now (repeatable)."),
+    ],
+    sequence: Annotated[
+        int, typer.Option("--sequence", "-s", help="Greater than the last applied ('slmops fleet keys list').")
+    ],
+    add: Annotated[list[Path] | None, typer.Option("--add", help="Public key (.pub) to trust (repeatable).")] = None,
+    retire: Annotated[
+        list[Path] | None, typer.Option("--retire", help="Public key (.pub) never to trust again (repeatable).")
+    ] = None,
+    note: Annotated[str, typer.Option("--note", help="Why, for people.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statement as JSON.")] = False,
+) -> None:
+    """Write a signed key statement: trust new package-signing keys and retire old ones, without
+    enrolling devices again. Apply it with 'slmops fleet keys apply'; the fleet passes it to every
+    device (also those offline now, when they reconnect)."""
+    with user_errors():
+        from slmops_builder.keys import key_statement as make_statement
+        from slmops_builder.keys import load_private_key, load_public_key
+        from slmops_protos.manifests import key_id
+
+        added = [load_public_key(p) for p in add or []]
+        retired = [load_public_key(p) for p in retire or []]
+        signed = make_statement(
+            sequence, [load_private_key(p) for p in sign_with], add=added, retire=retired, note=note
+        )
+        out.write_bytes(signed.SerializeToString())
+        adds, retires = [key_id(k) for k in added], [key_id(k) for k in retired]
+        signers = [s.key_id for s in signed.signatures]
+        if as_json:
+            data = {"path": str(out), "sequence": sequence, "add": adds, "retire": retires, "signed_by": signers}
+            typer.echo(json.dumps(data, indent=2))
+            return
+        _out.print(f"key statement {sequence} written to {out}, signed by {', '.join(signers)}")
+        for k in adds:
+            _out.print(f"  add     {k}")
+        for k in retires:
+            _out.print(f"  retire  {k}")
 
 
 @app.command("import")
@@ -120,6 +164,14 @@ def build(
         typer.Option("--cache-dir", help="Step cache [default: $SLMOPS_CACHE_DIR or ~/.cache/slmops/builder]."),
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads for conversion and evaluation.")] = None,
+    security_version: Annotated[
+        int | None,
+        typer.Option(
+            "--security-version",
+            min=0,
+            help="Devices refuse a package below the highest security version they committed [default: 0].",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="With a recipe: print the steps and cache hits, run nothing.")
     ] = False,
@@ -133,7 +185,7 @@ def build(
     with user_errors():
         if recipe is not None:
             single: dict[str, object] = {"--model": model, "--name": name, "--version": version, "--profile": profile}
-            single |= {"--search": search, "--golden-prompt": prompt}
+            single |= {"--search": search, "--golden-prompt": prompt, "--security-version": security_version}
             given = [flag for flag, value in single.items() if value]
             if given:
                 fail(f"{', '.join(given)} cannot be combined with a recipe (set them in {recipe})")
@@ -148,7 +200,10 @@ def build(
         if missing:
             fail(f"missing {', '.join(missing)} (or give a recipe file)")
         assert model is not None and name is not None and version is not None and key is not None and out is not None
-        _build_one(model, name, version, key, out, profile or "cpu-int4", search, prompt, cache_dir, threads, as_json)
+        _build_one(
+            model, name, version, key, out, profile or "cpu-int4", search, prompt, cache_dir, threads, as_json,
+            security_version or 0,
+        )  # fmt: skip
 
 
 def _build_one(
@@ -163,6 +218,7 @@ def _build_one(
     cache_dir: Path | None,
     threads: int | None,
     as_json: bool,
+    security_version: int,
 ) -> None:
     from slmops_builder.build import STEPS, build_package, check_name_version
     from slmops_builder.convert import parse_search_overrides
@@ -189,6 +245,7 @@ def _build_one(
             cache_dir=settings.cache_dir,
             threads=settings.threads,
             progress=progress,
+            security_version=security_version,
         ),
         [(s, "") for s in STEPS],
         quiet=as_json,
@@ -198,6 +255,7 @@ def _build_one(
         "path": str(written.path),
         "name": written.manifest.name,
         "version": written.manifest.version,
+        "security_version": written.manifest.security_version,
         "profile": written.manifest.profile.name,
         "files": len(written.manifest.files),
         "size_bytes": written.manifest.evaluation.size_bytes,
@@ -342,6 +400,7 @@ def inspect(
         rows = [
             ("package id", pid),
             ("kind", manifest.kind),
+            ("security version", str(manifest.security_version)),
             ("profile", f"{p.name} ({p.execution_provider}, {p.precision}) min memory {_size(p.min_memory_bytes)}"),
             ("quantization", ", ".join(f"{k}={v}" for k, v in sorted(p.quantization.items())) or "-"),
             ("size", _size(manifest.evaluation.size_bytes)),

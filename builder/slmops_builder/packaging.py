@@ -51,6 +51,7 @@ class PackageSpec:
     evaluation: manifest_pb2.Evaluation = field(default_factory=manifest_pb2.Evaluation)
     golden_prompts: list[manifest_pb2.GoldenPrompt] = field(default_factory=list)
     adapters: list[manifest_pb2.Adapter] = field(default_factory=list)
+    security_version: int = 0  # devices refuse a package below the highest they committed
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def write_package(source_dir: Path, spec: PackageSpec, key: Ed25519PrivateKey, o
         kind=spec.kind,
         builder_version=__version__,
         created_unix_ms=int(time.time() * 1000),
+        security_version=spec.security_version,
     )
     manifest.profile.CopyFrom(spec.profile)
     manifest.lineage.CopyFrom(spec.lineage)

@@ -325,5 +325,6 @@ def _package(
             manifest_pb2.GoldenPrompt(prompt=p.prompt, reference=ref, max_new_tokens=p.max_new_tokens)
             for p, ref in zip(prompts, v.references, strict=True)
         ],
+        security_version=recipe.security_version,
     )
     return write_package(staged, spec, key, out)

@@ -9,6 +9,7 @@ A recipe (unknown keys are refused, with the key named):
     fallback = ["cpu-int4", "cpu-int8", "cpu-fp32"]   # optional: package only the first that passes
     output = "dist/smollm2"              # replaced by each build; relative paths: to the recipe file
     parent_package = ""                  # optional: the package id this release follows
+    security_version = 0                 # optional: devices refuse packages below the highest committed
 
     [search]                             # optional generation defaults written into genai_config.json
     temperature = 0.7
@@ -87,6 +88,7 @@ class Recipe(BaseModel):
     fallback: list[str] = Field(default_factory=list)
     output: Path = Path("dist")
     parent_package: str = ""
+    security_version: int = Field(default=0, ge=0)  # devices refuse packages below the highest committed
     search: dict[str, bool | int | float] = Field(default_factory=dict)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gates: Gates = Field(default_factory=Gates)

@@ -158,6 +158,19 @@ class FleetClient:
             )
         )
 
+    def signing_keys(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/signing-keys"))
+
+    def apply_key_statement(self, statement: bytes) -> dict[str, Any]:
+        return dict(
+            self.request(
+                "POST",
+                "/v1/signing-keys/statements",
+                content=statement,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        )
+
     def put_blob(self, sha256: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
         size = path.stat().st_size
 

@@ -25,6 +25,7 @@ from slmops_fleet.http_guard import RequestGuard, error_response
 from slmops_fleet.lifecycle import DeviceLifecycle
 from slmops_fleet.operations import FleetOperations
 from slmops_protos import __version__
+from slmops_protos.key_statements import MAX_STATEMENT_BYTES
 from slmops_protos.manifests import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,17 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
     @v1.get("/packages/{ref}")
     def get_package(ref: str) -> dict[str, Any]:
         return service.get_package(ref)
+
+    @v1.get("/signing-keys")
+    def signing_keys() -> dict[str, Any]:
+        return service.keys.describe()
+
+    @v1.post("/signing-keys/statements")
+    async def apply_key_statement(request: Request) -> dict[str, Any]:
+        data = await _read_limited(request, MAX_STATEMENT_BYTES, "key statement")
+        if not data:
+            raise InvalidRequest("empty body: send the bytes of a signed key statement")
+        return await asyncio.to_thread(service.keys.apply, data)
 
     @v1.put("/blobs/{sha256}")
     async def put_blob(sha256: str, request: Request) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from slmops_fleet.rollouts.gates import Gates
 from slmops_fleet.rollouts.plan import RolloutPlan
 from slmops_fleet.rollouts.waves import PlanError, parse_waves
 from slmops_fleet.settings import FleetSettings
+from slmops_fleet.signing_keys import SigningKeys
 from slmops_fleet.store import Store
 from slmops_fleet.store.devices import hash_secret
 from slmops_fleet.store.records import BlobStatsDelta, DesiredRecord, NewPackage
@@ -37,7 +38,6 @@ from slmops_protos.manifests import (
     key_id,
     package_id,
     parse_signed_manifest,
-    public_key_bytes,
     verify_signed_manifest,
 )
 from slmops_protos.topics import Topics
@@ -85,7 +85,7 @@ class FleetOperations:
         store: Store,
         blobs: BlobStore,
         *,
-        trusted_keys: list[Ed25519PublicKey],
+        keys: SigningKeys,
         provisioner: Provisioner,
         publisher: Publisher,
         distributor: BlobDistributor,
@@ -95,7 +95,7 @@ class FleetOperations:
         self.settings = settings
         self.store = store
         self.blobs = blobs
-        self.trusted_keys = trusted_keys
+        self.keys = keys
         self.provisioner = provisioner
         self.publisher = publisher
         self.distributor = distributor
@@ -105,10 +105,6 @@ class FleetOperations:
         self.driver: Any = None  # the RolloutDriver, once the server started it
         self.started_monotonic = time.monotonic()
         self.url = ""
-
-    @property
-    def signing_keys_hex(self) -> list[str]:
-        return [public_key_bytes(k).hex() for k in self.trusted_keys]
 
     # --- enrollment ---------------------------------------------------------------------------
 
@@ -160,19 +156,26 @@ class FleetOperations:
                 "topic_root": self.broker.topic_root,
                 "tls": self.broker.tls,
             },
-            "signing_keys": self.signing_keys_hex,
+            **self._key_pins(),
         }
+
+    def _key_pins(self) -> dict[str, Any]:
+        """What a device pins at enrollment: the keys trusted now and the last key statement's sequence."""
+        ring = self.keys.ring()
+        return {"signing_keys": list(ring.trusted), "key_sequence": ring.sequence}
 
     # --- packages and blobs -------------------------------------------------------------------
 
     def add_package(self, data: bytes) -> dict[str, Any]:
+        ring = self.keys.ring()
+        trusted_keys = ring.public_keys()
         try:
             signed = parse_signed_manifest(data)
-            manifest = verify_signed_manifest(signed, self.trusted_keys)
+            manifest = verify_signed_manifest(signed, trusted_keys, ring.retired_keys())
         except PackageError as exc:
             raise InvalidRequest(f"package rejected: {exc.reason}") from exc
         pid = package_id(signed.manifest)
-        trusted = {key_id(k) for k in self.trusted_keys}
+        trusted = {key_id(k) for k in trusted_keys}
         signer = next((s.key_id for s in signed.signatures if s.key_id in trusted), "")
         base: str | None = None
         if manifest.kind == "adapter":
@@ -284,6 +287,7 @@ class FleetOperations:
             assert package_ref is not None
             packages, release_id = [self.store.get_package(package_ref)], None
         for pkg in packages:
+            self.keys.check_package(pkg.signed_manifest)
             if pkg.missing_blobs:
                 raise Conflict(
                     f"package {pkg.id[:12]} is incomplete: {len(pkg.missing_blobs)} blobs not uploaded yet "
@@ -328,6 +332,11 @@ class FleetOperations:
             self.publisher.publish(
                 self.topics.desired(d.device_id), desired_to_pb(d, self.settings.chunk_size), qos=1, retain=True
             )
+
+    def republish(self) -> None:
+        """Everything retained the fleet owes its devices (its MQTT session (re)connected)."""
+        self.keys.publish()
+        self.republish_desired()
 
     def republish_desired(self) -> None:
         records = self.store.latest_desired_states()
@@ -411,7 +420,7 @@ class FleetOperations:
             "data_dir": str(self.settings.data_dir),
             "database": _redact(self.store.url),
             "mqtt": {**self.broker.to_json(), "connected": self.mqtt_connected()},
-            "trusted_keys": [key_id(k) for k in self.trusted_keys],
+            "trusted_keys": [key_id(k) for k in self.keys.trusted()],
             "rollout_driver": {
                 "holder": getattr(self.driver, "holder", None),
                 "leading": bool(getattr(self.driver, "leading", False)),

@@ -40,6 +40,7 @@ from slmops_fleet.operations import BrokerInfo, FleetOperations, load_trusted_ke
 from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, NoProvisioner, Provisioner
 from slmops_fleet.rollouts.driver import RolloutDriver
 from slmops_fleet.settings import FleetSettings
+from slmops_fleet.signing_keys import SigningKeys
 from slmops_fleet.store import Store
 from slmops_fleet.store.records import BlobRecord
 from slmops_protos.topics import Topics
@@ -139,12 +140,6 @@ class FleetServer:
         s.trusted_keys_dir.mkdir(exist_ok=True)
         admin_token = ensure_admin_token(s.admin_token_file)
         trusted = load_trusted_keys(s)
-        if not trusted:
-            log.warning(
-                "no trusted signing keys: package uploads are refused until you pass --trust-key or put a "
-                "*.pub into %s",
-                s.trusted_keys_dir,
-            )
         blobs = BlobStore(s.blobs_dir)
         blobs.create()
         ports = self._read_ports()
@@ -234,7 +229,7 @@ class FleetServer:
             s,
             store,
             blobs,
-            trusted_keys=trusted,
+            keys=SigningKeys(trusted, store, mqtt, self.topics),
             provisioner=self.provisioner,
             publisher=mqtt,
             distributor=distributor,
@@ -243,10 +238,16 @@ class FleetServer:
         )
         service.url = url
         self.service = service
+        if not await asyncio.to_thread(service.keys.trusted):  # the configured keys and the key statements
+            log.warning(
+                "no trusted signing keys: package uploads are refused until you pass --trust-key or put a "
+                "*.pub into %s",
+                s.trusted_keys_dir,
+            )
         lifecycle = DeviceLifecycle(store, self.provisioner, mqtt, self.topics)
 
         def republish() -> None:  # the fleet's MQTT session (re)connected
-            service.republish_desired()
+            service.republish()
             lifecycle.republish_rotations()
 
         ingest = Ingest(

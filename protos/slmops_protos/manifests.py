@@ -24,6 +24,8 @@ BLOBS_DIR = "blobs"
 MAX_FILE_BYTES = 16 * 1024**3
 MAX_FILES = 4096
 MAX_MANIFEST_BYTES = 4 * 1024**2
+# How a device's report starts when it refuses a package below its committed security version.
+DOWNGRADE_REFUSED = "security version downgrade refused"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -137,9 +139,12 @@ def parse_signed_manifest(data: bytes) -> manifest_pb2.SignedManifest:
 
 
 def verify_signed_manifest(
-    signed: manifest_pb2.SignedManifest, trusted_keys: Iterable[Ed25519PublicKey]
+    signed: manifest_pb2.SignedManifest,
+    trusted_keys: Iterable[Ed25519PublicKey],
+    retired_keys: Iterable[Ed25519PublicKey] = (),
 ) -> manifest_pb2.Manifest:
-    """Return the manifest if a trusted key signed its exact bytes; raise PackageError otherwise."""
+    """Return the manifest if a trusted key signed its exact bytes; raise PackageError otherwise
+    (naming a retired key when only such keys signed it)."""
     keys = {key_id(k): k for k in trusted_keys}
     if not keys:
         raise PackageError("no trusted signing keys configured")
@@ -161,6 +166,9 @@ def verify_signed_manifest(
         validate_manifest(manifest)
         return manifest
     names = ", ".join(s.key_id for s in signed.signatures)
+    retired = {key_id(k) for k in retired_keys} & {s.key_id for s in signed.signatures}
+    if retired:
+        raise PackageError(f"manifest signed by a retired key ({', '.join(sorted(retired))}), no trusted one")
     raise PackageError(f"manifest signed only by untrusted keys ({names})")
 
 

@@ -39,6 +39,11 @@ class Topics:
     def all_blob_chunks(self) -> str:
         return f"{self.root}/blobs/+/chunks"
 
+    @property
+    def keys(self) -> str:
+        """The fleet's key statements (retained `KeyStatements`), for every device."""
+        return f"{self.root}/keys"
+
     def device_publish_acl(self, device_id: str) -> list[str]:
         """The only topics a device may publish to."""
         return [
@@ -55,6 +60,7 @@ class Topics:
             self.device_blobs(device_id),
             self.all_blob_chunks,
             self.credentials(device_id),
+            self.keys,
         ]
 
     def fleet_subscriptions(self) -> list[str]:

@@ -77,6 +77,7 @@ class Rig:
         self.reports: list[Report] = []
         self.feeder = Feeder()
         self.trusted = [public_key_from_hex(trusted)]
+        self.retired: list[Any] = []  # keys retired by a key statement (what the agent passes on)
         self.updater = self.new_updater()
 
     def new_updater(self, **overrides: Any) -> Updater:
@@ -86,6 +87,7 @@ class Rig:
             settings,
             self.host,
             trusted_keys=self.trusted,
+            retired_keys=self.retired,
             device_id=DEVICE,
             on_report=self.reports.append,
             on_blob_request=self.feeder,

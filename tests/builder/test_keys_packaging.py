@@ -167,3 +167,12 @@ def test_empty_source_refused(tmp_path: Path, signing_key: tuple[Path, Path]) ->
 def test_not_a_package(tmp_path: Path, signing_key: tuple[Path, Path]) -> None:
     with pytest.raises(PackageError, match="not a package folder"):
         verify_package(tmp_path, [load_public_key(signing_key[1])])
+
+
+def test_the_security_version_is_signed_into_the_manifest(tmp_path: Path, signing_key: tuple[Path, Path]) -> None:
+    spec = _spec()
+    spec.security_version = 3
+    written = write_package(_source(tmp_path), spec, load_private_key(signing_key[0]), tmp_path / "pkg")
+    verified = verify_package(written.path, [load_public_key(signing_key[1])])
+    assert verified.manifest.security_version == 3
+    assert read_manifest(written.path)[0].security_version == 3

@@ -39,7 +39,8 @@ def _recipe(model: Path, profiles: str, extra: str = "") -> str:
 def test_two_profiles_two_signed_packages_then_cache_hits(
     tiny_hf_model: Path, signing_key: tuple[Path, Path], builder_cache_dir: Path, tmp_path: Path
 ) -> None:
-    body = _recipe(tiny_hf_model, '["cpu-int4", "cpu-fp32"]') + "\n[gates]\nmax_ppl_ratio = 1.5\nmax_size_mb = 64\n"
+    body = _recipe(tiny_hf_model, '["cpu-int4", "cpu-fp32"]', "security_version = 2")
+    body += "\n[gates]\nmax_ppl_ratio = 1.5\nmax_size_mb = 64\n"
     path = _write(tmp_path, body)
     loaded = load_recipe(path)
     result = build_recipe(loaded, signing_key[0], cache_dir=builder_cache_dir)
@@ -50,6 +51,7 @@ def test_two_profiles_two_signed_packages_then_cache_hits(
     for profile, method in (("cpu-int4", "rtn"), ("cpu-fp32", "")):
         m = verify_package(out / profile, public).manifest
         assert m.profile.name == profile and m.name == "tiny" and m.version == "1.0.0"
+        assert m.security_version == 2
         assert m.lineage.recipe_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
         assert m.lineage.engine == "onnxruntime-genai" and m.lineage.quantization_method == method
         assert m.lineage.base_model_sha256 and "onnxruntime-genai" in m.lineage.tool_versions
@@ -135,6 +137,7 @@ def test_failing_gate_blocks_packaging_and_fallback_picks_the_next(
         ),
         ('name = "t"\nversion = "1.0"\nprofiles = ["cpu-int4"]\n', "not a semantic version"),
         ('name = "t"\nversion = "1.0.0"\n', "no profiles"),
+        ('name = "t"\nversion = "1.0.0"\nprofiles = ["cpu-int4"]\nsecurity_version = -1\n', "security_version"),
         ('name = "t"\nversion = "1.0.0"\nprofiles = ["cpu-int4"\n', "not valid TOML"),
         ('name = "t"\nversion = "1.0.0"\nprofiles = ["cpu-int4"]\nmodel = "none.gguf"\n', "model: "),
         ('name = "t"\nversion = "1.0.0"\nprofiles = ["cpu-int4"]\n[search]\nwarmth = 1\n', "unknown search option"),

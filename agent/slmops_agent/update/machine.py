@@ -110,6 +110,7 @@ class Updater:
         host: ModelHost,
         *,
         trusted_keys: list[Ed25519PublicKey],
+        retired_keys: list[Ed25519PublicKey] | None = None,
         device_id: str = "",
         on_report: Callable[[Report], None] | None = None,
         on_blob_request: Callable[[BlobWant], None] | None = None,
@@ -128,7 +129,7 @@ class Updater:
         self.loader = loader
         self.providers = providers
         self.memory_bytes = memory_bytes
-        self.manifests = Manifests(layout.manifests, trusted_keys)
+        self.manifests = Manifests(layout.manifests, trusted_keys, retired_keys or [])
         self.store = BlobStore(layout.blobs, flush_interval_s=settings.bitmap_flush_s)
         self.fetcher = BlobFetcher(
             self.store, settings, on_blob_request=on_blob_request, is_connected=self.is_connected
@@ -169,6 +170,10 @@ class Updater:
             signed_manifest=signed.SerializeToString(),
         )
         self._events.put(_DesiredEvent(desired, local_dir=package_dir))
+
+    def set_keys(self, trusted: list[Ed25519PublicKey], retired: list[Ed25519PublicKey]) -> None:
+        """Trust these signing keys from now on (a key statement was applied)."""
+        self.manifests.set_keys(trusted, retired)
 
     def submit_chunk(self, chunk: Chunk) -> None:
         if chunk.blob_sha256 in self.fetcher.wanted:
@@ -265,7 +270,7 @@ class Updater:
             self._report()
             return
         try:
-            self._target = self.manifests.target(r.target_package_id)
+            self._target = self.manifests.target(r.target_package_id, installed=False)
         except PackageRejected as exc:
             self._rollback(f"after a restart in {r.state.value}: {exc.reason}")
             return
@@ -332,7 +337,7 @@ class Updater:
             return
         try:
             manifest = self.manifests.check_desired(
-                d, r.active, providers=self.providers, memory_bytes=self.memory_bytes
+                d, r.active, providers=self.providers, memory_bytes=self.memory_bytes, security_floor=r.security_version
             )
         except PackageRejected as exc:
             log.warning("package %s rejected: %s", d.package_id[:12], exc.reason)
@@ -493,8 +498,15 @@ class Updater:
         t = self._target
         profile = (t.base if t.base is not None else t.manifest).profile.name
         info = SlotInfo(t.package_id, t.manifest.name, t.manifest.version, profile, t.base_id)
+        floor = max(r.security_version, t.manifest.security_version)
         self._enter(
-            UpdateState.COMMITTED, active_slot=slot, slots={**r.slots, slot: info}, reason="", test=test, report=False
+            UpdateState.COMMITTED,
+            active_slot=slot,
+            slots={**r.slots, slot: info},
+            reason="",
+            test=test,
+            security_version=floor,
+            report=False,
         )
         slots.point_current(self.layout, self.record.active_slot)
         self.host.swap(loaded)

@@ -15,6 +15,7 @@ from slmops_agent.update.messages import Desired
 from slmops_agent.update_record import SlotInfo
 from slmops_protos.manifests import (
     BLOBS_DIR,
+    DOWNGRADE_REFUSED,
     SIGNED_MANIFEST_FILE,
     PackageError,
     package_id,
@@ -71,28 +72,41 @@ class Target:
 
 
 class Manifests:
-    """The verified manifests kept in manifests/ (one per package a slot holds or an update targets)."""
+    """The verified manifests kept in manifests/ (one per package a slot holds or an update targets).
 
-    def __init__(self, folder: Path, trusted_keys: list[Ed25519PublicKey]) -> None:
+    A package about to be installed must be signed by a trusted key; one already installed (a slot's,
+    or an adapter's base) also by a key retired since it was installed: retiring a key stops new
+    installs, it does not stop the device serving what it runs."""
+
+    def __init__(
+        self, folder: Path, trusted_keys: list[Ed25519PublicKey], retired_keys: list[Ed25519PublicKey] | None = None
+    ) -> None:
         self.folder = folder
         self.trusted_keys = trusted_keys
+        self.retired_keys = retired_keys or []
 
-    def read(self, pid: str) -> manifest_pb2.Manifest:
+    def set_keys(self, trusted: list[Ed25519PublicKey], retired: list[Ed25519PublicKey]) -> None:
+        self.trusted_keys, self.retired_keys = trusted, retired
+
+    def read(self, pid: str, *, installed: bool = True) -> manifest_pb2.Manifest:
         path = self.folder / f"{pid}.pb"
         try:
             signed = parse_signed_manifest(path.read_bytes())
             if package_id(signed.manifest) != pid:
                 raise PackageError(f"{path.name} does not hold package {pid[:12]}")
-            return verify_signed_manifest(signed, self.trusted_keys)
+            if installed:
+                return verify_signed_manifest(signed, [*self.trusted_keys, *self.retired_keys])
+            return verify_signed_manifest(signed, self.trusted_keys, self.retired_keys)
         except FileNotFoundError:
             raise PackageRejected(f"the manifest of {pid[:12]} is missing") from None
         except PackageError as exc:
             raise PackageRejected(exc.reason) from exc
 
-    def target(self, pid: str) -> Target:
+    def target(self, pid: str, *, installed: bool = True) -> Target:
+        """A package's target; `installed=False` for one still being installed (trusted keys only)."""
         if not pid:
             raise PackageRejected("the record names no target package")
-        return self.target_of(pid, self.read(pid))
+        return self.target_of(pid, self.read(pid, installed=installed))
 
     def target_of(self, pid: str, manifest: manifest_pb2.Manifest) -> Target:
         """A package with, for an adapter package, its base's manifest (kept in manifests/ while it serves)."""
@@ -101,9 +115,17 @@ class Manifests:
         return Target(pid, manifest, {f.sha256: f.size for f in manifest.files}, base_id, base)
 
     def check_desired(
-        self, d: Desired, active: SlotInfo | None, *, providers: list[str] | None, memory_bytes: int | None
+        self,
+        d: Desired,
+        active: SlotInfo | None,
+        *,
+        providers: list[str] | None,
+        memory_bytes: int | None,
+        security_floor: int = 0,
     ) -> manifest_pb2.Manifest:
-        """The desired package's verified manifest, if this device can run it (PackageRejected if not)."""
+        """The desired package's verified manifest, if this device can run it (PackageRejected if not):
+        signed by a trusted key, its security version not below `security_floor` (the highest this
+        device committed), runnable here."""
         assert d.package_id is not None
         try:
             signed = parse_signed_manifest(d.signed_manifest)
@@ -111,9 +133,14 @@ class Manifests:
                 raise PackageError(
                     f"package id {d.package_id[:12]} does not match its manifest ({package_id(signed.manifest)[:12]})"
                 )
-            manifest = verify_signed_manifest(signed, self.trusted_keys)
+            manifest = verify_signed_manifest(signed, self.trusted_keys, self.retired_keys)
         except PackageError as exc:
             raise PackageRejected(exc.reason) from exc
+        if manifest.security_version < security_floor:
+            raise PackageRejected(
+                f"{DOWNGRADE_REFUSED}: {manifest.name} {manifest.version} has security version "
+                f"{manifest.security_version}, this device committed security version {security_floor}"
+            )
         if manifest.kind == "adapter":
             self.check_adapter(manifest, active)
             return manifest

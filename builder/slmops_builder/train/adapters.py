@@ -402,6 +402,7 @@ def package_adapter(
     if base_manifest.kind != "model":
         raise ValueError(f"{base_package} is a {base_manifest.kind!r} package, not a model")
     spec = PackageSpec(name=name, version=version, profile=base_manifest.profile, kind="adapter")
+    spec.security_version = base_manifest.security_version  # an adapter package shares its base's
     spec.lineage = manifest_pb2.Lineage(**(lineage or {}))
     spec.lineage.parent_package_id = base_id
     spec.lineage.base_model = spec.lineage.base_model or base_manifest.lineage.base_model

@@ -7,12 +7,12 @@ SLMOPS_FLEET_TOKEN, or by <data dir>/fleet.json (which `serve` writes).
 
 import typer
 
-from slmops_fleet.cli import admin, devices, packages, releases, rollouts, serve, status, tokens
+from slmops_fleet.cli import admin, devices, keys, packages, releases, rollouts, serve, status, tokens
 
 __all__ = ["app"]
 
 app = typer.Typer(
-    help="Run the fleet manager and operate it: tokens, packages, rollouts, devices.",
+    help="Run the fleet manager and operate it: tokens, packages, rollouts, devices, signing keys.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -26,3 +26,4 @@ app.add_typer(rollouts.app, name="rollout")
 app.add_typer(devices.app, name="device")
 app.add_typer(admin.app, name="admin-token")
 app.command()(admin.audit)
+app.add_typer(keys.app, name="keys")

@@ -65,6 +65,7 @@ def package_upload(
     out_console().print(
         f"package [bold]{result['name']} {result['version']}[/] ({result['profile'] or 'no profile'})\n"
         f"  id        {result['package_id']}\n"
+        f"  security  version {result['security_version']} (devices refuse packages below what they committed)\n"
         f"  uploaded  {result['uploaded_blobs']} blobs, {size_text(result['uploaded_bytes'])}"
         f" ({max(0, skipped)} files already on the fleet)\n"
         f"  complete  {'yes' if result['complete'] else 'no: ' + str(len(result['missing_blobs'])) + ' blobs missing'}",
@@ -81,7 +82,8 @@ def package_list(
     if as_json:
         print_json(packages)
         return
-    table = new_table("packages", "id", "name", "version", "profile", "kind", "size", "complete", "uploaded")
+    columns = ("id", "name", "version", "profile", "kind", "security", "size", "complete", "uploaded")
+    table = new_table("packages", *columns)
     for p in packages:
         table.add_row(
             p["id"][:16],
@@ -89,6 +91,7 @@ def package_list(
             p["version"],
             p["profile"],
             p["kind"],
+            str(p["security_version"]),
             size_text(p["size_bytes"]),
             "yes" if p["complete"] else f"{len(p['missing_blobs'])} blobs missing",
             ago_text(p["created_at"]),

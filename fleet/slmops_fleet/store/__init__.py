@@ -3,8 +3,9 @@ the rest of the fleet needs (each returns plain dataclasses, `records`, never OR
 
 - `database`: the engine and one transaction per call (SQLite or PostgreSQL).
 - `schema`: the rows; `records`: what the store hands out.
-- `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `telemetry`, `admin`: the queries
-  of each entity (`lifecycle`: revocation and credential rotation; `admin`: admin tokens, audit log);
+- `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `telemetry`, `admin`, `keys`: the
+  queries of each entity (`lifecycle`: revocation and credential rotation; `admin`: admin tokens,
+  audit log; `keys`: key statements);
   the rollout rules themselves live in `slmops_fleet.rollouts.rules`.
 - `Store`: all of them on one object.
 """
@@ -12,6 +13,7 @@ the rest of the fleet needs (each returns plain dataclasses, `records`, never OR
 from slmops_fleet.store.admin import AdminQueries
 from slmops_fleet.store.blobs import BlobQueries
 from slmops_fleet.store.devices import DeviceQueries
+from slmops_fleet.store.keys import KeyStatementQueries
 from slmops_fleet.store.leases import LeaseQueries
 from slmops_fleet.store.lifecycle import LifecycleQueries
 from slmops_fleet.store.packages import PackageQueries
@@ -30,5 +32,6 @@ class Store(
     RolloutQueries,
     TelemetryQueries,
     AdminQueries,
+    KeyStatementQueries,
 ):
     """Thread-safe access to the fleet database (one short session per call)."""

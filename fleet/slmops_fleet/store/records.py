@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from slmops_fleet.rollouts.variants import Variant
+from slmops_protos.package.v1 import manifest_pb2
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -74,6 +75,12 @@ class PackageRecord:
     def complete(self) -> bool:
         return not self.missing_blobs
 
+    @property
+    def security_version(self) -> int:
+        """The manifest's (verified at upload): devices refuse packages below the highest they committed."""
+        signed = manifest_pb2.SignedManifest.FromString(self.signed_manifest)
+        return manifest_pb2.Manifest.FromString(signed.manifest).security_version
+
     def variant(self) -> Variant:
         return Variant(
             package_id=self.id,
@@ -104,6 +111,7 @@ class PackageRecord:
             "min_memory_bytes": self.min_memory_bytes,
             "cpu_features": list(self.cpu_features),
             "base_package_id": self.base_package_id,
+            "security_version": self.security_version,
         }
 
 

@@ -151,6 +151,18 @@ class LeaseRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class KeyStatementRow(Base):
+    """A key statement the fleet applied (`slmops_protos.key_statements`), kept for ever: the
+    trusted keys are the configured ones folded with every statement in sequence order."""
+
+    __tablename__ = "key_statements"
+
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    statement: Mapped[bytes] = mapped_column(LargeBinary)  # the SignedKeyStatement's bytes
+    signed_by: Mapped[str] = mapped_column(String(16))
+    applied_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class PackageFileRow(Base):
     __tablename__ = "package_files"
     __table_args__ = (Index("ix_package_files_sha256", "sha256"),)

@@ -9,6 +9,7 @@ root (default "slmops/v1"):
   blobs/{sha256}/chunks       fleet -> devices, QoS 1: BlobChunk (broadcast)
   devices/{id}/blob-requests  device -> fleet, QoS 1: BlobRequest
   devices/{id}/blobs          fleet -> device, QoS 1: BlobChunk (repair)
+  keys                        fleet -> devices, retained, QoS 1: KeyStatements
 """
 
 from collections import abc as _abc
@@ -495,3 +496,27 @@ class CredentialsAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CredentialsAck: _TypeAlias = CredentialsAck  # noqa: Y015
+
+@_typing.final
+class KeyStatements(_message.Message):
+    """Every key statement the fleet has applied, oldest first (retained on `keys`): a device that was
+    offline applies, in order, those newer than the last it applied.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def statements(self) -> _containers.RepeatedCompositeFieldContainer[_manifest_pb2.SignedKeyStatement]: ...
+    def __init__(
+        self,
+        *,
+        statements: _abc.Iterable[_manifest_pb2.SignedKeyStatement] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["statements", b"statements"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyStatements: _TypeAlias = KeyStatements  # noqa: Y015

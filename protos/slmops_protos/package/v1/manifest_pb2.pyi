@@ -305,6 +305,7 @@ class Manifest(_message.Message):
     GOLDEN_PROMPTS_FIELD_NUMBER: _builtins.int
     BUILDER_VERSION_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SECURITY_VERSION_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     """1"""
     name: _builtins.str
@@ -314,6 +315,10 @@ class Manifest(_message.Message):
     """"model" or "adapter" """
     builder_version: _builtins.str
     created_unix_ms: _builtins.int
+    security_version: _builtins.int
+    """Rollback protection: a device refuses a package whose security version is below the highest
+    one it has committed (an older release of the same security version is still accepted).
+    """
     @_builtins.property
     def profile(self) -> Global___HardwareProfile: ...
     @_builtins.property
@@ -343,10 +348,11 @@ class Manifest(_message.Message):
         golden_prompts: _abc.Iterable[Global___GoldenPrompt] | None = ...,
         builder_version: _builtins.str = ...,
         created_unix_ms: _builtins.int = ...,
+        security_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "lineage", b"lineage", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "builder_version", b"builder_version", "created_unix_ms", b"created_unix_ms", "evaluation", b"evaluation", "files", b"files", "format_version", b"format_version", "golden_prompts", b"golden_prompts", "kind", b"kind", "lineage", b"lineage", "name", b"name", "profile", b"profile", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "builder_version", b"builder_version", "created_unix_ms", b"created_unix_ms", "evaluation", b"evaluation", "files", b"files", "format_version", b"format_version", "golden_prompts", b"golden_prompts", "kind", b"kind", "lineage", b"lineage", "name", b"name", "profile", b"profile", "security_version", b"security_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -401,3 +407,76 @@ class SignedManifest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SignedManifest: _TypeAlias = SignedManifest  # noqa: Y015
+
+@_typing.final
+class KeyStatement(_message.Message):
+    """A change to the set of trusted package-signing keys (rotation without re-enrollment). It is
+    signed by at least one key that is trusted (and not retired) before it applies; its sequence
+    is greater than every statement applied before it, so an older one cannot be replayed.
+    Signatures are over "slmops-key-statement-v1\\0" + `statement` (never valid as a manifest's).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_VERSION_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ISSUED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ADD_KEYS_FIELD_NUMBER: _builtins.int
+    RETIRE_KEYS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    format_version: _builtins.int
+    """1"""
+    sequence: _builtins.int
+    """strictly increasing"""
+    issued_unix_ms: _builtins.int
+    note: _builtins.str
+    """for people"""
+    @_builtins.property
+    def add_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """hex of raw Ed25519 public keys to trust from now on"""
+
+    @_builtins.property
+    def retire_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """hex of keys never to trust again (they cannot come back)"""
+
+    def __init__(
+        self,
+        *,
+        format_version: _builtins.int = ...,
+        sequence: _builtins.int = ...,
+        issued_unix_ms: _builtins.int = ...,
+        add_keys: _abc.Iterable[_builtins.str] | None = ...,
+        retire_keys: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_keys", b"add_keys", "format_version", b"format_version", "issued_unix_ms", b"issued_unix_ms", "note", b"note", "retire_keys", b"retire_keys", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyStatement: _TypeAlias = KeyStatement  # noqa: Y015
+
+@_typing.final
+class SignedKeyStatement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    statement: _builtins.bytes
+    """serialized KeyStatement"""
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___Signature]: ...
+    def __init__(
+        self,
+        *,
+        statement: _builtins.bytes = ...,
+        signatures: _abc.Iterable[Global___Signature] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signatures", b"signatures", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedKeyStatement: _TypeAlias = SignedKeyStatement  # noqa: Y015
