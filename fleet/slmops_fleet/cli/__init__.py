@@ -7,7 +7,7 @@ SLMOPS_FLEET_TOKEN, or by <data dir>/fleet.json (which `serve` writes).
 
 import typer
 
-from slmops_fleet.cli import devices, packages, releases, rollouts, serve, status, tokens
+from slmops_fleet.cli import config, devices, packages, releases, rollouts, serve, status, tokens
 
 __all__ = ["app"]
 
@@ -24,3 +24,4 @@ app.add_typer(packages.app, name="package")
 app.add_typer(releases.app, name="release")
 app.add_typer(rollouts.app, name="rollout")
 app.add_typer(devices.app, name="device")
+app.add_typer(config.app, name="config")
