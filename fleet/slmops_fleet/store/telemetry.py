@@ -129,10 +129,11 @@ class TelemetryQueries(Database):
         return None if row is None else (int(row[0]), int(row[1]))
 
     def prune_telemetry(
-        self, device_id: str, *, before_ms: int | None, through: tuple[int, int] | None, batch: int
+        self, device_id: str, *, before_ms: int | None, through: tuple[int, int] | None, batch: int | None
     ) -> int:
-        """Delete at most `batch` of the device's samples timestamped before `before_ms`, or at or
-        before the (timestamp_ms, id) mark `through`; one short transaction. Returns rows deleted."""
+        """Delete at most `batch` (None: all) of the device's samples timestamped before `before_ms`, or
+        at or before the (timestamp_ms, id) mark `through`, in one statement and one short transaction.
+        Returns rows deleted."""
         t = TelemetrySampleRow
         past = []
         if before_ms is not None:
@@ -141,12 +142,12 @@ class TelemetryQueries(Database):
             past.append(tuple_(t.timestamp_ms, t.id) <= tuple_(*through))
         if not past:
             return 0
-        victims = select(t.id).where(t.device_id == device_id, or_(*past)).limit(batch)
+        victims = select(t.id).where(t.device_id == device_id, or_(*past))
+        if batch is not None:
+            victims = victims.limit(batch)
         with self.session(write=True) as s:
-            ids = list(s.scalars(victims).all())
-            if ids:
-                s.execute(delete(t).where(t.id.in_(ids)).execution_options(synchronize_session=False))
-        return len(ids)
+            result = s.execute(delete(t).where(t.id.in_(victims)).execution_options(synchronize_session=False))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def counts(self) -> dict[str, Any]:
         with self.session() as s:
