@@ -201,3 +201,24 @@ def test_agent_run_takes_its_settings_from_a_config_file(tmp_path: Path) -> None
     finally:
         assert service.stop() == 0
     assert "DEBUG" in (tmp_path / "a.log").read_text()  # the flag beat the file's default INFO
+
+
+def test_agent_run_keeps_the_files_grpc_host_when_a_port_flag_is_given(tmp_path: Path) -> None:
+    import os
+
+    state = tmp_path / "s"
+    file = _write(
+        tmp_path / "agent.toml",
+        f'state_dir = "{state}"\ngrpc_address = "127.0.0.2:50051"\nmetrics_port = -1\nthreads = 1\n',
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLMOPS_AGENT_")}
+    service = Service("agent", ["agent", "run", "--config", str(file), "--grpc-port", "0"], tmp_path / "a.log", env=env)
+    try:
+        addr = service.wait_for(
+            lambda: (state / "grpc.addr").is_file() and (state / "grpc.addr").read_text().strip(),
+            timeout=60,
+            what="grpc.addr",
+        )
+        assert str(addr).startswith("127.0.0.2:") and not str(addr).endswith(":50051")
+    finally:
+        assert service.stop() == 0

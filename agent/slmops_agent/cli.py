@@ -146,21 +146,12 @@ def run(
     from slmops_agent.daemon import Agent
     from slmops_agent.errors import AgentError
 
-    address = None
-    if grpc_port is not None:
-        import os
-
-        base = os.environ.get("SLMOPS_AGENT_GRPC_ADDRESS", "127.0.0.1:50051")
-        address = f"{base.rpartition(':')[0] or '127.0.0.1'}:{grpc_port}"
     settings = _settings(
-        config,
-        state_dir=state_dir,
-        grpc_address=address,
-        grpc_socket=socket,
-        threads=threads,
-        metrics_port=metrics_port,
-        log_level=log_level,
+        config, state_dir=state_dir, grpc_socket=socket, threads=threads, metrics_port=metrics_port, log_level=log_level
     )
+    if grpc_port is not None:  # the port of grpc_address (from the environment, the file or the default)
+        host = settings.grpc_address.rpartition(":")[0] or "127.0.0.1"
+        settings = type(settings).model_validate({**settings.model_dump(), "grpc_address": f"{host}:{grpc_port}"})
     _setup_logging(settings.log_level)
 
     def ready(addresses: list[str]) -> None:
