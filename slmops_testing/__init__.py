@@ -7,5 +7,6 @@
 - `simulated_devices`: a device as the fleet sees it (a real paho client) and the ACL probe.
 - `swarm`: many lean simulated devices per thread (benchmarks/fleet_bench.py).
 - `processes`: handles on real `slmops fleet serve` and `slmops agent run` processes.
+- `attacks`: a watch on the fleet's memory and /healthz during an attack; an oversized raw MQTT PUBLISH.
 - `crash`: a restartable agent process and packages whose transfer spans many chunks (crash tests).
 """

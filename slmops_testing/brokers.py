@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from slmops_fleet.mqtt_limits import DEFAULT_MAX_PACKET, mosquitto_limits
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -90,9 +92,12 @@ class MosquittoBroker:
         self.start()
 
 
-def start_mosquitto(workdir: Path, *, port: int | None = None, anonymous: bool = False) -> MosquittoBroker:
+def start_mosquitto(
+    workdir: Path, *, port: int | None = None, anonymous: bool = False, max_packet_bytes: int = DEFAULT_MAX_PACKET
+) -> MosquittoBroker:
     """A Mosquitto 2 broker with persistence and size limits, in `workdir`: with dynamic security
-    (an admin, anonymous off) by default, or open to anonymous clients when `anonymous`."""
+    (an admin, anonymous off) by default, or open to anonymous clients when `anonymous`. Packets
+    over `max_packet_bytes` end their connection (the fleet's `mqtt_max_packet_bytes`)."""
     if not Path(MOSQUITTO).exists() or not (anonymous or DYNSEC_PLUGIN.exists()):
         pytest.fail(f"these tests need mosquitto 2 with its dynamic security plugin ({MOSQUITTO}, {DYNSEC_PLUGIN})")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +125,7 @@ def start_mosquitto(workdir: Path, *, port: int | None = None, anonymous: bool =
                 "persistence true",
                 f"persistence_location {data}/",
                 "autosave_interval 1",
-                "message_size_limit 8388608",
+                *mosquitto_limits(max_packet_bytes),
                 "max_inflight_bytes 16777216",
                 "max_queued_bytes 268435456",
                 "max_queued_messages 100000",

@@ -14,6 +14,7 @@ import typer
 
 if TYPE_CHECKING:
     from slmops_agent.settings import AgentSettings
+    from slmops_cli.settings_files import Loaded
 
 app = typer.Typer(
     help="The on-device agent: enroll, run, ask.",
@@ -29,6 +30,11 @@ StateDirOpt = Annotated[Path | None, typer.Option("--state-dir", help=_STATE_HEL
 TargetOpt = Annotated[str | None, typer.Option("--target", help="unix:PATH or host:port (default: the local agent).")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP)]
 TlsCaOpt = Annotated[Path | None, typer.Option("--tls-ca", help=_CA_HELP)]
+_CONFIG_HELP = (
+    "TOML file of settings (or $SLMOPS_AGENT_CONFIG; default: <state>/agent.toml when it exists); "
+    "flags and SLMOPS_AGENT_* override it."
+)
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -36,16 +42,35 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings(**flags: Any) -> AgentSettings:
-    from pydantic import ValidationError
+def _loaded(config: Path | None = None, **flags: Any) -> Loaded[AgentSettings]:
+    """Settings from flags > SLMOPS_AGENT_* > the config file (--config, $SLMOPS_AGENT_CONFIG, or
+    <state_dir>/agent.toml when it exists) > defaults; misspelt SLMOPS_AGENT_* variables warned about."""
+    import os
 
-    from slmops_agent.settings import load_settings
+    from slmops_agent.settings import DEFAULT_STATE_DIR, AgentSettings
+    from slmops_cli.settings_files import SettingsError, load
 
+    def default_file(values: dict[str, Any]) -> Path:
+        return Path(values.get("state_dir") or DEFAULT_STATE_DIR).expanduser() / "agent.toml"
+
+    named = config or (Path(os.environ["SLMOPS_AGENT_CONFIG"]) if os.environ.get("SLMOPS_AGENT_CONFIG") else None)
     try:
-        return load_settings(**flags)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
-        raise _fail(f"bad settings: {problems}", 2) from None
+        loaded = load(
+            AgentSettings,
+            flags=flags,
+            config=named,
+            default_config=default_file,
+            also_known_env=("SLMOPS_AGENT_CONFIG",),
+        )
+    except SettingsError as exc:
+        raise _fail(str(exc), 2) from None
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    return loaded
+
+
+def _settings(config: Path | None = None, **flags: Any) -> AgentSettings:
+    return _loaded(config, **flags).settings
 
 
 def _setup_logging(level: str) -> None:
@@ -96,6 +121,7 @@ def enroll(
 
 @app.command()
 def run(
+    config: ConfigOpt = None,
     state_dir: StateDirOpt = None,
     grpc_port: int | None = typer.Option(
         None, "--grpc-port", min=0, max=65535, help="TCP port on 127.0.0.1 (0: a free one, see <state>/grpc.addr)."
@@ -111,26 +137,21 @@ def run(
     ),
     log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
-    """Run the agent until SIGTERM or SIGINT: serve gRPC and /metrics, follow the fleet, send telemetry."""
+    """Run the agent until SIGTERM or SIGINT: serve gRPC and /metrics, follow the fleet, send telemetry.
+
+    Settings: flags > SLMOPS_AGENT_* > the --config file (TOML, the settings' names as keys) > defaults;
+    `slmops agent config show` prints them."""
     import asyncio
 
     from slmops_agent.daemon import Agent
     from slmops_agent.errors import AgentError
 
-    address = None
-    if grpc_port is not None:
-        import os
-
-        base = os.environ.get("SLMOPS_AGENT_GRPC_ADDRESS", "127.0.0.1:50051")
-        address = f"{base.rpartition(':')[0] or '127.0.0.1'}:{grpc_port}"
     settings = _settings(
-        state_dir=state_dir,
-        grpc_address=address,
-        grpc_socket=socket,
-        threads=threads,
-        metrics_port=metrics_port,
-        log_level=log_level,
+        config, state_dir=state_dir, grpc_socket=socket, threads=threads, metrics_port=metrics_port, log_level=log_level
     )
+    if grpc_port is not None:  # the port of grpc_address (from the environment, the file or the default)
+        host = settings.grpc_address.rpartition(":")[0] or "127.0.0.1"
+        settings = type(settings).model_validate({**settings.model_dump(), "grpc_address": f"{host}:{grpc_port}"})
     _setup_logging(settings.log_level)
 
     def ready(addresses: list[str]) -> None:
@@ -401,3 +422,19 @@ def models(
             m.slot, "*" if m.active else "", m.name, m.version, m.profile, m.package_id[:16], ", ".join(m.adapters)
         )
     Console().print(table)
+
+
+config_app = typer.Typer(help="The agent's settings: what `run` would run with.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Print the effective settings and where each comes from (secrets masked)."""
+    from slmops_cli.settings_files import show
+
+    show(_loaded(config, state_dir=state_dir), as_json=as_json)

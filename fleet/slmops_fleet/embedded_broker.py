@@ -10,7 +10,9 @@ message) that consult the live `CredentialRegistry`:
 - the fleet's own internal user may do anything;
 - a device's will (CONNECT) is refused unless it is on one of its own publish topics, not retained,
   at QoS 0 or 1 (amqtt publishes a will without the topic check);
-- anonymous clients are refused.
+- anonymous clients are refused;
+- a packet larger than `max_packet_bytes` ends its connection before its body is read
+  (`mqtt_limits.PacketSizeGate`); refusals are counted in `counters`.
 
 Nothing may depend on amqtt's queue for offline clients (it loses binary messages after a
 crash), so device sessions are marked to get no offline queue at all: a device that was away
@@ -47,7 +49,9 @@ from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from slmops_fleet.device_limits import WindowedLog
 from slmops_fleet.errors import StartupError
+from slmops_fleet.mqtt_limits import DEFAULT_MAX_PACKET, BrokerCounters, PacketSizeGate
 from slmops_fleet.store.devices import hash_secret, secrets_equal
 from slmops_protos.topics import Topics
 
@@ -419,8 +423,18 @@ class EmbeddedBroker:
     CONNECT_TIMEOUT_S = 10.0
     BACKLOG_REFRESH_S = 0.1
 
-    def __init__(self, registry: CredentialRegistry, *, port: int = 0, flag: str = "--broker-port") -> None:
+    def __init__(
+        self,
+        registry: CredentialRegistry,
+        *,
+        port: int = 0,
+        flag: str = "--broker-port",
+        max_packet_bytes: int = DEFAULT_MAX_PACKET,
+    ) -> None:
         self.registry = registry
+        self.max_packet_bytes = max_packet_bytes
+        self.counters = BrokerCounters()
+        self._warn = WindowedLog(60.0)
         self.requested_port = port
         self._flag = flag
         self._broker: _Broker | None = None
@@ -464,11 +478,22 @@ class EmbeddedBroker:
         if task is not None:
             self._clients.add(task)
         out = StreamWriterAdapter(writer)
+        peer = writer.get_extra_info("peername")
+        who = [f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client"]
+
+        def oversized(length: int) -> None:
+            self.counters.oversized_packets += 1
+            self._warn.warning(
+                who[0], "MQTT connection of %s dropped: it announced a packet of %d bytes (at most %d)",
+                who[0], length, self.max_packet_bytes,
+            )  # fmt: skip
+
         try:
-            gate = _ReplayReader(StreamReaderAdapter(reader))
+            gate = _ReplayReader(PacketSizeGate(StreamReaderAdapter(reader), self.max_packet_bytes, oversized))
             admitted, username = await self._admit(gate, out)
             if not admitted:
                 return
+            who[0] = username or who[0]
             if username != FLEET_USERNAME:
                 self._device_writers[writer] = username or ""
             gate.replay()
@@ -509,6 +534,7 @@ class EmbeddedBroker:
             qos=connect.will_qos,
         )
         if refused:
+            self.counters.wills_refused += 1
             log.warning("MQTT connection refused for %r: %s", connect.username, refused)
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(out)
             await out.close()

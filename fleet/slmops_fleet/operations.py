@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -103,6 +104,7 @@ class FleetOperations:
         self.topics = Topics(settings.topic_root)
         self._mqtt_connected = mqtt_connected
         self.driver: Any = None  # the RolloutDriver, once the server started it
+        self.limits: Callable[[], dict[str, Any]] | None = None  # what devices had refused (`counters`)
         self.started_monotonic = time.monotonic()
         self.url = ""
 
@@ -428,6 +430,7 @@ class FleetOperations:
             **counts,
             "transfer": stats["totals"],
             "active_transfers": stats["active_transfers"],
+            "limits": self.limits() if self.limits is not None else {},
             "now": datetime.now().astimezone().isoformat(),
         }
 

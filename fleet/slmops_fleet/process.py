@@ -28,6 +28,7 @@ import uvicorn
 
 from slmops_fleet.admin_auth import AdminAuth
 from slmops_fleet.blobstore import BlobStore
+from slmops_fleet.counters import LimitCounters
 from slmops_fleet.device_limits import BlobRequestPolicy
 from slmops_fleet.distribution import BlobDistributor
 from slmops_fleet.embedded_broker import CredentialRegistry, EmbeddedBroker, bind_listener
@@ -38,6 +39,7 @@ from slmops_fleet.lifecycle import DeviceLifecycle
 from slmops_fleet.mqtt_client import FleetMqtt, MqttEndpoint
 from slmops_fleet.operations import BrokerInfo, FleetOperations, load_trusted_keys
 from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, NoProvisioner, Provisioner
+from slmops_fleet.retention import TelemetryRetention
 from slmops_fleet.rollouts.driver import RolloutDriver
 from slmops_fleet.settings import FleetSettings
 from slmops_fleet.signing_keys import SigningKeys
@@ -116,6 +118,7 @@ class FleetServer:
         self.distributor: BlobDistributor | None = None
         self.service: FleetOperations | None = None
         self.driver: RolloutDriver | None = None
+        self.retention: TelemetryRetention | None = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.info: FleetInfo | None = None
@@ -281,6 +284,14 @@ class FleetServer:
         service.driver = driver
         self.driver = driver
         driver.start()
+        self.retention = TelemetryRetention(
+            store,
+            max_age_s=s.telemetry_max_age_s,
+            max_rows_per_device=s.telemetry_max_rows_per_device,
+            interval_s=s.telemetry_retention_interval_s,
+        )
+        self.retention.start()
+        service.limits = LimitCounters(ingest, self.broker, self.retention).to_json
 
         # HTTP last: when it answers, everything behind it works.
         config = uvicorn.Config(
@@ -324,7 +335,12 @@ class FleetServer:
     async def _start_embedded_broker(self, remembered: int | None) -> EmbeddedBroker:
         assert self.registry is not None
         port = self.settings.broker_port or remembered or 0
-        broker = EmbeddedBroker(self.registry, port=port, flag="--broker-port (SLMOPS_FLEET_BROKER_PORT)")
+        broker = EmbeddedBroker(
+            self.registry,
+            port=port,
+            flag="--broker-port (SLMOPS_FLEET_BROKER_PORT)",
+            max_packet_bytes=self.settings.mqtt_max_packet_bytes,
+        )
         try:
             await broker.start()
         except StartupError as exc:
@@ -364,6 +380,9 @@ class FleetServer:
         if self.driver is not None:
             await self.driver.stop()
             self.driver = None
+        if self.retention is not None:
+            await self.retention.stop()
+            self.retention = None
         if self.distributor is not None:
             await asyncio.to_thread(self.distributor.stop)
             self.distributor = None

@@ -9,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slmops_fleet.mqtt_limits import CHUNK_HEADER_ALLOWANCE, DEFAULT_MAX_PACKET
 from slmops_protos.manifests import MAX_FILE_BYTES, MAX_FILES
 from slmops_protos.topics import DEFAULT_ROOT
 
@@ -126,6 +127,30 @@ class FleetSettings(BaseSettings):
         description="Samples one TelemetryBatch may carry (SLMOPS_FLEET_TELEMETRY_MAX_SAMPLES); a batch with more "
         "is refused whole and counted. The default is the most an agent sends in one (its telemetry_batch).",
     )
+    telemetry_max_age_s: float = Field(
+        30 * 86400,
+        ge=0,
+        description="Telemetry older than this (by the sample's timestamp) is dropped, counted; 0: no age bound.",
+    )
+    telemetry_max_rows_per_device: int = Field(
+        300_000,
+        ge=0,
+        description="Telemetry samples kept per device, the newest (the default holds a month at the agent's 10 s "
+        "interval); older ones are dropped, counted; 0: no bound.",
+    )
+    telemetry_retention_interval_s: float = Field(
+        300.0, gt=0, le=86400, description="How often telemetry retention runs (in small batches beside ingest)."
+    )
+    mqtt_max_packet_bytes: int = Field(
+        DEFAULT_MAX_PACKET,
+        ge=MIN_CHUNK + CHUNK_HEADER_ALLOWANCE,
+        le=256 * 1024 * 1024,
+        description="Largest MQTT packet a client may send to the embedded broker "
+        "(SLMOPS_FLEET_MQTT_MAX_PACKET_BYTES); a larger one ends its connection before its body is read, "
+        "counted. The default is a little above the largest message a device sends (a 10,000-sample "
+        "telemetry batch: 1.9 MB at most) and the fleet's chunks. On Mosquitto, set max_packet_size to "
+        "this plus 5 (fleet/deploy/mosquitto.conf).",
+    )
     token_default_ttl_s: int = Field(3600, ge=1, description="Enrollment token lifetime when none is asked for.")
     token_max_ttl_s: int = Field(30 * 86400, ge=1, description="Longest enrollment token lifetime allowed.")
     mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
@@ -180,6 +205,11 @@ class FleetSettings(BaseSettings):
     def _check_ttls(self) -> FleetSettings:
         if self.token_default_ttl_s > self.token_max_ttl_s:
             raise ValueError("token_default_ttl_s is longer than token_max_ttl_s")
+        if self.mqtt_max_packet_bytes < self.chunk_size + CHUNK_HEADER_ALLOWANCE:
+            raise ValueError(
+                f"mqtt_max_packet_bytes ({self.mqtt_max_packet_bytes}) must leave room for the fleet's chunks: "
+                f"at least chunk_size + {CHUNK_HEADER_ALLOWANCE} = {self.chunk_size + CHUNK_HEADER_ALLOWANCE}"
+            )
         return self
 
     # --- derived --------------------------------------------------------------------------------

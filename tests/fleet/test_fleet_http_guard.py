@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import select
 import socket
-import threading
-import time
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from slmops_fleet.http_guard import MAX_JSON_BYTES
+from slmops_testing.attacks import Watch
 
 HUGE = 200 * (1 << 20)
 PIECE = b"[" + b"1," * (1 << 15)  # 64 KiB of a JSON array that never ends
@@ -47,43 +45,6 @@ def send_oversized(url: str, path: str, *, headers: dict[str, str], chunked: boo
         sock.close()
     status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
     return status, sent
-
-
-class Watch:
-    """Samples this process's resident memory and /healthz's latency while an attack runs."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.rss_before = psutil.Process().memory_info().rss
-        self.rss_peak = self.rss_before
-        self.latencies: list[float] = []
-        self.statuses: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            while not self._stop.is_set():
-                start = time.monotonic()
-                self.statuses.add(client.get("/healthz").status_code)
-                self.latencies.append(time.monotonic() - start)
-                self.rss_peak = max(self.rss_peak, psutil.Process().memory_info().rss)
-                time.sleep(0.02)
-
-    def _wait_for_samples(self, count: int) -> None:
-        deadline = time.monotonic() + 10
-        while len(self.latencies) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def __enter__(self) -> Watch:
-        self._thread.start()
-        self._wait_for_samples(1)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._wait_for_samples(len(self.latencies) + 2)  # the fleet still answers after the attack
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

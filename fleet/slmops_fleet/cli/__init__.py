@@ -7,7 +7,7 @@ SLMOPS_FLEET_TOKEN, or by <data dir>/fleet.json (which `serve` writes).
 
 import typer
 
-from slmops_fleet.cli import admin, devices, keys, packages, releases, rollouts, serve, status, tokens
+from slmops_fleet.cli import admin, config, devices, keys, packages, releases, rollouts, serve, status, tokens
 
 __all__ = ["app"]
 
@@ -27,3 +27,4 @@ app.add_typer(devices.app, name="device")
 app.add_typer(admin.app, name="admin-token")
 app.command()(admin.audit)
 app.add_typer(keys.app, name="keys")
+app.add_typer(config.app, name="config")

@@ -9,9 +9,11 @@ from typing import Annotated, Any
 import typer
 
 from slmops_fleet.cli.common import DataDirOpt, fail
+from slmops_fleet.cli.config import ConfigOpt, load_fleet_settings
 
 
 def serve(
+    config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     host: Annotated[str | None, typer.Option("--host", help="HTTP listen address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option("--port", help="HTTP port; 0 picks a free one (default).")] = None,
@@ -50,14 +52,14 @@ def serve(
     ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
 ) -> None:
-    """Run the fleet manager: HTTP API, MQTT broker (or client of an external one), database."""
+    """Run the fleet manager: HTTP API, MQTT broker (or client of an external one), database.
+
+    Settings: flags > SLMOPS_FLEET_* > the --config file (TOML, the settings' names as keys) > defaults;
+    `slmops fleet config show` prints them."""
     import asyncio
     import logging
 
-    from pydantic import ValidationError
-
     from slmops_fleet.errors import FleetError
-    from slmops_fleet.settings import FleetSettings
 
     given: dict[str, Any] = {
         "data_dir": data_dir,
@@ -77,11 +79,8 @@ def serve(
         "signing_keys": trust_key or None,
         "log_level": log_level,
     }
-    try:
-        settings = FleetSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        fail(f"bad settings: {problems}")
+    loaded = load_fleet_settings(config, given)
+    settings = loaded.settings
 
     _configure_logging(settings.log_level)
     from slmops_fleet.process import FleetInfo, run_server
@@ -90,6 +89,7 @@ def serve(
         kind = "embedded amqtt" if info.mqtt.embedded else "external"
         lines = [
             "slmops fleet is running",
+            *([f"  config file   {loaded.file}"] if loaded.file else []),
             f"  HTTP API      {info.url}",
             f"  MQTT broker   {info.mqtt.host}:{info.mqtt.port} ({kind}, topic root {info.mqtt.topic_root})",
             f"  admin token   {settings.admin_token_file}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from slmops_fleet.cli.common import (
     DataDirOpt,
     FleetOpt,
@@ -46,7 +48,47 @@ def status(
     ]
     for k, v in rows:
         table.add_row(k, v)
+    limits = s.get("limits") or {}
+    if limits:
+        table.add_section()
+        for k, v in _limit_rows(limits):
+            table.add_row(k, v)
     out_console().print(table)
+
+
+_LIMIT_LABELS = {
+    "mqtt_oversized_packets": "refused: MQTT packets over the size limit",
+    "mqtt_wills_refused": "refused: wills outside a device's ACL",
+    "blob_requests_rate_limited": "dropped: blob requests over the rate",
+    "blob_requests_refused_chunk_size": "refused: blob requests in another chunk size",
+    "blob_requests_resized": "resized: whole-blob requests in another chunk size",
+    "telemetry_batches_refused": "refused: telemetry batches over the sample limit",
+    "messages_malformed": "dropped: malformed messages",
+    "messages_unknown_device": "dropped: messages from unknown devices",
+    "messages_dropped_queue_full": "dropped: messages past a full ingest queue",
+}
+
+
+def _limit_rows(limits: dict[str, Any]) -> list[tuple[str, str]]:
+    """What devices had refused or dropped since the fleet started, and telemetry retention."""
+    rows = [
+        (label, "n/a (external broker: see its log)" if limits.get(key) is None else str(limits[key]))
+        for key, label in _LIMIT_LABELS.items()
+        if key in limits
+    ]
+    r = limits.get("retention") or {}
+    if r:
+        bounds = [f"{r['max_age_s'] / 86400:g} days" if r["max_age_s"] else "", f"{r['max_rows_per_device']} rows"]
+        bounds = [b for b in bounds if b and not b.startswith("0 rows")]
+        when = f", last sweep {r['last_sweep_s']} s" if r.get("last_sweep_s") is not None else ""
+        rows.append(
+            (
+                "telemetry retention",
+                f"{r['dropped_rows']} samples dropped in {r['sweeps']} sweeps{when} "
+                f"(bound: {' or '.join(bounds) or 'none'} per device)",
+            )
+        )
+    return rows
 
 
 def stats(

@@ -1,4 +1,4 @@
-"""Telemetry samples (batched inserts, the newest samples of a device) and the fleet's counts."""
+"""Telemetry samples (batched inserts, the newest samples of a device, retention) and the fleet's counts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, tuple_, update
 
 from slmops_fleet.store.database import INT64_MAX, Database, i64, utcnow
 from slmops_fleet.store.records import TelemetryRecord
@@ -107,6 +107,47 @@ class TelemetryQueries(Database):
                 )
                 for r in rows
             ]
+
+    def telemetry_device_ids(self) -> list[str]:
+        """Every device that may have telemetry (retention walks them one by one)."""
+        with self.session() as s:
+            return list(s.scalars(select(DeviceRow.id).order_by(DeviceRow.id)).all())
+
+    def telemetry_keep_mark(self, device_id: str, keep: int) -> tuple[int, int] | None:
+        """(timestamp_ms, id) of the device's `keep`-th newest sample: older ones are past a bound of
+        `keep` rows. None when it has at most `keep`. Ordered by id within a timestamp, so samples that
+        all name one timestamp are bounded too."""
+        t = TelemetrySampleRow
+        with self.session() as s:
+            row = s.execute(
+                select(t.timestamp_ms, t.id)
+                .where(t.device_id == device_id)
+                .order_by(t.timestamp_ms.desc(), t.id.desc())
+                .offset(keep)
+                .limit(1)
+            ).first()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def prune_telemetry(
+        self, device_id: str, *, before_ms: int | None, through: tuple[int, int] | None, batch: int | None
+    ) -> int:
+        """Delete at most `batch` (None: all) of the device's samples timestamped before `before_ms`, or
+        at or before the (timestamp_ms, id) mark `through`, in one statement and one short transaction.
+        Returns rows deleted."""
+        t = TelemetrySampleRow
+        past = []
+        if before_ms is not None:
+            past.append(t.timestamp_ms < before_ms)
+        if through is not None:
+            past.append(tuple_(t.timestamp_ms, t.id) <= tuple_(*through))
+        if not past:
+            return 0
+        victims = select(t.id).where(t.device_id == device_id, or_(*past))
+        if batch is not None:
+            victims = victims.limit(batch)
+        with self.session(write=True) as s:
+            result = s.execute(delete(t).where(t.id.in_(victims)).execution_options(synchronize_session=False))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def counts(self) -> dict[str, Any]:
         with self.session() as s:
