@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -66,8 +67,8 @@ class AgentMqtt:
             reconnect_on_failure=True,
         )
         client.username_pw_set(creds.mqtt.username or self.device_id, creds.mqtt.password)
-        if creds.mqtt.tls:
-            client.tls_set()
+        if creds.mqtt.tls:  # the broker is verified with the CA given at enrollment (its name too)
+            client.tls_set_context(ssl.create_default_context(cadata=creds.mqtt.ca_pem))
         # paho doubles the delay from min to max; a per-device minimum keeps a fleet from reconnecting in step
         low = max(1, round(reconnect_min_s * (1 + random.random())))
         client.reconnect_delay_set(min_delay=low, max_delay=max(low, round(reconnect_max_s)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ class BrokerInfo:
     topic_root: str
     embedded: bool
     tls: bool = False
+    ca_pem: str | None = field(default=None, repr=False)  # the CA devices verify the broker with (None: system CAs)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +106,7 @@ class FleetOperations:
         self.driver: Any = None  # the RolloutDriver, once the server started it
         self.started_monotonic = time.monotonic()
         self.url = ""
+        self.fleet_ca_pem: str | None = None
 
     @property
     def signing_keys_hex(self) -> list[str]:
@@ -159,8 +161,11 @@ class FleetOperations:
                 "password": password,
                 "topic_root": self.broker.topic_root,
                 "tls": self.broker.tls,
+                "ca_pem": self.broker.ca_pem,
             },
             "signing_keys": self.signing_keys_hex,
+            # what the device verifies the fleet's HTTPS with from now on (None: plaintext on loopback)
+            "fleet_ca_pem": self.fleet_ca_pem,
         }
 
     # --- packages and blobs -------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import ssl
 import threading
 from typing import Any, Protocol
 
@@ -75,7 +76,9 @@ def device_acls(topics: Topics, device_id: str) -> list[dict[str, Any]]:
 class DynsecProvisioner:
     """Talks to Mosquitto's dynamic security plugin as an admin client (thread-safe)."""
 
-    def __init__(self, admin: BrokerAddress, topics: Topics, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, admin: BrokerAddress, topics: Topics, *, tls: ssl.SSLContext | None = None, timeout_s: float = 10.0
+    ) -> None:
         if not admin.username:
             raise ValueError("the dynamic-security admin needs a username (mqtt://user:pass@host:port)")
         self.admin = admin
@@ -93,6 +96,8 @@ class DynsecProvisioner:
             protocol=MQTTProtocolVersion.MQTTv311,
         )
         c.username_pw_set(admin.username, admin.password)
+        if tls is not None:
+            c.tls_set_context(tls)
         c.reconnect_delay_set(1, 10)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect

@@ -141,7 +141,7 @@ def test_refusals_are_one_line(endpoint: EnrollEndpoint, tmp_path: Path, token: 
 def test_unreachable_fleet(tmp_path: Path) -> None:
     with pytest.raises(EnrollError, match=r"cannot reach the fleet at http://127\.0\.0\.1:\d+"):
         enroll(f"http://127.0.0.1:{free_port()}", "good", tmp_path, timeout_s=3)
-    with pytest.raises(EnrollError, match="must start with http"):
+    with pytest.raises(EnrollError, match="must look like https:"):
         enroll("fleet.local", "good", tmp_path)
 
 
