@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -155,7 +156,7 @@ class FleetOperations:
             "device_id": device.id,
             "fleet_url": self.settings.public_url or fleet_url,
             "mqtt": {
-                "host": self.broker.host,
+                "host": self.broker.host or urlsplit(fleet_url).hostname or "127.0.0.1",
                 "port": self.broker.port,
                 "username": device.id,
                 "password": password,

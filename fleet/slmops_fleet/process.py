@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -171,8 +172,11 @@ class FleetServer:
                 self.registry.fleet_password,
                 tls=client_context(tls.ca, check_hostname=False) if tls else None,
             )
+            # On every interface (a wildcard): devices are told the public URL's host, else the one
+            # they reached the fleet at (see FleetOperations.enroll).
+            wildcard_host = urlsplit(s.public_url).hostname or "" if s.public_url else ""
             broker_info = BrokerInfo(
-                host=s.public_broker_host or _dialable(s.broker_host),
+                host=s.public_broker_host or (wildcard_host if s.broker_host in WILDCARD_HOSTS else s.broker_host),
                 port=s.public_broker_port or self.broker.port,
                 topic_root=s.topic_root,
                 embedded=True,

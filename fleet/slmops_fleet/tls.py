@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import secrets
 import ssl
@@ -31,10 +32,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from slmops_fleet.errors import StartupError
-from slmops_protos.links import certificate_fingerprint
+from slmops_protos.links import certificate_fingerprint, is_loopback
 
 if TYPE_CHECKING:
     from slmops_fleet.settings import FleetSettings
+
+log = logging.getLogger(__name__)
 
 CA_DAYS = 3650
 SERVER_DAYS = 365
@@ -238,4 +241,9 @@ def fleet_tls_files(settings: FleetSettings) -> TlsFiles | None:
         hosts.append(settings.public_broker_host)
     if settings.public_url:
         hosts.append(urlsplit(settings.public_url).hostname or "")
+    if settings.exposed_hosts() and all(h in WILDCARD_HOSTS or is_loopback(h) for h in hosts):
+        log.warning(
+            "listening on every interface, the private CA's certificate names only localhost: devices "
+            "must reach the fleet by a name or address given with --tls-host or --public-url"
+        )
     return ensure_private_ca(settings.tls_dir, [h for h in hosts if h])

@@ -209,9 +209,11 @@ def test_across_hosts_on_the_embedded_broker(
     tiny_package_factory: Callable[..., Path],
 ) -> None:
     hub = network.hub
-    fleet = _fleet(tmp_path, hub, signing_key[1], services, "--broker-host", hub.address, "--broker-port", "0")
-    assert fleet.info["mqtt"]["host"] == hub.address and fleet.info["mqtt"]["tls"]
+    # The broker on every interface of the fleet's host: devices are told the host they enrolled at.
+    fleet = _fleet(tmp_path, hub, signing_key[1], services, "--broker-host", "0.0.0.0", "--broker-port", "0")
+    assert fleet.info["mqtt"]["host"] == "" and fleet.info["mqtt"]["tls"]
     agents = _rollout_across_hosts(tmp_path, network, fleet, signing_key, tiny_package_factory, services)
+    assert {a.credentials["mqtt"]["host"] for a in agents} == {hub.address}
     _refusals(tmp_path, network, fleet, agents[0], fleet.info["ca_file"])
 
 

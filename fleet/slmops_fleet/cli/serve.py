@@ -131,7 +131,7 @@ def serve(
         lines = [
             "slmops fleet is running",
             f"  HTTP API      {info.url}",
-            f"  MQTT broker   {info.mqtt.host}:{info.mqtt.port} ({kind}{', TLS' if info.mqtt.tls else ''}, "
+            f"  MQTT broker   {info.mqtt.host or '*'}:{info.mqtt.port} ({kind}{', TLS' if info.mqtt.tls else ''}, "
             f"topic root {info.mqtt.topic_root})",
             f"  admin token   {settings.admin_token_file}",
             *(
