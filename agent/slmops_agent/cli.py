@@ -68,6 +68,9 @@ def enroll(
     ca: Path | None = typer.Option(
         None, "--ca", help="The fleet's CA certificate (PEM, its tls/ca.pem) to verify it with; default: system CAs."
     ),
+    ca_fingerprint: str | None = typer.Option(
+        None, "--ca-fingerprint", help="Or the fleet CA's fingerprint (sha256:HEX, as `fleet serve` prints)."
+    ),
     trust_key: list[str] = typer.Option(
         [], "--trust-key", help="Pin this package signing key (hex or *.pub) instead of the fleet's; repeatable."
     ),
@@ -81,7 +84,16 @@ def enroll(
 
     settings = _settings(state_dir=state_dir)
     try:
-        creds = do_enroll(fleet, token, settings.state_dir, name=name, force=force, ca_file=ca, trust_keys=trust_key)
+        creds = do_enroll(
+            fleet,
+            token,
+            settings.state_dir,
+            name=name,
+            force=force,
+            ca_file=ca,
+            ca_fingerprint=ca_fingerprint,
+            trust_keys=trust_key,
+        )
     except AgentError as exc:
         raise _fail(str(exc)) from None
     if as_json:

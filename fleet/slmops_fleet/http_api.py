@@ -1,8 +1,9 @@
 """The fleet's HTTP API (FastAPI). It translates HTTP to `FleetOperations` calls and back; the one
 exception handler here maps the fleet's error types to status codes.
 
-Every /v1 endpoint except /v1/enroll needs `Authorization: Bearer <admin token>`;
-/v1/enroll is authorised by its one-time enrollment token; /healthz is open. The token and the body's
+Every /v1 endpoint except /v1/enroll and /v1/ca.pem needs `Authorization: Bearer <admin token>`;
+/v1/enroll is authorised by its one-time enrollment token; /healthz and /v1/ca.pem (the fleet's CA
+certificate, public) are open. The token and the body's
 size are checked before the body is read (`http_guard.RequestGuard`).
 """
 
@@ -13,11 +14,11 @@ import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import ClientDisconnect
 
-from slmops_fleet.errors import FleetError, InvalidRequest, TooLarge
+from slmops_fleet.errors import FleetError, InvalidRequest, NotFound, TooLarge
 from slmops_fleet.http_guard import RequestGuard, error_response
 from slmops_fleet.operations import FleetOperations
 from slmops_protos import __version__
@@ -153,6 +154,12 @@ def create_app(service: FleetOperations, admin_token: str) -> FastAPI:
     @v1.post("/tokens")
     def create_token(body: TokenRequest | None = None) -> dict[str, Any]:
         return service.create_token(body.ttl_s if body else None)
+
+    @app.get("/v1/ca.pem")
+    def ca_pem() -> PlainTextResponse:
+        if not service.fleet_ca_pem:
+            raise NotFound("this fleet serves plaintext HTTP: it has no CA")
+        return PlainTextResponse(service.fleet_ca_pem, media_type="application/x-pem-file")
 
     @app.post("/v1/enroll")
     def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:

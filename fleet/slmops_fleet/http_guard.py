@@ -5,7 +5,8 @@ FastAPI reads and parses a JSON body before it runs a route's dependencies, so a
 could make the fleet hold and parse hundreds of megabytes before it was told its token was wrong.
 This pure ASGI middleware runs first:
 
-- every /v1 path except /v1/enroll needs `Authorization: Bearer <admin token>`: anything else is
+- every /v1 path except /v1/enroll and /v1/ca.pem (public: the CA a device checks against the
+  fingerprint it was given) needs `Authorization: Bearer <admin token>`: anything else is
   answered 401 at once, the body unread;
 - a body over its route's limit is answered 413: at once when Content-Length says so, or as soon as
   the bytes received pass the limit (a chunked upload), and the app then sees the client gone.
@@ -33,7 +34,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # The largest JSON body any route takes (a rollout naming ~10,000 devices is well under it).
 MAX_JSON_BYTES = 1 << 20
-OPEN_PATHS = frozenset({"/healthz", "/v1/enroll"})
+OPEN_PATHS = frozenset({"/healthz", "/v1/enroll", "/v1/ca.pem"})
 # Routes that read their bodies as streams, each under its own limit (no cap here).
 _STREAMED = re.compile(r"^/v1/(blobs/[^/]+|packages)$")
 

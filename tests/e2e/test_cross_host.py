@@ -77,9 +77,10 @@ def _fleet(tmp_path: Path, hub: Netns, key: Path, services: list[Service], *extr
 def _agent(tmp_path: Path, fleet: FleetProc, ns: Netns, name: str, key: Path, services: list[Service]) -> AgentProc:
     state_dir = tmp_path / name
     token = fleet.cli("token", "create")["token"]
-    ca = fleet.info["ca_file"]
+    # the fleet's CA given out of band: the file to the first agent, its fingerprint to the second
+    pin = ["--ca", fleet.info["ca_file"]] if name.endswith("0") else ["--ca-fingerprint", fleet.info["ca_fingerprint"]]
     enroll = ["agent", "enroll", "--fleet", fleet.info["url"], "--token", token, "--state-dir", str(state_dir)]
-    run([*enroll, "--name", name, "--ca", ca, "--trust-key", str(key)], prefix=ns.prefix)
+    run([*enroll, "--name", name, *pin, "--trust-key", str(key)], prefix=ns.prefix)
     credentials = json.loads((state_dir / "credentials.json").read_text())
     service = Service(
         name,
@@ -191,6 +192,8 @@ def _refusals(tmp_path: Path, network: HostNetwork, fleet: FleetProc, agent: Age
     enroll = ["agent", "enroll", "--token", token, "--state-dir", str(tmp_path / "refused")]
     with pytest.raises(ProcessFailed, match="is not verified by the CA in"):
         run([*enroll, "--fleet", fleet.info["url"], "--ca", str(wrong)], prefix=outside.prefix)
+    with pytest.raises(ProcessFailed, match="not the sha256:00000000"):
+        run([*enroll, "--fleet", fleet.info["url"], "--ca-fingerprint", "sha256:" + "0" * 64], prefix=outside.prefix)
     with pytest.raises(ProcessFailed, match=r"refusing plaintext http:// to 10\.213\.0\.1"):
         run([*enroll, "--fleet", fleet.info["url"].replace("https://", "http://")], prefix=outside.prefix)
     assert not (tmp_path / "refused" / "credentials.json").exists()

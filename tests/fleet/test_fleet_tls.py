@@ -138,11 +138,17 @@ def test_a_tls_fleet_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             pytest.raises(FleetClientError, match="SLMOPS_FLEET_CA"),
         ):
             bare.request("POST", "/v1/tokens", json={})
-        with FleetClient.from_target(resolve_target(None, None, settings.data_dir)) as client:
-            token = client.request("POST", "/v1/tokens", json={})["token"]
+        token = client_token(settings)
 
         with pytest.raises(EnrollError, match="not verified by the system's CAs"):
             enroll(fleet.url, token, tmp_path / "unpinned")
+        pem = httpx.get(fleet.url + "/v1/ca.pem", verify=False).text  # public, no token
+        assert pem == (settings.tls_dir / "ca.pem").read_text()
+        with pytest.raises(EnrollError, match="refusing to enroll"):
+            enroll(fleet.url, token, tmp_path / "wrong-pin", ca_fingerprint="sha256:" + "ab" * 32)
+        by_fingerprint = enroll(fleet.url, token, tmp_path / "pinned", ca_fingerprint=info["ca_fingerprint"])
+        assert by_fingerprint.fleet_ca_pem == pem
+        token = client_token(settings)
         creds = enroll(fleet.url, token, tmp_path / "agent", ca_file=Path(info["ca_file"]))
         assert creds.mqtt.tls and creds.mqtt.ca_pem == (settings.tls_dir / "ca.pem").read_text()
         assert creds.fleet_ca_pem == creds.mqtt.ca_pem
@@ -152,6 +158,11 @@ def test_a_tls_fleet_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             assert link.wait_connected(15), "the agent did not connect over MQTT/TLS"
         finally:
             link.stop()
+
+
+def client_token(settings: FleetSettings) -> str:
+    with FleetClient.from_target(resolve_target(None, None, settings.data_dir)) as client:
+        return str(client.request("POST", "/v1/tokens", json={})["token"])
 
 
 def test_the_operators_certificate_is_served(tmp_path: Path) -> None:
