@@ -149,7 +149,7 @@ class FleetServer:
         ports = self._read_ports()
         tls = fleet_tls_files(s)
         if tls is None and s.exposed_hosts():
-            log.warning("--insecure: plaintext HTTP and MQTT on %s, off loopback", ", ".join(s.exposed_hosts()))
+            log.warning("--insecure: plaintext listener off loopback on %s", ", ".join(s.exposed_hosts()))
 
         store = Store(s.resolved_database_url())
         self.store = store

@@ -243,9 +243,19 @@ def test_across_hosts_on_mosquitto_with_tls(
         broker.stop()
 
 
-def test_a_plaintext_fleet_off_loopback_needs_insecure(tmp_path: Path, network: HostNetwork) -> None:
+def test_a_plaintext_fleet_off_loopback_needs_insecure(
+    tmp_path: Path, network: HostNetwork, services: list[Service]
+) -> None:
     hub = network.hub
     args = ["fleet", "serve", "--data-dir", str(tmp_path / "fleet"), "--host", hub.address, "--no-tls"]
     with pytest.raises(ProcessFailed, match=r"plaintext listener on 10\.213\.0\.1.*--insecure"):
         run(args, prefix=hub.prefix, timeout=60)
     assert not (tmp_path / "fleet" / "fleet.json").exists()
+
+    # said explicitly, it runs, and warns
+    service = Service("fleet", [*args, "--insecure"], tmp_path / "fleet.log", prefix=hub.prefix)
+    services.append(service)
+    info = service.wait_for(lambda: read_json(tmp_path / "fleet" / "fleet.json"), timeout=60, what="fleet.json")
+    assert info["url"].startswith(f"http://{hub.address}:") and info["ca_file"] is None
+    assert network.hosts[0].call(healthy, info["url"])
+    assert "--insecure: plaintext listener off loopback on 10.213.0.1" in service.log.read_text()
