@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from slmops_agent.cli import app
 from slmops_agent.codec import inventory_to_pb
-from slmops_agent.credentials import Credentials
+from slmops_agent.credentials import Credentials, CredentialsError
 from slmops_agent.enroll import enroll
 from slmops_agent.errors import EnrollError
 from slmops_agent.inventory import collect_inventory, cpu_features
@@ -172,3 +172,23 @@ def test_inventory_of_this_machine(tmp_path: Path) -> None:
     inv = collect_inventory(tmp_path)
     assert inv.arch and inv.os and inv.cpu_count == os.cpu_count()
     assert inventory_to_pb(inv).providers == inv.providers and inv.disk_free_bytes > 0
+
+
+def test_a_ca_certificate_in_the_credentials_must_parse(tmp_path: Path) -> None:
+    """credentials.json's CAs (from the enrollment answer) are parsed where they are read: a broken
+    one is a CredentialsError naming the file, not a TLS failure later."""
+    data = {
+        "version": 1,
+        "device_id": "dev-1",
+        "fleet_url": "https://10.0.0.5:8443",
+        "mqtt": {"host": "10.0.0.5", "port": 8883, "username": "dev-1", "password": "p", "tls": True},
+        "fleet_ca_pem": "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    }
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CredentialsError, match="malformed"):
+        Credentials.load(path)
+    data["fleet_ca_pem"] = None
+    path.write_text(json.dumps(data))
+    creds = Credentials.load(path)
+    assert creds.mqtt.tls and creds.mqtt.ca_pem is None and creds.fleet_ca_pem is None

@@ -19,6 +19,7 @@ from slmops_agent.enroll import enroll
 from slmops_agent.errors import EnrollError
 from slmops_agent.mqtt import AgentMqtt
 from slmops_fleet.client import FleetClient, FleetClientError, resolve_target
+from slmops_fleet.embedded_broker import EmbeddedBroker
 from slmops_fleet.errors import StartupError
 from slmops_fleet.process import FleetThread
 from slmops_fleet.settings import BrokerAddress, FleetSettings
@@ -126,8 +127,13 @@ def test_a_tls_fleet_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("SLMOPS_FLEET_URL", raising=False)
     monkeypatch.delenv("SLMOPS_FLEET_TOKEN", raising=False)
     monkeypatch.delenv("SLMOPS_FLEET_CA", raising=False)
+    monkeypatch.setattr(EmbeddedBroker, "CONNECT_TIMEOUT_S", 1.0)
     settings = FleetSettings(data_dir=tmp_path / "fleet", tls=True)
     with FleetThread(settings) as fleet:
+        # a client that opens the TLS port and never says hello is dropped when the handshake times out
+        assert fleet.info is not None
+        with socket.create_connection(("127.0.0.1", fleet.info.mqtt.port), timeout=10) as silent:
+            assert silent.recv(1) == b""
         assert fleet.url.startswith("https://127.0.0.1:")
         info = json.loads(settings.fleet_json.read_text())
         assert info["ca_file"] == str(settings.tls_dir / "ca.pem") and info["mqtt"]["tls"]
