@@ -89,7 +89,8 @@ class FleetSettings(BaseSettings):
         None, description="SQLAlchemy URL; default sqlite in the data folder (postgresql+psycopg://... works)."
     )
     broker_url: str | None = Field(
-        None, description="External broker mqtt://user:pass@host:port; unset: run the embedded amqtt broker."
+        None,
+        description="External broker mqtts://user:pass@host:port (mqtt:// on loopback); unset: the embedded broker.",
     )
     broker_host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
     broker_port: int = Field(

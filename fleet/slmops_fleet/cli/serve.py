@@ -23,7 +23,10 @@ def serve(
     ] = None,
     broker_url: Annotated[
         str | None,
-        typer.Option("--broker-url", help="External broker mqtt://user:pass@host:port (default: embedded amqtt)."),
+        typer.Option(
+            "--broker-url",
+            help="External broker mqtts://user:pass@host:port (mqtt:// on loopback; default: embedded amqtt).",
+        ),
     ] = None,
     broker_host: Annotated[
         str | None, typer.Option("--broker-host", help="Embedded broker listen address (default 127.0.0.1).")
