@@ -229,9 +229,9 @@ class FleetSettings(BaseSettings):
                     f"plaintext listener on {', '.join(self.exposed_hosts())} (off loopback): drop --no-tls, "
                     "or pass --insecure to allow it"
                 )
-            if self.broker_url:
-                ext = self.external_broker()
-                if not ext.tls and not is_loopback(ext.host):
+            for url in (self.broker_url, self.broker_admin_url):
+                ext = BrokerAddress.parse(url) if url else None
+                if ext is not None and not ext.tls and not is_loopback(ext.host):
                     raise ValueError(
                         f"the broker {ext.host} is off loopback and the URL is not mqtts://: use mqtts://, "
                         "or pass --insecure to allow it"

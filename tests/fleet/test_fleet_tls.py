@@ -101,7 +101,12 @@ def test_plaintext_off_loopback_needs_insecure(tmp_path: Path) -> None:
     assert not FleetSettings(data_dir=tmp_path).tls_enabled, "loopback only: plaintext by default"
     with pytest.raises(ValidationError, match="not mqtts"):
         FleetSettings(data_dir=tmp_path, broker_url="mqtt://u:p@broker.example:1883")
+    with pytest.raises(ValidationError, match="not mqtts"):
+        FleetSettings(
+            data_dir=tmp_path, broker_url="mqtts://u:p@broker.example", broker_admin_url="mqtt://a:b@broker.example"
+        )
     FleetSettings(data_dir=tmp_path, broker_url="mqtts://u:p@broker.example")
+    FleetSettings(data_dir=tmp_path, broker_url="mqtt://u:p@broker.example", insecure=True)
     with pytest.raises(ValidationError, match="must be https"):
         FleetSettings(data_dir=tmp_path, http_host="10.0.0.5", public_url="http://10.0.0.5:80")
     with pytest.raises(ValidationError, match="go together"):
