@@ -192,3 +192,14 @@ def test_a_ca_certificate_in_the_credentials_must_parse(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     creds = Credentials.load(path)
     assert creds.mqtt.tls and creds.mqtt.ca_pem is None and creds.fleet_ca_pem is None
+
+
+def test_signing_keys_given_out_of_band_are_the_only_ones_pinned(endpoint: EnrollEndpoint, tmp_path: Path) -> None:
+    other = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"  # RFC 8032 test key
+    with pytest.raises(EnrollError, match="trusts none of the signing keys"):
+        enroll(endpoint.url, "good-1", tmp_path / "a", trust_keys=[other])
+    assert not (tmp_path / "a" / "credentials.json").exists()
+    pub = tmp_path / "signing.pub"
+    pub.write_text(KEY.upper() + "\n")
+    creds = enroll(endpoint.url, "good-2", tmp_path / "b", trust_keys=[str(pub), other])
+    assert creds.signing_keys == [KEY, other], "only the keys given, the fleet trusting at least one"
