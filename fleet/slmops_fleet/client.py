@@ -46,16 +46,15 @@ def resolve_target(fleet: str | None, token: str | None, data_dir: Path | None) 
     tok = token or os.environ.get("SLMOPS_FLEET_TOKEN") or None
     ca = os.environ.get("SLMOPS_FLEET_CA") or None
     token_source = "--token" if token else "SLMOPS_FLEET_TOKEN"
-    if url and tok and ca:
-        return FleetTarget(url.rstrip("/"), tok, token_source, ca)
     ddir = (data_dir or default_data_dir()).expanduser()
     info_path = ddir / "fleet.json"
     info: dict[str, Any] = {}
-    if info_path.is_file():
+    if info_path.is_file() and not (url and tok and ca):
         try:
             info = json.loads(info_path.read_text())
         except (OSError, ValueError) as exc:
-            raise FleetClientError(f"cannot read {info_path}: {exc}") from exc
+            if not (url and tok):  # fleet.json was only asked for the CA: go without it
+                raise FleetClientError(f"cannot read {info_path}: {exc}") from exc
     if not url:
         if not info.get("url"):
             raise FleetClientError(

@@ -14,10 +14,12 @@ import httpx
 import pytest
 from cryptography import x509
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from slmops_agent.enroll import enroll
 from slmops_agent.errors import EnrollError
 from slmops_agent.mqtt import AgentMqtt
+from slmops_fleet.cli import app as fleet_cli
 from slmops_fleet.client import FleetClient, FleetClientError, resolve_target
 from slmops_fleet.embedded_broker import EmbeddedBroker
 from slmops_fleet.errors import StartupError
@@ -131,7 +133,7 @@ def test_a_tls_fleet_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     agent enrolls with the CA pinned, keeps the broker's CA and connects over MQTT/TLS."""
     monkeypatch.delenv("SLMOPS_FLEET_URL", raising=False)
     monkeypatch.delenv("SLMOPS_FLEET_TOKEN", raising=False)
-    monkeypatch.delenv("SLMOPS_FLEET_CA", raising=False)
+    monkeypatch.setenv("SLMOPS_FLEET_CA", "")  # restored after the test: `slmops fleet --ca` sets it
     monkeypatch.setattr(EmbeddedBroker, "CONNECT_TIMEOUT_S", 1.0)
     settings = FleetSettings(data_dir=tmp_path / "fleet", tls=True)
     with FleetThread(settings) as fleet:
@@ -163,6 +165,13 @@ def test_a_tls_fleet_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         creds = enroll(fleet.url, token, tmp_path / "agent", ca_file=Path(info["ca_file"]))
         assert creds.mqtt.tls and creds.mqtt.ca_pem == (settings.tls_dir / "ca.pem").read_text()
         assert creds.fleet_ca_pem == creds.mqtt.ca_pem
+        # the admin CLI: `slmops fleet --ca FILE` verifies with that CA, and a wrong one is a clear error
+        cli = ["token", "create", "--json", "--fleet", fleet.url, "--token", fleet.admin_token]
+        wrong = ensure_private_ca(tmp_path / "wrong", []).ca
+        result = CliRunner().invoke(fleet_cli, ["--ca", str(wrong), *cli])
+        assert result.exit_code == 1 and "not verified by the CA given" in result.output, result.output
+        result = CliRunner().invoke(fleet_cli, ["--ca", info["ca_file"], *cli])
+        assert result.exit_code == 0 and json.loads(result.output)["token"], result.output
         link = AgentMqtt(creds, on_desired=print, on_chunk=print, wants_blob=lambda _: False, connect_jitter_s=0)
         link.start()
         try:
