@@ -50,7 +50,10 @@ def _ip(*args: str) -> None:
 
 
 def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+    except FileNotFoundError:
+        raise NetnsUnavailable(f"`{cmd[0]}` is not installed") from None
     if proc.returncode != 0:
         raise NetnsUnavailable(f"`{' '.join(cmd)}` failed: {(proc.stderr or proc.stdout).strip()}")
 
