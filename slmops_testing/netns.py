@@ -15,6 +15,7 @@ Namespaces need root (CAP_SYS_ADMIN): `create` raises `NetnsUnavailable` with th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -131,7 +132,10 @@ class HostNetwork:
 
     def remove(self) -> None:
         for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+            with contextlib.suppress(FileNotFoundError):  # no `ip`: nothing was made
+                subprocess.run(
+                    ["ip", "netns", "del", ns.name], capture_output=True, stdin=subprocess.DEVNULL, timeout=30
+                )
 
 
 def remove_leftovers() -> None:
