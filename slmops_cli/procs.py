@@ -35,19 +35,29 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no output)"
 
 
-def run_json(args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600) -> Any:
+def run_json(
+    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600, prefix: Sequence[str] = ()
+) -> Any:
     """Run `slmops ARGS --json` and return the parsed JSON it prints."""
-    out = run(args, env=env, timeout=timeout)
+    out = run(args, env=env, timeout=timeout, prefix=prefix)
     try:
         return json.loads(out)
     except json.JSONDecodeError as exc:
         raise ProcessFailed(f"`slmops {' '.join(args)}` printed no JSON:\n{out[-2000:]}") from exc
 
 
-def run(args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600) -> str:
-    """Run `slmops ARGS`; return stdout, or raise ProcessFailed with stderr's tail."""
+def run(
+    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600, prefix: Sequence[str] = ()
+) -> str:
+    """Run `slmops ARGS` (behind `prefix`, e.g. `ip netns exec NAME`); return stdout, or raise
+    ProcessFailed with stderr's tail."""
     proc = subprocess.run(
-        slmops_cmd(*args), capture_output=True, text=True, env=_env(env), timeout=timeout, stdin=subprocess.DEVNULL
+        [*prefix, *slmops_cmd(*args)],
+        capture_output=True,
+        text=True,
+        env=_env(env),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-20:])
@@ -65,13 +75,21 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
 class Service:
     """A long-running `slmops ...` child with its output in a log file."""
 
-    def __init__(self, name: str, args: Sequence[str], log: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = log.open("ab")
         self.proc = subprocess.Popen(
-            slmops_cmd(*args),
+            [*prefix, *slmops_cmd(*args)],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -1,6 +1,8 @@
 """A Mosquitto 2 broker of the tests' own: generated config, dynamic security, persistence.
 
-`start_mosquitto(workdir, port=None) -> MosquittoBroker` (`.url`, `.stop()`, `.kill()`, `.restart()`);
+`start_mosquitto(workdir, port=None) -> MosquittoBroker` (`.url`, `.stop()`, `.kill()`, `.restart()`),
+optionally on another address, over TLS (`openssl_ca` makes a CA and a server certificate with the
+openssl command, independent of the fleet's own CA code), inside a network namespace;
 `CorruptingProxy(host, port)`: a TCP relay that corrupts the first chunk a client receives.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from slmops_fleet.mqtt_limits import DEFAULT_MAX_PACKET, mosquitto_limits
+from slmops_testing.netns import Netns
 
 
 def free_port() -> int:
@@ -31,6 +34,33 @@ def free_port() -> int:
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_CTRL = shutil.which("mosquitto_ctrl") or "/usr/bin/mosquitto_ctrl"
 DYNSEC_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+
+
+# --- certificates ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerCerts:
+    ca: Path  # the CA certificate clients verify the server with
+    cert: Path
+    key: Path
+
+
+def openssl_ca(workdir: Path, host: str, *, name: str = "test") -> ServerCerts:
+    """A fresh CA and a server certificate for `host` (an IP address) made by `openssl`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    certs = ServerCerts(workdir / f"{name}-ca.pem", workdir / f"{name}-server.pem", workdir / f"{name}-server.key")
+    ca_key, csr, ext = workdir / f"{name}-ca.key", workdir / f"{name}-server.csr", workdir / f"{name}-ext.cnf"
+    ext.write_text(f"subjectAltName=IP:{host},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    sign = ["-extfile", ext, "-out", certs.cert]
+    for cmd in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", certs.ca, "-days", "2", "-subj", f"/CN={name} CA"],
+        ["req", *ec, "-keyout", certs.key, "-out", csr, "-subj", f"/CN={host}"],
+        ["x509", "-req", "-in", csr, "-CA", certs.ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2", *sign],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    return certs
 
 
 # --- Mosquitto ------------------------------------------------------------------------------------------
@@ -46,27 +76,41 @@ class MosquittoBroker:
     conf: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    tls: ServerCerts | None = None
+    netns: Netns | None = None
 
     @property
     def url(self) -> str:
-        """mqtt://admin:password@host:port: the fleet's --broker-url (and --broker-admin-url)."""
-        return f"mqtt://{self.admin_username}:{self.admin_password}@{self.host}:{self.port}"
+        """mqtt[s]://admin:password@host:port: the fleet's --broker-url (and --broker-admin-url)."""
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://{self.admin_username}:{self.admin_password}@{self.host}:{self.port}"
+
+    def _listening(self) -> bool:
+        def probe() -> bool:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        return self.netns.call(probe) if self.netns else probe()
 
     def start(self, timeout: float = 10.0) -> None:
         log = self.log.open("ab")
         self.process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            [*(self.netns.prefix if self.netns else []), MOSQUITTO, "-c", str(self.conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited ({self.process.returncode}):\n{self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if self._listening():
+                return
+            time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not listen on {self.port}:\n{self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
@@ -93,11 +137,19 @@ class MosquittoBroker:
 
 
 def start_mosquitto(
-    workdir: Path, *, port: int | None = None, anonymous: bool = False, max_packet_bytes: int = DEFAULT_MAX_PACKET
+    workdir: Path,
+    *,
+    port: int | None = None,
+    anonymous: bool = False,
+    host: str = "127.0.0.1",
+    tls: ServerCerts | None = None,
+    netns: Netns | None = None,
+    max_packet_bytes: int = DEFAULT_MAX_PACKET,
 ) -> MosquittoBroker:
     """A Mosquitto 2 broker with persistence and size limits, in `workdir`: with dynamic security
-    (an admin, anonymous off) by default, or open to anonymous clients when `anonymous`. Packets
-    over `max_packet_bytes` end their connection (the fleet's `mqtt_max_packet_bytes`)."""
+    (an admin, anonymous off) by default, or open to anonymous clients when `anonymous`; on `host`,
+    TLS only with `tls`, run inside `netns` when given. Packets over `max_packet_bytes` end their
+    connection (the fleet's `mqtt_max_packet_bytes`)."""
     if not Path(MOSQUITTO).exists() or not (anonymous or DYNSEC_PLUGIN.exists()):
         pytest.fail(f"these tests need mosquitto 2 with its dynamic security plugin ({MOSQUITTO}, {DYNSEC_PLUGIN})")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -115,12 +167,15 @@ def start_mosquitto(
             stdin=subprocess.DEVNULL,
         )
         security = ["allow_anonymous false", f"plugin {DYNSEC_PLUGIN}", f"plugin_opt_config_file {dynsec}"]
-    port = port or free_port()
+    port = port or (8883 if netns else free_port())
+    listener = [f"listener {port} {host}"]
+    if tls:
+        listener += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}", "tls_version tlsv1.2"]
     conf = workdir / "generated.conf"
     conf.write_text(
         "\n".join(
             [
-                f"listener {port} 127.0.0.1",
+                *listener,
                 *security,
                 "persistence true",
                 f"persistence_location {data}/",
@@ -139,7 +194,9 @@ def start_mosquitto(
             ]
         )
     )
-    broker = MosquittoBroker("127.0.0.1", port, admin, password, workdir, conf, workdir / "mosquitto.log")
+    broker = MosquittoBroker(
+        host, port, admin, password, workdir, conf, workdir / "mosquitto.log", tls=tls, netns=netns
+    )
     broker.start()
     return broker
 

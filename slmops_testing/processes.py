@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ class FleetProc:
     service: Service
     data_dir: Path
     info: dict[str, Any]
+    prefix: tuple[str, ...] = ()  # where the admin CLI runs (e.g. `ip netns exec NAME`)
 
     @property
     def args(self) -> list[str]:
@@ -33,7 +35,7 @@ class FleetProc:
 
     def cli(self, *args: str) -> Any:
         """`slmops fleet ARGS --json` against this fleet."""
-        return run_json(["fleet", *args, "--json", *self.args])
+        return run_json(["fleet", *args, "--json", *self.args], prefix=self.prefix)
 
     def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.info['admin_token']}"}
@@ -69,10 +71,12 @@ class AgentProc:
     state_dir: Path
     device_id: str
     credentials: dict[str, Any] = field(repr=False)
+    prefix: tuple[str, ...] = ()  # where `agent ask` runs (e.g. `ip netns exec NAME`)
 
     def ask(self, prompt: str, *extra: str) -> dict[str, Any]:
-        """`slmops agent ask --json` over the agent's Unix socket."""
-        return dict(run_json(["agent", "ask", prompt, "--state-dir", str(self.state_dir), "--json", *extra]))
+        """`slmops agent ask --json` (over the agent's Unix socket unless `--target` is in `extra`)."""
+        args = ["agent", "ask", prompt, "--state-dir", str(self.state_dir), "--json", *extra]
+        return dict(run_json(args, prefix=self.prefix))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -83,8 +87,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, ca_file: str | None = None) -> bool:
+    """True when the fleet at `url` answers /healthz (an https:// one verified with `ca_file`)."""
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
     try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        return httpx.get(f"{url}/healthz", timeout=2, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False

@@ -85,9 +85,20 @@ def _setup_logging(level: str) -> None:
 
 @app.command()
 def enroll(
-    fleet: str = typer.Option(..., "--fleet", help="The fleet's URL, e.g. http://fleet.local:8000."),
+    fleet: str = typer.Option(
+        ..., "--fleet", help="The fleet's URL, e.g. https://fleet.local:8443 (http:// on loopback only)."
+    ),
     token: str = typer.Option(..., "--token", help="The one-time enrollment token."),
     name: str = typer.Option("", "--name", help="A name for this device."),
+    ca: Path | None = typer.Option(
+        None, "--ca", help="The fleet's CA certificate (PEM, its tls/ca.pem) to verify it with; default: system CAs."
+    ),
+    ca_fingerprint: str | None = typer.Option(
+        None, "--ca-fingerprint", help="Or the fleet CA's fingerprint (sha256:HEX, as `fleet serve` prints)."
+    ),
+    trust_key: list[str] = typer.Option(
+        [], "--trust-key", help="Pin this package signing key (hex or *.pub) instead of the fleet's; repeatable."
+    ),
     state_dir: StateDirOpt = None,
     force: bool = typer.Option(False, "--force", help="Enroll again even if this device is enrolled."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -98,7 +109,16 @@ def enroll(
 
     settings = _settings(state_dir=state_dir)
     try:
-        creds = do_enroll(fleet, token, settings.state_dir, name=name, force=force)
+        creds = do_enroll(
+            fleet,
+            token,
+            settings.state_dir,
+            name=name,
+            force=force,
+            ca_file=ca,
+            ca_fingerprint=ca_fingerprint,
+            trust_keys=trust_key,
+        )
     except AgentError as exc:
         raise _fail(str(exc)) from None
     if as_json:
@@ -114,7 +134,8 @@ def enroll(
         )
     else:
         typer.echo(
-            f"enrolled as {creds.device_id}; broker {creds.mqtt.host}:{creds.mqtt.port}; "
+            f"enrolled as {creds.device_id}; broker {creds.mqtt.host}:{creds.mqtt.port}"
+            f"{' (TLS)' if creds.mqtt.tls else ''}; "
             f"{len(creds.signing_keys)} signing key(s) pinned; credentials in {settings.state_dir}"
         )
 

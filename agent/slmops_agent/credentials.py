@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from slmops_agent.errors import AgentError
 from slmops_agent.layout import write_atomic
+from slmops_protos.links import certificate_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class MqttCredentials:
     # During a credential rotation: the password the device last connected with, kept until the new
     # one (`password`) has worked once ("" otherwise).
     previous_password: str = ""
+    ca_pem: str | None = None  # the CA the broker is verified with (None with TLS: the system's CAs)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Credentials:
     mqtt: MqttCredentials
     signing_keys: list[str] = field(default_factory=list)  # hex of raw Ed25519 keys, pinned at enrollment
     key_sequence: int = 0  # the fleet's last key statement when it gave `signing_keys`
+    fleet_ca_pem: str | None = None  # the CA the fleet's HTTPS is verified with, given at enrollment
     name: str = ""
     enrolled_unix_ms: int = 0
 
@@ -73,9 +76,11 @@ class Credentials:
                 topic_root=str(m.get("topic_root") or "slmops/v1"),
                 tls=bool(m.get("tls", False)),
                 previous_password=str(m.get("previous_password") or ""),
+                ca_pem=_optional_pem(m.get("ca_pem")),
             ),
             signing_keys=[str(k) for k in data.get("signing_keys", [])],
             key_sequence=int(data.get("key_sequence", 0)),
+            fleet_ca_pem=_optional_pem(data.get("fleet_ca_pem")),
             name=str(data.get("name", "")),
             enrolled_unix_ms=int(data.get("enrolled_unix_ms", 0)),
         )
@@ -97,6 +102,16 @@ class Credentials:
             return cls.from_json(data)
         except (KeyError, TypeError, ValueError) as exc:
             raise CredentialsError(f"{path} is malformed: {exc}") from exc
+
+
+def _optional_pem(value: Any) -> str | None:
+    """A PEM certificate as given (parsed now, so a bad one fails where it is read), or None."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("a CA certificate must be a PEM string")
+    certificate_fingerprint(value)
+    return value
 
 
 class CredentialKeeper:

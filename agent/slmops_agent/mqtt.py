@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -76,7 +77,8 @@ class AgentMqtt:
         self._password = keeper.passwords()[0] if keeper is not None else creds.mqtt.password
         client.username_pw_set(self._username, self._password)
         if creds.mqtt.tls:
-            client.tls_set()
+            # the broker is verified with the CA given at enrollment (its name too)
+            client.tls_set_context(ssl.create_default_context(cadata=creds.mqtt.ca_pem))
         # paho doubles the delay from min to max; a per-device minimum keeps a fleet from reconnecting in step
         low = max(1, round(reconnect_min_s * (1 + random.random())))
         client.reconnect_delay_set(min_delay=low, max_delay=max(low, round(reconnect_max_s)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class FleetTarget:
     url: str
     token: str
     source: str  # where the token came from, for error messages
+    ca: str | None = None  # the CA file an https:// fleet is verified with (None: the system's CAs)
 
 
 def default_data_dir() -> Path:
@@ -39,20 +41,21 @@ def default_data_dir() -> Path:
 
 
 def resolve_target(fleet: str | None, token: str | None, data_dir: Path | None) -> FleetTarget:
-    """--fleet/--token, else SLMOPS_FLEET_URL/SLMOPS_FLEET_TOKEN, else <data dir>/fleet.json."""
+    """--fleet/--token, else SLMOPS_FLEET_URL/SLMOPS_FLEET_TOKEN, else <data dir>/fleet.json. The CA of an
+    https:// fleet: SLMOPS_FLEET_CA, else fleet.json's (the fleet's own CA when it is the same fleet)."""
     url = fleet or os.environ.get("SLMOPS_FLEET_URL") or None
     tok = token or os.environ.get("SLMOPS_FLEET_TOKEN") or None
+    ca = os.environ.get("SLMOPS_FLEET_CA") or None
     token_source = "--token" if token else "SLMOPS_FLEET_TOKEN"
-    if url and tok:
-        return FleetTarget(url.rstrip("/"), tok, token_source)
     ddir = (data_dir or default_data_dir()).expanduser()
     info_path = ddir / "fleet.json"
     info: dict[str, Any] = {}
-    if info_path.is_file():
+    if info_path.is_file() and not (url and tok and ca):
         try:
             info = json.loads(info_path.read_text())
         except (OSError, ValueError) as exc:
-            raise FleetClientError(f"cannot read {info_path}: {exc}") from exc
+            if not (url and tok):  # fleet.json was only asked for the CA: go without it
+                raise FleetClientError(f"cannot read {info_path}: {exc}") from exc
     if not url:
         if not info.get("url"):
             raise FleetClientError(
@@ -69,20 +72,31 @@ def resolve_target(fleet: str | None, token: str | None, data_dir: Path | None) 
                 tok, token_source = token_file.read_text().strip() or None, str(token_file)
         if not tok:
             raise FleetClientError(f"no admin token for {url}: pass --token or set SLMOPS_FLEET_TOKEN")
-    return FleetTarget(url.rstrip("/"), tok, token_source)
+    if not ca and info.get("ca_file") and str(info.get("url", "")).rstrip("/") == url.rstrip("/"):
+        ca = str(info["ca_file"])
+    return FleetTarget(url.rstrip("/"), tok, token_source, ca)
 
 
 class FleetClient:
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0, source: str = "") -> None:
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0, source: str = "", ca: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.source = source
+        verify: ssl.SSLContext | bool = True
+        if ca:
+            try:
+                verify = ssl.create_default_context(cafile=ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise FleetClientError(f"cannot read the fleet's CA certificate {ca}: {exc}") from None
         self._http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=httpx.Timeout(timeout)
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(timeout),
+            verify=verify,
         )
 
     @classmethod
     def from_target(cls, target: FleetTarget, *, timeout: float = 30.0) -> FleetClient:
-        return cls(target.url, target.token, timeout=timeout, source=target.source)
+        return cls(target.url, target.token, timeout=timeout, source=target.source, ca=target.ca)
 
     def close(self) -> None:
         self._http.close()
@@ -109,6 +123,11 @@ class FleetClient:
         try:
             response = self._send(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise FleetClientError(
+                    f"the fleet at {self.url} is not verified by the CA given ({_first_line(exc)}); set "
+                    "SLMOPS_FLEET_CA to the fleet's CA file (<data dir>/tls/ca.pem)"
+                ) from exc
             raise FleetClientError(
                 f"the fleet is not running at {self.url} (cannot connect: {_first_line(exc)}); "
                 "start it with `slmops fleet serve`"

@@ -1,4 +1,5 @@
-"""The embedded MQTT broker: amqtt 0.12 in the fleet's event loop, on 127.0.0.1 only.
+"""The embedded MQTT broker: amqtt 0.12 in the fleet's event loop, on the configured address
+(127.0.0.1 by default), over TLS when the fleet gives it a server context.
 
 Authentication and topic ACLs are two small amqtt plugins (loaded by class path in the
 `plugins` config section, nothing else loaded: amqtt's default plugins add CPU to every
@@ -38,6 +39,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from ssl import SSLContext
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
@@ -417,9 +419,9 @@ def bind_listener(host: str, port: int, *, what: str, flag: str) -> socket.socke
 
 
 class EmbeddedBroker:
-    """amqtt on 127.0.0.1 with the fleet's auth and ACL plugins; runs in the caller's event loop."""
+    """amqtt with the fleet's auth and ACL plugins on `host` (TLS with `ssl`); runs in the caller's
+    event loop."""
 
-    HOST = "127.0.0.1"
     CONNECT_TIMEOUT_S = 10.0
     BACKLOG_REFRESH_S = 0.1
 
@@ -427,15 +429,19 @@ class EmbeddedBroker:
         self,
         registry: CredentialRegistry,
         *,
+        host: str = "127.0.0.1",
         port: int = 0,
+        ssl: SSLContext | None = None,
         flag: str = "--broker-port",
         max_packet_bytes: int = DEFAULT_MAX_PACKET,
     ) -> None:
         self.registry = registry
+        self.host = host
         self.max_packet_bytes = max_packet_bytes
         self.counters = BrokerCounters()
         self._warn = WindowedLog(60.0)
         self.requested_port = port
+        self._ssl = ssl
         self._flag = flag
         self._broker: _Broker | None = None
         self._server: asyncio.Server | None = None
@@ -459,17 +465,20 @@ class EmbeddedBroker:
 
     async def start(self) -> int:
         """Bind, start amqtt, and return the bound port."""
-        sock = bind_listener(self.HOST, self.requested_port, what="MQTT broker", flag=self._flag)
+        sock = bind_listener(self.host, self.requested_port, what="MQTT broker", flag=self._flag)
         self.port = sock.getsockname()[1]
         self._loop = asyncio.get_running_loop()
         self._broker = _Broker(self._config(), plugin_namespace=f"amqtt.slmops_fleet.{id(self)}")
         try:
             await self._broker.start()
-            self._server = await asyncio.start_server(self._on_client, sock=sock)
+            tls: dict[str, Any] = (
+                {"ssl": self._ssl, "ssl_handshake_timeout": self.CONNECT_TIMEOUT_S} if self._ssl else {}
+            )
+            self._server = await asyncio.start_server(self._on_client, sock=sock, **tls)
         except BaseException:
             sock.close()
             raise
-        log.info("embedded MQTT broker listening on %s:%d", self.HOST, self.port)
+        log.info("embedded MQTT broker listening on %s:%d%s", self.host, self.port, " (TLS)" if self._ssl else "")
         return self.port
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,10 +1,11 @@
 """The fleet's HTTP API (FastAPI). It translates HTTP to `FleetOperations` calls and back; the one
 exception handler here maps the fleet's error types to status codes.
 
-Every /v1 endpoint except /v1/enroll needs `Authorization: Bearer <admin token>` whose role allows
-the request (`admin_auth`); /v1/enroll is authorised by its one-time enrollment token; /healthz is
-open. The token, its role and the body's size are checked before the body is read, and admin actions
-are written to the audit log (`http_guard.RequestGuard`).
+Every /v1 endpoint except /v1/enroll and /v1/ca.pem needs `Authorization: Bearer <admin token>`
+whose role allows the request (`admin_auth`); /v1/enroll is authorised by its one-time enrollment
+token; /healthz and /v1/ca.pem (the fleet's CA certificate, public) are open. The token, its role
+and the body's size are checked before the body is read, and admin actions are written to the
+audit log (`http_guard.RequestGuard`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import ClientDisconnect
 
 from slmops_fleet.admin_auth import AdminAuth, Principal
-from slmops_fleet.errors import FleetError, InvalidRequest, TooLarge
+from slmops_fleet.errors import FleetError, InvalidRequest, NotFound, TooLarge
 from slmops_fleet.http_guard import RequestGuard, error_response
 from slmops_fleet.lifecycle import DeviceLifecycle
 from slmops_fleet.operations import FleetOperations
@@ -171,6 +172,12 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
     @v1.post("/tokens")
     def create_token(body: TokenRequest | None = None) -> dict[str, Any]:
         return service.create_token(body.ttl_s if body else None)
+
+    @app.get("/v1/ca.pem")
+    def ca_pem() -> PlainTextResponse:
+        if not service.fleet_ca_pem:
+            raise NotFound("this fleet serves plaintext HTTP: it has no CA")
+        return PlainTextResponse(service.fleet_ca_pem, media_type="application/x-pem-file")
 
     @app.post("/v1/enroll")
     def enroll(body: EnrollRequest, request: Request) -> dict[str, Any]:

@@ -5,7 +5,8 @@ FastAPI reads and parses a JSON body before it runs a route's dependencies, so a
 could make the fleet hold and parse hundreds of megabytes before it was told its token was wrong.
 This pure ASGI middleware runs first:
 
-- every /v1 path except /v1/enroll needs `Authorization: Bearer <admin token>` (the owner's or a
+- every /v1 path except /v1/enroll and /v1/ca.pem (public: the CA a device checks against the
+  fingerprint it was given) needs `Authorization: Bearer <admin token>` (the owner's or a
   named one, `admin_auth`): anything else is answered 401 at once, the body unread;
 - a token whose role may not make the request (a read-only token writing) is answered 403 at once;
 - every request that may change something (not GET/HEAD) by a known token, and every successful
@@ -44,7 +45,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 # The largest JSON body any route takes (a rollout naming ~10,000 devices is well under it).
 MAX_JSON_BYTES = 1 << 20
 ENROLL_PATH = "/v1/enroll"
-OPEN_PATHS = frozenset({"/healthz", ENROLL_PATH})
+OPEN_PATHS = frozenset({"/healthz", ENROLL_PATH, "/v1/ca.pem"})
 # Routes that read their bodies as streams, each under its own limit (no cap here).
 _STREAMED = re.compile(r"^/v1/(blobs/[^/]+|packages)$")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class MqttEndpoint:
     port: int
     username: str | None
     password: str | None
+    tls: ssl.SSLContext | None = None  # verify the broker with it; None: plaintext
 
 
 class FleetMqtt:
@@ -83,6 +85,8 @@ class FleetMqtt:
         )
         if endpoint.username is not None:
             c.username_pw_set(endpoint.username, endpoint.password)
+        if endpoint.tls is not None:
+            c.tls_set_context(endpoint.tls)
         c.max_inflight_messages_set(max_inflight)
         c.reconnect_delay_set(1, 1)
         c.on_connect = self._on_connect

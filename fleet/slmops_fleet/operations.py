@@ -12,10 +12,11 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -55,6 +56,7 @@ class BrokerInfo:
     topic_root: str
     embedded: bool
     tls: bool = False
+    ca_pem: str | None = field(default=None, repr=False)  # the CA devices verify the broker with (None: system CAs)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +109,7 @@ class FleetOperations:
         self.limits: Callable[[], dict[str, Any]] | None = None  # what devices had refused (`counters`)
         self.started_monotonic = time.monotonic()
         self.url = ""
+        self.fleet_ca_pem: str | None = None
 
     # --- enrollment ---------------------------------------------------------------------------
 
@@ -151,14 +154,17 @@ class FleetOperations:
             "device_id": device.id,
             "fleet_url": self.settings.public_url or fleet_url,
             "mqtt": {
-                "host": self.broker.host,
+                "host": self.broker.host or urlsplit(fleet_url).hostname or "127.0.0.1",
                 "port": self.broker.port,
                 "username": device.id,
                 "password": password,
                 "topic_root": self.broker.topic_root,
                 "tls": self.broker.tls,
+                "ca_pem": self.broker.ca_pem,
             },
             **self._key_pins(),
+            # what the device verifies the fleet's HTTPS with from now on (None: plaintext on loopback)
+            "fleet_ca_pem": self.fleet_ca_pem,
         }
 
     def _key_pins(self) -> dict[str, Any]:

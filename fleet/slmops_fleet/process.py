@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -45,6 +46,7 @@ from slmops_fleet.settings import FleetSettings
 from slmops_fleet.signing_keys import SigningKeys
 from slmops_fleet.store import Store
 from slmops_fleet.store.records import BlobRecord
+from slmops_fleet.tls import WILDCARD_HOSTS, TlsFiles, client_context, fleet_tls_files, write_file
 from slmops_protos.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -52,17 +54,7 @@ log = logging.getLogger(__name__)
 
 def _write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read, atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file(path, text.encode(), private=True)
 
 
 def ensure_admin_token(path: Path) -> str:
@@ -76,6 +68,11 @@ def ensure_admin_token(path: Path) -> str:
     token = secrets.token_urlsafe(32)
     _write_private(path, token + "\n")
     return token
+
+
+def _dialable(host: str) -> str:
+    """The address a client on this host dials for a listener on `host` (a wildcard: loopback)."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
 
 
 class _Uvicorn(uvicorn.Server):
@@ -92,6 +89,7 @@ class FleetInfo:
     admin_token: str
     mqtt: BrokerInfo
     data_dir: Path
+    tls: TlsFiles | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +98,9 @@ class FleetInfo:
             "mqtt": self.mqtt.to_json(),
             "data_dir": str(self.data_dir),
             "pid": os.getpid(),
+            # the CA the admin CLI verifies an https:// fleet with
+            "ca_file": str(self.tls.ca) if self.tls else None,
+            "ca_fingerprint": self.tls.fingerprint if self.tls else None,
         }
 
 
@@ -146,6 +147,9 @@ class FleetServer:
         blobs = BlobStore(s.blobs_dir)
         blobs.create()
         ports = self._read_ports()
+        tls = fleet_tls_files(s)
+        if tls is None and s.exposed_hosts():
+            log.warning("--insecure: plaintext listener off loopback on %s", ", ".join(s.exposed_hosts()))
 
         store = Store(s.resolved_database_url())
         self.store = store
@@ -158,23 +162,35 @@ class FleetServer:
         if s.embedded_broker:
             self.registry = CredentialRegistry(self.topics)
             self.registry.load(await asyncio.to_thread(store.device_password_hashes))
-            self.broker = await self._start_embedded_broker(ports.get("broker_port"))
+            self.broker = await self._start_embedded_broker(ports.get("broker_port"), tls)
             self.provisioner = EmbeddedProvisioner(self.registry, self.broker.disconnect)
+            # The fleet's own client checks the chain of its own broker, not the name it dials it by.
             endpoint = MqttEndpoint(
-                "127.0.0.1", self.broker.port, self.registry.fleet_username, self.registry.fleet_password
+                _dialable(s.broker_host),
+                self.broker.port,
+                self.registry.fleet_username,
+                self.registry.fleet_password,
+                tls=client_context(tls.ca, check_hostname=False) if tls else None,
             )
+            # On every interface (a wildcard): devices are told the public URL's host, else the one
+            # they reached the fleet at (see FleetOperations.enroll).
+            wildcard_host = urlsplit(s.public_url).hostname or "" if s.public_url else ""
             broker_info = BrokerInfo(
-                host=s.public_broker_host or EmbeddedBroker.HOST,
+                host=s.public_broker_host or (wildcard_host if s.broker_host in WILDCARD_HOSTS else s.broker_host),
                 port=s.public_broker_port or self.broker.port,
                 topic_root=s.topic_root,
                 embedded=True,
+                tls=tls is not None,
+                ca_pem=tls.ca_pem if tls else None,
             )
             client_id, clean = "slmops-fleet-internal", True
         else:
             ext = s.external_broker()
-            endpoint = MqttEndpoint(ext.host, ext.port, ext.username, ext.password)
+            broker_tls = client_context(s.broker_ca) if ext.tls else None
+            endpoint = MqttEndpoint(ext.host, ext.port, ext.username, ext.password, tls=broker_tls)
             if s.broker_provisioning == "dynsec":
-                dynsec = DynsecProvisioner(s.broker_admin(), self.topics)
+                admin = s.broker_admin()
+                dynsec = DynsecProvisioner(admin, self.topics, tls=client_context(s.broker_ca) if admin.tls else None)
                 self.provisioner = dynsec
                 await asyncio.to_thread(dynsec.start)
                 if ext.username:
@@ -186,6 +202,8 @@ class FleetServer:
                 port=s.public_broker_port or ext.port,
                 topic_root=s.topic_root,
                 embedded=False,
+                tls=ext.tls,
+                ca_pem=s.broker_ca.read_text() if ext.tls and s.broker_ca else None,
             )
             # A stable client id and a persistent session: the broker keeps device reports for the fleet
             # while it restarts.
@@ -195,8 +213,7 @@ class FleetServer:
         # The HTTP socket first, so the URL is known before anything is handed out.
         http_sock = self._bind_http(ports.get("http_port"))
         http_port = http_sock.getsockname()[1]
-        host = s.http_host if s.http_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        url = f"http://{host}:{http_port}"
+        url = f"{'https' if tls else 'http'}://{_dialable(s.http_host)}:{http_port}"
 
         # MQTT side: the client, the blob sender and the ingest worker.
         mqtt = FleetMqtt(
@@ -240,6 +257,7 @@ class FleetServer:
             mqtt_connected=lambda: mqtt.connected,
         )
         service.url = url
+        service.fleet_ca_pem = tls.ca_pem if tls else None
         self.service = service
         if not await asyncio.to_thread(service.keys.trusted):  # the configured keys and the key statements
             log.warning(
@@ -300,6 +318,8 @@ class FleetServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
+            ssl_certfile=str(tls.cert) if tls else None,
+            ssl_keyfile=str(tls.key) if tls else None,
         )
         self._http = _Uvicorn(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[http_sock]), name="slmops-fleet-http")
@@ -309,7 +329,7 @@ class FleetServer:
                 raise StartupError("the HTTP server stopped while starting")
             await asyncio.sleep(0.02)
 
-        self.info = FleetInfo(url=url, admin_token=admin_token, mqtt=broker_info, data_dir=s.data_dir)
+        self.info = FleetInfo(url=url, admin_token=admin_token, mqtt=broker_info, data_dir=s.data_dir, tls=tls)
         _write_private(
             s.ports_file,
             json.dumps({"http_port": http_port, "broker_port": self.broker.port if self.broker else None}) + "\n",
@@ -332,12 +352,14 @@ class FleetServer:
         pending, devices = self.broker.backlog()
         return pending + self.mqtt.unacknowledged, devices
 
-    async def _start_embedded_broker(self, remembered: int | None) -> EmbeddedBroker:
+    async def _start_embedded_broker(self, remembered: int | None, tls: TlsFiles | None) -> EmbeddedBroker:
         assert self.registry is not None
         port = self.settings.broker_port or remembered or 0
         broker = EmbeddedBroker(
             self.registry,
+            host=self.settings.broker_host,
             port=port,
+            ssl=tls.server_context() if tls else None,
             flag="--broker-port (SLMOPS_FLEET_BROKER_PORT)",
             max_packet_bytes=self.settings.mqtt_max_packet_bytes,
         )

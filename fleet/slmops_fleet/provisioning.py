@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -111,7 +112,9 @@ class DynsecProvisioner:
 
     manages_credentials = True
 
-    def __init__(self, admin: BrokerAddress, topics: Topics, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, admin: BrokerAddress, topics: Topics, *, tls: ssl.SSLContext | None = None, timeout_s: float = 10.0
+    ) -> None:
         if not admin.username:
             raise ValueError("the dynamic-security admin needs a username (mqtt://user:pass@host:port)")
         self.admin = admin
@@ -129,6 +132,8 @@ class DynsecProvisioner:
             protocol=MQTTProtocolVersion.MQTTv311,
         )
         c.username_pw_set(admin.username, admin.password)
+        if tls is not None:
+            c.tls_set_context(tls)
         c.reconnect_delay_set(1, 10)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect

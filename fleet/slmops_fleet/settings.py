@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slmops_fleet.mqtt_limits import CHUNK_HEADER_ALLOWANCE, DEFAULT_MAX_PACKET
+from slmops_protos.links import is_loopback
 from slmops_protos.manifests import MAX_FILE_BYTES, MAX_FILES
 from slmops_protos.topics import DEFAULT_ROOT
 
@@ -20,27 +21,31 @@ DEFAULT_CHUNK = 512 * 1024
 
 
 class BrokerAddress(BaseModel):
-    """An external MQTT broker, parsed from mqtt://user:pass@host:port."""
+    """An external MQTT broker, parsed from mqtt://user:pass@host:port (mqtts://: over TLS, port 8883
+    unless given)."""
 
     host: str
     port: int
     username: str | None = None
     password: str | None = None
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp"):
-            raise ValueError(f"broker URL must look like mqtt://user:pass@host:port, got {url!r}")
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
+            raise ValueError(f"broker URL must look like mqtts://user:pass@host:port or mqtt://..., got {url!r}")
         if not parts.hostname:
             raise ValueError(f"broker URL has no host: {url!r}")
+        tls = parts.scheme in ("mqtts", "ssl")
         try:
-            port = parts.port or 1883
+            port = parts.port or (8883 if tls else 1883)
         except ValueError as exc:
             raise ValueError(f"broker URL has a bad port: {url!r}") from exc
         return cls(
             host=parts.hostname,
             port=port,
+            tls=tls,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
         )
@@ -56,22 +61,47 @@ class FleetSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLMOPS_FLEET_", extra="ignore", validate_default=True)
 
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="The fleet's data folder (database, blobs, admin token).")
-    http_host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    http_host: str = Field(
+        "127.0.0.1", description="Address the HTTP API listens on (0.0.0.0: every interface; needs TLS or --insecure)."
+    )
     http_port: int = Field(
         0, ge=0, le=65535, description="HTTP port; 0 picks a free one (and keeps it for this data folder)."
     )
-    public_url: str | None = Field(None, description="The fleet URL devices are told; default http://host:port.")
+    public_url: str | None = Field(
+        None, description="The fleet URL devices are told; default https://host:port (http:// without TLS)."
+    )
+    tls: bool | None = Field(
+        None,
+        description="Serve HTTPS and MQTT over TLS. Default: on when a listener is off loopback or --tls-cert is "
+        "given, off on loopback only.",
+    )
+    tls_cert: Path | None = Field(None, description="The operator's server certificate (PEM); default: private CA.")
+    tls_key: Path | None = Field(None, description="The key of --tls-cert (PEM).")
+    tls_ca: Path | None = Field(None, description="The CA that signed --tls-cert, given to devices (PEM).")
+    tls_hosts: list[str] = Field(
+        default_factory=list,
+        description="More names or addresses the private CA's server certificate carries (it always has the "
+        "listen and public hosts, localhost and 127.0.0.1).",
+    )
+    insecure: bool = Field(
+        False, description="Allow plaintext listeners and broker links off loopback (a warning is logged)."
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite in the data folder (postgresql+psycopg://... works)."
     )
     broker_url: str | None = Field(
-        None, description="External broker mqtt://user:pass@host:port; unset: run the embedded amqtt broker."
+        None,
+        description="External broker mqtts://user:pass@host:port (mqtt:// on loopback); unset: the embedded broker.",
     )
+    broker_host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
     broker_port: int = Field(
         0,
         ge=0,
         le=65535,
-        description="Embedded broker port on 127.0.0.1; 0 picks a free one (and keeps it for this data folder).",
+        description="Embedded broker port; 0 picks a free one (and keeps it for this data folder).",
+    )
+    broker_ca: Path | None = Field(
+        None, description="CA (PEM) of an external mqtts:// broker; the fleet and its devices verify it with it."
     )
     broker_provisioning: Literal["dynsec", "none"] = Field(
         "dynsec",
@@ -171,6 +201,11 @@ class FleetSettings(BaseSettings):
     def _expand_keys(cls, value: list[Path]) -> list[Path]:
         return [p.expanduser().absolute() for p in value]
 
+    @field_validator("tls_cert", "tls_key", "tls_ca", "broker_ca", mode="after")
+    @classmethod
+    def _expand_file(cls, value: Path | None) -> Path | None:
+        return value.expanduser().absolute() if value is not None else None
+
     @field_validator("chunk_size")
     @classmethod
     def _check_chunk(cls, value: int) -> int:
@@ -212,11 +247,50 @@ class FleetSettings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> FleetSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls is False and self.tls_cert is not None:
+            raise ValueError("--tls-cert was given with --no-tls")
+        if not self.insecure:
+            if not self.tls_enabled and self.exposed_hosts():
+                raise ValueError(
+                    f"plaintext listener on {', '.join(self.exposed_hosts())} (off loopback): drop --no-tls, "
+                    "or pass --insecure to allow it"
+                )
+            for url in (self.broker_url, self.broker_admin_url):
+                ext = BrokerAddress.parse(url) if url else None
+                if ext is not None and not ext.tls and not is_loopback(ext.host):
+                    raise ValueError(
+                        f"the broker {ext.host} is off loopback and the URL is not mqtts://: use mqtts://, "
+                        "or pass --insecure to allow it"
+                    )
+        if self.public_url and self.tls_enabled and not self.public_url.startswith("https://"):
+            raise ValueError(f"public_url must be https:// when TLS is on, got {self.public_url!r}")
+        return self
+
     # --- derived --------------------------------------------------------------------------------
 
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url is None
+
+    def exposed_hosts(self) -> list[str]:
+        """The listen addresses that are not loopback (HTTP, and the embedded broker's)."""
+        hosts = [self.http_host] + ([self.broker_host] if self.embedded_broker else [])
+        return sorted({h for h in hosts if not is_loopback(h)})
+
+    @property
+    def tls_enabled(self) -> bool:
+        """TLS on the fleet's own listeners: as asked, else on when one is off loopback or a certificate is given."""
+        if self.tls is not None:
+            return self.tls
+        return bool(self.exposed_hosts()) or self.tls_cert is not None
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'fleet.db'}"

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from slmops_agent.cli import app
 from slmops_agent.codec import inventory_to_pb
-from slmops_agent.credentials import Credentials
+from slmops_agent.credentials import Credentials, CredentialsError
 from slmops_agent.enroll import enroll
 from slmops_agent.errors import EnrollError
 from slmops_agent.inventory import collect_inventory, cpu_features
@@ -141,7 +141,7 @@ def test_refusals_are_one_line(endpoint: EnrollEndpoint, tmp_path: Path, token: 
 def test_unreachable_fleet(tmp_path: Path) -> None:
     with pytest.raises(EnrollError, match=r"cannot reach the fleet at http://127\.0\.0\.1:\d+"):
         enroll(f"http://127.0.0.1:{free_port()}", "good", tmp_path, timeout_s=3)
-    with pytest.raises(EnrollError, match="must start with http"):
+    with pytest.raises(EnrollError, match="must look like https:"):
         enroll("fleet.local", "good", tmp_path)
 
 
@@ -172,3 +172,34 @@ def test_inventory_of_this_machine(tmp_path: Path) -> None:
     inv = collect_inventory(tmp_path)
     assert inv.arch and inv.os and inv.cpu_count == os.cpu_count()
     assert inventory_to_pb(inv).providers == inv.providers and inv.disk_free_bytes > 0
+
+
+def test_a_ca_certificate_in_the_credentials_must_parse(tmp_path: Path) -> None:
+    """credentials.json's CAs (from the enrollment answer) are parsed where they are read: a broken
+    one is a CredentialsError naming the file, not a TLS failure later."""
+    data = {
+        "version": 1,
+        "device_id": "dev-1",
+        "fleet_url": "https://10.0.0.5:8443",
+        "mqtt": {"host": "10.0.0.5", "port": 8883, "username": "dev-1", "password": "p", "tls": True},
+        "fleet_ca_pem": "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    }
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CredentialsError, match="malformed"):
+        Credentials.load(path)
+    data["fleet_ca_pem"] = None
+    path.write_text(json.dumps(data))
+    creds = Credentials.load(path)
+    assert creds.mqtt.tls and creds.mqtt.ca_pem is None and creds.fleet_ca_pem is None
+
+
+def test_signing_keys_given_out_of_band_are_the_only_ones_pinned(endpoint: EnrollEndpoint, tmp_path: Path) -> None:
+    other = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"  # RFC 8032 test key
+    with pytest.raises(EnrollError, match="trusts none of the signing keys"):
+        enroll(endpoint.url, "good-1", tmp_path / "a", trust_keys=[other])
+    assert not (tmp_path / "a" / "credentials.json").exists()
+    pub = tmp_path / "signing.pub"
+    pub.write_text(KEY.upper() + "\n")
+    creds = enroll(endpoint.url, "good-2", tmp_path / "b", trust_keys=[str(pub), other])
+    assert creds.signing_keys == [KEY, other], "only the keys given, the fleet trusting at least one"

@@ -2,8 +2,13 @@
 
 Cheap to import: FastAPI, SQLAlchemy, amqtt and paho are imported inside the commands.
 Commands other than `serve` find the fleet by --fleet URL + --token, by SLMOPS_FLEET_URL and
-SLMOPS_FLEET_TOKEN, or by <data dir>/fleet.json (which `serve` writes).
+SLMOPS_FLEET_TOKEN, or by <data dir>/fleet.json (which `serve` writes); an https:// fleet is
+verified with `slmops fleet --ca FILE`, SLMOPS_FLEET_CA, or the CA fleet.json names.
 """
+
+import os
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -16,6 +21,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def _options(
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            envvar="SLMOPS_FLEET_CA",
+            help="CA (PEM) to verify an https:// fleet with (default: the one its fleet.json names).",
+        ),
+    ] = None,
+) -> None:
+    if ca is not None:
+        os.environ["SLMOPS_FLEET_CA"] = str(ca)  # what `client.resolve_target` reads
+
+
 app.command()(serve.serve)
 app.command()(status.status)
 app.command()(status.stats)

@@ -15,7 +15,9 @@ from slmops_fleet.cli.config import ConfigOpt, load_fleet_settings
 def serve(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
-    host: Annotated[str | None, typer.Option("--host", help="HTTP listen address (default 127.0.0.1).")] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="HTTP listen address (default 127.0.0.1); off loopback: TLS.")
+    ] = None,
     port: Annotated[int | None, typer.Option("--port", help="HTTP port; 0 picks a free one (default).")] = None,
     public_url: Annotated[str | None, typer.Option("--public-url", help="The fleet URL devices are told.")] = None,
     database_url: Annotated[
@@ -23,11 +25,41 @@ def serve(
     ] = None,
     broker_url: Annotated[
         str | None,
-        typer.Option("--broker-url", help="External broker mqtt://user:pass@host:port (default: embedded amqtt)."),
+        typer.Option(
+            "--broker-url",
+            help="External broker mqtts://user:pass@host:port (mqtt:// on loopback; default: embedded amqtt).",
+        ),
+    ] = None,
+    broker_host: Annotated[
+        str | None, typer.Option("--broker-host", help="Embedded broker listen address (default 127.0.0.1).")
     ] = None,
     broker_port: Annotated[
-        int | None, typer.Option("--broker-port", help="Embedded broker port on 127.0.0.1; 0 picks a free one.")
+        int | None, typer.Option("--broker-port", help="Embedded broker port; 0 picks a free one.")
     ] = None,
+    broker_ca: Annotated[
+        Path | None, typer.Option("--broker-ca", help="CA (PEM) of an external mqtts:// broker; devices get it too.")
+    ] = None,
+    tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            help="HTTPS and MQTT over TLS (default: on when a listener is off loopback or --tls-cert is given).",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Server certificate (PEM); default: a private CA in the data dir.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Key of --tls-cert (PEM).")] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option("--tls-ca", help="CA that signed --tls-cert (PEM), given to devices.")
+    ] = None,
+    tls_host: Annotated[
+        list[str] | None,
+        typer.Option("--tls-host", help="Another name or address for the private CA's certificate; repeatable."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plaintext listeners and broker links off loopback.")
+    ] = False,
     broker_provisioning: Annotated[
         str | None,
         typer.Option("--broker-provisioning", help="External broker: 'dynsec' (Mosquitto dynamic security) or 'none'."),
@@ -68,7 +100,15 @@ def serve(
         "public_url": public_url,
         "database_url": database_url,
         "broker_url": broker_url,
+        "broker_host": broker_host,
         "broker_port": broker_port,
+        "broker_ca": broker_ca,
+        "tls": tls,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_ca": tls_ca,
+        "tls_hosts": tls_host or None,
+        "insecure": insecure or None,
         "broker_provisioning": broker_provisioning,
         "broker_admin_url": broker_admin_url,
         "public_broker_host": public_broker_host,
@@ -91,8 +131,14 @@ def serve(
             "slmops fleet is running",
             *([f"  config file   {loaded.file}"] if loaded.file else []),
             f"  HTTP API      {info.url}",
-            f"  MQTT broker   {info.mqtt.host}:{info.mqtt.port} ({kind}, topic root {info.mqtt.topic_root})",
+            f"  MQTT broker   {info.mqtt.host or '*'}:{info.mqtt.port} ({kind}{', TLS' if info.mqtt.tls else ''}, "
+            f"topic root {info.mqtt.topic_root})",
             f"  admin token   {settings.admin_token_file}",
+            *(
+                [f"  TLS CA        {info.tls.ca} ({info.tls.fingerprint}): give it to devices with --ca"]
+                if info.tls
+                else []
+            ),
             f"  fleet.json    {settings.fleet_json}",
             "Stop with Ctrl+C or SIGTERM.",
         ]
