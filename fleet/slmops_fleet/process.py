@@ -29,10 +29,11 @@ import uvicorn
 
 from slmops_fleet.admin_auth import AdminAuth
 from slmops_fleet.blobstore import BlobStore
+from slmops_fleet.broker_access import CredentialRegistry
 from slmops_fleet.counters import LimitCounters
 from slmops_fleet.device_limits import BlobRequestPolicy
 from slmops_fleet.distribution import BlobDistributor
-from slmops_fleet.embedded_broker import CredentialRegistry, EmbeddedBroker, bind_listener
+from slmops_fleet.embedded_broker import EmbeddedBroker, bind_listener
 from slmops_fleet.errors import FleetError, StartupError
 from slmops_fleet.http_api import create_app
 from slmops_fleet.ingest import Ingest

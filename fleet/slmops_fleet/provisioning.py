@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from slmops_fleet.embedded_broker import CredentialRegistry
+from slmops_fleet.broker_access import CredentialRegistry
 from slmops_fleet.errors import ProvisioningError
 from slmops_fleet.settings import BrokerAddress
 from slmops_fleet.store.devices import hash_secret

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from slmops_fleet.broker_access import filter_covered
 from slmops_fleet.codec import chunk_to_pb
-from slmops_fleet.embedded_broker import filter_covered
 from slmops_protos.topics import Topics
 from slmops_testing.fleet_api import enroll_two_and_roll_out
 from slmops_testing.packages import random_bytes
@@ -154,7 +154,8 @@ def test_embedded_broker_counts_the_fleets_messages_waiting_for_fan_out() -> Non
     import asyncio
     from types import SimpleNamespace
 
-    from slmops_fleet.embedded_broker import FLEET_USERNAME, _BroadcastQueue
+    from slmops_fleet.broker_access import FLEET_USERNAME
+    from slmops_fleet.embedded_broker import _BroadcastQueue
 
     async def run() -> list[int]:
         q = _BroadcastQueue()
