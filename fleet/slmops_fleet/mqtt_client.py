@@ -5,6 +5,13 @@ again on every connect; after each connect the fleet republishes every device's 
 state (retained, QoS 1): the embedded broker keeps retained messages only in memory, and
 republishing is idempotent for devices (same generation). `on_message` runs in paho's network
 thread: the fleet hands it to `slmops_fleet.ingest.Ingest`.
+
+Every topic the fleet subscribes to is a device's own publish topic, where nothing is retained
+legitimately (agents never publish retained). A retained copy there is a device's retained will
+or publish, which Mosquitto's ACLs cannot refuse (the embedded broker refuses such wills): it is
+replayed to the fleet at every subscribe as if the device had just said it. Such a message
+(delivered with the retain flag) is dropped, counted in `retained_cleared`, and the broker's copy
+cleared.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ class FleetMqtt:
         self._stopping = False
         self.last_error: str | None = None
         self.connects = 0
+        self.retained_cleared = 0
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -176,6 +184,13 @@ class FleetMqtt:
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message_cb is None:
+            return
+        if not msg.payload:  # a retained message being cleared (ours, below): nothing a device said
+            return
+        if msg.retain:  # a device's retained will or publish, replayed at subscribe (see the docstring)
+            self.retained_cleared += 1
+            log.warning("dropped a retained message on %s and cleared it: devices publish nothing retained", msg.topic)
+            self.client.publish(msg.topic, b"", qos=1, retain=True)
             return
         try:
             self._on_message_cb(msg.topic, bytes(msg.payload))

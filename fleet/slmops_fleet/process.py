@@ -310,7 +310,7 @@ class FleetServer:
             interval_s=s.telemetry_retention_interval_s,
         )
         self.retention.start()
-        service.limits = LimitCounters(ingest, self.broker, self.retention).to_json
+        service.limits = LimitCounters(ingest, self.broker, self.retention, mqtt).to_json
 
         # HTTP last: when it answers, everything behind it works.
         config = uvicorn.Config(

@@ -59,6 +59,7 @@ def status(
 _LIMIT_LABELS = {
     "mqtt_oversized_packets": "refused: MQTT packets over the size limit",
     "mqtt_wills_refused": "refused: wills outside a device's ACL",
+    "mqtt_retained_device_messages_cleared": "cleared: retained messages on device topics",
     "blob_requests_rate_limited": "dropped: blob requests over the rate",
     "blob_requests_refused_chunk_size": "refused: blob requests in another chunk size",
     "blob_requests_resized": "resized: whole-blob requests in another chunk size",
