@@ -28,6 +28,7 @@ with the update still pending (sent again), or the new one in force and saved on
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from slmops_fleet.codec import CredentialsAckIn, credentials_update_to_pb
@@ -118,6 +119,25 @@ class DeviceLifecycle:
         )
         log.info("device %s confirmed rotation %s: its old password is refused now", ack.device_id, ack.rotation_id)
         return True
+
+    def update_acls(self, stop: threading.Event) -> int:
+        """Bring the broker ACL of every device that is not revoked up to this version's (on Mosquitto a
+        device's role is made at enrollment: one made by an older fleet lacks newer topics such as
+        `keys`, so key statements would never reach it). Run once at start, in the background; returns
+        how many devices needed it. A broker that stops answering ends the pass (the next start
+        resumes it)."""
+        updated = 0
+        for device_id in self.store.device_password_hashes():
+            if stop.is_set():
+                break
+            try:
+                updated += self.provisioner.ensure_acl(device_id)
+            except ProvisioningError as exc:
+                log.warning("bringing the devices' broker ACLs up to date stopped at %s: %s", device_id, exc.reason)
+                break
+        if updated:
+            log.info("brought the broker ACL of %d devices up to date (they reconnect to take it)", updated)
+        return updated
 
     def republish_rotations(self) -> None:
         """Every pending rotation again (the fleet's MQTT session connected: the broker may have lost them)."""

@@ -124,6 +124,7 @@ class FleetServer:
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.info: FleetInfo | None = None
+        self._stopping = threading.Event()  # ends background passes (the devices' ACL update)
 
     @property
     def url(self) -> str:
@@ -267,6 +268,10 @@ class FleetServer:
                 s.trusted_keys_dir,
             )
         lifecycle = DeviceLifecycle(store, self.provisioner, mqtt, self.topics)
+        if isinstance(self.provisioner, DynsecProvisioner):  # devices enrolled by an older fleet
+            threading.Thread(
+                target=lifecycle.update_acls, args=(self._stopping,), name="slmops-fleet-acls", daemon=True
+            ).start()
 
         def republish() -> None:  # the fleet's MQTT session (re)connected
             service.republish()
@@ -393,6 +398,7 @@ class FleetServer:
 
     async def stop(self) -> None:
         """Stop in reverse order; safe to call more than once and after a failed start."""
+        self._stopping.set()
         if self._http is not None:
             self._http.should_exit = True
             if self._http_task is not None:

@@ -46,7 +46,7 @@ class Provisioner(Protocol):
 
     def set_password(self, device_id: str, password: str) -> None: ...
 
-    def ensure_acl(self, device_id: str) -> None: ...
+    def ensure_acl(self, device_id: str) -> bool: ...
 
 
 class EmbeddedProvisioner:
@@ -71,8 +71,8 @@ class EmbeddedProvisioner:
         if self.disconnect is not None:
             self.disconnect(device_id)
 
-    def ensure_acl(self, device_id: str) -> None:
-        pass  # the registry asks `Topics` on every check: always this version's ACL
+    def ensure_acl(self, device_id: str) -> bool:
+        return False  # the registry asks `Topics` on every check: always this version's ACL
 
 
 class NoProvisioner:
@@ -87,8 +87,8 @@ class NoProvisioner:
     def set_password(self, device_id: str, password: str) -> None:
         log.warning("broker provisioning is off: set %s's new broker password yourself", device_id)
 
-    def ensure_acl(self, device_id: str) -> None:
-        pass
+    def ensure_acl(self, device_id: str) -> bool:
+        return False
 
 
 def device_role(device_id: str) -> str:
@@ -265,10 +265,10 @@ class DynsecProvisioner:
         """Mosquitto (2.0) closes the client's connections when its password changes."""
         self.command({"command": "setClientPassword", "username": device_id, "password": password})
 
-    def ensure_acl(self, device_id: str) -> None:
+    def ensure_acl(self, device_id: str) -> bool:
         """Give the device's role every entry of this version's ACL (a device enrolled by an older fleet
         lacks the newer topics). If one was missing, its connections are closed (disable, enable), so
-        that it subscribes again under the new ACL."""
+        that it subscribes again under the new ACL; returns whether one was."""
         added = False
         for acl in device_acls(self.topics, device_id):
             r = self.command(
@@ -279,3 +279,4 @@ class DynsecProvisioner:
             log.info("ACL of %s brought up to date; its connections are closed to take it", device_id)
             self.command({"command": "disableClient", "username": device_id})
             self.command({"command": "enableClient", "username": device_id})
+        return added

@@ -274,3 +274,36 @@ def test_a_device_enrolled_before_rotation_existed_gets_its_acl_updated(
         finally:
             link.stop()
             owner.close()
+
+
+def test_a_fleet_start_brings_older_devices_acls_up_to_date(
+    mosquitto_broker: Any, fleet_settings: Callable[..., Any]
+) -> None:
+    """A device enrolled by an older fleet lacks newer topics in its dynsec role (`keys`: key statements
+    would never reach it). The next fleet start adds them, without waiting for a rotation."""
+    from slmops_fleet.process import FleetThread
+    from slmops_fleet.provisioning import device_role
+
+    settings = fleet_settings(broker_url=mosquitto_broker.url)
+
+    def role_topics(fleet: Any, device_id: str) -> set[str]:
+        role = fleet.server.provisioner.command({"command": "getRole", "rolename": device_role(device_id)})
+        return {acl["topic"] for acl in role["data"]["role"]["acls"]}
+
+    with FleetThread(settings) as fleet:
+        owner = httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"})
+        device_id = enroll(fleet, owner, "old-timer").json()["device_id"]
+        owner.close()
+        keys = fleet.server.topics.keys
+        fleet.server.provisioner.command(
+            {
+                "command": "removeRoleACL",
+                "rolename": device_role(device_id),
+                "acltype": "subscribeLiteral",
+                "topic": keys,
+            }
+        )
+        assert keys not in role_topics(fleet, device_id)
+
+    with FleetThread(settings) as fleet:
+        wait_for(lambda: keys in role_topics(fleet, device_id), what="the keys topic back in the device's ACL")
