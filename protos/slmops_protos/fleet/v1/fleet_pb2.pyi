@@ -422,7 +422,10 @@ class BlobRequest(_message.Message):
     device_id: _builtins.str
     blob_sha256: _builtins.str
     chunk_size: _builtins.int
-    """the chunk size the device's bitmap uses"""
+    """The chunk size the device's bitmap uses (0: the fleet's). The fleet serves only its own
+    (DesiredState.chunk_size): a whole-blob request in another size is answered in its own, a
+    request for chunks in another size is refused.
+    """
     @_builtins.property
     def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """chunk indexes; empty means the whole blob"""
