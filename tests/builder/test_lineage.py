@@ -103,7 +103,9 @@ def test_recipe_package_lineage_carries_teacher_and_data_hashes(
     specs: list[Any] = []
     monkeypatch.setattr(recipe_run, "write_package", lambda staged, spec, key, out: specs.append(spec))
     loaded = SimpleNamespace(
-        recipe=SimpleNamespace(name="tiny", version="1.0.0", parent_package=""), source="x", sha256="0" * 64
+        recipe=SimpleNamespace(name="tiny", version="1.0.0", parent_package="", security_version=0),
+        source="x",
+        sha256="0" * 64,
     )
     variant = recipe_run.VariantResult("cpu-int4", "onnxruntime-genai", "rtn", {}, [], size_bytes=1)
     recipe_run._package(loaded, variant, tmp_path, [], None, tmp_path / "out", cache_entry)  # type: ignore[arg-type]
@@ -123,7 +125,9 @@ def test_both_paths_record_the_engine_s_tools(imported: Path, tmp_path: Path, mo
     specs: list[Any] = []
     monkeypatch.setattr(recipe_run, "write_package", lambda staged, spec, key, out: specs.append(spec))
     loaded = SimpleNamespace(
-        recipe=SimpleNamespace(name="tiny", version="1.0.0", parent_package=""), source="x", sha256="1" * 64
+        recipe=SimpleNamespace(name="tiny", version="1.0.0", parent_package="", security_version=0),
+        source="x",
+        sha256="1" * 64,
     )
     variant = recipe_run.VariantResult(olive.name, olive.engine, olive.quantization_method, {}, [], size_bytes=1)
     recipe_run._package(loaded, variant, tmp_path, [], None, tmp_path / "out", cache_entry)  # type: ignore[arg-type]
