@@ -139,10 +139,12 @@ def mask(name: str, value: Any) -> Any:
 
 def _problem(error: Any, sources: dict[str, str]) -> str:
     loc = [str(p) for p in error.get("loc", ())]
-    key = ".".join(loc) or "settings"
-    source = sources.get(loc[0]) if loc else None
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if not loc:  # a rule across settings (e.g. TLS off loopback): its message names them
+        return msg
+    source = sources.get(loc[0])
     where = f" (from {source})" if source else ""
-    return f"{key}{where}: {error['msg']}"
+    return f"{'.'.join(loc)}{where}: {msg}"
 
 
 def _nearest(word: str, known: list[str], prefix: str = "") -> str:
