@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from slmops_fleet.process import FleetThread
 from slmops_testing.console_fleet import ConsoleFleet
 
 CHROMIUM = os.environ.get("SLMOPS_CHROMIUM", "/usr/bin/chromium")
@@ -40,18 +39,6 @@ def browser() -> Iterator[Any]:
             yield chromium
         finally:
             chromium.close()
-
-
-@pytest.fixture
-def console_fleet(
-    fleet_settings: Callable[..., Any], signing_key: tuple[Path, Path], tmp_path: Path
-) -> Iterator[ConsoleFleet]:
-    with FleetThread(fleet_settings(rollout_tick_s=0.1)) as thread:
-        fleet = ConsoleFleet(thread, signing_key[0], tmp_path)
-        try:
-            yield fleet
-        finally:
-            fleet.close()
 
 
 class Watched:
