@@ -164,7 +164,7 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
         audit=service.store,
         session_principal=lambda cookie: sessions.principal(session_cookie(cookie)),
     )
-    add_console(app, sessions)
+    add_console(app, sessions, service.store)
 
     @app.exception_handler(FleetError)
     async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:

@@ -167,3 +167,18 @@ def test_release_shows_lineage_and_quality(console_fleet: ConsoleFleet, path: st
     assert package["lineage"]["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert package["lineage"]["dataset_sha256"] == ["d1" * 32]
     assert package["evaluation"]["metrics"]["perplexity"] == 12.5
+
+
+def test_sign_ins_are_audited_and_other_sites_refused(console_fleet: ConsoleFleet) -> None:
+    base = console_fleet.thread.url
+    token = console_fleet.read_only_token("auditee")
+    with httpx.Client(base_url=base, timeout=30) as client:
+        r = client.post("/ui/login", data={"token": token}, headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403 and COOKIE not in client.cookies  # a sign-in another site posted
+        assert client.post("/ui/login", data={"token": token}, headers={"Origin": base}).status_code == 303
+        assert client.post("/ui/login", data={"token": "wrong"}).status_code == 401
+    entries = [e for e in console_fleet.admin.get("/v1/audit").json()["entries"] if e["path"] == "/ui/login"]
+    assert [(e["actor"], e["role"], e["status"]) for e in entries] == [
+        ("auditee", "read-only", 303),
+        ("unknown", "", 401),
+    ]

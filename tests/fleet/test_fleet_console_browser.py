@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from slmops_testing.console_fleet import ConsoleFleet
+from slmops_testing.fleet_api import enroll, new_token
 
 CHROMIUM = os.environ.get("SLMOPS_CHROMIUM", "/usr/bin/chromium")
 TOKENS_COLOR = (0x2A, 0x7A, 0xE2)  # the tokens/s plot's stroke (static/console.js)
@@ -81,6 +82,15 @@ class Watched:
         self.context.close()
 
 
+def _until(page: Any, expression: str, timeout: float = 15) -> None:
+    """Poll a JavaScript expression from here until it is true (Playwright's wait_for_function polls
+    with eval inside the page, which the console's Content-Security-Policy rightly forbids)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true after {timeout} s: {expression}"
+        time.sleep(0.1)
+
+
 def _stroke_pixels(page: Any, metric: str, rgb: tuple[int, int, int]) -> int:
     """Pixels of a plot's canvas within a small distance of its series' stroke colour."""
     return int(
@@ -121,7 +131,7 @@ def test_console_shows_a_running_fleet(browser: Any, console_fleet: ConsoleFleet
 
         page.click("text=edge-0")
         page.wait_for_url("**/ui/devices/*")
-        page.wait_for_function("Number(document.getElementById('app').dataset.points || 0) >= 10", timeout=15_000)
+        _until(page, "Number(document.getElementById('app').dataset.points || 0) >= 10")
         assert _stroke_pixels(page, "tokens_per_s", TOKENS_COLOR) > 50, "the tokens/s plot has no line drawn"
         assert page.locator(".plot canvas").count() == 6
         w.screenshot("device.png")
@@ -137,9 +147,7 @@ def test_console_shows_a_running_fleet(browser: Any, console_fleet: ConsoleFleet
         while fleet.rollout(rollout["id"])["waves"][1]["state"] != "running":
             assert time.monotonic() < deadline, "wave 2 did not start"
             time.sleep(0.1)
-        page.wait_for_function(
-            "document.querySelector('table.waves tbody tr:nth-child(2)').innerText.includes('running')"
-        )
+        _until(page, "document.querySelector('table.waves tbody tr:nth-child(2)').innerText.includes('running')")
         assert "passed" in page.inner_text("table.waves tbody tr:nth-child(1)")
         w.screenshot("rollout.png")
         fleet.commit(rollout["id"], wave=1)
@@ -147,11 +155,20 @@ def test_console_shows_a_running_fleet(browser: Any, console_fleet: ConsoleFleet
         assert app.get_attribute("data-committed") == "3"
         w.hides(token)
 
+        # a hostile device's name is shown as text, never run
+        hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script>'
+        assert enroll(fleet.thread, new_token(fleet.admin), name=hostile).status_code == 200
+        page.goto(f"{base}/ui/devices")
+        page.wait_for_selector('#app[data-devices="4"]', timeout=15_000)
+        assert hostile in page.inner_text("table.devices")
+        assert page.locator("table.devices img, table.devices script").count() == 0
+        assert page.evaluate("window.pwned === undefined")
+
         page.goto(f"{base}/ui/releases/{fleet.release['id']}")
         page.wait_for_selector("text=HuggingFaceTB/SmolLM2-135M-Instruct", timeout=15_000)
         assert "perplexity 12.5" in page.inner_text("#lineage")
         page.goto(f"{base}/ui/fleet")
-        page.wait_for_function("Number(document.getElementById('app').dataset.points || 0) >= 1", timeout=15_000)
+        _until(page, "Number(document.getElementById('app').dataset.points || 0) >= 1")
         w.hides(token)
         assert w.errors == []
     finally:

@@ -3,6 +3,9 @@ polls the JSON API with the session cookie. Every page but the sign-in needs an 
 without one it redirects to the sign-in. Nothing here writes a token into a page, a URL or a
 response: the cookie holds a random session id only (`sessions`).
 
+A sign-in posted from another site (its Origin is not the fleet's) is refused, and every sign-in,
+good or wrong, is written to the audit log.
+
 Pages: /ui/devices, /ui/devices/{id}, /ui/rollouts, /ui/rollouts/{id}, /ui/releases,
 /ui/releases/{id}, /ui/fleet (fleet-wide plots).
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from html import escape
 from importlib.resources import files
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -20,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 
 from slmops_fleet.admin_auth import Principal
 from slmops_fleet.console.sessions import COOKIE, ConsoleSessions, session_cookie
+from slmops_fleet.http_guard import AuditLog
 
 PREFIX = "/ui"
 LOGIN = f"{PREFIX}/login"
@@ -29,7 +33,7 @@ _HEADERS = {
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
     ),
     "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }
@@ -75,9 +79,22 @@ def shell(page: str, title: str, principal: Principal) -> HTMLResponse:
     )
 
 
-def add_console(app: FastAPI, sessions: ConsoleSessions) -> None:
-    """Serve the console under /ui on `app`, its sessions in `sessions`."""
+def add_console(app: FastAPI, sessions: ConsoleSessions, audit: AuditLog) -> None:
+    """Serve the console under /ui on `app`, its sessions in `sessions`; sign-ins (good and wrong)
+    go to the audit log."""
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+    async def record(request: Request, principal: Principal | None, status: int) -> None:
+        await asyncio.to_thread(
+            audit.add_audit,
+            actor=principal.name if principal else "unknown",
+            role=principal.role.value if principal else "",
+            client=request.client.host if request.client else "",
+            method="POST",
+            path=LOGIN,
+            target="console",
+            status=status,
+        )
 
     async def signed_in(request: Request) -> Principal | None:
         return await asyncio.to_thread(sessions.principal, session_cookie(request.headers.get("cookie")))
@@ -101,14 +118,19 @@ def add_console(app: FastAPI, sessions: ConsoleSessions) -> None:
 
     @router.post("/login")
     async def login(request: Request) -> Response:
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            return login_page("Sign in from the fleet's own page.", 403)  # another site posting a sign-in
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
             return login_page("Send the sign-in form.", 400)
         form = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
         tokens = form.get("token", [])
         found = await asyncio.to_thread(sessions.sign_in, tokens[0]) if len(tokens) == 1 else None
         if found is None:
+            await record(request, None, 401)
             return login_page("Wrong, revoked or malformed token.", 401)
-        session_id, _principal = found
+        session_id, principal = found
+        await record(request, principal, 303)
         answer = RedirectResponse(f"{PREFIX}/devices", status_code=303, headers=_HEADERS)
         answer.set_cookie(
             COOKIE,
