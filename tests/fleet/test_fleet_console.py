@@ -16,6 +16,7 @@ import pytest
 from slmops_fleet.admin_auth import AdminAuth
 from slmops_fleet.console.sessions import COOKIE, ConsoleSessions
 from slmops_fleet.store import Store
+from slmops_fleet.store.records import TelemetryRecord
 from slmops_testing.console_fleet import ConsoleFleet
 
 PAGES = [
@@ -182,3 +183,40 @@ def test_sign_ins_are_audited_and_other_sites_refused(console_fleet: ConsoleFlee
         ("auditee", "read-only", 303),
         ("unknown", "", 401),
     ]
+
+
+def test_telemetry_buckets_on_both_databases(store: Store) -> None:
+    """The series and latest reads the plots and the table use, on SQLite and PostgreSQL."""
+    a, b = (
+        store.enroll(store.create_token(60)[0], public_key="ab" * 32, name=n, inventory={}, mqtt_password_hash="h").id
+        for n in ("a", "b")
+    )
+    samples = [
+        TelemetryRecord(
+            d,
+            seq=i,
+            timestamp_ms=10_000 + 1000 * i,
+            tokens_per_s=float(i),
+            requests_total=i,
+            memory_used_bytes=100 * i,
+            memory_total_bytes=4000,
+        )
+        for d in (a, b)
+        for i in range(10)
+    ]
+    store.insert_telemetry(samples, {})
+    one = store.telemetry_series(a, since_ms=12_000, bucket_ms=4000)  # samples 2..9 in buckets 12k, 16k
+    assert [p["t"] for p in one] == [12_000, 16_000]
+    assert [p["samples"] for p in one] == [4, 4] and [p["devices"] for p in one] == [1, 1]
+    assert [p["tokens_per_s"] for p in one] == [3.5, 7.5] and [p["requests_total"] for p in one] == [5, 9]
+    fleet = store.telemetry_series(None, since_ms=0, bucket_ms=100_000)
+    assert len(fleet) == 1 and fleet[0]["samples"] == 20 and fleet[0]["devices"] == 2
+    latest = store.telemetry_latest(since_ms=15_000)
+    assert set(latest) == {a, b}
+    assert latest[a] == {
+        "tokens_per_s": 7.0,
+        "memory_used_bytes": 900,
+        "memory_total_bytes": 4000,
+        "timestamp_ms": 19_000,
+    }
+    assert store.telemetry_latest(since_ms=20_000) == {}

@@ -2,8 +2,8 @@
 .ci/run) driven by Playwright, on a running fleet (FleetThread: uvicorn, the embedded broker,
 SQLite, the rollout driver) whose simulated devices send telemetry over real MQTT.
 
-Screenshots (PNG) of the devices page, a device page and a running rollout are saved under the
-test's tmp folder and, with SLMOPS_SCREENSHOTS=DIR, in DIR too:
+Screenshots (PNG) of the devices page, a device page, a running rollout, a release and the fleet's
+plots are saved under the test's tmp folder and, with SLMOPS_SCREENSHOTS=DIR, in DIR too:
 
     SLMOPS_SCREENSHOTS=/tmp/console-shots .venv/bin/python -m pytest tests/fleet/test_fleet_console_browser.py
 """
@@ -155,6 +155,10 @@ def test_console_shows_a_running_fleet(browser: Any, console_fleet: ConsoleFleet
         assert app.get_attribute("data-committed") == "3"
         w.hides(token)
 
+        page.goto(f"{base}/ui/rollouts")
+        page.wait_for_selector(f"a[href='/ui/rollouts/{rollout['id']}']", timeout=15_000)
+        assert "succeeded" in page.inner_text("#rollouts") and "3/3" in page.inner_text("#rollouts")
+
         # a hostile device's name is shown as text, never run
         hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script>'
         assert enroll(fleet.thread, new_token(fleet.admin), name=hostile).status_code == 200
@@ -167,8 +171,10 @@ def test_console_shows_a_running_fleet(browser: Any, console_fleet: ConsoleFleet
         page.goto(f"{base}/ui/releases/{fleet.release['id']}")
         page.wait_for_selector("text=HuggingFaceTB/SmolLM2-135M-Instruct", timeout=15_000)
         assert "perplexity 12.5" in page.inner_text("#lineage")
+        w.screenshot("release.png")
         page.goto(f"{base}/ui/fleet")
         _until(page, "Number(document.getElementById('app').dataset.points || 0) >= 1")
+        w.screenshot("fleet.png")
         w.hides(token)
         assert w.errors == []
     finally:

@@ -274,7 +274,7 @@
           ["package", "profile", "kind", "provider", "precision", "min memory", "size"],
           r.packages.map((p) => [
             `<code>${esc(short(p.id))}</code>`, esc(p.profile), esc(p.kind), esc(p.provider), esc(p.precision),
-            esc(bytes(p.min_memory_bytes)), esc(bytes(p.size_bytes)),
+            esc(p.min_memory_bytes ? bytes(p.min_memory_bytes) : "any"), esc(bytes(p.size_bytes)),
           ]));
         document.getElementById("lineage").innerHTML = r.packages.map((p) => {
           const l = p.lineage || {};
@@ -283,7 +283,7 @@
           return `<h2>Lineage of ${esc(p.profile || short(p.id))}</h2>` + table(["", ""], [
             ["base model", esc(l.base_model || "") + (l.base_model_sha256 ? ` <code>${esc(short(l.base_model_sha256))}</code>` : "")],
             ["training data", (l.dataset_sha256 || []).map((h) => `<code>${esc(short(h))}</code>`).join(" ") || "none"],
-            ["teacher", esc(l.teacher || "")],
+            ["teacher", esc(l.teacher || "none")],
             ["recipe", `<code>${esc(short(l.recipe_sha256))}</code>`],
             ["engine", esc(`${l.engine || ""} ${l.quantization_method || ""}`)],
             ["profile", esc(p.profile)],
