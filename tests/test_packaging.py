@@ -6,10 +6,17 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from fnmatch import fnmatch
 from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
 
 from packaging.markers import Marker
 from packaging.requirements import Requirement
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 HEAVY = {"torch", "transformers", "peft", "olive-ai", "accelerate"}
 
@@ -68,3 +75,16 @@ def test_agent_code_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_console_assets_are_package_data() -> None:
+    """Every file the web console serves is in the wheel (pyproject's package-data), uPlot's licence too."""
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = root / "fleet" / "slmops_fleet"
+    assets = [p.relative_to(package).as_posix() for p in (package / "console" / "static").iterdir()]
+    assert {"console/static/console.js", "console/static/uPlot.iife.min.js", "console/static/uPlot.LICENSE"} <= set(
+        assets
+    )
+    for asset in assets:
+        assert any(fnmatch(asset, p) for p in patterns.get("slmops_fleet", [])), f"{asset} is not package data"

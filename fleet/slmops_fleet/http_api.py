@@ -2,7 +2,8 @@
 exception handler here maps the fleet's error types to status codes.
 
 Every /v1 endpoint except /v1/enroll and /v1/ca.pem needs `Authorization: Bearer <admin token>`
-whose role allows the request (`admin_auth`); /v1/enroll is authorised by its one-time enrollment
+whose role allows the request (`admin_auth`), or for reads the web console's session cookie
+(`console`, served under /ui); /v1/enroll is authorised by its one-time enrollment
 token; /healthz and /v1/ca.pem (the fleet's CA certificate, public) are open. The token, its role
 and the body's size are checked before the body is read, and admin actions are written to the
 audit log (`http_guard.RequestGuard`).
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import ClientDisconnect
 
 from slmops_fleet.admin_auth import AdminAuth, Principal
+from slmops_fleet.console.routes import add_console
+from slmops_fleet.console.sessions import ConsoleSessions, session_cookie
 from slmops_fleet.errors import FleetError, InvalidRequest, NotFound, TooLarge
 from slmops_fleet.http_guard import RequestGuard, error_response
 from slmops_fleet.lifecycle import DeviceLifecycle
@@ -153,7 +156,15 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
 
     # The admin token, its role and body sizes are checked before a route reads the body; admin
     # actions are audited (http_guard).
-    app.add_middleware(RequestGuard, auth=auth, audit=service.store)
+    # The web console's session cookie also authorises reads (console.sessions).
+    sessions = ConsoleSessions(auth)
+    app.add_middleware(
+        RequestGuard,
+        auth=auth,
+        audit=service.store,
+        session_principal=lambda cookie: sessions.principal(session_cookie(cookie)),
+    )
+    add_console(app, sessions, service.store)
 
     @app.exception_handler(FleetError)
     async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
@@ -290,6 +301,20 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
     @v1.get("/devices/{device_id}/telemetry")
     def device_telemetry(device_id: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
         return {"device_id": device_id, "samples": service.device_telemetry(device_id, limit)}
+
+    @v1.get("/telemetry/series")
+    def telemetry_series(
+        device_id: Annotated[str | None, Query(max_length=64, description="One device (default: the fleet).")] = None,
+        since_s: Annotated[float, Query(gt=0, le=30 * 86400, description="Seconds back from now.")] = 3600,
+        points: Annotated[int, Query(ge=1, le=2000, description="Buckets at most.")] = 240,
+    ) -> dict[str, Any]:
+        return service.telemetry_series(device_id, since_s, points)
+
+    @v1.get("/telemetry/latest")
+    def telemetry_latest(
+        since_s: Annotated[float, Query(gt=0, le=86400, description="Seconds back from now.")] = 300,
+    ) -> dict[str, Any]:
+        return {"devices": service.telemetry_latest(since_s)}
 
     @v1.post("/releases")
     def create_release(body: ReleaseRequest) -> dict[str, Any]:

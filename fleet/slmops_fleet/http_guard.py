@@ -8,6 +8,8 @@ This pure ASGI middleware runs first:
 - every /v1 path except /v1/enroll and /v1/ca.pem (public: the CA a device checks against the
   fingerprint it was given) needs `Authorization: Bearer <admin token>` (the owner's or a
   named one, `admin_auth`): anything else is answered 401 at once, the body unread;
+- a GET or HEAD with no Authorization header may instead carry the web console's session cookie
+  (`session_principal`, from `console.sessions`): reads only, so the cookie never changes anything;
 - a token whose role may not make the request (a read-only token writing) is answered 403 at once;
 - every request that may change something (not GET/HEAD) by a known token, and every successful
   enrollment, is written to the audit log after it is answered: who (token name and role, client
@@ -69,10 +71,18 @@ def path_target(path: str) -> str:
 
 
 class RequestGuard:
-    def __init__(self, app: App, *, auth: AdminAuth, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        *,
+        auth: AdminAuth,
+        audit: AuditLog | None = None,
+        session_principal: Callable[[str | None], Principal | None] | None = None,
+    ) -> None:
         self.app = app
         self.auth = auth
         self.audit = audit
+        self.session_principal = session_principal  # Cookie header -> the console session's principal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,6 +95,9 @@ class RequestGuard:
         principal: Principal | None = None
         if path.startswith("/v1/") and path not in OPEN_PATHS:
             principal = await asyncio.to_thread(self.auth.identify, headers.get("authorization"))
+            by_cookie = self.session_principal
+            if principal is None and by_cookie and method in READ_METHODS and "authorization" not in headers:
+                principal = await asyncio.to_thread(by_cookie, headers.get("cookie"))
             if principal is None:
                 reason = "missing, unknown or revoked admin token (Authorization: Bearer <token>)"
                 await error_response(Unauthorized(reason))(scope, receive, send)

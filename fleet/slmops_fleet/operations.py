@@ -9,6 +9,7 @@ mapped to status codes in `http_api.py`.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -372,6 +373,20 @@ class FleetOperations:
     def device_telemetry(self, device_id: str, limit: int) -> list[dict[str, Any]]:
         self.store.get_device(device_id)
         return [asdict(t) for t in self.store.telemetry(device_id, limit)]
+
+    def telemetry_series(self, device_id: str | None, since_s: float, points: int) -> dict[str, Any]:
+        """The telemetry of the last `since_s` seconds (one device's, or the whole fleet's) in at most
+        `points` buckets of at least a second each."""
+        if device_id is not None:
+            self.store.get_device(device_id)
+        bucket_ms = max(1000, math.ceil(since_s * 1000 / points))
+        since_ms = int(time.time() * 1000 - since_s * 1000)
+        series = self.store.telemetry_series(device_id, since_ms, bucket_ms)
+        return {"device_id": device_id, "bucket_ms": bucket_ms, "since_ms": since_ms, "points": series}
+
+    def telemetry_latest(self, since_s: float) -> dict[str, dict[str, Any]]:
+        """Per device that reported in the last `since_s` seconds: its tokens/s, memory and newest sample."""
+        return self.store.telemetry_latest(int(time.time() * 1000 - since_s * 1000))
 
     def list_rollouts(self) -> list[dict[str, Any]]:
         return [r.to_json() for r in self.store.list_rollouts()]

@@ -341,7 +341,7 @@ class FleetServer:
             json.dumps({"http_port": http_port, "broker_port": self.broker.port if self.broker else None}) + "\n",
         )
         _write_private(s.fleet_json, json.dumps(self.info.to_json(), indent=2) + "\n")
-        log.info("fleet ready at %s", url)
+        log.info("fleet ready at %s (web console: %s/ui)", url, url)
         return self.info
 
     def _read_ports(self) -> dict[str, int]:

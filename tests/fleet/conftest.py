@@ -15,6 +15,8 @@
 - `any_fleet`             -> a running FleetThread on the embedded broker, then (a second parameter) on
                              the test's own Mosquitto with dynamic security.
 - `owner`                 -> an httpx.Client on `any_fleet` with its owner's admin token.
+- `console_fleet`         -> a ConsoleFleet (slmops_testing/console_fleet.py): a running fleet with three
+                             simulated devices that sent telemetry and a release, for the web console.
 """
 
 from __future__ import annotations
@@ -148,3 +150,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def console_fleet(fleet_settings: Callable[..., Any], signing_key: tuple[Path, Path], tmp_path: Path) -> Iterator[Any]:
+    from slmops_fleet.process import FleetThread
+    from slmops_testing.console_fleet import ConsoleFleet
+
+    with FleetThread(fleet_settings(rollout_tick_s=0.1)) as thread:
+        fleet = ConsoleFleet(thread, signing_key[0], tmp_path)
+        try:
+            yield fleet
+        finally:
+            fleet.close()

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from google.protobuf.json_format import MessageToDict
+
 from slmops_fleet.rollouts.variants import Variant
 from slmops_protos.package.v1 import manifest_pb2
 
@@ -112,6 +114,17 @@ class PackageRecord:
             "cpu_features": list(self.cpu_features),
             "base_package_id": self.base_package_id,
             "security_version": self.security_version,
+            **self.provenance(),
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        """The signed manifest's lineage (base model, training data hashes, recipe, tools) and the
+        builder's evaluation (quality figures), as JSON."""
+        signed = manifest_pb2.SignedManifest.FromString(self.signed_manifest)
+        manifest = manifest_pb2.Manifest.FromString(signed.manifest)
+        return {
+            "lineage": MessageToDict(manifest.lineage, preserving_proto_field_name=True),
+            "evaluation": MessageToDict(manifest.evaluation, preserving_proto_field_name=True),
         }
 
 

@@ -108,6 +108,64 @@ class TelemetryQueries(Database):
                 for r in rows
             ]
 
+    def telemetry_series(self, device_id: str | None, since_ms: int, bucket_ms: int) -> list[dict[str, Any]]:
+        """Samples from `since_ms` on (of one device, or of the whole fleet) in buckets of `bucket_ms`,
+        oldest first: the mean tokens/s, time to first token, CPU and memory used, the highest
+        request and error counters, the devices reporting and the samples in each bucket."""
+        t = TelemetrySampleRow
+        bucket = (t.timestamp_ms // bucket_ms) * bucket_ms
+        query = (
+            select(
+                bucket.label("t"),
+                func.avg(t.tokens_per_s),
+                func.avg(t.ttft_ms),
+                func.avg(t.cpu_percent),
+                func.avg(t.memory_used_bytes),
+                func.max(t.requests_total),
+                func.max(t.errors_total),
+                func.count(func.distinct(t.device_id)),
+                func.count(),
+            )
+            .where(t.timestamp_ms >= since_ms)
+            .group_by(bucket)
+            .order_by(bucket)
+        )
+        if device_id is not None:
+            query = query.where(t.device_id == device_id)
+        names = ("t", "tokens_per_s", "ttft_ms", "cpu_percent", "memory_used_bytes", "requests_total",
+                 "errors_total", "devices", "samples")  # fmt: skip
+        with self.session() as s:
+            return [
+                {k: (float(v) if isinstance(v, float) else int(v or 0)) for k, v in zip(names, row, strict=True)}
+                for row in s.execute(query).all()
+            ]
+
+    def telemetry_latest(self, since_ms: int) -> dict[str, dict[str, Any]]:
+        """Per device with samples from `since_ms` on: its mean tokens/s over them, its highest memory
+        used and total, and its newest sample's time."""
+        t = TelemetrySampleRow
+        query = (
+            select(
+                t.device_id,
+                func.avg(t.tokens_per_s),
+                func.max(t.memory_used_bytes),
+                func.max(t.memory_total_bytes),
+                func.max(t.timestamp_ms),
+            )
+            .where(t.timestamp_ms >= since_ms)
+            .group_by(t.device_id)
+        )
+        with self.session() as s:
+            return {
+                row[0]: {
+                    "tokens_per_s": float(row[1] or 0.0),
+                    "memory_used_bytes": int(row[2] or 0),
+                    "memory_total_bytes": int(row[3] or 0),
+                    "timestamp_ms": int(row[4] or 0),
+                }
+                for row in s.execute(query).all()
+            }
+
     def telemetry_device_ids(self) -> list[str]:
         """Every device that may have telemetry (retention walks them one by one)."""
         with self.session() as s:
