@@ -1,6 +1,7 @@
 """The rollout driver: one asyncio task in the fleet process that moves rollouts along.
 
-Every tick (or at once when woken) it asks the store to advance each in-progress rollout (start a
+Every tick (or at once when woken) it gives the devices that joined an assigned group their
+release (`store.targeting`), asks the store to advance each in-progress rollout (start a
 wave, time out devices, complete a wave, wait out its soak, check the gates, abort and revert) and
 publishes the desired states each step returns, after the step's transaction committed. A crash
 between the commit and the publish loses nothing: the fleet republishes every device's newest
@@ -70,6 +71,14 @@ class RolloutDriver:
         if not leading:
             return 0
         published = 0
+        try:  # continuous targeting: follow-up rollouts for devices that joined an assigned group
+            records = self.store.reconcile_groups()
+        except Exception:
+            log.exception("continuous targeting's step failed; trying again next tick")
+            records = []
+        if records:
+            self.publish(records)
+            published += len(records)
         for rollout_id in self.store.active_rollout_ids():
             try:
                 records = self.store.advance_rollout(rollout_id)
