@@ -15,6 +15,7 @@ from slmops_fleet.rollouts.selectors import DeviceFacts, SelectorError, parse_se
 from slmops_fleet.rollouts.targeting import GroupDef, Membership
 from slmops_fleet.rollouts.waves import parse_waves, plan_waves
 from slmops_fleet.store import Store
+from slmops_fleet.store.records import ReportedUpdate
 
 INV: dict[str, Any] = {"arch": "x86_64", "memory_bytes": 8e9, "providers": ["CPUExecutionProvider"], "os": "linux"}
 DEV = DeviceFacts("dev-1", "edge 1", ["canary", "kiosk"], INV, lambda g: g == "lab")
@@ -161,3 +162,25 @@ def test_group_refusals(store: Store) -> None:
         store.create_rollout(_package(store), "all", RolloutPlan(waves=["100%"], selector="tag=x,group=nope"))
     store.delete_group("g")
     assert store.list_groups() == []
+
+
+def test_a_device_whose_inventory_changes_moves_to_the_group_it_now_matches(store: Store) -> None:
+    v1, v2 = _package(store), _package(store, "d" * 64)
+    a = _enroll(store, name="a")  # reports arch x86_64 and no memory at enrollment
+    store.create_group("x86", selector="arch=x86_64")
+    store.create_group("big", selector="memory_bytes>=8e9", priority=5)
+    _g, first, desired = store.assign_group("x86", RolloutPlan(waves=["100%"]), package_id=v1)
+    assert first is not None and [(d.device_id, d.package_id) for d in desired] == [(a, v1)]
+    _g, none, _d = store.assign_group("big", RolloutPlan(waves=["100%"]), package_id=v2)
+    assert none is None  # nobody has 8 GB yet
+
+    def report(memory: float) -> None:
+        inventory = {"arch": "x86_64", "memory_bytes": memory}
+        store.apply_reported(ReportedUpdate(a, 1, "COMMITTED", v1, v1, "1.0.0", "a", "", 0, 0, inventory))
+
+    report(16e9)  # more memory: a joins "big", which outranks "x86", and gets its package
+    (moved,) = store.reconcile_groups()
+    assert (moved.device_id, moved.package_id, moved.generation) == (a, v2, 2)
+    assert store.get_group("x86")["assignment"]["following"] == []
+    report(1e9)  # leaves "big": keeps what it has (x86 gave it its release already)
+    assert store.reconcile_groups() == [] and store.get_device(a).desired_package_id == v2

@@ -89,7 +89,8 @@ class TargetingQueries(RolloutQueries, GroupQueries):
         """One step of continuous targeting: follow-up rollouts for the devices assignments owe; the
         desired states to publish."""
         todo = []
-        with self.session(write=True) as s:
+        halts: dict[str, tuple[str, str]] = {}  # group -> (assignment id, why)
+        with self.session() as s:  # read only: most steps find nothing to do
             rows = s.scalars(
                 select(GroupRow)
                 .where(GroupRow.assignment_id.is_not(None), GroupRow.halted.is_(None))
@@ -117,12 +118,17 @@ class TargetingQueries(RolloutQueries, GroupQueries):
                 if not new or any(r.state in ACTIVE_ROLLOUT_STATES for r in linked):
                     continue
                 if linked and linked[-1].state in _HALTING:
-                    row.halted = (
-                        f"rollout {linked[-1].id} ended {linked[-1].state}: the release is not given to more devices"
-                    )
-                    log.warning("group %s: %s", row.name, row.halted)
+                    why = f"rollout {linked[-1].id} ended {linked[-1].state}: the release is not given to more devices"
+                    halts[row.name] = (row.assignment_id, why)
                     continue
                 todo.append((row.name, row.assignment_id, row.package_id, row.release_id, row.plan, new))
+        if halts:
+            with self.session(write=True) as s:
+                for name, (assignment_id, why) in halts.items():
+                    group = s.get(GroupRow, name, with_for_update=True)
+                    if group is not None and group.assignment_id == assignment_id:
+                        group.halted = why
+                        log.warning("group %s: %s", name, why)
         out: list[DesiredRecord] = []
         notes: dict[str, str] = self.__dict__.setdefault("_targeting_notes", {})
         for name, assignment_id, package_id, release_id, plan, new in todo:
