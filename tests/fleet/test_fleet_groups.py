@@ -1,6 +1,6 @@
 """Named groups, continuous targeting and canary waves by tag through a real fleet (FleetThread:
-uvicorn, the embedded amqtt broker, SQLite, the rollout driver) with simulated devices that speak
-the real protocol over real MQTT connections."""
+uvicorn, the embedded amqtt broker or Mosquitto, SQLite, the rollout driver) with simulated devices
+that speak the real protocol over real MQTT connections."""
 
 from __future__ import annotations
 
@@ -38,10 +38,14 @@ class GroupFleet(Fleet):
         return dict(r.json())
 
 
-@pytest.fixture
-def gfleet(fleet_settings: Callable[..., Any], fleet_package: Callable[..., Path]) -> Iterator[tuple[GroupFleet, str]]:
-    """A fleet with no device yet and package v2 uploaded; yields (fleet, v2 id)."""
-    with FleetThread(fleet_settings(rollout_tick_s=0.1)) as thread:
+@pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+def gfleet(
+    request: pytest.FixtureRequest, fleet_settings: Callable[..., Any], fleet_package: Callable[..., Path]
+) -> Iterator[tuple[GroupFleet, str]]:
+    """A fleet (on the embedded broker, and on Mosquitto) with no device yet and package v2 uploaded;
+    yields (fleet, v2 id)."""
+    broker = {"broker_url": request.getfixturevalue("mosquitto_broker").url} if request.param == "mosquitto" else {}
+    with FleetThread(fleet_settings(rollout_tick_s=0.1, **broker)) as thread:
         admin = httpx.Client(base_url=thread.url, headers={"Authorization": f"Bearer {thread.admin_token}"}, timeout=30)
         v2 = upload(admin, fleet_package({"model.onnx": random_bytes(2000, 12)}, version="2.0.0"))["package_id"]
         fleet = GroupFleet(thread, admin, [])

@@ -10,6 +10,7 @@ import pytest
 from test_fleet_store import _enroll, _package
 
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound
+from slmops_fleet.rollouts import targeting
 from slmops_fleet.rollouts.plan import RolloutPlan
 from slmops_fleet.rollouts.selectors import DeviceFacts, SelectorError, parse_selector
 from slmops_fleet.rollouts.targeting import GroupDef, Membership
@@ -145,7 +146,7 @@ def test_reconcile_gives_joiners_a_follow_up_and_halts_after_a_cancel(store: Sto
     assert store.get_group("all-x86")["assignment"]["following"] == [c]
 
 
-def test_group_refusals(store: Store) -> None:
+def test_group_refusals(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     a = _enroll(store, name="a")
     with pytest.raises(InvalidRequest, match="column 1: a group's selector cannot refer to groups"):
         store.create_group("g", selector="group=x")
@@ -160,6 +161,9 @@ def test_group_refusals(store: Store) -> None:
         store.get_group("h")
     with pytest.raises(InvalidRequest, match="column 7: unknown group 'nope'"):
         store.create_rollout(_package(store), "all", RolloutPlan(waves=["100%"], selector="tag=x,group=nope"))
+    monkeypatch.setattr(targeting, "MAX_GROUPS", 1)
+    with pytest.raises(Conflict, match="has 1 groups, the most it keeps"):
+        store.create_group("g2", selector="tag=x")
     store.delete_group("g")
     assert store.list_groups() == []
 

@@ -23,6 +23,7 @@ from slmops_fleet.rollouts.selectors import DeviceFacts, Selector, check_groups,
 from slmops_fleet.rollouts.waves import PlanError
 
 MAX_GROUP_DEVICES = 10_000
+MAX_GROUPS = 1000  # every driver step evaluates every assigned group
 
 
 class Device(Protocol):

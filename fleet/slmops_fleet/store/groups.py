@@ -11,6 +11,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound
+from slmops_fleet.rollouts import targeting
 from slmops_fleet.rollouts.plan import RolloutPlan
 from slmops_fleet.rollouts.selectors import check_groups, parse_selector
 from slmops_fleet.rollouts.targeting import GroupDef, Membership, check_group
@@ -94,6 +95,8 @@ class GroupQueries(Database):
         with self.session(write=True) as s:
             if s.get(GroupRow, name) is not None:
                 raise Conflict(f"group {name!r} exists (delete it first)")
+            if len(s.scalars(select(GroupRow.name)).all()) >= targeting.MAX_GROUPS:
+                raise Conflict(f"this fleet has {targeting.MAX_GROUPS} groups, the most it keeps; delete one first")
             if group.devices is not None:
                 known = set(s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(group.devices))).all())
                 unknown = [d for d in group.devices if d not in known]
