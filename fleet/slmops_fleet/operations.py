@@ -150,7 +150,7 @@ class FleetOperations:
                     log.exception("could not remove broker credentials of %s after a failed enrollment", device_id)
             raise
         log.info("enrolled device %s (%s)", device.id, name or "no name")
-        self.wake_driver()  # the device may be in a group with a release assigned
+        self.wake_driver(targeting=True)  # the device may be in a group with a release assigned
         return {
             "device_id": device.id,
             "fleet_url": self.settings.public_url or fleet_url,
@@ -339,9 +339,9 @@ class FleetOperations:
         self.wake_driver()
         return rollout.to_json()
 
-    def wake_driver(self) -> None:
+    def wake_driver(self, *, targeting: bool = False) -> None:
         if self.driver is not None:
-            self.driver.wake()
+            self.driver.wake(targeting=targeting)
 
     def _rollout_id(self, ref: str) -> str:
         if ref != "latest":
@@ -385,7 +385,7 @@ class FleetOperations:
 
     def update_device_tags(self, device_id: str, add: list[str], remove: list[str]) -> dict[str, Any]:
         device = self.store.update_device_tags(device_id, add=add, remove=remove).to_json()
-        self.wake_driver()  # the device may have joined a group with a release assigned
+        self.wake_driver(targeting=True)  # the device may have joined a group with a release assigned
         return device
 
     def device_telemetry(self, device_id: str, limit: int) -> list[dict[str, Any]]:

@@ -151,6 +151,14 @@ def test_bad_groups_and_selectors_are_refused_with_the_column(gfleet: tuple[Grou
     assert "exactly one" in bad["detail"]
     bad = fleet.post("/v1/groups", {"name": "g", "devices": ["dev-nope"]}, status=400)
     assert "unknown device ids: dev-nope" in bad["detail"]
+    fleet.post("/v1/groups", {"name": "g", "selector": "tag=canary"})
+    for gates, why in [({"nope": 1}, "unexpected keyword argument 'nope'"), ({"max_failures": -1}, "0 or more")]:
+        bad = fleet.post("/v1/groups/g/assign", {"package_id": v2, "gates": gates}, status=400)
+        assert why in bad["detail"]
+    bad = fleet.post("/v1/groups/g/assign", {"package_id": v2, "waves": ["10%", "tag=canary"]}, status=400)
+    assert "a selector wave must come before" in bad["detail"]
+    assert fleet.admin.get("/v1/groups/g").json()["assignment"] is None
+    assert fleet.admin.delete("/v1/groups/g").status_code == 200
     missing = fleet.post("/v1/groups/nope/assign", {"package_id": v2}, status=404)
     assert "unknown group 'nope'" in missing["detail"]
     assert fleet.admin.get("/v1/groups").json()["groups"] == []  # nothing was kept

@@ -11,6 +11,7 @@ from test_fleet_store import _enroll, _package
 
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound
 from slmops_fleet.rollouts import targeting
+from slmops_fleet.rollouts.driver import RolloutDriver
 from slmops_fleet.rollouts.plan import RolloutPlan
 from slmops_fleet.rollouts.selectors import DeviceFacts, SelectorError, parse_selector
 from slmops_fleet.rollouts.targeting import GroupDef, Membership
@@ -188,3 +189,18 @@ def test_a_device_whose_inventory_changes_moves_to_the_group_it_now_matches(stor
     assert store.get_group("x86")["assignment"]["following"] == []
     report(1e9)  # leaves "big": keeps what it has (x86 gave it its release already)
     assert store.reconcile_groups() == [] and store.get_device(a).desired_package_id == v2
+
+
+def test_the_driver_looks_for_joiners_when_woken_or_every_interval(store: Store) -> None:
+    pid = _package(store)
+    store.create_group("x86", selector="arch=x86_64")
+    store.assign_group("x86", RolloutPlan(waves=["100%"]), package_id=pid)
+    published: list[Any] = []
+    driver = RolloutDriver(store, published.extend, holder="fleet-t", lease_ttl_s=30, targeting_s=3600)
+    assert driver.step() == 0  # the first step looks (nobody yet)
+    a = _enroll(store, name="a")
+    assert driver.step() == 0 and published == []  # not woken, the interval not over: not yet
+    driver.wake(targeting=True)
+    assert driver.step() == 1 and [(r.device_id, r.package_id) for r in published] == [(a, pid)]
+    driver.targeting_s = 0.0  # every step looks: nothing more is owed
+    assert driver.step() == 0 and len(published) == 1
