@@ -17,7 +17,7 @@ from slmops_fleet.rollouts.selectors import DeviceFacts, SelectorError, parse_se
 from slmops_fleet.rollouts.targeting import GroupDef, Membership
 from slmops_fleet.rollouts.waves import parse_waves, plan_waves
 from slmops_fleet.store import Store
-from slmops_fleet.store.records import ReportedUpdate
+from slmops_fleet.store.records import NewPackage, ReportedUpdate
 
 INV: dict[str, Any] = {"arch": "x86_64", "memory_bytes": 8e9, "providers": ["CPUExecutionProvider"], "os": "linux"}
 DEV = DeviceFacts("dev-1", "edge 1", ["canary", "kiosk"], INV, lambda g: g == "lab")
@@ -204,3 +204,28 @@ def test_the_driver_looks_for_joiners_when_woken_or_every_interval(store: Store)
     assert driver.step() == 1 and [(r.device_id, r.package_id) for r in published] == [(a, pid)]
     driver.targeting_s = 0.0  # every step looks: nothing more is owed
     assert driver.step() == 0 and len(published) == 1
+
+
+def test_a_device_that_could_run_no_variant_gets_it_once_it_can(store: Store) -> None:
+    big = "e" * 64
+    store.add_package(
+        NewPackage(big, "m", "2.0.0", "model", "cpu-int4", "key", b"s", [("m", "f" * 64, 1)], min_memory_bytes=8 << 30)
+    )
+    a, b = _enroll(store, name="a"), _enroll(store, name="b")
+
+    def report(device: str, memory: int, generation: int = 0, state: str = "IDLE") -> None:
+        inventory = {"arch": "x86_64", "memory_bytes": memory}
+        store.apply_reported(ReportedUpdate(device, generation, state, big, big, "2.0.0", "a", "", 0, 0, inventory))
+
+    report(a, 16 << 30)
+    store.create_group("x86", selector="arch=x86_64")
+    _g, first, desired = store.assign_group("x86", RolloutPlan(waves=["100%"]), package_id=big)
+    assert first is not None and [d.device_id for d in desired] == [a]
+    assert {t.device_id: t.state for t in first.devices} == {a: "PENDING", b: "NO_VARIANT"}
+    report(a, 16 << 30, generation=desired[0].generation, state="COMMITTED")
+    assert store.get_rollout(first.id).state == "succeeded"
+    assert store.reconcile_groups() == []  # b still cannot run it: no rollout, tried again later
+    assert len(store.list_rollouts()) == 1
+    report(b, 16 << 30)  # b got more memory
+    (given,) = store.reconcile_groups()
+    assert given.device_id == b and given.package_id == big

@@ -6,7 +6,8 @@ looks for the devices an assignment owes its release: in the group now, followed
 targeted by none of its rollouts. They get a follow-up rollout with the same plan (variant
 selection, waves, gates) once no rollout of the assignment is running; a rollout of the assignment
 that was rolled back, cancelled or failed halts it (the release is not given to more devices; the
-operator assigns again). Devices that leave a group keep what they have.
+operator assigns again). Devices that leave a group keep what they have. A device that could run
+none of the release's variants is tried again at each look (its inventory may have changed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from slmops_fleet.errors import Conflict, FleetError
 from slmops_fleet.rollouts.plan import RolloutPlan
-from slmops_fleet.rollouts.states import ACTIVE_ROLLOUT_STATES, RolloutState
+from slmops_fleet.rollouts.states import ACTIVE_ROLLOUT_STATES, RolloutState, TargetState
 from slmops_fleet.store.database import new_id, utcnow
 from slmops_fleet.store.groups import GroupQueries, find_group, group_json, membership
 from slmops_fleet.store.records import DesiredRecord, RolloutRecord
@@ -107,10 +108,11 @@ class TargetingQueries(RolloutQueries, GroupQueries):
                     .where(GroupRolloutRow.assignment_id == row.assignment_id)
                     .order_by(RolloutRow.created_at, RolloutRow.id)
                 ).all()
-                handled = set(
+                handled = set(  # a device that could run no variant is tried again (its inventory may change)
                     s.scalars(
                         select(RolloutDeviceRow.device_id).where(
-                            RolloutDeviceRow.rollout_id.in_([r.id for r in linked])
+                            RolloutDeviceRow.rollout_id.in_([r.id for r in linked]),
+                            RolloutDeviceRow.state != TargetState.NO_VARIANT.value,
                         )
                     ).all()
                 )
