@@ -9,7 +9,7 @@ import pytest
 
 from slmops_fleet.rollouts.gates import GateInput, Gates, counter_delta, evaluate_gates, p95
 from slmops_fleet.rollouts.plan import RolloutPlan
-from slmops_fleet.rollouts.selectors import parse_selector, selector_matches
+from slmops_fleet.rollouts.selectors import DeviceFacts, parse_selector
 from slmops_fleet.rollouts.waves import PlanError, WaveSpec, parse_waves, plan_waves
 
 DEVICES = [f"dev-{i:02d}" for i in range(10)]
@@ -201,8 +201,7 @@ INV = {
     ],
 )
 def test_selector_terms(selector: str, matches: bool) -> None:
-    terms = parse_selector(selector)
-    assert selector_matches(terms, device_id="dev-1", name="edge-1", tags=["canary"], inventory=INV) is matches
+    assert parse_selector(selector).matches(DeviceFacts("dev-1", "edge-1", ["canary"], INV)) is matches
 
 
 @pytest.mark.parametrize(

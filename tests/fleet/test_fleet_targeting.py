@@ -4,6 +4,8 @@ PostgreSQL (reconcile: who gets a follow-up rollout, when, and when an assignmen
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -229,3 +231,44 @@ def test_a_device_that_could_run_no_variant_gets_it_once_it_can(store: Store) ->
     report(b, 16 << 30)  # b got more memory
     (given,) = store.reconcile_groups()
     assert given.device_id == b and given.package_id == big
+
+
+def test_stored_selectors_of_the_old_syntax_are_rewritten_by_the_migration(tmp_path: Path) -> None:
+    """0006 quotes the values the selector language would not read bare ('name=edge 1')."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from slmops_fleet.store.database import MIGRATIONS_DIR, utcnow
+
+    store = Store(f"sqlite:///{tmp_path}/old.db")
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with store.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0005")
+        pid, now = "c" * 64, utcnow().isoformat()
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO packages (id, name, version, profile, kind, signed_manifest, signed_by, size_bytes, "
+                    "created_at) VALUES (:p, 'm', '1.0.0', '', 'model', x'00', '', 0, :now)"
+                ),
+                {"p": pid, "now": now},
+            )
+            for rid, selector in [("ro-a", "name=edge 1, tag=canary"), ("ro-b", "tag=canary,memory_bytes>=2e9")]:
+                plan = json.dumps({"waves": ["100%"], "selector": selector})
+                conn.execute(
+                    text(
+                        "INSERT INTO rollouts (id, package_id, target, state, created_at, updated_at, transitions, "
+                        "plan) VALUES (:id, :p, '\"all\"', 'succeeded', :now, :now, '[]', :plan)"
+                    ),
+                    {"id": rid, "p": pid, "now": now, "plan": plan},
+                )
+        store.migrate()
+        a, b = store.get_rollout("ro-a"), store.get_rollout("ro-b")
+        assert a.plan["selector"] == "name='edge 1',tag=canary" and b.plan["selector"] == "tag=canary,memory_bytes>=2e9"
+        assert parse_selector(a.plan["selector"]).matches(DeviceFacts("d", "edge 1", ["canary"]))
+    finally:
+        store.close()

@@ -375,9 +375,3 @@ def check_groups(selector: Selector, known: set[str] | None) -> None:
             raise SelectorError(selector.text, column, "a group's selector cannot refer to groups")
         if name not in known:
             raise SelectorError(selector.text, column, f"unknown group {name!r}")
-
-
-def selector_matches(
-    selector: Selector, *, device_id: str, name: str, tags: Sequence[str], inventory: dict[str, Any]
-) -> bool:
-    return selector.matches(DeviceFacts(device_id, name, tags, inventory))
