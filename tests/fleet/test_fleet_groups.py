@@ -132,6 +132,9 @@ def test_priority_decides_between_two_assigned_groups(gfleet: tuple[GroupFleet, 
     out = fleet.post("/v1/groups/kiosks/assign", {"package_id": v2})
     assert out["rollout"] is None and out["group"]["assignment"]["following"] == []  # beta outranks kiosks
     assert fleet.admin.get("/v1/groups").json()["groups"][0]["assignment"]["following"] == [dev.device_id]
+    other = fleet.enroll("other")
+    picked = fleet.post("/v1/rollouts", {"package_id": v2, "selector": "group=beta OR name=nobody"})
+    assert [d["device_id"] for d in picked["devices"]] == [dev.device_id] and other.handled == []
 
 
 def test_bad_groups_and_selectors_are_refused_with_the_column(gfleet: tuple[GroupFleet, str]) -> None:
