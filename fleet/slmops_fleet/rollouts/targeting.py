@@ -71,6 +71,7 @@ class Membership:
         self._selectors = {g.name: g.parsed() for g in groups if g.selector is not None}
         self._static = {g.name: set(g.devices or ()) for g in groups if g.devices is not None}
         self.devices = {d.id: d for d in devices}
+        self._assigned = sorted((g for g in groups if g.assigned), key=lambda g: (-g.priority, g.name))
         self._in = cache(self._compute)
 
     def _compute(self, device_id: str, group: str) -> bool:
@@ -95,8 +96,7 @@ class Membership:
 
     def owner(self, device_id: str) -> str | None:
         """The assigned group the device follows: the highest priority, then the first name."""
-        mine = [g for g in self.groups.values() if g.assigned and self._in(device_id, g.name)]
-        return min(mine, key=lambda g: (-g.priority, g.name)).name if mine else None
+        return next((g.name for g in self._assigned if self._in(device_id, g.name)), None)
 
     def owned(self, group: str) -> list[str]:
         """The group's members that follow its assignment (not a higher-priority group's)."""
