@@ -164,6 +164,12 @@ def test_group_refusals(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
         store.get_group("h")
     with pytest.raises(InvalidRequest, match="column 7: unknown group 'nope'"):
         store.create_rollout(_package(store), "all", RolloutPlan(waves=["100%"], selector="tag=x,group=nope"))
+    store.create_group("h", selector="tag=y")
+    store.assign_group("h", RolloutPlan(waves=["group=g", "100%"]), package_id=_package(store))
+    with pytest.raises(Conflict, match="group 'h''s assignment selects waves by group 'g'; unassign it first"):
+        store.delete_group("g")
+    store.unassign_group("h")
+    store.delete_group("h")
     monkeypatch.setattr(targeting, "MAX_GROUPS", 1)
     with pytest.raises(Conflict, match="has 1 groups, the most it keeps"):
         store.create_group("g2", selector="tag=x")

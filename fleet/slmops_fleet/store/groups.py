@@ -125,12 +125,18 @@ class GroupQueries(Database):
             return group_json(s, find_group(s, name))
 
     def delete_group(self, name: str) -> None:
-        """Delete a group; its devices keep what they have. Refused while a rollout selector of an
-        assignment could still name it (an assigned group: unassign it first)."""
+        """Delete a group; its devices keep what they have. Refused while it has an assignment, or
+        another group's assignment names it in a selector wave (unassign first)."""
         with self.session(write=True) as s:
             row = find_group(s, name, lock=True)
             if row.assignment_id is not None:
                 raise Conflict(f"group {name!r} has a release assigned; unassign it first")
+            for other in s.scalars(select(GroupRow).where(GroupRow.assignment_id.is_not(None))).all():
+                texts = RolloutPlan.from_json(other.plan).selectors()
+                if any(g == name for text in texts for g, _col in parse_selector(text).groups()):
+                    raise Conflict(
+                        f"group {other.name!r}'s assignment selects waves by group {name!r}; unassign it first"
+                    )
             s.execute(delete(GroupRow).where(GroupRow.name == name))
 
 
