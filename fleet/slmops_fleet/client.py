@@ -314,6 +314,28 @@ class FleetClient:
             body["gates"] = gates
         return dict(self.request("POST", "/v1/rollouts", json=body))
 
+    def create_group(
+        self, name: str, *, selector: str | None = None, devices: list[str] | None = None, priority: int = 0
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "selector": selector, "devices": devices, "priority": priority}
+        return dict(self.request("POST", "/v1/groups", json=body))
+
+    def list_groups(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/groups")["groups"])
+
+    def get_group(self, name: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/groups/{quote(name, safe='')}"))
+
+    def delete_group(self, name: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/v1/groups/{quote(name, safe='')}"))
+
+    def assign_group(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """body: package_id or release, and waves, soak_s, wave_timeout_s, gates as a rollout's."""
+        return dict(self.request("POST", f"/v1/groups/{quote(name, safe='')}/assign", json=body))
+
+    def unassign_group(self, name: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/groups/{quote(name, safe='')}/unassign"))
+
     def control_rollout(self, rollout_id: str, action: str, reason: str = "") -> dict[str, Any]:
         """pause | resume | cancel."""
         return dict(self.request("POST", f"/v1/rollouts/{rollout_id}/{action}", json={"reason": reason}))

@@ -25,6 +25,7 @@ from slmops_fleet.admin_auth import AdminAuth, Principal
 from slmops_fleet.console.routes import add_console
 from slmops_fleet.console.sessions import ConsoleSessions, session_cookie
 from slmops_fleet.errors import FleetError, InvalidRequest, NotFound, TooLarge
+from slmops_fleet.http_groups import add_group_routes
 from slmops_fleet.http_guard import RequestGuard, error_response
 from slmops_fleet.lifecycle import DeviceLifecycle
 from slmops_fleet.operations import FleetOperations
@@ -113,8 +114,10 @@ class RolloutRequest(BaseModel):
     target: Literal["all"] | list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         "all", description='"all" enrolled devices or a list of device ids.'
     )
-    waves: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(
-        None, max_length=100, description='Cumulative wave sizes: counts or percents, e.g. ["1", "50%", "100%"].'
+    waves: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        None,
+        max_length=100,
+        description='Cumulative wave sizes: counts, percents or selectors first, e.g. ["tag=canary", "50%", "100%"].',
     )
     soak_s: float = Field(0.0, ge=0, le=30 * 86400, description="Seconds to wait after a wave before its gates.")
     wave_timeout_s: float | None = Field(
@@ -124,7 +127,7 @@ class RolloutRequest(BaseModel):
     selector: str = Field(
         "",
         max_length=1000,
-        description='Narrows the target: "tag=canary,arch=x86_64,memory_bytes>=2e9" (every term must hold).',
+        description='Narrows the target: "tag=canary,arch=x86_64" or "(tag=a OR group=b) AND NOT os=win".',
     )
 
 
@@ -367,6 +370,7 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
     def status() -> dict[str, Any]:
         return service.status()
 
+    add_group_routes(v1, service)
     app.include_router(v1)
     return app
 

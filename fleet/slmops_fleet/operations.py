@@ -151,6 +151,7 @@ class FleetOperations:
                     log.exception("could not remove broker credentials of %s after a failed enrollment", device_id)
             raise
         log.info("enrolled device %s (%s)", device.id, name or "no name")
+        self.wake_driver(targeting=True)  # the device may be in a group with a release assigned
         return {
             "device_id": device.id,
             "fleet_url": self.settings.public_url or fleet_url,
@@ -276,25 +277,53 @@ class FleetOperations:
         """Start a rollout of a package or of a release (NAME@VERSION or id; each device gets the
         variant `select_variant` picks): its first wave at once, the others by the rollout driver.
         `selector` narrows the target by tags and inventory (see `slmops_fleet.rollouts.selectors.parse_selector`)."""
+        plan = make_plan(waves, soak_s, wave_timeout_s, gates, selector)
+        package_id, release_id = self.what_to_roll_out(package_ref, release)
+        if isinstance(target, str) and target != "all":
+            raise InvalidRequest('target is "all" or a list of device ids')
+        rollout, desired = self.store.create_rollout(package_id, target, plan, release_id=release_id)
+        self.publish_desired(desired)
+        log.info(
+            "rollout %s: %s %s to %d devices in %d waves (%d now)",
+            rollout.id, rollout.release or rollout.package_name, rollout.package_version, len(rollout.devices),
+            len(rollout.waves), len(desired),
+        )  # fmt: skip
+        self.wake_driver()
+        return rollout.to_json()
+
+    def assign_group(
+        self,
+        name: str,
+        *,
+        package_ref: str | None = None,
+        release: str | None = None,
+        waves: list[str] | str | None = None,
+        soak_s: float = 0.0,
+        wave_timeout_s: float | None = None,
+        gates: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Assign a release (or package) to a group: it keeps applying to the devices that join
+        (`slmops_fleet.store.targeting`); returns the group and the rollout started now, if any."""
+        plan = make_plan(waves, soak_s, wave_timeout_s, gates)
+        package_id, release_id = self.what_to_roll_out(package_ref, release)
+        group, rollout, desired = self.store.assign_group(name, plan, package_id=package_id, release_id=release_id)
+        self.publish_desired(desired)
+        self.wake_driver()
+        return {"group": group, "rollout": rollout.to_json() if rollout else None}
+
+    def what_to_roll_out(self, package_ref: str | None, release: str | None) -> tuple[str | None, str | None]:
+        """(package id, release id) of a package or a release that may be rolled out: signed by a key
+        trusted now, every blob uploaded."""
         if (package_ref is None) == (release is None):
             raise InvalidRequest("name a package or a release to roll out (exactly one)")
-        try:
-            specs = parse_waves(waves)
-            plan = RolloutPlan(
-                waves=[str(w) for w in specs],
-                soak_s=float(soak_s),
-                wave_timeout_s=wave_timeout_s,
-                gates=Gates(**(gates or {})),
-                selector=selector.strip(),
-            )
-        except (PlanError, TypeError) as exc:
-            raise InvalidRequest(f"bad rollout plan: {exc}") from exc
+        out: tuple[str | None, str | None]
         if release is not None:
             rel = self.store.get_release(release)
-            packages, release_id = rel.packages, rel.id
+            packages, out = rel.packages, (None, rel.id)
         else:
             assert package_ref is not None
-            packages, release_id = [self.store.get_package(package_ref)], None
+            packages = [self.store.get_package(package_ref)]
+            out = (packages[0].id, None)
         for pkg in packages:
             self.keys.check_package(pkg.signed_manifest)
             if pkg.missing_blobs:
@@ -302,30 +331,18 @@ class FleetOperations:
                     f"package {pkg.id[:12]} is incomplete: {len(pkg.missing_blobs)} blobs not uploaded yet "
                     "(run `slmops fleet package upload` again)"
                 )
-        if isinstance(target, str) and target != "all":
-            raise InvalidRequest('target is "all" or a list of device ids')
-        rollout, desired = self.store.create_rollout(
-            packages[0].id if release_id is None else None, target, plan, release_id=release_id
-        )
-        self.publish_desired(desired)
-        log.info(
-            "rollout %s: %s %s to %d devices in %d waves (%d now)",
-            rollout.id, rollout.release or rollout.package_name, rollout.package_version, len(rollout.devices),
-            len(rollout.waves), len(desired),
-        )  # fmt: skip
-        self._wake_driver()
-        return rollout.to_json()
+        return out
 
     def control_rollout(self, rollout_ref: str, action: str, reason: str = "") -> dict[str, Any]:
         """pause | resume | cancel a rollout."""
         rollout = self.store.control_rollout(self._rollout_id(rollout_ref), action, reason)
         log.info("rollout %s: %s (%s)", rollout.id, action, rollout.state)
-        self._wake_driver()
+        self.wake_driver()
         return rollout.to_json()
 
-    def _wake_driver(self) -> None:
+    def wake_driver(self, *, targeting: bool = False) -> None:
         if self.driver is not None:
-            self.driver.wake()
+            self.driver.wake(targeting=targeting)
 
     def _rollout_id(self, ref: str) -> str:
         if ref != "latest":
@@ -368,7 +385,9 @@ class FleetOperations:
         return self.store.get_device(device_id).to_json()
 
     def update_device_tags(self, device_id: str, add: list[str], remove: list[str]) -> dict[str, Any]:
-        return self.store.update_device_tags(device_id, add=add, remove=remove).to_json()
+        device = self.store.update_device_tags(device_id, add=add, remove=remove).to_json()
+        self.wake_driver(targeting=True)  # the device may have joined a group with a release assigned
+        return device
 
     def device_telemetry(self, device_id: str, limit: int) -> list[dict[str, Any]]:
         self.store.get_device(device_id)
@@ -454,6 +473,27 @@ class FleetOperations:
             "limits": self.limits() if self.limits is not None else {},
             "now": datetime.now().astimezone().isoformat(),
         }
+
+
+def make_plan(
+    waves: list[str] | str | None,
+    soak_s: float = 0.0,
+    wave_timeout_s: float | None = None,
+    gates: dict[str, Any] | None = None,
+    selector: str = "",
+) -> RolloutPlan:
+    """A rollout plan from what the operator gave, or an InvalidRequest saying what is wrong."""
+    try:
+        specs = parse_waves(waves)
+        return RolloutPlan(
+            waves=[str(w) for w in specs],
+            soak_s=float(soak_s),
+            wave_timeout_s=wave_timeout_s,
+            gates=Gates(**(gates or {})),
+            selector=selector.strip(),
+        )
+    except (PlanError, TypeError) as exc:
+        raise InvalidRequest(f"bad rollout plan: {exc}") from exc
 
 
 def _redact(url: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from slmops_fleet.rollouts.gates import GateInput, Gates, counter_delta, evaluate_gates, p95
 from slmops_fleet.rollouts.plan import RolloutPlan
-from slmops_fleet.rollouts.selectors import parse_selector, selector_matches
+from slmops_fleet.rollouts.selectors import DeviceFacts, parse_selector
 from slmops_fleet.rollouts.waves import PlanError, WaveSpec, parse_waves, plan_waves
 
 DEVICES = [f"dev-{i:02d}" for i in range(10)]
@@ -55,14 +55,15 @@ def test_plan_waves_is_deterministic_and_salted() -> None:
         ("1.5", "whole number"),
         ("0%", "above 0"),
         ("101%", "at most 100"),
-        ("x", "neither a device count"),
-        ("-1", "neither a device count"),
+        ("x", "column 1: unknown key 'x'"),  # not a number: a selector, which must parse
+        ("-1", "column 1: '-' cannot start a term|unknown key '-1'"),
+        ("1,tag=canary", "a selector wave must come before"),
         (",".join(["1"] * 101), "at most 100 waves"),
     ],
 )
 def test_bad_wave_specs_are_refused(spec: str, message: str) -> None:
     with pytest.raises(PlanError, match=message):
-        parse_waves(spec)
+        RolloutPlan(waves=[w.strip() for w in spec.split(",")])
 
 
 @pytest.mark.parametrize("spec", ["5,2,100%", "5,10%", "50%,1"])
@@ -200,8 +201,7 @@ INV = {
     ],
 )
 def test_selector_terms(selector: str, matches: bool) -> None:
-    terms = parse_selector(selector)
-    assert selector_matches(terms, device_id="dev-1", name="edge-1", tags=["canary"], inventory=INV) is matches
+    assert parse_selector(selector).matches(DeviceFacts("dev-1", "edge-1", ["canary"], INV)) is matches
 
 
 @pytest.mark.parametrize(
@@ -209,9 +209,9 @@ def test_selector_terms(selector: str, matches: bool) -> None:
     [
         ("memory_bytes>=lots", "needs a number"),
         ("tag>=3", "= or != only"),
-        ("arch", "is not KEY=VALUE"),
-        ("=x86", "is not KEY=VALUE"),
-        ("arch=", "is not KEY=VALUE"),
+        ("arch", "column 5: expected =, !="),
+        ("=x86", "column 1: expected a term"),
+        ("arch=", "column 6: expected a value"),
     ],
 )
 def test_bad_selectors_are_refused(selector: str, message: str) -> None:

@@ -12,7 +12,19 @@ from typing import Annotated
 
 import typer
 
-from slmops_fleet.cli import admin, config, devices, keys, packages, releases, rollouts, serve, status, tokens
+from slmops_fleet.cli import (
+    admin,
+    config,
+    devices,
+    groups,
+    keys,
+    packages,
+    releases,
+    rollouts,
+    serve,
+    status,
+    tokens,
+)
 
 __all__ = ["app"]
 
@@ -46,6 +58,7 @@ app.add_typer(packages.app, name="package")
 app.add_typer(releases.app, name="release")
 app.add_typer(rollouts.app, name="rollout")
 app.add_typer(devices.app, name="device")
+app.add_typer(groups.app, name="group")
 app.add_typer(admin.app, name="admin-token")
 app.command()(admin.audit)
 app.add_typer(keys.app, name="keys")

@@ -40,13 +40,17 @@ def rollout_create(
     waves: Annotated[
         str | None,
         typer.Option(
-            "--waves", help="Cumulative wave sizes, counts or percents: '1,50%,100%' (default: one wave of all)."
+            "--waves",
+            help="Cumulative wave sizes, counts or percents, after selector waves: '1,50%,100%', "
+            "'tag=canary,10%,100%' (default: one wave of all).",
         ),
     ] = None,
     select: Annotated[
         str | None,
         typer.Option(
-            "--select", help="Only target devices matching every term: 'tag=canary,arch=x86_64,memory_bytes>=2e9'."
+            "--select",
+            help="Only target matching devices: 'tag=canary,arch=x86_64' or "
+            "'(tag=a OR group=kiosks) AND arch IN (x86_64, aarch64) AND NOT tag=lab'.",
         ),
     ] = None,
     soak: Annotated[str, typer.Option("--soak", help="Wait after each wave before its gates: 0, 90s, 10m.")] = "0",
@@ -92,7 +96,7 @@ def rollout_create(
     chosen: str | list[str] = "all" if ids == ["all"] else ids
     if "all" in ids and len(ids) > 1:
         raise typer.BadParameter("give either 'all' or device ids", param_hint="--target")
-    wave_list = [w.strip() for w in waves.split(",") if w.strip()] if waves else None
+    wave_list = [waves] if waves and waves.replace(",", "").strip() else None  # the fleet splits it
     if waves is not None and not wave_list:
         raise typer.BadParameter("give wave sizes like 1,50%,100%", param_hint="--waves")
     gates: dict[str, Any] = {

@@ -1,6 +1,7 @@
 """The rollout driver: one asyncio task in the fleet process that moves rollouts along.
 
-Every tick (or at once when woken) it asks the store to advance each in-progress rollout (start a
+Every tick (or at once when woken) it gives the devices that joined an assigned group their
+release (`store.targeting`), asks the store to advance each in-progress rollout (start a
 wave, time out devices, complete a wave, wait out its soak, check the gates, abort and revert) and
 publishes the desired states each step returns, after the step's transaction committed. A crash
 between the commit and the publish loses nothing: the fleet republishes every device's newest
@@ -23,6 +24,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 
 from slmops_fleet.store import Store
@@ -42,6 +44,7 @@ class RolloutDriver:
         tick_s: float = 1.0,
         lease_ttl_s: float | None = None,
         holder: str | None = None,
+        targeting_s: float = 5.0,
     ) -> None:
         self.store = store
         self.publish = publish
@@ -50,6 +53,9 @@ class RolloutDriver:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.leading = False
         self.steps = 0
+        self.targeting_s = targeting_s  # how often to look for devices that joined an assigned group
+        self._targeting_due = True
+        self._targeting_at = 0.0
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -69,7 +75,7 @@ class RolloutDriver:
             self.leading = leading
         if not leading:
             return 0
-        published = 0
+        published = self._targeting()
         for rollout_id in self.store.active_rollout_ids():
             try:
                 records = self.store.advance_rollout(rollout_id)
@@ -83,13 +89,33 @@ class RolloutDriver:
         self.steps += 1
         return published
 
+    def _targeting(self) -> int:
+        """Continuous targeting: follow-up rollouts for devices that joined an assigned group, when
+        woken for it (an enrollment, new tags) or every `targeting_s` (new inventory)."""
+        if not self._targeting_due and time.monotonic() - self._targeting_at < self.targeting_s:
+            return 0
+        self._targeting_due = False
+        self._targeting_at = time.monotonic()
+        try:
+            records = self.store.reconcile_groups()
+        except Exception:
+            log.exception("continuous targeting's step failed; trying again")
+            self._targeting_due = True
+            return 0
+        if records:
+            self.publish(records)
+        return len(records)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="slmops-fleet-rollouts")
 
-    def wake(self) -> None:
-        """Run a step now (thread-safe): after an operator's pause, resume or cancel."""
+    def wake(self, *, targeting: bool = False) -> None:
+        """Run a step now (thread-safe): after an operator's pause, resume or cancel; with `targeting`,
+        look for devices that joined an assigned group in it (an enrollment, new tags)."""
+        if targeting:
+            self._targeting_due = True
         if self._loop is not None and self._wake is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._wake.set)

@@ -7,7 +7,7 @@ from typing import Any
 
 from slmops_fleet.rollouts.gates import Gates
 from slmops_fleet.rollouts.selectors import parse_selector
-from slmops_fleet.rollouts.waves import PlanError
+from slmops_fleet.rollouts.waves import PlanError, parse_waves
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,17 @@ class RolloutPlan:
 
     def __post_init__(self) -> None:
         parse_selector(self.selector)
+        for wave in parse_waves(self.waves):
+            if wave.selector is not None:
+                parse_selector(wave.selector)
         if self.soak_s < 0:
             raise PlanError("soak time must be 0 or more")
         if self.wave_timeout_s is not None and self.wave_timeout_s <= 0:
             raise PlanError("wave timeout must be above 0")
+
+    def selectors(self) -> list[str]:
+        """The target selector and the selector waves' (what may name groups)."""
+        return [s for s in [self.selector, *(w.selector or "" for w in parse_waves(self.waves))] if s]
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from slmops_fleet.errors import Conflict, InvalidRequest
 from slmops_fleet.rollouts.gates import GateInput, counter_delta, evaluate_gates
 from slmops_fleet.rollouts.plan import RolloutPlan
-from slmops_fleet.rollouts.selectors import parse_selector, selector_matches
+from slmops_fleet.rollouts.selectors import DeviceFacts, parse_selector
 from slmops_fleet.rollouts.states import (
     ACTIVE_ROLLOUT_STATES,
     TERMINAL_TARGET_STATES,
@@ -80,13 +80,6 @@ class Desired(Protocol):
     generation: int
     package_id: str
     rollout_id: str | None
-
-
-class Device(Protocol):
-    id: str
-    name: str
-    tags: list[str]
-    inventory: dict[str, Any]
 
 
 class RolloutStorage(Protocol):
@@ -169,16 +162,12 @@ def _join(first: str | None, second: str) -> str:
 # --- creating a rollout ---------------------------------------------------------------------------------
 
 
-def narrow(selector: str, device_ids: Sequence[str], devices: Sequence[Device]) -> list[str]:
+def narrow(selector: str, device_ids: Sequence[str], facts: Mapping[str, DeviceFacts]) -> list[str]:
     """The target devices the plan's selector keeps (all of them without a selector)."""
     if not selector:
         return list(device_ids)
-    terms = parse_selector(selector)
-    chosen = {
-        d.id
-        for d in devices
-        if selector_matches(terms, device_id=d.id, name=d.name, tags=d.tags or [], inventory=dict(d.inventory or {}))
-    }
+    parsed = parse_selector(selector)
+    chosen = {d for d in device_ids if parsed.matches(facts[d])}
     if not chosen:
         raise Conflict(f"the selector {selector!r} matches none of the {len(device_ids)} target devices")
     return [d for d in device_ids if d in chosen]
@@ -196,7 +185,11 @@ class Layout:
 
 
 def lay_out(
-    rollout_id: str, device_ids: Sequence[str], selections: Mapping[str, Selection], plan: RolloutPlan
+    rollout_id: str,
+    device_ids: Sequence[str],
+    selections: Mapping[str, Selection],
+    plan: RolloutPlan,
+    facts: Mapping[str, DeviceFacts],
 ) -> Layout:
     runnable = [d for d in device_ids if selections[d].package_id]
     unrunnable = [d for d in device_ids if not selections[d].package_id]
@@ -204,7 +197,8 @@ def lay_out(
         why = "; ".join(f"{d}: {selections[d].reason}" for d in unrunnable[:3])
         raise Conflict(f"none of the {len(device_ids)} target devices can run a variant ({why})")
     try:
-        waves = plan_waves(runnable, parse_waves(plan.waves), rollout_id)
+        parsed = {w.selector: parse_selector(w.selector) for w in parse_waves(plan.waves) if w.selector}
+        waves = plan_waves(runnable, parse_waves(plan.waves), rollout_id, lambda sel, d: parsed[sel].matches(facts[d]))
     except PlanError as exc:
         raise InvalidRequest(str(exc)) from exc
     chosen_counts: dict[str, int] = {}

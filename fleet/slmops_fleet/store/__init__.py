@@ -3,6 +3,8 @@ the rest of the fleet needs (each returns plain dataclasses, `records`, never OR
 
 - `database`: the engine and one transaction per call (SQLite or PostgreSQL).
 - `schema`: the rows; `records`: what the store hands out.
+- `groups`, `targeting`: named device groups, and the releases assigned to them that keep applying
+  to the devices that join (continuous targeting).
 - `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `telemetry`, `admin`, `keys`: the
   queries of each entity (`lifecycle`: revocation and credential rotation; `admin`: admin tokens,
   audit log; `keys`: key statements);
@@ -18,12 +20,14 @@ from slmops_fleet.store.leases import LeaseQueries
 from slmops_fleet.store.lifecycle import LifecycleQueries
 from slmops_fleet.store.packages import PackageQueries
 from slmops_fleet.store.rollouts import RolloutQueries
+from slmops_fleet.store.targeting import TargetingQueries
 from slmops_fleet.store.telemetry import TelemetryQueries
 
 __all__ = ["Store"]
 
 
 class Store(
+    TargetingQueries,
     DeviceQueries,
     LifecycleQueries,
     PackageQueries,

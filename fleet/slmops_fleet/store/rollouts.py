@@ -7,7 +7,7 @@ Lock order everywhere: devices (by id), then rollouts, as device reports take th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -23,6 +23,7 @@ from slmops_fleet.rollouts.states import NO_WAVE, TERMINAL_TARGET_STATES, Rollou
 from slmops_fleet.rollouts.variants import Selection, Variant, select_variant
 from slmops_fleet.store.database import Database, i64, new_id, utcnow
 from slmops_fleet.store.devices import latest_desired
+from slmops_fleet.store.groups import check_plan_groups, membership
 from slmops_fleet.store.packages import golden_prompts, package_record
 from slmops_fleet.store.records import (
     DesiredRecord,
@@ -121,11 +122,13 @@ class RolloutQueries(Database):
         plan: RolloutPlan | None = None,
         *,
         release_id: str | None = None,
+        link: Callable[[Session, str], None] | None = None,
     ) -> tuple[RolloutRecord, list[DesiredRecord]]:
         """Plan the waves and start the first: its devices get a new desired state (generation + 1)
         naming the variant chosen for each (`select_variant`: of the release's packages, or the one
         package). Devices that can run no variant are kept as NO_VARIANT targets with the reason.
-        Without a plan: one wave of every target device, no gates."""
+        Without a plan: one wave of every target device, no gates. `link(session, rollout_id)` runs
+        in the transaction (a group's assignment records its rollout)."""
         plan = plan or RolloutPlan(waves=["100%"])
         now = utcnow()
         rollout_id = new_id("ro")
@@ -171,11 +174,12 @@ class RolloutQueries(Database):
             revoked = [d for d in device_ids if found[d] is not None]
             if revoked:
                 raise InvalidRequest(f"revoked devices cannot be targeted: {', '.join(revoked)}")
-            if plan.selector:
-                rows = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(device_ids))).all()
-                device_ids = rules.narrow(plan.selector, device_ids, rows)
+            check_plan_groups(s, plan)
+            groups = membership(s, device_ids)
+            facts = {d: groups.facts(d) for d in device_ids}
+            device_ids = rules.narrow(plan.selector, device_ids, facts)
             selections = self._select(s, device_ids, variants)
-            layout = rules.lay_out(rollout_id, device_ids, selections, plan)
+            layout = rules.lay_out(rollout_id, device_ids, selections, plan, facts)
             runnable = [d for wave in layout.waves for d in wave]
             rollout = RolloutRow(
                 id=rollout_id,
@@ -191,6 +195,8 @@ class RolloutQueries(Database):
             )
             s.add(rollout)
             s.flush()
+            if link is not None:
+                link(s, rollout_id)
             # Earlier rollouts lose these devices, whether their wave has started or not.
             superseded = set(
                 s.scalars(

@@ -211,6 +211,35 @@ class RolloutRow(Base):
     release_id: Mapped[str | None] = mapped_column(ID, nullable=True)
 
 
+class GroupRow(Base):
+    """A named group of devices (a selector or a list) and the release assigned to it, if any."""
+
+    __tablename__ = "device_groups"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    selector: Mapped[str | None] = mapped_column(Text, nullable=True)
+    devices: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    assignment_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    release_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    package_id: Mapped[str | None] = mapped_column(SHA, nullable=True)
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    halted: Mapped[str | None] = mapped_column(Text, nullable=True)  # why the assignment stopped applying
+
+
+class GroupRolloutRow(Base):
+    """The rollouts an assignment made: the first and each follow-up for devices that joined later."""
+
+    __tablename__ = "group_rollouts"
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    assignment_id: Mapped[str] = mapped_column(ID, index=True)
+    group_name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class RolloutWaveRow(Base):
     __tablename__ = "rollout_waves"
 
