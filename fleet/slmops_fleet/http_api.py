@@ -328,6 +328,10 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
     def explain_rollout(rollout_id: str, device: str | None = None) -> dict[str, Any]:
         return service.explain_rollout(rollout_id, device)
 
+    @v1.post("/rollouts/{rollout_id}/rollback")
+    def rollback_rollout(rollout_id: str) -> dict[str, Any]:
+        return service.rollback_rollout(rollout_id)
+
     @v1.post("/rollouts/{rollout_id}/{action}")
     def control_rollout(
         rollout_id: str, action: Literal["pause", "resume", "cancel"], body: RolloutAction | None = None
