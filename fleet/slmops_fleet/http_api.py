@@ -24,6 +24,7 @@ from slmops_fleet.admin_auth import AdminAuth, Principal
 from slmops_fleet.errors import FleetError, InvalidRequest, NotFound, TooLarge
 from slmops_fleet.http_guard import RequestGuard, error_response
 from slmops_fleet.lifecycle import DeviceLifecycle
+from slmops_fleet.metrics import FleetMetrics
 from slmops_fleet.operations import FleetOperations
 from slmops_protos import __version__
 from slmops_protos.key_statements import MAX_STATEMENT_BYTES
@@ -148,12 +149,16 @@ def _principal(request: Request) -> Principal:
     return principal
 
 
-def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLifecycle) -> FastAPI:
+def create_app(
+    service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLifecycle, metrics: FleetMetrics | None = None
+) -> FastAPI:
     app = FastAPI(title="slmops fleet", version=__version__, docs_url="/docs", redoc_url=None)
 
     # The admin token, its role and body sizes are checked before a route reads the body; admin
     # actions are audited (http_guard).
-    app.add_middleware(RequestGuard, auth=auth, audit=service.store)
+    app.add_middleware(RequestGuard, auth=auth, audit=service.store, metrics_open=service.settings.metrics_open)
+    if metrics is not None:
+        metrics.install(app)  # GET /metrics, and the latency of every request (outside the guard)
 
     @app.exception_handler(FleetError)
     async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:

@@ -6,8 +6,9 @@ could make the fleet hold and parse hundreds of megabytes before it was told its
 This pure ASGI middleware runs first:
 
 - every /v1 path except /v1/enroll and /v1/ca.pem (public: the CA a device checks against the
-  fingerprint it was given) needs `Authorization: Bearer <admin token>` (the owner's or a
-  named one, `admin_auth`): anything else is answered 401 at once, the body unread;
+  fingerprint it was given), and /metrics unless the fleet serves it open (`metrics_open`), needs
+  `Authorization: Bearer <admin token>` (the owner's or a named one, `admin_auth`): anything else
+  is answered 401 at once, the body unread;
 - a token whose role may not make the request (a read-only token writing) is answered 403 at once;
 - every request that may change something (not GET/HEAD) by a known token, and every successful
   enrollment, is written to the audit log after it is answered: who (token name and role, client
@@ -46,6 +47,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 MAX_JSON_BYTES = 1 << 20
 ENROLL_PATH = "/v1/enroll"
 OPEN_PATHS = frozenset({"/healthz", ENROLL_PATH, "/v1/ca.pem"})
+METRICS_PATH = "/metrics"
 # Routes that read their bodies as streams, each under its own limit (no cap here).
 _STREAMED = re.compile(r"^/v1/(blobs/[^/]+|packages)$")
 
@@ -69,10 +71,11 @@ def path_target(path: str) -> str:
 
 
 class RequestGuard:
-    def __init__(self, app: App, *, auth: AdminAuth, audit: AuditLog | None = None) -> None:
+    def __init__(self, app: App, *, auth: AdminAuth, audit: AuditLog | None = None, metrics_open: bool = False) -> None:
         self.app = app
         self.auth = auth
         self.audit = audit
+        self.metrics_open = metrics_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,7 +86,7 @@ class RequestGuard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         state: dict[str, Any] = scope.setdefault("state", {})
         principal: Principal | None = None
-        if path.startswith("/v1/") and path not in OPEN_PATHS:
+        if (path.startswith("/v1/") and path not in OPEN_PATHS) or (path == METRICS_PATH and not self.metrics_open):
             principal = await asyncio.to_thread(self.auth.identify, headers.get("authorization"))
             if principal is None:
                 reason = "missing, unknown or revoked admin token (Authorization: Bearer <token>)"

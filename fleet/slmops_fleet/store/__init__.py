@@ -3,9 +3,10 @@ the rest of the fleet needs (each returns plain dataclasses, `records`, never OR
 
 - `database`: the engine and one transaction per call (SQLite or PostgreSQL).
 - `schema`: the rows; `records`: what the store hands out.
-- `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `rollback`, `telemetry`, `admin`, `keys`: the
-  queries of each entity (`lifecycle`: revocation and credential rotation; `admin`: admin tokens,
-  audit log; `keys`: key statements; `rollback`: a rollout returning another's devices);
+- `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `rollback`, `telemetry`, `metrics`,
+  `admin`, `keys`: the queries of each entity (`lifecycle`: revocation and credential rotation;
+  `admin`: admin tokens, audit log; `keys`: key statements; `rollback`: a rollout returning another's
+  devices; `metrics`: what `/metrics` reads);
   the rollout rules themselves live in `slmops_fleet.rollouts.rules`.
 - `Store`: all of them on one object.
 """
@@ -16,6 +17,7 @@ from slmops_fleet.store.devices import DeviceQueries
 from slmops_fleet.store.keys import KeyStatementQueries
 from slmops_fleet.store.leases import LeaseQueries
 from slmops_fleet.store.lifecycle import LifecycleQueries
+from slmops_fleet.store.metrics import MetricsQueries
 from slmops_fleet.store.packages import PackageQueries
 from slmops_fleet.store.rollback import RollbackQueries
 from slmops_fleet.store.telemetry import TelemetryQueries
@@ -31,6 +33,7 @@ class Store(
     LeaseQueries,
     RollbackQueries,
     TelemetryQueries,
+    MetricsQueries,
     AdminQueries,
     KeyStatementQueries,
 ):
