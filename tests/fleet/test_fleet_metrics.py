@@ -1,0 +1,101 @@
+"""The fleet's /metrics through a real fleet (FleetThread: uvicorn, the embedded broker, SQLite) with
+simulated devices sending real telemetry over MQTT: who may read it, and the device telemetry summed
+per package and per tag, parsed by prometheus_client's own parser."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from slmops_fleet.process import FleetThread
+from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_testing.fleet_api import enroll, new_token
+from slmops_testing.simulated_devices import SimDevice
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def _parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_metrics_need_a_token_unless_opened(
+    fleet: Any, admin: httpx.Client, fleet_settings: Callable[..., Any]
+) -> None:
+    url = fleet.url + "/metrics"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer nope"}).status_code == 401
+    reader = admin.post("/v1/admin-tokens", json={"name": "prometheus", "role": "read-only"}).json()["token"]
+    r = httpx.get(url, headers={"Authorization": f"Bearer {reader}"})
+    assert r.status_code == 200 and "slmops_fleet_devices" in r.text
+    # the wrong token's requests were timed too, under no route of their own
+    m = _parse(httpx.get(url, headers={"Authorization": f"Bearer {reader}"}).text)
+    counts = m["slmops_fleet_http_request_duration_seconds_count"]
+    assert counts[(("method", "GET"), ("route", "unmatched"), ("status", "401"))] == 2
+    assert counts[(("method", "GET"), ("route", "/metrics"), ("status", "200"))] >= 1
+    with FleetThread(fleet_settings(metrics_open=True)) as open_fleet:
+        assert httpx.get(open_fleet.url + "/metrics").status_code == 200
+        assert httpx.get(open_fleet.url + "/v1/devices").status_code == 401  # only /metrics is opened
+
+
+def test_device_telemetry_is_summed_per_package_and_tag(fleet: Any, admin: httpx.Client) -> None:
+    devices: list[SimDevice] = []
+    try:
+        tags = {"a": ["canary", "eu"], "b": ["canary"], "c": []}
+        for name, (tps, ttft, requests, errors, memory) in {
+            "a": (10.0, 100.0, 5, 1, 1000),
+            "b": (20.0, 300.0, 7, 0, 3000),
+            "c": (40.0, 50.0, 1, 0, 500),
+        }.items():
+            creds = enroll(fleet, new_token(admin), name).json()
+            dev = SimDevice.enrolled(creds)
+            assert not dev.connect().is_failure
+            devices.append(dev)
+            if tags[name]:
+                admin.post(f"/v1/devices/{dev.device_id}/tags", json={"add": tags[name]}).raise_for_status()
+            batch = fleet_pb2.TelemetryBatch(device_id=dev.device_id)
+            # an older sample, then the newest: only the newest counts
+            batch.samples.add(timestamp_unix_ms=1000, seq=1, tokens_per_s=999.0, requests_total=999)
+            batch.samples.add(
+                timestamp_unix_ms=2000,
+                seq=2,
+                tokens_per_s=tps,
+                ttft_ms=ttft,
+                requests_total=requests,
+                errors_total=errors,
+                memory_used_bytes=memory,
+                active_package_id="",
+            )
+            dev.publish(dev.topics.telemetry(dev.device_id), batch.SerializeToString())
+        assert fleet.server.ingest.wait_idle(10)
+        m = _parse(admin.get("/metrics").text)
+
+        def figure(name: str, **labels: str) -> float:
+            hits = [v for k, v in m[name].items() if all((n, x) in k for n, x in labels.items())]
+            assert len(hits) == 1, (name, labels, m[name])
+            return hits[0]
+
+        assert figure("slmops_fleet_tag_devices_reporting", tag="canary") == 2
+        assert figure("slmops_fleet_tag_tokens_per_second", tag="canary") == 30.0
+        assert figure("slmops_fleet_tag_ttft_ms", tag="canary") == 200.0  # the mean of the devices'
+        assert figure("slmops_fleet_tag_requests", tag="canary") == 12
+        assert figure("slmops_fleet_tag_errors", tag="canary") == 1
+        assert figure("slmops_fleet_tag_memory_used_bytes", tag="canary") == 4000
+        assert figure("slmops_fleet_tag_tokens_per_second", tag="eu") == 10.0
+        # no package yet: the devices count under the empty package id
+        assert figure("slmops_fleet_package_devices_reporting", package_id="") == 3
+        assert figure("slmops_fleet_package_tokens_per_second", package_id="") == 70.0
+        assert figure("slmops_fleet_devices_by_package", package_id="") == 3
+        assert figure("slmops_fleet_devices", state="NEW") == 3
+        assert figure("slmops_fleet_ingest_telemetry_samples_total") == 6
+        assert figure("slmops_fleet_mqtt_messages_total", direction="in") >= 3
+    finally:
+        for dev in devices:
+            dev.close()
