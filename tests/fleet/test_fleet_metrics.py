@@ -4,7 +4,9 @@ per package and per tag, parsed by prometheus_client's own parser."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +28,15 @@ def _parse(text: str) -> Samples:
     return out
 
 
+def _check_documented(m: Samples) -> None:
+    """Every metric served is in README.md's table."""
+    documented = set(re.findall(r"`(slmops_fleet_[a-z_]+)", (Path(__file__).parents[2] / "README.md").read_text()))
+    for name in m:
+        base = re.sub(r"_(bucket|count|sum|created)$", "", name)
+        family = "slmops_fleet_tag_" if base.startswith("slmops_fleet_tag_") else base
+        assert family in documented, f"{name} is not in README.md's metrics table"
+
+
 def test_metrics_need_a_token_unless_opened(
     fleet: Any, admin: httpx.Client, fleet_settings: Callable[..., Any]
 ) -> None:
@@ -40,6 +51,7 @@ def test_metrics_need_a_token_unless_opened(
     counts = m["slmops_fleet_http_request_duration_seconds_count"]
     assert counts[(("method", "GET"), ("route", "unmatched"), ("status", "401"))] == 2
     assert counts[(("method", "GET"), ("route", "/metrics"), ("status", "200"))] >= 1
+    _check_documented(m)
     with FleetThread(fleet_settings(metrics_open=True)) as open_fleet:
         assert httpx.get(open_fleet.url + "/metrics").status_code == 200
         assert httpx.get(open_fleet.url + "/v1/devices").status_code == 401  # only /metrics is opened
@@ -96,6 +108,7 @@ def test_device_telemetry_is_summed_per_package_and_tag(fleet: Any, admin: httpx
         assert figure("slmops_fleet_devices", state="NEW") == 3
         assert figure("slmops_fleet_ingest_telemetry_samples_total") == 6
         assert figure("slmops_fleet_mqtt_messages_total", direction="in") >= 3
+        _check_documented(m)
     finally:
         for dev in devices:
             dev.close()
