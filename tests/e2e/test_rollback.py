@@ -1,5 +1,5 @@
 """Fleet rollback and fleet metrics through the real processes (`slmops fleet serve` with the embedded
-broker, two `slmops agent run`): v1 then v2 released, `rollout rollback` returns both devices to v1
+broker or Mosquitto, two `slmops agent run`): v1 then v2 released, `rollout rollback` returns both devices to v1
 from their other slot with no blob sent; `rollout status --watch` follows it to the end showing
 what each device received; `/metrics`, parsed by prometheus_client's parser, agrees with the fleet's
 own API; a rollout that changed nothing cannot be rolled back."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from slmops_cli.procs import ProcessFailed, run, slmops_cmd, wait_until
+from slmops_testing.brokers import start_mosquitto
 from slmops_testing.processes import AgentProc, FleetProc
 
 pytestmark = pytest.mark.timeout(400)
@@ -41,14 +41,22 @@ def _one(samples: dict[tuple[tuple[str, str], ...], float], **labels: str) -> fl
     return hits[0]
 
 
+@pytest.mark.parametrize("broker", ["embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
 def test_rollback_returns_every_device_from_its_other_slot_and_metrics_agree(
+    broker: str,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     tiny_package_factory: Callable[..., Path],
     signing_key: tuple[Path, Path],
     run_fleet: Callable[..., FleetProc],
     enroll_agent: Callable[..., AgentProc],
 ) -> None:
-    fleet = run_fleet(tmp_path / "fleet", [signing_key[1]])
+    if broker == "mosquitto":
+        mosquitto = start_mosquitto(tmp_path / "mosquitto")
+        request.addfinalizer(mosquitto.stop)
+        fleet = run_fleet(tmp_path / "fleet", [signing_key[1]], "--broker-url", mosquitto.url)
+    else:
+        fleet = run_fleet(tmp_path / "fleet", [signing_key[1]])
     agents = [enroll_agent(fleet, tmp_path / f"agent-{i}", f"agent-{i}") for i in (1, 2)]
     v1_id = fleet.release(tiny_package_factory("1.0.0", out=tmp_path / "pkg-v1"))
     fleet.wait_committed(v1_id)
@@ -141,4 +149,3 @@ def test_rollback_returns_every_device_from_its_other_slot_and_metrics_agree(
     assert "slmops_fleet_package_ttft_ms" in m
     routes = {dict(k)["route"] for k in m["slmops_fleet_http_request_duration_seconds_count"]}
     assert {"/v1/rollouts/{rollout_id}/rollback", "/v1/devices", "unmatched"} <= routes
-    print(watch.stdout, file=sys.stderr)

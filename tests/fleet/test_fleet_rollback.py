@@ -3,6 +3,11 @@ link both ways, and the refusals (nothing changed, already rolled back, unknown 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
 import pytest
 from test_fleet_rollout_rules import _finish, _report, _setup
 
@@ -10,6 +15,7 @@ from slmops_fleet.errors import Conflict, NotFound
 from slmops_fleet.rollouts.gates import Gates
 from slmops_fleet.rollouts.plan import RolloutPlan
 from slmops_fleet.store import Store
+from slmops_testing.fleet_api import enroll, new_token, upload
 
 
 def test_a_rollback_returns_every_changed_device_with_the_same_plan(store: Store) -> None:
@@ -93,3 +99,23 @@ def test_devices_a_later_rollout_owns_are_left_alone(store: Store) -> None:
     assert store.get_rollout(r3.id).state == "rolled_back"
     with pytest.raises(Conflict, match="changed no device"):
         store.rollback_rollout(r3.id)
+
+
+def test_the_api_refuses_a_rollback_clearly(
+    fleet: Any, admin: httpx.Client, fleet_package: Callable[..., Path]
+) -> None:
+    """Through the HTTP API of a real fleet: an unknown rollout, a read-only token, and a rollout that
+    changed nothing each get their status and a one-line reason; nothing is created."""
+    pid = upload(admin, fleet_package({"model.onnx": b"x" * 1000, "genai_config.json": b"{}"}))["package_id"]
+    enroll(fleet, new_token(admin), name="d0").raise_for_status()
+    rollout = admin.post("/v1/rollouts", json={"package_id": pid, "target": "all"}).json()
+    r = admin.post("/v1/rollouts/ro-nope/rollback")
+    assert r.status_code == 404 and r.json()["detail"] == "unknown rollout id ro-nope"
+    reader = admin.post("/v1/admin-tokens", json={"name": "ro", "role": "read-only"}).json()["token"]
+    r = httpx.post(f"{fleet.url}/v1/rollouts/{rollout['id']}/rollback", headers={"Authorization": f"Bearer {reader}"})
+    assert r.status_code == 403 and "needs operator" in r.json()["detail"]
+    r = admin.post(f"/v1/rollouts/{rollout['id']}/rollback")
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"].startswith(f"rollout {rollout['id']} changed no device that a rollback could return")
+    assert [x["id"] for x in admin.get("/v1/rollouts").json()["rollouts"]] == [rollout["id"]]
+    assert admin.get(f"/v1/rollouts/{rollout['id']}").json()["state"] == "in_progress"  # not cancelled either
