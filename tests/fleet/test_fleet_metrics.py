@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
+from test_fleet_rollout_rules import _finish, _setup
 
 from slmops_fleet.process import FleetThread
+from slmops_fleet.store import Store
+from slmops_fleet.store.database import utcnow
+from slmops_fleet.store.metrics import FRESH_S
+from slmops_fleet.store.records import TelemetryRecord
+from slmops_fleet.store.schema import TelemetrySampleRow
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_testing.fleet_api import enroll, new_token
 from slmops_testing.simulated_devices import SimDevice
@@ -112,3 +120,31 @@ def test_device_telemetry_is_summed_per_package_and_tag(fleet: Any, admin: httpx
     finally:
         for dev in devices:
             dev.close()
+
+
+def test_the_snapshot_on_sqlite_and_postgresql(store: Store) -> None:
+    """What /metrics reads, on both databases: devices by package, waves, and only each device's newest
+    sample that arrived recently."""
+    ids, old, new = _setup(store, 3)
+    _r0, first = store.create_rollout(old, "all")
+    _finish(store, first)
+    r1, second = store.create_rollout(new, [ids[0], ids[1]])
+    _finish(store, second[:1])
+    store.insert_telemetry(
+        [
+            TelemetryRecord(d, seq=s, timestamp_ms=s, tokens_per_s=float(s), active_package_id=old)
+            for d in ids
+            for s in (1, 2)
+        ]
+    )
+    with store.session(write=True) as s:  # ids[2]'s newest sample arrived long ago: it no longer counts
+        s.execute(
+            update(TelemetrySampleRow)
+            .where(TelemetrySampleRow.device_id == ids[2])
+            .values(received_at=utcnow() - timedelta(seconds=FRESH_S + 60))
+        )
+    snap = store.metrics_snapshot()
+    assert snap.devices_by_package == {new: 1, old: 2} and snap.packages[new] == ("m", "2.0.0")
+    assert sorted((x.device_id, x.tokens_per_s) for x in snap.samples) == sorted([(ids[0], 2.0), (ids[1], 2.0)])
+    wave = next(w for w in snap.waves if w.rollout_id == r1.id)
+    assert (wave.wave, wave.size, wave.targets) == (1, 2, {"COMMITTED": 1, "PENDING": 1})

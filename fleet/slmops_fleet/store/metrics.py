@@ -1,19 +1,22 @@
 """What `/metrics` reads from the database at scrape time, in one read transaction: devices by active
 package, each recent rollout's waves with their targets' states, and each device's newest telemetry
-sample with its tags (summed per package and per tag by `slmops_fleet.metrics`)."""
+sample with its tags (summed per package and per tag by `slmops_fleet.metrics`), when it arrived in
+the last `FRESH_S` seconds: a device silent longer no longer counts in the sums."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import func, or_, select
 
 from slmops_fleet.rollouts.states import ACTIVE_ROLLOUT_STATES
-from slmops_fleet.store.database import Database
+from slmops_fleet.store.database import Database, utcnow
 from slmops_fleet.store.schema import DeviceRow, PackageRow, RolloutDeviceRow, RolloutRow, RolloutWaveRow
 from slmops_fleet.store.schema import TelemetrySampleRow as Sample
 
 RECENT_ROLLOUTS = 10  # finished rollouts shown beside the running ones
+FRESH_S = 300.0  # a device's newest sample counts while it arrived this recently (agents send every 10 s)
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,14 @@ class MetricsQueries(Database):
                     .order_by(RolloutWaveRow.rollout_id, RolloutWaveRow.idx)
                 ).all()
             ]
-            newest = select(Sample.device_id, func.max(Sample.seq).label("seq")).group_by(Sample.device_id).subquery()
+            # one index seek per device (the (device_id, seq) unique index), not a scan of every sample
+            newest_seq = select(func.max(Sample.seq)).where(Sample.device_id == DeviceRow.id).scalar_subquery()
+            newest = select(DeviceRow.id.label("device_id"), newest_seq.label("seq")).where(live).subquery()
             rows = s.execute(
                 select(Sample, DeviceRow.tags, DeviceRow.active_package_id)
                 .join(newest, (Sample.device_id == newest.c.device_id) & (Sample.seq == newest.c.seq))
                 .join(DeviceRow, DeviceRow.id == Sample.device_id)
-                .where(live)
+                .where(Sample.received_at >= utcnow() - timedelta(seconds=FRESH_S))
             ).all()
             samples = [
                 DeviceSample(
