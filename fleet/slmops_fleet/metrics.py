@@ -75,6 +75,12 @@ def telemetry_families(
     return out
 
 
+def _known(snap: MetricsSnapshot, package_id: str) -> str:
+    """The package id as a label: a package the fleet holds, "" for none, "unknown" for any other id a
+    device reported (a device's report cannot add labels of its own choosing)."""
+    return package_id if not package_id or package_id in snap.packages else "unknown"
+
+
 class FleetCollector(Collector):
     def __init__(self, service: FleetOperations, ingest: Ingest | None, mqtt: FleetMqtt | None) -> None:
         self.service, self.ingest, self.mqtt = service, ingest, mqtt
@@ -100,7 +106,10 @@ class FleetCollector(Collector):
         by_package = _gauge(
             "devices_by_package", "devices not revoked by active package", ["package_id", "package", "version"]
         )
-        for pid, n in sorted(snap.devices_by_package.items()):
+        per_package: dict[str, int] = {}
+        for pid, n in snap.devices_by_package.items():
+            per_package[_known(snap, pid)] = per_package.get(_known(snap, pid), 0) + n
+        for pid, n in sorted(per_package.items()):
             name, version = snap.packages.get(pid, ("", ""))
             by_package.add_metric([pid, name, version], n)
         yield by_package
@@ -173,8 +182,9 @@ class FleetCollector(Collector):
         by_package: dict[tuple[str, ...], list[DeviceSample]] = {}
         by_tag: dict[tuple[str, ...], list[DeviceSample]] = {}
         for x in snap.samples:
-            name, version = snap.packages.get(x.package_id, ("", ""))
-            by_package.setdefault((x.package_id, name, version), []).append(x)
+            pid = _known(snap, x.package_id)
+            name, version = snap.packages.get(pid, ("", ""))
+            by_package.setdefault((pid, name, version), []).append(x)
             for tag in x.tags:
                 by_tag.setdefault((tag,), []).append(x)
         yield from telemetry_families("package", ["package_id", "package", "version"], by_package)
