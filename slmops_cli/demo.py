@@ -272,13 +272,17 @@ def _wait_committed(fleet_args: list[str], package_id: str, n: int, timeout: flo
                 task = tasks.get(d["id"])
                 if task is None:
                     task = tasks[d["id"]] = progress.add_task(d.get("name") or d["id"], total=None)
-                needed = d.get("bytes_needed") or None
+                # The device reports what its update had to fetch (0: every blob was already there)
+                # and what it received, in every state of that update.
+                needed = int(d.get("bytes_needed") or 0)
                 state = d.get("state", "")
+                nothing = not needed and state not in ("", "IDLE", "FETCHING")
                 progress.update(
                     task,
-                    total=needed,
+                    total=needed if needed or nothing else None,
                     completed=d.get("bytes_received", 0),
-                    description=f"{d.get('name') or d['id']:<10} {state:<11}",
+                    description=f"{d.get('name') or d['id']:<10} {state:<11}"
+                    + (" nothing to fetch" if nothing else ""),
                 )
                 if state == "ROLLED_BACK" and d.get("target_package_id") == package_id:
                     raise ProcessFailed(f"{d['id']} rolled back: {d.get('reason')}")

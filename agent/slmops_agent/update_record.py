@@ -107,6 +107,8 @@ class UpdateRecord:
     target_slot: str = ""
     chunk_size: int = 0
     local_source: str = ""  # a side-loaded package's folder (empty: blobs come over MQTT)
+    bytes_needed: int = 0  # what the target's blobs missing at its start weigh (0: all were here)
+    bytes_received: int = 0  # of those, what was received by the last state change
     active_slot: str = ""  # "" while nothing is installed
     slots: dict[str, SlotInfo | None] = field(default_factory=lambda: dict.fromkeys(SLOTS))
     reason: str = ""
@@ -151,6 +153,8 @@ class UpdateRecord:
             target_slot=str(data.get("target_slot", "")),
             chunk_size=int(data.get("chunk_size", 0)),
             local_source=str(data.get("local_source", "")),
+            bytes_needed=int(data.get("bytes_needed", 0)),
+            bytes_received=int(data.get("bytes_received", 0)),
             active_slot=active,
             slots=slots,
             reason=str(data.get("reason", "")),

@@ -340,6 +340,10 @@ class FleetClient:
         """pause | resume | cancel."""
         return dict(self.request("POST", f"/v1/rollouts/{rollout_id}/{action}", json={"reason": reason}))
 
+    def rollback_rollout(self, rollout_id: str) -> dict[str, Any]:
+        """A new rollout returning every device `rollout_id` changed to its previous package."""
+        return dict(self.request("POST", f"/v1/rollouts/{rollout_id}/rollback"))
+
     def list_rollouts(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/v1/rollouts")["rollouts"])
 

@@ -28,6 +28,7 @@ from slmops_fleet.errors import FleetError, InvalidRequest, NotFound, TooLarge
 from slmops_fleet.http_groups import add_group_routes
 from slmops_fleet.http_guard import RequestGuard, error_response
 from slmops_fleet.lifecycle import DeviceLifecycle
+from slmops_fleet.metrics import FleetMetrics
 from slmops_fleet.operations import FleetOperations
 from slmops_protos import __version__
 from slmops_protos.key_statements import MAX_STATEMENT_BYTES
@@ -154,7 +155,9 @@ def _principal(request: Request) -> Principal:
     return principal
 
 
-def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLifecycle) -> FastAPI:
+def create_app(
+    service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLifecycle, metrics: FleetMetrics | None = None
+) -> FastAPI:
     app = FastAPI(title="slmops fleet", version=__version__, docs_url="/docs", redoc_url=None)
 
     # The admin token, its role and body sizes are checked before a route reads the body; admin
@@ -166,8 +169,11 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
         auth=auth,
         audit=service.store,
         session_principal=lambda cookie: sessions.principal(session_cookie(cookie)),
+        metrics_open=service.settings.metrics_open,
     )
     add_console(app, sessions, service.store)
+    if metrics is not None:
+        metrics.install(app)  # GET /metrics, and the latency of every request (outside the guard)
 
     @app.exception_handler(FleetError)
     async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
@@ -355,6 +361,10 @@ def create_app(service: FleetOperations, *, auth: AdminAuth, lifecycle: DeviceLi
     @v1.get("/rollouts/{rollout_id}/explain")
     def explain_rollout(rollout_id: str, device: str | None = None) -> dict[str, Any]:
         return service.explain_rollout(rollout_id, device)
+
+    @v1.post("/rollouts/{rollout_id}/rollback")
+    def rollback_rollout(rollout_id: str) -> dict[str, Any]:
+        return service.rollback_rollout(rollout_id)
 
     @v1.post("/rollouts/{rollout_id}/{action}")
     def control_rollout(

@@ -6,8 +6,9 @@ could make the fleet hold and parse hundreds of megabytes before it was told its
 This pure ASGI middleware runs first:
 
 - every /v1 path except /v1/enroll and /v1/ca.pem (public: the CA a device checks against the
-  fingerprint it was given) needs `Authorization: Bearer <admin token>` (the owner's or a
-  named one, `admin_auth`): anything else is answered 401 at once, the body unread;
+  fingerprint it was given), and /metrics unless the fleet serves it open (`metrics_open`), needs
+  `Authorization: Bearer <admin token>` (the owner's or a named one, `admin_auth`): anything else
+  is answered 401 at once, the body unread;
 - a GET or HEAD with no Authorization header may instead carry the web console's session cookie
   (`session_principal`, from `console.sessions`): reads only, so the cookie never changes anything;
 - a token whose role may not make the request (a read-only token writing) is answered 403 at once;
@@ -48,6 +49,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 MAX_JSON_BYTES = 1 << 20
 ENROLL_PATH = "/v1/enroll"
 OPEN_PATHS = frozenset({"/healthz", ENROLL_PATH, "/v1/ca.pem"})
+METRICS_PATH = "/metrics"
 # Routes that read their bodies as streams, each under its own limit (no cap here).
 _STREAMED = re.compile(r"^/v1/(blobs/[^/]+|packages)$")
 
@@ -78,11 +80,13 @@ class RequestGuard:
         auth: AdminAuth,
         audit: AuditLog | None = None,
         session_principal: Callable[[str | None], Principal | None] | None = None,
+        metrics_open: bool = False,
     ) -> None:
         self.app = app
         self.auth = auth
         self.audit = audit
         self.session_principal = session_principal  # Cookie header -> the console session's principal
+        self.metrics_open = metrics_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,7 +97,7 @@ class RequestGuard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         state: dict[str, Any] = scope.setdefault("state", {})
         principal: Principal | None = None
-        if path.startswith("/v1/") and path not in OPEN_PATHS:
+        if (path.startswith("/v1/") and path not in OPEN_PATHS) or (path == METRICS_PATH and not self.metrics_open):
             principal = await asyncio.to_thread(self.auth.identify, headers.get("authorization"))
             by_cookie = self.session_principal
             if principal is None and by_cookie and method in READ_METHODS and "authorization" not in headers:

@@ -130,6 +130,10 @@ class Ingest:
             return
         self._put(item)
 
+    def queue_depths(self) -> tuple[int, int]:
+        """Items waiting: (reports and telemetry, blob requests)."""
+        return self._queue.qsize(), self._requests.qsize()
+
     def request_republish(self) -> None:
         self._put(_REPUBLISH)
 

@@ -85,6 +85,9 @@ class FleetMqtt:
         self.last_error: str | None = None
         self.connects = 0
         self.retained_cleared = 0
+        # what went through this client since it started (for /metrics)
+        self.messages_received = self.bytes_received = 0
+        self.messages_published = self.bytes_published = 0
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -142,6 +145,8 @@ class FleetMqtt:
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> _Handle:
         """Thread-safe. While disconnected, QoS 1 messages wait in paho's queue and go out on reconnect."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        self.messages_published += 1
+        self.bytes_published += len(payload)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("publish on %s failed: %s", topic, paho.error_string(info.rc))
         return _Handle(info)
@@ -183,6 +188,8 @@ class FleetMqtt:
         self._backoff()
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        self.messages_received += 1
+        self.bytes_received += len(msg.payload)
         if self._on_message_cb is None:
             return
         if not msg.payload:  # a retained message being cleared (ours, below): nothing a device said

@@ -340,6 +340,14 @@ class FleetOperations:
         self.wake_driver()
         return rollout.to_json()
 
+    def rollback_rollout(self, rollout_ref: str) -> dict[str, Any]:
+        """Return every device the rollout changed to the package it had before, as a new rollout."""
+        rollout, desired = self.store.rollback_rollout(self._rollout_id(rollout_ref))
+        self.publish_desired(desired)
+        log.info("rollout %s: rollback of %s to %d devices", rollout.id, rollout.rollback_of, len(rollout.devices))
+        self.wake_driver()
+        return rollout.to_json()
+
     def wake_driver(self, *, targeting: bool = False) -> None:
         if self.driver is not None:
             self.driver.wake(targeting=targeting)

@@ -38,6 +38,7 @@ from slmops_fleet.errors import FleetError, StartupError
 from slmops_fleet.http_api import create_app
 from slmops_fleet.ingest import Ingest
 from slmops_fleet.lifecycle import DeviceLifecycle
+from slmops_fleet.metrics import FleetMetrics
 from slmops_fleet.mqtt_client import FleetMqtt, MqttEndpoint
 from slmops_fleet.operations import BrokerInfo, FleetOperations, load_trusted_keys
 from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, NoProvisioner, Provisioner
@@ -319,7 +320,12 @@ class FleetServer:
 
         # HTTP last: when it answers, everything behind it works.
         config = uvicorn.Config(
-            create_app(service, auth=AdminAuth(admin_token, store), lifecycle=lifecycle),
+            create_app(
+                service,
+                auth=AdminAuth(admin_token, store),
+                lifecycle=lifecycle,
+                metrics=FleetMetrics(service, ingest, mqtt),
+            ),
             log_config=None,
             access_log=False,
             lifespan="off",

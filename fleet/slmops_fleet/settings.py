@@ -171,6 +171,11 @@ class FleetSettings(BaseSettings):
     telemetry_retention_interval_s: float = Field(
         300.0, gt=0, le=86400, description="How often telemetry retention runs (in small batches beside ingest)."
     )
+    metrics_open: bool = Field(
+        False,
+        description="Serve /metrics without an admin token (for a scraper on a network you trust); "
+        "by default it needs one (a read-only token is enough: Prometheus' `authorization` in a scrape config).",
+    )
     mqtt_max_packet_bytes: int = Field(
         DEFAULT_MAX_PACKET,
         ge=MIN_CHUNK + CHUNK_HEADER_ALLOWANCE,

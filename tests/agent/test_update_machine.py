@@ -62,6 +62,31 @@ def test_install_then_update_to_a_version_that_changes_one_file(rig: Rig, pkg_v1
     assert on_disk == record
 
 
+def test_reports_keep_what_the_update_fetched_and_the_other_slot_returns_without_a_fetch(
+    rig: Rig, pkg_v1: Path, pkg_v2: Path
+) -> None:
+    blobs = {f.sha256: f.size for f in manifest_of(pkg_v1).files}
+    install(rig, pkg_v1, 1)
+    done = [r for r in rig.reports if r.generation == 1 and r.state is UpdateState.COMMITTED][-1]
+    # COMMITTED still says what the update fetched: all of v1's blobs, all received
+    assert done.bytes_needed == done.bytes_received == sum(blobs.values())
+    install(rig, pkg_v2, 2)
+    v1 = {f.path: f.sha256 for f in manifest_of(pkg_v1).files}
+    changed = {f.sha256: f.size for f in manifest_of(pkg_v2).files if v1.get(f.path) != f.sha256}
+    done = [r for r in rig.reports if r.generation == 2 and r.state is UpdateState.COMMITTED][-1]
+    assert done.bytes_needed == done.bytes_received == sum(changed.values())
+
+    # back to v1, still in the other slot: swapped in with nothing fetched, and the report says so
+    rig.feeder.requests.clear()
+    rig.desired(pkg_v1, 3)
+    record = rig.wait_done(3)
+    assert record.state is UpdateState.COMMITTED, record.reason
+    assert record.active_slot == "a" and rig.serving() == "1.0.0"
+    assert rig.feeder.requests == []
+    reports = [r for r in rig.reports if r.generation == 3]
+    assert reports and all(r.bytes_needed == 0 and r.bytes_received == 0 for r in reports)
+
+
 def test_the_runtime_settings_reach_the_loaded_model(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:
     rig = Rig(tmp_path / "state", trusted_hex, threads=1, spinning=True, max_batch=1)
     rig.updater.start()

@@ -188,7 +188,9 @@ class Updater:
     def current_report(self) -> Report:
         r = self.record
         active = r.active
-        fetching = r.state is UpdateState.FETCHING
+        received = r.bytes_received
+        if r.state is UpdateState.FETCHING and self.fetcher.fetches:
+            received = max(0, r.bytes_needed - (self.fetcher.bytes_needed - self.fetcher.bytes_received))
         return Report(
             state=r.state,
             generation=r.generation,
@@ -197,8 +199,8 @@ class Updater:
             active_version=active.version if active else "",
             active_slot=r.active_slot,
             reason=r.reason,
-            bytes_needed=self.fetcher.bytes_needed if fetching else 0,
-            bytes_received=self.fetcher.bytes_received if fetching else 0,
+            bytes_needed=r.bytes_needed,
+            bytes_received=received,
             test=r.test,
         )
 
@@ -350,6 +352,8 @@ class Updater:
                 target_version="",
                 target_slot="",
                 test=None,
+                bytes_needed=0,
+                bytes_received=0,
             )
             return
         active = r.active
@@ -363,6 +367,8 @@ class Updater:
                 target_version=active.version,
                 target_slot=r.active_slot,
                 reason="",
+                bytes_needed=0,
+                bytes_received=0,
             )
             return
         if r.state is UpdateState.FETCHING and r.target_package_id == d.package_id and local_dir is None:
@@ -377,6 +383,7 @@ class Updater:
         pid = d.package_id
         write_atomic(self.layout.manifests / f"{pid}.pb", d.signed_manifest)
         self._target = self.manifests.target_of(pid, manifest)
+        missing = sum(size for sha, size in self._target.blobs.items() if not self.store.has(sha))
         r = self.record
         self._enter(
             UpdateState.FETCHING,
@@ -387,6 +394,8 @@ class Updater:
             target_slot=r.inactive_slot,
             chunk_size=d.chunk_size or r.chunk_size or DEFAULT_CHUNK_SIZE,
             local_source=str(local_dir.absolute()) if local_dir is not None else "",
+            bytes_needed=missing,
+            bytes_received=0,
             reason="",
             test=None,
             test_attempts=0,
@@ -446,7 +455,7 @@ class Updater:
     # -- verifying, staging, testing, committing ------------------------------------------------
     def _verify_stage_test(self) -> None:
         assert self._target is not None
-        self._enter(UpdateState.VERIFYING)
+        self._enter(UpdateState.VERIFYING, bytes_received=self.record.bytes_needed)
         for f in self._target.manifest.files:
             why = self.store.verify(f.sha256, f.size)
             if why is not None:
@@ -516,6 +525,8 @@ class Updater:
 
     def _rollback(self, reason: str, **changes: Any) -> None:
         log.warning("ROLLED_BACK: %s", reason)
+        if self.record.state is UpdateState.FETCHING and "bytes_received" not in changes:
+            changes["bytes_received"] = self.current_report().bytes_received  # how far the download got
         self._abandon()
         self._enter(UpdateState.ROLLED_BACK, reason=reason, report=False, **changes)
         slots.wipe_failed_slot(self.layout, self.record)

@@ -19,7 +19,7 @@ from slmops_fleet.cli.common import (
     parse_duration,
     print_json,
 )
-from slmops_fleet.rollouts.states import ACTIVE_ROLLOUT_STATES, TargetState
+from slmops_fleet.rollouts.states import TargetState
 
 app = typer.Typer(help="Rollouts.", no_args_is_help=True)
 
@@ -224,7 +224,9 @@ def rollout_list(
         waves = r.get("waves") or []
         table.add_row(
             r["id"],
-            r.get("release") or f"{r['package_name']} {r['package_version']}",
+            (r.get("release") or f"{r['package_name']} {r['package_version']}")
+            + (f" (rollback of {r['rollback_of']})" if r.get("rollback_of") else "")
+            + (f" (rolled back by {', '.join(r['rolled_back_by'])})" if r.get("rolled_back_by") else ""),
             str(len(r["devices"])),
             f"{min(r.get('current_wave', 0) + 1, len(waves))}/{len(waves)}" if waves else "",
             r["state"],
@@ -237,77 +239,49 @@ def rollout_list(
 @app.command("status")
 def rollout_status(
     rollout_id: Annotated[str, typer.Argument(help="Rollout id (default: the newest).")] = "latest",
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Redraw the tables until the rollout ends (Ctrl+C stops).")
+    ] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.2, help="Seconds between redraws (--watch).")] = 1.0,
     fleet: FleetOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One rollout: wave by wave, then device by device."""
-    r = call(fleet, token, data_dir, lambda c: c.get_rollout(rollout_id))
+    """One rollout: wave by wave, then device by device with what each has received."""
+    from slmops_fleet.cli.rollout_watch import render_status
+    from slmops_fleet.cli.rollout_watch import watch as watch_status
+
+    if as_json:
+        print_json(call(fleet, token, data_dir, lambda c: c.get_rollout(rollout_id)))
+        return
+
+    def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return call(fleet, token, data_dir, lambda c: (c.get_rollout(rollout_id), c.list_devices()))
+
+    if watch:
+        watch_status(fetch, interval)
+    else:
+        out_console().print(render_status(*fetch()))
+
+
+@app.command("rollback")
+def rollout_rollback(
+    rollout_id: RolloutIdArg,
+    fleet: FleetOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Return every device the rollout changed to the package it had before, as a new rollout with the
+    same waves and gates (the rollout is cancelled first if it still runs)."""
+    r = call(fleet, token, data_dir, lambda c: c.rollback_rollout(rollout_id))
     if as_json:
         print_json(r)
         return
-    console = out_console()
-    plan = r.get("plan") or {}
-    gates = {k: v for k, v in (plan.get("gates") or {}).items() if v is not None and k != "min_devices"}
-    waves = new_table(
-        f"rollout {r['id']}: {r['state']}" + (f" ({r['reason']})" if r.get("reason") else ""),
-        "wave",
-        "devices",
-        "state",
-        "progress",
-        "started",
-        "completed",
-    )
-    for w in r.get("waves", []):
-        marker = " <" if w["index"] == r.get("current_wave") and r["state"] in ACTIVE_ROLLOUT_STATES else ""
-        waves.add_row(
-            f"{w['index'] + 1}{marker}",
-            str(w["size"]),
-            w["state"],
-            counts_text(w["counts"]),
-            ago_text(w["started_at"]) if w["started_at"] else "",
-            ago_text(w["completed_at"]) if w["completed_at"] else "",
-        )
-    console.print(waves)
-    console.print(
-        f"plan: waves {','.join(plan.get('waves', []))}, soak {plan.get('soak_s', 0):g} s, "
-        f"wave timeout {plan.get('wave_timeout_s') or 'none'}, gates "
-        + (", ".join(f"{k}={v}" for k, v in gates.items()) or "none")
-        + (f", select {plan['selector']}" if plan.get("selector") else ""),
+    sizes = "+".join(str(w["size"]) for w in r["waves"]) or "0"
+    out_console().print(
+        f"rollout [bold]{r['id']}[/]: rollback of {r['rollback_of']}, {len(r['devices'])} devices return to their "
+        f"previous package in {len(r['waves'])} waves ({sizes}) ({r['state']})",
         highlight=False,
     )
-    what = r.get("release") or f"{r['package_name']} {r['package_version']}"
-    table = new_table(
-        f"rollout {r['id']}: {what} ({r['state']}; {counts_text(r['counts'])})",
-        "device",
-        "wave",
-        "generation",
-        "package",
-        "state",
-        "quality",
-        "reason",
-        "updated",
-    )
-    for d in r["devices"]:
-        test = d.get("test") or {}
-        quality = f"{test['matched']}/{test['judged']}" if test.get("judged") else ("tested" if test else "")
-        if test and not test.get("passed"):
-            quality += " failed"
-        wave = d.get("wave", 0)
-        table.add_row(
-            d["device_id"],
-            str(wave + 1) if wave >= 0 else "",
-            str(d["generation"] or ""),
-            (d.get("package_id") or "")[:12],
-            d["state"],
-            quality,
-            d["reason"] or "",
-            ago_text(d["updated_at"]),
-        )
-    console.print(table)
-    if r.get("transitions"):
-        history = new_table("history", "at", "state", "reason")
-        for tr in r["transitions"][-10:]:
-            history.add_row(tr["at"][11:19], tr["state"], tr["reason"])
-        console.print(history)

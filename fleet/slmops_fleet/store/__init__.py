@@ -5,9 +5,10 @@ the rest of the fleet needs (each returns plain dataclasses, `records`, never OR
 - `schema`: the rows; `records`: what the store hands out.
 - `groups`, `targeting`: named device groups, and the releases assigned to them that keep applying
   to the devices that join (continuous targeting).
-- `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `telemetry`, `admin`, `keys`: the
-  queries of each entity (`lifecycle`: revocation and credential rotation; `admin`: admin tokens,
-  audit log; `keys`: key statements);
+- `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `rollback`, `telemetry`, `metrics`,
+  `admin`, `keys`: the queries of each entity (`lifecycle`: revocation and credential rotation;
+  `admin`: admin tokens, audit log; `keys`: key statements; `rollback`: a rollout returning another's
+  devices; `metrics`: what `/metrics` reads);
   the rollout rules themselves live in `slmops_fleet.rollouts.rules`.
 - `Store`: all of them on one object.
 """
@@ -18,8 +19,9 @@ from slmops_fleet.store.devices import DeviceQueries
 from slmops_fleet.store.keys import KeyStatementQueries
 from slmops_fleet.store.leases import LeaseQueries
 from slmops_fleet.store.lifecycle import LifecycleQueries
+from slmops_fleet.store.metrics import MetricsQueries
 from slmops_fleet.store.packages import PackageQueries
-from slmops_fleet.store.rollouts import RolloutQueries
+from slmops_fleet.store.rollback import RollbackQueries
 from slmops_fleet.store.targeting import TargetingQueries
 from slmops_fleet.store.telemetry import TelemetryQueries
 
@@ -33,8 +35,9 @@ class Store(
     PackageQueries,
     BlobQueries,
     LeaseQueries,
-    RolloutQueries,
+    RollbackQueries,
     TelemetryQueries,
+    MetricsQueries,
     AdminQueries,
     KeyStatementQueries,
 ):

@@ -240,6 +240,8 @@ class RolloutRecord:
     reason: str | None = None
     waves: list[RolloutWaveRecord] = field(default_factory=list)
     release: str | None = None  # NAME@VERSION when the rollout names a release
+    rollback_of: str | None = None  # the rollout this one reverts
+    rolled_back_by: list[str] = field(default_factory=list)  # the rollouts that revert this one
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -254,6 +256,8 @@ class RolloutRecord:
             "package_name": self.package_name,
             "package_version": self.package_version,
             "release": self.release,
+            "rollback_of": self.rollback_of,
+            "rolled_back_by": self.rolled_back_by,
             "target": self.target,
             "state": self.state,
             "created_at": _iso(self.created_at),

@@ -180,7 +180,6 @@ class RolloutQueries(Database):
             device_ids = rules.narrow(plan.selector, device_ids, facts)
             selections = self._select(s, device_ids, variants)
             layout = rules.lay_out(rollout_id, device_ids, selections, plan, facts)
-            runnable = [d for wave in layout.waves for d in wave]
             rollout = RolloutRow(
                 id=rollout_id,
                 package_id=layout.primary,
@@ -193,62 +192,9 @@ class RolloutQueries(Database):
                 plan=plan.to_json(),
                 current_wave=0,
             )
-            s.add(rollout)
-            s.flush()
+            superseded = add_rollout(s, rollout, layout, selections, now)
             if link is not None:
                 link(s, rollout_id)
-            # Earlier rollouts lose these devices, whether their wave has started or not.
-            superseded = set(
-                s.scalars(
-                    select(RolloutDeviceRow.rollout_id).where(
-                        RolloutDeviceRow.device_id.in_(runnable),
-                        RolloutDeviceRow.rollout_id != rollout_id,
-                        RolloutDeviceRow.state.not_in(TERMINAL_TARGET_STATES),
-                    )
-                ).all()
-            )
-            if superseded:
-                s.execute(
-                    update(RolloutDeviceRow)
-                    .where(
-                        RolloutDeviceRow.device_id.in_(runnable),
-                        RolloutDeviceRow.rollout_id.in_(superseded),
-                        RolloutDeviceRow.state.not_in(TERMINAL_TARGET_STATES),
-                    )
-                    .values(state=TargetState.SUPERSEDED.value, reason=f"superseded by {rollout_id}", updated_at=now)
-                    .execution_options(synchronize_session=False)
-                )
-            for idx, members in enumerate(layout.waves):
-                s.add(RolloutWaveRow(rollout_id=rollout_id, idx=idx, size=len(members), state=WaveState.PENDING))
-                for device_id in members:
-                    sel = selections[device_id]
-                    s.add(
-                        RolloutDeviceRow(
-                            rollout_id=rollout_id,
-                            device_id=device_id,
-                            generation=0,
-                            state=TargetState.WAITING,
-                            updated_at=now,
-                            wave=idx,
-                            package_id=sel.package_id,
-                            selection=sel.to_json(),
-                        )
-                    )
-            for device_id in layout.unrunnable:
-                sel = selections[device_id]
-                s.add(
-                    RolloutDeviceRow(
-                        rollout_id=rollout_id,
-                        device_id=device_id,
-                        generation=0,
-                        state=TargetState.NO_VARIANT,
-                        reason=sel.reason,
-                        updated_at=now,
-                        wave=NO_WAVE,
-                        selection=sel.to_json(),
-                    )
-                )
-            s.flush()
             desired = rules.start_wave(rollout, 0, _Storage(s, rollout, now), now)
             s.flush()
             for old in sorted(superseded):
@@ -377,6 +323,10 @@ class RolloutQueries(Database):
             reason=row.reason,
             waves=waves,
             release=f"{release.name}@{release.version}" if release else None,
+            rollback_of=row.rollback_of,
+            rolled_back_by=list(
+                s.scalars(select(RolloutRow.id).where(RolloutRow.rollback_of == row.id).order_by(RolloutRow.created_at))
+            ),
         )
 
     def list_rollouts(self) -> list[RolloutRecord]:
@@ -458,6 +408,69 @@ class RolloutQueries(Database):
                 if rollout is not None:
                     rules.advance(rollout, _Storage(s, rollout, now), now, drive=False)
         return known
+
+
+def add_rollout(
+    s: Session, rollout: RolloutRow, layout: rules.Layout, selections: dict[str, Selection], now: datetime
+) -> set[str]:
+    """Store a new rollout with its waves and targets (`layout`); the targets that earlier rollouts
+    had not finished on these devices become SUPERSEDED. Returns the ids of those earlier rollouts."""
+    s.add(rollout)
+    s.flush()
+    runnable = [d for wave in layout.waves for d in wave]
+    # Earlier rollouts lose these devices, whether their wave has started or not.
+    superseded = set(
+        s.scalars(
+            select(RolloutDeviceRow.rollout_id).where(
+                RolloutDeviceRow.device_id.in_(runnable),
+                RolloutDeviceRow.rollout_id != rollout.id,
+                RolloutDeviceRow.state.not_in(TERMINAL_TARGET_STATES),
+            )
+        ).all()
+    )
+    if superseded:
+        s.execute(
+            update(RolloutDeviceRow)
+            .where(
+                RolloutDeviceRow.device_id.in_(runnable),
+                RolloutDeviceRow.rollout_id.in_(superseded),
+                RolloutDeviceRow.state.not_in(TERMINAL_TARGET_STATES),
+            )
+            .values(state=TargetState.SUPERSEDED.value, reason=f"superseded by {rollout.id}", updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    for idx, members in enumerate(layout.waves):
+        s.add(RolloutWaveRow(rollout_id=rollout.id, idx=idx, size=len(members), state=WaveState.PENDING))
+        for device_id in members:
+            sel = selections[device_id]
+            s.add(
+                RolloutDeviceRow(
+                    rollout_id=rollout.id,
+                    device_id=device_id,
+                    generation=0,
+                    state=TargetState.WAITING,
+                    updated_at=now,
+                    wave=idx,
+                    package_id=sel.package_id,
+                    selection=sel.to_json(),
+                )
+            )
+    for device_id in layout.unrunnable:
+        sel = selections[device_id]
+        s.add(
+            RolloutDeviceRow(
+                rollout_id=rollout.id,
+                device_id=device_id,
+                generation=0,
+                state=TargetState.NO_VARIANT,
+                reason=sel.reason,
+                updated_at=now,
+                wave=NO_WAVE,
+                selection=sel.to_json(),
+            )
+        )
+    s.flush()
+    return superseded
 
 
 def _bounded_test(

@@ -209,6 +209,7 @@ class RolloutRow(Base):
     current_wave: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     release_id: Mapped[str | None] = mapped_column(ID, nullable=True)
+    rollback_of: Mapped[str | None] = mapped_column(ID, nullable=True, index=True)  # the rollout it reverts
 
 
 class GroupRow(Base):

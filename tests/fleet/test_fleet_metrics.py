@@ -1,0 +1,153 @@
+"""The fleet's /metrics through a real fleet (FleetThread: uvicorn, the embedded broker, SQLite) with
+simulated devices sending real telemetry over MQTT: who may read it, and the device telemetry summed
+per package and per tag, parsed by prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
+from test_fleet_rollout_rules import _finish, _setup
+
+from slmops_fleet.process import FleetThread
+from slmops_fleet.store import Store
+from slmops_fleet.store.database import utcnow
+from slmops_fleet.store.metrics import FRESH_S
+from slmops_fleet.store.records import TelemetryRecord
+from slmops_fleet.store.schema import TelemetrySampleRow
+from slmops_protos.fleet.v1 import fleet_pb2
+from slmops_testing.fleet_api import enroll, new_token
+from slmops_testing.simulated_devices import SimDevice
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def _parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def _check_documented(m: Samples) -> None:
+    """Every metric served is in README.md's table."""
+    documented = set(re.findall(r"`(slmops_fleet_[a-z_]+)", (Path(__file__).parents[2] / "README.md").read_text()))
+    for name in m:
+        base = re.sub(r"_(bucket|count|sum|created)$", "", name)
+        family = "slmops_fleet_tag_" if base.startswith("slmops_fleet_tag_") else base
+        assert family in documented, f"{name} is not in README.md's metrics table"
+
+
+def test_metrics_need_a_token_unless_opened(
+    fleet: Any, admin: httpx.Client, fleet_settings: Callable[..., Any]
+) -> None:
+    url = fleet.url + "/metrics"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer nope"}).status_code == 401
+    reader = admin.post("/v1/admin-tokens", json={"name": "prometheus", "role": "read-only"}).json()["token"]
+    r = httpx.get(url, headers={"Authorization": f"Bearer {reader}"})
+    assert r.status_code == 200 and "slmops_fleet_devices" in r.text
+    # the wrong token's requests were timed too, under no route of their own
+    m = _parse(httpx.get(url, headers={"Authorization": f"Bearer {reader}"}).text)
+    counts = m["slmops_fleet_http_request_duration_seconds_count"]
+    assert counts[(("method", "GET"), ("route", "unmatched"), ("status", "401"))] == 2
+    assert counts[(("method", "GET"), ("route", "/metrics"), ("status", "200"))] >= 1
+    _check_documented(m)
+    with FleetThread(fleet_settings(metrics_open=True)) as open_fleet:
+        assert httpx.get(open_fleet.url + "/metrics").status_code == 200
+        assert httpx.get(open_fleet.url + "/v1/devices").status_code == 401  # only /metrics is opened
+
+
+def test_device_telemetry_is_summed_per_package_and_tag(fleet: Any, admin: httpx.Client) -> None:
+    devices: list[SimDevice] = []
+    try:
+        tags = {"a": ["canary", "eu"], "b": ["canary"], "c": []}
+        for name, (tps, ttft, requests, errors, memory) in {
+            "a": (10.0, 100.0, 5, 1, 1000),
+            "b": (20.0, 300.0, 7, 0, 3000),
+            "c": (40.0, 50.0, 1, 0, 500),
+        }.items():
+            creds = enroll(fleet, new_token(admin), name).json()
+            dev = SimDevice.enrolled(creds)
+            assert not dev.connect().is_failure
+            devices.append(dev)
+            if tags[name]:
+                admin.post(f"/v1/devices/{dev.device_id}/tags", json={"add": tags[name]}).raise_for_status()
+            batch = fleet_pb2.TelemetryBatch(device_id=dev.device_id)
+            # an older sample, then the newest: only the newest counts
+            batch.samples.add(timestamp_unix_ms=1000, seq=1, tokens_per_s=999.0, requests_total=999)
+            batch.samples.add(
+                timestamp_unix_ms=2000,
+                seq=2,
+                tokens_per_s=tps,
+                ttft_ms=ttft,
+                requests_total=requests,
+                errors_total=errors,
+                memory_used_bytes=memory,
+                # a package id the fleet does not hold: counted as "unknown", never a label of its own
+                active_package_id="" if name != "c" else "f" * 64,
+            )
+            dev.publish(dev.topics.telemetry(dev.device_id), batch.SerializeToString())
+        assert fleet.server.ingest.wait_idle(10)
+        m = _parse(admin.get("/metrics").text)
+
+        def figure(name: str, **labels: str) -> float:
+            hits = [v for k, v in m[name].items() if all((n, x) in k for n, x in labels.items())]
+            assert len(hits) == 1, (name, labels, m[name])
+            return hits[0]
+
+        assert figure("slmops_fleet_tag_devices_reporting", tag="canary") == 2
+        assert figure("slmops_fleet_tag_tokens_per_second", tag="canary") == 30.0
+        assert figure("slmops_fleet_tag_ttft_ms", tag="canary") == 200.0  # the mean of the devices'
+        assert figure("slmops_fleet_tag_requests", tag="canary") == 12
+        assert figure("slmops_fleet_tag_errors", tag="canary") == 1
+        assert figure("slmops_fleet_tag_memory_used_bytes", tag="canary") == 4000
+        assert figure("slmops_fleet_tag_tokens_per_second", tag="eu") == 10.0
+        # no package yet: the devices count under the empty package id
+        assert figure("slmops_fleet_package_devices_reporting", package_id="") == 2
+        assert figure("slmops_fleet_package_tokens_per_second", package_id="") == 30.0
+        assert figure("slmops_fleet_package_tokens_per_second", package_id="unknown") == 40.0
+        assert not any("f" * 64 in str(k) for family in m.values() for k in family)
+        assert figure("slmops_fleet_devices_by_package", package_id="") == 3
+        assert figure("slmops_fleet_devices", state="NEW") == 3
+        assert figure("slmops_fleet_ingest_telemetry_samples_total") == 6
+        assert figure("slmops_fleet_mqtt_messages_total", direction="in") >= 3
+        _check_documented(m)
+    finally:
+        for dev in devices:
+            dev.close()
+
+
+def test_the_snapshot_on_sqlite_and_postgresql(store: Store) -> None:
+    """What /metrics reads, on both databases: devices by package, waves, and only each device's newest
+    sample that arrived recently."""
+    ids, old, new = _setup(store, 3)
+    _r0, first = store.create_rollout(old, "all")
+    _finish(store, first)
+    r1, second = store.create_rollout(new, [ids[0], ids[1]])
+    _finish(store, second[:1])
+    store.insert_telemetry(
+        [
+            TelemetryRecord(d, seq=s, timestamp_ms=s, tokens_per_s=float(s), active_package_id=old)
+            for d in ids
+            for s in (1, 2)
+        ]
+    )
+    with store.session(write=True) as s:  # ids[2]'s newest sample arrived long ago: it no longer counts
+        s.execute(
+            update(TelemetrySampleRow)
+            .where(TelemetrySampleRow.device_id == ids[2])
+            .values(received_at=utcnow() - timedelta(seconds=FRESH_S + 60))
+        )
+    snap = store.metrics_snapshot()
+    assert snap.devices_by_package == {new: 1, old: 2} and snap.packages[new] == ("m", "2.0.0")
+    assert sorted((x.device_id, x.tokens_per_s) for x in snap.samples) == sorted([(ids[0], 2.0), (ids[1], 2.0)])
+    wave = next(w for w in snap.waves if w.rollout_id == r1.id)
+    assert (wave.wave, wave.size, wave.targets) == (1, 2, {"COMMITTED": 1, "PENDING": 1})
