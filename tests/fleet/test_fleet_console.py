@@ -150,9 +150,11 @@ def test_telemetry_series_and_latest(console_fleet: ConsoleFleet) -> None:
     assert len(points) == 12  # one sample every 5 s, one per bucket
     assert [p["requests_total"] for p in points] == [10 * (i + 1) for i in range(12)]
     assert all(100 <= p["tokens_per_s"] <= 140 and p["devices"] == 1 for p in points)
+    # Buckets are aligned to the clock, so the minute of samples may fall in one 120 s bucket or two.
     fleet_wide = admin.get("/v1/telemetry/series", params={"since_s": 120, "points": 1}).json()
-    assert len(fleet_wide["points"]) == 1 and fleet_wide["points"][0]["samples"] == 36
-    assert fleet_wide["points"][0]["devices"] == 3
+    assert fleet_wide["bucket_ms"] == 120_000 and 1 <= len(fleet_wide["points"]) <= 2
+    assert sum(p["samples"] for p in fleet_wide["points"]) == 36
+    assert max(p["devices"] for p in fleet_wide["points"]) == 3
     latest = admin.get("/v1/telemetry/latest").json()["devices"][dev]
     assert latest["memory_total_bytes"] == 4 << 30 and latest["tokens_per_s"] > 0
     assert admin.get("/v1/telemetry/series", params={"device_id": "dev-nope"}).status_code == 404
