@@ -94,6 +94,10 @@ class Membership:
     def members(self, group: str) -> list[str]:
         return sorted(d for d in self.devices if self._in(d, group))
 
+    def groups_of(self, device_id: str) -> list[str]:
+        """The named groups the device is in, by name."""
+        return sorted(g for g in self.groups if self._in(device_id, g))
+
     def owner(self, device_id: str) -> str | None:
         """The assigned group the device follows: the highest priority, then the first name."""
         return next((g.name for g in self._assigned if self._in(device_id, g.name)), None)

@@ -43,6 +43,13 @@ def membership(s: Session, device_ids: Sequence[str] | None = None, *, assigning
     return Membership(groups, s.execute(query).all())  # rows of four columns: no ORM objects to build
 
 
+def device_groups(s: Session, device_ids: Sequence[str] | None = None) -> dict[str, tuple[list[str], str | None]]:
+    """Each device's named groups and the assigned group it follows (of `device_ids`, or of every
+    device; revoked devices are in none): two queries, whatever the number of devices."""
+    m = membership(s, device_ids)
+    return {d: (m.groups_of(d), m.owner(d)) for d in m.devices}
+
+
 def check_plan_groups(s: Session, plan: RolloutPlan) -> None:
     """An InvalidRequest at the first group a plan's selectors name that does not exist."""
     known = set(s.scalars(select(GroupRow.name)).all())
