@@ -39,7 +39,8 @@ def test_groups_with_the_cli(served: Any, fleet_package: Callable[..., Path], mo
     )
     assert out["rollout"] is None and out["group"]["assignment"]["plan"]["gates"]["max_failures"] == 0
 
-    run(["fleet", "device", "tag", device_id, "--add", "kiosk", *d])  # joins the group: gets its package
+    tagged = run(["fleet", "device", "tag", device_id, "--add", "kiosk", *d])  # joins the group: gets its package
+    assert "groups kiosks (follows its release), pinned" in " ".join(tagged.split())
     deadline = time.monotonic() + 20
     while run_json(["fleet", "device", "list", "--json", *d])[0]["desired_package_id"] != up["package_id"]:
         assert time.monotonic() < deadline, "the device tagged into the group never got its package"

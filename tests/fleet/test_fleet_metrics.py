@@ -230,7 +230,11 @@ def test_the_snapshot_on_sqlite_and_postgresql(store: Store) -> None:
             .where(TelemetrySampleRow.device_id == ids[2])
             .values(received_at=utcnow() - timedelta(seconds=FRESH_S + 60))
         )
+    store.create_group("pair", devices=[ids[0], ids[2]])
+    store.create_group("none", selector="tag=absent")
     snap = store.metrics_snapshot()
+    assert snap.group_members == {"none": 0, "pair": 2} and snap.group_following == {}
+    assert {x.device_id: x.groups for x in snap.samples} == {ids[0]: ["pair"], ids[1]: []}
     assert snap.devices_by_package == {new: 1, old: 2} and snap.packages[new] == ("m", "2.0.0")
     assert sorted((x.device_id, x.tokens_per_s) for x in snap.samples) == sorted([(ids[0], 2.0), (ids[1], 2.0)])
     wave = next(w for w in snap.waves if w.rollout_id == r1.id)

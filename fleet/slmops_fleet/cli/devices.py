@@ -71,7 +71,8 @@ def device_tag(
     if as_json:
         print_json(d)
         return
-    out_console().print(f"{d['id']}: tags {', '.join(d['tags']) or 'none'}", highlight=False)
+    groups = ", ".join(g + (" (follows its release)" if g == d.get("follows_group") else "") for g in d["groups"])
+    out_console().print(f"{d['id']}: tags {', '.join(d['tags']) or 'none'}; groups {groups or 'none'}", highlight=False)
 
 
 @app.command("revoke")
