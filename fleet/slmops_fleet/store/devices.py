@@ -157,7 +157,7 @@ class DeviceQueries(Database):
         with self.session() as s:
             rows = s.scalars(select(DeviceRow).order_by(DeviceRow.created_at, DeviceRow.id)).all()
             desired = latest_desired(s)
-            groups = device_groups(s)
+            groups = device_groups(s, rows)
             return [device_record(r, desired.get(r.id), groups.get(r.id, ([], None))) for r in rows]
 
     def get_device(self, device_id: str) -> DeviceRecord:
@@ -169,7 +169,7 @@ class DeviceQueries(Database):
 
     @staticmethod
     def _device(s: Session, row: DeviceRow) -> DeviceRecord:
-        groups = device_groups(s, [row.id]).get(row.id, ([], None))
+        groups = device_groups(s, [row]).get(row.id, ([], None))
         return device_record(row, latest_desired(s, [row.id]).get(row.id), groups)
 
     def update_device_tags(
