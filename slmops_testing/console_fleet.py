@@ -1,6 +1,6 @@
 """A running fleet for the web console's tests: a few simulated devices (real paho clients on the
-fleet's embedded broker) that send telemetry, a release with lineage, and a rollout in waves whose
-devices report only when the test says so (`ConsoleFleet.commit`)."""
+fleet's embedded broker) that send telemetry, named groups, a release with lineage, and a rollout in
+waves whose devices report only when the test says so (`ConsoleFleet.commit`)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,13 @@ class ConsoleFleet:
             send_telemetry(dev, 12)
         r = self.admin.post(f"/v1/devices/{self.devices[0].device_id}/tags", json={"add": ["canary"]})
         assert r.status_code == 200, r.text
+        for group in (  # named groups: edge-0 in "canaries", edge-1 and edge-2 in "lab", nobody in "kiosks"
+            {"name": "canaries", "selector": "tag=canary"},
+            {"name": "lab", "devices": [d.device_id for d in self.devices[1:3]]},
+            {"name": "kiosks", "selector": "tag=kiosk", "priority": 5},
+        ):
+            r = self.admin.post("/v1/groups", json=group)
+            assert r.status_code == 200, r.text
         self.package = upload(self.admin, make_release_package(key, workdir / "pkg" / "package", "1.0.0"))
         r = self.admin.post("/v1/releases", json={"name": "console-demo", "version": "1.0.0", "package_ids": [
             self.package["package_id"]]})  # fmt: skip

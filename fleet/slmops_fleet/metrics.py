@@ -3,8 +3,11 @@ database through `store.metrics`, the distributor's blob figures, ingest's queue
 MQTT client's counters, what was refused or dropped) and the HTTP latency histogram, measured by a
 small ASGI middleware (`HttpTimer`). Every name starts with `slmops_fleet_`; README.md has the table.
 
-The device telemetry figures are each device's newest sample, summed per active package and per tag
-(a device with several tags counts under each); time to first token is the mean of the devices'.
+The device telemetry figures are each device's newest sample, summed per active package, per tag (a
+device with several tags counts under each) and per named group (a device counts under each group it
+is a member of, as `group=NAME` selects it, not only the assigned group it follows); time to first
+token is the mean of the devices'. Each group's members, and an assigned group's followers, are
+counted too.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class FleetCollector(Collector):
         yield from self._transfer()
         yield from self._messages()
         yield from self._telemetry(snap)
+        yield from self._groups(snap)
 
     def _devices(self, counts: dict[str, Any], snap: MetricsSnapshot) -> Iterator[Metric]:
         by_state = _gauge("devices", "enrolled devices by their reported update state (NEW: none yet)", ["state"])
@@ -189,6 +193,22 @@ class FleetCollector(Collector):
                 by_tag.setdefault((tag,), []).append(x)
         yield from telemetry_families("package", ["package_id", "package", "version"], by_package)
         yield from telemetry_families("tag", ["tag"], by_tag)
+
+    def _groups(self, snap: MetricsSnapshot) -> Iterator[Metric]:
+        members = _gauge("group_members", "devices (not revoked) in each named group", ["group"])
+        for name, n in sorted(snap.group_members.items()):
+            members.add_metric([name], n)
+        following = _gauge(
+            "group_following", "devices following each assigned group's release (see `group show`)", ["group"]
+        )
+        for name, n in sorted(snap.group_following.items()):
+            following.add_metric([name], n)
+        yield from (members, following)
+        by_group: dict[tuple[str, ...], list[DeviceSample]] = {}
+        for x in snap.samples:
+            for group in x.groups:
+                by_group.setdefault((group,), []).append(x)
+        yield from telemetry_families("group", ["group"], by_group)
 
 
 class FleetMetrics:

@@ -22,6 +22,7 @@ from slmops_testing.console_fleet import ConsoleFleet
 PAGES = [
     "/ui/devices",
     "/ui/devices/x",
+    "/ui/groups",
     "/ui/rollouts",
     "/ui/rollouts/x",
     "/ui/releases",
@@ -52,7 +53,8 @@ def test_sign_in_gives_a_read_only_session(console_fleet: ConsoleFleet) -> None:
                 assert page.status_code == 200, path
                 assert token not in page.text and session not in page.text
                 assert "script-src 'self'" in page.headers["content-security-policy"]
-            for path in ("/v1/devices", "/v1/rollouts", "/v1/releases", "/v1/status", "/v1/telemetry/latest"):
+            reads = ("/v1/devices", "/v1/groups", "/v1/rollouts", "/v1/releases", "/v1/status", "/v1/telemetry/latest")
+            for path in reads:
                 assert client.get(path).status_code == 200, path
             # the cookie never writes, even the owner's: no token made, no tag set (and no CSRF)
             tokens_before = len(console_fleet.admin.get("/v1/admin-tokens").json()["tokens"])

@@ -2,8 +2,9 @@
 .ci/run) driven by Playwright, on a running fleet (FleetThread: uvicorn, the embedded broker,
 SQLite, the rollout driver) whose simulated devices send telemetry over real MQTT.
 
-Screenshots (PNG) of the devices page, a device page, a running rollout, a release and the fleet's
-plots are saved under the test's tmp folder and, with SLMOPS_SCREENSHOTS=DIR, in DIR too:
+Screenshots (PNG) of the devices page, a device page (and one following its group's release), a
+running rollout, a release, the groups and the fleet's plots are saved under the test's tmp folder
+and, with SLMOPS_SCREENSHOTS=DIR, in DIR too:
 
     SLMOPS_SCREENSHOTS=/tmp/console-shots .venv/bin/python -m pytest tests/fleet/test_fleet_console_browser.py
 """
@@ -124,8 +125,16 @@ def test_console_shows_a_running_fleet(browser: Any, console_fleet: ConsoleFleet
         assert rows.count() == 3
         text = page.inner_text("table.devices")
         assert "edge-0" in text and "canary" in text and "tokens/s" in text
+        # the groups column shows each device's named groups (not its tags)
+        groups = {
+            page.locator(f"table.devices tbody tr:nth-child({i}) td:nth-child(1)").inner_text(): page.locator(
+                f"table.devices tbody tr:nth-child({i}) td:nth-child(4)"
+            ).inner_text()
+            for i in (1, 2, 3)
+        }
+        assert groups == {"edge-0": "canaries", "edge-1": "lab", "edge-2": "lab"}
         # every device sent telemetry: its memory and tokens/s show
-        assert page.locator("table.devices tbody tr td:nth-child(7)").first.inner_text().strip() != ""
+        assert page.locator("table.devices tbody tr td:nth-child(8)").first.inner_text().strip() != ""
         w.screenshot("devices.png")
         w.hides(token)
 
@@ -158,6 +167,27 @@ def test_console_shows_a_running_fleet(browser: Any, console_fleet: ConsoleFleet
         page.goto(f"{base}/ui/rollouts")
         page.wait_for_selector(f"a[href='/ui/rollouts/{rollout['id']}']", timeout=15_000)
         assert "succeeded" in page.inner_text("#rollouts") and "3/3" in page.inner_text("#rollouts")
+
+        # the release assigned to "lab": its devices follow it, the device and groups pages say so
+        r = fleet.admin.post("/v1/groups/lab/assign", json={"release": "console-demo@1.0.0"})
+        assert r.status_code == 200, r.text
+        page.goto(f"{base}/ui/devices/{fleet.devices[1].device_id}")
+        page.wait_for_selector("table.info a.follows", timeout=15_000)
+        assert page.inner_text("table.info a.follows") == "lab"
+        assert "the release assigned to lab" in page.inner_text("table.info")
+        w.screenshot("device-following.png")
+        page.goto(f"{base}/ui/groups")
+        page.wait_for_selector('#app[data-groups="3"]', timeout=15_000)
+        rows = {
+            cells[0]: cells
+            for cells in (page.locator(f"table.groups tbody tr:nth-child({i}) td").all_inner_texts() for i in (1, 2, 3))
+        }
+        assert rows["canaries"][1:4] == ["dynamic", "tag=canary", "1"]
+        assert rows["lab"][1:4] == ["static", "2 listed", "2"]
+        assert rows["lab"][5:8] == ["console-demo@1.0.0", "2", "applying"]
+        assert rows["kiosks"][3:6] == ["0", "5", "none"]
+        w.screenshot("groups.png")
+        w.hides(token)
 
         # a hostile device's name is shown as text, never run
         hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script>'

@@ -39,7 +39,8 @@ def test_groups_with_the_cli(served: Any, fleet_package: Callable[..., Path], mo
     )
     assert out["rollout"] is None and out["group"]["assignment"]["plan"]["gates"]["max_failures"] == 0
 
-    run(["fleet", "device", "tag", device_id, "--add", "kiosk", *d])  # joins the group: gets its package
+    tagged = run(["fleet", "device", "tag", device_id, "--add", "kiosk", *d])  # joins the group: gets its package
+    assert "groups kiosks (follows its release), pinned" in " ".join(tagged.split())
     deadline = time.monotonic() + 20
     while run_json(["fleet", "device", "list", "--json", *d])[0]["desired_package_id"] != up["package_id"]:
         assert time.monotonic() < deadline, "the device tagged into the group never got its package"
@@ -49,6 +50,9 @@ def test_groups_with_the_cli(served: Any, fleet_package: Callable[..., Path], mo
     (rollout,) = run_json(["fleet", "rollout", "list", "--json", *d])
     assert [x["device_id"] for x in rollout["devices"]] == [device_id]
     assert rollout["plan"]["gates"]["max_failures"] == 0  # the assignment's plan
+    (listed,) = run_json(["fleet", "device", "list", "--json", *d])
+    assert (listed["groups"], listed["follows_group"]) == (["kiosks", "pinned"], "kiosks")
+    assert "kiosks*,pinned" in run(["fleet", "device", "list", *d])  # * : the group it follows
     table = run(["fleet", "group", "list", *d])
     assert "kiosks" in table and "pinned" in table and "tag=kiosk OR name=pi-9" in table
     assert device_id in run(["fleet", "group", "show", "kiosks", *d])

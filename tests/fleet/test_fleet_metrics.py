@@ -22,7 +22,8 @@ from slmops_fleet.store.metrics import FRESH_S
 from slmops_fleet.store.records import TelemetryRecord
 from slmops_fleet.store.schema import TelemetrySampleRow
 from slmops_protos.fleet.v1 import fleet_pb2
-from slmops_testing.fleet_api import enroll, new_token
+from slmops_testing.fleet_api import enroll, new_token, upload
+from slmops_testing.packages import random_bytes
 from slmops_testing.simulated_devices import SimDevice
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
@@ -41,7 +42,8 @@ def _check_documented(m: Samples) -> None:
     documented = set(re.findall(r"`(slmops_fleet_[a-z_]+)", (Path(__file__).parents[2] / "README.md").read_text()))
     for name in m:
         base = re.sub(r"_(bucket|count|sum|created)$", "", name)
-        family = "slmops_fleet_tag_" if base.startswith("slmops_fleet_tag_") else base
+        prefix = re.match(r"slmops_fleet_(tag|group)_", base)
+        family = base if base in documented or prefix is None else prefix.group(0)
         assert family in documented, f"{name} is not in README.md's metrics table"
 
 
@@ -125,6 +127,88 @@ def test_device_telemetry_is_summed_per_package_and_tag(fleet: Any, admin: httpx
             dev.close()
 
 
+def _report(dev: SimDevice, tokens_per_s: float, ttft_ms: float, memory: int) -> None:
+    batch = fleet_pb2.TelemetryBatch(device_id=dev.device_id)
+    batch.samples.add(
+        timestamp_unix_ms=1000, seq=1, tokens_per_s=tokens_per_s, ttft_ms=ttft_ms, memory_used_bytes=memory
+    )
+    dev.publish(dev.topics.telemetry(dev.device_id), batch.SerializeToString())
+
+
+def test_device_telemetry_is_summed_per_group(
+    fleet: Any, admin: httpx.Client, fleet_package: Callable[..., Path]
+) -> None:
+    """A device counts under each named group it is a member of; members and followers match the API."""
+    devices: dict[str, SimDevice] = {}
+    try:
+        for name in ("a", "b", "c", "d"):
+            dev = SimDevice.enrolled(enroll(fleet, new_token(admin), name).json())
+            assert not dev.connect().is_failure
+            devices[name] = dev
+        ids = {name: dev.device_id for name, dev in devices.items()}
+        for name in ("a", "b"):
+            admin.post(f"/v1/devices/{ids[name]}/tags", json={"add": ["kiosk"]}).raise_for_status()
+        for body in (
+            {"name": "kiosks", "selector": "tag=kiosk"},
+            {"name": "lab", "devices": [ids["b"], ids["c"], ids["d"]]},
+            {"name": "nobody", "selector": "tag=none-has-it"},
+        ):
+            admin.post("/v1/groups", json=body).raise_for_status()
+        v2 = upload(admin, fleet_package({"model.onnx": random_bytes(2000, 3)}, version="2.0.0"))["package_id"]
+        admin.post("/v1/groups/kiosks/assign", json={"package_id": v2}).raise_for_status()
+        admin.post(f"/v1/devices/{ids['d']}/revoke").raise_for_status()  # in no group now
+        for name, (tps, ttft, memory) in {
+            "a": (10.0, 100.0, 1000),
+            "b": (20.0, 300.0, 3000),
+            "c": (5.0, 50.0, 7),
+        }.items():
+            _report(devices[name], tps, ttft, memory)
+        assert fleet.server.ingest.wait_idle(10)
+        m = _parse(admin.get("/metrics").text)
+        _check_documented(m)
+
+        def figure(name: str, group: str) -> float | None:
+            return m.get(name, {}).get((("group", group),))
+
+        groups = {g["name"]: g for g in admin.get("/v1/groups").json()["groups"]}
+        assert groups["lab"]["members"] == sorted([ids["b"], ids["c"]])
+        for name, g in groups.items():
+            assert figure("slmops_fleet_group_members", name) == len(g["members"])
+        assert figure("slmops_fleet_group_following", "kiosks") == len(groups["kiosks"]["assignment"]["following"]) == 2
+        assert figure("slmops_fleet_group_following", "lab") is None  # no assignment: no followers to count
+        assert figure("slmops_fleet_group_devices_reporting", "kiosks") == 2
+        assert figure("slmops_fleet_group_tokens_per_second", "kiosks") == 30.0
+        assert figure("slmops_fleet_group_ttft_ms", "kiosks") == 200.0
+        assert figure("slmops_fleet_group_memory_used_bytes", "kiosks") == 4000
+        # b is in both groups: it counts under each, though it follows kiosks only
+        assert figure("slmops_fleet_group_devices_reporting", "lab") == 2
+        assert figure("slmops_fleet_group_tokens_per_second", "lab") == 25.0
+        assert figure("slmops_fleet_group_memory_used_bytes", "lab") == 3007
+        assert figure("slmops_fleet_group_devices_reporting", "nobody") is None
+
+        # the device JSON says the same: its named groups and the assigned group it follows
+        listed = {d["id"]: d for d in admin.get("/v1/devices").json()["devices"]}
+        assert [(listed[ids[n]]["groups"], listed[ids[n]]["follows_group"]) for n in "abcd"] == [
+            (["kiosks"], "kiosks"),
+            (["kiosks", "lab"], "kiosks"),
+            (["lab"], None),
+            ([], None),
+        ]
+        one = admin.get(f"/v1/devices/{ids['b']}").json()
+        assert (one["groups"], one["follows_group"]) == (["kiosks", "lab"], "kiosks")
+        for name, g in groups.items():
+            assert g["members"] == sorted(i for i, d in listed.items() if name in d["groups"])
+        # tagging moves a device into a group at once, in the answer and in the next scrape
+        tagged = admin.post(f"/v1/devices/{ids['c']}/tags", json={"add": ["kiosk"]}).json()
+        assert (tagged["groups"], tagged["follows_group"]) == (["kiosks", "lab"], "kiosks")
+        m = _parse(admin.get("/metrics").text)
+        assert figure("slmops_fleet_group_members", "kiosks") == 3
+        assert figure("slmops_fleet_group_tokens_per_second", "kiosks") == 35.0
+    finally:
+        for dev in devices.values():
+            dev.close()
+
+
 def test_the_snapshot_on_sqlite_and_postgresql(store: Store) -> None:
     """What /metrics reads, on both databases: devices by package, waves, and only each device's newest
     sample that arrived recently."""
@@ -146,7 +230,11 @@ def test_the_snapshot_on_sqlite_and_postgresql(store: Store) -> None:
             .where(TelemetrySampleRow.device_id == ids[2])
             .values(received_at=utcnow() - timedelta(seconds=FRESH_S + 60))
         )
+    store.create_group("pair", devices=[ids[0], ids[2]])
+    store.create_group("none", selector="tag=absent")
     snap = store.metrics_snapshot()
+    assert snap.group_members == {"none": 0, "pair": 2} and snap.group_following == {}
+    assert {x.device_id: x.groups for x in snap.samples} == {ids[0]: ["pair"], ids[1]: []}
     assert snap.devices_by_package == {new: 1, old: 2} and snap.packages[new] == ("m", "2.0.0")
     assert sorted((x.device_id, x.tokens_per_s) for x in snap.samples) == sorted([(ids[0], 2.0), (ids[1], 2.0)])
     wave = next(w for w in snap.waves if w.rollout_id == r1.id)

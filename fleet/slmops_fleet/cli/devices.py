@@ -26,12 +26,13 @@ app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
 def device_list(
     fleet: FleetOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """List enrolled devices."""
+    """List enrolled devices (groups: the named groups each is in; * marks the assigned group whose
+    release it follows)."""
     devices = call(fleet, token, data_dir, lambda c: c.list_devices())
     if as_json:
         print_json(devices)
         return
-    table = new_table("devices", "id", "name", "tags", "state", "active version", "progress", "last seen")
+    table = new_table("devices", "id", "name", "tags", "groups", "state", "active version", "progress", "last seen")
     for d in devices:
         progress = ""
         if d["bytes_needed"]:
@@ -40,6 +41,7 @@ def device_list(
             d["id"],
             d["name"] or "",
             ",".join(d.get("tags") or []),
+            ",".join(g + ("*" if g == d.get("follows_group") else "") for g in d.get("groups") or []),
             "revoked" if d.get("status") == "revoked" else (d["state"] or "enrolled"),
             d["active_version"] or "",
             progress,
@@ -69,7 +71,8 @@ def device_tag(
     if as_json:
         print_json(d)
         return
-    out_console().print(f"{d['id']}: tags {', '.join(d['tags']) or 'none'}", highlight=False)
+    groups = ", ".join(g + (" (follows its release)" if g == d.get("follows_group") else "") for g in d["groups"])
+    out_console().print(f"{d['id']}: tags {', '.join(d['tags']) or 'none'}; groups {groups or 'none'}", highlight=False)
 
 
 @app.command("revoke")

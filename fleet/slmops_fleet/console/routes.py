@@ -6,7 +6,7 @@ response: the cookie holds a random session id only (`sessions`).
 A sign-in posted from another site (its Origin is not the fleet's) is refused, and every sign-in,
 good or wrong, is written to the audit log.
 
-Pages: /ui/devices, /ui/devices/{id}, /ui/rollouts, /ui/rollouts/{id}, /ui/releases,
+Pages: /ui/devices, /ui/devices/{id}, /ui/groups, /ui/rollouts, /ui/rollouts/{id}, /ui/releases,
 /ui/releases/{id}, /ui/fleet (fleet-wide plots).
 """
 
@@ -37,7 +37,13 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }
-_NAV = (("devices", "Devices"), ("rollouts", "Rollouts"), ("releases", "Releases"), ("fleet", "Fleet"))
+_NAV = (
+    ("devices", "Devices"),
+    ("groups", "Groups"),
+    ("rollouts", "Rollouts"),
+    ("releases", "Releases"),
+    ("fleet", "Fleet"),
+)
 _HEAD = (
     '<!doctype html><html lang="en"><head><meta charset="utf-8">'
     '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -157,6 +163,10 @@ def add_console(app: FastAPI, sessions: ConsoleSessions, audit: AuditLog) -> Non
     @router.get("/devices/{device_id}")
     async def device(request: Request, device_id: str) -> Response:
         return await page(request, "device", "Device")
+
+    @router.get("/groups")
+    async def groups(request: Request) -> Response:
+        return await page(request, "groups", "Groups")
 
     @router.get("/rollouts")
     async def rollouts(request: Request) -> Response:

@@ -73,6 +73,7 @@ class Membership:
         self.devices = {d.id: d for d in devices}
         self._assigned = sorted((g for g in groups if g.assigned), key=lambda g: (-g.priority, g.name))
         self._in = cache(self._compute)
+        self._bare = cache(self._facts_without_groups)  # one per device, whatever the number of groups
 
     def _compute(self, device_id: str, group: str) -> bool:
         if group in self._static:
@@ -80,7 +81,7 @@ class Membership:
         sel = self._selectors.get(group)
         return sel is not None and sel.matches(self._bare(device_id))
 
-    def _bare(self, device_id: str) -> DeviceFacts:
+    def _facts_without_groups(self, device_id: str) -> DeviceFacts:
         d = self.devices[device_id]
         return DeviceFacts(d.id, d.name or "", list(d.tags or []), dict(d.inventory or {}))
 
@@ -93,6 +94,10 @@ class Membership:
 
     def members(self, group: str) -> list[str]:
         return sorted(d for d in self.devices if self._in(d, group))
+
+    def groups_of(self, device_id: str) -> list[str]:
+        """The named groups the device is in, by name."""
+        return sorted(g for g in self.groups if self._in(device_id, g))
 
     def owner(self, device_id: str) -> str | None:
         """The assigned group the device follows: the highest priority, then the first name."""

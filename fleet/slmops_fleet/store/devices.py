@@ -15,6 +15,7 @@ from slmops_fleet.errors import EnrollmentRefused, Forbidden, InvalidRequest, No
 from slmops_fleet.rollouts.selectors import check_tags
 from slmops_fleet.rollouts.waves import PlanError
 from slmops_fleet.store.database import Database, new_id, utcnow
+from slmops_fleet.store.groups import device_groups
 from slmops_fleet.store.records import DeviceRecord
 from slmops_fleet.store.schema import DesiredStateRow, DeviceRow, EnrollmentTokenRow
 
@@ -28,7 +29,10 @@ def secrets_equal(secret: str, digest: str) -> bool:
     return secrets.compare_digest(hash_secret(secret), digest)
 
 
-def device_record(row: DeviceRow, desired: DesiredStateRow | None) -> DeviceRecord:
+def device_record(
+    row: DeviceRow, desired: DesiredStateRow | None, groups: tuple[list[str], str | None] = ([], None)
+) -> DeviceRecord:
+    """The record of a device; `groups`: its named groups and the one it follows (`device_groups`)."""
     return DeviceRecord(
         id=row.id,
         name=row.name,
@@ -53,6 +57,8 @@ def device_record(row: DeviceRow, desired: DesiredStateRow | None) -> DeviceReco
         revoked_at=row.revoked_at,
         revoked_by=row.revoked_by,
         rotation_started_at=row.rotation_started_at,
+        groups=list(groups[0]),
+        follows_group=groups[1],
     )
 
 
@@ -151,14 +157,20 @@ class DeviceQueries(Database):
         with self.session() as s:
             rows = s.scalars(select(DeviceRow).order_by(DeviceRow.created_at, DeviceRow.id)).all()
             desired = latest_desired(s)
-            return [device_record(r, desired.get(r.id)) for r in rows]
+            groups = device_groups(s, rows)
+            return [device_record(r, desired.get(r.id), groups.get(r.id, ([], None))) for r in rows]
 
     def get_device(self, device_id: str) -> DeviceRecord:
         with self.session() as s:
             row = s.get(DeviceRow, device_id)
             if row is None:
                 raise NotFound(f"unknown device {device_id}")
-            return device_record(row, latest_desired(s, [device_id]).get(device_id))
+            return self._device(s, row)
+
+    @staticmethod
+    def _device(s: Session, row: DeviceRow) -> DeviceRecord:
+        groups = device_groups(s, [row]).get(row.id, ([], None))
+        return device_record(row, latest_desired(s, [row.id]).get(row.id), groups)
 
     def update_device_tags(
         self, device_id: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
@@ -177,7 +189,7 @@ class DeviceQueries(Database):
             except PlanError as exc:
                 raise InvalidRequest(str(exc)) from exc
             s.flush()
-            return device_record(row, latest_desired(s, [device_id]).get(device_id))
+            return self._device(s, row)  # its groups now: a tag may have moved it into a group
 
     def device_password_hashes(self) -> dict[str, str]:
         """The broker password hash of every device that is not revoked."""

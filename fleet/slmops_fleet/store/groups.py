@@ -30,6 +30,10 @@ def group_def(row: GroupRow) -> GroupDef:
     )
 
 
+def _groups(s: Session) -> list[GroupDef]:
+    return [group_def(g) for g in s.scalars(select(GroupRow).order_by(GroupRow.name)).all()]
+
+
 def membership(s: Session, device_ids: Sequence[str] | None = None, *, assigning: str | None = None) -> Membership:
     """Every group and the devices (of `device_ids`, or every device that is not revoked);
     `assigning` counts that group as assigned already."""
@@ -38,9 +42,15 @@ def membership(s: Session, device_ids: Sequence[str] | None = None, *, assigning
     )
     if device_ids is not None:
         query = query.where(DeviceRow.id.in_(device_ids))
-    groups = [group_def(g) for g in s.scalars(select(GroupRow).order_by(GroupRow.name)).all()]
-    groups = [replace(g, assigned=True) if g.name == assigning else g for g in groups]
+    groups = [replace(g, assigned=True) if g.name == assigning else g for g in _groups(s)]
     return Membership(groups, s.execute(query).all())  # rows of four columns: no ORM objects to build
+
+
+def device_groups(s: Session, rows: Sequence[DeviceRow]) -> dict[str, tuple[list[str], str | None]]:
+    """Each device's named groups and the assigned group it follows, for device rows already read
+    (revoked devices are in none): one query, of the groups, whatever the number of devices."""
+    m = Membership(_groups(s), [r for r in rows if r.revoked_at is None])
+    return {d: (m.groups_of(d), m.owner(d)) for d in m.devices}
 
 
 def check_plan_groups(s: Session, plan: RolloutPlan) -> None:

@@ -1,7 +1,8 @@
 """What `/metrics` reads from the database at scrape time, in one read transaction: devices by active
 package, each recent rollout's waves with their targets' states, and each device's newest telemetry
-sample with its tags (summed per package and per tag by `slmops_fleet.metrics`), when it arrived in
-the last `FRESH_S` seconds: a device silent longer no longer counts in the sums."""
+sample with its tags and named groups (summed per package, per tag and per group by
+`slmops_fleet.metrics`), when it arrived in the last `FRESH_S` seconds: a device silent longer no
+longer counts in the sums; and each named group's members (and followers, for an assigned group)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy import func, or_, select
 
 from slmops_fleet.rollouts.states import ACTIVE_ROLLOUT_STATES
 from slmops_fleet.store.database import Database, utcnow
+from slmops_fleet.store.groups import membership
 from slmops_fleet.store.schema import DeviceRow, PackageRow, RolloutDeviceRow, RolloutRow, RolloutWaveRow
 from slmops_fleet.store.schema import TelemetrySampleRow as Sample
 
@@ -40,6 +42,7 @@ class DeviceSample:
     requests_total: int
     errors_total: int
     memory_used_bytes: int
+    groups: list[str] = field(default_factory=list)  # the named groups it is in
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class MetricsSnapshot:
     revoked: int
     waves: list[WaveFigures] = field(default_factory=list)
     samples: list[DeviceSample] = field(default_factory=list)
+    group_members: dict[str, int] = field(default_factory=dict)  # every named group -> devices in it
+    group_following: dict[str, int] = field(default_factory=dict)  # assigned group -> devices following it
 
 
 class MetricsQueries(Database):
@@ -98,6 +103,7 @@ class MetricsQueries(Database):
                 .join(DeviceRow, DeviceRow.id == Sample.device_id)
                 .where(Sample.received_at >= utcnow() - timedelta(seconds=FRESH_S))
             ).all()
+            members = membership(s)
             samples = [
                 DeviceSample(
                     x.device_id,
@@ -108,6 +114,7 @@ class MetricsQueries(Database):
                     int(x.requests_total or 0),
                     int(x.errors_total or 0),
                     int(x.memory_used_bytes or 0),
+                    members.groups_of(x.device_id) if x.device_id in members.devices else [],
                 )
                 for x, tags, active in rows
             ]
@@ -118,4 +125,12 @@ class MetricsQueries(Database):
                     select(PackageRow.id, PackageRow.name, PackageRow.version).where(PackageRow.id.in_(ids))
                 ).all()
             }
-            return MetricsSnapshot(packages, by_package, int(revoked or 0), waves, samples)
+            return MetricsSnapshot(
+                packages,
+                by_package,
+                int(revoked or 0),
+                waves,
+                samples,
+                {g: len(members.members(g)) for g in members.groups},
+                {g.name: len(members.owned(g.name)) for g in members.groups.values() if g.assigned},
+            )

@@ -41,6 +41,8 @@ class DeviceRecord:
     revoked_at: datetime | None = None
     revoked_by: str | None = None
     rotation_started_at: datetime | None = None  # a credential rotation the device has not confirmed
+    groups: list[str] = field(default_factory=list)  # the named groups it is in now
+    follows_group: str | None = None  # the assigned group whose release it follows
 
     @property
     def revoked(self) -> bool:

@@ -82,6 +82,15 @@
     return `<table class="${cls || ""}"><thead><tr>${head}</tr></thead><tbody>${body}</tbody></table>`;
   }
 
+  // A device's named groups, each a link to the groups page; the assigned group whose release it
+  // follows is marked.
+  function groupsOf(d) {
+    return (d.groups || []).map((g) => {
+      const follows = g === d.follows_group;
+      return `<a href="/ui/groups#group-${encodeURIComponent(g)}"${follows ? ' class="follows" title="follows this group\'s release"' : ""}>${esc(g)}</a>`;
+    }).join(", ");
+  }
+
   function bar(done, total) {
     const pct = total ? Math.round((100 * done) / total) : 0;
     return `<span class="bar" title="${done}/${total}"><span style="width:${pct}%"></span></span> ${done}/${total}`;
@@ -142,6 +151,7 @@
             `<a href="/ui/devices/${encodeURIComponent(d.id)}">${esc(d.name || short(d.id))}</a>`,
             `<span class="state s-${esc(d.status === "revoked" ? "revoked" : d.state)}">${esc(d.status === "revoked" ? "revoked" : d.state || "NEW")}</span>`,
             esc(d.active_version || ""),
+            groupsOf(d),
             esc((d.tags || []).join(", ")),
             esc(ago(d.last_seen)),
             esc(mem),
@@ -149,7 +159,7 @@
           ];
         });
         document.getElementById("devices").innerHTML = table(
-          ["device", "state", "active version", "group", "last seen", "memory", "tokens/s"], rows, "devices");
+          ["device", "state", "active version", "groups", "tags", "last seen", "memory", "tokens/s"], rows, "devices");
         document.getElementById("count").textContent = `${rows.length}`;
         app.dataset.devices = String(rows.length);
       }, 2000);
@@ -176,7 +186,9 @@
           ["target", d.target_package_id
             ? `<code>${esc(short(d.target_package_id))}</code> ${bytes(d.bytes_received)} of ${bytes(d.bytes_needed)} received`
             : "none"],
-          ["group", esc((d.tags || []).join(", "))],
+          ["groups", groupsOf(d) || "none"],
+          ["follows", d.follows_group ? `the release assigned to ${esc(d.follows_group)}` : "no assigned group"],
+          ["tags", esc((d.tags || []).join(", ")) || "none"],
           ["last seen", esc(ago(d.last_seen))],
           ["hardware", esc(`${inv.os || ""} ${inv.arch || ""}, ${inv.cpu_count || 0} CPUs, ${bytes(inv.memory_bytes)} memory`)],
         ], "info");
@@ -249,6 +261,34 @@
         app.dataset.committed = String(committed);
         app.dataset.state = r.state;
       }, 1000);
+    },
+
+    groups() {
+      app.innerHTML = '<h1>Groups <span id="count" class="muted"></span></h1><div id="groups"></div>';
+      poll(async () => {
+        const body = await api("/v1/groups");
+        const rows = body.groups.map((g) => {
+          const a = g.assignment;
+          const state = !a ? "" : a.halted ? "halted" : "applying";
+          return [
+            `<span id="group-${esc(g.name)}">${esc(g.name)}</span>`,
+            esc(g.kind),
+            g.kind === "dynamic" ? `<code>${esc(g.selector)}</code>` : esc(`${(g.devices || []).length} listed`),
+            esc(g.members.length),
+            esc(g.priority),
+            a ? esc(a.release || short(a.package_id)) : "none",
+            a ? esc(a.following.length) : "",
+            a ? `<span class="state s-${state}"${a.halted ? ` title="${esc(a.halted)}"` : ""}>${state}</span>` +
+              (a.halted ? ` — ${esc(a.halted)}` : "") : "",
+            a ? esc(ago(a.assigned_at)) : "",
+          ];
+        });
+        document.getElementById("groups").innerHTML = table(
+          ["group", "kind", "selector / devices", "members", "priority", "assigned release", "following",
+            "assignment", "assigned"], rows, "groups");
+        document.getElementById("count").textContent = `${rows.length}`;
+        app.dataset.groups = String(rows.length);
+      }, 2000);
     },
 
     releases() {
