@@ -5,6 +5,7 @@ per package and per tag, parsed by prometheus_client's own parser."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -97,7 +98,7 @@ def test_device_telemetry_is_summed_per_package_and_tag(fleet: Any, admin: httpx
                 active_package_id="" if name != "c" else "f" * 64,
             )
             dev.publish(dev.topics.telemetry(dev.device_id), batch.SerializeToString())
-        assert fleet.server.ingest.wait_idle(10)
+        _wait_stored(fleet, 6)
         m = _parse(admin.get("/metrics").text)
 
         def figure(name: str, **labels: str) -> float:
@@ -125,6 +126,15 @@ def test_device_telemetry_is_summed_per_package_and_tag(fleet: Any, admin: httpx
     finally:
         for dev in devices:
             dev.close()
+
+
+def _wait_stored(fleet: Any, samples: int) -> None:
+    """Until the fleet has stored `samples` telemetry samples: the broker acknowledges a device's publish
+    before the fleet has the message, so an idle ingest queue alone does not say it arrived."""
+    deadline = time.monotonic() + 15
+    while fleet.server.ingest.counters.telemetry_samples < samples:
+        assert time.monotonic() < deadline, f"{samples} telemetry samples not stored in 15 s"
+        time.sleep(0.05)
 
 
 def _report(dev: SimDevice, tokens_per_s: float, ttft_ms: float, memory: int) -> None:
@@ -163,7 +173,7 @@ def test_device_telemetry_is_summed_per_group(
             "c": (5.0, 50.0, 7),
         }.items():
             _report(devices[name], tps, ttft, memory)
-        assert fleet.server.ingest.wait_idle(10)
+        _wait_stored(fleet, 3)
         m = _parse(admin.get("/metrics").text)
         _check_documented(m)
 
