@@ -234,13 +234,16 @@ class FleetOperations:
             raise InvalidRequest(
                 f"blob {sha256} is {expected} bytes per its manifest, the request sends {content_length}"
             )
-        if self.store.get_blob(sha256) is not None and self.blobs.has(sha256):
+        recorded = self.store.get_blob(sha256)
+        if recorded is not None and self.blobs.holds(recorded):
             return None
         self.blobs.create()
         return self.blobs.writer(sha256, expected)
 
     def blob_committed(self, writer: BlobWriter) -> dict[str, Any]:
-        self.store.add_blob(writer.sha256, writer.size, self.blobs.relpath(writer.sha256, self.settings.data_dir))
+        location = self.blobs.keep(writer)
+        if not self.store.add_blob(writer.sha256, writer.size, location):
+            self.blobs.discard(location)  # another upload of it was recorded first: it lands once
         log.info("blob %s stored (%d bytes)", writer.sha256[:12], writer.size)
         return {"sha256": writer.sha256, "size": writer.size, "stored": True}
 

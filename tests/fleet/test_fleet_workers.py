@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from slmops_fleet.store import Store
-from tests.fleet.conftest import PG_BASE_URL
+from slmops_testing.databases import fresh_pg_database
 
 _MIGRATE = (
     "import sys; from slmops_fleet.store import Store; s = Store(sys.argv[1]); s.migrate(); print(s.schema_revision())"
@@ -19,31 +18,18 @@ _MIGRATE = (
 
 
 @pytest.fixture
-def fresh_pg_database() -> Iterator[str]:
-    """A throwaway database (not a schema: the test must see a truly empty one), dropped afterwards."""
-    import psycopg
-
-    plain = PG_BASE_URL.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        admin = psycopg.connect(plain, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server reachable at {plain}: {str(exc).splitlines()[0]}")
-    name = f"slmops_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield PG_BASE_URL.rsplit("/", 1)[0] + "/" + name
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+def fresh_database() -> Iterator[str]:
+    with fresh_pg_database() as url:
+        yield url
 
 
-def test_two_workers_migrate_a_fresh_database_at_once(fresh_pg_database: str) -> None:
+def test_two_workers_migrate_a_fresh_database_at_once(fresh_database: str) -> None:
     """Two processes upgrade an empty database together: one waits on the advisory lock, then finds
     the schema current; both end at the newest revision and neither fails on a table the other made."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _MIGRATE, fresh_pg_database],
+            [sys.executable, "-c", _MIGRATE, fresh_database],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -54,7 +40,7 @@ def test_two_workers_migrate_a_fresh_database_at_once(fresh_pg_database: str) ->
     results = [p.communicate(timeout=120) for p in procs]
     for p, (_out, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-2000:]
-    store = Store(fresh_pg_database)
+    store = Store(fresh_database)
     try:
         head = store.schema_revision()
         assert head is not None

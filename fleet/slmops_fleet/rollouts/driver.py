@@ -20,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Callable
 
 from slmops_fleet.store import Store
+from slmops_fleet.store.leases import dead_here, new_holder
 from slmops_fleet.store.records import DesiredRecord
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ class RolloutDriver:
         self.publish = publish
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s if lease_ttl_s is not None else max(10.0, 5 * tick_s)
-        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.holder = holder or new_holder()
         self.leading = False
         self.steps = 0
         self._wake: asyncio.Event | None = None
@@ -60,7 +58,7 @@ class RolloutDriver:
         leading = self.store.acquire_lease(DRIVER_LEASE, self.holder, self.lease_ttl_s)
         if not leading:
             current = self.store.lease_holder(DRIVER_LEASE)
-            if current is not None and _dead_here(current[0]):
+            if current is not None and dead_here(current[0]):
                 leading = self.store.acquire_lease(DRIVER_LEASE, self.holder, self.lease_ttl_s, take_from=current[0])
         if leading != self.leading:
             log.info(
@@ -117,21 +115,3 @@ class RolloutDriver:
                 await asyncio.to_thread(self.store.release_lease, DRIVER_LEASE, self.holder)
             except Exception:
                 log.exception("could not give the rollout driver's lease back; it expires by itself")
-
-
-def _dead_here(holder: str) -> bool:
-    """Whether `holder` ("host:pid:random") names a process of this host that no longer runs."""
-    host, _, rest = holder.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False  # another driver of this very process (tests): alive
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
