@@ -1,14 +1,22 @@
-"""Several fleet workers on one PostgreSQL database: the schema upgrade under concurrency."""
+"""Several fleet workers on one PostgreSQL database: the schema upgrade under concurrency, who may run
+beside whom, and blobs in large objects (the workers together: tests/e2e/test_workers.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from slmops_fleet.errors import StartupError
+from slmops_fleet.process import FleetThread
+from slmops_fleet.shared_blobs import PIECE, PostgresBlobStore
 from slmops_fleet.store import Store
 from slmops_testing.databases import fresh_pg_database
 
@@ -47,5 +55,92 @@ def test_two_workers_migrate_a_fresh_database_at_once(fresh_database: str) -> No
         assert {out.strip().splitlines()[-1] for out, _ in results} == {head}
         store.migrate()  # a later start: nothing to do
         assert store.schema_revision() == head
+    finally:
+        store.close()
+
+
+# --- who may run beside whom ----------------------------------------------------------------------
+
+
+@pytest.mark.mosquitto
+def test_a_second_worker_with_the_same_worker_id_is_refused(
+    pg_url: str, mosquitto_broker: Any, fleet_settings: Callable[..., Any]
+) -> None:
+    """Two workers given one --worker-id would take the broker session from each other: the second
+    waits out the first one's lease (it might be a dead earlier process of its own), then refuses."""
+    common = {"database_url": pg_url, "broker_url": mosquitto_broker.url, "worker_heartbeat_s": 0.3}
+    with FleetThread(fleet_settings(worker_id="w1", **common)):
+        with pytest.raises(StartupError, match="runs with the MQTT client id slmops-fleet-w1: give each worker"):
+            FleetThread(fleet_settings(worker_id="w1", **common)).start()
+        with FleetThread(fleet_settings(worker_id="w2", **common)) as second:  # its own id: one fleet
+            assert httpx.get(second.url + "/healthz").status_code == 200
+
+
+def test_the_embedded_broker_serves_one_worker(pg_url: str, fleet_settings: Callable[..., Any]) -> None:
+    with (
+        FleetThread(fleet_settings(database_url=pg_url)),
+        pytest.raises(StartupError, match="the embedded broker serves one worker"),
+    ):
+        FleetThread(fleet_settings(database_url=pg_url)).start()
+
+
+def test_a_cleanly_stopped_worker_restarts_at_once(pg_url: str, fleet_settings: Callable[..., Any]) -> None:
+    """A worker's lease outlives a clean stop (marked stopped): the same worker takes it back at once."""
+    settings = fleet_settings(database_url=pg_url)
+    lease = "worker:" + settings.mqtt_client_id
+    with FleetThread(settings) as first:
+        assert first.server is not None and first.server.workers is not None
+        holder = first.server.workers.holder
+    store = Store(pg_url)
+    try:
+        assert store.lease_holder(lease)[0] == "stopped:" + holder  # type: ignore[index]
+        with FleetThread(settings) as second:
+            assert second.server is not None and second.server.workers is not None
+            assert store.lease_holder(lease)[0] == second.server.workers.holder  # type: ignore[index]
+    finally:
+        store.close()
+
+
+# --- blobs in PostgreSQL large objects -------------------------------------------------------------------
+
+
+def test_blobs_in_large_objects_reach_another_worker_and_are_checked(pg_url: str, tmp_path: Path) -> None:
+    store = Store(pg_url)
+    store.migrate()
+    try:
+        data = os.urandom(3 * PIECE + 123)
+        sha = hashlib.sha256(data).hexdigest()
+        a = PostgresBlobStore(tmp_path / "a" / "blobs", store.engine)
+        a.create()
+        writer = a.writer(sha, len(data))
+        writer.write(data)
+        writer.commit()
+        location = a.keep(writer)
+        assert store.add_blob(sha, len(data), location)
+        # The same upload taken by another worker at the same time: recorded once, its copy dropped.
+        b = PostgresBlobStore(tmp_path / "b" / "blobs", store.engine)
+        b.create()
+        second = b.writer(sha, len(data))
+        second.write(data)
+        second.commit()
+        extra = b.keep(second)
+        assert not store.add_blob(sha, len(data), extra)
+        b.discard(extra)
+        with store.engine.connect() as conn:
+            oid = int(extra.removeprefix("pg-lo:"))
+            assert not conn.exec_driver_sql("SELECT 1 FROM pg_largeobject_metadata WHERE oid = %s", (oid,)).all()
+
+        rec = store.get_blob(sha)
+        assert rec is not None and rec.path == location and a.holds(rec)
+        c = PostgresBlobStore(tmp_path / "c" / "blobs", store.engine)  # a worker that never saw the upload
+        assert c.ensure_local(rec)
+        assert c.local_path(rec).read_bytes() == data
+
+        # A large object that no longer holds the blob's bytes is not cached (nor sent).
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("SELECT lo_put(%s, 0, %s)", (int(location.removeprefix("pg-lo:")), b"tampered"))
+        d = PostgresBlobStore(tmp_path / "d" / "blobs", store.engine)
+        assert not d.ensure_local(rec)
+        assert not d.local_path(rec).exists() and not list(d.incoming.iterdir())
     finally:
         store.close()
