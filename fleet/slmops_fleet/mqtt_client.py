@@ -98,6 +98,8 @@ class FleetMqtt:
         self.endpoint = endpoint
         self.topics = topics
         self.subscriptions = fleet_subscriptions(topics, share_group)
+        # The plain filters a session kept from a fleet that did not share them: each message would come twice.
+        self._unshared = [t for t in topics.fleet_subscriptions() if t not in self.subscriptions]
         self.mqtt5 = mqtt5
         self.clean_session = clean_session
         self.drain = drain
@@ -202,7 +204,7 @@ class FleetMqtt:
         delay = random.randint(1, cap)
         self.client.reconnect_delay_set(delay, delay)
 
-    def _on_connect(self, client: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+    def _on_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
             self.last_error = f"broker refused the connection: {reason}"
             log.error("MQTT: %s (user %r)", self.last_error, self.endpoint.username)
@@ -214,6 +216,8 @@ class FleetMqtt:
         if self.drain:  # the broker routes nothing new to this session; what it holds still comes
             client.unsubscribe(self.subscriptions)
         else:
+            if self._unshared and flags.session_present:
+                client.unsubscribe(self._unshared)
             client.subscribe([(t, 1) for t in self.subscriptions])
         self._connected.set()
         log.info("MQTT connected to %s:%d", self.endpoint.host, self.endpoint.port)

@@ -7,17 +7,23 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from slmops_fleet.errors import StartupError
+from slmops_fleet.mqtt_client import FleetMqtt, MqttEndpoint
 from slmops_fleet.process import FleetThread
 from slmops_fleet.shared_blobs import PIECE, PostgresBlobStore
 from slmops_fleet.store import Store
+from slmops_protos.topics import Topics
+from slmops_testing.brokers import start_mosquitto
 from slmops_testing.databases import fresh_pg_database
 
 _MIGRATE = (
@@ -144,3 +150,43 @@ def test_blobs_in_large_objects_reach_another_worker_and_are_checked(pg_url: str
         assert not d.local_path(rec).exists() and not list(d.incoming.iterdir())
     finally:
         store.close()
+
+
+# --- shared subscriptions ---------------------------------------------------------------------------------
+
+
+@pytest.mark.mosquitto
+def test_a_kept_session_of_an_unshared_fleet_does_not_deliver_twice(tmp_path: Path) -> None:
+    """A fleet that subscribed plainly kept its broker session; the same worker now sharing the device
+    topics drops the plain filters, so a report reaches it once, not once per filter."""
+    broker = start_mosquitto(tmp_path / "mosquitto", anonymous=True)
+    topics = Topics()
+    endpoint = MqttEndpoint(broker.host, broker.port, None, None)
+    got: list[str] = []
+
+    def handle(topic: str, _payload: bytes, ack: Callable[[], None]) -> None:
+        got.append(topic)
+        ack()
+
+    try:
+        old = FleetMqtt(endpoint, topics, client_id="slmops-fleet-x", clean_session=False, mqtt5=True)
+        old.set_handlers(handle)
+        old.start()
+        assert old.wait_connected(10)
+        old.stop()
+        new = FleetMqtt(endpoint, topics, client_id="slmops-fleet-x", clean_session=False, mqtt5=True, share_group="g")
+        new.set_handlers(handle)
+        new.start()
+        assert new.wait_connected(10)
+        time.sleep(0.5)  # the (un)subscriptions take effect
+        device = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev-1")
+        device.connect(broker.host, broker.port)
+        device.loop_start()
+        device.publish(topics.reported("dev-1"), b"x", qos=1).wait_for_publish(5)
+        device.publish(topics.blob_requests("dev-1"), b"y", qos=1).wait_for_publish(5)
+        time.sleep(1.0)
+        device.loop_stop()
+        new.stop()
+        assert sorted(got) == [topics.blob_requests("dev-1"), topics.reported("dev-1")]
+    finally:
+        broker.stop()
