@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,13 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from slmops_fleet.desired_order import publish_newest_last
 from slmops_fleet.errors import StartupError
 from slmops_fleet.mqtt_client import FleetMqtt, MqttEndpoint
 from slmops_fleet.process import FleetThread
 from slmops_fleet.shared_blobs import PIECE, PostgresBlobStore
 from slmops_fleet.store import Store
+from slmops_fleet.store.records import DesiredRecord
 from slmops_protos.topics import Topics
 from slmops_testing.brokers import start_mosquitto
 from slmops_testing.databases import fresh_pg_database
@@ -190,3 +193,44 @@ def test_a_kept_session_of_an_unshared_fleet_does_not_deliver_twice(tmp_path: Pa
         assert sorted(got) == [topics.blob_requests("dev-1"), topics.reported("dev-1")]
     finally:
         broker.stop()
+
+
+# --- desired states published by several workers -----------------------------------------------------
+
+
+class _Acked:
+    def __init__(self, acked: bool) -> None:
+        self.acked = acked
+
+    def wait(self, timeout: float) -> bool:
+        return self.acked
+
+
+def _desired(device_id: str, generation: int) -> DesiredRecord:
+    return DesiredRecord(device_id, generation, "pkg", None, datetime.now(timezone.utc), b"")
+
+
+def test_a_newer_desired_state_another_worker_committed_is_published_last() -> None:
+    """This worker published generation 5 of dev-1 while another worker committed (and published) 6:
+    once 5 is acknowledged, the check finds 6 and publishes it again, so the broker retains 6."""
+    sent: list[tuple[str, int]] = []
+    db = {"dev-1": _desired("dev-1", 6), "dev-2": _desired("dev-2", 3)}
+
+    def publish(d: DesiredRecord) -> _Acked:
+        sent.append((d.device_id, d.generation))
+        return _Acked(True)
+
+    again = publish_newest_last([_desired("dev-1", 5), _desired("dev-2", 3)], publish, lambda ids: [db[i] for i in ids])
+    assert again == 1
+    assert sent == [("dev-1", 5), ("dev-2", 3), ("dev-1", 6)]
+
+
+def test_desired_states_not_acknowledged_are_left_to_the_republish_on_reconnect() -> None:
+    asked: list[list[str]] = []
+
+    def latest(ids: list[str]) -> list[DesiredRecord]:
+        asked.append(ids)
+        return []
+
+    again = publish_newest_last([_desired("dev-1", 5)], lambda d: _Acked(False), latest, ack_timeout_s=0.1)
+    assert again == 0 and asked == []

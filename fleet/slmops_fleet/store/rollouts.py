@@ -385,11 +385,12 @@ class RolloutQueries(Database):
                 raise NotFound(f"unknown rollout id {rollout_id}")
             return self._rollout_record(s, row)
 
-    def latest_desired_states(self) -> list[DesiredRecord]:
-        """Every device's newest desired state (republished, retained, whenever the fleet connects)."""
+    def latest_desired_states(self, device_ids: Sequence[str] | None = None) -> list[DesiredRecord]:
+        """Every device's newest desired state (republished, retained, whenever the fleet connects), or
+        those of `device_ids`."""
         with self.session() as s:
             revoked = set(s.scalars(select(DeviceRow.id).where(DeviceRow.revoked_at.is_not(None))).all())
-            latest = {k: v for k, v in latest_desired(s).items() if k not in revoked}
+            latest = {k: v for k, v in latest_desired(s, device_ids).items() if k not in revoked}
             manifests: dict[str, bytes] = {}
             out = []
             for d in latest.values():
