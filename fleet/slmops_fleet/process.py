@@ -301,7 +301,8 @@ class FleetServer:
             on_credentials_ack=lifecycle.confirmed,
             blob_policy=BlobRequestPolicy(s.chunk_size, rate=s.blob_request_rate, burst=s.blob_request_burst),
             max_telemetry_samples=s.telemetry_max_samples,
-            serves_blobs=lambda: self.driver is not None and self.driver.leading,
+            # Several workers (an external broker): the rollout driver's holder alone sends blobs.
+            serves_blobs=None if s.embedded_broker else lambda: self.driver is not None and self.driver.leading,
         )
         self.ingest = ingest
         mqtt.set_handlers(ingest.on_message, ingest.request_republish)
