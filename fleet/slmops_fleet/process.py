@@ -325,6 +325,7 @@ class FleetServer:
         driver = RolloutDriver(store, service.publish_desired, tick_s=s.rollout_tick_s, holder=holder)
         service.driver = driver
         self.driver = driver
+        workers.renewals.append(driver.renew)
         driver.start()
         self.retention = TelemetryRetention(
             store,

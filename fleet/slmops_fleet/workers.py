@@ -77,6 +77,7 @@ class Workers:
         self.ttl_s = heartbeat_s * TTL_HEARTBEATS
         self.drain = drain
         self.drained: list[str] = []  # client ids of dead workers whose sessions this worker drained
+        self.renewals: list[Callable[[], None]] = []  # other leases this worker keeps at each heartbeat
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -120,6 +121,8 @@ class Workers:
             log.error("worker lease %s was taken by another process; renewing it", self.name)
             current = self.store.lease_holder(self.name)
             self.store.acquire_lease(self.name, self.holder, self.ttl_s, take_from=current[0] if current else None)
+        for renew in self.renewals:
+            renew()
         if self.drain is None:
             return
         now = utcnow()

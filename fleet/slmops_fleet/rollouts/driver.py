@@ -81,6 +81,13 @@ class RolloutDriver:
         self.steps += 1
         return published
 
+    def renew(self) -> None:
+        """Renew the lease while this process leads, beside a step that may run longer than the lease
+        (publishing a wave's desired states waits for the broker): another worker must not take over
+        a driver that is only busy. Called by the worker's heartbeat (`workers.Workers.renewals`)."""
+        if self.leading:
+            self.leading = self.store.acquire_lease(DRIVER_LEASE, self.holder, self.lease_ttl_s)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
