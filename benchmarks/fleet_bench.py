@@ -1,6 +1,8 @@
 """The fleet's delivery at scale: N simulated devices on Mosquitto and on the embedded broker (run by hand).
 
-For each broker and each N: a real fleet (`slmops fleet serve`, its own process), N devices
+For each broker, database (`--database sqlite,postgresql`), number of fleet workers (`--workers 1,2`:
+several `slmops fleet serve` on one PostgreSQL database and Mosquitto; SQLite and the embedded broker
+take one) and N: a real fleet (`slmops fleet serve`, its own processes), N devices
 enrolled over the fleet's HTTP API (each with its own broker credentials and ACL), then run as
 lean simulated devices (slmops_testing/swarm.py `SwarmDevice`: many per process on one selector,
 the real MQTT protocol through the real broker, a chunk bitmap, per-chunk and per-blob SHA-256
@@ -17,14 +19,17 @@ release needed (target <= 1.2); the broker's peak RSS during the release (Mosqui
 the fleet's process for the embedded broker, which lives in it); the adapter release's egress over
 the full release's (target <= 5%). Then telemetry: every device publishes TelemetryBatch messages
 (`--telemetry-batches` x `--telemetry-samples`), and the rate is samples stored in the fleet's
-SQLite per second, from the first publish until the last row is in (target >= 10k/s).
+database per second, from the first publish until the last row is in (target >= 10k/s), and each
+worker's peak RSS and CPU seconds over the releases and the telemetry.
 
     python benchmarks/fleet_bench.py --devices 100,1000 --brokers mosquitto,embedded --json fleet.json
+    python benchmarks/fleet_bench.py --devices 1000 --brokers mosquitto --database postgresql --workers 1,2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -34,6 +39,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,7 @@ from slmops_builder.packaging import read_manifest
 from slmops_cli.procs import Service, wait_until
 from slmops_fleet.client import FleetClient, FleetClientError
 from slmops_testing.brokers import MosquittoBroker, start_mosquitto
+from slmops_testing.databases import fresh_pg_database
 from slmops_testing.packages import make_package, random_bytes
 from slmops_testing.processes import healthy, read_json
 from slmops_testing.swarm import swarm_worker
@@ -56,22 +63,48 @@ DEVICES_PER_WORKER = 250
 
 
 class Fleet:
-    """`slmops fleet serve` in its own process, on an external Mosquitto or its embedded broker."""
+    """`slmops fleet serve` in `workers` processes (one fleet: the same database, broker and admin token),
+    on an external Mosquitto or its embedded broker. Calls go to the first worker."""
 
-    def __init__(self, workdir: Path, key_pub: Path, broker: MosquittoBroker | None, coalesce_s: float | None) -> None:
-        data = workdir / "fleet"
-        args = ["fleet", "serve", "--data-dir", str(data), "--port", "0", "--broker-port", "0"]
-        args += ["--trust-key", str(key_pub), "--chunk-size", str(CHUNK)]
-        if broker is not None:
-            args += ["--broker-url", broker.url]
+    def __init__(
+        self,
+        workdir: Path,
+        key_pub: Path,
+        broker: MosquittoBroker | None,
+        coalesce_s: float | None,
+        *,
+        workers: int = 1,
+        database_url: str | None = None,
+    ) -> None:
+        token = workdir / "admin-token"
+        token.write_text(secrets.token_urlsafe(32) + "\n")
+        token.chmod(0o600)
         env = {"SLMOPS_FLEET_LOG_LEVEL": "WARNING"}
         if coalesce_s is not None:
             env["SLMOPS_FLEET_COALESCE_WINDOW_S"] = str(coalesce_s)
-        self.service = Service("fleet", args, workdir / "fleet.log", env=env)
-        info_path = data / "fleet.json"
-        self.info: dict[str, Any] = self.service.wait_for(lambda: read_json(info_path), timeout=60, what="fleet.json")
+        self.services: list[Service] = []
+        for i in range(workers):
+            data = workdir / f"fleet-{i}"
+            args = ["fleet", "serve", "--data-dir", str(data), "--port", "0", "--broker-port", "0"]
+            args += ["--trust-key", str(key_pub), "--chunk-size", str(CHUNK), "--admin-token-file", str(token)]
+            args += ["--worker-id", f"w{i}"]
+            if broker is not None:
+                args += ["--broker-url", broker.url]
+            if database_url is not None:
+                args += ["--database-url", database_url]
+            service = Service("fleet", args, workdir / f"fleet-{i}.log", env=env)
+            self.services.append(service)
+            info_path = data / "fleet.json"
+            info: dict[str, Any] = service.wait_for(partial(read_json, info_path), timeout=60, what="fleet.json")
+            service.wait_for(partial(healthy, str(info["url"])), timeout=60, what="a healthy API")
+            if i == 0:
+                self.info = info
+        self.service = self.services[0]
         self.client = FleetClient(self.info["url"], self.info["admin_token"], timeout=120)
-        self.service.wait_for(lambda: healthy(self.info["url"]), timeout=60, what="a healthy API")
+
+    def cpu_s(self) -> list[float]:
+        """Each worker's CPU seconds (user + system) so far."""
+        return [sum(psutil.Process(s.pid).cpu_times()[:2]) for s in self.services]
 
     def enroll(self, name: str, attempts: int = 3) -> dict[str, Any]:
         """Enroll one device (a fresh token per attempt: a lost response may have used the last one)."""
@@ -103,7 +136,8 @@ class Fleet:
 
     def stop(self) -> None:
         self.client.close()
-        self.service.stop()
+        for service in self.services:
+            service.stop()
 
 
 class PeakRss:
@@ -192,27 +226,50 @@ def blob_sizes(package: Path) -> dict[str, int]:
 
 
 def bench(
-    broker_kind: str, n: int, args: argparse.Namespace, workdir: Path, telemetry: bool
-) -> tuple[list[dict[str, Any]], float | None]:
+    broker_kind: str, database: str, n_workers: int, n: int, args: argparse.Namespace, workdir: Path
+) -> list[dict[str, Any]]:
     key = workdir / "keys" / "bench.key"
     generate_key(key)
-    broker = start_mosquitto(workdir / "mosquitto") if broker_kind == "mosquitto" else None
-    fleet = Fleet(workdir, public_path(key), broker, args.coalesce_s)
+    with contextlib.ExitStack() as stack:
+        database_url = stack.enter_context(fresh_pg_database()) if database == "postgresql" else None
+        broker = start_mosquitto(workdir / "mosquitto") if broker_kind == "mosquitto" else None
+        if broker is not None:
+            stack.callback(broker.stop)
+        fleet = Fleet(workdir, public_path(key), broker, args.coalesce_s, workers=n_workers, database_url=database_url)
+        stack.callback(fleet.stop)
+        return _bench(fleet, broker, (broker_kind, database, n_workers), n, args, workdir, key)
+    raise AssertionError("unreachable")
+
+
+def _bench(
+    fleet: Fleet,
+    broker: MosquittoBroker | None,
+    setup: tuple[str, str, int],
+    n: int,
+    args: argparse.Namespace,
+    workdir: Path,
+    key: Path,
+) -> list[dict[str, Any]]:
+    broker_kind, database, n_workers = setup
+    name = f"{broker_kind}+{database} x{n_workers} N={n}"
     workers: Workers | None = None
-    rss: PeakRss | None = None
+    rss: list[PeakRss] = []
     try:
         pkgs = packages(workdir, key, args.model_mib, args.adapter_kib)
         ids = {kind: fleet.client.upload_package(p)["package_id"] for kind, p in pkgs.items()}
         t = time.monotonic()
         with ThreadPoolExecutor(4) as pool:
             creds = list(pool.map(fleet.enroll, [f"sim-{i}" for i in range(n)]))
-        log(f"{broker_kind} N={n}: enrolled in {time.monotonic() - t:.1f} s")
+        log(f"{name}: enrolled in {time.monotonic() - t:.1f} s")
         workers = Workers(creds, args.stall_s)
         wait_until(lambda: workers.drain() is not None and workers.count("connected") >= n, timeout=300,
                    what=f"{n} devices connected", interval=0)  # fmt: skip
         if refused := [e for e in workers.events if e[0] == "refused"]:
             raise RuntimeError(f"the broker refused {len(refused)} devices: {refused[:3]}")
-        rss = PeakRss(broker.process.pid if broker is not None and broker.process else fleet.service.pid)
+        # The broker's process (the first worker's for the embedded broker, which lives in it), then each worker.
+        rss = [PeakRss(broker.process.pid if broker is not None and broker.process else fleet.service.pid)]
+        rss += [PeakRss(s.pid) for s in fleet.services]
+        cpu_before = fleet.cpu_s()
         runs = []
         have: set[str] = set()
         for kind in ("full", "adapter"):
@@ -220,7 +277,8 @@ def bench(
             needed = sum(size for sha, size in blobs.items() if sha not in have)
             have |= set(blobs)
             before = fleet.totals()
-            rss.reset()
+            for r in rss:
+                r.reset()
             t0 = time.monotonic()
             fleet.client.create_rollout(ids[kind], "all")
 
@@ -238,25 +296,29 @@ def bench(
             runs.append(
                 {
                     "broker": broker_kind,
+                    "database": database,
+                    "workers": n_workers,
                     "devices": n,
                     "kind": kind,
                     "seconds_to_all_committed": round(seconds, 2),
                     "egress_bytes": sent["broadcast_bytes"] + sent["repair_bytes"],
                     "blob_bytes": needed,
-                    "broker_peak_rss_mb": round(rss.peak_mb, 1),
+                    "worker_peak_rss_mb": [round(r.peak_mb, 1) for r in rss[1:]],
+                    "broker_peak_rss_mb": round(rss[0].peak_mb, 1),
                 }
             )
-            log(f"{broker_kind} N={n} {kind}: {runs[-1]}; transfers {sent}")
-        rate = measure_telemetry(fleet, workers, n, args) if telemetry else None
-        return runs, rate
+            log(f"{name} {kind}: {runs[-1]}; transfers {sent}")
+        rate = measure_telemetry(fleet, workers, n, args)
+        cpu = [round(b - a, 2) for a, b in zip(cpu_before, fleet.cpu_s(), strict=True)]
+        for run in runs:
+            run["telemetry_samples_per_s"] = round(rate, 1)
+            run["worker_cpu_s"] = cpu
+        return runs
     finally:
-        if rss is not None:
-            rss.stop()
+        for r in rss:
+            r.stop()
         if workers is not None:
             workers.stop()
-        fleet.stop()
-        if broker is not None:
-            broker.stop()
 
 
 def measure_telemetry(fleet: Fleet, workers: Workers, n: int, args: argparse.Namespace) -> float:
@@ -275,20 +337,26 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def table(runs: list[dict[str, Any]], telemetry: float | None) -> None:
+def table(runs: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    out = Table(title="fleet delivery (one fleet process; simulated devices in worker processes)")
-    for col in ("broker", "devices", "kind", "s to all COMMITTED", "egress MiB", "blob MiB", "egress/blob",
-                "adapter/full", "broker peak RSS MB"):  # fmt: skip
-        out.add_column(col, justify="left" if col in ("broker", "kind") else "right")
-    full = {(r["broker"], r["devices"]): r["egress_bytes"] for r in runs if r["kind"] == "full"}
+    out = Table(title="fleet delivery (simulated devices in worker processes)")
+    for col in ("broker", "database", "workers", "devices", "kind", "s to all COMMITTED", "egress MiB", "blob MiB",
+                "egress/blob", "adapter/full", "telemetry samples/s", "worker peak RSS MB", "worker CPU s",
+                "broker peak RSS MB"):  # fmt: skip
+        out.add_column(col, justify="left" if col in ("broker", "database", "kind") else "right")
+    full = {
+        (r["broker"], r["database"], r["workers"], r["devices"]): r["egress_bytes"] for r in runs if r["kind"] == "full"
+    }
     for r in runs:
         ratio = r["egress_bytes"] / r["blob_bytes"] if r["blob_bytes"] else float("nan")
-        vs_full = r["egress_bytes"] / full[(r["broker"], r["devices"])] if r["kind"] == "adapter" else None
+        setup = (r["broker"], r["database"], r["workers"], r["devices"])
+        vs_full = r["egress_bytes"] / full[setup] if r["kind"] == "adapter" else None
         out.add_row(
             r["broker"],
+            r["database"],
+            str(r["workers"]),
             str(r["devices"]),
             r["kind"],
             f"{r['seconds_to_all_committed']:.1f}",
@@ -296,18 +364,24 @@ def table(runs: list[dict[str, Any]], telemetry: float | None) -> None:
             f"{r['blob_bytes'] / 2**20:.2f}",
             f"{ratio:.2f}",
             f"{vs_full:.1%}" if vs_full is not None else "",
+            f"{r['telemetry_samples_per_s']:,.0f}",
+            " ".join(f"{m:.0f}" for m in r["worker_peak_rss_mb"]),
+            " ".join(f"{c:.1f}" for c in r["worker_cpu_s"]),
             f"{r['broker_peak_rss_mb']:.0f}",
         )
-    console = Console(width=150)
-    console.print(out)
-    if telemetry is not None:
-        console.print(f"telemetry ingest into SQLite: [bold]{telemetry:,.0f}[/] samples/s")
+    Console(width=200).print(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", default="100,1000", help="Comma-separated fleet sizes.")
     p.add_argument("--brokers", default="mosquitto,embedded", help="mosquitto and/or embedded.")
+    p.add_argument("--database", default="sqlite", help="sqlite and/or postgresql (a throwaway database).")
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="Comma-separated numbers of fleet workers; more than one needs Mosquitto and PostgreSQL.",
+    )
     p.add_argument("--model-mib", type=float, default=4.0, help="Model data in the full package (MiB).")
     p.add_argument("--adapter-kib", type=float, default=160.0, help="Adapter file of the adapter release (KiB).")
     p.add_argument(
@@ -330,23 +404,31 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.devices.split(",") if x]
     brokers = [b for b in args.brokers.split(",") if b]
+    databases = [d for d in args.database.split(",") if d]
+    counts = [int(x) for x in args.workers.split(",") if x]
     if unknown := set(brokers) - {"mosquitto", "embedded"}:
         p.error(f"unknown broker(s): {', '.join(sorted(unknown))}")
+    if unknown := set(databases) - {"sqlite", "postgresql"}:
+        p.error(f"unknown database(s): {', '.join(sorted(unknown))}")
+    if not counts or min(counts) < 1:
+        p.error("--workers takes numbers of 1 or more")
 
     runs: list[dict[str, Any]] = []
-    telemetry: float | None = None
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         root = args.workdir or Path(tmp)
         for broker in brokers:
-            for n in sizes:
-                workdir = root / f"{broker}-{n}-{secrets.token_hex(3)}"
-                workdir.mkdir(parents=True)
-                got, rate = bench(broker, n, args, workdir, telemetry=telemetry is None)
-                runs += got
-                telemetry = telemetry if rate is None else rate
-    table(runs, telemetry)
+            for database in databases:
+                for workers in counts:
+                    if workers > 1 and (broker == "embedded" or database == "sqlite"):
+                        log(f"skipped {broker}+{database} x{workers}: several workers need Mosquitto and PostgreSQL")
+                        continue
+                    for n in sizes:
+                        workdir = root / f"{broker}-{database}-{workers}-{n}-{secrets.token_hex(3)}"
+                        workdir.mkdir(parents=True)
+                        runs += bench(broker, database, workers, n, args, workdir)
+    table(runs)
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "telemetry_samples_per_s": telemetry}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     return 0
 
 

@@ -1,5 +1,12 @@
 """Blob files under <data dir>/blobs/: written through a temporary file, hashed while written,
-renamed into place only when the SHA-256 and the size are right."""
+renamed into place only when the SHA-256 and the size are right.
+
+`BlobStore` is also the interface of the fleet's blob backends: where a committed upload is kept
+(`keep`, giving the location the database records), whether a recorded blob is there (`holds`),
+and the local file the blob sender reads (`ensure_local`, `local_path`). This one keeps blobs in
+the data folder only (one worker, or workers sharing the folder); `shared_blobs` keeps them in the
+database for every worker, with this folder as each worker's cache.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from slmops_fleet.errors import InvalidRequest, TooLarge
+from slmops_fleet.store.records import BlobRecord
 from slmops_protos.manifests import is_sha256_hex
 
 
@@ -65,8 +73,9 @@ class BlobWriter:
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, data_dir: Path | None = None) -> None:
         self.root = root
+        self.data_dir = data_dir or root.parent  # recorded locations are relative to it
         self.incoming = root / ".incoming"
 
     def create(self) -> None:
@@ -88,3 +97,23 @@ class BlobStore:
 
     def relpath(self, sha256: str, data_dir: Path) -> str:
         return self.path(sha256).relative_to(data_dir).as_posix()
+
+    # --- the backend interface ------------------------------------------------------------------
+
+    def keep(self, writer: BlobWriter) -> str:
+        """Keep a committed upload; the location to record for it."""
+        return self.relpath(writer.sha256, self.data_dir)
+
+    def discard(self, location: str) -> None:
+        """Drop what `keep` made when another upload of the same blob was recorded first."""
+
+    def holds(self, rec: BlobRecord) -> bool:
+        """Whether the recorded blob can be read."""
+        return (self.data_dir / rec.path).is_file()
+
+    def ensure_local(self, rec: BlobRecord) -> bool:
+        """Make the recorded blob's local file ready to read (a cache may fetch it); False if it cannot."""
+        return self.holds(rec)
+
+    def local_path(self, rec: BlobRecord) -> Path:
+        return self.data_dir / rec.path

@@ -7,6 +7,12 @@ lost to a burst); only past that wait is a message dropped and counted. One work
 reports and inserts telemetry in batches; blob requests have their own queue and thread, so that
 a wave's requests reach the distributor together instead of one per report written.
 
+Each message is acknowledged to the broker (`ack`, manual acknowledgement) only once what it says is
+committed (or it was refused or dropped): a worker killed before its commit leaves it in its broker
+session for a restart or another worker to take (`workers`). Applying one twice is harmless
+(telemetry samples are unique per device and sequence number; a report sets states).
+With several workers only the one sending blobs (`serves_blobs`) serves blob requests.
+
 What one device may send is bounded before it is queued: a telemetry batch with more samples than
 `max_telemetry_samples` is refused whole (no agent sends one; keeping part of it would store what a
 broken or hostile device chose), and blob requests pass `device_limits.BlobRequestPolicy`.
@@ -20,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from slmops_fleet.codec import (
     BlobRequestIn,
@@ -35,11 +41,13 @@ from slmops_fleet.codec import (
 )
 from slmops_fleet.device_limits import BlobRequestPolicy, WindowedLog
 from slmops_fleet.distribution import BlobDistributor
+from slmops_fleet.mqtt_client import Ack
 from slmops_fleet.store import Store
 from slmops_fleet.store.records import ReportedUpdate, TelemetryRecord
 from slmops_protos.topics import Topics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -52,9 +60,26 @@ class IngestCounters:
     malformed: int = 0
     unknown_device: int = 0
     dropped_queue_full: int = 0
+    blob_requests_elsewhere: int = 0  # left to the worker that sends blobs
+
+
+def _no_ack() -> None:
+    return None
 
 
 _REPUBLISH = object()
+
+
+def _retrying(write: Callable[[], T], attempts: int = 4) -> T:
+    """`write` (idempotent), tried again after a failure: a deadlock or a lost connection between fleet
+    workers writing the same devices is worth a second try, not a lost report or sample."""
+    for attempt in range(attempts - 1):
+        try:
+            return write()
+        except Exception as exc:
+            log.warning("a store write failed (%s); again", str(exc).splitlines()[0][:200])
+            time.sleep(0.1 * 3**attempt)
+    return write()
 
 
 class Ingest:
@@ -70,6 +95,7 @@ class Ingest:
         on_credentials_ack: Callable[[CredentialsAckIn], object] | None = None,
         blob_policy: BlobRequestPolicy | None = None,
         max_telemetry_samples: int | None = None,
+        serves_blobs: Callable[[], bool] | None = None,
         queue_bound: int = 10_000,
         telemetry_batch: int = 5000,
         report_batch: int = 500,
@@ -83,6 +109,7 @@ class Ingest:
         self._on_credentials_ack = on_credentials_ack
         self.blob_policy = blob_policy
         self.max_telemetry_samples = max_telemetry_samples
+        self.serves_blobs = serves_blobs
         self._warn = WindowedLog(60.0)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
         self._requests: queue.Queue[Any] = queue.Queue(maxsize=queue_bound)
@@ -99,52 +126,55 @@ class Ingest:
 
     # --- network thread -------------------------------------------------------------------------
 
-    def on_message(self, topic: str, payload: bytes) -> None:
+    def on_message(self, topic: str, payload: bytes, ack: Ack = _no_ack) -> None:
+        item = self._parse(topic, payload)
+        if item is None or isinstance(item, BlobRequestIn):
+            ack()  # refused or dropped, or a blob request (a device asks again after its stall timer)
+            ack = _no_ack
+        if item is not None:
+            self._put(item, ack)
+
+    def _parse(self, topic: str, payload: bytes) -> Any:
         device_id = self.topics.device_of(topic)
         if device_id is None:
-            return
+            return None
         kind = topic.rsplit("/", 1)[-1]
         try:
-            item: Any
             if kind == "reported":
-                item = reported_from_pb(device_id, payload)
-            elif kind == "telemetry":
-                item = telemetry_from_pb(device_id, payload, self.max_telemetry_samples)
-            elif kind == "blob-requests":
+                return reported_from_pb(device_id, payload)
+            if kind == "telemetry":
+                return telemetry_from_pb(device_id, payload, self.max_telemetry_samples)
+            if kind == "blob-requests":
                 item = blob_request_from_pb(device_id, payload)
-                if self.blob_policy is not None:
-                    item = self.blob_policy.admit(item)
-                    if item is None:
-                        return
-            elif kind == "credentials-ack" and self._on_credentials_ack is not None:
-                item = credentials_ack_from_pb(device_id, payload)
-            else:
-                return
+                return self.blob_policy.admit(item) if self.blob_policy is not None else item
+            if kind == "credentials-ack" and self._on_credentials_ack is not None:
+                return credentials_ack_from_pb(device_id, payload)
+            return None
         except TooManySamples as exc:
             self.counters.telemetry_refused += 1
             self._warn.warning(f"{device_id} telemetry", "refused a telemetry batch from %s: %s", device_id, exc)
-            return
         except PayloadError as exc:
             self.counters.malformed += 1
             log.warning("dropping a message on %s: %s", topic, exc)
-            return
-        self._put(item)
+        return None
 
     def queue_depths(self) -> tuple[int, int]:
         """Items waiting: (reports and telemetry, blob requests)."""
         return self._queue.qsize(), self._requests.qsize()
 
     def request_republish(self) -> None:
-        self._put(_REPUBLISH)
+        self._put(_REPUBLISH, _no_ack)
 
-    def _put(self, item: Any) -> None:
+    def _put(self, item: Any, ack: Ack) -> None:
         with self._processed:
             self._pending += 1
         try:
-            (self._requests if isinstance(item, BlobRequestIn) else self._queue).put(item, timeout=self.backpressure_s)
+            target = self._requests if isinstance(item, BlobRequestIn) else self._queue
+            target.put((item, ack), timeout=self.backpressure_s)
         except queue.Full:
             with self._processed:
                 self._pending -= 1
+            ack()
             self.counters.dropped_queue_full += 1
             log.warning("ingest queue full: dropped a %s", type(item).__name__)
 
@@ -161,8 +191,8 @@ class Ingest:
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
-        self._queue.put(self._stop)
-        self._requests.put(self._stop)
+        self._queue.put((self._stop, _no_ack))
+        self._requests.put((self._stop, _no_ack))
         self._thread.join(timeout)
         if self._request_thread is not None:
             self._request_thread.join(timeout)
@@ -182,19 +212,22 @@ class Ingest:
     def _run(self) -> None:
         samples: list[TelemetryRecord] = []
         dropped: dict[str, int] = {}
+        acks: list[Ack] = []  # of the telemetry messages whose samples wait in `samples`
         held = 0  # telemetry messages whose samples wait in `samples`
         deadline = 0.0
         carry: Any = None  # an item taken from the queue while gathering reports, handled next
         while True:
             timeout = max(0.0, deadline - time.monotonic()) if held else None
+            ack: Ack = _no_ack
             if carry is not None:
-                item, carry = carry, None
+                (item, ack), carry = carry, None
             else:
                 try:
-                    item = self._queue.get(timeout=timeout)
+                    item, ack = self._queue.get(timeout=timeout)
                 except queue.Empty:
                     item = None
             if isinstance(item, TelemetryIn):
+                acks.append(ack)
                 if not held:
                     deadline = time.monotonic() + self.telemetry_flush_s
                 samples.extend(item.samples)
@@ -205,7 +238,9 @@ class Ingest:
                     continue
             if held:  # the batch is full, its time is up, or another kind of message came
                 self._flush_telemetry(samples, dropped)
-                samples, dropped = [], {}
+                for done in acks:
+                    done()
+                samples, dropped, acks = [], {}, []
                 self._done(held)
                 held = 0
             if item is None or isinstance(item, TelemetryIn):
@@ -213,30 +248,32 @@ class Ingest:
             if item is self._stop:
                 return
             if isinstance(item, ReportedUpdate):
-                carry = self._apply_reports(item)
+                carry = self._apply_reports(item, ack)
                 continue
             try:
                 self._apply(item)
             except Exception:
                 log.exception("applying %s failed", type(item).__name__)
             finally:
+                ack()
                 self._done(1)
 
-    def _apply_reports(self, first: ReportedUpdate) -> Any:
+    def _apply_reports(self, first: ReportedUpdate, first_ack: Ack) -> Any:
         """Apply `first` and the reports queued right behind it in one store transaction (up to
-        `report_batch`); return the item that ended the run (None when the queue ran dry)."""
-        reports, after = [first], None
+        `report_batch`); return the (item, ack) that ended the run (None when the queue ran dry)."""
+        reports, acks, after = [first], [first_ack], None
         while len(reports) < self.report_batch:
             try:
-                item = self._queue.get_nowait()
+                item, ack = self._queue.get_nowait()
             except queue.Empty:
                 break
             if not isinstance(item, ReportedUpdate):
-                after = item
+                after = (item, ack)
                 break
             reports.append(item)
+            acks.append(ack)
         try:
-            known = self.store.apply_reported_many(reports)
+            known = _retrying(lambda: self.store.apply_reported_many(reports))
             self.counters.reported += len(reports)
             for rep, ok in zip(reports, known, strict=True):
                 if not ok:
@@ -245,6 +282,8 @@ class Ingest:
         except Exception:
             log.exception("applying %d reports failed", len(reports))
         finally:
+            for ack in acks:
+                ack()
             self._done(len(reports))
         return after
 
@@ -256,7 +295,7 @@ class Ingest:
 
     def _flush_telemetry(self, samples: list[TelemetryRecord], dropped: dict[str, int]) -> None:
         try:
-            self.store.insert_telemetry(samples, dropped)
+            _retrying(lambda: self.store.insert_telemetry(samples, dropped))
             self.counters.telemetry_samples += len(samples)
         except Exception:
             log.exception("storing %d telemetry samples failed", len(samples))
@@ -270,10 +309,10 @@ class Ingest:
     def _run_requests(self) -> None:
         """Blob requests, as many as are queued at a time: one store query checks them all."""
         while True:
-            batch = [self._requests.get()]
+            batch = [self._requests.get()[0]]
             while len(batch) < 1000:
                 try:
-                    batch.append(self._requests.get_nowait())
+                    batch.append(self._requests.get_nowait()[0])
                 except queue.Empty:
                     break
             stop = any(item is self._stop for item in batch)
@@ -289,6 +328,9 @@ class Ingest:
 
     def _serve_requests(self, requests: list[BlobRequestIn]) -> None:
         self.counters.blob_requests += len(requests)
+        if requests and self.serves_blobs is not None and not self.serves_blobs():
+            self.counters.blob_requests_elsewhere += len(requests)
+            return
         allowed = self.store.devices_may_fetch([(r.device_id, r.sha256) for r in requests])
         for item in requests:
             if (item.device_id, item.sha256) not in allowed:

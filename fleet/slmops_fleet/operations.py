@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slmops_fleet.blobstore import BlobStore, BlobWriter
 from slmops_fleet.codec import desired_to_pb
-from slmops_fleet.distribution import BlobDistributor, Publisher
+from slmops_fleet.desired_order import publish_newest_last
+from slmops_fleet.distribution import BlobDistributor, Publisher, PublishHandle
 from slmops_fleet.errors import Conflict, InvalidRequest, NotFound, ProvisioningError, TooLarge, Unavailable
 from slmops_fleet.provisioning import Provisioner
 from slmops_fleet.rollouts.gates import Gates
@@ -236,13 +237,16 @@ class FleetOperations:
             raise InvalidRequest(
                 f"blob {sha256} is {expected} bytes per its manifest, the request sends {content_length}"
             )
-        if self.store.get_blob(sha256) is not None and self.blobs.has(sha256):
+        recorded = self.store.get_blob(sha256)
+        if recorded is not None and self.blobs.holds(recorded):
             return None
         self.blobs.create()
         return self.blobs.writer(sha256, expected)
 
     def blob_committed(self, writer: BlobWriter) -> dict[str, Any]:
-        self.store.add_blob(writer.sha256, writer.size, self.blobs.relpath(writer.sha256, self.settings.data_dir))
+        location = self.blobs.keep(writer)
+        if not self.store.add_blob(writer.sha256, writer.size, location):
+            self.blobs.discard(location)  # another upload of it was recorded first: it lands once
         log.info("blob %s stored (%d bytes)", writer.sha256[:12], writer.size)
         return {"sha256": writer.sha256, "size": writer.size, "stored": True}
 
@@ -361,11 +365,15 @@ class FleetOperations:
         return rollouts[-1].id
 
     def publish_desired(self, records: list[DesiredRecord]) -> None:
+        """Publish desired states (retained), the newest of each device last (`desired_order`)."""
         for d in records:
             self.distributor.fetch_started(d.device_id, d.generation)
-            self.publisher.publish(
-                self.topics.desired(d.device_id), desired_to_pb(d, self.settings.chunk_size), qos=1, retain=True
-            )
+
+        def publish(d: DesiredRecord) -> PublishHandle:
+            payload = desired_to_pb(d, self.settings.chunk_size)
+            return self.publisher.publish(self.topics.desired(d.device_id), payload, qos=1, retain=True)
+
+        publish_newest_last(records, publish, self.store.latest_desired_states)
 
     def republish(self) -> None:
         """Everything retained the fleet owes its devices (its MQTT session (re)connected)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -45,10 +44,13 @@ from slmops_fleet.provisioning import DynsecProvisioner, EmbeddedProvisioner, No
 from slmops_fleet.retention import TelemetryRetention
 from slmops_fleet.rollouts.driver import RolloutDriver
 from slmops_fleet.settings import FleetSettings
+from slmops_fleet.shared_blobs import PostgresBlobStore
 from slmops_fleet.signing_keys import SigningKeys
 from slmops_fleet.store import Store
+from slmops_fleet.store.leases import new_holder
 from slmops_fleet.store.records import BlobRecord
 from slmops_fleet.tls import WILDCARD_HOSTS, TlsFiles, client_context, fleet_tls_files, write_file
+from slmops_fleet.workers import Workers, session_drainer
 from slmops_protos.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,7 @@ class FleetServer:
         self.service: FleetOperations | None = None
         self.driver: RolloutDriver | None = None
         self.retention: TelemetryRetention | None = None
+        self.workers: Workers | None = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.info: FleetInfo | None = None
@@ -147,8 +150,6 @@ class FleetServer:
         s.trusted_keys_dir.mkdir(exist_ok=True)
         admin_token = ensure_admin_token(s.admin_token_file)
         trusted = load_trusted_keys(s)
-        blobs = BlobStore(s.blobs_dir)
-        blobs.create()
         ports = self._read_ports()
         tls = fleet_tls_files(s)
         if tls is None and s.exposed_hosts():
@@ -160,6 +161,24 @@ class FleetServer:
             await asyncio.to_thread(store.migrate)
         except Exception as exc:
             raise StartupError(f"cannot open or migrate the database {store.url.split('@')[-1]}: {exc}") from exc
+        blobs = (
+            PostgresBlobStore(s.blobs_dir, store.engine, s.data_dir)
+            if s.blobs_in_database
+            else BlobStore(s.blobs_dir, s.data_dir)
+        )
+        blobs.create()
+        # This worker among the fleet's workers (one, unless several share a PostgreSQL database).
+        holder = new_holder()
+        workers = Workers(store, s.mqtt_client_id, holder, heartbeat_s=s.worker_heartbeat_s)
+        await asyncio.to_thread(workers.claim)
+        self.workers = workers
+        if s.embedded_broker:
+            others = await asyncio.to_thread(workers.others_alive)
+            if others:
+                raise StartupError(
+                    f"another fleet worker ({others[0]}) uses this database: the embedded broker serves one worker; "
+                    "run several workers on an external broker (--broker-url)"
+                )
 
         # The broker and how device credentials reach it.
         if s.embedded_broker:
@@ -208,9 +227,9 @@ class FleetServer:
                 tls=ext.tls,
                 ca_pem=s.broker_ca.read_text() if ext.tls and s.broker_ca else None,
             )
-            # A stable client id and a persistent session: the broker keeps device reports for the fleet
-            # while it restarts.
-            client_id = "slmops-fleet-" + hashlib.sha256(str(s.data_dir).encode()).hexdigest()[:12]
+            # A stable client id per worker and a persistent session: the broker keeps device reports for
+            # the worker while it restarts (or until another worker drains them: `workers`).
+            client_id = s.mqtt_client_id
             clean = False
 
         # The HTTP socket first, so the URL is known before anything is handed out.
@@ -227,18 +246,20 @@ class FleetServer:
             keepalive_s=s.mqtt_keepalive_s,
             reconnect_max_s=s.mqtt_reconnect_max_s,
             max_inflight=max(32, s.max_inflight * 2),
+            mqtt5=not s.embedded_broker,
+            share_group="" if s.embedded_broker else s.share_group,
         )
         self.mqtt = mqtt
 
         def blob_lookup(sha256: str) -> BlobRecord | None:
             rec = store.get_blob(sha256)
-            return rec if rec is not None and blobs.has(sha256) else None
+            return rec if rec is not None and blobs.ensure_local(rec) else None
 
         distributor = BlobDistributor(
             self.topics,
             mqtt,
             blob_lookup=blob_lookup,
-            blob_path=lambda rec: s.data_dir / rec.path,
+            blob_path=blobs.local_path,
             stats_sink=store.add_blob_stats,
             default_chunk_size=s.chunk_size,
             rate=s.broadcast_rate,
@@ -286,6 +307,8 @@ class FleetServer:
             on_credentials_ack=lifecycle.confirmed,
             blob_policy=BlobRequestPolicy(s.chunk_size, rate=s.blob_request_rate, burst=s.blob_request_burst),
             max_telemetry_samples=s.telemetry_max_samples,
+            # Several workers (an external broker): the rollout driver's holder alone sends blobs.
+            serves_blobs=None if s.embedded_broker else lambda: self.driver is not None and self.driver.leading,
         )
         self.ingest = ingest
         mqtt.set_handlers(ingest.on_message, ingest.request_republish)
@@ -305,9 +328,10 @@ class FleetServer:
             )
 
         # The rollout driver: waves, soaks, gates, aborts.
-        driver = RolloutDriver(store, service.publish_desired, tick_s=s.rollout_tick_s)
+        driver = RolloutDriver(store, service.publish_desired, tick_s=s.rollout_tick_s, holder=holder)
         service.driver = driver
         self.driver = driver
+        workers.renewals.append(driver.renew)
         driver.start()
         self.retention = TelemetryRetention(
             store,
@@ -316,6 +340,9 @@ class FleetServer:
             interval_s=s.telemetry_retention_interval_s,
         )
         self.retention.start()
+        if not s.embedded_broker:
+            workers.drain = session_drainer(endpoint, self.topics, s.share_group, ingest.on_message)
+        workers.start()
         service.limits = LimitCounters(ingest, self.broker, self.retention, mqtt).to_json
 
         # HTTP last: when it answers, everything behind it works.
@@ -412,6 +439,9 @@ class FleetServer:
                     await asyncio.wait_for(self._http_task, timeout=self.settings.shutdown_grace_s + 5)
             self._http = None
             self._http_task = None
+        if self.workers is not None:
+            await self.workers.stop()
+            self.workers = None
         if self.driver is not None:
             await self.driver.stop()
             self.driver = None

@@ -230,6 +230,19 @@ class DynsecProvisioner:
             },
             ok_errors=("already exists",),
         )
+        # Several fleet workers share device messages (mqtt_client: $share/<group>/...); Mosquitto checks a
+        # shared subscription's ACL on the whole filter. Added on its own: the role may predate it.
+        self.command(
+            {
+                "command": "addRoleACL",
+                "rolename": FLEET_ROLE,
+                "acltype": "subscribePattern",
+                "topic": f"$share/+/{root}/#",
+                "priority": 0,
+                "allow": True,
+            },
+            ok_errors=("already exists",),
+        )
         if FLEET_ROLE in self.client_roles(username):
             return
         try:

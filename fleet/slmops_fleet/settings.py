@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -195,6 +196,36 @@ class FleetSettings(BaseSettings):
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time in-flight HTTP requests get to finish on shutdown.")
     log_level: str = Field("INFO")
+    # --- several workers on one database and one external broker (`workers`) ---
+    worker_id: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]{0,64}$",
+        description="This worker's name among the fleet's workers (its MQTT client id is slmops-fleet-<worker id>); "
+        "default: derived from the data folder. Workers that share a data folder need one each.",
+    )
+    share_group: str = Field(
+        "slmops-fleet",
+        pattern=r"^[A-Za-z0-9._-]{0,64}$",
+        description="External broker: device reports, telemetry and credential acks are consumed through the shared "
+        "subscription $share/<group>/..., so each goes to one worker; '' subscribes plainly (one worker only).",
+    )
+    worker_heartbeat_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="How often a worker renews its presence; one silent for 5 times this is taken as dead and "
+        "its broker session drained by another worker.",
+    )
+    blob_store: Literal["auto", "local", "database"] = Field(
+        "auto",
+        description="Where uploaded blobs live: 'local' (the data folder), 'database' (PostgreSQL large objects, "
+        "which every worker reaches; the data folder caches them), or 'auto': database on PostgreSQL, else local.",
+    )
+    admin_token_path: Path | None = Field(
+        None,
+        description="The owner's admin token file (default <data_dir>/admin-token, made at the first start): give "
+        "every worker of one fleet the same file, or the same data folder.",
+    )
 
     @field_validator("data_dir", mode="after")
     @classmethod
@@ -206,7 +237,7 @@ class FleetSettings(BaseSettings):
     def _expand_keys(cls, value: list[Path]) -> list[Path]:
         return [p.expanduser().absolute() for p in value]
 
-    @field_validator("tls_cert", "tls_key", "tls_ca", "broker_ca", mode="after")
+    @field_validator("tls_cert", "tls_key", "tls_ca", "broker_ca", "admin_token_path", mode="after")
     @classmethod
     def _expand_file(cls, value: Path | None) -> Path | None:
         return value.expanduser().absolute() if value is not None else None
@@ -300,6 +331,13 @@ class FleetSettings(BaseSettings):
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'fleet.db'}"
 
+    @property
+    def blobs_in_database(self) -> bool:
+        """Blobs in the database's large objects (see `blob_store`)."""
+        if self.blob_store == "auto":
+            return self.resolved_database_url().startswith("postgresql")
+        return self.blob_store == "database"
+
     def external_broker(self) -> BrokerAddress:
         if self.broker_url is None:
             raise ValueError("no external broker configured")
@@ -318,7 +356,13 @@ class FleetSettings(BaseSettings):
 
     @property
     def admin_token_file(self) -> Path:
-        return self.data_dir / "admin-token"
+        return self.admin_token_path or self.data_dir / "admin-token"
+
+    @property
+    def mqtt_client_id(self) -> str:
+        """The fleet's MQTT client id on an external broker: stable per worker, so its session outlives a
+        restart."""
+        return "slmops-fleet-" + (self.worker_id or hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12])
 
     @property
     def fleet_json(self) -> Path:

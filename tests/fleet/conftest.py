@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,9 +31,8 @@ import pytest
 
 from slmops_fleet.store import Store
 from slmops_testing.brokers import MosquittoBroker, start_mosquitto
+from slmops_testing.databases import PG_BASE_URL
 from slmops_testing.packages import make_package
-
-PG_BASE_URL = os.environ.get("SLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture

@@ -31,16 +31,20 @@ def test_fleet_bench_smoke(tmp_path: Path) -> None:
     assert "samples/s" in done.stdout
 
     result = json.loads(out.read_text())
-    assert set(result) == {"runs", "telemetry_samples_per_s"}
-    assert result["telemetry_samples_per_s"] > 0
+    assert set(result) == {"runs"}
     runs = result["runs"]
     keys = {
         "broker",
+        "database",
+        "workers",
         "devices",
         "kind",
         "seconds_to_all_committed",
         "egress_bytes",
         "blob_bytes",
+        "telemetry_samples_per_s",
+        "worker_peak_rss_mb",
+        "worker_cpu_s",
         "broker_peak_rss_mb",
     }
     assert all(set(r) == keys for r in runs), runs
@@ -52,6 +56,8 @@ def test_fleet_bench_smoke(tmp_path: Path) -> None:
     ]
     for r in runs:
         assert r["devices"] == 3 and r["seconds_to_all_committed"] > 0 and r["broker_peak_rss_mb"] > 0
+        assert r["database"] == "sqlite" and r["workers"] == 1 and r["telemetry_samples_per_s"] > 0
+        assert len(r["worker_peak_rss_mb"]) == len(r["worker_cpu_s"]) == 1 and r["worker_peak_rss_mb"][0] > 0
         assert r["blob_bytes"] <= r["egress_bytes"] <= 1.2 * r["blob_bytes"], r
     full = {r["broker"]: r for r in runs if r["kind"] == "full"}
     for r in runs:

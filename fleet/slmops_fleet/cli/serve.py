@@ -83,6 +83,18 @@ def serve(
         typer.Option("--trust-key", help="Trusted package signing public key (*.pub); repeatable."),
     ] = None,
     log_level: Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = None,
+    worker_id: Annotated[
+        str | None,
+        typer.Option("--worker-id", help="This worker's name among several (default: from the data folder)."),
+    ] = None,
+    share_group: Annotated[
+        str | None,
+        typer.Option("--share-group", help="External broker: shared-subscription group (default slmops-fleet)."),
+    ] = None,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option("--admin-token-file", help="The owner's token file; the same for every worker of one fleet."),
+    ] = None,
 ) -> None:
     """Run the fleet manager: HTTP API, MQTT broker (or client of an external one), database.
 
@@ -118,6 +130,9 @@ def serve(
         "broadcast_rate": broadcast_rate,
         "signing_keys": trust_key or None,
         "log_level": log_level,
+        "worker_id": worker_id,
+        "share_group": share_group,
+        "admin_token_path": admin_token_file,
     }
     loaded = load_fleet_settings(config, given)
     settings = loaded.settings

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from slmops_fleet.store import Store
+from slmops_fleet.store.leases import dead_here, new_holder
 from slmops_fleet.store.records import DesiredRecord
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class RolloutDriver:
         self.publish = publish
         self.tick_s = tick_s
         self.lease_ttl_s = lease_ttl_s if lease_ttl_s is not None else max(10.0, 5 * tick_s)
-        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.holder = holder or new_holder()
         self.leading = False
         self.steps = 0
         self.targeting_s = targeting_s  # how often to look for devices that joined an assigned group
@@ -66,7 +67,7 @@ class RolloutDriver:
         leading = self.store.acquire_lease(DRIVER_LEASE, self.holder, self.lease_ttl_s)
         if not leading:
             current = self.store.lease_holder(DRIVER_LEASE)
-            if current is not None and _dead_here(current[0]):
+            if current is not None and dead_here(current[0]):
                 leading = self.store.acquire_lease(DRIVER_LEASE, self.holder, self.lease_ttl_s, take_from=current[0])
         if leading != self.leading:
             log.info(
@@ -106,6 +107,13 @@ class RolloutDriver:
             self.publish(records)
         return len(records)
 
+    def renew(self) -> None:
+        """Renew the lease while this process leads, beside a step that may run longer than the lease
+        (publishing a wave's desired states waits for the broker): another worker must not take over
+        a driver that is only busy. Called by the worker's heartbeat (`workers.Workers.renewals`)."""
+        if self.leading:
+            self.leading = self.store.acquire_lease(DRIVER_LEASE, self.holder, self.lease_ttl_s)
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
@@ -143,21 +151,3 @@ class RolloutDriver:
                 await asyncio.to_thread(self.store.release_lease, DRIVER_LEASE, self.holder)
             except Exception:
                 log.exception("could not give the rollout driver's lease back; it expires by itself")
-
-
-def _dead_here(holder: str) -> bool:
-    """Whether `holder` ("host:pid:random") names a process of this host that no longer runs."""
-    host, _, rest = holder.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False  # another driver of this very process (tests): alive
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False

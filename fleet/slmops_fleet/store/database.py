@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent.parent / "migrations"
 INT64_MAX = (1 << 63) - 1
 _WRITE = "slmops_write"
+# The PostgreSQL advisory lock held around a schema upgrade, so that workers starting together
+# migrate one at a time (the number is arbitrary, fixed: "slmops" in ASCII).
+MIGRATION_LOCK = 0x736C6D6F7073
 
 
 def utcnow() -> datetime:
@@ -72,13 +75,20 @@ class Database:
         return create_engine(url, echo=echo, pool_pre_ping=True)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest migration (programmatic Alembic, scripts in the package)."""
+        """Bring the schema to the newest migration (programmatic Alembic, scripts in the package).
+
+        On PostgreSQL the upgrade runs under a transaction-scoped advisory lock: a second worker
+        starting at the same time waits for the first one's upgrade to commit, then finds the schema
+        current and does nothing (SQLite's write lock, taken by the upgrade's first write, does the
+        same there)."""
         from alembic import command
         from alembic.config import Config
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 

@@ -341,11 +341,12 @@ class RolloutQueries(Database):
                 raise NotFound(f"unknown rollout id {rollout_id}")
             return self._rollout_record(s, row)
 
-    def latest_desired_states(self) -> list[DesiredRecord]:
-        """Every device's newest desired state (republished, retained, whenever the fleet connects)."""
+    def latest_desired_states(self, device_ids: Sequence[str] | None = None) -> list[DesiredRecord]:
+        """Every device's newest desired state (republished, retained, whenever the fleet connects), or
+        those of `device_ids`."""
         with self.session() as s:
             revoked = set(s.scalars(select(DeviceRow.id).where(DeviceRow.revoked_at.is_not(None))).all())
-            latest = {k: v for k, v in latest_desired(s).items() if k not in revoked}
+            latest = {k: v for k, v in latest_desired(s, device_ids).items() if k not in revoked}
             manifests: dict[str, bytes] = {}
             out = []
             for d in latest.values():
@@ -375,10 +376,18 @@ class RolloutQueries(Database):
         ended: set[str] = set()  # rollouts a report ended a target of
         golden: dict[str, GoldenPrompts | None] = {}  # package id -> what its TESTING can count
         with self.session(write=True) as s:
+            # Lock the devices in id order first, so that workers applying reports at once cannot deadlock.
+            devices = sorted({rep.device_id for rep in reps})
+            s.scalars(
+                select(DeviceRow.id).where(DeviceRow.id.in_(devices)).order_by(DeviceRow.id).with_for_update()
+            ).all()
             for rep in reps:
                 row = s.get(DeviceRow, rep.device_id, with_for_update=True)
                 known.append(row is not None)
                 if row is None:
+                    continue
+                if _stale(row, rep):
+                    row.last_seen = now
                     continue
                 row.last_seen = now
                 row.reported_at = now
@@ -471,6 +480,19 @@ def add_rollout(
         )
     s.flush()
     return superseded
+
+
+def _stale(row: DeviceRow, rep: ReportedUpdate) -> bool:
+    """Whether `rep` is older than what the device row holds: for an older desired generation, or a
+    step before the end the row already has for the same one. Several fleet workers apply a device's
+    reports (shared subscriptions), so they may commit out of order."""
+    if 0 < rep.generation < (row.reported_generation or 0):
+        return True
+    return (
+        rep.generation == row.reported_generation
+        and row.state in TERMINAL_TARGET_STATES
+        and rep.state not in TERMINAL_TARGET_STATES
+    )
 
 
 def _bounded_test(

@@ -30,7 +30,10 @@ class TelemetryQueries(Database):
         samples = list(samples)
         with self.session(write=True) as s:
             devices = {t.device_id for t in samples} | set(dropped or {})
-            known = set(s.scalars(select(DeviceRow.id).where(DeviceRow.id.in_(devices))).all()) if devices else set()
+            # The device rows locked first, in id order (FOR NO KEY UPDATE, as the UPDATE below takes): fleet
+            # workers writing reports and telemetry of the same devices at once then wait, never deadlock.
+            mine = select(DeviceRow.id).where(DeviceRow.id.in_(devices)).order_by(DeviceRow.id)
+            known = set(s.scalars(mine.with_for_update(key_share=True)).all()) if devices else set()
             received = self._received_at(now)
             top = INT64_MAX
             rows = [
