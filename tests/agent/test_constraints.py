@@ -23,7 +23,6 @@ from slmops_agent.runtime.constraints import Constraint, ConstraintKind
 from slmops_agent.runtime.model import LoadedModel
 from slmops_agent.runtime.requests import GenerationRequest, Limits
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
-from slmops_testing.tiny_model import TINY_NAME, TINY_PROFILE, make_tiny_hf_model
 
 ACTION_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -160,17 +159,8 @@ def test_constrained_and_plain_requests_share_one_batch(host: PacedHost, stub: a
 
 # -- OpenAI-compatible, the official client ---------------------------------------------------------
 @pytest.fixture(scope="module")
-def long_model(signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """The tiny model with 1024 positions: a tool's description does not fit in 256."""
-    from slmops_builder.build import build_package
-
-    root = tmp_path_factory.mktemp("tiny-1024")
-    hf = make_tiny_hf_model(root / "hf", context=1024)
-    pkg = build_package(
-        hf, TINY_PROFILE, TINY_NAME, "1.0.0", signing_key[0], root / "pkg", cache_dir=root / "cache", threads=1
-    ).path
-    (root / "unpacked").mkdir()
-    return load_unpacked(pkg, root / "unpacked")
+def long_model(tiny_long_package: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_unpacked(tiny_long_package, tmp_path_factory.mktemp("tiny-1024-unpacked"))
 
 
 @pytest.fixture
