@@ -97,6 +97,8 @@ def test_each_kind_of_constraint_holds_the_tiny_models_output(host: PacedHost) -
         (ConstraintKind.REGEX, "(unclosed", "unclosed group"),
         (ConstraintKind.LARK_GRAMMAR, "start: foo", 'unknown name: "foo"'),
         (ConstraintKind.REGEX, "  ", "is empty"),
+        (ConstraintKind.REGEX, "a" * 70_000, "70000 characters; the limit is 65536"),
+        (ConstraintKind.LARK_GRAMMAR, 'start: "\x00"', "NUL character"),
     ],
 )
 def test_a_bad_constraint_is_refused_with_its_reason_before_any_token(
@@ -306,3 +308,29 @@ def test_a_constrained_stream_closed_early_frees_its_slot(stack: Stack) -> None:
         model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=8
     )
     assert again.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_constraint_holds_with_an_adapter(adapter_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """An adapter's request runs on a lone generator (the Engine has no adapters); the constraint holds there."""
+    from slmops_agent.runtime.model import ModelInfo
+
+    folder = tmp_path / "slot"
+    folder.mkdir()
+    for pkg in adapter_pair:  # the base's files, then the adapter's beside them (as a slot holds them)
+        for f in json.loads((pkg / "manifest.json").read_text())["files"]:
+            (folder / f["path"]).write_bytes((pkg / "blobs" / f["sha256"]).read_bytes())
+    info = ModelInfo(
+        name="tiny-base", version="0.1.0", adapters=("lora",), adapter_files=(("lora", "lora.onnx_adapter"),)
+    )
+    model = LoadedModel(folder, info, threads=1)
+    limits = Limits(default_max_new_tokens=32)
+    regex = Constraint(ConstraintKind.REGEX, r"(on|off) (kitchen|hall)")
+    req = GenerationRequest(messages=(("user", "Hi"),), adapter="lora", temperature=0.0, constraint=regex)
+    assert not model.batchable(req)
+    text = model.generate(req, limits=limits).text
+    assert text.split(" ")[0] in ("on", "off") and text.split(" ")[1] in ("kitchen", "hall"), text
+    with pytest.raises(InvalidRequest, match="unclosed group"):
+        model.generate(
+            GenerationRequest(prompt="Hi", adapter="lora", constraint=Constraint(ConstraintKind.REGEX, "(")),
+            limits=limits,
+        )
