@@ -5,9 +5,10 @@ schema.
 
 Function calling: the tools are described to the model in the system message, and the model calls
 one as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the form SmolLM2 and Qwen were
-trained on), held there by a Lark grammar: `auto` lets it answer text (or the `response_format`'s
-JSON) instead, `required` and a named function make the call the whole answer. One call per
-answer (`parallel_tool_calls` is not honoured). `strict: false` is treated as `strict: true`: the
+trained on), held there by a Lark grammar. `auto` lets it answer text instead (any text not opening
+with "<", so that a call is told from text by its first character; or the `response_format`'s
+JSON); `required` and a named function make the call the whole answer. One call per answer
+(`parallel_tool_calls` is not honoured). `strict: false` is treated as `strict: true`: the
 schema always holds."""
 
 from __future__ import annotations
