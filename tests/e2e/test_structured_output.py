@@ -1,13 +1,15 @@
 """Structured output through the real `slmops agent run` process (side-loaded with `slmops agent
 install`) and real clients: the official `openai` client with `response_format` json_schema
 (streamed and not) and `tools` (a tool call with valid arguments), `slmops agent ask --regex`
-over gRPC, and bad schemas refused with the reason (a constrained stream closed early:
-tests/agent/test_constraints.py, where the token loop can be slowed down)."""
+over gRPC, bad schemas refused with the reason, and (with SmolLM2, slow enough to leave mid-answer) a
+constrained stream closed early freeing its place."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +47,10 @@ class Running:
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-@pytest.fixture
-def agent(tiny_long_package: Path, signing_key: tuple[Path, Path], tmp_path: Path) -> Iterator[Running]:
+@contextmanager
+def _serving(package: Path, signing_key: tuple[Path, Path], tmp_path: Path) -> Iterator[Running]:
     state = tmp_path / "state"
-    run(["agent", "install", str(tiny_long_package), "--state-dir", str(state), "--trust-key", str(signing_key[1])])
+    run(["agent", "install", str(package), "--state-dir", str(state), "--trust-key", str(signing_key[1])])
     service = Service(
         "agent",
         ["agent", "run", "--state-dir", str(state), "--grpc-port", "0", "--metrics-port", "0"],
@@ -59,10 +61,17 @@ def agent(tiny_long_package: Path, signing_key: tuple[Path, Path], tmp_path: Pat
         service.wait_for((state / "metrics.addr").exists, timeout=60, what="its HTTP address")
         service.wait_for((state / "grpc.addr").exists, timeout=60, what="its gRPC address")
         r = Running(state, service)
+        service.wait_for(lambda: r.client.models.list().data, timeout=120, what="its model loaded")
         yield r
         r.client.close()
     finally:
         service.stop()
+
+
+@pytest.fixture
+def agent(tiny_long_package: Path, signing_key: tuple[Path, Path], tmp_path: Path) -> Iterator[Running]:
+    with _serving(tiny_long_package, signing_key, tmp_path) as r:
+        yield r
 
 
 def valid(text: str) -> bool:
@@ -111,3 +120,31 @@ def test_regex_over_grpc_with_the_cli_and_a_bad_one_refused(agent: Running, tmp_
     )
     with pytest.raises(ProcessFailed, match="unclosed group"):
         run(["agent", "ask", "Hi", *state, "--regex", "(unclosed"])
+
+
+@pytest.mark.smollm2
+def test_a_constrained_stream_closed_early_frees_its_place(
+    smollm2_package: Path, signing_key: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SmolLM2 decodes slowly enough (tens of tokens/s on a small CPU) for a client to leave mid-answer."""
+    import httpx
+
+    with _serving(smollm2_package, signing_key, tmp_path) as agent:
+        fmt: Any = {
+            "type": "json_schema",
+            "json_schema": {"name": "list", "schema": {"type": "array", "items": {"type": "string"}, "minItems": 400}},
+        }
+        stream = agent.client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "List fruits."}], response_format=fmt, stream=True,
+            max_tokens=1000,
+        )  # fmt: skip
+        assert any(next(stream).choices[0].delta.content or "" for _ in range(3))
+        stream.close()
+        deadline = time.monotonic() + 20
+        while 'slmops_agent_requests_total{code="CANCELLED"} 1.0' not in httpx.get(f"{agent.url}/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        again = agent.client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, timeout=30
+        )
+        assert again.choices[0].message.content is not None
