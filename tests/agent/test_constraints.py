@@ -228,6 +228,17 @@ def test_a_bad_schema_is_a_400_naming_the_problem(stack: Stack) -> None:
         )
     with pytest.raises(openai.BadRequestError, match="tools is empty"):
         stack.client.chat.completions.create(model="tiny-llama", messages=messages, tool_choice="required")
+    hostile = [
+        ({"tools": [{"type": "function", "function": {"name": "rm -rf"}}]}, "tools.0.function.name"),
+        ({"tools": [LIGHT_TOOL, LIGHT_TOOL]}, "function names must be unique"),
+        ({"tools": [LIGHT_TOOL], "tool_choice": "always"}, "tool_choice"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "needs json_schema.schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"enum": ["x" * 70_000]}}}}, "65536"),
+    ]
+    for extra, reason in hostile:
+        got = httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": messages, **extra}, timeout=30)
+        assert got.status_code == 400 and reason in got.json()["error"]["message"], (extra, got.text)
     assert stack.host.metrics.snapshot().completion_tokens_total == 0
 
 
