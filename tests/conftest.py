@@ -99,6 +99,18 @@ def tiny_package_factory(
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_long_package(signing_key: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A signed package of the tiny model with 1024 positions (a tool's description does not fit in 256)."""
+    from slmops_builder.build import build_package
+
+    root = tmp_path_factory.mktemp("tiny-1024")
+    hf = make_tiny_hf_model(root / "hf", context=1024)
+    return build_package(
+        hf, TINY_PROFILE, TINY_NAME, "1.0.0", signing_key[0], root / "package", cache_dir=root / "cache", threads=1
+    ).path
+
+
 # --- the real SmolLM2, cached across runs ---------------------------------------------------------
 
 

@@ -233,6 +233,15 @@ def install(
         typer.echo(f"COMMITTED {report.active_version} ({report.active_package_id[:12]}) in slot {report.active_slot}")
 
 
+def _text_or_file(value: str) -> str:
+    if not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text()
+    except OSError as exc:
+        raise _fail(f"cannot read {value[1:]}: {exc.strerror}", 2) from None
+
+
 def _target(target: str | None, state_dir: Path | None) -> str:
     if target:
         return target
@@ -313,6 +322,11 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming."),
     token: TokenOpt = None,
     tls_ca: TlsCaOpt = None,
+    json_schema: str | None = typer.Option(
+        None, "--json-schema", help="Hold the answer to this JSON Schema (JSON text, or @FILE)."
+    ),
+    regex: str | None = typer.Option(None, "--regex", help="Hold the answer to this regular expression (or @FILE)."),
+    grammar: str | None = typer.Option(None, "--grammar", help="Hold the answer to this Lark grammar (or @FILE)."),
 ) -> None:
     """Ask the local agent; the answer streams to the terminal, then tokens/s and time to first token."""
     import grpc
@@ -332,6 +346,12 @@ def ask(
         request.messages.add(role="user", content=prompt)
     if temperature is not None:
         request.temperature = temperature
+    constraints = {"json_schema": json_schema, "regex": regex, "lark_grammar": grammar}
+    given = {k: v for k, v in constraints.items() if v is not None}
+    if len(given) > 1:
+        raise _fail("give at most one of --json-schema, --regex and --grammar", 2)
+    for field, value in given.items():
+        setattr(request, field, _text_or_file(value))
     text: list[str] = []
     last: Any = None
     with _channel(where, tls_ca) as channel:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from slmops_agent.blob_store import Chunk
 from slmops_agent.inventory import Inventory
+from slmops_agent.runtime.constraints import Constraint, ConstraintKind
 from slmops_agent.runtime.model import ModelInfo
 from slmops_agent.runtime.requests import FinishReason, GenerationRequest, GenerationResult
 from slmops_agent.update.messages import BlobWant, Desired, Report
@@ -135,7 +136,13 @@ def request_from_pb(msg: agent_pb2.GenerateRequest) -> GenerationRequest:
         adapter=msg.adapter,
         model_version=msg.model_version,
         repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else None,
+        constraint=_constraint_from_pb(msg),
     )
+
+
+def _constraint_from_pb(msg: agent_pb2.GenerateRequest) -> Constraint | None:
+    which = msg.WhichOneof("constraint")
+    return None if which is None else Constraint(ConstraintKind(which), getattr(msg, which))
 
 
 _FINISH = {

@@ -7,7 +7,9 @@ the active model's name, version or package id, with `@version` to pin a version
 pick a LoRA adapter ("tiny-llama@1.0.0:legal"). Differences from OpenAI: no `temperature` means
 the package's generation default (greedy unless its genai_config.json says otherwise), not 1.0;
 `n` must be 1; `top_k` and `repetition_penalty` are accepted as extensions;
-`presence_penalty` and `frequency_penalty` other than 0 are refused.
+`presence_penalty` and `frequency_penalty` other than 0 are refused. `response_format`, `tools`
+and `tool_choice` hold the answer to a schema (`openai_tools`); with tools, a stream holds the text
+back while it may still become a tool call.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from slmops_agent.errors import InvalidRequest, NotFound, QueueFull, status_name
+from slmops_agent.openai_tools import (
+    ResponseFormat,
+    Structure,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    may_be_call,
+    parse_call,
+    plan,
+    render_calls,
+    with_tools_prompt,
+)
 from slmops_agent.relay import Relay
 from slmops_agent.runtime.host import ModelHost
 from slmops_agent.runtime.requests import FinishReason, GenerationRequest, GenerationResult
@@ -64,6 +78,7 @@ class _Params(BaseModel):
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    response_format: ResponseFormat | None = None
 
 
 class _Part(BaseModel):
@@ -76,10 +91,13 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[_Part] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatBody(_Params):
     messages: list[_Message]
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
 
 
 class CompletionBody(_Params):
@@ -87,17 +105,18 @@ class CompletionBody(_Params):
 
 
 def _content(i: int, m: _Message) -> str:
+    calls = render_calls(m.tool_calls) if m.tool_calls else ""
     if m.content is None:
-        return ""
+        return calls
     if isinstance(m.content, str):
-        return m.content
+        return "\n".join(filter(None, (m.content, calls)))
     for part in m.content:
         if part.type != "text":
             raise InvalidRequest(f"messages[{i}].content: only text parts are supported; got {part.type!r}")
-    return "".join(p.text for p in m.content)
+    return "\n".join(filter(None, ("".join(p.text for p in m.content), calls)))
 
 
-def _to_request(body: _Params, host: ModelHost) -> GenerationRequest:
+def _to_request(body: _Params, host: ModelHost) -> tuple[GenerationRequest, Structure]:
     if body.n != 1:
         raise InvalidRequest(f"n must be 1; got {body.n}")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -121,15 +140,18 @@ def _to_request(body: _Params, host: ModelHost) -> GenerationRequest:
         "repetition_penalty": body.repetition_penalty,
     }
     if isinstance(body, ChatBody):
+        structure = plan(body.response_format, body.tools, body.tool_choice)
         messages = tuple((m.role, _content(i, m)) for i, m in enumerate(body.messages))
         if not messages:
             raise InvalidRequest("messages is empty")
-        return GenerationRequest(messages=messages, **common)
+        messages = with_tools_prompt(messages, structure.tools_prompt)
+        return GenerationRequest(messages=messages, constraint=structure.constraint, **common), structure
     assert isinstance(body, CompletionBody)
+    structure = plan(body.response_format, None, None)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise InvalidRequest(f"give one prompt; got {len(prompts)}")
-    return GenerationRequest(prompt=prompts[0], **common)
+    return GenerationRequest(prompt=prompts[0], constraint=structure.constraint, **common), structure
 
 
 def _resolve_model(model: str, host: ModelHost) -> tuple[str, str]:
@@ -216,7 +238,7 @@ def openai_routes(host: ModelHost) -> list[Route]:
     async def generate(request: Request, kind: Literal["chat", "text"]) -> Response:
         try:
             body = await parse(request, ChatBody if kind == "chat" else CompletionBody)
-            req = _to_request(body, host)
+            req, structure = _to_request(body, host)
             model = host.model
             model_name = body.model or (model.info.name if model is not None else "")
             run = _Run(host, req)
@@ -232,7 +254,7 @@ def openai_routes(host: ModelHost) -> list[Route]:
                 return error_response(exc)
             usage_too = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
-                _stream(run, first, kind, rid, created, model_name, usage_too),
+                _stream(run, first, kind, rid, created, model_name, usage_too, structure.calls),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
@@ -253,7 +275,11 @@ def openai_routes(host: ModelHost) -> list[Route]:
             watcher.cancel()
         content = "".join(text)
         choice: dict[str, Any] = {"index": 0, "finish_reason": _FINISH[result.finish_reason], "logprobs": None}
-        if kind == "chat":
+        call = parse_call(content) if structure.calls else None
+        if call is not None:
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choice["finish_reason"] = "tool_calls"
+        elif kind == "chat":
             choice["message"] = {"role": "assistant", "content": content}
         else:
             choice["text"] = content
@@ -311,9 +337,11 @@ async def _stream(
     created: int,
     model: str,
     usage_too: bool,
+    calls: bool = False,
 ) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's chunk format, `data: [DONE]` last. Leaving early (the client
-    went away) cancels the generation."""
+    went away) cancels the generation. With `calls`, text is held back while it may still become a
+    tool call; a call is sent whole, in one `tool_calls` delta."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
@@ -327,16 +355,30 @@ async def _stream(
             return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
 
+    held: str | None = "" if calls else None  # None: nothing held, text streams as it comes
     try:
         if kind == "chat":
             yield chunk([piece(None, None, role=True)])
         event, value = first
         while True:
-            if event == "text":
+            if event == "text" and held is not None:
+                held += value
+                if not may_be_call(held):
+                    yield chunk([piece(held, None)])
+                    held = None
+            elif event == "text":
                 yield chunk([piece(value, None)])
             else:
                 result: GenerationResult = value
-                yield chunk([piece(None, _FINISH[result.finish_reason])])
+                finish = _FINISH[result.finish_reason]
+                call = parse_call(held) if held else None
+                if call is not None:
+                    delta = {"tool_calls": [{"index": 0, **call}]}
+                    yield chunk([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
+                    finish = "tool_calls"
+                elif held:
+                    yield chunk([piece(held, None)])
+                yield chunk([piece(None, finish)])
                 if usage_too:
                     yield chunk([], usage=_usage(result))
                 yield _sse("[DONE]")

@@ -8,14 +8,18 @@
   context length.
 - `evaluate_folder(folder, prompts)`: load time, time to first token and decode tokens/s of the golden
   prompts (greedy, chat template applied as the agent does); their outputs become the references.
-- `task_accuracy`: exact match of the greedy answer to each `{input, output}` example (both stripped).
+- `task_accuracy`: exact match of the greedy answer to each `{input, output}` example (both stripped);
+  with a task schema (a recipe's `[evaluation] task_schema`), the answers are held to that JSON
+  Schema by onnxruntime-genai's guidance, as the agent's json_schema constraint holds them on a
+  device, a match is equal JSON values, and `task_json_schema` = 1 says so.
 - `evaluate_variant(folder, ...)`: all of the above in a fresh Python process, which also reports its
   peak resident memory after loading the model and answering the golden prompts (what a device
   serving the model holds, plus the interpreter and the runtime), before the perplexity pass whose
   logits buffers a device never allocates.
 
 Metric names (the keys of `Evaluation.metrics`, copied into the manifest): `load_ms`, `ttft_ms`,
-`decode_tps`, `peak_rss_mb`, `perplexity`, `task_accuracy`, `size_mb`.
+`decode_tps`, `peak_rss_mb`, `perplexity`, `task_accuracy`, `task_json_schema` (1: measured with the
+schema; absent: free decoding), `size_mb`.
 """
 
 from __future__ import annotations
@@ -205,14 +209,19 @@ def _golden(model: Any, tok: Any, prompts: Sequence[GoldenPromptSpec]) -> Evalua
     return out
 
 
-def _generate(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> tuple[list[int], float, float | None]:
-    """Greedy answer to one user message: (tokens, time to first token in ms, decode tokens/s or None)."""
+def _generate(
+    model: Any, tok: Any, prompt: str, max_new_tokens: int, json_schema: str | None = None
+) -> tuple[list[int], float, float | None]:
+    """Greedy answer to one user message (held to `json_schema` when given): (tokens, time to first
+    token in ms, decode tokens/s or None)."""
     import onnxruntime_genai as og
 
     text = tok.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True)
     ids = tok.encode(text)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
+    if json_schema is not None:
+        params.set_guidance("json_schema", json_schema)
     gen = og.Generator(model, params)
     start = time.monotonic()
     gen.append_tokens(ids)
@@ -229,14 +238,23 @@ def _generate(model: Any, tok: Any, prompt: str, max_new_tokens: int) -> tuple[l
     return tokens, (first - start) * 1000, rate
 
 
-def task_accuracy(model: Any, tok: Any, tasks: Sequence[TaskExample]) -> float:
-    """Share of examples whose greedy answer equals the expected output exactly (both stripped)."""
+def task_accuracy(model: Any, tok: Any, tasks: Sequence[TaskExample], json_schema: str | None = None) -> float:
+    """Share of examples whose greedy answer equals the expected output exactly (both stripped); with
+    `json_schema`, the answers are held to it and compared as JSON values."""
     right = 0
     for t in tasks:
         budget = len(tok.encode(t.output)) + 8
-        tokens, _, _ = _generate(model, tok, t.input, budget)
-        right += tok.decode(tokens).strip() == t.output.strip()
+        tokens, _, _ = _generate(model, tok, t.input, budget, json_schema)
+        answer = tok.decode(tokens).strip()
+        right += _json_equal(answer, t.output) if json_schema is not None else answer == t.output.strip()
     return right / len(tasks)
+
+
+def _json_equal(answer: str, expected: str) -> bool:
+    try:
+        return bool(json.loads(answer) == json.loads(expected))
+    except json.JSONDecodeError:
+        return False
 
 
 def _median(values: list[float]) -> float:
@@ -250,6 +268,7 @@ def evaluate_variant(
     *,
     text: str | None = None,
     tasks: Sequence[TaskExample] = (),
+    task_schema: str | None = None,
     threads: int | None = None,
     max_tokens: int = 1024,
     window: int = 512,
@@ -262,6 +281,7 @@ def evaluate_variant(
         "prompts": [{"prompt": p.prompt, "max_new_tokens": p.max_new_tokens} for p in prompts],
         "text": text,
         "tasks": [asdict(t) for t in tasks],
+        "task_schema": task_schema,
         "threads": threads,
         "max_tokens": max_tokens,
         "window": window,
@@ -307,7 +327,10 @@ def _serve_request(request: dict[str, Any]) -> dict[str, Any]:
     ev = _golden(model, tok, prompts) if prompts else Evaluation()
     metrics: dict[str, float] = {"load_ms": load_ms, **ev.metrics, "peak_rss_mb": _peak_rss_mb()}
     if request["tasks"]:
-        metrics["task_accuracy"] = task_accuracy(model, tok, [TaskExample(**t) for t in request["tasks"]])
+        schema = request.get("task_schema")
+        metrics["task_accuracy"] = task_accuracy(model, tok, [TaskExample(**t) for t in request["tasks"]], schema)
+        if schema is not None:
+            metrics["task_json_schema"] = 1.0
     if request["text"]:
         window = min(int(request["window"]), _context_length(folder))
         metrics["perplexity"] = _perplexity(

@@ -89,6 +89,8 @@ def evaluate_key(loaded: LoadedRecipe, convert_key_: str, threads: int) -> str:
         "tasks": hashlib.sha256(json.dumps([[t.input, t.output] for t in loaded.tasks]).encode()).hexdigest(),
         "code": _code_sha256(evaluate),
     }
+    if loaded.task_schema is not None:  # absent otherwise: the keys of earlier builds stay valid
+        inputs["task_schema"] = hashlib.sha256(loaded.task_schema.encode()).hexdigest()
     return StepCache.key(EVALUATE_STEP, params, inputs, {**tool_versions(_EVAL_TOOLS), "slmops-builder": __version__})
 
 

@@ -288,6 +288,7 @@ def _evaluate(loaded: LoadedRecipe, folder: Path, prompts: list[GoldenPromptSpec
         prompts,
         text=loaded.heldout,
         tasks=loaded.tasks,
+        task_schema=loaded.task_schema,
         threads=threads,
         max_tokens=ev.max_tokens,
         window=ev.window,

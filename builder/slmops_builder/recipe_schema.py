@@ -19,6 +19,7 @@ A recipe (unknown keys are refused, with the key named):
     golden_prompts = ["What is the capital of France?"]
     golden_max_new_tokens = 24
     tasks = "tasks.jsonl"                # {"input": ..., "output": ...} per line: exact-match accuracy
+    task_schema = "action.schema.json"   # optional: answers held to this JSON Schema (outputs must be JSON)
     max_tokens = 1024                    # perplexity: tokens scored, window per generator
     window = 512
     threads = 2
@@ -35,6 +36,7 @@ The plan (`slmops_builder.recipe_plan`) and the build (`slmops_builder.recipe_ru
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +73,7 @@ class EvaluationConfig(BaseModel):
     golden_prompts: list[str] = Field(default_factory=lambda: ["What is the capital of France?"], min_length=1)
     golden_max_new_tokens: int = Field(default=24, ge=1, le=4096)
     tasks: Path | None = None
+    task_schema: Path | None = None
     max_tokens: int = Field(default=1024, ge=2)
     window: int = Field(default=512, ge=2)
     threads: int | None = Field(default=None, ge=1, le=256)
@@ -158,6 +161,7 @@ class LoadedRecipe:
     heldout: str
     heldout_name: str
     tasks: tuple[TaskExample, ...]
+    task_schema: str | None = None  # the JSON Schema text the task's answers are held to
 
     @property
     def variants(self) -> list[str]:
@@ -214,6 +218,7 @@ def load_recipe(path: Path) -> LoadedRecipe:
             tasks = load_tasks(base / ev.tasks)
         except (FileNotFoundError, ValueError) as exc:
             raise RecipeError(f"{path}: evaluation.tasks: {exc}") from None
+    task_schema = _task_schema(path, base, ev.task_schema, tasks)
     return LoadedRecipe(
         path=path,
         sha256=hashlib.sha256(raw).hexdigest(),
@@ -223,7 +228,32 @@ def load_recipe(path: Path) -> LoadedRecipe:
         heldout=text,
         heldout_name=held_name,
         tasks=tuple(tasks),
+        task_schema=task_schema,
     )
+
+
+def _task_schema(path: Path, base: Path, schema_path: Path | None, tasks: list[TaskExample]) -> str | None:
+    """The task schema's text: a JSON object, for a task set whose every output is JSON."""
+    if schema_path is None:
+        return None
+    where = f"{path}: evaluation.task_schema"
+    if not tasks:
+        raise RecipeError(f"{where} needs a task set: set evaluation.tasks")
+    try:
+        text = (base / schema_path).read_text(encoding="utf-8")
+        schema = json.loads(text)
+    except FileNotFoundError:
+        raise RecipeError(f"{where}: {base / schema_path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecipeError(f"{where}: {base / schema_path} is not a JSON file: {exc}") from None
+    if not isinstance(schema, dict):
+        raise RecipeError(f"{where}: a JSON Schema is an object; got {type(schema).__name__}")
+    for n, t in enumerate(tasks, 1):
+        try:
+            json.loads(t.output)
+        except json.JSONDecodeError:
+            raise RecipeError(f"{where}: task {n}'s output is not JSON, so it cannot be held to a schema") from None
+    return text
 
 
 def _describe(exc: ValidationError) -> str:

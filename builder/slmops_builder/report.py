@@ -43,7 +43,7 @@ def variants_table(report: Mapping[str, Any]) -> Table:
             _num(m.get("decode_tps"), ".0f"),
             _num(m.get("ttft_ms"), ".0f"),
             _num(m.get("peak_rss_mb"), ".0f"),
-            _num(m.get("task_accuracy"), ".2f"),
+            _num(m.get("task_accuracy"), ".2f") + (" (schema)" if m.get("task_json_schema") else ""),
             f"[{style}]{verdict}[/]",
         )
     return table

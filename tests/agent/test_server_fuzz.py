@@ -37,6 +37,14 @@ ROLE = st.sampled_from(["system", "user", "assistant", "tool", "", "robot", "USE
 NONEMPTY = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30)
 
 
+CONSTRAINTS = {
+    "json_schema": ['{"type": "object"}', '{"enum": ["a", "b"]}', '{"type": "array", "items": {"type": "integer"}}'],
+    "regex": ["(yes|no)", "[0-9]{1,3}", "a?"],
+    "lark_grammar": ['start: "a" | "b"', 'start: /[a-z]+/ "."'],
+}
+BAD_CONSTRAINTS = ["{", "[]", '{"type": 1}', '{"$ref": "#/nope"}', "(", "start: x", "x" * 70_000, "\x00"]
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> agent_pb2.GenerateRequest:
     """Half the requests are wild (any value of each field), half tame (in range, so they reach the model)."""
@@ -65,6 +73,10 @@ def requests(draw: st.DrawFn) -> agent_pb2.GenerateRequest:
     req.stop.extend(draw(st.lists(NONEMPTY, max_size=3) if tame else st.lists(SHORT | st.just("x" * 300), max_size=18)))
     if not tame:
         req.adapter = draw(st.just("") | SHORT)
+    kind = draw(st.sampled_from([None, None, "json_schema", "regex", "lark_grammar"]))
+    if kind is not None:  # constrained decoding: a valid constraint, or anything at all
+        valid = st.sampled_from(CONSTRAINTS[kind])
+        setattr(req, kind, draw(valid if tame else valid | TEXT | st.sampled_from(BAD_CONSTRAINTS)))
     versions = st.sampled_from(["", "", "", "1.0.0", "ab" * 32, "9.9.9"])
     req.model_version = draw(versions if tame else versions | SHORT)
     return req

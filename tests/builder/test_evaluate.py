@@ -122,6 +122,21 @@ def test_evaluate_variant_in_a_fresh_process(trained_fp32: Path) -> None:
     assert m["size_mb"] == pytest.approx(sum(p.stat().st_size for p in trained_fp32.rglob("*") if p.is_file()) / 2**20)
 
 
+def test_a_task_schema_holds_the_answers_and_is_recorded(trained_fp32: Path) -> None:
+    tasks = [TaskExample("The capital of France", '{"city": "Paris"}')]
+    free = evaluate_variant(trained_fp32, [], tasks=tasks, threads=1).metrics
+    assert free["task_accuracy"] == 0.0 and "task_json_schema" not in free  # it answers plain "Paris"
+    schema = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False},
+    }
+    held = evaluate_variant(trained_fp32, [], tasks=tasks, task_schema=json.dumps(schema), threads=1).metrics
+    assert held["task_accuracy"] == 1.0 and held["task_json_schema"] == 1.0
+
+
 def test_load_tasks_names_file_and_line(tmp_path: Path) -> None:
     good = tmp_path / "tasks.jsonl"
     good.write_text(json.dumps({"input": "2+2=", "output": "4"}) + "\n\n" + json.dumps({"input": "a", "output": "b"}))

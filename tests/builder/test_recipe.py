@@ -263,3 +263,28 @@ def test_variant_this_machine_cannot_run_fails_its_gates_with_the_reason(
     assert cuda.reason == "min_decode_tps: decode_tps not measured: this machine cannot run the variant"
     assert [g.passed for g in cuda.gates] == [False, True]  # the size is measured all the same
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == ["cpu-int4", "report.json", "report.png"]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "schema", "expected"),
+    [
+        ('{"input": "a", "output": "{\\"x\\": 1}"}\n', None, "evaluation.task_schema: "),  # no schema file
+        ('{"input": "a", "output": "{\\"x\\": 1}"}\n', "[1]", "a JSON Schema is an object; got list"),
+        ('{"input": "a", "output": "{\\"x\\": 1}"}\n', "{oops", "is not a JSON file"),
+        ('{"input": "a", "output": "plain words"}\n', '{"type": "object"}', "task 1's output is not JSON"),
+    ],
+)
+def test_a_task_schema_is_checked_with_the_recipe(
+    tmp_path: Path, tasks: str, schema: str | None, expected: str
+) -> None:
+    (tmp_path / "t.jsonl").write_text(tasks)
+    if schema is not None:
+        (tmp_path / "s.json").write_text(schema)
+    body = 'name = "t"\nversion = "1.0.0"\nprofiles = ["cpu-int4"]\n[evaluation]\ntasks = "t.jsonl"\n'
+    body += 'task_schema = "s.json"\n'
+    with pytest.raises(RecipeError, match=r"evaluation\.task_schema") as info:
+        load_recipe(_write(tmp_path, body))
+    assert expected in str(info.value)
+    (tmp_path / "s.json").write_text('{"type": "object"}')
+    (tmp_path / "t.jsonl").write_text('{"input": "a", "output": "{\\"x\\": 1}"}\n')
+    assert load_recipe(tmp_path / "recipe.toml").task_schema == '{"type": "object"}'

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slmops_agent.errors import AgentError, InvalidRequest
+from slmops_agent.runtime.constraints import guidance_refused, is_guidance_error
 from slmops_agent.runtime.decoding import Decoding
 from slmops_agent.runtime.genai import load_genai
 from slmops_agent.runtime.requests import GenerationRequest, GenerationResult, Limits
@@ -60,6 +61,7 @@ class BatchRun:
         request = self.engine.create_request(options=request_options)
         turn = og.TurnOptions(request)
         opts = prepared.options
+        constraint = member.req.constraint
         turn.set_max_generated_tokens(prepared.max_new)
         try:
             if "do_sample" in opts:
@@ -72,9 +74,13 @@ class BatchRun:
                 turn.set_top_k(opts["top_k"])
             if "repetition_penalty" in opts:
                 turn.set_repetition_penalty(opts["repetition_penalty"])
-            turn_id = request.begin_turn(np.asarray(prepared.ids, dtype=np.int32), turn)
+            if constraint is not None:
+                turn.set_guidance(constraint.kind.value, constraint.text)  # turn-scoped: mixes with unguided turns
+            turn_id = request.begin_turn(np.asarray(prepared.ids, dtype=np.int32), turn)  # compiles it
         except (RuntimeError, ValueError, TypeError) as exc:
             request.close()
+            if constraint is not None and is_guidance_error(exc):
+                raise guidance_refused(constraint, exc) from exc
             raise InvalidRequest(f"onnxruntime-genai refused the search options: {exc}") from exc
         self.live.append((member, decoding, request, turn_id))
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from slmops_agent.errors import InvalidRequest, ModelLoadError, NotFound
 from slmops_agent.runtime.batching import BatchMember, BatchRun
+from slmops_agent.runtime.constraints import guidance_refused, is_guidance_error
 from slmops_agent.runtime.decoding import Decoding, Prepared
 from slmops_agent.runtime.genai import load_genai
 from slmops_agent.runtime.requests import GenerationRequest, GenerationResult, Limits
@@ -152,7 +153,15 @@ class LoadedModel:
             params.set_search_options(**prepared.options)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise InvalidRequest(f"onnxruntime-genai refused the search options: {exc}") from exc
-        generator = og.Generator(self.model, params)
+        constraint = req.constraint
+        if constraint is not None:
+            params.set_guidance(constraint.kind.value, constraint.text)
+        try:
+            generator = og.Generator(self.model, params)  # compiles the constraint, before any token
+        except RuntimeError as exc:
+            if constraint is not None and is_guidance_error(exc):
+                raise guidance_refused(constraint, exc) from exc
+            raise
         if req.adapter:
             generator.set_active_adapter(self.adapters, req.adapter)
         decoding = Decoding(self, prepared, req.stop, on_text, t0)

@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 
 from slmops_agent.errors import InvalidRequest
+from slmops_agent.runtime.constraints import Constraint, check_constraint
 
 MAX_SEED = 2**31 - 1  # onnxruntime-genai takes a 32-bit seed
 
@@ -33,6 +34,7 @@ class GenerationRequest:
     adapter: str = ""
     model_version: str = ""
     repetition_penalty: float | None = None
+    constraint: Constraint | None = None  # constrained decoding (runtime.constraints)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Limits:
     max_messages: int = 1024
     max_stop_sequences: int = 16
     max_stop_chars: int = 256
+    max_constraint_chars: int = 65_536
 
 
 _ROLES = ("system", "user", "assistant", "tool")
@@ -99,6 +102,8 @@ def validate_request(req: GenerationRequest, limits: Limits) -> None:
             raise InvalidRequest(f"stop[{i}] is {len(stop)} characters; the limit is {limits.max_stop_chars}")
     if req.adapter and not req.adapter.isprintable():
         raise InvalidRequest("adapter name has control characters")
+    if req.constraint is not None:
+        check_constraint(req.constraint, limits.max_constraint_chars)
 
 
 class CancelToken(threading.Event):

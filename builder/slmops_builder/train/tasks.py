@@ -24,7 +24,7 @@ from typing import Any
 from slmops_builder.train.actions import SYSTEM_PROMPT, target_text
 from slmops_builder.train.examples import Example
 
-__all__ = ["SPLITS", "TaskSplits", "generate_splits", "number_words"]
+__all__ = ["SPLITS", "TaskSplits", "action_schema", "generate_splits", "number_words"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -322,6 +322,26 @@ class _Renderer:
         if rng.random() < 0.1:
             text += rng.choice((".", "!", " please", " thanks"))
         return text, action
+
+
+def action_schema() -> dict[str, Any]:
+    """The JSON Schema of an answer (the module doc's schema, keys in `KEY_ORDER`), for constrained
+    decoding (the agent's json_schema constraint, `[evaluation] task_schema` of a recipe)."""
+    return {
+        "type": "object",
+        "properties": {
+            "action": {"enum": ["on", "off", "set", "open", "close", "lock", "unlock", "none", "unsupported"]},
+            "device": {"enum": list(DEVICES)},
+            "room": {"enum": list(ROOMS)},
+            "level": {"type": "integer", "minimum": 0, "maximum": 100},
+            "temperature": {"type": "integer", "minimum": 10, "maximum": 30},
+            "delay_s": {"type": "integer", "minimum": 1, "maximum": 86_400},
+        },
+        "required": ["action"],
+        "additionalProperties": False,
+        # llguidance: write the separators of `actions.target_text` (no free whitespace to wander in)
+        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    }
 
 
 def generate_splits(
