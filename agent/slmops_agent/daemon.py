@@ -57,6 +57,7 @@ class Agent:
         self.metrics = Metrics()
         self.host = ModelHost(
             queue_bound=settings.queue_bound,
+            queue_per_client=settings.queue_per_client,
             limits=Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit),
             metrics=self.metrics,
             stream_group_s=settings.stream_group_s,

@@ -27,6 +27,7 @@ from slmops_agent.reach import TlsFiles, auth_interceptor, require_protection
 from slmops_agent.relay import Relay
 from slmops_agent.runtime.host import ModelHost
 from slmops_agent.runtime.model import LoadedModel, ModelInfo
+from slmops_agent.runtime.queue import CLIENT_HEADER, client_key
 from slmops_agent.runtime.requests import CancelToken, GenerationResult
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
@@ -124,6 +125,12 @@ def _default_status() -> AgentStatus:
     return AgentStatus()
 
 
+def _client(context: grpc.aio.ServicerContext) -> str:
+    """The call's client for the queue: its peer and its `x-slmops-client` metadata."""
+    declared = dict(context.invocation_metadata() or ()).get(CLIENT_HEADER)
+    return client_key(declared if isinstance(declared, str) else None, str(context.peer()))
+
+
 def _why(context: grpc.aio.ServicerContext) -> str:
     """Why a call ends early: its deadline passed, or else the client cancelled it."""
     remaining = context.time_remaining()
@@ -156,7 +163,11 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         try:
             # validation and the queue's bound are checked here, at once; the token loop runs in a worker
             future = self.host.submit(
-                req, cancel=cancel, on_text=lambda t: put("text", t), on_start=lambda i: put("start", i)
+                req,
+                cancel=cancel,
+                on_text=lambda t: put("text", t),
+                on_start=lambda i: put("start", i),
+                client=_client(context),
             )
             future.add_done_callback(done)
             info = ModelInfo()
@@ -180,7 +191,7 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         req = request_from_pb(request)
         cancel = CancelToken()
         try:
-            result = await asyncio.wrap_future(self.host.submit(req, cancel=cancel))
+            result = await asyncio.wrap_future(self.host.submit(req, cancel=cancel, client=_client(context)))
         finally:
             cancel.cancel(_why(context))
         return final_to_pb(result, text=result.text)
