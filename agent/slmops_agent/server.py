@@ -22,7 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from slmops_agent.codec import final_to_pb, models_to_pb, request_from_pb, status_to_pb, text_to_pb
-from slmops_agent.errors import AgentError, Cancelled, QueueFull, status_name
+from slmops_agent.errors import AgentError, Cancelled, InvalidRequest, QueueFull, status_name
 from slmops_agent.reach import TlsFiles, auth_interceptor, require_protection
 from slmops_agent.relay import Relay
 from slmops_agent.runtime.host import ModelHost
@@ -137,10 +137,20 @@ def _why(context: grpc.aio.ServicerContext) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.01 else "CANCELLED"
 
 
+def _no_removal(name: str) -> None:
+    raise AgentError("this agent does not manage adapters (it has no updater)")
+
+
 class InferenceServicer(agent_pb2_grpc.InferenceServicer):
-    def __init__(self, host: ModelHost, status: Callable[[], AgentStatus] = _default_status) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        status: Callable[[], AgentStatus] = _default_status,
+        remove_adapter: Callable[[str], None] = _no_removal,
+    ) -> None:
         self.host = host
         self.status = status
+        self.remove_adapter = remove_adapter
 
     async def Generate(
         self, request: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -204,6 +214,14 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         infos = status.installed or ([model.info] if model is not None else [])
         return models_to_pb(infos, model.info.package_id if model is not None else "")
 
+    async def RemoveAdapter(
+        self, request: agent_pb2.RemoveAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ListModelsResponse:
+        if not request.name or not request.name.isprintable():
+            raise InvalidRequest("name the adapter to remove")
+        await asyncio.get_running_loop().run_in_executor(None, self.remove_adapter, request.name)
+        return await self.ListModels(agent_pb2.ListModelsRequest(), context)
+
     async def GetStatus(
         self, request: agent_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.GetStatusResponse:
@@ -228,6 +246,7 @@ class AgentServer:
         socket_path: Path | None,
         tcp_address: str | None,
         status: Callable[[], AgentStatus] = _default_status,
+        remove_adapter: Callable[[str], None] = _no_removal,
         addr_file: Path | None = None,
         tls: TlsFiles | None = None,
         token: str | None = None,
@@ -239,6 +258,7 @@ class AgentServer:
         self.tcp_address = tcp_address
         self.addr_file = addr_file
         self.status = status
+        self.remove_adapter = remove_adapter
         self.server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
         self.addresses: list[str] = []
@@ -256,7 +276,9 @@ class AgentServer:
             interceptors=interceptors,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 * 1024 * 1024)],
         )
-        agent_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.host, self.status), server)
+        agent_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.host, self.status, self.remove_adapter), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
