@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from agent_helpers import ServerThread, serving, wait_until
 
+from slmops_agent.httpapi import HttpServer
 from slmops_agent.runtime.host import ModelHost
 from slmops_agent.runtime.model import LoadedModel
 from slmops_agent.runtime.queue import CLIENT_HEADER, RequestQueue, Ticket
@@ -124,4 +126,36 @@ def test_a_client_past_its_cap_is_refused_with_a_hint_and_others_still_get_in(
     assert "bound per client is 8" in (refused.details() or "")
     assert int(dict(refused.trailing_metadata() or ())[RETRY_AFTER_KEY]) >= 50
     assert other > 0
+    wait_until(lambda: host.queue.depth == 0)
+
+
+def test_the_http_api_refuses_a_client_past_its_cap_with_429(served: ServerThread, host: ModelHost) -> None:
+    """The same client over gRPC and HTTP (its host and X-Slmops-Client) shares one cap."""
+    http = HttpServer(host, port=0)
+    url = asyncio.run_coroutine_threadsafe(http.start(), served.loop).result(15)
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        async with grpc.aio.insecure_channel(served.addresses[1]) as channel:
+            stub = agent_pb2_grpc.InferenceStub(channel)
+            req = agent_pb2.GenerateRequest(prompt="Hello", max_new_tokens=400)
+            calls = [stub.Generate(req, metadata=((CLIENT_HEADER, "bulk"),), timeout=60) for _ in range(8)]
+            firsts = [asyncio.ensure_future(c.read()) for c in calls]
+            await asyncio.to_thread(wait_until, lambda: host.queue.depth == 8)
+            body = {"prompt": "Hello", "max_tokens": 2}
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                refused = await client.post("/v1/completions", json=body, headers={"X-Slmops-Client": "bulk"})
+                other = await client.post("/v1/completions", json=body, headers={"X-Slmops-Client": "other"})
+            for c in calls:
+                c.cancel()
+            await asyncio.gather(*firsts, return_exceptions=True)
+            return refused, other
+
+    try:
+        refused, other = asyncio.run(main())
+    finally:
+        asyncio.run_coroutine_threadsafe(http.stop(1.0), served.loop).result(15)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+    assert "bound per client is 8" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after-ms"]) >= 50 and int(refused.headers["retry-after"]) >= 1
+    assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 2
     wait_until(lambda: host.queue.depth == 0)
