@@ -277,6 +277,7 @@ class Updater:
             self._on_chunk(event.chunk)
         elif isinstance(event, _ConnectedEvent):
             self.fetcher.reconnected()
+            self._report()
         elif isinstance(event, _RemoveAdapterEvent):
             try:
                 pid = self._remove_adapter(event.name)
@@ -284,7 +285,6 @@ class Updater:
                 event.started.set_exception(exc)
             else:
                 event.started.set_result(pid)
-            self._report()
 
     # -- recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
