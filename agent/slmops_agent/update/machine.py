@@ -413,7 +413,9 @@ class Updater:
 
     def _remove_adapter(self, name: str) -> str:
         """Start restaging the active slot without adapter `name`: the last other adapter package
-        becomes the slot's package (the base when none is left). Returns that package's id."""
+        becomes the slot's package (the base when none is left). Returns that package's id. The
+        record does not say what is being removed: after a restart mid-way, recovery stages the
+        slot with every adapter the active slot serves (the removal is undone, not half-done)."""
         r = self.record
         active = r.active
         if r.state not in TERMINAL:
