@@ -57,7 +57,8 @@ def test_two_adapters_stay_resident_and_one_is_removed(
     enroll_agent: Callable[..., AgentProc],
 ) -> None:
     """Two adapter packages on one base, rolled out one after the other through the fleet, both
-    answer by name; `slmops agent remove-adapter` takes one away and the other keeps serving."""
+    answer by name; a new version of one replaces it and leaves the other; `slmops agent
+    remove-adapter` takes one away and the other keeps serving."""
     from slmops_builder.train import adapters
 
     base, first = adapter_pair
@@ -79,6 +80,17 @@ def test_two_adapters_stay_resident_and_one_is_removed(
     models = run_json(["agent", "models", "--state-dir", str(agent.state_dir), "--json"])
     assert sorted(next(m for m in models if m.get("active"))["adapters"]) == ["lora", "lora2"]
     assert all(int(str(ask(name)["completion_tokens"])) >= 1 for name in ("lora", "lora2"))
+
+    first_file = tmp_path / "lora.onnx_adapter"
+    first_file.write_bytes(blob.read_bytes())
+    update = adapters.package_adapter(
+        first_file, adapter_name="lora", name="tiny-lora", version="0.2.0", base_package=base,
+        key=signing_key[0], out=tmp_path / "update",
+    ).path  # fmt: skip
+    fleet.wait_committed(fleet.release(update))  # a new version of "lora" replaces it; lora2 stays
+    models = run_json(["agent", "models", "--state-dir", str(agent.state_dir), "--json"])
+    assert sorted(next(m for m in models if m.get("active"))["adapters"]) == ["lora", "lora2"]
+    assert int(str(ask("lora2")["completion_tokens"])) >= 1
 
     run(["agent", "remove-adapter", "lora", "--state-dir", str(agent.state_dir)])
     models = run_json(["agent", "models", "--state-dir", str(agent.state_dir), "--json"])
