@@ -71,8 +71,10 @@ def test_two_adapters_stay_resident_and_one_is_removed(
     ).path  # fmt: skip
     fleet = run_fleet(tmp_path / "fleet", [signing_key[1]])
     agent = enroll_agent(fleet, tmp_path / "agent", "agent-1")
+    ids = []
     for package in (base, first, second):
-        fleet.wait_committed(fleet.release(package))
+        ids.append(fleet.release(package))
+        fleet.wait_committed(ids[-1])
 
     def ask(adapter: str) -> dict[str, object]:
         return agent.ask("Hi", "--max-new-tokens", "3", "--adapter", adapter, "--temperature", "0")
@@ -95,6 +97,7 @@ def test_two_adapters_stay_resident_and_one_is_removed(
     run(["agent", "remove-adapter", "lora", "--state-dir", str(agent.state_dir)])
     models = run_json(["agent", "models", "--state-dir", str(agent.state_dir), "--json"])
     assert next(m for m in models if m.get("active"))["adapters"] == ["lora2"]
+    fleet.wait_committed(ids[2])  # the fleet hears that lora2's package serves now
     assert int(str(ask("lora2")["completion_tokens"])) >= 1
     with pytest.raises(ProcessFailed, match="adapter 'lora' is not loaded"):
         ask("lora")
