@@ -274,6 +274,7 @@ def _unary(
     request: Any,
     token: str | None = None,
     tls_ca: Path | None = None,
+    timeout: float = 10.0,
 ) -> tuple[str, Any]:
     """Call one unary Inference RPC on the local agent; return (where, reply)."""
     import grpc
@@ -285,7 +286,7 @@ def _unary(
     with _channel(where, tls_ca) as channel:
         try:
             stub = agent_pb2_grpc.InferenceStub(channel)
-            return where, getattr(stub, method)(request, timeout=10, metadata=bearer_metadata(token))
+            return where, getattr(stub, method)(request, timeout=timeout, metadata=bearer_metadata(token))
         except grpc.RpcError as exc:
             raise _rpc_error(exc, where) from None
 
@@ -463,6 +464,27 @@ def models(
             m.slot, "*" if m.active else "", m.name, m.version, m.profile, m.package_id[:16], ", ".join(m.adapters)
         )
     Console().print(table)
+
+
+@app.command("remove-adapter")
+def remove_adapter(
+    name: str = typer.Argument(..., help="The adapter's name (see `agent models`)."),
+    target: TargetOpt = None,
+    state_dir: StateDirOpt = None,
+    as_json: bool = typer.Option(False, "--json", help="Print the models afterwards as JSON."),
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
+) -> None:
+    """Stop serving one adapter of the running agent; its other adapters keep serving (RemoveAdapter)."""
+    from slmops_protos.agent.v1 import agent_pb2
+
+    request = agent_pb2.RemoveAdapterRequest(name=name)
+    _, reply = _unary(target, state_dir, "RemoveAdapter", request, token=token, tls_ca=tls_ca, timeout=300)
+    left = sorted({a for m in reply.models if m.active for a in m.adapters})
+    if as_json:
+        typer.echo(json.dumps([_to_dict(m) for m in reply.models]))
+    else:
+        typer.echo(f"removed adapter {name!r}; serving adapters: {', '.join(left) or 'none'}")
 
 
 config_app = typer.Typer(help="The agent's settings: what `run` would run with.", no_args_is_help=True)

@@ -32,6 +32,7 @@ from slmops_agent.update.messages import BlobWant, Report
 from slmops_protos import __version__
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.key_statements import KeyRing
+from slmops_protos.states import UpdateState
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Agent:
         self.metrics = Metrics()
         self.host = ModelHost(
             queue_bound=settings.queue_bound,
+            queue_per_client=settings.queue_per_client,
             limits=Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit),
             metrics=self.metrics,
             stream_group_s=settings.stream_group_s,
@@ -89,6 +91,7 @@ class Agent:
             socket_path=settings.socket_path,
             tcp_address=settings.grpc_address if settings.grpc_tcp else None,
             status=self.status,
+            remove_adapter=self.remove_adapter,
             addr_file=self.layout.grpc_addr,
             tls=tls,
             token=settings.auth_token,
@@ -127,6 +130,12 @@ class Agent:
     def _publish_blob_request(self, want: BlobWant) -> None:
         if self.mqtt is not None:
             self.mqtt.publish_blob_request(blob_want_to_pb(want, self.device_id))
+
+    def remove_adapter(self, name: str) -> None:
+        """`Inference.RemoveAdapter`: restage the active slot without adapter `name` (blocking)."""
+        report = self.updater.remove_adapter(name, self.settings.smoke_test_budget_s + 60.0)
+        if report.state is not UpdateState.COMMITTED:
+            raise AgentError(f"removing adapter {name!r} rolled back: {report.reason}")
 
     def status(self) -> AgentStatus:
         r = self.updater.record

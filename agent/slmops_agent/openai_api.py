@@ -44,6 +44,7 @@ from slmops_agent.openai_tools import (
 )
 from slmops_agent.relay import Relay
 from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.queue import CLIENT_HEADER, client_key
 from slmops_agent.runtime.requests import FinishReason, GenerationRequest, GenerationResult
 
 HTTP_STATUS = {
@@ -173,10 +174,10 @@ class _Run:
     """One generation through the host: `start` validates and queues (raising at once), `events`
     yields ("text", str) pieces and ends with ("done", GenerationResult); leaving it cancels."""
 
-    def __init__(self, host: ModelHost, req: GenerationRequest) -> None:
+    def __init__(self, host: ModelHost, req: GenerationRequest, client: str) -> None:
         self.relay = Relay(asyncio.get_running_loop(), host.stream_group_s, host.first_yield_s)
         self.cancel = threading.Event()
-        self.future = host.submit(req, cancel=self.cancel, on_text=lambda t: self._put("text", t))
+        self.future = host.submit(req, cancel=self.cancel, on_text=lambda t: self._put("text", t), client=client)
         self.future.add_done_callback(self._done)
 
     def _put(self, kind: str, value: Any) -> None:
@@ -241,7 +242,8 @@ def openai_routes(host: ModelHost) -> list[Route]:
             req, structure = _to_request(body, host)
             model = host.model
             model_name = body.model or (model.info.name if model is not None else "")
-            run = _Run(host, req)
+            peer = f"ipv4:{request.client.host}:{request.client.port}" if request.client else "unix:"
+            run = _Run(host, req, client_key(request.headers.get(CLIENT_HEADER), peer))
         except Exception as exc:
             return error_response(exc)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"

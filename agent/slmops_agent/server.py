@@ -22,11 +22,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from slmops_agent.codec import final_to_pb, models_to_pb, request_from_pb, status_to_pb, text_to_pb
-from slmops_agent.errors import AgentError, Cancelled, QueueFull, status_name
+from slmops_agent.errors import AgentError, Cancelled, InvalidRequest, QueueFull, status_name
 from slmops_agent.reach import TlsFiles, auth_interceptor, require_protection
 from slmops_agent.relay import Relay
 from slmops_agent.runtime.host import ModelHost
 from slmops_agent.runtime.model import LoadedModel, ModelInfo
+from slmops_agent.runtime.queue import CLIENT_HEADER, client_key
 from slmops_agent.runtime.requests import CancelToken, GenerationResult
 from slmops_protos.agent.v1 import agent_pb2, agent_pb2_grpc
 
@@ -124,16 +125,32 @@ def _default_status() -> AgentStatus:
     return AgentStatus()
 
 
+def _client(context: grpc.aio.ServicerContext) -> str:
+    """The call's client for the queue: its peer and its `x-slmops-client` metadata."""
+    declared = dict(context.invocation_metadata() or ()).get(CLIENT_HEADER)
+    return client_key(declared if isinstance(declared, str) else None, str(context.peer()))
+
+
 def _why(context: grpc.aio.ServicerContext) -> str:
     """Why a call ends early: its deadline passed, or else the client cancelled it."""
     remaining = context.time_remaining()
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.01 else "CANCELLED"
 
 
+def _no_removal(name: str) -> None:
+    raise AgentError("this agent does not manage adapters (it has no updater)")
+
+
 class InferenceServicer(agent_pb2_grpc.InferenceServicer):
-    def __init__(self, host: ModelHost, status: Callable[[], AgentStatus] = _default_status) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        status: Callable[[], AgentStatus] = _default_status,
+        remove_adapter: Callable[[str], None] = _no_removal,
+    ) -> None:
         self.host = host
         self.status = status
+        self.remove_adapter = remove_adapter
 
     async def Generate(
         self, request: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -156,7 +173,11 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         try:
             # validation and the queue's bound are checked here, at once; the token loop runs in a worker
             future = self.host.submit(
-                req, cancel=cancel, on_text=lambda t: put("text", t), on_start=lambda i: put("start", i)
+                req,
+                cancel=cancel,
+                on_text=lambda t: put("text", t),
+                on_start=lambda i: put("start", i),
+                client=_client(context),
             )
             future.add_done_callback(done)
             info = ModelInfo()
@@ -180,7 +201,7 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         req = request_from_pb(request)
         cancel = CancelToken()
         try:
-            result = await asyncio.wrap_future(self.host.submit(req, cancel=cancel))
+            result = await asyncio.wrap_future(self.host.submit(req, cancel=cancel, client=_client(context)))
         finally:
             cancel.cancel(_why(context))
         return final_to_pb(result, text=result.text)
@@ -192,6 +213,14 @@ class InferenceServicer(agent_pb2_grpc.InferenceServicer):
         model = self.host.model
         infos = status.installed or ([model.info] if model is not None else [])
         return models_to_pb(infos, model.info.package_id if model is not None else "")
+
+    async def RemoveAdapter(
+        self, request: agent_pb2.RemoveAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ListModelsResponse:
+        if not request.name or not request.name.isprintable():
+            raise InvalidRequest("name the adapter to remove")
+        await asyncio.get_running_loop().run_in_executor(None, self.remove_adapter, request.name)
+        return await self.ListModels(agent_pb2.ListModelsRequest(), context)
 
     async def GetStatus(
         self, request: agent_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -217,6 +246,7 @@ class AgentServer:
         socket_path: Path | None,
         tcp_address: str | None,
         status: Callable[[], AgentStatus] = _default_status,
+        remove_adapter: Callable[[str], None] = _no_removal,
         addr_file: Path | None = None,
         tls: TlsFiles | None = None,
         token: str | None = None,
@@ -228,6 +258,7 @@ class AgentServer:
         self.tcp_address = tcp_address
         self.addr_file = addr_file
         self.status = status
+        self.remove_adapter = remove_adapter
         self.server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
         self.addresses: list[str] = []
@@ -245,7 +276,9 @@ class AgentServer:
             interceptors=interceptors,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 * 1024 * 1024)],
         )
-        agent_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.host, self.status), server)
+        agent_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.host, self.status, self.remove_adapter), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

@@ -65,7 +65,10 @@ class AgentSettings(BaseSettings):
     stream_group_s: float = Field(
         GROUP_S, ge=0, le=1, description="After the first piece, streamed text goes in groups this far apart (0: each)."
     )
-    queue_bound: int = Field(8, ge=1, le=10_000, description="Requests waiting or running before RESOURCE_EXHAUSTED.")
+    queue_bound: int = Field(16, ge=1, le=10_000, description="Requests waiting or running before RESOURCE_EXHAUSTED.")
+    queue_per_client: int = Field(
+        8, ge=1, le=10_000, description="Requests one client may have waiting or running before RESOURCE_EXHAUSTED."
+    )
     default_max_new_tokens: int = Field(256, ge=1, le=1 << 20)
     max_new_tokens_limit: int = Field(4096, ge=1, le=1 << 20)
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time in-flight streams get to finish on shutdown.")

@@ -82,6 +82,7 @@ class SlotInfo:
     version: str
     profile: str = ""
     base_package_id: str = ""  # an adapter package: the model package it runs on (staged with it)
+    adapters: tuple[str, ...] = ()  # the other adapter packages on that base the slot keeps serving
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class UpdateRecord:
         slots: dict[str, SlotInfo | None] = dict.fromkeys(SLOTS)
         for name, info in (data.get("slots") or {}).items():
             if name in SLOTS and info:
-                slots[name] = SlotInfo(**info)
+                slots[name] = SlotInfo(**{**info, "adapters": tuple(info.get("adapters") or ())})
         active = str(data.get("active_slot", ""))
         if active and active not in SLOTS:
             raise StateError(f"state.json names an unknown active slot {active!r}")

@@ -368,6 +368,7 @@ class PacedHost(ModelHost):
         cancel: threading.Event | None = None,
         on_text: Callable[[str], None] | None = None,
         on_start: Callable[[ModelInfo], None] | None = None,
+        client: str = "",
     ) -> concurrent.futures.Future[GenerationResult]:
         def paced(piece: str) -> None:
             if self.pace_s:
@@ -375,7 +376,7 @@ class PacedHost(ModelHost):
             if on_text is not None:
                 on_text(piece)
 
-        future = super().submit(req, cancel=cancel, on_text=paced, on_start=on_start)
+        future = super().submit(req, cancel=cancel, on_text=paced, on_start=on_start, client=client)
         self.futures.append(future)
         return future
 

@@ -33,6 +33,7 @@ def hold_old_streams(rig: Rig, release: threading.Event) -> None:
         cancel: threading.Event | None = None,
         on_text: Callable[[str], None] | None = None,
         on_start: Callable[[ModelInfo], None] | None = None,
+        client: str = "",
     ) -> Any:
         seen: dict[str, Any] = {"version": "", "pieces": 0}
 
@@ -48,7 +49,7 @@ def hold_old_streams(rig: Rig, release: threading.Event) -> None:
             if on_text is not None:
                 on_text(piece)
 
-        return submit(req, cancel=cancel, on_text=text, on_start=started)
+        return submit(req, cancel=cancel, on_text=text, on_start=started, client=client)
 
     rig.host.submit = held_submit  # type: ignore[method-assign]
 

@@ -134,3 +134,55 @@ def test_after_a_batch_the_next_head_lingers_for_the_clients_coming_back() -> No
     t0 = time.monotonic()
     assert [t.job for t in q.start(lone, never, fits=lambda t: True, max_batch=4, linger_s=5.0) or []] == [20]
     assert time.monotonic() - t0 < 0.5
+
+
+def test_clients_take_turns_and_each_is_capped() -> None:
+    q = RequestQueue(bound=8, client_bound=3)
+    never = threading.Event()
+    first = q.admit("a0", "a")
+    assert q.start(first, never) == [first]  # a0 runs; the rest wait
+    tickets = [q.admit(f"a{i}", "a") for i in (1, 2)]
+    with pytest.raises(QueueFull, match="bound per client is 3") as refused:
+        q.admit("a3", "a")
+    assert refused.value.retry_after_ms >= 50
+    tickets += [q.admit("b0", "b"), q.admit("b1", "b")]  # b is not held back by a's cap
+    order: list[str] = []
+    q.release(first)
+    for _ in range(4):
+        head = next(t for t in tickets if q._may_run(t))
+        assert q.start(head, never) == [head]
+        order.append(head.job)
+        q.release(head)
+    assert order == ["b0", "a1", "b1", "a2"] and q.depth == 0  # b never ran, so it goes first
+
+
+def test_a_turn_steps_aside_between_tokens_while_another_client_waits() -> None:
+    q = RequestQueue(bound=4)
+    never = threading.Event()
+    long = q.admit("long", "a")
+    assert q.start(long, never) == [long]
+    q.pause([long], never.is_set)  # nobody else waits: returns at once, still running
+    assert long.state == "running" and q.depth == 1
+    short = q.admit("short", "b")
+    ran: list[str] = []
+
+    def other() -> None:
+        assert q.start(short, never) == [short]
+        ran.append("short")
+        q.release(short)
+
+    t = threading.Thread(target=other)
+    t.start()
+    q.pause([long], never.is_set)  # b waits with nothing running: a steps aside until b is done
+    t.join(5)
+    assert ran == ["short"] and long.state == "running" and q.depth == 1
+    q.release(long)
+    assert q.depth == 0
+
+
+def test_client_key_uses_the_peer_and_the_declared_key() -> None:
+    from slmops_agent.runtime.queue import client_key
+
+    assert client_key(None, "ipv4:127.0.0.1:5555") == client_key(None, "ipv4:127.0.0.1:6666") == "ipv4:127.0.0.1"
+    assert client_key("job\n7" + "x" * 100, "ipv6:[::1]:5555") == "ipv6:[::1]/job7" + "x" * 60
+    assert client_key("", "unix:/run/agent.sock") == "unix"

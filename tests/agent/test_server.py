@@ -338,3 +338,20 @@ def test_the_host_asks_for_the_pause_only_when_the_model_takes_every_core(
         assert host.first_yield_s == 0.0
     finally:
         host.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "words"),
+    [
+        ("", grpc.StatusCode.INVALID_ARGUMENT, "name the adapter"),
+        ("bad\x00name", grpc.StatusCode.INVALID_ARGUMENT, "name the adapter"),
+        ("lora", grpc.StatusCode.FAILED_PRECONDITION, "does not manage adapters"),
+    ],
+)
+def test_remove_adapter_refuses_a_bad_name_and_a_server_without_updater(
+    served: ServerThread, name: str, code: grpc.StatusCode, words: str
+) -> None:
+    channel, s = stub(served.addresses[0])
+    with channel, pytest.raises(grpc.RpcError) as err:
+        s.RemoveAdapter(agent_pb2.RemoveAdapterRequest(name=name), timeout=10)
+    assert err.value.code() is code and words in (err.value.details() or "")

@@ -125,3 +125,14 @@ def test_recovery_table_is_explicit() -> None:
     assert RECOVERY[UpdateState.TESTING] is Recovery.TEST_AGAIN_ONCE
     assert RECOVERY[UpdateState.COMMITTED] is Recovery.FINISH_COMMIT
     assert RECOVERY[UpdateState.ROLLED_BACK] is Recovery.FINISH_ROLLBACK
+
+
+def test_a_slots_resident_adapter_packages_survive_a_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json")
+    info = SlotInfo("cd" * 32, "lora2", "0.1.0", "cpu", base_package_id="ef" * 32, adapters=("12" * 32, "34" * 32))
+    store.save(UpdateRecord(state=UpdateState.COMMITTED, active_slot="a", slots={"a": info, "b": None}))
+    assert store.load().active == info
+    data = json.loads((tmp_path / "state.json").read_text())
+    del data["slots"]["a"]["adapters"]  # a record from before resident adapters
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    assert store.load().active == SlotInfo("cd" * 32, "lora2", "0.1.0", "cpu", base_package_id="ef" * 32)

@@ -35,8 +35,16 @@ class BatchMember:
 class BatchRun:
     """One static batch on the model's Engine: each member a Request with its own turn options."""
 
-    def __init__(self, model: LoadedModel, engine: Any, members: list[BatchMember], limits: Limits) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        engine: Any,
+        members: list[BatchMember],
+        limits: Limits,
+        pause: Callable[[], None] | None = None,
+    ) -> None:
         self.model = model
+        self.pause = pause  # between engine steps: the queue's turn-taking
         self.engine = engine
         self.members = members
         self.limits = limits
@@ -129,6 +137,8 @@ class BatchRun:
                         continue
                     if decoding.done or flags & finished_flag:
                         self.end(member, decoding.result())
+                if self.pause is not None:
+                    self.pause()
         except Exception as exc:
             for member in self.members:
                 self.end(member, exc)

@@ -57,12 +57,13 @@ class ModelHost:
         self,
         *,
         queue_bound: int,
+        queue_per_client: int | None = None,
         limits: Limits,
         metrics: Metrics | None = None,
         batch_linger_s: float = 0.02,
         stream_group_s: float = GROUP_S,
     ) -> None:
-        self.queue = RequestQueue(queue_bound)
+        self.queue = RequestQueue(queue_bound, queue_per_client)
         self.limits = limits
         self.metrics = metrics or Metrics()
         self.batch_linger_s = batch_linger_s
@@ -117,9 +118,11 @@ class ModelHost:
         cancel: threading.Event | None = None,
         on_text: Callable[[str], None] | None = None,
         on_start: Callable[[ModelInfo], None] | None = None,
+        client: str = "",
     ) -> concurrent.futures.Future[GenerationResult]:
         """Validate and queue now (errors raise here); generate in a worker. `on_start` is told which
-        model answers once the request has its turn; `cancel` stops it within one token."""
+        model answers once the request has its turn; `cancel` stops it within one token; `client`
+        is who asks (the queue takes clients in turn and caps each)."""
         started = time.perf_counter()
         cancel = cancel or threading.Event()
         self.metrics.request()
@@ -127,7 +130,7 @@ class ModelHost:
             validate_request(req, self.limits)
             if self._model is None:
                 raise NoModelLoaded("no model is loaded yet (the device has not installed a package)")
-            ticket = self.queue.admit(_Job(req, cancel, on_text, on_start, started))
+            ticket = self.queue.admit(_Job(req, cancel, on_text, on_start, started), client)
         except BaseException as exc:
             self.metrics.outcome(status_name(exc))
             raise
@@ -149,7 +152,7 @@ class ModelHost:
 
     def _fits(self, ticket: Ticket) -> bool:
         model = self._model
-        return model is not None and model.batchable(ticket.job.req)
+        return model is not None and ticket.job is not None and model.batchable(ticket.job.req)
 
     def _run(self, ticket: Ticket) -> GenerationResult:
         job: _Job = ticket.job
@@ -209,7 +212,12 @@ class ModelHost:
             job = ticket.job
             try:
                 result = model.generate(
-                    job.req, limits=self.limits, cancel=job.cancel, on_text=job.on_text, started=job.started
+                    job.req,
+                    limits=self.limits,
+                    cancel=job.cancel,
+                    on_text=job.on_text,
+                    started=job.started,
+                    pause=functools.partial(self.queue.pause, members, job.cancel.is_set),
                 )
             except BaseException as exc:
                 self._end(ticket, exc)
@@ -223,6 +231,7 @@ class ModelHost:
                 for t in members
             ],
             limits=self.limits,
+            pause=functools.partial(self.queue.pause, members, lambda: all(t.job.cancel.is_set() for t in members)),
         )
 
     def generate(
@@ -232,10 +241,11 @@ class ModelHost:
         cancel: threading.Event | None = None,
         on_text: Callable[[str], None] | None = None,
         on_start: Callable[[ModelInfo], None] | None = None,
+        client: str = "",
     ) -> GenerationResult:
         """`submit` and wait for the result (blocking); if the wait is interrupted, the generation stops."""
         cancel = cancel or threading.Event()
-        future = self.submit(req, cancel=cancel, on_text=on_text, on_start=on_start)
+        future = self.submit(req, cancel=cancel, on_text=on_text, on_start=on_start, client=client)
         try:
             return future.result()
         except BaseException:

@@ -142,8 +142,10 @@ class LoadedModel:
         cancel: threading.Event | None = None,
         on_text: Callable[[str], None] | None = None,
         started: float | None = None,
+        pause: Callable[[], None] | None = None,
     ) -> GenerationResult:
-        """Run the token loop; call `on_text` with each decoded piece; stop within one token of `cancel`."""
+        """Run the token loop; call `on_text` with each decoded piece; stop within one token of
+        `cancel`; call `pause` between tokens (the queue's turn-taking)."""
         og = load_genai()
         t0 = started if started is not None else time.perf_counter()
         cancel = cancel or threading.Event()
@@ -175,9 +177,13 @@ class LoadedModel:
                 break
             generator.generate_next_token()
             decoding.feed(int(generator.get_next_tokens()[0]))
+            if pause is not None and not decoding.done:
+                pause()
         return decoding.result()
 
-    def generate_batch(self, members: list[BatchMember], *, limits: Limits) -> None:
+    def generate_batch(
+        self, members: list[BatchMember], *, limits: Limits, pause: Callable[[], None] | None = None
+    ) -> None:
         """Decode `members` together (each must be `batchable`); every member's `done` is called once,
         when it ends: its result, or the error that ended it (an error of one does not end the others).
         The batch gets an Engine of its own: an Engine answers only the thread that made it, and
@@ -190,12 +196,17 @@ class LoadedModel:
             self.max_batch = 1
             engine = None
         if engine is not None:
-            BatchRun(self, engine, members, limits).run()
+            BatchRun(self, engine, members, limits, pause).run()
             return
         for member in members:
             try:
                 result = self.generate(
-                    member.req, limits=limits, cancel=member.cancel, on_text=member.on_text, started=member.started
+                    member.req,
+                    limits=limits,
+                    cancel=member.cancel,
+                    on_text=member.on_text,
+                    started=member.started,
+                    pause=pause,
                 )
             except Exception as exc:
                 member.done(exc)

@@ -12,8 +12,11 @@ Adapter packages (kind "adapter", one `Adapter{name, base_package_id, path}`) ar
 top of their base: the base must be the active package (or the base of the active adapter
 package). Only the adapter's files are fetched; the inactive slot is staged with the base's files
 plus the adapter's, loaded with the adapter (`ModelInfo.adapter_files`), and TESTING runs the
-adapter's golden prompts with the adapter active. Committing flips slots as for a model; the
-desired state that names the base again rolls the adapter back the same way.
+adapter's golden prompts with the adapter active. Committing flips slots as for a model. The slot
+keeps every adapter package the active slot served on the same base (`Manifests.keeps`: one of
+the same adapter name is replaced, which is how an adapter is updated), so adapters arrive one by
+one and all stay resident; a request picks one by name. The desired state that names the base
+again serves it without any adapter (removes them all); `remove_adapter` removes one.
 
 Each state's record is saved (atomically) before its side effect runs; `recover()` applies the
 recovery table (`update_record`) at start-up. Two slots (`slots`): the new package is staged in the
@@ -23,6 +26,7 @@ inactive one and only the COMMITTED record makes it the active one.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import queue
@@ -37,7 +41,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slmops_agent.blob_store import BlobStore, Chunk, InsufficientSpace
-from slmops_agent.errors import BlobError, ModelLoadError, PackageRejected
+from slmops_agent.errors import AgentError, BlobError, ModelLoadError, PackageRejected
 from slmops_agent.layout import StateLayout, write_atomic
 from slmops_agent.runtime.host import ModelHost
 from slmops_agent.runtime.model import LoadedModel, load_model
@@ -97,7 +101,13 @@ class _StopEvent:
     pass
 
 
-_Event = _DesiredEvent | _ChunkEvent | _ConnectedEvent | _StopEvent
+@dataclass(frozen=True)
+class _RemoveAdapterEvent:
+    name: str
+    started: concurrent.futures.Future[str]  # the package the removal installs, or why it cannot
+
+
+_Event = _DesiredEvent | _ChunkEvent | _ConnectedEvent | _StopEvent | _RemoveAdapterEvent
 
 
 class Updater:
@@ -170,6 +180,20 @@ class Updater:
             signed_manifest=signed.SerializeToString(),
         )
         self._events.put(_DesiredEvent(desired, local_dir=package_dir))
+
+    def remove_adapter(self, name: str, timeout: float) -> Report:
+        """Stop serving adapter `name` (NotFound if the active slot has none of that name), keeping
+        the slot's other adapters: the slot is restaged without it, tested and committed like an
+        update (no fetch: every file is here). The report once it committed or rolled back."""
+        started: concurrent.futures.Future[str] = concurrent.futures.Future()
+        writes = self.record.writes
+        self._events.put(_RemoveAdapterEvent(name, started))
+        pid = started.result(timeout)
+        self.wait_for(
+            lambda r: r.writes > writes and r.target_package_id == pid and r.state in TERMINAL,
+            timeout,
+        )
+        return self.current_report()
 
     def set_keys(self, trusted: list[Ed25519PublicKey], retired: list[Ed25519PublicKey]) -> None:
         """Trust these signing keys from now on (a key statement was applied)."""
@@ -254,6 +278,13 @@ class Updater:
         elif isinstance(event, _ConnectedEvent):
             self.fetcher.reconnected()
             self._report()
+        elif isinstance(event, _RemoveAdapterEvent):
+            try:
+                pid = self._remove_adapter(event.name)
+            except AgentError as exc:
+                event.started.set_exception(exc)
+            else:
+                event.started.set_result(pid)
 
     # -- recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -272,7 +303,9 @@ class Updater:
             self._report()
             return
         try:
-            self._target = self.manifests.target(r.target_package_id, installed=False)
+            manifest = self.manifests.read(r.target_package_id, installed=False)
+            keeps = self.manifests.keeps(manifest, r.active)
+            self._target = self.manifests.target_of(r.target_package_id, manifest, keeps)
         except PackageRejected as exc:
             self._rollback(f"after a restart in {r.state.value}: {exc.reason}")
             return
@@ -313,7 +346,7 @@ class Updater:
                 self.host.swap(loaded)
 
     def _load_slot(self, slot: str, info: SlotInfo) -> LoadedModel:
-        target = self.manifests.target(info.package_id)
+        target = self.manifests.target(info.package_id, resident=info.adapters)
         return self.loader(self.layout.slot(slot), target.model_info(slot), **self._load_options())
 
     # -- desired state ---------------------------------------------------------------------------
@@ -378,11 +411,38 @@ class Updater:
         self._abandon()
         self._start(d, manifest, local_dir)
 
-    def _start(self, d: Desired, manifest: manifest_pb2.Manifest, local_dir: Path | None) -> None:
+    def _remove_adapter(self, name: str) -> str:
+        """Start restaging the active slot without adapter `name`: the last other adapter package
+        becomes the slot's package (the base when none is left). Returns that package's id. The
+        record does not say what is being removed: after a restart mid-way, recovery stages the
+        slot with every adapter the active slot serves (the removal is undone, not half-done)."""
+        r = self.record
+        active = r.active
+        if r.state not in TERMINAL:
+            raise AgentError(f"an update is in progress ({r.state.value}); remove the adapter after it")
+        pid, keep = self.manifests.without_adapter(name, active)
+        signed = (self.layout.manifests / f"{pid}.pb").read_bytes()
+        d = Desired(device_id=self.device_id, generation=r.generation, package_id=pid, signed_manifest=signed)
+        log.info("removing adapter %r: the slot now serves %s", name, pid[:12])
+        self._abandon()
+        self._start(d, self.manifests.read(pid), None, resident=keep)
+        return pid
+
+    def _start(
+        self,
+        d: Desired,
+        manifest: manifest_pb2.Manifest,
+        local_dir: Path | None,
+        *,
+        resident: tuple[str, ...] | None = None,
+    ) -> None:
+        """FETCHING for `d`; `resident`: the adapter packages the slot keeps (default: `Manifests.keeps`)."""
         assert d.package_id is not None
         pid = d.package_id
         write_atomic(self.layout.manifests / f"{pid}.pb", d.signed_manifest)
-        self._target = self.manifests.target_of(pid, manifest)
+        if resident is None:
+            resident = self.manifests.keeps(manifest, self.record.active)
+        self._target = self.manifests.target_of(pid, manifest, resident)
         missing = sum(size for sha, size in self._target.blobs.items() if not self.store.has(sha))
         r = self.record
         self._enter(
@@ -506,7 +566,7 @@ class Updater:
         slot = r.target_slot
         t = self._target
         profile = (t.base if t.base is not None else t.manifest).profile.name
-        info = SlotInfo(t.package_id, t.manifest.name, t.manifest.version, profile, t.base_id)
+        info = SlotInfo(t.package_id, t.manifest.name, t.manifest.version, profile, t.base_id, t.resident_ids)
         floor = max(r.security_version, t.manifest.security_version)
         self._enter(
             UpdateState.COMMITTED,
@@ -573,8 +633,9 @@ class Updater:
         """Keep the blobs and manifests of the packages in the slots (and of a target in progress)."""
         keep_ids = {s.package_id for s in self.record.slots.values() if s is not None}
         keep_ids |= {s.base_package_id for s in self.record.slots.values() if s is not None and s.base_package_id}
+        keep_ids |= {pid for s in self.record.slots.values() if s is not None for pid in s.adapters}
         if self._target is not None:
-            keep_ids |= {self._target.package_id, self._target.base_id} - {""}
+            keep_ids |= {self._target.package_id, self._target.base_id, *self._target.resident_ids} - {""}
         slots.collect_garbage(self.layout, self.store, self.manifests, keep_ids)
 
     def _load_options(self) -> dict[str, Any]:

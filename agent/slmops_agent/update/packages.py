@@ -4,12 +4,13 @@ device before anything is fetched."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from slmops_agent.errors import PackageRejected
+from slmops_agent.errors import NotFound, PackageRejected
 from slmops_agent.runtime.model import ModelInfo
 from slmops_agent.update.messages import Desired
 from slmops_agent.update_record import SlotInfo
@@ -25,19 +26,39 @@ from slmops_protos.manifests import (
 from slmops_protos.package.v1 import manifest_pb2
 from slmops_protos.providers import ort_provider_name
 
+log = logging.getLogger(__name__)
+
+
+def resident_dir(pid: str) -> str:
+    """Where a slot keeps the files of an adapter package it carries along (not its own package)."""
+    return f"adapters/{pid[:16]}"
+
 
 @dataclass
 class Target:
+    """A package and what its slot holds with it: for an adapter package, its base and the other
+    adapter packages on that base the slot keeps (`resident`, each file under `resident_dir`)."""
+
     package_id: str
     manifest: manifest_pb2.Manifest
     blobs: dict[str, int]  # sha -> size
     base_id: str = ""  # an adapter package: its base model package
     base: manifest_pb2.Manifest | None = None
+    resident: tuple[tuple[str, manifest_pb2.Manifest], ...] = ()
+
+    @property
+    def resident_ids(self) -> tuple[str, ...]:
+        return tuple(pid for pid, _ in self.resident)
 
     @property
     def files(self) -> list[manifest_pb2.FileEntry]:
-        """What the slot holds: the base's files, then the package's own."""
-        return [*(self.base.files if self.base is not None else ()), *self.manifest.files]
+        """What the slot holds: the base's files, the resident adapters', then the package's own."""
+        carried = [
+            manifest_pb2.FileEntry(path=f"{resident_dir(pid)}/{f.path}", sha256=f.sha256, size=f.size)
+            for pid, m in self.resident
+            for f in m.files
+        ]
+        return [*(self.base.files if self.base is not None else ()), *carried, *self.manifest.files]
 
     @property
     def adapter(self) -> str:
@@ -57,17 +78,19 @@ class Target:
         manifest, pid = self.manifest, self.package_id
         model = self.base if self.base is not None else manifest
         model_id = self.base_id or pid
-        adapters = [a for a in model.adapters if a.path and a.base_package_id in ("", model_id)]
+        files = [(a.name, a.path) for a in model.adapters if a.path and a.base_package_id in ("", model_id)]
+        for rid, m in self.resident:
+            files += [(a.name, f"{resident_dir(rid)}/{a.path}") for a in m.adapters if a.base_package_id == model_id]
         if self.base is not None:
-            adapters += [a for a in manifest.adapters if a.path and a.base_package_id == model_id]
+            files += [(a.name, a.path) for a in manifest.adapters if a.path and a.base_package_id == model_id]
         return ModelInfo(
             name=manifest.name,
             version=manifest.version,
             package_id=pid,
             profile=model.profile.name,
             slot=slot,
-            adapters=tuple(a.name for a in adapters),
-            adapter_files=tuple((a.name, a.path) for a in adapters),
+            adapters=tuple(name for name, _ in files),
+            adapter_files=tuple(files),
         )
 
 
@@ -102,17 +125,53 @@ class Manifests:
         except PackageError as exc:
             raise PackageRejected(exc.reason) from exc
 
-    def target(self, pid: str, *, installed: bool = True) -> Target:
+    def target(self, pid: str, *, installed: bool = True, resident: tuple[str, ...] = ()) -> Target:
         """A package's target; `installed=False` for one still being installed (trusted keys only)."""
         if not pid:
             raise PackageRejected("the record names no target package")
-        return self.target_of(pid, self.read(pid, installed=installed))
+        return self.target_of(pid, self.read(pid, installed=installed), resident)
 
-    def target_of(self, pid: str, manifest: manifest_pb2.Manifest) -> Target:
-        """A package with, for an adapter package, its base's manifest (kept in manifests/ while it serves)."""
+    def target_of(self, pid: str, manifest: manifest_pb2.Manifest, resident: tuple[str, ...] = ()) -> Target:
+        """A package with, for an adapter package, its base's manifest and those of the `resident`
+        adapter packages (all kept in manifests/ while they serve)."""
         base_id = manifest.adapters[0].base_package_id if manifest.kind == "adapter" and manifest.adapters else ""
         base = self.read(base_id) if base_id else None
-        return Target(pid, manifest, {f.sha256: f.size for f in manifest.files}, base_id, base)
+        kept = tuple((rid, self.read(rid)) for rid in resident) if base_id else ()
+        return Target(pid, manifest, {f.sha256: f.size for f in manifest.files}, base_id, base, kept)
+
+    def keeps(self, manifest: manifest_pb2.Manifest, active: SlotInfo | None) -> tuple[str, ...]:
+        """The adapter packages an adapter package joins: those the active slot serves on the same
+        base, but for one of the same adapter name (which it updates) and those whose manifest is gone."""
+        if manifest.kind != "adapter" or not manifest.adapters or active is None or not active.base_package_id:
+            return ()
+        adapter = manifest.adapters[0]
+        if adapter.base_package_id != active.base_package_id:
+            return ()
+        kept: list[str] = []
+        for pid in (*active.adapters, active.package_id):
+            try:
+                other = self.read(pid)
+            except PackageRejected:
+                log.warning("adapter package %s is no longer kept: its manifest does not read", pid[:12])
+                continue
+            if other.adapters and other.adapters[0].name != adapter.name and pid not in kept:
+                kept.append(pid)
+        return tuple(kept)
+
+    def without_adapter(self, name: str, active: SlotInfo | None) -> tuple[str, tuple[str, ...]]:
+        """The active slot without adapter `name`: (the package it then serves, the adapter packages
+        it keeps besides). The last other adapter package takes its place; the base when none is left.
+        NotFound when the slot serves no adapter of that name."""
+        if active is None or not active.base_package_id:
+            raise NotFound(f"adapter {name!r} is not installed (this device runs no adapter package)")
+        named = {pid: self.read(pid) for pid in (*active.adapters, active.package_id)}
+        keep = [pid for pid, m in named.items() if m.adapters[0].name != name]
+        if len(keep) == len(named):
+            have = ", ".join(m.adapters[0].name for m in named.values())
+            raise NotFound(f"adapter {name!r} is not installed (adapter packages here: {have})")
+        if not keep:
+            return active.base_package_id, ()
+        return keep[-1], tuple(keep[:-1])
 
     def check_desired(
         self,

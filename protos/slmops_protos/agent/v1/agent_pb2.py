@@ -24,35 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bslmops/agent/v1/agent.proto\x12\x0fslmops.agent.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa7\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.slmops.agent.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12\x15\n\rmodel_version\x18\n \x01(\t\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0c \x01(\tH\x00\x12\x0f\n\x05regex\x18\r \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x0e \x01(\tH\x00\x42\x0c\n\nconstraintB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"V\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xd3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x34\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1d.slmops.agent.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.slmops.agent.v1.Usage\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.slmops.agent.v1.Timings\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\npackage_id\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"\x7f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\npackage_id\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x0c\n\x04slot\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x10\n\x08\x61\x64\x61pters\x18\x07 \x03(\t\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.slmops.agent.v1.ModelInfo\"\x12\n\x10GetStatusRequest\"\xef\x01\n\x11GetStatusResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cupdate_state\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63tive_slot\x18\x03 \x01(\t\x12\x30\n\x0c\x61\x63tive_model\x18\x04 \x01(\x0b\x32\x1a.slmops.agent.v1.ModelInfo\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x14\n\x0c\x65rrors_total\x18\x07 \x01(\x04\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x10\n\x08uptime_s\x18\t \x01(\x01*R\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\r\n\tCANCELLED\x10\x03\x32\xdf\x02\n\tInference\x12Q\n\x08Generate\x12 .slmops.agent.v1.GenerateRequest\x1a!.slmops.agent.v1.GenerateResponse0\x01\x12T\n\rGenerateUnary\x12 .slmops.agent.v1.GenerateRequest\x1a!.slmops.agent.v1.GenerateResponse\x12U\n\nListModels\x12\".slmops.agent.v1.ListModelsRequest\x1a#.slmops.agent.v1.ListModelsResponse\x12R\n\tGetStatus\x12!.slmops.agent.v1.GetStatusRequest\x1a\".slmops.agent.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bslmops/agent/v1/agent.proto\x12\x0fslmops.agent.v1\"$\n\x14RemoveAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa7\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12.\n\x08messages\x18\x02 \x03(\x0b\x32\x1c.slmops.agent.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12\x15\n\rmodel_version\x18\n \x01(\t\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x0c \x01(\tH\x00\x12\x0f\n\x05regex\x18\r \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x0e \x01(\tH\x00\x42\x0c\n\nconstraintB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"V\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xd3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x34\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1d.slmops.agent.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.slmops.agent.v1.Usage\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.slmops.agent.v1.Timings\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\npackage_id\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"\x7f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\npackage_id\x18\x03 \x01(\t\x12\x0f\n\x07profile\x18\x04 \x01(\t\x12\x0c\n\x04slot\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x10\n\x08\x61\x64\x61pters\x18\x07 \x03(\t\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.slmops.agent.v1.ModelInfo\"\x12\n\x10GetStatusRequest\"\xef\x01\n\x11GetStatusResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cupdate_state\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63tive_slot\x18\x03 \x01(\t\x12\x30\n\x0c\x61\x63tive_model\x18\x04 \x01(\x0b\x32\x1a.slmops.agent.v1.ModelInfo\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\r\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x14\n\x0c\x65rrors_total\x18\x07 \x01(\x04\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x10\n\x08uptime_s\x18\t \x01(\x01*R\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\r\n\tCANCELLED\x10\x03\x32\xbc\x03\n\tInference\x12Q\n\x08Generate\x12 .slmops.agent.v1.GenerateRequest\x1a!.slmops.agent.v1.GenerateResponse0\x01\x12T\n\rGenerateUnary\x12 .slmops.agent.v1.GenerateRequest\x1a!.slmops.agent.v1.GenerateResponse\x12U\n\nListModels\x12\".slmops.agent.v1.ListModelsRequest\x1a#.slmops.agent.v1.ListModelsResponse\x12R\n\tGetStatus\x12!.slmops.agent.v1.GetStatusRequest\x1a\".slmops.agent.v1.GetStatusResponse\x12[\n\rRemoveAdapter\x12%.slmops.agent.v1.RemoveAdapterRequest\x1a#.slmops.agent.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slmops_protos.agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1359
-  _globals['_FINISHREASON']._serialized_end=1441
-  _globals['_CHATMESSAGE']._serialized_start=48
-  _globals['_CHATMESSAGE']._serialized_end=92
-  _globals['_GENERATEREQUEST']._serialized_start=95
-  _globals['_GENERATEREQUEST']._serialized_end=518
-  _globals['_USAGE']._serialized_start=520
-  _globals['_USAGE']._serialized_end=577
-  _globals['_TIMINGS']._serialized_start=579
-  _globals['_TIMINGS']._serialized_end=665
-  _globals['_GENERATERESPONSE']._serialized_start=668
-  _globals['_GENERATERESPONSE']._serialized_end=879
-  _globals['_LISTMODELSREQUEST']._serialized_start=881
-  _globals['_LISTMODELSREQUEST']._serialized_end=900
-  _globals['_MODELINFO']._serialized_start=902
-  _globals['_MODELINFO']._serialized_end=1029
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1031
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1095
-  _globals['_GETSTATUSREQUEST']._serialized_start=1097
-  _globals['_GETSTATUSREQUEST']._serialized_end=1115
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1118
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1357
-  _globals['_INFERENCE']._serialized_start=1444
-  _globals['_INFERENCE']._serialized_end=1795
+  _globals['_FINISHREASON']._serialized_start=1397
+  _globals['_FINISHREASON']._serialized_end=1479
+  _globals['_REMOVEADAPTERREQUEST']._serialized_start=48
+  _globals['_REMOVEADAPTERREQUEST']._serialized_end=84
+  _globals['_CHATMESSAGE']._serialized_start=86
+  _globals['_CHATMESSAGE']._serialized_end=130
+  _globals['_GENERATEREQUEST']._serialized_start=133
+  _globals['_GENERATEREQUEST']._serialized_end=556
+  _globals['_USAGE']._serialized_start=558
+  _globals['_USAGE']._serialized_end=615
+  _globals['_TIMINGS']._serialized_start=617
+  _globals['_TIMINGS']._serialized_end=703
+  _globals['_GENERATERESPONSE']._serialized_start=706
+  _globals['_GENERATERESPONSE']._serialized_end=917
+  _globals['_LISTMODELSREQUEST']._serialized_start=919
+  _globals['_LISTMODELSREQUEST']._serialized_end=938
+  _globals['_MODELINFO']._serialized_start=940
+  _globals['_MODELINFO']._serialized_end=1067
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1069
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1133
+  _globals['_GETSTATUSREQUEST']._serialized_start=1135
+  _globals['_GETSTATUSREQUEST']._serialized_end=1153
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1156
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1395
+  _globals['_INFERENCE']._serialized_start=1482
+  _globals['_INFERENCE']._serialized_end=1926
 # @@protoc_insertion_point(module_scope)

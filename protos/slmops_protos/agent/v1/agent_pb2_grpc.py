@@ -54,6 +54,11 @@ class InferenceStub:
                 request_serializer=slmops_dot_agent_dot_v1_dot_agent__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=slmops_dot_agent_dot_v1_dot_agent__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.RemoveAdapter = channel.unary_unary(
+                '/slmops.agent.v1.Inference/RemoveAdapter',
+                request_serializer=slmops_dot_agent_dot_v1_dot_agent__pb2.RemoveAdapterRequest.SerializeToString,
+                response_deserializer=slmops_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -86,6 +91,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveAdapter(self, request, context):
+        """Stops serving one adapter package of the active base; the others keep serving. The slot is
+        restaged without it, tested and committed like an update. NOT_FOUND: no adapter of that name;
+        FAILED_PRECONDITION: an update is in progress or the restaged slot rolled back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +122,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=slmops_dot_agent_dot_v1_dot_agent__pb2.GetStatusRequest.FromString,
                     response_serializer=slmops_dot_agent_dot_v1_dot_agent__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'RemoveAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAdapter,
+                    request_deserializer=slmops_dot_agent_dot_v1_dot_agent__pb2.RemoveAdapterRequest.FromString,
+                    response_serializer=slmops_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +237,33 @@ class Inference:
             '/slmops.agent.v1.Inference/GetStatus',
             slmops_dot_agent_dot_v1_dot_agent__pb2.GetStatusRequest.SerializeToString,
             slmops_dot_agent_dot_v1_dot_agent__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slmops.agent.v1.Inference/RemoveAdapter',
+            slmops_dot_agent_dot_v1_dot_agent__pb2.RemoveAdapterRequest.SerializeToString,
+            slmops_dot_agent_dot_v1_dot_agent__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class InferenceStub:
     """The whole completion at once."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetStatusRequest, _agent_pb2.GetStatusResponse]
+    RemoveAdapter: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RemoveAdapterRequest, _agent_pb2.ListModelsResponse]
+    """Stops serving one adapter package of the active base; the others keep serving. The slot is
+    restaged without it, tested and committed like an update. NOT_FOUND: no adapter of that name;
+    FAILED_PRECONDITION: an update is in progress or the restaged slot rolled back.
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -51,6 +56,11 @@ class InferenceAsyncStub(InferenceStub):
     """The whole completion at once."""
     ListModels: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListModelsRequest, _agent_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetStatusRequest, _agent_pb2.GetStatusResponse]  # type: ignore[assignment]
+    RemoveAdapter: _aio.UnaryUnaryMultiCallable[_agent_pb2.RemoveAdapterRequest, _agent_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Stops serving one adapter package of the active base; the others keep serving. The slot is
+    restaged without it, tested and committed like an update. NOT_FOUND: no adapter of that name;
+    FAILED_PRECONDITION: an update is in progress or the restaged slot rolled back.
+    """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -84,5 +94,16 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetStatusResponse, _abc.Awaitable[_agent_pb2.GetStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveAdapter(
+        self,
+        request: _agent_pb2.RemoveAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ListModelsResponse, _abc.Awaitable[_agent_pb2.ListModelsResponse]]:
+        """Stops serving one adapter package of the active base; the others keep serving. The slot is
+        restaged without it, tested and committed like an update. NOT_FOUND: no adapter of that name;
+        FAILED_PRECONDITION: an update is in progress or the restaged slot rolled back.
+        """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
