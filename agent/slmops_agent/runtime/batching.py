@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from slmops_agent.errors import AgentError, InvalidRequest
 from slmops_agent.runtime.decoding import Decoding
 from slmops_agent.runtime.genai import load_genai
@@ -72,6 +70,8 @@ class BatchRun:
                 turn.set_top_k(opts["top_k"])
             if "repetition_penalty" in opts:
                 turn.set_repetition_penalty(opts["repetition_penalty"])
+            import numpy as np  # onnxruntime-genai needs it; an idle agent does not (footprint)
+
             turn_id = request.begin_turn(np.asarray(prepared.ids, dtype=np.int32), turn)
         except (RuntimeError, ValueError, TypeError) as exc:
             request.close()
