@@ -20,6 +20,7 @@ from slmops_agent.inventory import Inventory, collect_inventory
 from slmops_agent.layout import StateLayout, StateLock
 from slmops_agent.reach import require_protection, tls_from
 from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.memory import limit_arenas
 from slmops_agent.runtime.metrics import Metrics
 from slmops_agent.runtime.model import ModelInfo
 from slmops_agent.runtime.requests import Limits
@@ -45,6 +46,7 @@ class Agent:
     """The running agent. `serve()` runs until `request_stop()` (or SIGTERM/SIGINT)."""
 
     def __init__(self, settings: AgentSettings) -> None:
+        limit_arenas(settings.malloc_arenas)  # before the servers' and the model's threads start
         self.settings = settings
         self.layout = StateLayout(settings.state_dir)
         self.layout.create()

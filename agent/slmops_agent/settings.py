@@ -81,6 +81,13 @@ class AgentSettings(BaseSettings):
         description="onnxruntime's CPU memory arena: keeps the largest tensors of a burst for the next one "
         "(faster, more memory); off, memory goes back after each run.",
     )
+    malloc_arenas: int = Field(
+        2,
+        ge=0,
+        le=1024,
+        description="glibc malloc arenas the agent's threads share (0: glibc's default, 8 a core): fewer "
+        "keep less memory after a burst of concurrent requests.",
+    )
     stream_group_s: float = Field(
         GROUP_S, ge=0, le=1, description="After the first piece, streamed text goes in groups this far apart (0: each)."
     )

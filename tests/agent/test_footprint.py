@@ -57,6 +57,7 @@ def test_context_length_bounds_prompt_and_new_tokens(model: LoadedModel, caplog:
         ("context_length", "long", "valid integer"),
         ("max_batch", 0, "greater than or equal to 1"),
         ("cpu_arena", "sometimes", "valid boolean"),
+        ("malloc_arenas", -1, "greater than or equal to 0"),
     ],
 )
 def test_the_memory_settings_are_validated(key: str, value: object, error: str) -> None:
@@ -66,7 +67,7 @@ def test_the_memory_settings_are_validated(key: str, value: object, error: str) 
 
 def test_the_memory_settings_defaults_fit_a_small_device() -> None:
     s = AgentSettings()
-    assert s.context_length is None and s.max_batch == 4 and s.cpu_arena is False
+    assert s.context_length is None and s.max_batch == 4 and s.cpu_arena is False and s.malloc_arenas == 2
 
 
 def test_memory_is_given_back_where_the_c_library_can() -> None:
@@ -112,3 +113,10 @@ def test_the_execution_providers_are_asked_once_per_installed_onnxruntime(tmp_pa
         cache.write_text(stale)
         assert onnxruntime_providers(cache) == onnxruntime.get_available_providers()
     assert collect_inventory(tmp_path).providers == onnxruntime.get_available_providers()
+
+
+def test_the_malloc_arenas_are_limited_where_the_c_library_can() -> None:
+    """In a child process: the limit holds for the rest of the process (0 asks for nothing)."""
+    code = "from slmops_agent.runtime.memory import limit_arenas\nprint(limit_arenas(0), limit_arenas(2))\n"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["False", str(sys.platform == "linux")]

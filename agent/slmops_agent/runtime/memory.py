@@ -1,6 +1,8 @@
 """Giving memory back to the system after a turn: glibc keeps freed heap pages (a burst's tensors,
 its KV caches) for the process's next allocation; `malloc_trim` returns them, so the agent's resident
-memory falls back to the loaded model's after a burst. A no-op where the C library has no malloc_trim."""
+memory falls back to the loaded model's after a burst. Fewer malloc arenas (glibc makes up to 8 a
+core, one per thread that allocates at once) leave less memory scattered among them after a burst.
+Both are no-ops where the C library is not glibc."""
 
 from __future__ import annotations
 
@@ -9,15 +11,28 @@ import ctypes.util
 import functools
 from collections.abc import Callable
 
+M_ARENA_MAX = -8  # mallopt's parameter (glibc's malloc.h)
+
 
 @functools.cache
-def _trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
+def _libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
+
+
+def _trim() -> Callable[[int], int] | None:
+    return getattr(_libc(), "malloc_trim", None)  # not glibc (musl, macOS): nothing to trim
+
+
+def limit_arenas(arenas: int) -> bool:
+    """At most `arenas` malloc arenas from now on (0: glibc's default); call it before threads start.
+    Whether the C library took it."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if arenas <= 0 or mallopt is None:
+        return False
+    return bool(mallopt(M_ARENA_MAX, arenas))
 
 
 def release_memory() -> bool:
