@@ -88,9 +88,9 @@ def install_size(venv: Path) -> dict[str, Any]:
         for f in files:
             path = os.path.realpath(os.path.join(dirpath, f))
             rel = os.path.relpath(path, sp).split(os.sep)[0]
-            name = owner.get(path) or _owner_by_top(rel, sizes)
+            name = owner.get(path) or _owner_by_top(rel)
             sizes[name] = sizes.get(name, 0) + os.path.getsize(path)
-    total = sum(v for k, v in sizes.items() if k not in NOT_INSTALLED and not k.startswith("(pip"))
+    total = sum(v for k, v in sizes.items() if k not in NOT_INSTALLED)
     tops = sorted(sizes.items(), key=lambda kv: -kv[1])
     dev_code = sorted(p.name for p in sp.iterdir() if p.name in ("slmops_fleet", "slmops_builder"))
     return {
@@ -102,10 +102,13 @@ def install_size(venv: Path) -> dict[str, Any]:
     }
 
 
-def _owner_by_top(top: str, sizes: dict[str, int]) -> str:
-    """Files no RECORD lists (compiled later, caches): counted under their top-level folder."""
-    if top.startswith(("pip", "_distutils_hack", "distutils-precedence", "setuptools", "pkg_resources")):
-        return "setuptools" if not top.startswith("pip") else "pip"
+def _owner_by_top(top: str) -> str:
+    """Files no RECORD lists (compiled later, caches): pip's and setuptools' by name, others under
+    their top-level folder (counted)."""
+    if top.startswith("pip"):
+        return "pip"
+    if top.startswith(("_distutils_hack", "distutils-precedence", "setuptools", "pkg_resources")):
+        return "setuptools"
     return f"(unlisted) {top}"
 
 
