@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slmops_agent.codec import blob_want_to_pb, chunk_from_pb, desired_from_pb, inventory_to_pb, report_to_pb
 from slmops_agent.credentials import CredentialKeeper, Credentials, CredentialsError
@@ -17,9 +18,9 @@ from slmops_agent.errors import AgentError
 from slmops_agent.httpapi import HttpServer
 from slmops_agent.inventory import Inventory, collect_inventory
 from slmops_agent.layout import StateLayout, StateLock
-from slmops_agent.mqtt import AgentMqtt
 from slmops_agent.reach import require_protection, tls_from
 from slmops_agent.runtime.host import ModelHost
+from slmops_agent.runtime.memory import limit_arenas
 from slmops_agent.runtime.metrics import Metrics
 from slmops_agent.runtime.model import ModelInfo
 from slmops_agent.runtime.requests import Limits
@@ -34,6 +35,9 @@ from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.key_statements import KeyRing
 from slmops_protos.states import UpdateState
 
+if TYPE_CHECKING:
+    from slmops_agent.mqtt import AgentMqtt
+
 log = logging.getLogger(__name__)
 
 READY_WAIT_S = 120.0  # the longest `serve` waits for the active model before it reports ready
@@ -43,6 +47,7 @@ class Agent:
     """The running agent. `serve()` runs until `request_stop()` (or SIGTERM/SIGINT)."""
 
     def __init__(self, settings: AgentSettings) -> None:
+        limit_arenas(settings.malloc_arenas)  # before the servers' and the model's threads start
         self.settings = settings
         self.layout = StateLayout(settings.state_dir)
         self.layout.create()
@@ -190,6 +195,8 @@ class Agent:
         if self.creds is None:
             log.warning("not enrolled: serving locally only (no fleet link, no telemetry)")
             return
+        from slmops_agent.mqtt import AgentMqtt  # paho: only an enrolled agent links to the fleet
+
         s = self.settings
         updater = self.updater
 

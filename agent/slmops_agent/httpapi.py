@@ -15,11 +15,8 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,18 +26,24 @@ from slmops_agent.errors import AgentError
 from slmops_agent.reach import TlsFiles, require_protection, token_matches
 from slmops_agent.runtime.host import ModelHost
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
 log = logging.getLogger(__name__)
 
 PREFIX = "slmops_agent"
 
 
-class HostCollector(Collector):
-    """Inference metrics of one ModelHost, read when scraped."""
+class HostCollector:
+    """Inference metrics of one ModelHost, read when scraped (a prometheus_client collector)."""
 
     def __init__(self, host: ModelHost) -> None:
         self.host = host
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
         snap = self.host.metrics.snapshot()
         requests = CounterMetricFamily(f"{PREFIX}_requests", "Generation requests by status code.", labels=["code"])
         errors = CounterMetricFamily(
@@ -98,20 +101,40 @@ def _le(seconds: float) -> str:
 
 
 def metrics_registry(host: ModelHost) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HostCollector(host))
+    registry.register(HostCollector(host))  # a collector by its collect()
     return registry
 
 
-def build_app(host: ModelHost) -> Starlette:
-    from slmops_agent.openai_api import openai_routes
-
-    registry = metrics_registry(host)
+def build_app(host: ModelHost) -> Any:
+    """/metrics and the OpenAI routes under /v1. Each part imports its libraries (prometheus_client;
+    the OpenAI request models) on its first request, so an agent nobody scrapes or asks over HTTP
+    does not hold them in memory."""
+    registry: list[CollectorRegistry] = []
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"]), *openai_routes(host)])
+        if not registry:
+            registry.append(metrics_registry(host))
+        return Response(generate_latest(registry[0]), media_type=CONTENT_TYPE_LATEST)
+
+    base = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
+    openai: list[Starlette] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/v1"):
+            if not openai:
+                from slmops_agent.openai_api import openai_routes
+
+                openai.append(Starlette(routes=openai_routes(host)))
+            await openai[0](scope, receive, send)
+            return
+        await base(scope, receive, send)
+
+    return app
 
 
 def require_token(app: Any, token: str) -> Any:
@@ -166,7 +189,7 @@ class HttpServer:
         self.url = ""
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
-        self._app_factory: Callable[[ModelHost], Starlette] = build_app
+        self._app_factory: Callable[[ModelHost], Any] = build_app
 
     async def start(self) -> str:
         import uvicorn

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import logging
 import os
 import platform
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from slmops_agent.layout import write_atomic
 
 # CPU flags worth telling the fleet about (it picks a variant by them); everything else is noise.
 _INTERESTING_FLAGS = (
@@ -72,12 +79,40 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     return found
 
 
-def onnxruntime_providers() -> list[str]:
-    try:
-        import onnxruntime
-    except ImportError:
+log = logging.getLogger(__name__)
+
+PROVIDERS_CACHE = "providers.json"  # in the state folder
+_PROBE = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
+
+
+def onnxruntime_providers(cache: Path | None = None) -> list[str]:
+    """onnxruntime's execution providers here. Importing onnxruntime (and numpy with it) would hold
+    ~40 MiB in an agent that serves no model yet, so a child process asks, once per installed
+    onnxruntime: the answer is kept in `cache`, keyed by the package's place and its modification
+    time (an upgrade asks again)."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
         return []
-    return list(onnxruntime.get_available_providers())
+    package = Path(spec.origin).parent
+    key = f"{package}:{package.stat().st_mtime_ns}"
+    try:
+        kept = json.loads(cache.read_text()) if cache is not None else None
+        if isinstance(kept, dict) and kept.get("key") == key and isinstance(kept.get("providers"), list):
+            return [str(p) for p in kept["providers"]]
+    except (OSError, ValueError):
+        pass  # none yet, or unreadable: ask again
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True)
+        providers = [str(p) for p in json.loads(out.stdout)]
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        log.warning("cannot list onnxruntime's execution providers: %s", exc)
+        return []
+    if cache is not None:
+        try:
+            write_atomic(cache, json.dumps({"key": key, "providers": providers}).encode())
+        except OSError as exc:
+            log.warning("cannot keep the execution providers in %s: %s", cache, exc)
+    return providers
 
 
 def collect_inventory(state_dir: Path) -> Inventory:
@@ -92,7 +127,7 @@ def collect_inventory(state_dir: Path) -> Inventory:
         cpu_count=os.cpu_count() or 1,
         memory_bytes=int(psutil.virtual_memory().total),
         disk_free_bytes=int(shutil.disk_usage(probe).free),
-        providers=onnxruntime_providers(),
+        providers=onnxruntime_providers(state_dir / PROVIDERS_CACHE if state_dir.is_dir() else None),
         cpu_features=cpu_features(),
         agent_version=__version__,
     )

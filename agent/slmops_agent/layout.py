@@ -27,6 +27,7 @@ class StateLayout:
     blobs/             content-addressed files, downloads (.partial + .bitmap)
     manifests/         signed manifests of the packages in the slots and of the target
     telemetry.db       the bounded telemetry queue
+    providers.json     onnxruntime's execution providers, asked once per installed onnxruntime
     agent.sock         the gRPC Unix socket (default)
     grpc.addr          the TCP address the gRPC server listens on
     metrics.addr       host:port of the loopback HTTP server (/metrics)

@@ -61,7 +61,33 @@ class AgentSettings(BaseSettings):
         "collapse when other processes want them. auto: on when, as a model loads, every thread has a "
         "core that other processes leave free.",
     )
-    max_batch: int = Field(4, ge=1, le=64, description="Concurrent requests decoded together in one batch at most.")
+    max_batch: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Batch slots: concurrent requests decoded together in one batch at most (each slot's KV "
+        "cache grows to context_length).",
+    )
+    context_length: int | None = Field(
+        None,
+        ge=16,
+        le=1 << 20,
+        description="Tokens one request may hold (prompt and new tokens), which bounds its KV cache; the "
+        "memory it needs is logged when a model loads. Default: the model's, at most 2048. Longer than the "
+        "model's: the model is refused.",
+    )
+    cpu_arena: bool = Field(
+        False,
+        description="onnxruntime's CPU memory arena: keeps the largest tensors of a burst for the next one "
+        "(faster, more memory); off, memory goes back after each run.",
+    )
+    malloc_arenas: int = Field(
+        2,
+        ge=0,
+        le=1024,
+        description="glibc malloc arenas the agent's threads share (0: glibc's default, 8 a core): fewer "
+        "keep less memory after a burst of concurrent requests.",
+    )
     stream_group_s: float = Field(
         GROUP_S, ge=0, le=1, description="After the first piece, streamed text goes in groups this far apart (0: each)."
     )

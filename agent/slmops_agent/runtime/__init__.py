@@ -6,6 +6,7 @@ requests waiting together, hot swap).
     stops      stop sequences in streamed text
     spinning   whether onnxruntime's threads may spin (decided from the machine's load)
     genai      the lazy import of onnxruntime-genai
+    memory     the heap's free pages given back after a turn (malloc_trim)
     decoding   one request's side of the token loop (stops, budget, streamed text, timings)
     model      the loaded model and the token loop of one request
     batching   several requests decoded together on onnxruntime-genai's Engine

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from slmops_agent.errors import AgentError, InvalidRequest
 from slmops_agent.runtime.constraints import guidance_refused, is_guidance_error
 from slmops_agent.runtime.decoding import Decoding
@@ -82,6 +80,8 @@ class BatchRun:
                 turn.set_top_k(opts["top_k"])
             if "repetition_penalty" in opts:
                 turn.set_repetition_penalty(opts["repetition_penalty"])
+            import numpy as np  # onnxruntime-genai needs it; an idle agent does not (footprint)
+
             if constraint is not None:
                 turn.set_guidance(constraint.kind.value, constraint.text)  # turn-scoped: mixes with unguided turns
             turn_id = request.begin_turn(np.asarray(prepared.ids, dtype=np.int32), turn)  # compiles it

@@ -17,6 +17,7 @@ from slmops_agent.runtime.batching import BatchMember, BatchRun
 from slmops_agent.runtime.constraints import guidance_refused, is_guidance_error
 from slmops_agent.runtime.decoding import Decoding, Prepared
 from slmops_agent.runtime.genai import load_genai
+from slmops_agent.runtime.memory import release_memory
 from slmops_agent.runtime.requests import GenerationRequest, GenerationResult, Limits
 from slmops_agent.runtime.spinning import Spinning, resolve_spinning
 
@@ -24,6 +25,26 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_MAX_BATCH = 4
+DEFAULT_CONTEXT = 2048  # tokens a sequence may hold when the settings name none (the model's, if shorter)
+MIB = 1024 * 1024
+
+
+def kv_bytes_per_token(decoder: dict[str, Any]) -> int:
+    """Bytes of KV cache one token of one sequence takes: keys and values of every layer (fp32 on
+    CPU, fp16 when the model's KV inputs are; genai_config.json's decoder section)."""
+    heads = int(decoder.get("num_key_value_heads") or decoder.get("num_attention_heads") or 0)
+    itemsize = 2 if "fp16" in json.dumps(decoder.get("inputs", {})).lower() else 4
+    return 2 * int(decoder.get("num_hidden_layers") or 0) * heads * int(decoder.get("head_size") or 0) * itemsize
+
+
+def effective_context(model_context: int, configured: int | None) -> int:
+    """The context this agent serves: `configured` (refused past the model's own), else the model's
+    capped at DEFAULT_CONTEXT (each sequence's KV cache grows to it: memory a small device lacks)."""
+    if configured is None:
+        return min(model_context, DEFAULT_CONTEXT)
+    if configured > model_context:
+        raise ModelLoadError(f"context_length {configured} is longer than the model's context ({model_context} tokens)")
+    return configured
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,10 @@ class LoadedModel:
     for work (much faster on idle cores, a collapse when another process wants them); "auto" (the
     agent's default) decides at load time (`resolve_spinning`). `max_batch` > 1 lets
     `generate_batch` decode that many requests together through onnxruntime-genai's Engine (its
-    static batching: requests join when a batch starts)."""
+    static batching: requests join when a batch starts). `cpu_arena`: onnxruntime's CPU arena (off:
+    a turn's memory goes back when it ends, `memory.release_memory`). `context_length` caps a sequence's prompt
+    and new tokens (and so its KV cache; `effective_context`); the model's generation defaults'
+    max_length is capped to it too."""
 
     def __init__(
         self,
@@ -55,6 +79,8 @@ class LoadedModel:
         threads: int,
         spinning: Spinning = False,
         max_batch: int = DEFAULT_MAX_BATCH,
+        context_length: int | None = None,
+        cpu_arena: bool = False,
     ) -> None:
         og = load_genai()
         self.path = path
@@ -63,10 +89,20 @@ class LoadedModel:
         self.spinning = resolve_spinning(spinning, threads)
         try:
             genai_config = json.loads((path / "genai_config.json").read_text())
+            model_cfg = genai_config.get("model", {})
+            self.model_context = int(model_cfg.get("context_length") or 2048)
+            self.context_length = effective_context(self.model_context, context_length)
             cfg = og.Config(str(path))
             spin = "1" if self.spinning else "0"
-            session = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": spin}
-            overlay: dict[str, Any] = {"model": {"decoder": {"session_options": session}}}
+            session: dict[str, Any] = {
+                "intra_op_num_threads": threads,
+                "session.intra_op.allow_spinning": spin,
+                "enable_cpu_mem_arena": cpu_arena,
+            }
+            overlay: dict[str, Any] = {
+                "model": {"decoder": {"session_options": session}},
+                "search": {"max_length": self.context_length},
+            }
             self.max_batch = max_batch if hasattr(og, "Engine") else 1
             if self.max_batch > 1:
                 overlay["engine"] = {"static_batching": {"max_batch_size": self.max_batch}}
@@ -82,12 +118,26 @@ class LoadedModel:
             raise ModelLoadError(f"{path} is not an onnxruntime-genai folder: {exc.filename} is missing") from exc
         except (RuntimeError, ValueError, OSError) as exc:
             raise ModelLoadError(f"onnxruntime-genai cannot load {path}: {str(exc).splitlines()[0]}") from exc
-        model_cfg = genai_config.get("model", {})
-        self.context_length = int(model_cfg.get("context_length") or 2048)
+        release_memory()  # the load's temporaries (the tokenizer's parsed JSON: ~14 MiB for SmolLM2)
+        self.kv_bytes_per_token = kv_bytes_per_token(model_cfg.get("decoder", {}))
+        log.info(
+            "%s: context %d tokens (the model's: %d) x %d batch slots: KV cache up to %.0f MiB (%.1f KiB a token)",
+            info.name or path.name,
+            self.context_length,
+            self.model_context,
+            self.max_batch,
+            self.kv_cache_bytes / MIB,
+            self.kv_bytes_per_token / 1024,
+        )
         self.vocab_size = int(model_cfg.get("vocab_size") or 0)  # 0: unknown
         eos = model_cfg.get("eos_token_id", [])
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
         self.eos_ids.update(int(t) for t in self.tokenizer.eos_token_ids)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The KV cache's memory when every batch slot holds a full context."""
+        return self.kv_bytes_per_token * self.context_length * self.max_batch
 
     def encode(self, req: GenerationRequest) -> list[int]:
         if req.messages:
@@ -114,7 +164,8 @@ class LoadedModel:
             raise NotFound(f"adapter {req.adapter!r} is not loaded (this model has: {have})")
         ids = self.encode(req)
         if len(ids) >= self.context_length:
-            raise InvalidRequest(f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}")
+            whose = "the model's" if self.context_length == self.model_context else "the agent's (context_length)"
+            raise InvalidRequest(f"the prompt is {len(ids)} tokens; {whose} context is {self.context_length}")
         max_new = min(req.max_new_tokens or limits.default_max_new_tokens, self.context_length - len(ids))
         options: dict[str, Any] = {"max_length": len(ids) + max_new}
         # Unset fields keep the package's generation defaults (genai_config.json "search");
@@ -179,6 +230,8 @@ class LoadedModel:
             decoding.feed(int(generator.get_next_tokens()[0]))
             if pause is not None and not decoding.done:
                 pause()
+        del generator, params
+        release_memory()
         return decoding.result()
 
     def generate_batch(
@@ -197,6 +250,8 @@ class LoadedModel:
             engine = None
         if engine is not None:
             BatchRun(self, engine, members, limits, pause).run()
+            del engine
+            release_memory()
             return
         for member in members:
             try:
@@ -215,6 +270,21 @@ class LoadedModel:
 
 
 def load_model(
-    path: Path, info: ModelInfo, *, threads: int, spinning: Spinning = False, max_batch: int = DEFAULT_MAX_BATCH
+    path: Path,
+    info: ModelInfo,
+    *,
+    threads: int,
+    spinning: Spinning = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    context_length: int | None = None,
+    cpu_arena: bool = False,
 ) -> LoadedModel:
-    return LoadedModel(path, info, threads=threads, spinning=spinning, max_batch=max_batch)
+    return LoadedModel(
+        path,
+        info,
+        threads=threads,
+        spinning=spinning,
+        max_batch=max_batch,
+        context_length=context_length,
+        cpu_arena=cpu_arena,
+    )

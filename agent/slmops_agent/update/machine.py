@@ -640,4 +640,10 @@ class Updater:
 
     def _load_options(self) -> dict[str, Any]:
         st = self.settings
-        return {"threads": st.threads, "spinning": st.spinning, "max_batch": st.max_batch}
+        return {
+            "threads": st.threads,
+            "spinning": st.spinning,
+            "max_batch": st.max_batch,
+            "context_length": st.context_length,
+            "cpu_arena": st.cpu_arena,
+        }

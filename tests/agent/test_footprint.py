@@ -1,0 +1,122 @@
+"""The agent's footprint: the context and batch slots that size the KV cache (validated against the
+model), memory given back after a turn, and the libraries an idle agent does not import."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from slmops_agent.errors import InvalidRequest, ModelLoadError
+from slmops_agent.inventory import PROVIDERS_CACHE, collect_inventory, onnxruntime_providers
+from slmops_agent.runtime.memory import release_memory
+from slmops_agent.runtime.model import DEFAULT_CONTEXT, LoadedModel, effective_context
+from slmops_agent.runtime.requests import FinishReason, GenerationRequest, Limits
+from slmops_agent.settings import AgentSettings
+
+LIMITS = Limits(default_max_new_tokens=12, max_new_tokens_limit=200)
+
+
+def test_a_context_longer_than_the_models_is_refused_with_the_limit(model: LoadedModel) -> None:
+    too_long = model.model_context + 1
+    with pytest.raises(
+        ModelLoadError, match=rf"context_length {too_long} .*the model's context \({model.model_context} "
+    ):
+        LoadedModel(model.path, model.info, threads=1, context_length=too_long)
+
+
+def test_the_default_context_is_the_models_capped_for_a_small_device() -> None:
+    assert effective_context(8192, None) == DEFAULT_CONTEXT == 2048
+    assert effective_context(256, None) == 256
+    assert effective_context(8192, 512) == 512
+
+
+def test_context_length_bounds_prompt_and_new_tokens(model: LoadedModel, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="slmops_agent.runtime.model"):
+        small = LoadedModel(model.path, model.info, threads=1, context_length=32, max_batch=2)
+    assert small.context_length == 32 and small.model_context == model.model_context
+    assert small.kv_cache_bytes == small.kv_bytes_per_token * 32 * small.max_batch > 0
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "context 32 tokens" in logged and "batch slots: KV cache up to" in logged
+    with pytest.raises(InvalidRequest, match=r"the agent's \(context_length\) context is 32"):
+        small.prepare(GenerationRequest(prompt="Hello world " * 40), LIMITS)
+    result = small.generate(GenerationRequest(prompt="The capital of", max_new_tokens=200), limits=LIMITS)
+    assert result.prompt_tokens + result.completion_tokens <= 32
+    assert result.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error"),
+    [
+        ("context_length", 8, "greater than or equal to 16"),
+        ("context_length", "long", "valid integer"),
+        ("max_batch", 0, "greater than or equal to 1"),
+        ("cpu_arena", "sometimes", "valid boolean"),
+        ("malloc_arenas", -1, "greater than or equal to 0"),
+    ],
+)
+def test_the_memory_settings_are_validated(key: str, value: object, error: str) -> None:
+    with pytest.raises(ValidationError, match=error):
+        AgentSettings(**{key: value})  # type: ignore[arg-type]
+
+
+def test_the_memory_settings_defaults_fit_a_small_device() -> None:
+    s = AgentSettings()
+    assert s.context_length is None and s.max_batch == 4 and s.cpu_arena is False and s.malloc_arenas == 2
+
+
+def test_memory_is_given_back_where_the_c_library_can() -> None:
+    assert release_memory() is (sys.platform == "linux")
+
+
+def test_an_idle_agent_imports_no_library_it_does_not_use_yet() -> None:
+    """The daemon's and the CLI's modules load without numpy, the native runtime, Prometheus, paho,
+    the OpenAI routes or rich: each comes when its feature is first used."""
+    heavy = [
+        "numpy",
+        "onnxruntime",
+        "onnxruntime_genai",
+        "prometheus_client",
+        "paho",
+        "slmops_agent.openai_api",
+        "rich",
+    ]
+    code = (
+        "import json, sys\n"
+        "import pathlib, tempfile\n"
+        "import slmops_agent.cli, slmops_agent.daemon, slmops_agent.httpapi\n"
+        "from slmops_agent.inventory import collect_inventory\n"
+        "collect_inventory(pathlib.Path(tempfile.mkdtemp()))\n"
+        f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out) == []
+
+
+def test_the_execution_providers_are_asked_once_per_installed_onnxruntime(tmp_path: Path) -> None:
+    import onnxruntime
+
+    cache = tmp_path / PROVIDERS_CACHE
+    assert onnxruntime_providers(cache) == onnxruntime.get_available_providers()
+    kept = json.loads(cache.read_text())
+    assert kept["providers"] == onnxruntime.get_available_providers() and "onnxruntime" in kept["key"]
+    # the kept answer is used while the key holds (a made-up list proves nothing asked again) ...
+    cache.write_text(json.dumps({"key": kept["key"], "providers": ["MadeUpExecutionProvider"]}))
+    assert onnxruntime_providers(cache) == ["MadeUpExecutionProvider"]
+    # ... and asked again for another onnxruntime, or a file that is not a kept answer
+    for stale in (json.dumps({"key": "elsewhere:1", "providers": ["MadeUp"]}), "not json", "[1, 2]"):
+        cache.write_text(stale)
+        assert onnxruntime_providers(cache) == onnxruntime.get_available_providers()
+    assert collect_inventory(tmp_path).providers == onnxruntime.get_available_providers()
+
+
+def test_the_malloc_arenas_are_limited_where_the_c_library_can() -> None:
+    """In a child process: the limit holds for the rest of the process (0 asks for nothing)."""
+    code = "from slmops_agent.runtime.memory import limit_arenas\nprint(limit_arenas(0), limit_arenas(2))\n"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out == ["False", str(sys.platform == "linux")]
