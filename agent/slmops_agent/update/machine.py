@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,16 @@ from slmops_agent.runtime.host import ModelHost
 from slmops_agent.runtime.model import LoadedModel, load_model
 from slmops_agent.settings import AgentSettings
 from slmops_agent.update import slots
+from slmops_agent.update.events import (
+    ChunkEvent,
+    ConnectedEvent,
+    DesiredEvent,
+    Event,
+    RemoveAdapterEvent,
+    StopEvent,
+)
 from slmops_agent.update.fetcher import BlobFetcher, ChunkOutcome, FetchFailed
-from slmops_agent.update.messages import BlobWant, Desired, Report
+from slmops_agent.update.messages import BlobWant, Desired, Report, forged_generation
 from slmops_agent.update.packages import Manifests, Target, read_package
 from slmops_agent.update.smoke_test import SmokeResult, run_smoke_test, summarize
 from slmops_agent.update_record import (
@@ -72,42 +80,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 PROGRESS_REPORT_S = 5.0  # while fetching, a progress report at most this often
-# The fleet numbers a device's desired states one by one and stores them as signed 64-bit integers:
-# a generation further ahead than this, or past that, is forged (a retained message on the device's
-# topic), and taking it would make the agent ignore every real desired state after it.
-MAX_GENERATION_STEP = 1 << 32
-MAX_GENERATION = (1 << 63) - 1
-
-
-# -- the worker's events -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class _DesiredEvent:
-    desired: Desired
-    local_dir: Path | None = None
-
-
-@dataclass(frozen=True)
-class _ChunkEvent:
-    chunk: Chunk
-
-
-@dataclass(frozen=True)
-class _ConnectedEvent:
-    pass
-
-
-@dataclass(frozen=True)
-class _StopEvent:
-    pass
-
-
-@dataclass(frozen=True)
-class _RemoveAdapterEvent:
-    name: str
-    started: concurrent.futures.Future[str]  # the package the removal installs, or why it cannot
-
-
-_Event = _DesiredEvent | _ChunkEvent | _ConnectedEvent | _StopEvent | _RemoveAdapterEvent
 
 
 class Updater:
@@ -147,7 +119,7 @@ class Updater:
         self.states = StateStore(layout.state_json)
         self.record = self.states.load()
         self.history: collections.deque[UpdateState] = collections.deque(maxlen=256)
-        self._events: queue.Queue[_Event] = queue.Queue()
+        self._events: queue.Queue[Event] = queue.Queue()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._target: Target | None = None
@@ -163,12 +135,12 @@ class Updater:
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread is None:
             return
-        self._events.put(_StopEvent())
+        self._events.put(StopEvent())
         self._thread.join(timeout)
         self._thread = None
 
     def submit_desired(self, desired: Desired) -> None:
-        self._events.put(_DesiredEvent(desired))
+        self._events.put(DesiredEvent(desired))
 
     def install_local(self, package_dir: Path) -> None:
         """Install a package folder from disk (side-load): the same checks and states as a fleet update."""
@@ -179,7 +151,7 @@ class Updater:
             package_id=package_id(signed.manifest),
             signed_manifest=signed.SerializeToString(),
         )
-        self._events.put(_DesiredEvent(desired, local_dir=package_dir))
+        self._events.put(DesiredEvent(desired, local_dir=package_dir))
 
     def remove_adapter(self, name: str, timeout: float) -> Report:
         """Stop serving adapter `name` (NotFound if the active slot has none of that name), keeping
@@ -187,7 +159,7 @@ class Updater:
         update (no fetch: every file is here). The report once it committed or rolled back."""
         started: concurrent.futures.Future[str] = concurrent.futures.Future()
         writes = self.record.writes
-        self._events.put(_RemoveAdapterEvent(name, started))
+        self._events.put(RemoveAdapterEvent(name, started))
         pid = started.result(timeout)
         self.wait_for(
             lambda r: r.writes > writes and r.target_package_id == pid and r.state in TERMINAL,
@@ -201,32 +173,20 @@ class Updater:
 
     def submit_chunk(self, chunk: Chunk) -> None:
         if chunk.blob_sha256 in self.fetcher.wanted:
-            self._events.put(_ChunkEvent(chunk))
+            self._events.put(ChunkEvent(chunk))
 
     def wants(self, sha256: str) -> bool:
         return sha256 in self.fetcher.wanted
 
     def notify_connected(self) -> None:
-        self._events.put(_ConnectedEvent())
+        self._events.put(ConnectedEvent())
 
     def current_report(self) -> Report:
         r = self.record
-        active = r.active
         received = r.bytes_received
         if r.state is UpdateState.FETCHING and self.fetcher.fetches:
             received = max(0, r.bytes_needed - (self.fetcher.bytes_needed - self.fetcher.bytes_received))
-        return Report(
-            state=r.state,
-            generation=r.generation,
-            target_package_id=r.target_package_id,
-            active_package_id=active.package_id if active else "",
-            active_version=active.version if active else "",
-            active_slot=r.active_slot,
-            reason=r.reason,
-            bytes_needed=r.bytes_needed,
-            bytes_received=received,
-            test=r.test,
-        )
+        return Report.of(r, bytes_received=received)
 
     def wait_for(self, predicate: Callable[[UpdateRecord], bool], timeout: float) -> UpdateRecord:
         """Block until the record satisfies `predicate`; TimeoutError otherwise."""
@@ -254,10 +214,10 @@ class Updater:
             self._recovered.set()
         while True:
             try:
-                event: _Event | None = self._events.get(timeout=0.25)
+                event: Event | None = self._events.get(timeout=0.25)
             except queue.Empty:
                 event = None
-            if isinstance(event, _StopEvent):
+            if isinstance(event, StopEvent):
                 break
             try:
                 if event is not None:
@@ -270,15 +230,15 @@ class Updater:
                     self._rollback(f"internal error: {type(exc).__name__}: {exc}")
         self.fetcher.close()
 
-    def _handle(self, event: _Event) -> None:
-        if isinstance(event, _DesiredEvent):
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, DesiredEvent):
             self._on_desired(event.desired, event.local_dir)
-        elif isinstance(event, _ChunkEvent):
+        elif isinstance(event, ChunkEvent):
             self._on_chunk(event.chunk)
-        elif isinstance(event, _ConnectedEvent):
+        elif isinstance(event, ConnectedEvent):
             self.fetcher.reconnected()
             self._report()
-        elif isinstance(event, _RemoveAdapterEvent):
+        elif isinstance(event, RemoveAdapterEvent):
             try:
                 pid = self._remove_adapter(event.name)
             except AgentError as exc:
@@ -359,12 +319,9 @@ class Updater:
             if d.generation <= r.generation:
                 log.debug("ignored desired generation %d (handled %d)", d.generation, r.generation)
                 return
-            if d.generation > min(r.generation + MAX_GENERATION_STEP, MAX_GENERATION):
-                log.warning(
-                    "refused desired generation %d: more than %d past the handled %d (or past %d); the fleet "
-                    "never skips that far",
-                    d.generation, MAX_GENERATION_STEP, r.generation, MAX_GENERATION,
-                )  # fmt: skip
+            forged = forged_generation(d.generation, r.generation)
+            if forged:
+                log.warning("refused desired generation %d: %s", d.generation, forged)
                 return
         if d.package_id is None:
             self._save(replace(r, generation=d.generation, rollout_id=d.rollout_id))
