@@ -61,7 +61,7 @@ def _serving(package: Path, signing_key: tuple[Path, Path], tmp_path: Path) -> I
         service.wait_for((state / "metrics.addr").exists, timeout=60, what="its HTTP address")
         service.wait_for((state / "grpc.addr").exists, timeout=60, what="its gRPC address")
         r = Running(state, service)
-        service.wait_for(lambda: r.client.models.list().data, timeout=120, what="its model loaded")
+        service.wait_for(lambda: r.client.models.list().data or None, timeout=120, what="its model loaded")
         yield r
         r.client.close()
     finally:
