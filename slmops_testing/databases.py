@@ -12,6 +12,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,8 @@ PG_BASE_URL = os.environ.get("SLMOPS_TEST_PG_URL", "postgresql+psycopg://postgre
 
 
 @contextmanager
-def fresh_pg_database() -> Iterator[str]:
+def pg_admin() -> Iterator[Any]:
+    """An autocommit psycopg connection to the machine's PostgreSQL (`pytest.skip` when none answers)."""
     import psycopg
 
     plain = PG_BASE_URL.replace("postgresql+psycopg://", "postgresql://")
@@ -27,8 +29,14 @@ def fresh_pg_database() -> Iterator[str]:
         admin = psycopg.connect(plain, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
         pytest.skip(f"no PostgreSQL server reachable at {plain}: {str(exc).splitlines()[0]}")
-    name = f"slmops_test_{secrets.token_hex(6)}"
     with admin:
+        yield admin
+
+
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    name = f"slmops_test_{secrets.token_hex(6)}"
+    with pg_admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
             yield PG_BASE_URL.rsplit("/", 1)[0] + "/" + name

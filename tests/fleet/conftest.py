@@ -31,7 +31,7 @@ import pytest
 
 from slmops_fleet.store import Store
 from slmops_testing.brokers import MosquittoBroker, start_mosquitto
-from slmops_testing.databases import PG_BASE_URL
+from slmops_testing.databases import PG_BASE_URL, pg_admin
 from slmops_testing.packages import make_package
 
 
@@ -51,15 +51,8 @@ def mosquitto_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A URL on the machine's PostgreSQL whose search_path is a fresh schema; dropped afterwards."""
-    import psycopg
-
-    plain = PG_BASE_URL.replace("postgresql+psycopg://", "postgresql://")
-    try:
-        admin = psycopg.connect(plain, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server reachable at {plain}: {str(exc).splitlines()[0]}")
     schema = f"slmops_test_{secrets.token_hex(6)}"
-    with admin:
+    with pg_admin() as admin:
         admin.execute(f'CREATE SCHEMA "{schema}"')
         try:
             sep = "&" if "?" in PG_BASE_URL else "?"
