@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -157,6 +157,16 @@ class AgentSettings(BaseSettings):
     def socket_path(self) -> Path:
         assert self.grpc_socket is not None
         return self.grpc_socket
+
+    def model_options(self) -> dict[str, Any]:
+        """What `runtime.model.load_model` takes from the settings, beside the slot and its model info."""
+        return {
+            "threads": self.threads,
+            "spinning": self.spinning,
+            "max_batch": self.max_batch,
+            "context_length": self.context_length,
+            "cpu_arena": self.cpu_arena,
+        }
 
 
 def load_settings(**overrides: object) -> AgentSettings:

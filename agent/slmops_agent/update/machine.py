@@ -307,7 +307,7 @@ class Updater:
 
     def _load_slot(self, slot: str, info: SlotInfo) -> LoadedModel:
         target = self.manifests.target(info.package_id, resident=info.adapters)
-        return self.loader(self.layout.slot(slot), target.model_info(slot), **self._load_options())
+        return self.loader(self.layout.slot(slot), target.model_info(slot), **self.settings.model_options())
 
     # -- desired state ---------------------------------------------------------------------------
     def _on_desired(self, d: Desired, local_dir: Path | None) -> None:
@@ -503,7 +503,7 @@ class Updater:
         self.last_smoke_test = []
 
         def load() -> LoadedModel:
-            return self.loader(self.layout.slot(slot), target.model_info(slot), **self._load_options())
+            return self.loader(self.layout.slot(slot), target.model_info(slot), **self.settings.model_options())
 
         t0 = time.perf_counter()
         try:
@@ -594,13 +594,3 @@ class Updater:
         if self._target is not None:
             keep_ids |= {self._target.package_id, self._target.base_id, *self._target.resident_ids} - {""}
         slots.collect_garbage(self.layout, self.store, self.manifests, keep_ids)
-
-    def _load_options(self) -> dict[str, Any]:
-        st = self.settings
-        return {
-            "threads": st.threads,
-            "spinning": st.spinning,
-            "max_batch": st.max_batch,
-            "context_length": st.context_length,
-            "cpu_arena": st.cpu_arena,
-        }

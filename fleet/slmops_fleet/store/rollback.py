@@ -17,8 +17,8 @@ from slmops_fleet.store.database import new_id, utcnow
 from slmops_fleet.store.devices import latest_desired
 from slmops_fleet.store.groups import membership
 from slmops_fleet.store.records import DesiredRecord, RolloutRecord
-from slmops_fleet.store.rollouts import RolloutQueries, _Storage, add_rollout
-from slmops_fleet.store.schema import DeviceRow, RolloutDeviceRow, RolloutRow
+from slmops_fleet.store.rollouts import RolloutQueries, _Storage, add_rollout, lock_rollout_devices
+from slmops_fleet.store.schema import RolloutRow
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,7 @@ class RollbackQueries(RolloutQueries):
         now = utcnow()
         new = new_id("ro")
         with self.session(write=True) as s:
-            s.scalars(
-                select(DeviceRow.id)
-                .where(
-                    DeviceRow.id.in_(
-                        select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == rollout_id)
-                    )
-                )
-                .order_by(DeviceRow.id)
-                .with_for_update()
-            ).all()
+            lock_rollout_devices(s, rollout_id)
             original = s.get(RolloutRow, rollout_id, with_for_update=True)
             if original is None:
                 raise NotFound(f"unknown rollout id {rollout_id}")

@@ -237,16 +237,7 @@ class RolloutQueries(Database):
         """One step of the rollout driver: the desired states to publish (after this commits)."""
         now = now or utcnow()
         with self.session(write=True) as s:
-            s.scalars(
-                select(DeviceRow.id)
-                .where(
-                    DeviceRow.id.in_(
-                        select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == rollout_id)
-                    )
-                )
-                .order_by(DeviceRow.id)
-                .with_for_update()
-            ).all()
+            lock_rollout_devices(s, rollout_id)
             row = s.get(RolloutRow, rollout_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"unknown rollout id {rollout_id}")
@@ -514,3 +505,14 @@ def _bounded_test(
             limit.prompts, limit.judged, bounded["matched"], bounded["judged"],
         )  # fmt: skip
     return bounded
+
+
+def lock_rollout_devices(s: Session, rollout_id: str) -> None:
+    """Lock the rollout's target devices in id order (PostgreSQL; SQLite serialises writers) before
+    its row, as every writer of a rollout does, so two of them never wait on each other."""
+    s.scalars(
+        select(DeviceRow.id)
+        .where(DeviceRow.id.in_(select(RolloutDeviceRow.device_id).where(RolloutDeviceRow.rollout_id == rollout_id)))
+        .order_by(DeviceRow.id)
+        .with_for_update()
+    ).all()
