@@ -20,7 +20,11 @@ the fleet's process for the embedded broker, which lives in it); the adapter rel
 the full release's (target <= 5%). Then telemetry: every device publishes TelemetryBatch messages
 (`--telemetry-batches` x `--telemetry-samples`), and the rate is samples stored in the fleet's
 database per second, from the first publish until the last row is in (target >= 10k/s), and each
-worker's peak RSS and CPU seconds over the releases and the telemetry.
+worker's peak RSS and CPU seconds over the releases and the telemetry. On PostgreSQL, the database's
+own ceiling beside it: the same samples written straight through the fleet's store
+(`Store.insert_telemetry`, batches of the ingest's size) by one process and by as many processes as
+workers, no MQTT in between, so the workers' scaling can be read against what the database scales to
+on the same machine.
 
     python benchmarks/fleet_bench.py --devices 100,1000 --brokers mosquitto,embedded --json fleet.json
     python benchmarks/fleet_bench.py --devices 1000 --brokers mosquitto --database postgresql --workers 1,2
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -75,13 +80,15 @@ class Fleet:
         *,
         workers: int = 1,
         database_url: str | None = None,
+        log_level: str = "WARNING",
     ) -> None:
         token = workdir / "admin-token"
         token.write_text(secrets.token_urlsafe(32) + "\n")
         token.chmod(0o600)
-        env = {"SLMOPS_FLEET_LOG_LEVEL": "WARNING"}
+        env = {"SLMOPS_FLEET_LOG_LEVEL": log_level}
         if coalesce_s is not None:
             env["SLMOPS_FLEET_COALESCE_WINDOW_S"] = str(coalesce_s)
+        self.database_url = database_url
         self.services: list[Service] = []
         for i in range(workers):
             data = workdir / f"fleet-{i}"
@@ -235,7 +242,10 @@ def bench(
         broker = start_mosquitto(workdir / "mosquitto") if broker_kind == "mosquitto" else None
         if broker is not None:
             stack.callback(broker.stop)
-        fleet = Fleet(workdir, public_path(key), broker, args.coalesce_s, workers=n_workers, database_url=database_url)
+        fleet = Fleet(
+            workdir, public_path(key), broker, args.coalesce_s, workers=n_workers, database_url=database_url,
+            log_level=args.fleet_log_level,
+        )  # fmt: skip
         stack.callback(fleet.stop)
         return _bench(fleet, broker, (broker_kind, database, n_workers), n, args, workdir, key)
     raise AssertionError("unreachable")
@@ -310,9 +320,12 @@ def _bench(
             log(f"{name} {kind}: {runs[-1]}; transfers {sent}")
         rate = measure_telemetry(fleet, workers, n, args)
         cpu = [round(b - a, 2) for a, b in zip(cpu_before, fleet.cpu_s(), strict=True)]
+        ceiling = database_ceiling(fleet, n_workers, args) if fleet.database_url else None
         for run in runs:
             run["telemetry_samples_per_s"] = round(rate, 1)
             run["worker_cpu_s"] = cpu
+            if ceiling is not None:
+                run["database_alone_samples_per_s"] = ceiling
         return runs
     finally:
         for r in rss:
@@ -333,6 +346,65 @@ def measure_telemetry(fleet: Fleet, workers: Workers, n: int, args: argparse.Nam
     return rate
 
 
+def database_ceiling(fleet: Fleet, n_workers: int, args: argparse.Namespace) -> dict[str, float]:
+    """Samples/s the database stores through the fleet's own write path with one writer process and
+    with `n_workers` of them (the workers' share of the devices each), no broker or ingest in between."""
+    assert fleet.database_url is not None
+    devices = sorted(d["id"] for d in fleet.client.list_devices())
+    per_writer = len(devices) * args.telemetry_batches * args.telemetry_samples
+    rates: dict[str, float] = {}
+    for writers in sorted({1, n_workers}):
+        total = per_writer - per_writer % writers
+        ctx = multiprocessing.get_context("spawn")
+        start = ctx.Barrier(writers + 1)
+        base = (1 + len(rates)) * 10**12  # sequence numbers no device of the bench sends
+        procs = [
+            ctx.Process(
+                target=_write_samples, args=(fleet.database_url, devices[i::writers], total // writers, base, start)
+            )
+            for i in range(writers)
+        ]
+        for proc in procs:
+            proc.start()
+        start.wait()
+        t0 = time.monotonic()
+        for proc in procs:
+            proc.join()
+        if any(proc.exitcode for proc in procs):
+            raise RuntimeError("a database writer failed")
+        rates[str(writers)] = round(total / (time.monotonic() - t0), 1)
+    log(f"the database alone: {rates} samples/s by number of writer processes")
+    return rates
+
+
+def _write_samples(url: str, devices: list[str], total: int, base: int, start: Any) -> None:
+    from slmops_fleet.ingest import Ingest
+    from slmops_fleet.store import Store
+    from slmops_fleet.store.records import TelemetryRecord
+
+    store = Store(url)
+    batch = inspect.signature(Ingest).parameters["telemetry_batch"].default  # the fleet's batch size
+    start.wait()
+    for first in range(0, total, batch):
+        samples = [
+            TelemetryRecord(
+                devices[i % len(devices)],
+                base + i,
+                1_700_000_000_000 + i,
+                cpu_percent=12.5,
+                memory_used_bytes=2**30,
+                memory_total_bytes=2**32,
+                tokens_per_s=12.0,
+                ttft_ms=30.0,
+                update_state="COMMITTED",
+                active_package_id="bench",
+            )
+            for i in range(first, min(first + batch, total))
+        ]
+        store.insert_telemetry(samples)
+    store.engine.dispose()
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -343,8 +415,8 @@ def table(runs: list[dict[str, Any]]) -> None:
 
     out = Table(title="fleet delivery (simulated devices in worker processes)")
     for col in ("broker", "database", "workers", "devices", "kind", "s to all COMMITTED", "egress MiB", "blob MiB",
-                "egress/blob", "adapter/full", "telemetry samples/s", "worker peak RSS MB", "worker CPU s",
-                "broker peak RSS MB"):  # fmt: skip
+                "egress/blob", "adapter/full", "telemetry samples/s", "DB alone samples/s (writers)",
+                "worker peak RSS MB", "worker CPU s", "broker peak RSS MB"):  # fmt: skip
         out.add_column(col, justify="left" if col in ("broker", "database", "kind") else "right")
     full = {
         (r["broker"], r["database"], r["workers"], r["devices"]): r["egress_bytes"] for r in runs if r["kind"] == "full"
@@ -365,6 +437,7 @@ def table(runs: list[dict[str, Any]]) -> None:
             f"{ratio:.2f}",
             f"{vs_full:.1%}" if vs_full is not None else "",
             f"{r['telemetry_samples_per_s']:,.0f}",
+            " ".join(f"{v:,.0f} ({k})" for k, v in r.get("database_alone_samples_per_s", {}).items()),
             " ".join(f"{m:.0f}" for m in r["worker_peak_rss_mb"]),
             " ".join(f"{c:.1f}" for c in r["worker_cpu_s"]),
             f"{r['broker_peak_rss_mb']:.0f}",
@@ -401,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="Seconds a release may take.")
     p.add_argument("--workdir", type=Path, help="Keep the fleets' folders and logs here (default: a temp folder).")
     p.add_argument("--json", type=Path, help="Write the results as JSON to this path.")
+    p.add_argument(
+        "--fleet-log-level",
+        default="WARNING",
+        help="The fleet workers' log level (INFO logs each blob request and what the fleet did with it).",
+    )
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.devices.split(",") if x]
     brokers = [b for b in args.brokers.split(",") if b]
