@@ -30,7 +30,7 @@ def package_lineage(
     task_scores: Mapping[str, float] | None = None,
 ) -> manifest_pb2.Lineage:
     """The lineage of a package built for `profile` from the HF folder `model_dir`; `task_scores`:
-    the task score of each model measured ("teacher", "student", "package")."""
+    the task score of each model measured ("teacher", "student", "package"; see the proto)."""
     info = read_source_info(model_dir)
     if info and info.get("source_sha256"):
         base, digest = str(info.get("source", model_dir)), str(info["source_sha256"])

@@ -104,3 +104,24 @@ def test_package_options_are_refused_before_any_work(trainable_tiny: Path, tmp_p
     finetune = ["finetune", "-m", str(trainable_tiny), "-d", str(train), "-o", str(tmp_path / "out")]
     result = CliRunner().invoke(app, [*finetune, "--package-profile", "cpu-int4"])
     assert result.exit_code == 1 and "add --merge" in result.output
+
+
+def test_finetune_merge_scores_its_package(
+    trainable_tiny: Path, signing_key: tuple[Path, Path], tmp_path: Path
+) -> None:
+    train, test = write_city_task(tmp_path / "data", 8, 2, seed=3)
+    args = [
+        "finetune", "-m", str(trainable_tiny), "-d", str(train), "--test", str(test), "-o", str(tmp_path / "out"),
+        "--merge", "--max-steps", "2", "--r", "4", "--threads", "1", "--system", CITY_SYSTEM, "--scorer", "rouge_l",
+        "--package-profile", "cpu-int4", "--key", str(signing_key[0]), "--cache-dir", str(tmp_path / "cache"),
+        "--json",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    scores = summary["retention"]["scores"]
+    assert set(scores) == {"base", "merged", "package"} and summary["retention"]["scorer"] == "rouge_l"
+    assert scores["merged"] == summary["evaluation"]["merged"]["score"]
+    signed, _ = read_package(Path(summary["retention"]["package_path"]))
+    assert dict(manifest_pb2.Manifest.FromString(signed.manifest).lineage.task_scores) == scores
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["retention"] == summary["retention"]

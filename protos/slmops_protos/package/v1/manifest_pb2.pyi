@@ -216,8 +216,9 @@ class Lineage(_message.Message):
     def tool_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def task_scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """a trained model's task score on its held-out examples, per model measured: "teacher", "student"
-        (the float model trained), "package" (this package, in onnxruntime-genai); empty when not measured
+        """a trained model's task score on its held-out examples, per model measured: a distillation's
+        "teacher" and "student" (float), a fine-tune's "base" and "merged" (float), and "package" (this
+        package, in onnxruntime-genai); empty when not measured
         """
 
     def __init__(
