@@ -4,7 +4,9 @@ Steps, each reported to `progress` as it starts and ends:
     convert   the profile's conversion engine, or the step cache's earlier output
     stage     the package folder: genai_config search overrides, inference_model.json
     evaluate  load the staged folder in onnxruntime-genai (exactly what a device loads), run the
-              golden prompts greedily (their outputs become the references), measure speed
+              golden prompts greedily (their outputs become the references), measure speed; with a
+              `task_score` function, score the task on the staged folder too (metric `task_score`,
+              kept in the lineage's `task_scores` as "package" beside the trained models' scores)
     package   content-addressed blobs, manifest, Ed25519 signature
 """
 
@@ -79,8 +81,12 @@ def build_package(
     threads: int | None = None,
     progress: ProgressFn | None = None,
     security_version: int = 0,
+    task_score: Callable[[Path], float] | None = None,
+    task_scores: Mapping[str, float] | None = None,
 ) -> WrittenPackage:
-    """Build and sign the package of `model_dir` for `profile` into `out_dir` (replaced atomically)."""
+    """Build and sign the package of `model_dir` for `profile` into `out_dir` (replaced atomically).
+    `task_score(folder)` scores the staged package on a task; `task_scores` are the scores of the
+    models it was trained from, for the lineage."""
     report = progress or _noop
     model_dir = Path(model_dir)
     prof = get_profile(profile) if isinstance(profile, str) else profile
@@ -105,6 +111,8 @@ def build_package(
         with step(report, "evaluate") as done:
             if can_run_here(prof):
                 evaluation = evaluate_folder(staged, prompts, threads=threads)
+                if task_score is not None:
+                    evaluation.metrics["task_score"] = task_score(staged)
                 done(", ".join(f"{k}={v:.1f}" for k, v in evaluation.metrics.items()))
             else:  # e.g. a cuda variant built on a machine without a GPU: no references, no metrics
                 evaluation = Evaluation(references=["" for _ in prompts])
@@ -115,7 +123,12 @@ def build_package(
                 name=name,
                 version=version,
                 profile=prof.to_pb(min_memory_bytes=min_memory_bytes(prof, size)),
-                lineage=package_lineage(model_dir, prof, recipe_sha256=_build_sha256(prof, overrides, converted.key)),
+                lineage=package_lineage(
+                    model_dir,
+                    prof,
+                    recipe_sha256=_build_sha256(prof, overrides, converted.key),
+                    task_scores=_with_package(task_scores, evaluation.metrics.get("task_score")),
+                ),
                 evaluation=manifest_pb2.Evaluation(metrics=evaluation.metrics, size_bytes=size),
                 golden_prompts=[
                     manifest_pb2.GoldenPrompt(
@@ -128,6 +141,10 @@ def build_package(
             written = write_package(staged, spec, key, Path(out_dir))
             done(f"{written.package_id[:12]} -> {written.path}")
     return written
+
+
+def _with_package(scores: Mapping[str, float] | None, package: float | None) -> dict[str, float]:
+    return {**(scores or {}), **({"package": package} if package is not None else {})}
 
 
 class step:

@@ -11,7 +11,8 @@
 - `task_accuracy`: exact match of the greedy answer to each `{input, output}` example (both stripped);
   with a task schema (a recipe's `[evaluation] task_schema`), the answers are held to that JSON
   Schema by onnxruntime-genai's guidance, as the agent's json_schema constraint holds them on a
-  device, a match is equal JSON values, and `task_json_schema` = 1 says so.
+  device, a match is equal JSON values, and `task_json_schema` = 1 says so; with a task system prompt
+  (a recipe's `[evaluation] task_system`), each chat starts with it.
 - `evaluate_variant(folder, ...)`: all of the above in a fresh Python process, which also reports its
   peak resident memory after loading the model and answering the golden prompts (what a device
   serving the model holds, plus the interpreter and the runtime), before the perplexity pass whose
@@ -210,13 +211,19 @@ def _golden(model: Any, tok: Any, prompts: Sequence[GoldenPromptSpec]) -> Evalua
 
 
 def _generate(
-    model: Any, tok: Any, prompt: str, max_new_tokens: int, json_schema: str | None = None
+    model: Any,
+    tok: Any,
+    prompt: str,
+    max_new_tokens: int,
+    json_schema: str | None = None,
+    system: str | None = None,
 ) -> tuple[list[int], float, float | None]:
-    """Greedy answer to one user message (held to `json_schema` when given): (tokens, time to first
-    token in ms, decode tokens/s or None)."""
+    """Greedy answer to one user message, after `system` when given (held to `json_schema` when
+    given): (tokens, time to first token in ms, decode tokens/s or None)."""
     import onnxruntime_genai as og
 
-    text = tok.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]), add_generation_prompt=True)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
     ids = tok.encode(text)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
@@ -238,13 +245,15 @@ def _generate(
     return tokens, (first - start) * 1000, rate
 
 
-def task_accuracy(model: Any, tok: Any, tasks: Sequence[TaskExample], json_schema: str | None = None) -> float:
+def task_accuracy(
+    model: Any, tok: Any, tasks: Sequence[TaskExample], json_schema: str | None = None, system: str | None = None
+) -> float:
     """Share of examples whose greedy answer equals the expected output exactly (both stripped); with
-    `json_schema`, the answers are held to it and compared as JSON values."""
+    `json_schema`, the answers are held to it and compared as JSON values; `system` starts each chat."""
     right = 0
     for t in tasks:
         budget = len(tok.encode(t.output)) + 8
-        tokens, _, _ = _generate(model, tok, t.input, budget, json_schema)
+        tokens, _, _ = _generate(model, tok, t.input, budget, json_schema, system)
         answer = tok.decode(tokens).strip()
         right += _json_equal(answer, t.output) if json_schema is not None else answer == t.output.strip()
     return right / len(tasks)
@@ -269,6 +278,7 @@ def evaluate_variant(
     text: str | None = None,
     tasks: Sequence[TaskExample] = (),
     task_schema: str | None = None,
+    task_system: str | None = None,
     threads: int | None = None,
     max_tokens: int = 1024,
     window: int = 512,
@@ -282,6 +292,7 @@ def evaluate_variant(
         "text": text,
         "tasks": [asdict(t) for t in tasks],
         "task_schema": task_schema,
+        "task_system": task_system,
         "threads": threads,
         "max_tokens": max_tokens,
         "window": window,
@@ -328,7 +339,9 @@ def _serve_request(request: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, float] = {"load_ms": load_ms, **ev.metrics, "peak_rss_mb": _peak_rss_mb()}
     if request["tasks"]:
         schema = request.get("task_schema")
-        metrics["task_accuracy"] = task_accuracy(model, tok, [TaskExample(**t) for t in request["tasks"]], schema)
+        metrics["task_accuracy"] = task_accuracy(
+            model, tok, [TaskExample(**t) for t in request["tasks"]], schema, request.get("task_system")
+        )
         if schema is not None:
             metrics["task_json_schema"] = 1.0
     if request["text"]:

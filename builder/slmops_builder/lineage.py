@@ -3,11 +3,13 @@
 One function for every path that builds a package (`slmops builder build`, a recipe's package step):
 the base model and its SHA-256 (the import's record, else the folder itself), the recipe's hash, the
 parent package, the engine and method, the versions of the tools that converted it (the model
-builder's and the engine's own), and a trained model's teacher and data hashes.
+builder's and the engine's own), a trained model's teacher and data hashes, and the task scores that
+measure what the package kept of its teacher and float model (`task_scores`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from slmops_builder.engines import get_engine
@@ -20,9 +22,15 @@ __all__ = ["package_lineage"]
 
 
 def package_lineage(
-    model_dir: Path, profile: Profile, *, recipe_sha256: str, parent_package_id: str = ""
+    model_dir: Path,
+    profile: Profile,
+    *,
+    recipe_sha256: str,
+    parent_package_id: str = "",
+    task_scores: Mapping[str, float] | None = None,
 ) -> manifest_pb2.Lineage:
-    """The lineage of a package built for `profile` from the HF folder `model_dir`."""
+    """The lineage of a package built for `profile` from the HF folder `model_dir`; `task_scores`:
+    the task score of each model measured ("teacher", "student", "package"; see the proto)."""
     info = read_source_info(model_dir)
     if info and info.get("source_sha256"):
         base, digest = str(info.get("source", model_dir)), str(info["source_sha256"])
@@ -37,4 +45,5 @@ def package_lineage(
         quantization_method=profile.quantization_method,
     )
     lineage.tool_versions.update(tool_versions((*CONVERT_TOOLS, "torch", *get_engine(profile.engine).tools)))
+    lineage.task_scores.update(task_scores or {})
     return add_training_lineage(lineage, model_dir, info)

@@ -91,6 +91,8 @@ def evaluate_key(loaded: LoadedRecipe, convert_key_: str, threads: int) -> str:
     }
     if loaded.task_schema is not None:  # absent otherwise: the keys of earlier builds stay valid
         inputs["task_schema"] = hashlib.sha256(loaded.task_schema.encode()).hexdigest()
+    if ev.task_system is not None:  # likewise
+        inputs["task_system"] = hashlib.sha256(ev.task_system.encode()).hexdigest()
     return StepCache.key(EVALUATE_STEP, params, inputs, {**tool_versions(_EVAL_TOOLS), "slmops-builder": __version__})
 
 

@@ -289,6 +289,7 @@ def _evaluate(loaded: LoadedRecipe, folder: Path, prompts: list[GoldenPromptSpec
         text=loaded.heldout,
         tasks=loaded.tasks,
         task_schema=loaded.task_schema,
+        task_system=ev.task_system,
         threads=threads,
         max_tokens=ev.max_tokens,
         window=ev.window,

@@ -20,6 +20,7 @@ A recipe (unknown keys are refused, with the key named):
     golden_max_new_tokens = 24
     tasks = "tasks.jsonl"                # {"input": ..., "output": ...} per line: exact-match accuracy
     task_schema = "action.schema.json"   # optional: answers held to this JSON Schema (outputs must be JSON)
+    task_system = "Reply in one word."   # optional: the system prompt of the task's chats [default: none]
     max_tokens = 1024                    # perplexity: tokens scored, window per generator
     window = 512
     threads = 2
@@ -74,6 +75,7 @@ class EvaluationConfig(BaseModel):
     golden_max_new_tokens: int = Field(default=24, ge=1, le=4096)
     tasks: Path | None = None
     task_schema: Path | None = None
+    task_system: str | None = Field(default=None, min_length=1)
     max_tokens: int = Field(default=1024, ge=2)
     window: int = Field(default=512, ge=2)
     threads: int | None = Field(default=None, ge=1, le=256)
@@ -132,6 +134,8 @@ class Recipe(BaseModel):
             raise ValueError(
                 f"gates.{gate} needs a reference variant: add 'cpu-fp32' to profiles or set gates.reference"
             )
+        if self.evaluation.task_system is not None and self.evaluation.tasks is None:
+            raise ValueError("evaluation.task_system needs a task set: set evaluation.tasks")
         if self.gates.min_task_accuracy is not None and self.evaluation.tasks is None:
             raise ValueError("gates.min_task_accuracy needs a task set: set evaluation.tasks")
         return self

@@ -166,3 +166,24 @@ def test_gates_pass_fail_and_unmeasured() -> None:
     unmeasured = results["min_task_accuracy"]
     assert not unmeasured.passed and unmeasured.measured is None and "not measured" in unmeasured.reason
     assert Gates().thresholds() == {} and not Gates().needs_reference() and gates.needs_reference()
+
+
+def test_a_task_system_prompt_starts_each_chat_the_model_sees(trained_fp32: Path) -> None:
+    from slmops_builder.evaluate import _load, task_accuracy
+
+    model, tok, _ = _load(trained_fp32, 1)
+    seen: list[object] = []
+
+    class Recording:  # the real tokenizer, with the chats it is given recorded
+        def __getattr__(self, name: str) -> object:
+            return getattr(tok, name)
+
+        def apply_chat_template(self, messages: str, **kwargs: object) -> str:
+            seen.append(json.loads(messages))
+            return str(tok.apply_chat_template(messages, **kwargs))
+
+    tasks = [TaskExample("The capital of France", "Paris")]
+    assert task_accuracy(model, Recording(), tasks) == 1.0
+    task_accuracy(model, Recording(), tasks, system="Reply in one word.")
+    user = {"role": "user", "content": "The capital of France"}
+    assert seen == [[user], [{"role": "system", "content": "Reply in one word."}, user]]

@@ -288,3 +288,14 @@ def test_a_task_schema_is_checked_with_the_recipe(
     (tmp_path / "s.json").write_text('{"type": "object"}')
     (tmp_path / "t.jsonl").write_text('{"input": "a", "output": "{\\"x\\": 1}"}\n')
     assert load_recipe(tmp_path / "recipe.toml").task_schema == '{"type": "object"}'
+
+
+def test_a_task_system_prompt_needs_a_task_set(tmp_path: Path) -> None:
+    body = 'name = "t"\nversion = "1.0.0"\nprofiles = ["cpu-int4"]\n[evaluation]\ntask_system = "Be brief."\n'
+    with pytest.raises(RecipeError, match=r"evaluation\.task_system needs a task set"):
+        load_recipe(_write(tmp_path, body))
+    with pytest.raises(RecipeError, match=r"task_system"):
+        load_recipe(_write(tmp_path, body.replace('"Be brief."', '""')))
+    (tmp_path / "t.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    loaded = load_recipe(_write(tmp_path, body + 'tasks = "t.jsonl"\n'))
+    assert loaded.recipe.evaluation.task_system == "Be brief."

@@ -16,6 +16,9 @@
 - `qat`, `vocab` the student's int4-aware training and trimmed vocabulary
 - `generation`   greedy generation in transformers and in onnxruntime-genai (per-request adapters)
 - `cli`          `slmops builder task | finetune | distill | adapter-base | adapter-export`
+- `cli_task`     their options for the user's own task (system prompt, scorer, validity) and its package
+- `scoring`      a task's system prompt, scorer (JSON, exact, contains, regex, token F1, ROUGE-L), validity rule
+- `retention`    the trained model's package built and scored beside its teacher and float model
 
 Importing this package loads nothing heavy; torch, transformers and onnxruntime load inside functions.
 """

@@ -17,6 +17,21 @@ from rich.console import Console
 from rich.table import Table
 
 from slmops_builder.cli_errors import err_console, fail, user_errors
+from slmops_builder.train.cli_task import (
+    CacheDirOpt,
+    KeyOpt,
+    MaxCharsOpt,
+    PackageProfileOpt,
+    PackageVersionOpt,
+    PatternOpt,
+    ScorerOpt,
+    SystemOpt,
+    ValidOpt,
+    check_package_options,
+    retention,
+    retention_table,
+    task_spec,
+)
 
 __all__ = ["register"]
 
@@ -137,6 +152,19 @@ def finetune(
             " datasets package).",
         ),
     ] = "peft",
+    test: Annotated[
+        Path | None, typer.Option("--test", help="Held-out JSONL: score the base and merged models (with --merge).")
+    ] = None,
+    system: SystemOpt = None,
+    scorer: ScorerOpt = "json",
+    valid: ValidOpt = None,
+    pattern: PatternOpt = None,
+    max_chars: MaxCharsOpt = 2000,
+    package_profile: PackageProfileOpt = None,
+    key: KeyOpt = None,
+    package_name: Annotated[str, typer.Option("--package-name", help="Name of the package.")] = "finetuned",
+    package_version: PackageVersionOpt = "1.0.0",
+    cache_dir: CacheDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
     """Fine-tune a LoRA adapter with PEFT (CPU; QLoRA on CUDA), or with Olive (--engine olive).
@@ -185,8 +213,13 @@ def finetune(
             **settings,
         )
         TRAINING_ENGINES[engine].check(cfg)
-        train_examples = load_jsonl(data)
-        val_examples = load_jsonl(validation) if validation else []
+        spec = task_spec(system, scorer, valid, pattern, max_chars)
+        if (test is not None or package_profile is not None) and not merge:
+            fail("--test and --package-profile score the merged model: add --merge")
+        check_package_options(package_profile, key, test, package_version)
+        train_examples = load_jsonl(data, system=spec.system)
+        val_examples = load_jsonl(validation, system=spec.system) if validation else []
+        held_out = load_jsonl(test, system=spec.system) if test else []
         with _step_progress(max_steps, f"finetune ({engine})", as_json) as progress:
             result = run_finetune(
                 model,
@@ -198,10 +231,26 @@ def finetune(
                 merge=merge,
                 progress=progress,
             )
-        summary = result.to_json()
+        summary = {**result.to_json(), "engine": engine}
+        if held_out and result.merged_dir is not None:
+            from slmops_builder.train.distill import evaluate_models
+
+            models = {"base": model, "merged": result.merged_dir}
+            with _err.status("evaluating ...") if not as_json else _nothing():
+                summary["evaluation"] = evaluate_models(models, held_out, threads=threads, task=spec)
+            if package_profile is not None and key is not None:
+                summary["retention"] = retention(
+                    result.merged_dir, package_profile, held_out, spec,
+                    {n: row["score"] for n, row in summary["evaluation"].items()},
+                    key=key, out=out / "package", name=package_name, version=package_version,
+                    cache_dir=cache_dir, threads=threads, max_new_tokens=64, quiet=as_json,
+                )  # fmt: skip
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if as_json:
-            typer.echo(json.dumps({**summary, "engine": engine}, indent=2))
+            typer.echo(json.dumps(summary, indent=2))
             return
+        if "retention" in summary:
+            _out.print(retention_table(summary["retention"]))
         _out.print(
             f"adapter: {result.adapter_dir} ({result.adapter_bytes / 1024:.0f} KiB) after {result.steps} steps"
             + (" (stopped early)" if result.stopped_early else "")
@@ -262,9 +311,21 @@ def distill(
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples to evaluate (0: all).")] = 0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     threads: Annotated[int | None, typer.Option("--threads")] = None,
+    system: SystemOpt = None,
+    scorer: ScorerOpt = "json",
+    valid: ValidOpt = None,
+    pattern: PatternOpt = None,
+    max_chars: MaxCharsOpt = 2000,
+    package_profile: PackageProfileOpt = None,
+    key: KeyOpt = None,
+    package_name: Annotated[str, typer.Option("--package-name", help="Name of the package.")] = "distilled",
+    package_version: PackageVersionOpt = "1.0.0",
+    cache_dir: CacheDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Distil a teacher into a smaller student: teacher answers (cached), then KD training."""
+    """Distil a teacher into a smaller student: teacher answers (cached), then KD training; with --test,
+    the three models scored; with --package-profile, the student's package built and scored too
+    (retention; all in OUT/summary.json)."""
     with user_errors():
         from slmops_builder.train.distill import DistillConfig, evaluate_models, teacher_outputs
         from slmops_builder.train.distill import distill as run_distill
@@ -272,8 +333,10 @@ def distill(
 
         if keep_answers not in ("valid", "exact"):
             fail(f"--keep-answers must be valid or exact, not {keep_answers!r}")
-        inputs = load_jsonl(data)
-        held_out = load_jsonl(test) if test else []
+        spec = task_spec(system, scorer, valid, pattern, max_chars)
+        check_package_options(package_profile, key, test, package_version)
+        inputs = load_jsonl(data, system=spec.system)
+        held_out = load_jsonl(test, system=spec.system) if test else []
         cfg = DistillConfig(
             keep_layers=keep_layers,
             vocab_top=vocab_top,
@@ -298,6 +361,7 @@ def distill(
                 max_new_tokens=max_new_tokens,
                 threads=threads,
                 keep=keep_answers,  # type: ignore[arg-type]  # checked above
+                task=spec,
             )
         if not as_json:
             _out.print(
@@ -313,7 +377,16 @@ def distill(
             models = {"teacher": teacher, "student": result.student_dir}
             models["baseline"] = result.init_dir if result.init_dir is not None else student  # type: ignore[assignment]
             with _err.status("evaluating ...") if not as_json else _nothing():
-                summary["evaluation"] = evaluate_models(models, chosen, max_new_tokens=max_new_tokens, threads=threads)
+                summary["evaluation"] = evaluate_models(
+                    models, chosen, max_new_tokens=max_new_tokens, threads=threads, task=spec
+                )
+            if package_profile is not None and key is not None:
+                scores = {n: summary["evaluation"][n]["score"] for n in ("teacher", "student")}
+                summary["retention"] = retention(
+                    result.student_dir, package_profile, chosen, spec, scores, key=key, out=out / "package",
+                    name=package_name, version=package_version, cache_dir=cache_dir, threads=threads,
+                    max_new_tokens=max_new_tokens, quiet=as_json,
+                )  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
@@ -321,17 +394,20 @@ def distill(
         _out.print(f"student: {result.student_dir} ({result.mode}, {result.steps} steps)")
         if "evaluation" in summary:
             table = Table(title="held-out evaluation")
-            for col in ("model", "exact match", "field acc", "decode s/resp", "weights MB"):
+            for col in (f"model ({scorer})", "score", "exact match", "valid", "decode s/resp", "weights MB"):
                 table.add_column(col)
             for name, row in summary["evaluation"].items():
                 table.add_row(
                     name,
+                    f"{row['score']:.3f}",
                     f"{row['exact_match']:.3f}",
-                    f"{row['field_accuracy']:.3f}",
+                    f"{row['valid']}/{row['n']}",
                     f"{row['decode_s_per_response']:.3f}",
                     f"{row['weights_mb']:.1f}",
                 )
             _out.print(table)
+        if "retention" in summary:
+            _out.print(retention_table(summary["retention"]))
 
 
 @contextmanager

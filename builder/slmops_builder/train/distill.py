@@ -3,9 +3,10 @@
 Stage 1 (`teacher_outputs`): the teacher (an HF folder) answers the task inputs, batched and greedy;
 each answer is kept with the teacher's scores (mean token log-probability; exact match and field
 accuracy against the reference when there is one) in a JSONL cache keyed by the teacher's weights,
-the inputs and the generation settings. Answers that are not a JSON object are filtered out and
-counted; with `keep="exact"`, so are valid answers that differ from their input's reference (the
-teacher's mistakes are not taught; the count is `rejected`).
+the inputs and the generation settings. Answers the task's validity rule refuses (`scoring.TaskSpec`:
+by default, those that are not a JSON object; for a free-text task, empty or overlong ones) are
+filtered out and counted; with `keep="exact"`, so are valid answers that differ from their input's
+reference (the teacher's mistakes are not taught; the count is `rejected`).
 
 Stage 2 (`distill`): a student (by default a layer-pruned copy of the teacher: evenly spaced layers,
 first and last kept; with `vocab_top`, its vocabulary trimmed to the task's tokens, see `vocab.py`)
@@ -15,7 +16,8 @@ the teacher's (the same vocabulary or a trimmed copy of it: the teacher's logits
 student's tokens); cross-entropy on the teacher's text alone (sequence-level KD) otherwise. The
 teacher's distributions at the answer positions are computed once per example and kept in memory
 when they fit in `teacher_cache_mb`.
-`evaluate_models` scores teacher, student and the undistilled student on held-out examples.
+`evaluate_models` scores teacher, student and the undistilled student on held-out examples with the
+task's scorer.
 The student folder holds slmops_training.json (teacher, its weights' hash, data hash): the lineage
 its packages carry.
 """
@@ -35,13 +37,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slmops_builder.train.actions import parse_action, score
 from slmops_builder.train.batches import IGNORE_INDEX, batch_indices, collate, encode_example
 from slmops_builder.train.examples import Example, dataset_sha256
 from slmops_builder.train.hf_models import load_tokenizer, prompt_text
 from slmops_builder.train.qat import QuantAwareWeights
 from slmops_builder.train.run_output import plot_losses, write_loss_csv, write_training_record
 from slmops_builder.train.runs import ProgressEvent
+from slmops_builder.train.scoring import TaskSpec
 from slmops_builder.train.vocab import VOCAB_FILE, read_kept_ids, trim_vocab
 
 __all__ = [
@@ -165,10 +167,12 @@ def teacher_outputs(
     max_new_tokens: int = 64,
     threads: int | None = None,
     keep: KeepAnswers = "valid",
+    task: TaskSpec | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TeacherOutputs:
-    """Stage 1: the teacher's answers for `examples`; their references score the answers and, with
-    `keep="exact"`, only the answers equal to theirs are kept for the student."""
+    """Stage 1: the teacher's answers for `examples`; the answers `task`'s validity rule accepts are
+    kept for the student (with `keep="exact"`, only those equal to their reference). Validity and
+    scores are worked out again from the cached answers, so the cache outlives a change of rule."""
     import torch
 
     from slmops_builder.train.generation import generate_hf
@@ -184,6 +188,7 @@ def teacher_outputs(
         ).encode()
     ).hexdigest()
     meta_path = cache_path.with_name(cache_path.name + ".meta.json")
+    spec = task or TaskSpec()
     t0 = time.perf_counter()
     cached = meta_path.is_file() and cache_path.is_file() and json.loads(meta_path.read_text()).get("key") == key
     if not cached:
@@ -198,15 +203,11 @@ def teacher_outputs(
                 model, tok, [ex.prompt_messages for ex in chunk], max_new_tokens=max_new_tokens, batch_size=batch_size
             )
             for ex, text, lp in zip(chunk, gen.texts, gen.token_logprobs, strict=True):
-                s = score([text], [ex.output])
                 rows.append(
                     {
                         "messages": ex.prompt_messages,
                         "reference": ex.output,
                         "teacher_output": text,
-                        "valid": parse_action(text) is not None,
-                        "exact": bool(s.exact),
-                        "field_accuracy": round(s.field_accuracy, 4),
                         "mean_logprob": round(lp, 5),
                     }
                 )
@@ -214,10 +215,10 @@ def teacher_outputs(
                 progress(min(i + batch_size, len(examples)), len(examples))
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_name(cache_path.name + ".partial")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _judged(rows, spec)))
         tmp.replace(cache_path)
         meta_path.write_text(json.dumps({"key": key, "teacher": str(teacher.resolve()), "rows": len(rows)}) + "\n")
-    rows = [json.loads(line) for line in cache_path.read_text().splitlines() if line.strip()]
+    rows = _judged([json.loads(line) for line in cache_path.read_text().splitlines() if line.strip()], spec)
     valid = [r for r in rows if r["valid"]]
     kept = [r for r in valid if r["exact"]] if keep == "exact" else valid
     out = [
@@ -227,6 +228,14 @@ def teacher_outputs(
     seconds = time.perf_counter() - t0
     invalid = len(rows) - len(valid)
     return TeacherOutputs(cache_path, out, len(rows), invalid, cached, seconds, exact, keep, len(valid) - len(kept))
+
+
+def _judged(rows: list[dict[str, Any]], task: TaskSpec) -> list[dict[str, Any]]:
+    """`rows` (teacher answers) with their validity, exact match and score under `task`."""
+    for r in rows:
+        s = task.score([r["teacher_output"]], [r["reference"]])
+        r.update(valid=bool(s["valid"]), exact=bool(s["exact"]), score=s["score"])
+    return rows
 
 
 def prune_layers(teacher: Path, keep_layers: int, out: Path, *, context_length: int | None = None) -> Path:
@@ -475,8 +484,10 @@ def evaluate_models(
     max_new_tokens: int = 64,
     batch_size: int = 1,
     threads: int | None = None,
+    task: TaskSpec | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Exact match, decode time per response and weights memory of HF folders on `examples`."""
+    """The task's score (`TaskSpec.score`: exact match and field accuracy among its figures), decode
+    time per response and weights memory of HF folders on `examples`."""
     import torch
 
     from slmops_builder.train.generation import generate_hf
@@ -490,9 +501,8 @@ def evaluate_models(
         tok = load_tokenizer(path)
         model = load_causal_lm(path)
         gen = generate_hf(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        s = score(gen.texts, [ex.output for ex in examples])
         out[name] = {
-            **s.to_json(),
+            **(task or TaskSpec()).score(gen.texts, [ex.output for ex in examples]),
             "decode_s_per_response": round(gen.seconds_per_response, 4),
             "weights_mb": round(weights_bytes(model) / 1e6, 2),
         }

@@ -1,7 +1,9 @@
 """Chat examples: one exchange ending with the assistant's answer (the training target), and user data.
 
 `load_jsonl` reads a user's JSONL file (`{"input": ..., "output": ...}` or `{"messages": [...]}` per
-line), refusing it with every bad line named; `write_jsonl` writes examples; `dataset_sha256` is the
+line, one format per file; multi-turn messages allowed), refusing it with every bad line named (a
+line in the other format than the first record's among them); the given system prompt goes to every
+record without one of its own (none by default); `write_jsonl` writes examples; `dataset_sha256` is the
 hash a run's lineage records for its data.
 """
 
@@ -67,6 +69,16 @@ class Example:
 _ROLES = frozenset({"system", "user", "assistant"})
 
 
+def _format(raw: Any) -> str | None:
+    """The record's format ("messages" or "input/output"), None for neither."""
+    if isinstance(raw, dict):
+        if "messages" in raw:
+            return "messages"
+        if "input" in raw or "output" in raw:
+            return "input/output"
+    return None
+
+
 def _record(raw: Any, system: str | None) -> Example:
     if not isinstance(raw, dict):
         raise ValueError("not a JSON object")
@@ -87,6 +99,8 @@ def _record(raw: Any, system: str | None) -> Example:
             raise ValueError("no user message")
         if not clean[-1]["content"].strip():
             raise ValueError("the assistant's answer is empty")
+        if system and clean[0]["role"] != "system":
+            clean.insert(0, {"role": "system", "content": system})
         return Example(tuple(clean), str(raw.get("template", "")))
     if "input" in raw and "output" in raw:
         user, answer = raw["input"], raw["output"]
@@ -100,13 +114,15 @@ def _record(raw: Any, system: str | None) -> Example:
     raise ValueError("needs 'input' and 'output', or 'messages'")
 
 
-def load_jsonl(path: Path, *, system: str | None = SYSTEM_PROMPT) -> list[Example]:
-    """Read a JSONL file of examples; raises DatasetError listing every bad line (1-based)."""
+def load_jsonl(path: Path, *, system: str | None = None) -> list[Example]:
+    """Read a JSONL file of examples, `system` given to those without a system prompt; raises
+    DatasetError listing every bad line (1-based)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
     examples: list[Example] = []
     problems: list[tuple[int, str]] = []
+    first: tuple[int, str] | None = None  # the line and format of the first record
     with path.open(encoding="utf-8", errors="strict") as f:
         try:
             lines = list(f)
@@ -119,6 +135,12 @@ def load_jsonl(path: Path, *, system: str | None = SYSTEM_PROMPT) -> list[Exampl
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
             problems.append((number, f"not JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        kind = _format(raw)
+        if kind is not None and first is None:
+            first = (number, kind)
+        elif kind is not None and first is not None and kind != first[1]:
+            problems.append((number, f"a {kind} record, but line {first[0]} is {first[1]}: one format per file"))
             continue
         try:
             examples.append(_record(raw, system))

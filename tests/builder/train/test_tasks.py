@@ -109,12 +109,49 @@ def test_load_jsonl_both_formats(tmp_path: Path) -> None:
             ]
         },
     ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    examples = load_jsonl(path)
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps(r) for r in rows[2:]) + "\n")
+    examples = load_jsonl(path) + load_jsonl(chats)
     assert [e.input for e in examples] == ["lights on", "fan off", "lock up"]
     assert examples[0].output == '{"action": "on", "device": "light"}'
-    assert examples[0].messages[0]["role"] == "system"  # the default system prompt is added
+    assert examples[0].messages[0]["role"] == "user"  # no system prompt unless one is given
     assert examples[2].prompt_messages[0] == {"role": "system", "content": "be brief"}
+
+
+def test_a_given_system_prompt_goes_to_the_records_without_one(tmp_path: Path) -> None:
+    chats = tmp_path / "chats.jsonl"
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "where is Paris?"},
+        {"role": "assistant", "content": "France"},
+    ]
+    own = [{"role": "system", "content": "be brief"}, *turns[2:]]
+    chats.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": own}) + "\n")
+    multi, kept = load_jsonl(chats, system="Answer with a country.")
+    assert multi.prompt_messages == [{"role": "system", "content": "Answer with a country."}, *turns[:3]]
+    assert multi.output == "France" and multi.input == "where is Paris?"
+    assert kept.prompt_messages[0] == {"role": "system", "content": "be brief"}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"input": "where is Rome?", "output": "Italy"}) + "\n")
+    (pair,) = load_jsonl(pairs, system="Answer with a country.")
+    assert pair.prompt_messages == [
+        {"role": "system", "content": "Answer with a country."},
+        {"role": "user", "content": "where is Rome?"},
+    ]
+
+
+def test_a_file_that_mixes_formats_is_refused_with_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    chat = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    lines = ["", json.dumps({"input": "a", "output": "b"}), json.dumps(chat), json.dumps({"input": "c", "output": "d"})]
+    lines.append(json.dumps(chat))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as info:
+        load_jsonl(path)
+    assert [n for n, _ in info.value.problems] == [3, 5]
+    assert "line 3: a messages record, but line 2 is input/output: one format per file" in str(info.value)
 
 
 def test_bad_jsonl_lists_every_bad_line(tmp_path: Path) -> None:
@@ -123,18 +160,25 @@ def test_bad_jsonl_lists_every_bad_line(tmp_path: Path) -> None:
         json.dumps({"input": "ok", "output": "fine"}),
         "{not json",
         json.dumps({"input": "no output"}),
-        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
         json.dumps({"input": "good", "output": "also fine"}),
         json.dumps([1, 2]),
-        json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
     ]
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError) as info:
         load_jsonl(path)
-    assert [n for n, _ in info.value.problems] == [2, 3, 4, 6, 7]
+    assert [n for n, _ in info.value.problems] == [2, 3, 5]
+    assert "line 2: not JSON" in str(info.value) and "line 3: needs 'input' and 'output'" in str(info.value)
+    chats = tmp_path / "chats.jsonl"
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+    ]
+    chats.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as info:
+        load_jsonl(chats)
     msg = str(info.value)
-    assert "line 2: not JSON" in msg and "line 4: the last message must be the assistant's answer" in msg
-    assert "line 7: messages[0] has unknown role 'robot'" in msg
+    assert "line 1: the last message must be the assistant's answer" in msg
+    assert "line 2: messages[0] has unknown role 'robot'" in msg
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DatasetError, match="no records"):
         load_jsonl(tmp_path / "empty.jsonl")

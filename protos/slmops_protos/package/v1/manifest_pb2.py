@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n slmops/package/v1/manifest.proto\x12\x11slmops.package.v1\"7\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\xff\x01\n\x0fHardwareProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\x12\x11\n\tprecision\x18\x03 \x01(\t\x12J\n\x0cquantization\x18\x04 \x03(\x0b\x32\x34.slmops.package.v1.HardwareProfile.QuantizationEntry\x12\x18\n\x10min_memory_bytes\x18\x05 \x01(\x04\x12\x14\n\x0c\x63pu_features\x18\x06 \x03(\t\x1a\x33\n\x11QuantizationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61se_package_id\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"\xba\x02\n\x07Lineage\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x02 \x01(\t\x12\x0f\n\x07teacher\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x04 \x03(\t\x12\x15\n\rrecipe_sha256\x18\x05 \x01(\t\x12\x19\n\x11parent_package_id\x18\x06 \x01(\t\x12\x43\n\rtool_versions\x18\x07 \x03(\x0b\x32,.slmops.package.v1.Lineage.ToolVersionsEntry\x12\x0e\n\x06\x65ngine\x18\x08 \x01(\t\x12\x1b\n\x13quantization_method\x18\t \x01(\t\x1a\x33\n\x11ToolVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x01\n\nEvaluation\x12;\n\x07metrics\x18\x01 \x03(\x0b\x32*.slmops.package.v1.Evaluation.MetricsEntry\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\x0cGoldenPrompt\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\"\xc4\x03\n\x08Manifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x33\n\x07profile\x18\x05 \x01(\x0b\x32\".slmops.package.v1.HardwareProfile\x12+\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x1c.slmops.package.v1.FileEntry\x12,\n\x08\x61\x64\x61pters\x18\x07 \x03(\x0b\x32\x1a.slmops.package.v1.Adapter\x12+\n\x07lineage\x18\x08 \x01(\x0b\x32\x1a.slmops.package.v1.Lineage\x12\x31\n\nevaluation\x18\t \x01(\x0b\x32\x1d.slmops.package.v1.Evaluation\x12\x37\n\x0egolden_prompts\x18\n \x03(\x0b\x32\x1f.slmops.package.v1.GoldenPrompt\x12\x17\n\x0f\x62uilder_version\x18\x0b \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x0c \x01(\x03\x12\x18\n\x10security_version\x18\r \x01(\x04\".\n\tSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"T\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x30\n\nsignatures\x18\x02 \x03(\x0b\x32\x1c.slmops.package.v1.Signature\"\x85\x01\n\x0cKeyStatement\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x16\n\x0eissued_unix_ms\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x64\x64_keys\x18\x04 \x03(\t\x12\x13\n\x0bretire_keys\x18\x05 \x03(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\"Y\n\x12SignedKeyStatement\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x30\n\nsignatures\x18\x02 \x03(\x0b\x32\x1c.slmops.package.v1.Signatureb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n slmops/package/v1/manifest.proto\x12\x11slmops.package.v1\"7\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\xff\x01\n\x0fHardwareProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x02 \x01(\t\x12\x11\n\tprecision\x18\x03 \x01(\t\x12J\n\x0cquantization\x18\x04 \x03(\x0b\x32\x34.slmops.package.v1.HardwareProfile.QuantizationEntry\x12\x18\n\x10min_memory_bytes\x18\x05 \x01(\x04\x12\x14\n\x0c\x63pu_features\x18\x06 \x03(\t\x1a\x33\n\x11QuantizationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61se_package_id\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"\xae\x03\n\x07Lineage\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x02 \x01(\t\x12\x0f\n\x07teacher\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x04 \x03(\t\x12\x15\n\rrecipe_sha256\x18\x05 \x01(\t\x12\x19\n\x11parent_package_id\x18\x06 \x01(\t\x12\x43\n\rtool_versions\x18\x07 \x03(\x0b\x32,.slmops.package.v1.Lineage.ToolVersionsEntry\x12\x0e\n\x06\x65ngine\x18\x08 \x01(\t\x12\x1b\n\x13quantization_method\x18\t \x01(\t\x12?\n\x0btask_scores\x18\n \x03(\x0b\x32*.slmops.package.v1.Lineage.TaskScoresEntry\x1a\x33\n\x11ToolVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fTaskScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8d\x01\n\nEvaluation\x12;\n\x07metrics\x18\x01 \x03(\x0b\x32*.slmops.package.v1.Evaluation.MetricsEntry\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\x0cGoldenPrompt\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\"\xc4\x03\n\x08Manifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x33\n\x07profile\x18\x05 \x01(\x0b\x32\".slmops.package.v1.HardwareProfile\x12+\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x1c.slmops.package.v1.FileEntry\x12,\n\x08\x61\x64\x61pters\x18\x07 \x03(\x0b\x32\x1a.slmops.package.v1.Adapter\x12+\n\x07lineage\x18\x08 \x01(\x0b\x32\x1a.slmops.package.v1.Lineage\x12\x31\n\nevaluation\x18\t \x01(\x0b\x32\x1d.slmops.package.v1.Evaluation\x12\x37\n\x0egolden_prompts\x18\n \x03(\x0b\x32\x1f.slmops.package.v1.GoldenPrompt\x12\x17\n\x0f\x62uilder_version\x18\x0b \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x0c \x01(\x03\x12\x18\n\x10security_version\x18\r \x01(\x04\".\n\tSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"T\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x30\n\nsignatures\x18\x02 \x03(\x0b\x32\x1c.slmops.package.v1.Signature\"\x85\x01\n\x0cKeyStatement\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x16\n\x0eissued_unix_ms\x18\x03 \x01(\x03\x12\x10\n\x08\x61\x64\x64_keys\x18\x04 \x03(\t\x12\x13\n\x0bretire_keys\x18\x05 \x03(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\"Y\n\x12SignedKeyStatement\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x30\n\nsignatures\x18\x02 \x03(\x0b\x32\x1c.slmops.package.v1.Signatureb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HARDWAREPROFILE_QUANTIZATIONENTRY']._serialized_options = b'8\001'
   _globals['_LINEAGE_TOOLVERSIONSENTRY']._loaded_options = None
   _globals['_LINEAGE_TOOLVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_LINEAGE_TASKSCORESENTRY']._loaded_options = None
+  _globals['_LINEAGE_TASKSCORESENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATION_METRICSENTRY']._loaded_options = None
   _globals['_EVALUATION_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_FILEENTRY']._serialized_start=55
@@ -46,23 +48,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTER']._serialized_start=370
   _globals['_ADAPTER']._serialized_end=432
   _globals['_LINEAGE']._serialized_start=435
-  _globals['_LINEAGE']._serialized_end=749
-  _globals['_LINEAGE_TOOLVERSIONSENTRY']._serialized_start=698
-  _globals['_LINEAGE_TOOLVERSIONSENTRY']._serialized_end=749
-  _globals['_EVALUATION']._serialized_start=752
-  _globals['_EVALUATION']._serialized_end=893
-  _globals['_EVALUATION_METRICSENTRY']._serialized_start=847
-  _globals['_EVALUATION_METRICSENTRY']._serialized_end=893
-  _globals['_GOLDENPROMPT']._serialized_start=895
-  _globals['_GOLDENPROMPT']._serialized_end=968
-  _globals['_MANIFEST']._serialized_start=971
-  _globals['_MANIFEST']._serialized_end=1423
-  _globals['_SIGNATURE']._serialized_start=1425
-  _globals['_SIGNATURE']._serialized_end=1471
-  _globals['_SIGNEDMANIFEST']._serialized_start=1473
-  _globals['_SIGNEDMANIFEST']._serialized_end=1557
-  _globals['_KEYSTATEMENT']._serialized_start=1560
-  _globals['_KEYSTATEMENT']._serialized_end=1693
-  _globals['_SIGNEDKEYSTATEMENT']._serialized_start=1695
-  _globals['_SIGNEDKEYSTATEMENT']._serialized_end=1784
+  _globals['_LINEAGE']._serialized_end=865
+  _globals['_LINEAGE_TOOLVERSIONSENTRY']._serialized_start=763
+  _globals['_LINEAGE_TOOLVERSIONSENTRY']._serialized_end=814
+  _globals['_LINEAGE_TASKSCORESENTRY']._serialized_start=816
+  _globals['_LINEAGE_TASKSCORESENTRY']._serialized_end=865
+  _globals['_EVALUATION']._serialized_start=868
+  _globals['_EVALUATION']._serialized_end=1009
+  _globals['_EVALUATION_METRICSENTRY']._serialized_start=963
+  _globals['_EVALUATION_METRICSENTRY']._serialized_end=1009
+  _globals['_GOLDENPROMPT']._serialized_start=1011
+  _globals['_GOLDENPROMPT']._serialized_end=1084
+  _globals['_MANIFEST']._serialized_start=1087
+  _globals['_MANIFEST']._serialized_end=1539
+  _globals['_SIGNATURE']._serialized_start=1541
+  _globals['_SIGNATURE']._serialized_end=1587
+  _globals['_SIGNEDMANIFEST']._serialized_start=1589
+  _globals['_SIGNEDMANIFEST']._serialized_end=1673
+  _globals['_KEYSTATEMENT']._serialized_start=1676
+  _globals['_KEYSTATEMENT']._serialized_end=1809
+  _globals['_SIGNEDKEYSTATEMENT']._serialized_start=1811
+  _globals['_SIGNEDKEYSTATEMENT']._serialized_end=1900
 # @@protoc_insertion_point(module_scope)

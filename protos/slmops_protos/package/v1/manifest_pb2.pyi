@@ -169,6 +169,26 @@ class Lineage(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TaskScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     BASE_MODEL_SHA256_FIELD_NUMBER: _builtins.int
     TEACHER_FIELD_NUMBER: _builtins.int
@@ -178,6 +198,7 @@ class Lineage(_message.Message):
     TOOL_VERSIONS_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
     QUANTIZATION_METHOD_FIELD_NUMBER: _builtins.int
+    TASK_SCORES_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """human name or source path"""
     base_model_sha256: _builtins.str
@@ -193,6 +214,13 @@ class Lineage(_message.Message):
     def dataset_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def tool_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def task_scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """a trained model's task score on its held-out examples, per model measured: a distillation's
+        "teacher" and "student" (float), a fine-tune's "base" and "merged" (float), and "package" (this
+        package, in onnxruntime-genai); empty when not measured
+        """
+
     def __init__(
         self,
         *,
@@ -205,10 +233,11 @@ class Lineage(_message.Message):
         tool_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         engine: _builtins.str = ...,
         quantization_method: _builtins.str = ...,
+        task_scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_sha256", b"base_model_sha256", "dataset_sha256", b"dataset_sha256", "engine", b"engine", "parent_package_id", b"parent_package_id", "quantization_method", b"quantization_method", "recipe_sha256", b"recipe_sha256", "teacher", b"teacher", "tool_versions", b"tool_versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_sha256", b"base_model_sha256", "dataset_sha256", b"dataset_sha256", "engine", b"engine", "parent_package_id", b"parent_package_id", "quantization_method", b"quantization_method", "recipe_sha256", b"recipe_sha256", "task_scores", b"task_scores", "teacher", b"teacher", "tool_versions", b"tool_versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
