@@ -2,10 +2,13 @@
 
     python benchmarks/footprint_bench.py --json footprint.json
 
-1. Install: a fresh venv (no system site-packages) gets `pip install '<repo>[agent]'`, exactly what a
-   device would install (pip resolves from this machine's configured index). Its size is the bytes of
-   the files in site-packages (apparent size, MiB), without pip and setuptools (a device image need
-   not keep them); the largest distributions are listed, and whether fleet or builder code came along.
+1. Install: a fresh venv (no system site-packages) gets what a device installs, `pip install <repo>/agent`
+   (the `slmops-agent` distribution; `--install extra`: `pip install '<repo>[agent]'`, the whole `slmops`
+   distribution with its agent extra, as before agent/pyproject.toml). pip resolves from this machine's
+   configured index. Its size is the bytes of the files in site-packages (apparent size, MiB: 1 MiB =
+   1.048576 MB), without pip and setuptools (a device image need not keep them), and the share of
+   that which is bytecode pip compiled at install (__pycache__); the largest distributions are
+   listed, and whether fleet or builder code came along.
 2. Idle: `slmops agent run` from that venv on an empty state folder (no model, defaults otherwise:
    gRPC on TCP and the Unix socket, the loopback HTTP server on); VmRSS 2 s after its ready line.
 3. With the model: the SmolLM2 cpu-int4 package (built by the builder from the tests' cache, signed
@@ -47,13 +50,16 @@ NOT_INSTALLED = ("pip", "setuptools")  # a device image need not keep the instal
 
 
 # -- install ----------------------------------------------------------------------------------
-def make_venv(repo: Path, venv: Path) -> float:
-    """A fresh venv with only `<repo>[agent]`; returns the seconds pip took."""
+INSTALLS = {"device": "{repo}/agent", "extra": "{repo}[agent]"}
+
+
+def make_venv(repo: Path, venv: Path, install: str) -> float:
+    """A fresh venv with only the device's install; returns the seconds pip took."""
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     t0 = time.perf_counter()
     subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir", f"{repo}[agent]"],
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir", INSTALLS[install].format(repo=repo)],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -84,18 +90,23 @@ def install_size(venv: Path) -> dict[str, Any]:
         for f in files:
             owner[os.path.realpath(f)] = name
     sizes: dict[str, int] = {}
+    bytecode = 0
     for dirpath, _dirs, files in os.walk(sp):
         for f in files:
             path = os.path.realpath(os.path.join(dirpath, f))
             rel = os.path.relpath(path, sp).split(os.sep)[0]
             name = owner.get(path) or _owner_by_top(rel)
-            sizes[name] = sizes.get(name, 0) + os.path.getsize(path)
+            size = os.path.getsize(path)
+            sizes[name] = sizes.get(name, 0) + size
+            if name not in NOT_INSTALLED and f.endswith(".pyc"):
+                bytecode += size
     total = sum(v for k, v in sizes.items() if k not in NOT_INSTALLED)
     tops = sorted(sizes.items(), key=lambda kv: -kv[1])
     dev_code = sorted(p.name for p in sp.iterdir() if p.name in ("slmops_fleet", "slmops_builder"))
     return {
         "install_mb": total / MIB,
         "with_installers_mb": sum(sizes.values()) / MIB,
+        "bytecode_mb": bytecode / MIB,
         "top": [(k, v / MIB) for k, v in tops[:15]],
         "not_device_code": dev_code,
         "cli_extras": sorted(k for k in sizes if k.lower() in ("rich", "pygments", "typer", "click", "markdown-it-py")),
@@ -291,6 +302,12 @@ def measure(args: argparse.Namespace, venv: Path, work: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=ROOT, help="the checkout to install (default: this one)")
+    parser.add_argument(
+        "--install",
+        choices=sorted(INSTALLS),
+        default="device",
+        help="device: pip install <repo>/agent (default); extra: pip install '<repo>[agent]'",
+    )
     parser.add_argument("--venv", type=Path, help="reuse this venv (made with the agent extra) instead of a fresh one")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--burst", type=int, default=0, help="concurrent requests (default: the queue's bound, 8)")
@@ -300,7 +317,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="footprint-") as tmp:
         work = Path(tmp)
         venv = args.venv or work / "venv"
-        pip_s = make_venv(args.repo.resolve(), venv) if args.venv is None else 0.0
+        pip_s = make_venv(args.repo.resolve(), venv, args.install) if args.venv is None else 0.0
         size = install_size(venv)
         figures = measure(args, venv, work)
         if args.venv is None:
@@ -323,7 +340,11 @@ def main() -> None:
 def print_table(r: dict[str, Any]) -> None:
     d = r["details"]
     rows = [
-        ("install (site-packages, no pip/setuptools)", f"{r['install_mb']:.1f} MiB"),
+        (
+            "install (site-packages, no pip/setuptools)",
+            f"{r['install_mb']:.1f} MiB ({r['install_mb'] * 1.048576:.1f} MB)",
+        ),
+        ("  of which bytecode compiled at install", f"{d['bytecode_mb']:.1f} MiB"),
         ("  fleet/builder code installed", ", ".join(d["not_device_code"]) or "none"),
         ("  CLI presentation libraries", ", ".join(d["cli_extras"]) or "none"),
         ("idle RSS (no model)", f"{r['idle_rss_mb']:.1f} MiB"),
