@@ -30,6 +30,7 @@ _GROUPS = {
     "agent": ("slmops_agent.cli", "The on-device agent: enroll, run, ask.", "agent"),
     "demo": ("slmops_cli.demo", "The whole journey on this machine: build, fleet, two agents, v1 then v2.", "all"),
 }
+_HELP = ["-h", "--help"]
 _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
 
@@ -59,7 +60,7 @@ def _typer_program(name: str, help_text: str, typer_app: Any) -> click.Command:
         import typer.main
 
         prog = f"{ctx.parent.info_name if ctx.parent else 'slmops'} {name}"
-        typer.main.get_command(typer_app).main(args=ctx.args, prog_name=prog)
+        typer.main.get_command(typer_app).main(args=ctx.args, prog_name=prog, help_option_names=_HELP)
 
     return run
 
@@ -79,7 +80,7 @@ def _missing(name: str, help_text: str, extra: str, exc: ImportError) -> click.C
 
 @click.group(
     cls=_LazyGroup,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": _HELP},
     no_args_is_help=True,
 )
 @click.version_option(__version__, message="slmops %(version)s", help="Show the version.")
