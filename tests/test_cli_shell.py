@@ -52,3 +52,15 @@ def test_a_group_not_installed_says_how_to_install_it() -> None:
     assert done.returncode == 2, done.stderr
     assert "'slmops fleet' needs packages that are not installed" in done.stderr
     assert "pip install 'slmops[fleet]'" in done.stderr
+
+
+def test_plain_tables_align_their_columns_with_or_without_a_header() -> None:
+    from slmops_cli.tables import plain_table
+
+    rows = [("device", "(not enrolled)"), ("queue depth", "0")]
+    assert (
+        plain_table("agent at unix:/s", None, rows) == "agent at unix:/s\ndevice       (not enrolled)\nqueue depth  0\n"
+    )
+    table = plain_table("models", ("slot", "name"), [("a", "smollm2"), ("b", "")])
+    assert table == "models\nslot  name\n----  -------\na     smollm2\nb\n"
+    assert plain_table("models", ("slot", "name"), []) == "models\nslot  name\n----  ----\n"
