@@ -5,6 +5,7 @@ or builder code, no typer or rich, and the same device dependencies as the top-l
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -124,8 +125,12 @@ def test_the_device_wheel_carries_no_fleet_builder_typer_or_rich(tmp_path: Path)
     """A real build of agent/pyproject.toml: its wheel holds the agent, the contract and the CLI shell
     (every module of the first two), requires neither typer nor rich nor anything heavy, and `slmops`
     runs `slmops_cli.main`."""
+    src = tmp_path / "src"  # a copy: pip builds in the source folder (build/, *.egg-info)
+    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    for part in ("agent", "protos", "slmops_cli"):
+        shutil.copytree(ROOT / part, src / part, ignore=skip)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT / "agent")],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src / "agent")],
         check=True,
         capture_output=True,
     )
