@@ -2,21 +2,28 @@
 
     python benchmarks/footprint_bench.py --json footprint.json
 
-1. Install: a fresh venv (no system site-packages) gets `pip install '<repo>[agent]'`, exactly what a
-   device would install (pip resolves from this machine's configured index). Its size is the bytes of
-   the files in site-packages (apparent size, MiB), without pip and setuptools (a device image need
-   not keep them); the largest distributions are listed, and whether fleet or builder code came along.
+1. Install: a fresh venv (no system site-packages) gets what a device installs, `pip install <repo>/agent`
+   (the `slmops-agent` distribution; `--install extra`: `pip install '<repo>[agent]'`, the whole `slmops`
+   distribution with its agent extra, as before agent/pyproject.toml). pip resolves from this machine's
+   configured index. Its size is the bytes of the files in site-packages (apparent size, MiB: 1 MiB =
+   1.048576 MB), without pip and setuptools (a device image need not keep them), and the share of
+   that which is bytecode pip compiled at install (__pycache__); the largest distributions are
+   listed, and whether fleet or builder code came along.
 2. Idle: `slmops agent run` from that venv on an empty state folder (no model, defaults otherwise:
    gRPC on TCP and the Unix socket, the loopback HTTP server on); VmRSS 2 s after its ready line.
 3. With the model: the SmolLM2 cpu-int4 package (built by the builder from the tests' cache, signed
    with a throw-away key) side-loaded with `slmops agent install`, then `slmops agent run` again:
    - cold start: from the process's start to the first streamed text of a first request sent at
      the ready line (gRPC over TCP), including Python's start, the imports and the model's load;
+     the median of `--cold-starts` starts (the first one is measured further, the others stopped at
+     their first token);
    - loaded: VmRSS at the ready line; after one: when the first request (64 new tokens) ended;
    - burst: `queue_bound` concurrent requests (the queue's bound: all admitted), peak VmRSS during it,
      then VmRSS sampled for 10 s of idle: `after_burst_mb` is the last sample.
    The KV cache share is computed from the model's shape (layers, KV heads, head size, fp32 or fp16)
    for the agent's context length and batch slots.
+4. After use: site-packages measured again once the agent has run (with `--no-compile` pip compiled
+   nothing at install, so this holds only the bytecode of what the agent imported).
 
 RSS is the main figure (exact, repeatable); the timings are noisy on a shared machine (say so
 when you quote them). The bench's client runs in the interpreter that runs the bench (it needs grpcio
@@ -30,6 +37,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,13 +55,24 @@ NOT_INSTALLED = ("pip", "setuptools")  # a device image need not keep the instal
 
 
 # -- install ----------------------------------------------------------------------------------
-def make_venv(repo: Path, venv: Path) -> float:
-    """A fresh venv with only `<repo>[agent]`; returns the seconds pip took."""
+INSTALLS = {"device": "{repo}/agent", "extra": "{repo}[agent]"}
+
+
+def make_venv(repo: Path, venv: Path, install: str, compile_bytecode: bool) -> float:
+    """A fresh venv with only the device's install; returns the seconds pip took."""
+    compile_flag = [] if compile_bytecode else ["--no-compile"]
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     t0 = time.perf_counter()
     subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir", f"{repo}[agent]"],
+        [
+            str(venv / "bin" / "pip"),
+            "install",
+            "-q",
+            "--no-cache-dir",
+            *compile_flag,
+            INSTALLS[install].format(repo=repo),
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -84,18 +103,23 @@ def install_size(venv: Path) -> dict[str, Any]:
         for f in files:
             owner[os.path.realpath(f)] = name
     sizes: dict[str, int] = {}
+    bytecode = 0
     for dirpath, _dirs, files in os.walk(sp):
         for f in files:
             path = os.path.realpath(os.path.join(dirpath, f))
             rel = os.path.relpath(path, sp).split(os.sep)[0]
             name = owner.get(path) or _owner_by_top(rel)
-            sizes[name] = sizes.get(name, 0) + os.path.getsize(path)
+            size = os.path.getsize(path)
+            sizes[name] = sizes.get(name, 0) + size
+            if name not in NOT_INSTALLED and f.endswith(".pyc"):
+                bytecode += size
     total = sum(v for k, v in sizes.items() if k not in NOT_INSTALLED)
     tops = sorted(sizes.items(), key=lambda kv: -kv[1])
     dev_code = sorted(p.name for p in sp.iterdir() if p.name in ("slmops_fleet", "slmops_builder"))
     return {
         "install_mb": total / MIB,
         "with_installers_mb": sum(sizes.values()) / MIB,
+        "bytecode_mb": bytecode / MIB,
         "top": [(k, v / MIB) for k, v in tops[:15]],
         "not_device_code": dev_code,
         "cli_extras": sorted(k for k in sizes if k.lower() in ("rich", "pygments", "typer", "click", "markdown-it-py")),
@@ -183,6 +207,18 @@ def generate(address: str, new_tokens: int, first: list[float] | None = None) ->
         return tokens
 
 
+def cold_start(venv: Path, state: Path, env: dict[str, str]) -> float:
+    """Milliseconds from `slmops agent run`'s start to the first text of a request sent at its ready line."""
+    agent = Agent(venv, state, env)
+    try:
+        agent.wait_ready()
+        first: list[float] = []
+        generate(agent.address, 1, first)
+        return (first[0] - agent.t0) * 1000
+    finally:
+        agent.stop()
+
+
 # -- the model --------------------------------------------------------------------------------
 def build_package(out: Path) -> tuple[Path, Path]:
     """The SmolLM2 cpu-int4 package (the conversion cached in .cache/builder) and its public key."""
@@ -247,13 +283,16 @@ def measure(args: argparse.Namespace, venv: Path, work: Path) -> dict[str, Any]:
     out["model_weights_mb"] = weights_mb(model_dir)
     context = json.loads((model_dir / "genai_config.json").read_text())["model"]["context_length"]
 
+    starts = [cold_start(venv, state, env) for _ in range(args.cold_starts - 1)]
     agent = Agent(venv, state, env)
     out["ready_ms"] = agent.wait_ready() * 1000
     first: list[float] = []
     address = agent.address
     loaded = agent.rss()
     generate(address, args.new_tokens, first)
-    out["cold_start_first_token_ms"] = (first[0] - agent.t0) * 1000
+    starts.append((first[0] - agent.t0) * 1000)
+    out["cold_starts_ms"] = [round(ms) for ms in starts]
+    out["cold_start_first_token_ms"] = statistics.median(starts)
     out["loaded_rss_mb"] = loaded
     out["after_one_mb"] = agent.rss()
 
@@ -291,7 +330,17 @@ def measure(args: argparse.Namespace, venv: Path, work: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=ROOT, help="the checkout to install (default: this one)")
+    parser.add_argument(
+        "--install",
+        choices=sorted(INSTALLS),
+        default="device",
+        help="device: pip install <repo>/agent (default); extra: pip install '<repo>[agent]'",
+    )
     parser.add_argument("--venv", type=Path, help="reuse this venv (made with the agent extra) instead of a fresh one")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="pip install --no-compile: bytecode only for what the agent imports"
+    )
+    parser.add_argument("--cold-starts", type=int, default=5, help="starts to take the cold start's median of")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--burst", type=int, default=0, help="concurrent requests (default: the queue's bound, 8)")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -300,9 +349,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="footprint-") as tmp:
         work = Path(tmp)
         venv = args.venv or work / "venv"
-        pip_s = make_venv(args.repo.resolve(), venv) if args.venv is None else 0.0
+        pip_s = make_venv(args.repo.resolve(), venv, args.install, not args.no_compile) if args.venv is None else 0.0
         size = install_size(venv)
         figures = measure(args, venv, work)
+        used = install_size(venv)
         if args.venv is None:
             shutil.rmtree(venv, ignore_errors=True)
     result = {
@@ -313,7 +363,14 @@ def main() -> None:
         "after_one_mb": round(figures["after_one_mb"], 1),
         "after_burst_mb": round(figures["after_burst_mb"], 1),
         "cold_start_first_token_ms": round(figures["cold_start_first_token_ms"]),
-        "details": {"pip_s": round(pip_s, 1), **size, **figures},
+        "details": {
+            "pip_s": round(pip_s, 1),
+            "no_compile": args.no_compile,
+            "after_use_mb": used["install_mb"],
+            "after_use_bytecode_mb": used["bytecode_mb"],
+            **size,
+            **figures,
+        },
     }
     print_table(result)
     if args.json:
@@ -323,7 +380,15 @@ def main() -> None:
 def print_table(r: dict[str, Any]) -> None:
     d = r["details"]
     rows = [
-        ("install (site-packages, no pip/setuptools)", f"{r['install_mb']:.1f} MiB"),
+        (
+            "install (site-packages, no pip/setuptools)",
+            f"{r['install_mb']:.1f} MiB ({r['install_mb'] * 1.048576:.1f} MB)",
+        ),
+        ("  of which bytecode compiled at install", f"{d['bytecode_mb']:.1f} MiB"),
+        (
+            "  after the agent ran (bytecode then)",
+            f"{d['after_use_mb']:.1f} MiB = {d['after_use_mb'] * MIB / 1e6:.1f} MB ({d['after_use_bytecode_mb']:.1f})",
+        ),
         ("  fleet/builder code installed", ", ".join(d["not_device_code"]) or "none"),
         ("  CLI presentation libraries", ", ".join(d["cli_extras"]) or "none"),
         ("idle RSS (no model)", f"{r['idle_rss_mb']:.1f} MiB"),
@@ -336,7 +401,10 @@ def print_table(r: dict[str, Any]) -> None:
             "KV cache per token / at the model's full context",
             f"{d['kv_bytes_per_token'] / 1024:.1f} KiB / {d['kv_full_context_mb']:.0f} MiB",
         ),
-        ("cold start to first token (noisy)", f"{r['cold_start_first_token_ms']} ms"),
+        (
+            f"cold start to first token, median of {len(d['cold_starts_ms'])} (noisy)",
+            f"{r['cold_start_first_token_ms']} ms {d['cold_starts_ms']}",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -3,6 +3,11 @@
 Each group lives with its program and is imported only when it is invoked or listed;
 the group modules import their heavy dependencies inside the commands, and a group
 whose extra is not installed shows how to install it instead of failing.
+
+The shell is plain click, as the agent's group is: the device's install (agent/pyproject.toml)
+carries neither typer nor rich. The fleet's, the builder's and the demo's groups are typer apps:
+each runs as its own typer program under `slmops <group>` (typer vendors its own click, so its
+commands are not mixed into this click group).
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import typer
-from typer.core import TyperGroup
+import click
 
-# name -> (module, attribute, one-line help, the extra that installs its dependencies)
+from slmops_protos import __version__
+
+# name -> (module, one-line help, the extra that installs its dependencies)
 _GROUPS = {
     "builder": (
         "slmops_builder.cli",
@@ -24,13 +30,15 @@ _GROUPS = {
     "agent": ("slmops_agent.cli", "The on-device agent: enroll, run, ask.", "agent"),
     "demo": ("slmops_cli.demo", "The whole journey on this machine: build, fleet, two agents, v1 then v2.", "all"),
 }
+_HELP = ["-h", "--help"]
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
 
-class _LazyGroup(TyperGroup):
-    def list_commands(self, ctx: Any) -> list[str]:
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
         return list(_GROUPS)
 
-    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in _GROUPS:
             return None
         module_name, help_text, extra = _GROUPS[cmd_name]
@@ -38,47 +46,45 @@ class _LazyGroup(TyperGroup):
             module = importlib.import_module(module_name)
         except ImportError as exc:
             return _missing(cmd_name, help_text, extra, exc)
-        command = typer.main.get_command(module.app)
-        command.name = cmd_name
-        return command
+        if isinstance(module.app, click.Command):
+            return module.app
+        return _typer_program(cmd_name, help_text, module.app)
 
 
-def _missing(name: str, help_text: str, extra: str, exc: ImportError) -> Any:
-    missing = typer.Typer(help=help_text, add_completion=False)
+def _typer_program(name: str, help_text: str, typer_app: Any) -> click.Command:
+    """A typer app as `slmops NAME ...`: every argument after NAME goes to it, --help too."""
 
-    @missing.callback(invoke_without_command=True, context_settings={"ignore_unknown_options": True})
+    @click.command(name, help=help_text, context_settings=_PASS_THROUGH, add_help_option=False)
+    @click.pass_context
+    def run(ctx: click.Context) -> None:
+        import typer.main
+
+        prog = f"{ctx.parent.info_name if ctx.parent else 'slmops'} {name}"
+        typer.main.get_command(typer_app).main(args=ctx.args, prog_name=prog, help_option_names=_HELP)
+
+    return run
+
+
+def _missing(name: str, help_text: str, extra: str, exc: ImportError) -> click.Command:
+    @click.command(name, help=help_text, context_settings=_PASS_THROUGH, add_help_option=False)
     def fail() -> None:
-        typer.echo(
+        click.echo(
             f"'slmops {name}' needs packages that are not installed ({exc.name or exc}).\n"
             f"Install them with: pip install 'slmops[{extra}]'",
             err=True,
         )
-        raise typer.Exit(2)
+        raise click.exceptions.Exit(2)
 
-    return typer.main.get_command(missing)
+    return fail
 
 
-app = typer.Typer(
+@click.group(
     cls=_LazyGroup,
-    help="slmops: operations for small language models on edge devices.",
-    context_settings={"help_option_names": ["-h", "--help"]},
-    add_completion=False,
+    context_settings={"help_option_names": _HELP},
     no_args_is_help=True,
 )
-
-
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        typer.echo(f"slmops {version('slmops')}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
-) -> None:
+@click.version_option(__version__, message="slmops %(version)s", help="Show the version.")
+def app() -> None:
     """slmops: operations for small language models on edge devices."""
 
 

@@ -161,14 +161,10 @@ def show(loaded: Loaded[Any], *, as_json: bool) -> None:
         out = {"config_file": str(loaded.file) if loaded.file else None, "settings": effective}
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from slmops_cli.tables import print_table
 
-    title = f"effective settings (config file: {loaded.file or 'none'})"
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for column in ("setting", "value", "from"):
-        table.add_column(column, no_wrap=column == "setting")
-    for name, item in effective.items():
-        value = item["value"]
-        table.add_row(name, "" if value is None else json.dumps(value), item["source"])
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    rows = [
+        (name, "" if item["value"] is None else json.dumps(item["value"]), item["source"])
+        for name, item in effective.items()
+    ]
+    print_table(f"effective settings (config file: {loaded.file or 'none'})", ("setting", "value", "from"), rows)

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from typer.testing import CliRunner
 
 from slmops_builder.keys import KeyFileError, generate_key, key_statement, public_path
 from slmops_protos.key_statements import (

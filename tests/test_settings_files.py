@@ -222,3 +222,27 @@ def test_agent_run_keeps_the_files_grpc_host_when_a_port_flag_is_given(tmp_path:
         assert str(addr).startswith("127.0.0.2:") and not str(addr).endswith(":50051")
     finally:
         assert service.stop() == 0
+
+
+def test_config_show_prints_plain_text_where_rich_is_not_installed(tmp_path: Path) -> None:
+    """The device's install has no rich: `slmops agent config show` prints an aligned text table."""
+    import sys
+
+    state = tmp_path / "agent"
+    state.mkdir()
+    _write(state / "agent.toml", "max_batch = 3\n")
+    code = (
+        "import sys\n"
+        "sys.modules['rich'] = None  # as on a device: importing it fails\n"
+        "from slmops_cli.main import main\n"
+        f"sys.argv = ['slmops', 'agent', 'config', 'show', '--state-dir', {str(state)!r}]\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"effective settings (config file: {state / 'agent.toml'})"
+    assert lines[1].split() == ["setting", "value", "from"] and set(lines[2]) == {"-", " "}
+    row = next(line for line in lines if line.startswith("max_batch "))
+    assert row.split() == ["max_batch", "3", str(state / "agent.toml")]
+    assert row.index("3") == lines[1].index("value")  # columns aligned under the header

@@ -1,45 +1,62 @@
 """`slmops agent ...`: enroll, run, install, ask, status, models.
 
-Cheap to import: every heavy module is imported inside the command that needs it.
+Cheap to import: every heavy module is imported inside the command that needs it. Plain click, not
+typer: the device's install (agent/pyproject.toml) carries neither typer nor rich; tables print as
+aligned text.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import typer
+import click
 
 if TYPE_CHECKING:
     from slmops_agent.settings import AgentSettings
     from slmops_cli.settings_files import Loaded
 
-app = typer.Typer(
-    help="The on-device agent: enroll, run, ask.",
-    no_args_is_help=True,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+F = TypeVar("F", bound=Callable[..., Any])
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(help="The on-device agent: enroll, run, ask.", context_settings=_CONTEXT, no_args_is_help=True)
+def app() -> None:
+    pass
+
 
 _STATE_HELP = "State folder (default: $SLMOPS_AGENT_STATE_DIR or ~/.slmops/agent)."
 _TOKEN_HELP = "Bearer token for an agent reached over TCP off loopback (or $SLMOPS_AGENT_AUTH_TOKEN)."
 _CA_HELP = "PEM file of the CA (or self-signed certificate) to trust: connect with TLS."
-StateDirOpt = Annotated[Path | None, typer.Option("--state-dir", help=_STATE_HELP)]
-TargetOpt = Annotated[str | None, typer.Option("--target", help="unix:PATH or host:port (default: the local agent).")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP)]
-TlsCaOpt = Annotated[Path | None, typer.Option("--tls-ca", help=_CA_HELP)]
 _CONFIG_HELP = (
     "TOML file of settings (or $SLMOPS_AGENT_CONFIG; default: <state>/agent.toml when it exists); "
     "flags and SLMOPS_AGENT_* override it."
 )
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)]
+_PATH = click.Path(path_type=Path)
+state_dir_opt = click.option("--state-dir", "state_dir", type=_PATH, default=None, help=_STATE_HELP)
+target_opt = click.option("--target", default=None, help="unix:PATH or host:port (default: the local agent).")
+token_opt = click.option("--token", default=None, envvar="SLMOPS_AGENT_AUTH_TOKEN", help=_TOKEN_HELP)
+tls_ca_opt = click.option("--tls-ca", "tls_ca", type=_PATH, default=None, help=_CA_HELP)
+config_opt = click.option("--config", type=_PATH, default=None, help=_CONFIG_HELP)
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+def _json_opt(help_text: str) -> Callable[[F], F]:
+    return click.option("--json", "as_json", is_flag=True, default=False, help=help_text)
+
+
+def _remote(f: F) -> F:
+    """The options of a command that calls the running agent."""
+    for option in (tls_ca_opt, token_opt, state_dir_opt, target_opt):
+        f = option(f)
+    return f
+
+
+def _fail(message: str, code: int = 1) -> click.exceptions.Exit:
+    click.echo(f"error: {message}", err=True)
+    return click.exceptions.Exit(code)
 
 
 def _loaded(config: Path | None = None, **flags: Any) -> Loaded[AgentSettings]:
@@ -65,7 +82,7 @@ def _loaded(config: Path | None = None, **flags: Any) -> Loaded[AgentSettings]:
     except SettingsError as exc:
         raise _fail(str(exc), 2) from None
     for warning in loaded.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {warning}", err=True)
     return loaded
 
 
@@ -84,24 +101,38 @@ def _setup_logging(level: str) -> None:
 
 
 @app.command()
+@click.option(
+    "--fleet", required=True, help="The fleet's URL, e.g. https://fleet.local:8443 (http:// on loopback only)."
+)
+@click.option("--token", required=True, help="The one-time enrollment token.")
+@click.option("--name", default="", help="A name for this device.")
+@click.option(
+    "--ca",
+    type=_PATH,
+    default=None,
+    help="The fleet's CA certificate (PEM, its tls/ca.pem) to verify it with; default: system CAs.",
+)
+@click.option(
+    "--ca-fingerprint", default=None, help="Or the fleet CA's fingerprint (sha256:HEX, as `fleet serve` prints)."
+)
+@click.option(
+    "--trust-key",
+    multiple=True,
+    help="Pin this package signing key (hex or *.pub) instead of the fleet's; repeatable.",
+)
+@state_dir_opt
+@click.option("--force", is_flag=True, default=False, help="Enroll again even if this device is enrolled.")
+@_json_opt("Print the result as JSON.")
 def enroll(
-    fleet: str = typer.Option(
-        ..., "--fleet", help="The fleet's URL, e.g. https://fleet.local:8443 (http:// on loopback only)."
-    ),
-    token: str = typer.Option(..., "--token", help="The one-time enrollment token."),
-    name: str = typer.Option("", "--name", help="A name for this device."),
-    ca: Path | None = typer.Option(
-        None, "--ca", help="The fleet's CA certificate (PEM, its tls/ca.pem) to verify it with; default: system CAs."
-    ),
-    ca_fingerprint: str | None = typer.Option(
-        None, "--ca-fingerprint", help="Or the fleet CA's fingerprint (sha256:HEX, as `fleet serve` prints)."
-    ),
-    trust_key: list[str] = typer.Option(
-        [], "--trust-key", help="Pin this package signing key (hex or *.pub) instead of the fleet's; repeatable."
-    ),
-    state_dir: StateDirOpt = None,
-    force: bool = typer.Option(False, "--force", help="Enroll again even if this device is enrolled."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    fleet: str,
+    token: str,
+    name: str,
+    ca: Path | None,
+    ca_fingerprint: str | None,
+    trust_key: tuple[str, ...],
+    state_dir: Path | None,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Register this device with a fleet and store its credentials."""
     from slmops_agent.enroll import enroll as do_enroll
@@ -117,12 +148,12 @@ def enroll(
             force=force,
             ca_file=ca,
             ca_fingerprint=ca_fingerprint,
-            trust_keys=trust_key,
+            trust_keys=list(trust_key),
         )
     except AgentError as exc:
         raise _fail(str(exc)) from None
     if as_json:
-        typer.echo(
+        click.echo(
             json.dumps(
                 {
                     "device_id": creds.device_id,
@@ -133,7 +164,7 @@ def enroll(
             )
         )
     else:
-        typer.echo(
+        click.echo(
             f"enrolled as {creds.device_id}; broker {creds.mqtt.host}:{creds.mqtt.port}"
             f"{' (TLS)' if creds.mqtt.tls else ''}; "
             f"{len(creds.signing_keys)} signing key(s) pinned; credentials in {settings.state_dir}"
@@ -141,22 +172,31 @@ def enroll(
 
 
 @app.command()
+@config_opt
+@state_dir_opt
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="TCP port on 127.0.0.1 (0: a free one, see <state>/grpc.addr).",
+)
+@click.option("--socket", type=_PATH, default=None, help="Unix socket (default <state>/agent.sock).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: free cores).")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(-1, 65535),
+    default=None,
+    help="HTTP port on 127.0.0.1 for /metrics and the OpenAI API /v1 (0: free, see <state>/metrics.addr; -1: off).",
+)
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
 def run(
-    config: ConfigOpt = None,
-    state_dir: StateDirOpt = None,
-    grpc_port: int | None = typer.Option(
-        None, "--grpc-port", min=0, max=65535, help="TCP port on 127.0.0.1 (0: a free one, see <state>/grpc.addr)."
-    ),
-    socket: Path | None = typer.Option(None, "--socket", help="Unix socket (default <state>/agent.sock)."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="Inference threads (default: free cores)."),
-    metrics_port: int | None = typer.Option(
-        None,
-        "--metrics-port",
-        min=-1,
-        max=65535,
-        help="HTTP port on 127.0.0.1 for /metrics and the OpenAI API /v1 (0: free, see <state>/metrics.addr; -1: off).",
-    ),
-    log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    config: Path | None,
+    state_dir: Path | None,
+    grpc_port: int | None,
+    socket: Path | None,
+    threads: int | None,
+    metrics_port: int | None,
+    log_level: str | None,
 ) -> None:
     """Run the agent until SIGTERM or SIGINT: serve gRPC and /metrics, follow the fleet, send telemetry.
 
@@ -177,27 +217,30 @@ def run(
 
     def ready(addresses: list[str]) -> None:
         who = f"device {agent.device_id}" if agent.device_id else "not enrolled (local only)"
-        typer.echo(f"slmops agent listening on {', '.join(addresses)}; {who}; state {settings.state_dir}", err=True)
+        click.echo(f"slmops agent listening on {', '.join(addresses)}; {who}; state {settings.state_dir}", err=True)
 
     try:
         agent = Agent(settings)
         asyncio.run(agent.serve(ready))
     except AgentError as exc:
         raise _fail(str(exc)) from None
-    typer.echo("slmops agent stopped", err=True)
+    click.echo("slmops agent stopped", err=True)
 
 
 @app.command()
+@click.argument("package", type=_PATH)
+@state_dir_opt
+@click.option(
+    "--trust-key", multiple=True, help="Pin a signing key first (hex of the raw Ed25519 key, or a .pub file)."
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@_json_opt("Print the outcome as JSON.")
 def install(
-    package: Path = typer.Argument(..., help="A package folder (manifest.signed.pb + blobs/)."),
-    state_dir: StateDirOpt = None,
-    trust_key: list[str] = typer.Option(
-        [], "--trust-key", help="Pin a signing key first (hex of the raw Ed25519 key, or a .pub file)."
-    ),
-    threads: int | None = typer.Option(None, "--threads", min=1),
-    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
+    package: Path, state_dir: Path | None, trust_key: tuple[str, ...], threads: int | None, as_json: bool
 ) -> None:
-    """Side-load a package without a fleet (the agent must be stopped): verify, stage, test, commit."""
+    """Side-load a package without a fleet (the agent must be stopped): verify, stage, test, commit.
+
+    PACKAGE: a package folder (manifest.signed.pb + blobs/)."""
     from slmops_agent.daemon import install_package
     from slmops_agent.errors import AgentError
     from slmops_agent.layout import StateLayout
@@ -216,7 +259,7 @@ def install(
     except TimeoutError as exc:
         raise _fail(f"the install did not finish: {exc}") from None
     if as_json:
-        typer.echo(
+        click.echo(
             json.dumps(
                 {
                     "state": report.state.value,
@@ -230,7 +273,7 @@ def install(
     if report.state.value != "COMMITTED":
         raise _fail(f"ROLLED_BACK: {report.reason}")
     if not as_json:
-        typer.echo(f"COMMITTED {report.active_version} ({report.active_package_id[:12]}) in slot {report.active_slot}")
+        click.echo(f"COMMITTED {report.active_version} ({report.active_package_id[:12]}) in slot {report.active_slot}")
 
 
 def _text_or_file(value: str) -> str:
@@ -299,7 +342,7 @@ def _to_dict(message: Any) -> dict[str, Any]:
     )
 
 
-def _rpc_error(exc: Any, target: str) -> typer.Exit:
+def _rpc_error(exc: Any, target: str) -> click.exceptions.Exit:
     code = exc.code()
     details = exc.details() or ""
     if code.name == "UNAVAILABLE" and ("connect" in details.lower() or "unix" in details.lower()):
@@ -308,28 +351,40 @@ def _rpc_error(exc: Any, target: str) -> typer.Exit:
 
 
 @app.command()
+@click.argument("prompt")
+@_remote
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=0, help="0: the agent's default.")
+@click.option(
+    "--temperature", type=click.FloatRange(min=0.0), default=None, help="0: greedy; unset: the package's default."
+)
+@click.option("--system", default=None, help="A system message first.")
+@click.option("--raw", is_flag=True, default=False, help="Send PROMPT as a raw prompt, no chat template.")
+@click.option("--adapter", default="", help="A LoRA adapter of the active model (see `agent models`).")
+@click.option("--timeout", type=float, default=300.0, help="Seconds before the call is abandoned.")
+@_json_opt("Print one JSON object at the end instead of streaming.")
+@click.option("--json-schema", default=None, help="Hold the answer to this JSON Schema (JSON text, or @FILE).")
+@click.option("--regex", default=None, help="Hold the answer to this regular expression (or @FILE).")
+@click.option("--grammar", default=None, help="Hold the answer to this Lark grammar (or @FILE).")
 def ask(
-    prompt: str = typer.Argument(..., help="The question (sent as one user message unless --raw)."),
-    target: TargetOpt = None,
-    state_dir: StateDirOpt = None,
-    max_new_tokens: int = typer.Option(0, "--max-new-tokens", min=0, help="0: the agent's default."),
-    temperature: float | None = typer.Option(
-        None, "--temperature", min=0.0, help="0: greedy; unset: the package's default."
-    ),
-    system: str | None = typer.Option(None, "--system", help="A system message first."),
-    raw: bool = typer.Option(False, "--raw", help="Send PROMPT as a raw prompt, no chat template."),
-    adapter: str = typer.Option("", "--adapter", help="A LoRA adapter of the active model (see `agent models`)."),
-    timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the call is abandoned."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end instead of streaming."),
-    token: TokenOpt = None,
-    tls_ca: TlsCaOpt = None,
-    json_schema: str | None = typer.Option(
-        None, "--json-schema", help="Hold the answer to this JSON Schema (JSON text, or @FILE)."
-    ),
-    regex: str | None = typer.Option(None, "--regex", help="Hold the answer to this regular expression (or @FILE)."),
-    grammar: str | None = typer.Option(None, "--grammar", help="Hold the answer to this Lark grammar (or @FILE)."),
+    prompt: str,
+    target: str | None,
+    state_dir: Path | None,
+    token: str | None,
+    tls_ca: Path | None,
+    max_new_tokens: int,
+    temperature: float | None,
+    system: str | None,
+    raw: bool,
+    adapter: str,
+    timeout: float,
+    as_json: bool,
+    json_schema: str | None,
+    regex: str | None,
+    grammar: str | None,
 ) -> None:
-    """Ask the local agent; the answer streams to the terminal, then tokens/s and time to first token."""
+    """Ask the local agent; the answer streams to the terminal, then tokens/s and time to first token.
+
+    PROMPT: the question (sent as one user message unless --raw)."""
     import grpc
 
     from slmops_agent.client import bearer_metadata
@@ -373,7 +428,7 @@ def ask(
         raise _fail("the agent closed the stream without an answer")
     finish = agent_pb2.FinishReason.Name(last.finish_reason)
     if as_json:
-        typer.echo(
+        click.echo(
             json.dumps(
                 {
                     "text": "".join(text),
@@ -391,7 +446,7 @@ def ask(
         return
     sys.stdout.write("\n")
     sys.stdout.flush()
-    typer.echo(
+    click.echo(
         f"[{last.usage.completion_tokens} tokens, {last.timings.tokens_per_second:.1f} tokens/s, "
         f"TTFT {last.timings.time_to_first_token_ms:.1f} ms, {finish}, model {last.model_version}]",
         err=True,
@@ -399,26 +454,17 @@ def ask(
 
 
 @app.command()
-def status(
-    target: TargetOpt = None,
-    state_dir: StateDirOpt = None,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    token: TokenOpt = None,
-    tls_ca: TlsCaOpt = None,
-) -> None:
+@_remote
+@_json_opt("Print JSON.")
+def status(target: str | None, state_dir: Path | None, token: str | None, tls_ca: Path | None, as_json: bool) -> None:
     """The running agent's status (GetStatus)."""
+    from slmops_cli.tables import print_table
     from slmops_protos.agent.v1 import agent_pb2
 
     where, reply = _unary(target, state_dir, "GetStatus", agent_pb2.GetStatusRequest(), token=token, tls_ca=tls_ca)
     if as_json:
-        typer.echo(json.dumps(_to_dict(reply)))
+        click.echo(json.dumps(_to_dict(reply)))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"slmops agent at {where}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
     m = reply.active_model
     rows = [
         ("device", reply.device_id or "(not enrolled)"),
@@ -433,70 +479,60 @@ def status(
         ("agent version", reply.agent_version),
         ("uptime", f"{reply.uptime_s:.0f} s"),
     ]
-    for k, v in rows:
-        table.add_row(k, v)
-    Console().print(table)
+    print_table(f"slmops agent at {where}", None, rows)
 
 
 @app.command()
-def models(
-    target: TargetOpt = None,
-    state_dir: StateDirOpt = None,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    token: TokenOpt = None,
-    tls_ca: TlsCaOpt = None,
-) -> None:
+@_remote
+@_json_opt("Print JSON.")
+def models(target: str | None, state_dir: Path | None, token: str | None, tls_ca: Path | None, as_json: bool) -> None:
     """The packages installed in the agent's slots (ListModels)."""
+    from slmops_cli.tables import print_table
     from slmops_protos.agent.v1 import agent_pb2
 
     where, reply = _unary(target, state_dir, "ListModels", agent_pb2.ListModelsRequest(), token=token, tls_ca=tls_ca)
     if as_json:
-        typer.echo(json.dumps([_to_dict(m) for m in reply.models]))
+        click.echo(json.dumps([_to_dict(m) for m in reply.models]))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"models at {where}")
-    for col in ("slot", "active", "name", "version", "profile", "package", "adapters"):
-        table.add_column(col)
-    for m in reply.models:
-        table.add_row(
-            m.slot, "*" if m.active else "", m.name, m.version, m.profile, m.package_id[:16], ", ".join(m.adapters)
-        )
-    Console().print(table)
+    columns = ("slot", "active", "name", "version", "profile", "package", "adapters")
+    rows = [
+        (m.slot, "*" if m.active else "", m.name, m.version, m.profile, m.package_id[:16], ", ".join(m.adapters))
+        for m in reply.models
+    ]
+    print_table(f"models at {where}", columns, rows)
 
 
 @app.command("remove-adapter")
+@click.argument("name")
+@_remote
+@_json_opt("Print the models afterwards as JSON.")
 def remove_adapter(
-    name: str = typer.Argument(..., help="The adapter's name (see `agent models`)."),
-    target: TargetOpt = None,
-    state_dir: StateDirOpt = None,
-    as_json: bool = typer.Option(False, "--json", help="Print the models afterwards as JSON."),
-    token: TokenOpt = None,
-    tls_ca: TlsCaOpt = None,
+    name: str, target: str | None, state_dir: Path | None, token: str | None, tls_ca: Path | None, as_json: bool
 ) -> None:
-    """Stop serving one adapter of the running agent; its other adapters keep serving (RemoveAdapter)."""
+    """Stop serving one adapter of the running agent; its other adapters keep serving (RemoveAdapter).
+
+    NAME: the adapter's name (see `agent models`)."""
     from slmops_protos.agent.v1 import agent_pb2
 
     request = agent_pb2.RemoveAdapterRequest(name=name)
     _, reply = _unary(target, state_dir, "RemoveAdapter", request, token=token, tls_ca=tls_ca, timeout=300)
     left = sorted({a for m in reply.models if m.active for a in m.adapters})
     if as_json:
-        typer.echo(json.dumps([_to_dict(m) for m in reply.models]))
+        click.echo(json.dumps([_to_dict(m) for m in reply.models]))
     else:
-        typer.echo(f"removed adapter {name!r}; serving adapters: {', '.join(left) or 'none'}")
+        click.echo(f"removed adapter {name!r}; serving adapters: {', '.join(left) or 'none'}")
 
 
-config_app = typer.Typer(help="The agent's settings: what `run` would run with.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
+@app.group("config", no_args_is_help=True)
+def config_app() -> None:
+    """The agent's settings: what `run` would run with."""
 
 
 @config_app.command("show")
-def config_show(
-    config: ConfigOpt = None,
-    state_dir: StateDirOpt = None,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
+@config_opt
+@state_dir_opt
+@_json_opt("Print JSON instead of a table.")
+def config_show(config: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """Print the effective settings and where each comes from (secrets masked)."""
     from slmops_cli.settings_files import show
 

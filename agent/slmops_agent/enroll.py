@@ -1,4 +1,7 @@
-"""`slmops agent enroll`: register this device with a fleet and keep its credentials."""
+"""`slmops agent enroll`: register this device with a fleet and keep its credentials.
+
+httpx is imported when a call is made: importing it imports its own CLI's libraries (click, rich)
+where they are installed."""
 
 from __future__ import annotations
 
@@ -6,10 +9,9 @@ import hmac
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from slmops_agent.credentials import (
@@ -25,6 +27,9 @@ from slmops_agent.inventory import Inventory, collect_inventory
 from slmops_agent.layout import StateLayout
 from slmops_protos.links import FINGERPRINT_PREFIX, certificate_fingerprint, is_loopback
 from slmops_protos.manifests import public_key_from_hex
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def enroll(
@@ -84,6 +89,8 @@ def enroll(
         "inventory": inv.to_json(),
     }
     url = fleet_url.rstrip("/") + "/v1/enroll"
+    import httpx
+
     try:
         response = httpx.post(url, json=body, timeout=timeout_s, verify=verify)
     except httpx.HTTPError as exc:
@@ -148,6 +155,8 @@ def _fetch_pinned_ca(fleet_url: str, fingerprint: str, timeout_s: float) -> str:
     want = fingerprint.strip().lower()
     if not want.startswith(FINGERPRINT_PREFIX):
         want = FINGERPRINT_PREFIX + want.replace(":", "")
+    import httpx
+
     try:
         response = httpx.get(fleet_url.rstrip("/") + "/v1/ca.pem", timeout=timeout_s, verify=False)
     except httpx.HTTPError as exc:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from slmops_agent.cli import app
 from slmops_agent.codec import inventory_to_pb

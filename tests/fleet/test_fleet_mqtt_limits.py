@@ -230,7 +230,7 @@ def test_status_counts_what_devices_had_refused(
     batch over the sample limit, a malformed message."""
     import json
 
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     from slmops_cli.main import app
     from slmops_fleet.process import FleetThread

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from slmops_cli.main import app
 from slmops_fleet.retention import TelemetryRetention
