@@ -15,8 +15,13 @@ Same model (SmolLM2-135M-Instruct), same prompt, greedy, N threads, up to M new 
 Each engine runs in a subprocess of its own, so its peak RSS (VmHWM) is its own; for grpc and
 openai it is the agent server's process, and the client is this process. Then a concurrency sweep
 against the agent over gRPC: aggregate tokens/s and p95 time to first token for 1, 2, 4, 8 clients.
+With --task-model (SmolLM2 trained on the device-command task: a package or an onnxruntime-genai
+folder), the task's test split scored free and held to its JSON schema on that model
+(`structured_bench.score_task`); `--engines ""` runs only that.
 
     python benchmarks/agent_bench.py --threads 2 --new-tokens 128 --json bench.json
+    python benchmarks/agent_bench.py --engines inprocess,grpc,grpc-json-schema \
+        --task-model task-package --task-trust-key builder.key.pub --json bench.json
 """
 
 from __future__ import annotations
@@ -623,7 +628,16 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2, help="Requests per client in the concurrency sweep.")
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
-    parser.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
+    parser.add_argument("--engines", type=lambda s: [e for e in s.split(",") if e], default=list(ENGINES))
+    parser.add_argument(
+        "--task-model",
+        type=Path,
+        default=None,
+        help="SmolLM2 trained on the device-command task (a package or an onnxruntime-genai folder): "
+        "score the task's test split on it, free and held to the task's JSON schema.",
+    )
+    parser.add_argument("--task-trust-key", type=Path, default=None, help="The public key --task-model is signed with.")
+    parser.add_argument("--task-examples", type=int, default=100, help="Test examples of the task.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     parser.add_argument("--worker", choices=["inprocess", "llama.cpp", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=["grouped", "each", "floor"], help=argparse.SUPPRESS)
@@ -649,7 +663,7 @@ def main() -> None:
     if args.serve:
         serve(args)
         return
-    if args.model_dir is None:
+    if args.model_dir is None and args.engines:
         sys.exit("no cpu-int4 SmolLM2 build found: `slmops builder import smollm2` then build --profile cpu-int4")
 
     from rich.console import Console
@@ -661,9 +675,19 @@ def main() -> None:
         f"{args.runs} runs after {args.warmup} warm-up; load average {os.getloadavg()[0]:.2f} "
         f"on {os.cpu_count()} cores; int4 model {args.model_dir}"
     )
-    results, sweep, floor = measure(args, console)
+    results, sweep, floor = measure(args, console) if args.engines else ({}, [], [])
     against = {engine: p for engine in results if engine != "inprocess" and (p := paired(results, engine))}
-    print_tables(console, results, sweep, floor, against)
+    if results:
+        print_tables(console, results, sweep, floor, against)
+    task = None
+    if args.task_model is not None:
+        from structured_bench import print_task_table, score_task
+
+        console.print(f"device-command task on {args.task_model}, {args.task_examples} test examples")
+        task = score_task(
+            args.task_model, examples=args.task_examples, threads=args.threads, trust_key=args.task_trust_key
+        )
+        print_task_table(task)
     if args.json is not None:
         rows = [_json_row(engine, r, against.get(engine)) for engine, r in results.items() if isinstance(r, dict)]
         args.json.write_text(
@@ -674,6 +698,7 @@ def main() -> None:
                     "spinning": args.spinning == "1",
                     "grpc_floor_ms_p50": statistics.median(floor) if floor else None,
                     "grpc_floor_ms_runs": [round(x, 3) for x in floor],
+                    "device_command_task": task,
                 },
                 indent=2,
             )

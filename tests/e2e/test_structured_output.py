@@ -104,7 +104,7 @@ def test_structured_output_through_the_agent_process(agent: Running) -> None:
     bad: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "required": 3}}}
     with pytest.raises(openai.BadRequestError) as caught:
         agent.client.chat.completions.create(model="tiny-llama", messages=messages, response_format=bad, stream=True)
-    assert "response_format is invalid" in caught.value.message
+    assert "response_format is invalid: Expected array for 'required', got 3" in caught.value.message
 
 
 def test_regex_over_grpc_with_the_cli_and_a_bad_one_refused(agent: Running, tmp_path: Path) -> None:
@@ -141,8 +141,9 @@ def test_a_constrained_stream_closed_early_frees_its_place(
         assert any(next(stream).choices[0].delta.content or "" for _ in range(3))
         stream.close()
         deadline = time.monotonic() + 20
-        while 'slmops_agent_requests_total{code="CANCELLED"} 1.0' not in httpx.get(f"{agent.url}/metrics").text:
-            assert time.monotonic() < deadline
+        freed = ('slmops_agent_requests_total{code="CANCELLED"} 1.0', "slmops_agent_queue_depth 0.0")
+        while not all(line in (metrics := httpx.get(f"{agent.url}/metrics").text) for line in freed):
+            assert time.monotonic() < deadline, metrics  # cancelled, and its place in the queue free again
             time.sleep(0.1)
         again = agent.client.chat.completions.create(
             model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, timeout=30
