@@ -23,7 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import agent_bench  # this folder's module
+import agent_bench  # this folder's modules
+import agent_engines
 
 from slmops_agent.runtime.queue import CLIENT_HEADER as HEADER
 
@@ -31,7 +32,7 @@ from slmops_agent.runtime.queue import CLIENT_HEADER as HEADER
 def first_token_ms(stub: Any, client: str, tokens: int) -> float:
     from slmops_protos.agent.v1 import agent_pb2
 
-    request = agent_pb2.GenerateRequest(prompt=agent_bench.PROMPT, max_new_tokens=tokens, temperature=0.0)
+    request = agent_pb2.GenerateRequest(prompt=agent_engines.PROMPT, max_new_tokens=tokens, temperature=0.0)
     t0 = time.perf_counter()
     call = stub.Generate(request, metadata=((HEADER, client),), timeout=600)
     for chunk in call:
@@ -70,7 +71,7 @@ def main() -> None:
         model_dir=model_dir, hf_dir=None, gguf=None, threads=args.threads, new_tokens=args.bulk_tokens,
         spinning="1" if resolve_spinning("auto", args.threads) else "0", runs=1, warmup=0,
     )  # fmt: skip
-    agent = agent_bench.Process(serve_args, ["--serve", "grouped"])
+    agent = agent_engines.Process(serve_args, ["--serve", "grouped"])
     try:
         channel = grpc.insecure_channel(agent.ready[1], options=channel_options())
         stub = agent_pb2_grpc.InferenceStub(channel)
@@ -81,7 +82,7 @@ def main() -> None:
 
         def bulk(i: int) -> None:
             request = agent_pb2.GenerateRequest(
-                prompt=agent_bench.PROMPT, max_new_tokens=args.bulk_tokens, temperature=0.0
+                prompt=agent_engines.PROMPT, max_new_tokens=args.bulk_tokens, temperature=0.0
             )
             bulk_channel = grpc.insecure_channel(agent.ready[1], options=channel_options())
             call = agent_pb2_grpc.InferenceStub(bulk_channel).Generate(request, metadata=((HEADER, "bulk"),))
