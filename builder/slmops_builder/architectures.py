@@ -31,6 +31,7 @@ __all__ = [
     "check_buildable",
     "config_architecture",
     "folder_architecture",
+    "profile_architectures",
 ]
 
 _MODEL_BUILDER = "onnxruntime-genai"
@@ -79,6 +80,11 @@ def buildable_profiles(architecture: str) -> list[str]:
     return [name for name, p in PROFILES.items() if p.engine in engines]
 
 
+def profile_architectures(profile: Profile) -> list[str]:
+    """The architectures `profile` builds (those proven with its engine), sorted."""
+    return sorted(a.name for a in ARCHITECTURES.values() if profile.engine in a.engines)
+
+
 def check_buildable(architecture: str, profiles: Iterable[Profile | str] = ()) -> None:
     """Refuse an architecture off the table, or one of `profiles` it does not build, naming what works."""
     arch = ARCHITECTURES.get(architecture)
@@ -89,7 +95,7 @@ def check_buildable(architecture: str, profiles: Iterable[Profile | str] = ()) -
     for profile in profiles:
         prof = get_profile(profile) if isinstance(profile, str) else profile
         if prof.engine not in arch.engines:
-            builds = sorted(a.name for a in ARCHITECTURES.values() if prof.engine in a.engines)
+            builds = profile_architectures(prof)
             raise UnsupportedArchitectureError(
                 f"profile {prof.name!r} (engine {prof.engine}) does not build {architecture}; "
                 f"{architecture} builds with: {', '.join(buildable_profiles(architecture))}; "

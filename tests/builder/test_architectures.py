@@ -136,6 +136,20 @@ def test_profile_an_architecture_does_not_build_is_refused_before_the_import(tmp
     assert not (tmp_path / "cache").exists()
 
 
+def test_cli_import_refuses_a_profile_first(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from slmops_builder.cli import app
+    from slmops_testing.tiny_model import make_tiny_hf_model
+
+    hf = make_tiny_hf_model(tmp_path / "qwen3", architecture="Qwen3ForCausalLM")
+    (hf / "model.safetensors").write_bytes(b"never read")
+    result = CliRunner().invoke(app, ["import", str(hf), "-o", str(tmp_path / "out"), "-p", "cpu-int4-olive"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "'cpu-int4-olive' (engine olive) does not build Qwen3ForCausalLM" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_table() -> None:
     assert buildable_profiles("LlamaForCausalLM") == list(PROFILES)
     model_builder = [n for n, p in PROFILES.items() if p.engine == "onnxruntime-genai"]
