@@ -7,9 +7,9 @@ tests/builder/test_architectures.py and benchmarks/architecture_matrix.py both u
   onnxruntime-genai folder.
 - `hf_greedy` / `onnx_greedy`: `n` greedy tokens after the prompt.
 - `agreement`: the fraction of positions where two token sequences hold the same token.
-- `measure`: one architecture through the builder (a tiny model made from its config, imported
-  from its HF folder and from a GGUF where transformers reads that architecture from GGUF,
-  converted for `PROFILES`), every figure of its matrix row; `measure_all` runs them side by side.
+- `measure_all`: each architecture through the builder (a tiny model made from its config,
+  imported from its HF folder and from a GGUF where transformers reads that architecture from GGUF,
+  converted for `PROFILES`), every figure of its matrix row.
 
 Tokens agree: at every prompt position, the token the converted model ranks first (its greedy next
 token, given the same prefix) against the one transformers ranks first: the share of positions
@@ -36,7 +36,6 @@ __all__ = [
     "agreement",
     "hf_greedy",
     "hf_logits",
-    "measure",
     "measure_all",
     "onnx_greedy",
     "onnx_logits",
@@ -155,20 +154,15 @@ class ArchitectureRow:
     generated: dict[str, int] = field(default_factory=dict)  # profile -> tokens generated
     logit_scale: float = 0.0  # max |logit| of transformers: what the differences compare against
     errors: dict[str, str] = field(default_factory=dict)  # step -> error (a cell that failed)
-    seconds: float = 0.0
+    seconds: float = 0.0  # since the matrix started, when this row was done
 
 
-def measure(architecture: str, root: Path, cache_dir: Path, *, threads: int = 1) -> ArchitectureRow:
-    """Run one architecture through the builder in `root` (fresh) and measure its row."""
-    import time
-
-    from slmops_builder.convert import convert
+def _imports(architecture: str, root: Path) -> tuple[ArchitectureRow, list[int], np.ndarray, list[int]]:
+    """A tiny model of `architecture` in `root` (fresh), its imports, and transformers' figures."""
     from slmops_builder.importer import ModelImportError, import_model
-    from slmops_builder.profiles import get_profile
     from slmops_testing.tiny_gguf import GGUF_WRITABLE, write_tiny_gguf
     from slmops_testing.tiny_model import make_tiny_hf_model
 
-    start = time.monotonic()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     row = ArchitectureRow(architecture, make_tiny_hf_model(root / "hf", architecture=architecture))
@@ -181,7 +175,6 @@ def measure(architecture: str, root: Path, cache_dir: Path, *, threads: int = 1)
         row.imported, row.imported_as = imported.path, imported.architecture
     except Exception as exc:
         row.errors["import"] = str(exc)
-        return row
     if architecture in GGUF_WRITABLE:
         gguf_path = write_tiny_gguf(row.hf, root / "tiny.gguf")
         try:
@@ -197,21 +190,28 @@ def measure(architecture: str, root: Path, cache_dir: Path, *, threads: int = 1)
             row.errors["import-gguf"] = "a GGUF of an architecture transformers cannot load was not refused"
         except ModelImportError as exc:
             row.gguf_refusal = str(exc)
-    for name in PROFILES:
-        try:
-            path = convert(row.imported, get_profile(name), cache_dir=cache_dir, threads=threads).path
-        except Exception as exc:
-            row.errors[name] = str(exc)
-            continue
-        row.converted[name] = path
+    return row, ids, reference, greedy
+
+
+def _convert(row: ArchitectureRow, profile: str, cache_dir: Path) -> None:
+    from slmops_builder.convert import convert
+    from slmops_builder.profiles import get_profile
+
+    assert row.imported is not None
+    try:
+        row.converted[profile] = convert(row.imported, get_profile(profile), cache_dir=cache_dir, threads=1).path
+    except Exception as exc:
+        row.errors[profile] = str(exc)
+
+
+def _measure_converted(row: ArchitectureRow, ids: list[int], reference: np.ndarray, greedy: list[int]) -> None:
+    for name, path in row.converted.items():
         logits = onnx_logits(path, ids)
         row.max_diff[name] = float(np.abs(logits - reference).max())
         row.top1[name] = top1_agreement(reference, logits)
         tokens = onnx_greedy(path, ids)
         row.generated[name] = len(tokens)
         row.greedy[name] = agreement(greedy, tokens)
-    row.seconds = time.monotonic() - start
-    return row
 
 
 def _gguf_header_only(architecture: str, path: Path) -> Path:
@@ -230,16 +230,26 @@ def _gguf_header_only(architecture: str, path: Path) -> Path:
 
 
 def measure_all(architectures: Sequence[str], root: Path, *, workers: int = 3) -> dict[str, ArchitectureRow]:
-    """`measure` each architecture, `workers` at a time (the conversions are subprocesses)."""
-    import transformers
+    """Run each architecture through the builder in `root` and measure its row. transformers and
+    onnxruntime-genai run here one at a time (transformers' loading is not thread-safe: it creates
+    weights on a meta device, globally); the conversions, subprocesses, run `workers` at a time."""
+    import time
 
-    # transformers resolves its classes lazily, which races between threads: resolve them here.
-    from slmops_testing.tiny_model import TINY_ARCHITECTURES
-
-    for arch in architectures:
-        getattr(transformers, TINY_ARCHITECTURES[arch][0]), getattr(transformers, arch)
-    transformers.AutoModelForCausalLM, transformers.AutoTokenizer  # noqa: B018
+    start = time.monotonic()
+    measured = {a: _imports(a, root / a) for a in architectures}
     cache = root / "cache"
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {a: pool.submit(measure, a, root / a, cache) for a in architectures}
-        return {a: f.result() for a, f in futures.items()}
+        jobs = [
+            pool.submit(_convert, row, profile, cache)
+            for row, *_ in measured.values()
+            if row.imported is not None
+            for profile in PROFILES
+        ]
+        for job in jobs:
+            job.result()
+    rows = {}
+    for arch, (row, ids, reference, greedy) in measured.items():
+        _measure_converted(row, ids, reference, greedy)
+        row.seconds = time.monotonic() - start
+        rows[arch] = row
+    return rows

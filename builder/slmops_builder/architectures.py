@@ -7,7 +7,7 @@ architecture builds with onnxruntime-genai's model builder (the `onnxruntime-gen
 the config translations of `engines/builder_shim.py`); the lossless GGUF engine reads llama blocks
 only, and the Olive engine is proven on Llama only. `check_buildable` refuses an (architecture,
 profile) pair outside the table before any long work (loading weights, converting), naming what
-works.
+works. `WITHDRAWN` holds the architectures taken off the list, with the reason the refusal gives.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "ARCHITECTURES",
     "GGUF_ARCHITECTURES",
     "SUPPORTED_ARCHITECTURES",
+    "WITHDRAWN",
     "Architecture",
     "UnsupportedArchitectureError",
     "buildable_profiles",
@@ -61,8 +62,14 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
             Architecture("Gemma2ForCausalLM", "gemma2"),
             Architecture("Gemma3ForCausalLM", "gemma3"),
             Architecture("GraniteForCausalLM", None),
-            Architecture("OlmoForCausalLM", None),
         )
+    }
+)
+# Architectures taken off the list, and why: refused with the reason.
+WITHDRAWN: Mapping[str, str] = MappingProxyType(
+    {
+        "OlmoForCausalLM": "onnxruntime-genai 0.18's model builder builds OLMo's layer norms (mean and variance, "
+        "no weights) as RMS norms, so its logits are not transformers'",
     }
 )
 SUPPORTED_ARCHITECTURES = frozenset(ARCHITECTURES)
@@ -89,9 +96,7 @@ def check_buildable(architecture: str, profiles: Iterable[Profile | str] = ()) -
     """Refuse an architecture off the table, or one of `profiles` it does not build, naming what works."""
     arch = ARCHITECTURES.get(architecture)
     if arch is None:
-        raise UnsupportedArchitectureError(
-            f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise UnsupportedArchitectureError(f"architecture {architecture!r} {_not_supported(architecture)}")
     for profile in profiles:
         prof = get_profile(profile) if isinstance(profile, str) else profile
         if prof.engine not in arch.engines:
@@ -108,10 +113,14 @@ def config_architecture(config: Mapping[str, Any], where: object) -> str:
     names = config.get("architectures") or []
     listed = [a for a in names if a in ARCHITECTURES]
     if not listed:
-        raise UnsupportedArchitectureError(
-            f"{where}: architecture {names or '(none)'} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        first = str(names[0]) if names else ""
+        raise UnsupportedArchitectureError(f"{where}: architecture {names or '(none)'} {_not_supported(first)}")
     return str(listed[0])
+
+
+def _not_supported(architecture: str) -> str:
+    why = f" ({WITHDRAWN[architecture]})" if architecture in WITHDRAWN else ""
+    return f"is not supported{why}; supported: {', '.join(sorted(ARCHITECTURES))}"
 
 
 def folder_architecture(model_dir: Path) -> str:

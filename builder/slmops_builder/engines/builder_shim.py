@@ -16,9 +16,9 @@ are. Translations (`translate_config`):
    Only the default rope type is translated for both: the model builder builds the sliding
    layers' cache with the global layers' scaling, which is wrong for a scaled (linear) global
    rope, so such a config is refused (`UntranslatableConfig`) rather than built wrong.
-2. OLMo (`OlmoForCausalLM`): its layer norms have no weights and a fixed epsilon of 1e-5
-   (transformers' `OlmoLayerNorm`), which the config does not state; the model builder takes
-   `rms_norm_eps` or 1e-6. The tiny OLMo's fp32 logits were 0.12 off transformers' with 1e-6.
+
+What no config translation fixes takes the architecture off the builder's list instead
+(`architectures.WITHDRAWN`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ import sys
 import warnings
 from typing import Any
 
-__all__ = ["OLMO_LAYER_NORM_EPS", "UntranslatableConfig", "translate_config"]
-
-OLMO_LAYER_NORM_EPS = 1e-5
+__all__ = ["UntranslatableConfig", "translate_config"]
 
 
 class UntranslatableConfig(ValueError):
@@ -52,8 +50,6 @@ def translate_config(config: Any) -> Any:
         config.rope_parameters = dict(full)
         config.rope_theta = full["rope_theta"]
         config.rope_local_base_freq = sliding.get("rope_theta", full["rope_theta"])
-    if "OlmoForCausalLM" in architectures:
-        config.rms_norm_eps = OLMO_LAYER_NORM_EPS
     return config
 
 
