@@ -5,6 +5,9 @@ Sources:
 - a ``.gguf`` file: loaded by transformers (dequantized to fp32) and saved again;
 - a Hugging Face model folder (``config.json`` + weights + tokenizer): copied.
 
+Its architecture (a folder's config.json, a GGUF's header) must be one `architectures.ARCHITECTURES`
+lists, and build each profile the caller names: both are checked before any weights are read.
+
 The out folder gets ``slmops_source.json`` (source path, its SHA-256, architecture): the lineage
 the builder writes into each package it makes from this folder. A folder written by
 ``slmops builder distill`` or ``finetune --merge`` holds ``slmops_training.json`` (kind, teacher,
