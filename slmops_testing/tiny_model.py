@@ -1,10 +1,12 @@
-"""The tests' tiny Llama: a 2-layer model with a trained BPE tokenizer, written as a Hugging Face
-folder in seconds (the shared fixtures in tests/conftest.py and benchmarks/crash_bench.py build it)."""
+"""The tests' tiny models: a 2-layer model with a trained BPE tokenizer, written as a Hugging Face
+folder in seconds (the shared fixtures in tests/conftest.py and benchmarks/crash_bench.py build the
+Llama; the architecture matrix builds one of each of `TINY_ARCHITECTURES`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 TINY_PROFILE = "cpu-int4"
 TINY_NAME = "tiny-llama"
@@ -24,12 +26,39 @@ _CORPUS = [
 ]
 
 
-def make_tiny_hf_model(out: Path, *, seed: int = 0, context: int = 256) -> Path:
-    """Write a tiny Llama (2 layers, hidden 64, 4 heads, 2 kv heads, `context` positions) and a
-    trained BPE tokenizer."""
+# Per architecture: its transformers config class and what it sets besides the shared sizes: values
+# off the defaults where the architecture has a knob the converter must honour (Granite's multipliers),
+# a sliding window shorter than `architectures.PROMPT` for the Gemmas (Mistral's must not be: see
+# benchmarks/README.md), tied embeddings for the Gemmas as the released ones have, and 6 layers for
+# Gemma 3, whose default layer pattern (what its GGUF import gets) is 5 sliding then 1 full attention.
+# Soft-capping, Gemma's query scaling and Qwen 3's head size (128, as in every released Qwen 3) stay at
+# their defaults: transformers does not read them from a GGUF.
+TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "LlamaForCausalLM": ("LlamaConfig", {}),
+    "MistralForCausalLM": ("MistralConfig", {"head_dim": 16, "sliding_window": None}),
+    "Qwen2ForCausalLM": ("Qwen2Config", {}),
+    "Qwen3ForCausalLM": ("Qwen3Config", {}),
+    "Phi3ForCausalLM": ("Phi3Config", {"original_max_position_embeddings": None}),
+    "GemmaForCausalLM": ("GemmaConfig", {"head_dim": 16, "tie_word_embeddings": True}),
+    "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True}),
+    "Gemma3ForCausalLM": (
+        "Gemma3TextConfig",
+        {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True, "num_hidden_layers": 6},
+    ),
+    "GraniteForCausalLM": (
+        "GraniteConfig",
+        {"embedding_multiplier": 4.0, "logits_scaling": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.125},
+    ),
+    "OlmoForCausalLM": ("OlmoConfig", {}),
+}
+
+
+def make_tiny_hf_model(out: Path, *, seed: int = 0, context: int = 256, architecture: str = "LlamaForCausalLM") -> Path:
+    """Write a tiny model of `architecture` (one of `TINY_ARCHITECTURES`; 2 layers, hidden 64,
+    4 heads, 2 kv heads, `context` positions) and a trained BPE tokenizer."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -63,20 +92,24 @@ def make_tiny_hf_model(out: Path, *, seed: int = 0, context: int = 256) -> Path:
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-        bos_token_id=ids["<|im_start|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|im_end|>"],
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    config_class, extra = TINY_ARCHITECTURES[architecture]
+    extra = {k: context if k == "original_max_position_embeddings" else v for k, v in extra.items()}
+    shared = {
+        "vocab_size": tok.get_vocab_size(),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": context,
+        "bos_token_id": ids["<|im_start|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|im_end|>"],
+        "tie_word_embeddings": False,
+    }
+    config = getattr(transformers, config_class)(**(shared | extra))
+    config.architectures = [architecture]
+    model = getattr(transformers, architecture)(config)
     # Random weights would mostly pick single-byte tokens, whose sequences are not valid UTF-8.
     # Zero their output rows (and the specials'): their logit is then 0 while some merged word
     # scores above it, so greedy output is a readable (if senseless) run of corpus words that

@@ -106,14 +106,23 @@ def import_(
     source: Annotated[
         str, typer.Argument(help="'smollm2' (the bundled SmolLM2-135M-Instruct GGUF), a .gguf file or an HF folder.")
     ] = "smollm2",
+    profile: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--profile", "-p", help="A profile the model is for (repeatable): refused first if it cannot build it."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Import a base model into a Hugging Face folder (fp32 safetensors + tokenizer)."""
+    """Import a base model into a Hugging Face folder (fp32 safetensors + tokenizer). Its architecture
+    must be one the builder lists (`slmops builder profiles` shows what each builds)."""
     with user_errors():
         from slmops_builder.importer import import_model
+        from slmops_builder.profiles import get_profile
 
+        profiles = [get_profile(p) for p in profile or []]
         with _err.status(f"importing {source} ..."):
-            result = import_model(source, out)
+            result = import_model(source, out, profiles=profiles)
         data = {
             "path": str(result.path),
             "source": result.source,
@@ -458,19 +467,33 @@ def verify(
 
 @app.command()
 def profiles(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
-    """List the hardware profiles."""
+    """List the hardware profiles, and the model architectures each builds."""
+    from slmops_builder.architectures import ARCHITECTURES, profile_architectures
     from slmops_builder.profiles import PROFILES
 
     if as_json:
-        typer.echo(json.dumps([{**p.spec(), "min_memory_bytes": p.min_memory_bytes} for p in PROFILES.values()]))
+        typer.echo(
+            json.dumps(
+                [
+                    {**p.spec(), "min_memory_bytes": p.min_memory_bytes, "architectures": profile_architectures(p)}
+                    for p in PROFILES.values()
+                ]
+            )
+        )
         return
     table = Table(title="hardware profiles")
     table.add_column("name", no_wrap=True)
-    for col in ("provider", "precision", "method", "engine", "options", "min memory", "description"):
+    for col in ("provider", "precision", "method", "engine", "options", "min memory", "architectures", "description"):
         table.add_column(col)
     for p in PROFILES.values():
         q = ", ".join(f"{k}={v}" for k, v in p.quantization.items()) or "-"
-        row = (p.name, p.execution_provider, p.precision, p.method, p.engine, q, _size(p.min_memory_bytes))
+        archs = profile_architectures(p)
+        builds = (
+            "all listed"
+            if len(archs) == len(ARCHITECTURES)
+            else ", ".join(a.removesuffix("ForCausalLM") for a in archs)
+        )
+        row = (p.name, p.execution_provider, p.precision, p.method, p.engine, q, _size(p.min_memory_bytes), builds)
         table.add_row(*row, p.description)
     _out.print(table)
 

@@ -1,8 +1,10 @@
 """Convert a Hugging Face folder to an onnxruntime-genai folder for one hardware profile.
 
-The conversion runs the engine registered under the profile's engine name (`slmops_builder.engines`:
-the model builder, the lossless GGUF import, Olive); the manifest's lineage takes `Profile.engine`
-and `Profile.quantization_method`, and the cache entry's record holds both.
+The model's architecture must build with the profile (`architectures.check_buildable`, checked
+before the cache is looked at). The conversion runs the engine registered under the profile's
+engine name (`slmops_builder.engines`: the model builder, the lossless GGUF import, Olive); the
+manifest's lineage takes `Profile.engine` and `Profile.quantization_method`, and the cache entry's
+record holds both.
 
 The output is kept in the step cache: the same weights, profile and tool versions are converted
 once (the key adds what the engine says decides its output, and its tools' versions). `stage` then
@@ -21,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from slmops_builder.architectures import check_buildable, folder_architecture
 from slmops_builder.engines import CONVERT_LOG, get_engine
 from slmops_builder.importer import SOURCE_FILE
 from slmops_builder.profiles import Profile
@@ -80,6 +83,7 @@ def convert(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); run 'slmops builder import'")
+    check_buildable(folder_architecture(model_dir), [profile])
     engine = get_engine(profile.engine)
     engine.check_source(model_dir, profile)
     key, record = convert_key(model_dir, profile)

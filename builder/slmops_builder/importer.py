@@ -5,6 +5,9 @@ Sources:
 - a ``.gguf`` file: loaded by transformers (dequantized to fp32) and saved again;
 - a Hugging Face model folder (``config.json`` + weights + tokenizer): copied.
 
+Its architecture (a folder's config.json, a GGUF's header) must be one `architectures.ARCHITECTURES`
+lists, and build each profile the caller names: both are checked before any weights are read.
+
 The out folder gets ``slmops_source.json`` (source path, its SHA-256, architecture): the lineage
 the builder writes into each package it makes from this folder. A folder written by
 ``slmops builder distill`` or ``finetune --merge`` holds ``slmops_training.json`` (kind, teacher,
@@ -21,10 +24,20 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slmops_builder.architectures import (
+    GGUF_ARCHITECTURES,
+    SUPPORTED_ARCHITECTURES,
+    UnsupportedArchitectureError,
+    check_buildable,
+    config_architecture,
+)
+from slmops_builder.profiles import Profile
+from slmops_builder.source_info import SOURCE_FILE, read_source_info
 from slmops_protos.manifests import sha256_file
 from slmops_protos.package.v1 import manifest_pb2
 
@@ -43,35 +56,9 @@ __all__ = [
     "read_training_file",
 ]
 
-SOURCE_FILE = "slmops_source.json"
 TRAINING_FILE = "slmops_training.json"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 BUNDLED_SOURCES = ("smollm2",)
-# Architectures that both transformers and onnxruntime-genai's model builder handle.
-SUPPORTED_ARCHITECTURES = frozenset(
-    {
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-        "Phi3ForCausalLM",
-        "GemmaForCausalLM",
-        "Gemma2ForCausalLM",
-        "Gemma3ForCausalLM",
-        "GraniteForCausalLM",
-        "OlmoForCausalLM",
-    }
-)
-# GGUF `general.architecture` values transformers can load, mapped to the class it makes.
-_GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM",
-}
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HF_FILES = (
     "config.json",
@@ -118,18 +105,6 @@ def folder_sha256(folder: Path) -> str:
     for p in sorted(q for q in folder.rglob("*") if q.is_file()):
         h.update(f"{p.relative_to(folder).as_posix()} {sha256_file(p)}\n".encode())
     return h.hexdigest()
-
-
-def read_source_info(model_dir: Path) -> dict[str, Any] | None:
-    """The lineage an import wrote, or None for a folder that was not imported by slmops."""
-    path = model_dir / SOURCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _check_training(data: object, where: Path) -> dict[str, Any]:
@@ -183,9 +158,11 @@ def add_training_lineage(
     return lineage
 
 
-def import_model(source: str | Path, out_dir: Path) -> ImportedModel:
+def import_model(source: str | Path, out_dir: Path, *, profiles: Sequence[Profile | str] = ()) -> ImportedModel:
     """Import `source` into `out_dir` (absent or empty). The model is written to a temporary
-    sibling and renamed, so a failed import leaves nothing behind. See the module doc."""
+    sibling and renamed, so a failed import leaves nothing behind. Its architecture (from the
+    folder's config.json or the GGUF's header), and that it builds each of `profiles`, are checked
+    before any weights are read (`architectures.check_buildable`). See the module doc."""
     start = time.monotonic()
     if isinstance(source, str) and source in BUNDLED_SOURCES:
         path = bundled_smollm2_gguf()
@@ -200,15 +177,20 @@ def import_model(source: str | Path, out_dir: Path) -> ImportedModel:
     if not path.is_dir() and not is_gguf:
         raise ModelImportError(f"{path} is neither a GGUF file nor a Hugging Face model folder")
     training = read_training_file(path) if path.is_dir() else None  # fail on a bad one before copying
+    arch = _folder_architecture(path) if path.is_dir() else _gguf_class(path)
+    try:
+        check_buildable(arch, profiles)
+    except UnsupportedArchitectureError as exc:
+        raise ModelImportError(f"{path}: {exc}") from None
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if path.is_dir():
-            arch, params = _import_folder(path, tmp)
+            params = _import_folder(path, tmp)
             digest = folder_sha256(path)
         else:
             digest = sha256_file(path)
-            arch, params = _import_gguf(path, tmp)
+            params = _import_gguf(path, tmp, arch)
         name = str(source) if isinstance(source, str) and source in BUNDLED_SOURCES else str(path.resolve())
         info = {
             "source": name,
@@ -252,13 +234,19 @@ def _gguf_architecture(path: Path) -> str:
     return value
 
 
-def _import_gguf(path: Path, out_dir: Path) -> tuple[str, int]:
+def _gguf_class(path: Path) -> str:
+    """The transformers class a GGUF imports as, from its header alone."""
     gguf_arch = _gguf_architecture(path)
-    arch = _GGUF_ARCHITECTURES.get(gguf_arch)
+    arch = GGUF_ARCHITECTURES.get(gguf_arch)
     if arch is None:
         raise ModelImportError(
-            f"GGUF architecture {gguf_arch!r} is not supported; supported: {', '.join(sorted(_GGUF_ARCHITECTURES))}"
+            f"GGUF architecture {gguf_arch!r} is not supported (transformers loads no other from GGUF); "
+            f"supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
+    return arch
+
+
+def _import_gguf(path: Path, out_dir: Path, arch: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -286,10 +274,10 @@ def _import_gguf(path: Path, out_dir: Path) -> tuple[str, int]:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
-    return arch, sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters())
 
 
-def _import_folder(path: Path, out_dir: Path) -> tuple[str, int]:
+def _folder_architecture(path: Path) -> str:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelImportError(f"{path} is not a Hugging Face model folder (no config.json)")
@@ -297,7 +285,13 @@ def _import_folder(path: Path, out_dir: Path) -> tuple[str, int]:
         config = json.loads(config_path.read_text())
     except ValueError as exc:
         raise ModelImportError(f"{config_path} is not valid JSON: {exc}") from exc
-    arch = _check_architecture(config, path)
+    try:
+        return config_architecture(config, path)
+    except UnsupportedArchitectureError as exc:
+        raise ModelImportError(str(exc)) from None
+
+
+def _import_folder(path: Path, out_dir: Path) -> int:
     weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json"))
     weights += [] if weights else sorted(path.glob("pytorch_model*.bin"))
     if not weights:
@@ -308,18 +302,7 @@ def _import_folder(path: Path, out_dir: Path) -> tuple[str, int]:
     for p in [*weights, *(path / n for n in _HF_FILES)]:
         if p.is_file():
             shutil.copy2(p, out_dir / p.name)
-    return arch, _count_parameters(path)
-
-
-def _check_architecture(config: dict[str, Any], where: Path) -> str:
-    archs = config.get("architectures") or []
-    supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
-    if not supported:
-        raise ModelImportError(
-            f"{where}: architecture {archs or '(none)'} is not supported; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-    return str(supported[0])
+    return _count_parameters(path)
 
 
 def _count_parameters(folder: Path) -> int:

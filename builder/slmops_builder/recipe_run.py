@@ -172,7 +172,7 @@ def build_recipe(
         imported = cache.run(
             IMPORT_STEP,
             import_key(loaded.source),
-            lambda tmp: _import(loaded.source, tmp / "model"),
+            lambda tmp: _import(loaded.source, tmp / "model", loaded.variants),
             record={"source": str(loaded.source)},
         )
         cached[f"{IMPORT_STEP}:{loaded.source}"] = imported.cached
@@ -277,8 +277,8 @@ def _check_output(out_dir: Path) -> None:
         )
 
 
-def _import(source: str | Path, out: Path) -> None:
-    import_model(source, out)
+def _import(source: str | Path, out: Path, profiles: list[str]) -> None:
+    import_model(source, out, profiles=profiles)  # refuses a profile the model does not build, first
 
 
 def _evaluate(loaded: LoadedRecipe, folder: Path, prompts: list[GoldenPromptSpec], threads: int, out: Path) -> None:

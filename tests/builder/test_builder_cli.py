@@ -105,6 +105,8 @@ def test_profiles_listing() -> None:
     int4 = next(p for p in data if p["name"] == "cpu-int4")
     assert (int4["method"], int4["engine"]) == ("rtn", "onnxruntime-genai")
     assert int4["quantization"]["block_size"] == "32"
+    assert "Gemma3ForCausalLM" in int4["architectures"]
+    assert next(p for p in data if p["name"] == "cpu-int4-gguf")["architectures"] == ["LlamaForCausalLM"]
     assert "cpu-int4" in _ok(["profiles"])
 
 

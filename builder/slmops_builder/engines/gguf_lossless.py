@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from slmops_builder.engines.base import CONVERT_LOG, ConversionError
 from slmops_builder.engines.model_builder import run_model_builder
-from slmops_builder.importer import read_source_info
+from slmops_builder.source_info import read_source_info
 
 if TYPE_CHECKING:
     from slmops_builder.profiles import Profile

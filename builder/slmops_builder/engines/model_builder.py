@@ -53,7 +53,7 @@ def run_model_builder(model_dir: Path, profile: Profile, out: Path, *, threads: 
         cmd = [
             sys.executable,
             "-m",
-            "onnxruntime_genai.models.builder",
+            "slmops_builder.engines.builder_shim",
             "-i",
             str(model_dir.resolve()),
             "-o",
