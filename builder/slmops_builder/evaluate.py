@@ -8,11 +8,13 @@
   context length.
 - `evaluate_folder(folder, prompts)`: load time, time to first token and decode tokens/s of the golden
   prompts (greedy, chat template applied as the agent does); their outputs become the references.
-- `task_accuracy`: exact match of the greedy answer to each `{input, output}` example (both stripped);
-  with a task schema (a recipe's `[evaluation] task_schema`), the answers are held to that JSON
-  Schema by onnxruntime-genai's guidance, as the agent's json_schema constraint holds them on a
-  device, a match is equal JSON values, and `task_json_schema` = 1 says so; with a task system prompt
-  (a recipe's `[evaluation] task_system`), each chat starts with it.
+- `task_accuracy`: the mean score of the greedy answers to the `{input, output}` examples under the
+  task's scorer (`train.scoring.TaskSpec`, a recipe's `[evaluation] task_scorer`; `task_scorer`
+  gives the default: exact match of the stripped texts, or the "json" scorer under a task schema);
+  each answer gets the reference's token count + 8 new tokens. With a task schema (a recipe's
+  `[evaluation] task_schema`), the answers are held to that JSON Schema by onnxruntime-genai's
+  guidance, as the agent's json_schema constraint holds them on a device, and `task_json_schema` = 1
+  says so; with a task system prompt (a recipe's `[evaluation] task_system`), each chat starts with it.
 - `evaluate_variant(folder, ...)`: all of the above in a fresh Python process, which also reports its
   peak resident memory after loading the model and answering the golden prompts (what a device
   serving the model holds, plus the interpreter and the runtime), before the perplexity pass whose
@@ -38,6 +40,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from slmops_builder.train.scoring import TaskSpec
+
 __all__ = [
     "DEFAULT_GOLDEN_PROMPTS",
     "PREFILL_CHUNK",
@@ -52,6 +56,7 @@ __all__ = [
     "load_tasks",
     "perplexity",
     "task_accuracy",
+    "task_scorer",
 ]
 
 PREFILL_CHUNK = 128
@@ -245,25 +250,29 @@ def _generate(
     return tokens, (first - start) * 1000, rate
 
 
+def task_scorer(name: str | None = None, pattern: str | None = None, json_schema: str | None = None) -> TaskSpec:
+    """The scorer `name` (a `scoring.SCORERS` name; `pattern` for "regex"), by default exact match of
+    the stripped texts, or the "json" scorer when the answers are held to `json_schema`."""
+    return TaskSpec(scorer=name or ("json" if json_schema is not None else "exact"), pattern=pattern)  # type: ignore[arg-type]
+
+
 def task_accuracy(
-    model: Any, tok: Any, tasks: Sequence[TaskExample], json_schema: str | None = None, system: str | None = None
+    model: Any,
+    tok: Any,
+    tasks: Sequence[TaskExample],
+    json_schema: str | None = None,
+    system: str | None = None,
+    scorer: TaskSpec | None = None,
 ) -> float:
-    """Share of examples whose greedy answer equals the expected output exactly (both stripped); with
-    `json_schema`, the answers are held to it and compared as JSON values; `system` starts each chat."""
-    right = 0
+    """Mean score of the greedy answers under `scorer` (default: `task_scorer(json_schema=...)`); with
+    `json_schema`, the answers are held to it; `system` starts each chat."""
+    spec = scorer if scorer is not None else task_scorer(json_schema=json_schema)
+    total = 0.0
     for t in tasks:
         budget = len(tok.encode(t.output)) + 8
         tokens, _, _ = _generate(model, tok, t.input, budget, json_schema, system)
-        answer = tok.decode(tokens).strip()
-        right += _json_equal(answer, t.output) if json_schema is not None else answer == t.output.strip()
-    return right / len(tasks)
-
-
-def _json_equal(answer: str, expected: str) -> bool:
-    try:
-        return bool(json.loads(answer) == json.loads(expected))
-    except json.JSONDecodeError:
-        return False
+        total += spec.example_score(tok.decode(tokens).strip(), t.output)
+    return total / len(tasks)
 
 
 def _median(values: list[float]) -> float:
@@ -279,6 +288,7 @@ def evaluate_variant(
     tasks: Sequence[TaskExample] = (),
     task_schema: str | None = None,
     task_system: str | None = None,
+    task_scorer: TaskSpec | None = None,
     threads: int | None = None,
     max_tokens: int = 1024,
     window: int = 512,
@@ -293,6 +303,7 @@ def evaluate_variant(
         "tasks": [asdict(t) for t in tasks],
         "task_schema": task_schema,
         "task_system": task_system,
+        "task_scorer": task_scorer.model_dump(include={"scorer", "pattern"}) if task_scorer else None,
         "threads": threads,
         "max_tokens": max_tokens,
         "window": window,
@@ -339,8 +350,9 @@ def _serve_request(request: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, float] = {"load_ms": load_ms, **ev.metrics, "peak_rss_mb": _peak_rss_mb()}
     if request["tasks"]:
         schema = request.get("task_schema")
+        scorer = TaskSpec(**request["task_scorer"]) if request.get("task_scorer") else None
         metrics["task_accuracy"] = task_accuracy(
-            model, tok, [TaskExample(**t) for t in request["tasks"]], schema, request.get("task_system")
+            model, tok, [TaskExample(**t) for t in request["tasks"]], schema, request.get("task_system"), scorer
         )
         if schema is not None:
             metrics["task_json_schema"] = 1.0

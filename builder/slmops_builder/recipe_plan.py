@@ -2,7 +2,8 @@
 
 The keys are the build's own (`slmops_builder.recipe_run` runs the steps under them): the import key
 hashes the source, the importer's code and its tools; the evaluate key the converted variant, the
-evaluation settings, the held-out text and tasks, the evaluator's code, this host and its tools.
+evaluation settings, the held-out text and tasks (with their schema, system prompt and scorer), the
+evaluator's code, this host and its tools.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from slmops_builder.importer import bundled_smollm2_gguf, folder_sha256
 from slmops_builder.profiles import get_profile
 from slmops_builder.recipe_schema import LoadedRecipe, RecipeError
 from slmops_builder.steps import StepCache, tool_versions
+from slmops_builder.train import scoring
 from slmops_protos import __version__
 from slmops_protos.manifests import sha256_file
 
@@ -93,6 +95,9 @@ def evaluate_key(loaded: LoadedRecipe, convert_key_: str, threads: int) -> str:
         inputs["task_schema"] = hashlib.sha256(loaded.task_schema.encode()).hexdigest()
     if ev.task_system is not None:  # likewise
         inputs["task_system"] = hashlib.sha256(ev.task_system.encode()).hexdigest()
+    if ev.task_scorer is not None:  # likewise; the scorer's code is an input too
+        scorer = json.dumps([ev.task_scorer, ev.task_pattern, _code_sha256(scoring)])
+        inputs["task_scorer"] = hashlib.sha256(scorer.encode()).hexdigest()
     return StepCache.key(EVALUATE_STEP, params, inputs, {**tool_versions(_EVAL_TOOLS), "slmops-builder": __version__})
 
 

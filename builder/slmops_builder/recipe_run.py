@@ -110,6 +110,13 @@ class RecipeResult:
         chain_ok = not chain or any(v.verdict == "packaged" for v in self.variants if v.profile in chain)
         return chain_ok and all(v.verdict == "packaged" for v in singles)
 
+    def _task(self) -> dict[str, object] | None:
+        """What the variants' `task_accuracy` measures: the task set's size and its scorer."""
+        if not self.recipe.tasks:
+            return None
+        spec = self.recipe.recipe.evaluation.task_spec()
+        return {"examples": len(self.recipe.tasks), "scorer": spec.scorer, "pattern": spec.pattern}
+
     def to_dict(self) -> dict[str, object]:
         r = self.recipe.recipe
         return {
@@ -122,6 +129,7 @@ class RecipeResult:
             "fallback": r.fallback,
             "gates": r.gates.thresholds(),
             "heldout": self.recipe.heldout_name,
+            "task": self._task(),
             "ok": self.ok,
             "steps": [
                 {
@@ -290,6 +298,7 @@ def _evaluate(loaded: LoadedRecipe, folder: Path, prompts: list[GoldenPromptSpec
         tasks=loaded.tasks,
         task_schema=loaded.task_schema,
         task_system=ev.task_system,
+        task_scorer=ev.task_spec(),
         threads=threads,
         max_tokens=ev.max_tokens,
         window=ev.window,

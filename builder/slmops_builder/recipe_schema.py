@@ -18,9 +18,12 @@ A recipe (unknown keys are refused, with the key named):
     heldout = "heldout.txt"              # text for perplexity [default: the builder's bundled prose]
     golden_prompts = ["What is the capital of France?"]
     golden_max_new_tokens = 24
-    tasks = "tasks.jsonl"                # {"input": ..., "output": ...} per line: exact-match accuracy
+    tasks = "tasks.jsonl"                # {"input": ..., "output": ...} per line: metric task_accuracy
     task_schema = "action.schema.json"   # optional: answers held to this JSON Schema (outputs must be JSON)
     task_system = "Reply in one word."   # optional: the system prompt of the task's chats [default: none]
+    task_scorer = "f1"                   # optional: json, exact, contains, regex, f1 or rouge_l (see
+                                         # train.scoring) [default: exact; json with a task_schema]
+    task_pattern = "[A-Z][a-z]+"         # the regex the answers of task_scorer = "regex" match in full
     max_tokens = 1024                    # perplexity: tokens scored, window per generator
     window = 512
     threads = 2
@@ -48,10 +51,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slmops_builder.build import check_name_version
 from slmops_builder.convert import validate_search
-from slmops_builder.evaluate import TaskExample, heldout_text, load_tasks
+from slmops_builder.evaluate import TaskExample, heldout_text, load_tasks, task_scorer
 from slmops_builder.gates import Gates
 from slmops_builder.importer import BUNDLED_SOURCES
 from slmops_builder.profiles import get_profile
+from slmops_builder.train.scoring import SCORERS, TaskSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,9 +80,35 @@ class EvaluationConfig(BaseModel):
     tasks: Path | None = None
     task_schema: Path | None = None
     task_system: str | None = Field(default=None, min_length=1)
+    task_scorer: str | None = None
+    task_pattern: str | None = None
     max_tokens: int = Field(default=1024, ge=2)
     window: int = Field(default=512, ge=2)
     threads: int | None = Field(default=None, ge=1, le=256)
+
+    @field_validator("task_scorer")
+    @classmethod
+    def _known_scorer(cls, name: str | None) -> str | None:
+        if name is not None and name not in SCORERS:
+            raise ValueError(f"must be one of {', '.join(SCORERS)}, not {name!r}")
+        return name
+
+    @model_validator(mode="after")
+    def _scorer_pattern(self) -> EvaluationConfig:
+        if self.task_scorer == "regex" and self.task_pattern is None:
+            raise ValueError('task_scorer = "regex" needs task_pattern (the regex answers must match in full)')
+        if self.task_pattern is not None and self.task_scorer != "regex":
+            raise ValueError('task_pattern is the pattern of task_scorer = "regex"; set that or drop it')
+        try:
+            self.task_spec()
+        except ValidationError as exc:  # the pattern is not a regular expression
+            raise ValueError(f"task_pattern: {str(exc.errors()[0]['msg']).removeprefix('Value error, ')}") from None
+        return self
+
+    def task_spec(self) -> TaskSpec:
+        """The task's scorer (`evaluate.task_scorer`: the default follows `task_schema`)."""
+        schema = None if self.task_schema is None else str(self.task_schema)
+        return task_scorer(self.task_scorer, self.task_pattern, schema)
 
 
 class Recipe(BaseModel):
@@ -134,8 +164,9 @@ class Recipe(BaseModel):
             raise ValueError(
                 f"gates.{gate} needs a reference variant: add 'cpu-fp32' to profiles or set gates.reference"
             )
-        if self.evaluation.task_system is not None and self.evaluation.tasks is None:
-            raise ValueError("evaluation.task_system needs a task set: set evaluation.tasks")
+        for key in ("task_system", "task_scorer"):
+            if getattr(self.evaluation, key) is not None and self.evaluation.tasks is None:
+                raise ValueError(f"evaluation.{key} needs a task set: set evaluation.tasks")
         if self.gates.min_task_accuracy is not None and self.evaluation.tasks is None:
             raise ValueError("gates.min_task_accuracy needs a task set: set evaluation.tasks")
         return self

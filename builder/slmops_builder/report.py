@@ -27,7 +27,8 @@ def variants_table(report: Mapping[str, Any]) -> Table:
     table = Table(title=f"{report['name']} {report['version']}" + (f" (reference: {ref})" if ref else ""))
     for col in ("profile", "method", "size MiB", "size x", "ppl", "ppl x", "tok/s", "TTFT ms", "RSS MiB"):
         table.add_column(col, justify="left" if col in ("profile", "method") else "right")
-    table.add_column("accuracy", justify="right")
+    task = report.get("task")  # absent from reports written before the scorer was recorded
+    table.add_column(f"task ({task['scorer']})" if task else "accuracy", justify="right")
     table.add_column("verdict")
     for v in report["variants"]:
         m = v["metrics"]

@@ -299,3 +299,64 @@ def test_a_task_system_prompt_needs_a_task_set(tmp_path: Path) -> None:
     (tmp_path / "t.jsonl").write_text('{"input": "a", "output": "b"}\n')
     loaded = load_recipe(_write(tmp_path, body + 'tasks = "t.jsonl"\n'))
     assert loaded.recipe.evaluation.task_system == "Be brief."
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ('task_scorer = "bleu"', "evaluation.task_scorer: must be one of json, exact, contains, regex, f1, rouge_l"),
+        ('task_scorer = "regex"', 'task_scorer = "regex" needs task_pattern'),
+        ('task_scorer = "regex"\ntask_pattern = "(unclosed"', "task_pattern: pattern '(unclosed' is not a regular"),
+        ('task_pattern = "[a-z]+"', 'task_pattern is the pattern of task_scorer = "regex"'),
+        ('task_scorer = "f1"\ntasks = "none.jsonl"', "evaluation.tasks: task set not found"),
+    ],
+)
+def test_a_task_scorer_is_checked_with_the_recipe(tmp_path: Path, keys: str, expected: str) -> None:
+    (tmp_path / "t.jsonl").write_text('{"input": "a", "output": "b"}\n')
+    body = f'name = "t"\nversion = "1.0.0"\nprofiles = ["cpu-int4"]\n[evaluation]\n{keys}\n'
+    if "tasks =" not in keys:
+        body += 'tasks = "t.jsonl"\n'
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_write(tmp_path, body))
+    assert expected in str(info.value) and str(tmp_path / "recipe.toml") in str(info.value)
+    body = 'name = "t"\nversion = "1.0.0"\nprofiles = ["cpu-int4"]\n[evaluation]\ntask_scorer = "f1"\n'
+    with pytest.raises(RecipeError, match=r"evaluation\.task_scorer needs a task set"):
+        load_recipe(_write(tmp_path, body))
+    loaded = load_recipe(_write(tmp_path, body + 'tasks = "t.jsonl"\n'))
+    assert loaded.recipe.evaluation.task_spec().scorer == "f1"
+    regex = body.replace('"f1"', '"regex"\ntask_pattern = "[A-Z][a-z]+"') + 'tasks = "t.jsonl"\n'
+    spec = load_recipe(_write(tmp_path, regex)).recipe.evaluation.task_spec()
+    assert (spec.scorer, spec.pattern) == ("regex", "[A-Z][a-z]+")
+    plain = load_recipe(_write(tmp_path, body.replace('task_scorer = "f1"\n', 'tasks = "t.jsonl"\n')))
+    assert plain.recipe.evaluation.task_spec().scorer == "exact"  # the default: exact match
+
+
+def test_a_free_text_task_is_scored_by_the_recipes_scorer(
+    tiny_hf_model: Path, signing_key: tuple[Path, Path], builder_cache_dir: Path, tmp_path: Path
+) -> None:
+    from slmops_builder.convert import convert
+    from slmops_builder.evaluate import GoldenPromptSpec, evaluate_folder
+    from slmops_builder.profiles import get_profile
+
+    # The reference is the start of the tiny model's greedy answer (its first 4 tokens); given the
+    # reference's length + 8 tokens, the model says more: "contains" scores 1, exact match 0.
+    prompt = "Name a colour"
+    fp32 = convert(tiny_hf_model, get_profile("cpu-fp32"), cache_dir=builder_cache_dir, threads=1).path
+    start = evaluate_folder(fp32, [GoldenPromptSpec(prompt, 4)], threads=1).references[0].strip()
+    assert start, "the tiny model answered nothing"
+    (tmp_path / "t.jsonl").write_text(json.dumps({"input": prompt, "output": start}) + "\n")
+    base = _recipe(tiny_hf_model, '["cpu-fp32"]') + 'tasks = "t.jsonl"\n'
+    results = {}
+    for scorer in ("contains", None):
+        body = base + (f'task_scorer = "{scorer}"\n' if scorer else "")
+        out = tmp_path / str(scorer)
+        path = _write(out, body)
+        shutil.copy(tmp_path / "t.jsonl", out / "t.jsonl")
+        result = build_recipe(load_recipe(path), signing_key[0], cache_dir=builder_cache_dir)
+        assert result.ok and not result.cached["evaluate:cpu-fp32"]  # the scorer is in the evaluate key
+        report = json.loads((out / "dist" / "report.json").read_text())
+        assert report["task"] == {"examples": 1, "scorer": scorer or "exact", "pattern": None}
+        manifest = verify_package(out / "dist" / "cpu-fp32", [load_public_key(signing_key[1])]).manifest
+        results[scorer] = manifest.evaluation.metrics["task_accuracy"]
+        assert report["variants"][0]["metrics"]["task_accuracy"] == results[scorer]
+    assert results == {"contains": 1.0, None: 0.0}
