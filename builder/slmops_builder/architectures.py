@@ -7,7 +7,9 @@ architecture builds with onnxruntime-genai's model builder (the `onnxruntime-gen
 the config translations of `engines/builder_shim.py`); the lossless GGUF engine reads llama blocks
 only, and the Olive engine is proven on Llama only. `check_buildable` refuses an (architecture,
 profile) pair outside the table before any long work (loading weights, converting), naming what
-works. `WITHDRAWN` holds the architectures taken off the list, with the reason the refusal gives.
+works; given the model folder, also a config the model builder's translations refuse
+(`builder_shim.check_translatable`, e.g. a scaled Gemma 3 rope). `WITHDRAWN` holds the
+architectures taken off the list, with the reason the refusal gives.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from slmops_builder.engines.builder_shim import TRANSLATED_ARCHITECTURES, UntranslatableConfig, check_translatable
 from slmops_builder.profiles import PROFILES, Profile, get_profile
 
 __all__ = [
@@ -92,8 +95,11 @@ def profile_architectures(profile: Profile) -> list[str]:
     return sorted(a.name for a in ARCHITECTURES.values() if profile.engine in a.engines)
 
 
-def check_buildable(architecture: str, profiles: Iterable[Profile | str] = ()) -> None:
-    """Refuse an architecture off the table, or one of `profiles` it does not build, naming what works."""
+def check_buildable(
+    architecture: str, profiles: Iterable[Profile | str] = (), *, model_dir: Path | None = None
+) -> None:
+    """Refuse an architecture off the table, or one of `profiles` it does not build, naming what works;
+    with `model_dir` (its folder), also a config the model builder's translations refuse."""
     arch = ARCHITECTURES.get(architecture)
     if arch is None:
         raise UnsupportedArchitectureError(f"architecture {architecture!r} {_not_supported(architecture)}")
@@ -106,6 +112,13 @@ def check_buildable(architecture: str, profiles: Iterable[Profile | str] = ()) -
                 f"{architecture} builds with: {', '.join(buildable_profiles(architecture))}; "
                 f"{prof.name} builds: {', '.join(builds)}"
             )
+        if model_dir is not None and prof.engine == _MODEL_BUILDER and architecture in TRANSLATED_ARCHITECTURES:
+            try:
+                check_translatable(model_dir)
+            except UntranslatableConfig as exc:
+                raise UnsupportedArchitectureError(
+                    f"profile {prof.name!r} (engine {prof.engine}) cannot build this {architecture}: {exc}"
+                ) from None
 
 
 def config_architecture(config: Mapping[str, Any], where: object) -> str:

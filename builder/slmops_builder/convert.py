@@ -83,7 +83,7 @@ def convert(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json); run 'slmops builder import'")
-    check_buildable(folder_architecture(model_dir), [profile])
+    check_buildable(folder_architecture(model_dir), [profile], model_dir=model_dir)
     engine = get_engine(profile.engine)
     engine.check_source(model_dir, profile)
     key, record = convert_key(model_dir, profile)

@@ -179,7 +179,7 @@ def import_model(source: str | Path, out_dir: Path, *, profiles: Sequence[Profil
     training = read_training_file(path) if path.is_dir() else None  # fail on a bad one before copying
     arch = _folder_architecture(path) if path.is_dir() else _gguf_class(path)
     try:
-        check_buildable(arch, profiles)
+        check_buildable(arch, profiles, model_dir=path if path.is_dir() else None)
     except UnsupportedArchitectureError as exc:
         raise ModelImportError(f"{path}: {exc}") from None
     tmp = out_dir.with_name(out_dir.name + ".partial")

@@ -143,6 +143,38 @@ def test_profile_an_architecture_does_not_build_is_refused_before_the_import(tmp
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("written_by", ["transformers 5", "transformers 4"])
+def test_a_scaled_gemma3_rope_is_refused_before_the_import(tmp_path: Path, written_by: str) -> None:
+    """The model builder shim's refusal (`builder_shim.check_translatable`), before any weights are read:
+    the rope as transformers 5 writes it (per layer type) and as transformers 4 did (`rope_scaling`)."""
+    from typer.testing import CliRunner
+
+    from slmops_builder.cli import app
+    from slmops_testing.tiny_model import make_tiny_hf_model
+
+    hf = make_tiny_hf_model(tmp_path / "gemma3", architecture="Gemma3ForCausalLM")
+    cfg = json.loads((hf / "config.json").read_text())
+    if written_by == "transformers 5":
+        cfg["rope_parameters"]["full_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    else:
+        del cfg["rope_parameters"]
+        cfg.update(rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_theta=1e6, rope_local_base_freq=1e4)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    (hf / "model.safetensors").write_bytes(b"never read")
+    result = CliRunner().invoke(app, ["import", str(hf), "-o", str(tmp_path / "out"), "-p", "cpu-int4"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "'cpu-int4' (engine onnxruntime-genai) cannot build this Gemma3ForCausalLM" in output
+    assert "Gemma 3 rope types {'full': 'linear', 'sliding': 'default'}" in output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UnsupportedArchitectureError, match="Gemma 3 rope types"):
+        convert(hf, get_profile("cpu-fp32"), cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    imported = import_model(make_tiny_hf_model(tmp_path / "plain", architecture="Gemma3ForCausalLM"),
+                            tmp_path / "ok", profiles=["cpu-int4"])  # fmt: skip
+    assert imported.architecture == "Gemma3ForCausalLM"  # the default rope passes
+
+
 def test_cli_import_refuses_a_profile_first(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

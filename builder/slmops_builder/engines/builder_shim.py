@@ -16,6 +16,8 @@ are. Translations (`translate_config`):
    Only the default rope type is translated for both: the model builder builds the sliding
    layers' cache with the global layers' scaling, which is wrong for a scaled (linear) global
    rope, so such a config is refused (`UntranslatableConfig`) rather than built wrong.
+   `check_translatable` is that refusal alone, on a model folder's config: the builder's
+   pre-check (`architectures.check_buildable`) runs it before any weights are read.
 
 What no config translation fixes takes the architecture off the builder's list instead
 (`architectures.WITHDRAWN`).
@@ -26,31 +28,53 @@ from __future__ import annotations
 import runpy
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
-__all__ = ["UntranslatableConfig", "translate_config"]
+__all__ = ["TRANSLATED_ARCHITECTURES", "UntranslatableConfig", "check_translatable", "translate_config"]
+
+# The architectures whose configs `translate_config` changes (or refuses).
+TRANSLATED_ARCHITECTURES = frozenset({"Gemma3ForCausalLM"})
 
 
 class UntranslatableConfig(ValueError):
     """A config the model builder would misread and that no translation here fixes."""
 
 
-def translate_config(config: Any) -> Any:
-    """`config` (a transformers config object), changed in place where the model builder misreads it."""
+def _gemma3_rope(config: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(full, sliding) rope parameters of a Gemma 3 config written per layer type, None for any
+    other config; `UntranslatableConfig` where the model builder would build them wrong."""
     params = getattr(config, "rope_parameters", None)
     architectures = getattr(config, "architectures", None) or []
-    if "Gemma3ForCausalLM" in architectures and isinstance(params, dict) and "full_attention" in params:
-        full, sliding = params["full_attention"], params.get("sliding_attention", {})
-        kinds = {name: p.get("rope_type", "default") for name, p in (("full", full), ("sliding", sliding))}
-        if set(kinds.values()) != {"default"}:
-            raise UntranslatableConfig(
-                f"Gemma 3 rope types {kinds}: the model builder builds only the default rope type "
-                "correctly for both attention kinds"
-            )
+    if "Gemma3ForCausalLM" not in architectures or not isinstance(params, dict) or "full_attention" not in params:
+        return None
+    full, sliding = params["full_attention"], params.get("sliding_attention", {})
+    kinds = {name: p.get("rope_type", "default") for name, p in (("full", full), ("sliding", sliding))}
+    if set(kinds.values()) != {"default"}:
+        raise UntranslatableConfig(
+            f"Gemma 3 rope types {kinds}: the model builder builds only the default rope type "
+            "correctly for both attention kinds"
+        )
+    return full, sliding
+
+
+def translate_config(config: Any) -> Any:
+    """`config` (a transformers config object), changed in place where the model builder misreads it."""
+    rope = _gemma3_rope(config)
+    if rope is not None:
+        full, sliding = rope
         config.rope_parameters = dict(full)
         config.rope_theta = full["rope_theta"]
         config.rope_local_base_freq = sliding.get("rope_theta", full["rope_theta"])
     return config
+
+
+def check_translatable(model_dir: Path) -> None:
+    """Refuse (`UntranslatableConfig`) the config of the Hugging Face folder `model_dir` where
+    `translate_config` would: the config as transformers loads it (no weights are read)."""
+    from transformers import AutoConfig
+
+    _gemma3_rope(AutoConfig.from_pretrained(str(model_dir)))
 
 
 class _TranslatingAutoConfig:
