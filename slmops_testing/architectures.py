@@ -186,7 +186,7 @@ def _imports(architecture: str, root: Path) -> tuple[ArchitectureRow, list[int],
             row.errors["import-gguf"] = str(exc)
     else:
         try:
-            import_model(_gguf_header_only(architecture, root / "header.gguf"), root / "refused")
+            import_model(gguf_header_only(architecture, root / "header.gguf"), root / "refused")
             row.errors["import-gguf"] = "a GGUF of an architecture transformers cannot load was not refused"
         except ModelImportError as exc:
             row.gguf_refusal = str(exc)
@@ -214,7 +214,7 @@ def _measure_converted(row: ArchitectureRow, ids: list[int], reference: np.ndarr
         row.greedy[name] = agreement(greedy, tokens)
 
 
-def _gguf_header_only(architecture: str, path: Path) -> Path:
+def gguf_header_only(architecture: str, path: Path) -> Path:
     """A GGUF that names the llama.cpp architecture of `architecture` (its model type) and holds one
     tensor: enough for the importer's header check, which must refuse it."""
     import gguf

@@ -85,17 +85,9 @@ def test_corrupt_gguf(tmp_path: Path) -> None:
 
 
 def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
-    import numpy as np
-    from gguf import GGUFWriter
+    from slmops_testing.architectures import gguf_header_only
 
-    path = tmp_path / "bert.gguf"
-    writer = GGUFWriter(str(path), "bert")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = gguf_header_only("BertForCausalLM", tmp_path / "bert.gguf")
     with pytest.raises(ModelImportError, match="'bert' is not supported"):
         import_model(path, tmp_path / "out")
 
