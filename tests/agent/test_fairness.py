@@ -8,10 +8,11 @@ device, where decoding is bound by memory)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -55,6 +56,22 @@ def host(model: LoadedModel) -> Iterator[ModelHost]:
 def served(host: ModelHost) -> Iterator[ServerThread]:
     with serving(host) as s:
         yield s
+
+
+@contextlib.asynccontextmanager
+async def bulk_streams(stub: Any, host: ModelHost) -> AsyncIterator[agent_pb2.GenerateRequest]:
+    """Client "bulk" at its cap: 8 long streams queued (each reading its first piece), cancelled on exit.
+    Yields the request they send."""
+    req = agent_pb2.GenerateRequest(prompt="Hello", max_new_tokens=400)
+    calls = [stub.Generate(req, metadata=((CLIENT_HEADER, "bulk"),), timeout=60) for _ in range(8)]
+    firsts = [asyncio.ensure_future(c.read()) for c in calls]
+    try:
+        await asyncio.to_thread(wait_until, lambda: host.queue.depth == 8)
+        yield req
+    finally:
+        for c in calls:
+            c.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
 
 
 def p95(xs: list[float]) -> float:
@@ -109,16 +126,10 @@ def test_a_client_past_its_cap_is_refused_with_a_hint_and_others_still_get_in(
     async def main() -> tuple[grpc.aio.AioRpcError, float]:
         async with grpc.aio.insecure_channel(served.addresses[1]) as channel:
             stub = agent_pb2_grpc.InferenceStub(channel)
-            req = agent_pb2.GenerateRequest(prompt="Hello", max_new_tokens=400)
-            calls = [stub.Generate(req, metadata=((CLIENT_HEADER, "bulk"),), timeout=60) for _ in range(8)]
-            firsts = [asyncio.ensure_future(c.read()) for c in calls]
-            await asyncio.to_thread(wait_until, lambda: host.queue.depth == 8)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.GenerateUnary(req, metadata=((CLIENT_HEADER, "bulk"),), timeout=10)
-            other = await first_token_s(stub, "other")
-            for c in calls:
-                c.cancel()
-            await asyncio.gather(*firsts, return_exceptions=True)
+            async with bulk_streams(stub, host) as req:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.GenerateUnary(req, metadata=((CLIENT_HEADER, "bulk"),), timeout=10)
+                other = await first_token_s(stub, "other")
             return refused.value, other
 
     refused, other = asyncio.run(main())
@@ -137,17 +148,10 @@ def test_the_http_api_refuses_a_client_past_its_cap_with_429(served: ServerThrea
     async def main() -> tuple[httpx.Response, httpx.Response]:
         async with grpc.aio.insecure_channel(served.addresses[1]) as channel:
             stub = agent_pb2_grpc.InferenceStub(channel)
-            req = agent_pb2.GenerateRequest(prompt="Hello", max_new_tokens=400)
-            calls = [stub.Generate(req, metadata=((CLIENT_HEADER, "bulk"),), timeout=60) for _ in range(8)]
-            firsts = [asyncio.ensure_future(c.read()) for c in calls]
-            await asyncio.to_thread(wait_until, lambda: host.queue.depth == 8)
-            body = {"prompt": "Hello", "max_tokens": 2}
-            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async with bulk_streams(stub, host), httpx.AsyncClient(base_url=url, timeout=30) as client:
+                body = {"prompt": "Hello", "max_tokens": 2}
                 refused = await client.post("/v1/completions", json=body, headers={"X-Slmops-Client": "bulk"})
                 other = await client.post("/v1/completions", json=body, headers={"X-Slmops-Client": "other"})
-            for c in calls:
-                c.cancel()
-            await asyncio.gather(*firsts, return_exceptions=True)
             return refused, other
 
     try:
