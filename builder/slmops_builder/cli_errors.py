@@ -53,6 +53,9 @@ def user_errors() -> Iterator[None]:
     except (QLoRAUnavailable, AdapterExportError, OliveEngineError) as exc:
         fail(str(exc))
     except ValidationError as exc:
-        fail(f"bad settings: {exc.errors()[0].get('loc')}: {exc.errors()[0].get('msg')}")
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        fail(f"bad settings: {where}: {msg}" if where else f"bad settings: {msg}")
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as exc:
         fail(str(exc))

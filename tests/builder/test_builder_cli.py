@@ -92,6 +92,12 @@ def test_user_errors_are_one_line_and_non_zero(tiny_hf_model: Path, tmp_path: Pa
     result = runner.invoke(app, ["verify", str(tmp_path), "--key", str(key)])  # a private key given as public
     assert result.exit_code == 1 and "not a hex Ed25519 public key" in result.output
     assert not (tmp_path / "p").exists()
+    data = tmp_path / "task.jsonl"
+    data.write_text('{"input": "a", "output": "b"}\n')
+    distill = ["distill", "-t", str(tiny_hf_model), "-d", str(data), "-o", str(tmp_path / "d"), "--scorer", "regex"]
+    result = runner.invoke(app, distill)  # a settings error of the whole model reads as one plain sentence
+    assert result.exit_code == 1 and "bad settings: the regex scorer and validity rule need a pattern" in result.output
+    assert "Value error" not in result.output and "()" not in result.output and not (tmp_path / "d").exists()
 
 
 def test_import_hf_folder_json(tiny_hf_model: Path, tmp_path: Path) -> None:
