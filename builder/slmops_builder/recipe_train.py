@@ -166,7 +166,7 @@ def _teacher_answers(loaded: LoadedRecipe, teacher: Path, threads: int, out: Pat
     (out / SUMMARY_FILE).write_text(json.dumps({"answers": stage1.total}) + "\n")
 
 
-def _stage1(loaded: LoadedRecipe, teacher: Path, answers: Path, threads: int) -> TeacherOutputs:
+def _stage1(loaded: LoadedRecipe, teacher: Path, answers: Path, threads: int | None) -> TeacherOutputs:
     spec = loaded.recipe.train
     assert isinstance(spec, DistillStep)
     return teacher_outputs(
@@ -202,7 +202,7 @@ def _train(
         }
     else:
         assert answers is not None
-        stage1 = _stage1(loaded, base, answers, cfg.threads or 0)
+        stage1 = _stage1(loaded, base, answers, cfg.threads)
         if not stage1.examples:
             rejected = f", {stage1.rejected} not their reference" if stage1.keep == "exact" else ""
             raise RecipeError(
