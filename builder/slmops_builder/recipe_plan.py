@@ -3,7 +3,8 @@
 The keys are the build's own (`slmops_builder.recipe_run` runs the steps under them): the import key
 hashes the source, the importer's code and its tools; the evaluate key the converted variant, the
 evaluation settings, the held-out text and tasks (with their schema, system prompt and scorer), the
-evaluator's code, this host and its tools.
+evaluator's code, this host and its tools. A recipe with `[train]` has its training steps between
+the import and the conversions (`slmops_builder.recipe_train`): the variants convert the trained model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from slmops_builder.convert import convert_key
 from slmops_builder.importer import bundled_smollm2_gguf, folder_sha256
 from slmops_builder.profiles import get_profile
 from slmops_builder.recipe_schema import LoadedRecipe, RecipeError
+from slmops_builder.recipe_train import TEACHER_STEP, TRAIN_STEP, check_trainable, teacher_key, train_key, train_rows
 from slmops_builder.steps import StepCache, tool_versions
 from slmops_builder.train import scoring
 from slmops_protos import __version__
@@ -40,7 +42,7 @@ __all__ = [
     "recipe_threads",
 ]
 
-RECIPE_STEPS = ("import", "convert", "evaluate", "gate", "package", "report")
+RECIPE_STEPS = ("import", TEACHER_STEP, TRAIN_STEP, "convert", "evaluate", "gate", "package", "report")
 IMPORT_STEP = "import"
 EVALUATE_STEP = "evaluate"
 _IMPORT_TOOLS = ("transformers", "torch", "gguf", "safetensors")
@@ -102,6 +104,7 @@ def evaluate_key(loaded: LoadedRecipe, convert_key_: str, threads: int) -> str:
 
 
 def check_runnable(loaded: LoadedRecipe) -> None:
+    check_trainable(loaded)
     ref = loaded.recipe.reference
     gates = loaded.recipe.gates
     if ref and gates.max_ppl_ratio is not None and not can_run_here(get_profile(ref)):
@@ -121,8 +124,14 @@ def plan_recipe(
     key = import_key(loaded.source)
     imported = cache.has(IMPORT_STEP, key)
     plan = [PlannedStep(IMPORT_STEP, str(loaded.source), key, imported)]
+    model = cache.entry(IMPORT_STEP, key) / "model" if imported else None
+    for step, target in train_rows(loaded):  # the training's keys need only the import's
+        skey = teacher_key(loaded, key) if step == TEACHER_STEP else train_key(loaded, key, n)
+        plan.append(PlannedStep(step, target, skey, cache.has(step, str(skey))))
+    if loaded.recipe.train is not None:
+        model = cache.entry(TRAIN_STEP, str(plan[-1].key)) / "model" if plan[-1].cached else None
     for name in loaded.variants:
-        ckey = convert_key(cache.entry(IMPORT_STEP, key) / "model", get_profile(name))[0] if imported else None
+        ckey = convert_key(model, get_profile(name))[0] if model is not None else None
         plan.append(PlannedStep("convert", name, ckey, ckey is not None and cache.has("convert", ckey)))
         ekey = evaluate_key(loaded, ckey, n) if ckey and can_run_here(get_profile(name)) else None
         plan.append(PlannedStep(EVALUATE_STEP, name, ekey, ekey is not None and cache.has(EVALUATE_STEP, ekey)))
@@ -138,7 +147,7 @@ def recipe_threads(loaded: LoadedRecipe, threads: int | None) -> int:
 
 def progress_steps(loaded: LoadedRecipe) -> list[tuple[str, str]]:
     """(step, target) rows a progress display shows for this recipe, in order."""
-    rows = [(IMPORT_STEP, str(loaded.source))]
+    rows = [(IMPORT_STEP, str(loaded.source)), *train_rows(loaded)]
     rows += [("convert", n) for n in loaded.variants]
     rows += [(EVALUATE_STEP, n) for n in loaded.variants]
     rows += [("gate", "")]

@@ -1,7 +1,9 @@
-"""Building a recipe: import, convert, evaluate, gate, package and report.
+"""Building a recipe: import, (train,) convert, evaluate, gate, package and report.
 
 Steps (each cached in the StepCache by a hash of its step, parameters, inputs and tools, so an
-unchanged step is reused): import (the source into an fp32 HF folder), convert (per variant),
+unchanged step is reused): import (the source into an fp32 HF folder), with a `[train]` table the
+training (`slmops_builder.recipe_train`: the variants are then built from the trained model and
+their lineage names its teacher and data), convert (per variant),
 evaluate (per variant: in a fresh onnxruntime-genai process, see `slmops_builder.evaluate`), then
 gate, package and report, which always run. The reference variant is built and evaluated even when
 it is not in `profiles` (then it is not packaged).
@@ -47,6 +49,7 @@ from slmops_builder.recipe_plan import (
     recipe_threads,
 )
 from slmops_builder.recipe_schema import LoadedRecipe, RecipeError
+from slmops_builder.recipe_train import SUMMARY_FILE, run_training
 from slmops_builder.steps import StepCache, StepResult
 from slmops_protos.package.v1 import manifest_pb2
 
@@ -100,6 +103,7 @@ class RecipeResult:
     steps: list[BuildEvent]
     cached: dict[str, bool]  # "step:target" -> reused from the cache
     packages: list[WrittenPackage]
+    training: dict[str, Any] | None = None  # the train step's summary (a recipe with [train])
 
     @property
     def ok(self) -> bool:
@@ -130,6 +134,7 @@ class RecipeResult:
             "gates": r.gates.thresholds(),
             "heldout": self.recipe.heldout_name,
             "task": self._task(),
+            "train": self.training,
             "ok": self.ok,
             "steps": [
                 {
@@ -185,7 +190,12 @@ def build_recipe(
         )
         cached[f"{IMPORT_STEP}:{loaded.source}"] = imported.cached
         done(f"{'reused cached' if imported.cached else 'imported'} {imported.key[:12]}")
-    model_dir = imported.path / "model"
+    built_from = imported  # the entry whose model/ the variants are converted from
+    training = None
+    if recipe.train is not None:
+        built_from = run_training(loaded, cache, imported, n, report, cached)
+        training = json.loads((built_from.path / SUMMARY_FILE).read_text())
+    model_dir = built_from.path / "model"
 
     converted: dict[str, StepResult] = {}
     for name in loaded.variants:
@@ -255,12 +265,12 @@ def build_recipe(
                 if v.verdict != "packaged":
                     continue
                 with step(report, "package", v.profile) as done:
-                    written = _package(loaded, v, staged[v.profile], prompts, key, tmp_out / v.profile, imported.path)
+                    written = _package(loaded, v, staged[v.profile], prompts, key, tmp_out / v.profile, built_from.path)
                     v.package_id = written.package_id
                     v.package_path = str(out_dir / v.profile)
                     packages.append(written)
                     done(f"{written.package_id[:12]}")
-            result = RecipeResult(loaded, out_dir, ref_name, variants, events, cached, [])
+            result = RecipeResult(loaded, out_dir, ref_name, variants, events, cached, [], training)
             with step(report, "report", "") as done:
                 write_plot(result.to_dict(), tmp_out / PLOT_FILE)
                 done(f"{out_dir / REPORT_FILE}, {out_dir / PLOT_FILE}")
@@ -318,12 +328,13 @@ def _package(
     prompts: list[GoldenPromptSpec],
     key: Any,
     out: Path,
-    imported: Path,
+    entry: Path,
 ) -> WrittenPackage:
+    """`entry`: the import's or the training's cache entry, whose model/ was converted."""
     recipe = loaded.recipe
     prof = get_profile(v.profile)
     lineage = package_lineage(
-        imported / "model", prof, recipe_sha256=loaded.sha256, parent_package_id=recipe.parent_package
+        entry / "model", prof, recipe_sha256=loaded.sha256, parent_package_id=recipe.parent_package
     )
     metrics = {k: val for k, val in v.metrics.items() if k != "size_mb"}
     spec = PackageSpec(

@@ -33,6 +33,16 @@ A recipe (unknown keys are refused, with the key named):
     max_ppl_ratio = 1.05
     min_decode_tps = 100
 
+    [train]                              # optional: train first, then convert the trained model
+    kind = "finetune"                    # "finetune": LoRA, merged into the model; "distill": a student
+    data = "train.jsonl"                 # {"input", "output"} or {"messages"} per line (train.examples);
+                                         # records without a system prompt get evaluation.task_system
+    validation = "validation.jsonl"      # finetune only, optional: early stopping, best adapter
+    max_steps = 50                       # every other key: a FinetuneConfig field (train.runs), with
+    [train.lora]                         # [train.lora]; for distill, a DistillConfig field (train.distill)
+    r = 8                                # and keep_answers ("valid" | "exact"), student (an HF folder
+                                         # [default: the recipe's model, layer-pruned])
+
 The plan (`slmops_builder.recipe_plan`) and the build (`slmops_builder.recipe_run`) take the
 `LoadedRecipe` that `load_recipe` returns.
 """
@@ -45,7 +55,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -55,6 +65,9 @@ from slmops_builder.evaluate import TaskExample, heldout_text, load_tasks, task_
 from slmops_builder.gates import Gates
 from slmops_builder.importer import BUNDLED_SOURCES
 from slmops_builder.profiles import get_profile
+from slmops_builder.train.distill import DistillConfig, KeepAnswers
+from slmops_builder.train.examples import Example, load_jsonl
+from slmops_builder.train.runs import FinetuneConfig
 from slmops_builder.train.scoring import SCORERS, TaskSpec
 
 if sys.version_info >= (3, 11):
@@ -62,7 +75,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["EvaluationConfig", "LoadedRecipe", "Recipe", "RecipeError", "load_recipe"]
+__all__ = [
+    "DistillStep",
+    "EvaluationConfig",
+    "FinetuneStep",
+    "LoadedRecipe",
+    "Recipe",
+    "RecipeError",
+    "TrainStep",
+    "load_recipe",
+]
 
 
 class RecipeError(ValueError):
@@ -111,6 +133,38 @@ class EvaluationConfig(BaseModel):
         return task_scorer(self.task_scorer, self.task_pattern, schema)
 
 
+class FinetuneStep(FinetuneConfig):
+    """`[train]` with kind = "finetune": its data, and the `FinetuneConfig` of the run."""
+
+    kind: Literal["finetune"]
+    data: Path
+    validation: Path | None = None
+
+    def config(self) -> FinetuneConfig:
+        """The run's configuration: the keys given (an engine refuses only what was asked for)."""
+        return FinetuneConfig(
+            **{k: getattr(self, k) for k in self.model_fields_set & FinetuneConfig.model_fields.keys()}
+        )
+
+
+class DistillStep(DistillConfig):
+    """`[train]` with kind = "distill": the inputs the teacher (the recipe's model) answers, which of
+    its answers the student learns, the student, and the `DistillConfig` of the run."""
+
+    kind: Literal["distill"]
+    data: Path
+    keep_answers: KeepAnswers = "valid"
+    student: Path | None = None
+
+    def config(self) -> DistillConfig:
+        """The run's configuration: the keys given."""
+        return DistillConfig(**{k: getattr(self, k) for k in self.model_fields_set & DistillConfig.model_fields.keys()})
+
+
+TrainStep = Annotated[FinetuneStep | DistillStep, Field(discriminator="kind")]
+_TRAIN_KINDS: dict[str, type[BaseModel]] = {"finetune": FinetuneStep, "distill": DistillStep}
+
+
 class Recipe(BaseModel):
     """A build recipe (see the module doc)."""
 
@@ -127,6 +181,7 @@ class Recipe(BaseModel):
     search: dict[str, bool | int | float] = Field(default_factory=dict)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gates: Gates = Field(default_factory=Gates)
+    train: TrainStep | None = None
 
     @field_validator("profiles", "fallback")
     @classmethod
@@ -197,6 +252,9 @@ class LoadedRecipe:
     heldout_name: str
     tasks: tuple[TaskExample, ...]
     task_schema: str | None = None  # the JSON Schema text the task's answers are held to
+    train_data: tuple[Example, ...] = ()  # [train]'s data (a distillation's: the teacher's inputs)
+    train_validation: tuple[Example, ...] = ()
+    student: Path | None = None  # a distillation's given student folder
 
     @property
     def variants(self) -> list[str]:
@@ -235,6 +293,11 @@ def load_recipe(path: Path) -> LoadedRecipe:
     needs_gguf = [n for n in recipe.variants if get_profile(n).requires == "gguf-4bit"]
     if needs_gguf and not from_gguf:
         raise RecipeError(f"{path}: profiles: {', '.join(needs_gguf)} need a GGUF model source, not {source}")
+    if needs_gguf and recipe.train is not None:
+        raise RecipeError(
+            f"{path}: profiles: {', '.join(needs_gguf)} package the source GGUF itself, not a trained model; "
+            "drop them or the [train] table"
+        )
     ev = recipe.evaluation
     if ev.heldout is not None:
         held = base / ev.heldout
@@ -254,6 +317,7 @@ def load_recipe(path: Path) -> LoadedRecipe:
         except (FileNotFoundError, ValueError) as exc:
             raise RecipeError(f"{path}: evaluation.tasks: {exc}") from None
     task_schema = _task_schema(path, base, ev.task_schema, tasks)
+    train, validation, student = _train_inputs(path, base, recipe)
     return LoadedRecipe(
         path=path,
         sha256=hashlib.sha256(raw).hexdigest(),
@@ -264,7 +328,40 @@ def load_recipe(path: Path) -> LoadedRecipe:
         heldout_name=held_name,
         tasks=tuple(tasks),
         task_schema=task_schema,
+        train_data=train,
+        train_validation=validation,
+        student=student,
     )
+
+
+def _train_inputs(
+    path: Path, base: Path, recipe: Recipe
+) -> tuple[tuple[Example, ...], tuple[Example, ...], Path | None]:
+    """[train]'s data and validation examples (with the evaluation's system prompt) and student folder."""
+    step = recipe.train
+    if step is None:
+        return (), (), None
+    system = recipe.evaluation.task_system
+
+    def examples(key: str, file: Path | None) -> tuple[Example, ...]:
+        if file is None:
+            return ()
+        try:
+            return tuple(load_jsonl(base / file, system=system))
+        except (FileNotFoundError, ValueError) as exc:  # DatasetError names every bad line
+            raise RecipeError(f"{path}: train.{key}: {exc}") from None
+
+    data = examples("data", step.data)
+    if isinstance(step, DistillStep):
+        student = None
+        if step.student is not None:
+            student = (base / step.student).expanduser().resolve()
+            if not (student / "config.json").is_file():
+                raise RecipeError(
+                    f"{path}: train.student: {student} is not a Hugging Face model folder (no config.json)"
+                )
+        return data, (), student
+    return data, examples("validation", step.validation), None
 
 
 def _task_schema(path: Path, base: Path, schema_path: Path | None, tasks: list[TaskExample]) -> str | None:
@@ -293,15 +390,25 @@ def _task_schema(path: Path, base: Path, schema_path: Path | None, tasks: list[T
 
 def _describe(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    parts = list(err["loc"])
+    model: type[BaseModel] = Recipe
+    within = parts  # the key's path inside `model`
+    if parts[:1] == ["train"]:
+        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            given = err["input"].get("kind") if isinstance(err["input"], dict) else None
+            got = "missing" if given is None else f"not {given!r}"
+            return f"train.kind: must be {' or '.join(repr(k) for k in _TRAIN_KINDS)} ({got})"
+        if len(parts) > 1 and parts[1] in _TRAIN_KINDS:  # the union's tag, not a key of the recipe
+            model = _TRAIN_KINDS[str(parts.pop(1))]
+            within = parts[1:]
+    loc = ".".join(str(p) for p in parts)
     if err["type"] == "extra_forbidden":
-        return f"unknown key {loc!r} (known: {', '.join(_known_keys(err['loc']))})"
+        return f"unknown key {loc!r} (known: {', '.join(_known_keys(model, within))})"
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
 
-def _known_keys(loc: Sequence[int | str]) -> list[str]:
-    model: type[BaseModel] = Recipe
+def _known_keys(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
     for part in loc[:-1]:
         info = model.model_fields.get(str(part))
         ann = info.annotation if info else None
