@@ -39,6 +39,7 @@ class _Fetch:
     last_progress: float = 0.0
     last_request: float = 0.0
     backoff: float = 1.0
+    suspect: bool = False  # since the last request: a reconnect or a bad chunk (the agent's rule)
 
     @classmethod
     def new(cls, sha256: str, size: int, chunk_size: int, now: float, stall_s: float) -> _Fetch:
@@ -72,7 +73,8 @@ class SwarmDevice:
     its paho client): it follows its retained desired state, checks the manifest's signature with
     the keys pinned at enrollment, asks for the blobs it lacks, keeps a chunk bitmap, checks each
     chunk's and each blob's SHA-256, asks for its gaps after `stall_s` without progress (backing
-    off), and reports FETCHING then COMMITTED (or ROLLED_BACK) like the agent. It keeps no blob data."""
+    off; marked `waiting` unless it reconnected or got a bad chunk since it last asked), and reports
+    FETCHING then COMMITTED (or ROLLED_BACK) like the agent. It keeps no blob data."""
 
     def __init__(self, creds: dict[str, Any], *, stall_s: float = 1.0, on_event: Callable[..., None]) -> None:
         from slmops_protos.manifests import public_key_from_hex
@@ -115,8 +117,9 @@ class SwarmDevice:
         client.subscribe([(f, 1) for f in self.topics.device_subscribe_acl(self.device_id)])
         self._report()
         now = time.monotonic()
-        for f in self.fetches.values():  # reconnected: ask for the gaps at once
+        for f in self.fetches.values():  # reconnected: ask for the gaps at once (what was on its way may be lost)
             f.last_request = now - f.backoff
+            f.suspect = True
         self.on_event("connected", self.device_id)
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
@@ -166,6 +169,7 @@ class SwarmDevice:
             return
         if hashlib.sha256(c.data).hexdigest() != c.chunk_sha256:
             self.bad_chunks += 1
+            f.suspect = True
             return
         if not f.add(c.index, c.data):
             return
@@ -195,13 +199,14 @@ class SwarmDevice:
         self._report()
         self.on_event("done", self.device_id, fleet_pb2.UpdateState.Name(state), self.target, time.time())
 
-    def _request(self, f: _Fetch, now: float) -> None:
+    def _request(self, f: _Fetch, now: float, *, waiting: bool = False) -> None:
         missing = f.missing(256) if f.received else []
         req = fleet_pb2.BlobRequest(
-            device_id=self.device_id, blob_sha256=f.sha256, missing=missing, chunk_size=f.chunk_size
+            device_id=self.device_id, blob_sha256=f.sha256, missing=missing, chunk_size=f.chunk_size, waiting=waiting
         )
         self.client.publish(self.topics.blob_requests(self.device_id), req.SerializeToString(), qos=1)
         f.last_request = now
+        f.suspect = False
 
     def tick(self, now: float) -> None:
         """Ask for the gaps of a fetch that made no progress for its back-off time (doubling) and for
@@ -211,7 +216,7 @@ class SwarmDevice:
             if now - max(f.last_progress, f.last_request) >= wait:
                 if f.last_request > f.last_progress:
                     f.backoff = min(f.backoff * 2, STALL_MAX_S)
-                self._request(f, now)
+                self._request(f, now, waiting=not f.suspect)
 
     def _report(self) -> None:
         needed = sum(f.size for f in self.fetches.values())

@@ -84,7 +84,11 @@ def summary_to_pb(test: TestSummary) -> fleet_pb2.TestResult:
 
 def blob_want_to_pb(want: BlobWant, device_id: str) -> fleet_pb2.BlobRequest:
     return fleet_pb2.BlobRequest(
-        device_id=device_id, blob_sha256=want.sha256, missing=want.missing, chunk_size=want.chunk_size
+        device_id=device_id,
+        blob_sha256=want.sha256,
+        missing=want.missing,
+        chunk_size=want.chunk_size,
+        waiting=want.waiting,
     )
 
 

@@ -29,6 +29,7 @@ class BlobRequestIn:
     sha256: str
     missing: tuple[int, ...]
     chunk_size: int
+    waiting: bool = False  # what it lacks may still be on its way (BlobRequest.waiting)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def blob_request_from_pb(device_id: str, payload: bytes) -> BlobRequestIn:
     _check_device(device_id, msg.device_id, "BlobRequest")
     if not is_sha256_hex(msg.blob_sha256):
         raise PayloadError(f"BlobRequest names no valid blob: {msg.blob_sha256[:80]!r}")
-    return BlobRequestIn(device_id, msg.blob_sha256, tuple(msg.missing), msg.chunk_size)
+    return BlobRequestIn(device_id, msg.blob_sha256, tuple(msg.missing), msg.chunk_size, msg.waiting)
 
 
 def credentials_ack_from_pb(device_id: str, payload: bytes) -> CredentialsAckIn:

@@ -12,14 +12,12 @@
   devices lack are broadcast once more (only those chunks), and the others go by unicast on
   `devices/{id}/blobs`.
 - A device's newest gap request replaces its earlier one (it lists what the device lacks now).
-  Where the broker can tell how far its deliveries to devices lag (`broker_backlog`: the embedded
-  broker), chunks that a broadcast sent after the device started fetching (the fleet published
-  its desired state, `fetch_started`, or it first asked for the blob: a broker keeps a publisher's
-  order, so those reach it after its desired state), while the broker has been busy since (or
-  until less than `settle_s`, or twice the recent request round trip, ago), are dropped from its
-  requests (a whole-blob request is then answered by nothing, as it is for that long after the
-  broadcast's last chunk went out, before the broker's backlog shows it): it asked before they
-  reached it, and asks again after its stall timer if they never do.
+  Chunks that may still be on their way to the device (`in_flight.DeliveryLog`: broadcast after it
+  started fetching, while the broker reports it is still delivering, or, where the broker cannot
+  say, after every chunk the device has when it marks its request `waiting`) are dropped from its
+  requests; a whole-blob request for which every chunk is on its way is answered by nothing, one for
+  which some are is gathered as gaps for the others. The device asks again after its stall timer
+  if they never come.
 - One sender thread serves every transfer round-robin, one chunk at a time, paced to
   `rate` bytes/s in total, with at most `max_inflight` chunks published but not yet
   acknowledged by the broker, so neither the fleet's client nor the broker buffers much. Where
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from slmops_fleet.codec import chunk_to_pb
+from slmops_fleet.in_flight import DeliveryLog
 from slmops_fleet.settings import MAX_CHUNK, MIN_CHUNK
 from slmops_fleet.store.records import BlobRecord, BlobStatsDelta
 from slmops_protos.topics import Topics, chunk_count
@@ -166,13 +165,10 @@ class BlobDistributor:
         self._broker_backlog = broker_backlog
         self.idle_backlog = idle_backlog
         self.min_paced_backlog = min_paced_backlog
-        self.settle_s = settle_s
         self.in_flight_max_s = in_flight_max_s
-        self._last_busy = float("-inf")  # when the broker was last seen busy
-        self._sent_at: dict[tuple[str, int], dict[int, float]] = {}  # when each chunk was last broadcast
-        self._asked_at: dict[tuple[str, int], dict[str, float]] = {}  # when each device first asked for it
-        self._fetching: dict[str, tuple[int, float]] = {}  # device -> (generation, when its desired state went out)
-        self._round_trip = 0.0  # recent longest time from a desired state going out to the device's first request
+        self._log = DeliveryLog(
+            backlog_known=broker_backlog is not None, settle_s=settle_s, in_flight_max_s=in_flight_max_s
+        )
         self._cond = threading.Condition()
         self._jobs: list[_Job] = []
         self._broadcasts: dict[tuple[str, int], _Job] = {}  # full broadcasts, by (sha256, chunk size)
@@ -187,13 +183,22 @@ class BlobDistributor:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._next_send = 0.0
-        self._inflight: deque[PublishHandle] = deque()
+        # Chunks published and not yet acknowledged, with the broadcast send they were (for `unsent`).
+        self._inflight: deque[tuple[PublishHandle, tuple[str, int] | None, int, float]] = deque()
 
     # --- requests (any thread) ---------------------------------------------------------------
 
     def request(
-        self, device_id: str, sha256: str, missing: tuple[int, ...] | list[int], chunk_size: int
+        self,
+        device_id: str,
+        sha256: str,
+        missing: tuple[int, ...] | list[int],
+        chunk_size: int,
+        *,
+        waiting: bool = False,
     ) -> RequestOutcome:
+        """Serve a device's request for a blob (`missing` empty: the whole blob); `waiting`: the device
+        says what it lacks may still be on its way (`BlobRequest.waiting`)."""
         cs = chunk_size or self.default_chunk_size
         if not MIN_CHUNK <= cs <= MAX_CHUNK:
             return self._refuse(device_id, sha256, f"chunk size {cs} is outside {MIN_CHUNK}..{MAX_CHUNK}")
@@ -210,20 +215,22 @@ class BlobDistributor:
             if self._stopping:
                 return RequestOutcome("refused", "the fleet is stopping")
             self._blobs[sha256] = blob
-            self._forget_old_sends(key, now)
-            asked = self._asked_at.setdefault(key, {})
-            if device_id not in asked:
-                asked[device_id] = now
-                fetching = self._fetching.get(device_id)
-                if fetching is not None:
-                    self._round_trip = max(min(now - fetching[1], self.in_flight_max_s), 0.9 * self._round_trip)
+            first = self._log.asked(key, device_id, now)
             if wanted and len(wanted) < count:
                 self._count(sha256, partial_requests=1)
-                return self._add_gaps(device_id, blob, cs, count, wanted, now)
+                return self._add_gaps(device_id, blob, cs, count, wanted, now, trusted=waiting)
             self._count(sha256, whole_requests=1)
-            if self._all_on_the_way(key, count, device_id, now):
+            if self._log.has_sent(key):
+                self._busy()  # refreshes when the broker was last seen busy
+            if self._log.all_on_the_way(key, count, device_id, now):
                 return RequestOutcome("covered", "a broadcast of every chunk is still being delivered")
             job = self._broadcasts.get(key)
+            if job is None and not self._log.backlog_known and (waiting or first):
+                on_way = self._log.on_the_way(key, device_id, now, have=set(), trusted=True)
+                if len(on_way) == count:
+                    return RequestOutcome("covered", "every chunk was broadcast since it started fetching")
+                if on_way:  # the rest as gaps, gathered with other devices'
+                    return self._add_gaps(device_id, blob, cs, count, list(range(count)), now, trusted=True)
             if job is not None:
                 job.members.add(device_id)
                 if not job.started:  # another device of the wave: wait a little longer for the rest
@@ -248,29 +255,22 @@ class BlobDistributor:
         """The fleet published the device's desired state `generation`: chunks it broadcasts from now on
         reach the device after that state, so the device keeps them (once per generation)."""
         with self._cond:
-            if self._fetching.get(device_id, (None, 0.0))[0] != generation:
-                self._fetching[device_id] = (generation, time.monotonic())
-
-    def _since(self, key: tuple[str, int], device_id: str) -> float:
-        """Since when the device keeps the blob's chunks (as far as the fleet can tell)."""
-        asked = self._asked_at[key][device_id]
-        fetching = self._fetching.get(device_id)
-        return min(asked, fetching[1]) if fetching is not None else asked
+            self._log.fetch_started(device_id, generation)
 
     def _add_gaps(
-        self, device_id: str, blob: BlobRecord, cs: int, count: int, wanted: list[int], now: float
+        self, device_id: str, blob: BlobRecord, cs: int, count: int, wanted: list[int], now: float, *, trusted: bool
     ) -> RequestOutcome:
-        """Keep a device's gaps, less what a broadcast or a unicast already queued will send it."""
+        """Keep a device's gaps, less what a broadcast or a unicast already queued will send it and
+        what may still be on its way to it (`trusted`: the request is marked waiting)."""
         key = (blob.sha256, cs)
         queued: set[int] = set()
         for job in (self._broadcasts.get(key), self._rebroadcasts.get(key), self._repairs.get((device_id, *key))):
             if job is not None:
                 queued.update(job.to_send())
-        sent = self._sent_at.get(key)
-        if sent:
+        if self._log.has_sent(key):
             self._busy()  # refreshes when the broker was last seen busy
-            since = self._since(key, device_id)
-            queued.update(i for i, at in sent.items() if at >= since and self._maybe_in_flight(at, now))
+            have = set(range(count)).difference(wanted)
+            queued.update(self._log.on_the_way(key, device_id, now, have=have, trusted=trusted))
         left = {i for i in wanted if i not in queued}
         gaps = self._gaps.get(key)
         if not left:
@@ -294,40 +294,8 @@ class BlobDistributor:
             log.exception("could not read the broker's backlog")
             return False
         if pending > self.idle_backlog:
-            self._last_busy = time.monotonic()
+            self._log.last_busy = time.monotonic()
         return pending > (max(self.min_paced_backlog, connected) if pacing else self.idle_backlog)
-
-    def _all_on_the_way(self, key: tuple[str, int], count: int, device_id: str, now: float) -> bool:
-        """Every chunk of the blob was broadcast after the device started fetching, and the broker may
-        still be delivering them (a device whose stall timer fired before a slow broker reached it)."""
-        sent = self._sent_at.get(key)
-        if not sent or len(sent) < count:
-            return False
-        oldest = min(sent.values())
-        self._busy()  # refreshes when the broker was last seen busy
-        return oldest >= self._since(key, device_id) and self._maybe_in_flight(oldest, now, whole=True)
-
-    def _forget_old_sends(self, key: tuple[str, int], now: float) -> None:
-        """Drop a blob's send and request times once none of its chunks can still be on the way."""
-        sent = self._sent_at.get(key)
-        if sent and now - max(sent.values()) >= self.in_flight_max_s:
-            del self._sent_at[key]
-            self._asked_at.pop(key, None)
-
-    def _maybe_in_flight(self, sent_at: float, now: float, *, whole: bool = False) -> bool:
-        """A chunk broadcast at `sent_at` may still be on its way to devices, or a device's request
-        about it may be: the broker was busy after it was sent, and until less than `settle_s` ago or
-        than twice the recent request round trip (a desired state out, the device's first request
-        in: how stale a request can be when it reaches the fleet). For a `whole`-blob request, where
-        the broker reports its backlog, also when it was sent less than that long ago: the backlog
-        counts a chunk only once the broker has it and is read at most every 0.1 s, so a request
-        that comes right after the send would find the broker idle and start the same broadcast
-        again."""
-        if now - sent_at >= self.in_flight_max_s:
-            return False
-        settle = max(self.settle_s, 2 * self._round_trip)
-        busy_after = sent_at <= self._last_busy and now - self._last_busy < settle
-        return busy_after or (whole and self._broker_backlog is not None and now - sent_at < settle)
 
     def _refuse(self, device_id: str, sha256: str, why: str) -> RequestOutcome:
         log.warning("blob request from %s for %s refused: %s", device_id, sha256[:12], why)
@@ -539,7 +507,7 @@ class BlobDistributor:
         """Wait until at most `keep` chunks are unacknowledged."""
         while len(self._inflight) > keep:
             try:
-                acked = self._inflight[0].wait(self.ack_timeout_s)
+                acked = self._inflight[0][0].wait(self.ack_timeout_s)
             except Exception as exc:  # a publisher that raises for a message it could not send
                 log.warning("a chunk was not acknowledged: %s", exc)
                 acked = False
@@ -548,11 +516,18 @@ class BlobDistributor:
                 continue
             if not self._wait_connected():
                 log.warning("broker unreachable: giving up %d unacknowledged chunks", len(self._inflight))
-                self._inflight.clear()
+                while self._inflight:
+                    self._unsent(self._inflight.popleft())
                 return
             # Connected again, but this chunk was never acknowledged (lost with the old connection, or
             # the broker is slow): stop waiting for it; devices ask for the chunks they lack.
-            self._inflight.popleft()
+            self._unsent(self._inflight.popleft())
+
+    def _unsent(self, entry: tuple[PublishHandle, tuple[str, int] | None, int, float]) -> None:
+        _, key, index, at = entry
+        if key is not None:
+            with self._cond:
+                self._log.unsent(key, index, at)
 
     def _wait_for_broker(self) -> None:
         """Wait while the broker's backlog is about a chunk per device or more (at most `ack_timeout_s`)."""
@@ -579,12 +554,13 @@ class BlobDistributor:
         self._drain_inflight(self.max_inflight - 1)
         self._wait_for_broker()
         self._pace(len(data))
-        self._inflight.append(self.publisher.publish(job.topic, payload, qos=1))
+        handle = self.publisher.publish(job.topic, payload, qos=1)
         with self._cond:
             job.sent_chunks += 1
             job.sending = None
-            if job.kind == BROADCAST:
-                self._sent_at.setdefault((job.sha256, job.chunk_size), {})[index] = time.monotonic()
+            key = (job.sha256, job.chunk_size) if job.kind == BROADCAST else None
+            at = self._log.sent(key, index) if key is not None else 0.0
+            self._inflight.append((handle, key, index, at))
             last = not job.pending
             if last:  # from here a new request starts a new transfer instead of joining this one
                 self._unregister(job)

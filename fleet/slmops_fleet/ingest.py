@@ -338,12 +338,14 @@ class Ingest:
                     "blob request from %s for %s refused: not in its desired package", item.device_id, item.sha256[:12]
                 )
                 continue
-            outcome = self.distributor.request(item.device_id, item.sha256, item.missing, item.chunk_size)
+            outcome = self.distributor.request(
+                item.device_id, item.sha256, item.missing, item.chunk_size, waiting=item.waiting
+            )
             log.info(
                 "blob request from %s for %s (%s): %s %s",
                 item.device_id,
                 item.sha256[:12],
-                f"{len(item.missing)} chunks" if item.missing else "whole",
+                (f"{len(item.missing)} chunks" if item.missing else "whole") + (", waiting" if item.waiting else ""),
                 outcome.action,
                 outcome.detail,
             )

@@ -365,13 +365,15 @@ class FleetOperations:
         return rollouts[-1].id
 
     def publish_desired(self, records: list[DesiredRecord]) -> None:
-        """Publish desired states (retained), the newest of each device last (`desired_order`)."""
-        for d in records:
-            self.distributor.fetch_started(d.device_id, d.generation)
+        """Publish desired states (retained), the newest of each device last (`desired_order`). Each
+        is queued on the fleet's connection before the distributor hears of it: a chunk published
+        after that reaches the device after its state."""
 
         def publish(d: DesiredRecord) -> PublishHandle:
             payload = desired_to_pb(d, self.settings.chunk_size)
-            return self.publisher.publish(self.topics.desired(d.device_id), payload, qos=1, retain=True)
+            handle = self.publisher.publish(self.topics.desired(d.device_id), payload, qos=1, retain=True)
+            self.distributor.fetch_started(d.device_id, d.generation)
+            return handle
 
         publish_newest_last(records, publish, self.store.latest_desired_states)
 

@@ -183,6 +183,7 @@ def test_tampered_blob_rolls_back_after_refetching(rig: Rig, pkg_v1: Path, pkg_v
     assert record.state is UpdateState.ROLLED_BACK
     assert "genai_config.json" in record.reason and "SHA-256" in record.reason and "2 times" in record.reason
     assert [w.sha256 for w in rig.feeder.requests] == [genai.sha256, genai.sha256]  # fetched again once
+    assert not any(w.waiting for w in rig.feeder.requests)  # a blob that failed its check is not on its way
     assert rig.serving() == "1.0.0" and record.active_slot == "a"
     assert not (rig.state_dir / "blobs" / genai.sha256).exists()
 
@@ -236,6 +237,8 @@ def test_missing_chunks_are_asked_for_exactly(tmp_path: Path, trusted_hex: str, 
     assert record.state is UpdateState.COMMITTED, record.reason
     repairs = [w for w in rig.feeder.requests if w.missing]
     assert repairs and repairs[0].sha256 == big.sha256 and repairs[0].missing == (1, 3)
+    # Asked after a stall, connected all along: what it lacks may still be on its way (the fleet judges).
+    assert repairs[0].waiting and not any(w.waiting for w in rig.feeder.requests if not w.missing)
 
 
 def test_repair_requests_are_capped_per_message(tmp_path: Path, trusted_hex: str, pkg_v1: Path) -> None:

@@ -42,6 +42,7 @@ class _Fetch:
     backoff: float = 5.0
     failures: int = 0
     outstanding: set[int] = field(default_factory=set)  # chunk indexes asked for in the last repair request
+    suspect: bool = False  # since the last request: a reconnect or a bad chunk (what it lacks may be lost)
 
 
 class BlobFetcher:
@@ -104,20 +105,23 @@ class BlobFetcher:
         self.wanted = frozenset()
 
     def reconnected(self) -> None:
-        """The broker is back: ask again at once for what is missing."""
+        """The broker is back: ask again at once for what is missing (what was on its way may be lost)."""
         for f in self.fetches.values():
             f.last_request = float("-inf")
+            f.suspect = True
 
-    def _request(self, sha: str, f: _Fetch, now: float) -> None:
+    def _request(self, sha: str, f: _Fetch, now: float, *, waiting: bool = False) -> None:
+        """Ask for the blob's missing chunks; `waiting`: after a stall only (BlobRequest.waiting)."""
         d = f.download
         if d.received == 0:
-            want = BlobWant(sha, (), d.chunk_size)
+            want = BlobWant(sha, (), d.chunk_size, waiting)
             f.outstanding = set()
         else:
             missing = tuple(d.missing(self.settings.blob_request_max_chunks))
-            want = BlobWant(sha, missing, d.chunk_size)
+            want = BlobWant(sha, missing, d.chunk_size, waiting)
             f.outstanding = set(missing)
         f.last_request = now
+        f.suspect = False
         self.requests_sent.append(want)
         if self.on_blob_request is not None and self.is_connected():
             try:
@@ -136,6 +140,7 @@ class BlobFetcher:
             new = f.download.write_chunk(chunk)
         except BlobError as exc:
             self.bad_chunks += 1
+            f.suspect = True
             log.debug("chunk dropped: %s", exc)
             return ChunkOutcome.NOTHING
         if not new:
@@ -206,6 +211,7 @@ class BlobFetcher:
             if not connected:
                 continue
             if now - max(f.last_progress, f.last_request) >= min(max(f.backoff, slow), self.settings.blob_stall_max_s):
-                if f.last_request > float("-inf"):
+                asked = f.last_request > float("-inf")
+                if asked:
                     f.backoff = min(f.backoff * 2, self.settings.blob_stall_max_s)
-                self._request(sha, f, now)
+                self._request(sha, f, now, waiting=asked and not f.suspect)

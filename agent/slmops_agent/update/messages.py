@@ -63,6 +63,7 @@ class BlobWant:
     sha256: str
     missing: tuple[int, ...]
     chunk_size: int
+    waiting: bool = False  # asked before, connected since, no bad chunk: what it lacks may be on its way
 
 
 def forged_generation(generation: int, handled: int) -> str:

@@ -419,12 +419,21 @@ class BlobRequest(_message.Message):
     BLOB_SHA256_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     blob_sha256: _builtins.str
     chunk_size: _builtins.int
     """The chunk size the device's bitmap uses (0: the fleet's). The fleet serves only its own
     (DesiredState.chunk_size): a whole-blob request in another size is answered in its own, a
     request for chunks in another size is refused.
+    """
+    waiting: _builtins.bool
+    """The device asked for this blob before and has stayed connected since, no chunk came for its
+    stall time and none failed its checks: what it lacks may still be on its way (a broker slow to
+    fan a broadcast out). The fleet may then leave out chunks it broadcast after the device started
+    fetching and after every chunk the device has (a broker delivers one topic in order), until
+    they are too old to be on the way. Unset (older agents, a request after a reconnect, a bad
+    chunk or a blob that failed its check): the fleet sends what the request names.
     """
     @_builtins.property
     def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -437,10 +446,11 @@ class BlobRequest(_message.Message):
         blob_sha256: _builtins.str = ...,
         missing: _abc.Iterable[_builtins.int] | None = ...,
         chunk_size: _builtins.int = ...,
+        waiting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_sha256", b"blob_sha256", "chunk_size", b"chunk_size", "device_id", b"device_id", "missing", b"missing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_sha256", b"blob_sha256", "chunk_size", b"chunk_size", "device_id", b"device_id", "missing", b"missing", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
