@@ -108,6 +108,12 @@ class AgentSettings(Settings):
         description="onnxruntime's CPU memory arena: keeps the largest tensors of a burst for the next one "
         "(faster, more memory); off, memory goes back after each run.",
     )
+    int4_compute: Literal["int8", "fp32"] = Field(
+        "int8",
+        description="How int4 MatMuls compute: int8 (activations quantized to int8, as the builder's profiles "
+        "ask: fastest) or fp32 (onnxruntime's mlas.qnbit.force_fp32: the weights' prepacked copy takes less "
+        "memory, decoding is slower; see benchmarks/README.md, prepack_bench).",
+    )
     malloc_arenas: int = Field(
         2,
         ge=0,
@@ -170,6 +176,7 @@ class AgentSettings(Settings):
             "max_batch": self.max_batch,
             "context_length": self.context_length,
             "cpu_arena": self.cpu_arena,
+            "int4_compute": self.int4_compute,
         }
 
 

@@ -49,6 +49,16 @@ def test_context_length_bounds_prompt_and_new_tokens(model: LoadedModel, caplog:
     assert result.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
 
 
+def test_int4_matmuls_may_compute_in_fp32(model: LoadedModel) -> None:
+    """`int4_compute = "fp32"` loads the model with onnxruntime's fp32 int4 kernels (a smaller
+    prepacked copy: prepack_bench.py) and generates; the setting reaches the model's options."""
+    fp32 = LoadedModel(model.path, model.info, threads=1, int4_compute="fp32")
+    request = GenerationRequest(prompt="The capital of", max_new_tokens=8, temperature=0.0)
+    result = fp32.generate(request, limits=LIMITS)
+    assert result.completion_tokens > 0 and result.prompt_tokens > 0
+    assert AgentSettings(int4_compute="fp32").model_options()["int4_compute"] == "fp32"
+
+
 @pytest.mark.parametrize(
     ("key", "value", "error"),
     [
@@ -57,6 +67,7 @@ def test_context_length_bounds_prompt_and_new_tokens(model: LoadedModel, caplog:
         ("max_batch", 0, "greater than or equal to 1"),
         ("cpu_arena", "sometimes", "valid boolean"),
         ("malloc_arenas", -1, "greater than or equal to 0"),
+        ("int4_compute", "int16", "'int8' or 'fp32'"),
     ],
 )
 def test_the_memory_settings_are_validated(key: str, value: object, error: str) -> None:
