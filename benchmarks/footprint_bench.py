@@ -263,6 +263,7 @@ def weights_mb(model_dir: Path) -> float:
 def measure(args: argparse.Namespace, venv: Path, work: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLMOPS_", "PYTHON", "VIRTUAL_ENV"))}
     env.update(SLMOPS_AGENT_GRPC_ADDRESS="127.0.0.1:0", SLMOPS_AGENT_LOG_LEVEL="INFO")
+    env.update({f"SLMOPS_AGENT_{k.upper()}": v for k, v in args.setting})
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
     out: dict[str, Any] = {}
 
@@ -361,6 +362,14 @@ def main() -> None:
     parser.add_argument("--cold-starts", type=int, default=5, help="starts to take the cold start's median of")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--burst", type=int, default=0, help="concurrent requests (default: the queue's bound, 8)")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        type=lambda kv: tuple(kv.split("=", 1)),
+        metavar="KEY=VALUE",
+        help="an agent setting for every start (SLMOPS_AGENT_KEY), e.g. int4_compute=fp32; repeatable",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
@@ -384,6 +393,7 @@ def main() -> None:
         "details": {
             "pip_s": round(pip_s, 1),
             "no_compile": args.no_compile,
+            "settings": dict(args.setting),
             "after_use_mb": used["install_mb"],
             "after_use_bytecode_mb": used["bytecode_mb"],
             **size,
