@@ -214,7 +214,13 @@ class HttpServer:
         if self.tls is None:
             asyncio.get_running_loop().add_reader(sock.fileno(), self._first_connection)
         else:  # a certificate uvicorn cannot load is refused at start, not at the first request
-            await self._serve()
+            try:
+                await self._serve()
+            except BaseException:
+                self._server = self._task = None
+                self._sock = None
+                sock.close()
+                raise
         host = f"[{self.address}]" if ":" in self.address else self.address
         self.url = f"{'https' if self.tls is not None else 'http'}://{host}:{port}"
         if self.addr_file is not None:
