@@ -11,6 +11,8 @@
    listed, and whether fleet or builder code came along.
 2. Idle: `slmops agent run` from that venv on an empty state folder (no model, defaults otherwise:
    gRPC on TCP and the Unix socket, the loopback HTTP server on); VmRSS 2 s after its ready line.
+   Then again under `import_rss.py`: the VmRSS each top-level package's imports add
+   (`details.idle_imports`, the largest printed).
 3. With the model: the SmolLM2 cpu-int4 package (built by the builder from the tests' cache, signed
    with a throw-away key) side-loaded with `slmops agent install`, then `slmops agent run` again:
    - cold start: from the process's start to the first streamed text of a first request sent at
@@ -137,6 +139,11 @@ def _owner_by_top(top: str) -> str:
 
 
 # -- the agent process ------------------------------------------------------------------------
+MEASURED_CLI = (
+    "import sys; sys.path.insert(0, {bench!r}); import import_rss\nfrom slmops_cli.main import main\nmain()\n"
+)
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -147,11 +154,15 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
 class Agent:
     """`slmops agent run` from the venv, its stderr watched for the ready line."""
 
-    def __init__(self, venv: Path, state: Path, env: dict[str, str]) -> None:
+    def __init__(self, venv: Path, state: Path, env: dict[str, str], imports_to: Path | None = None) -> None:
         self.state = state
         self.t0 = time.perf_counter()
+        program = [str(venv / "bin" / "slmops")]
+        if imports_to is not None:  # the same program, import_rss.py loaded first
+            program = [str(venv / "bin" / "python"), "-c", MEASURED_CLI.format(bench=str(ROOT / "benchmarks"))]
+            env = {**env, "IMPORT_RSS_OUT": str(imports_to)}
         self.proc = subprocess.Popen(
-            [str(venv / "bin" / "slmops"), "agent", "run", "--state-dir", str(state)],
+            [*program, "agent", "run", "--state-dir", str(state)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -252,6 +263,7 @@ def weights_mb(model_dir: Path) -> float:
 def measure(args: argparse.Namespace, venv: Path, work: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLMOPS_", "PYTHON", "VIRTUAL_ENV"))}
     env.update(SLMOPS_AGENT_GRPC_ADDRESS="127.0.0.1:0", SLMOPS_AGENT_LOG_LEVEL="INFO")
+    env.update({f"SLMOPS_AGENT_{k.upper()}": v for k, v in args.setting})
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
     out: dict[str, Any] = {}
 
@@ -260,6 +272,13 @@ def measure(args: argparse.Namespace, venv: Path, work: Path) -> dict[str, Any]:
     time.sleep(2)
     out["idle_rss_mb"] = idle.rss()
     idle.stop()
+    imports = work / "idle-imports.json"
+    measured = Agent(venv, work / "idle-imports-state", env, imports_to=imports)
+    measured.wait_ready()
+    time.sleep(2)
+    out["idle_measured_rss_mb"] = measured.rss()
+    measured.stop()
+    out["idle_imports"] = json.loads(imports.read_text())
 
     package, pub = build_package(work)
     state = work / "state"
@@ -343,6 +362,14 @@ def main() -> None:
     parser.add_argument("--cold-starts", type=int, default=5, help="starts to take the cold start's median of")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--burst", type=int, default=0, help="concurrent requests (default: the queue's bound, 8)")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        type=lambda kv: tuple(kv.split("=", 1)),
+        metavar="KEY=VALUE",
+        help="an agent setting for every start (SLMOPS_AGENT_KEY), e.g. int4_compute=fp32; repeatable",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
 
@@ -366,6 +393,7 @@ def main() -> None:
         "details": {
             "pip_s": round(pip_s, 1),
             "no_compile": args.no_compile,
+            "settings": dict(args.setting),
             "after_use_mb": used["install_mb"],
             "after_use_bytecode_mb": used["bytecode_mb"],
             **size,
@@ -410,6 +438,13 @@ def print_table(r: dict[str, Any]) -> None:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     print("largest distributions:", ", ".join(f"{n} {s:.1f}" for n, s in d["top"][:10]))
+    imports = d["idle_imports"]
+    top = sorted(imports["packages"], key=lambda p: -p[1])[:14]
+    print(
+        f"idle agent's imports (VmRSS each package's modules add, MiB; Python at start {imports['start_mb']:.1f}, "
+        f"{d['idle_measured_rss_mb']:.1f} once serving):",
+        ", ".join(f"{name} {mb:.1f}" for name, mb, _n in top),
+    )
     if d.get("agent_log_head"):
         print("agent:", *d["agent_log_head"], sep="\n  ")
 

@@ -5,7 +5,9 @@ Precedence: flags > environment (`SLMOPS_FLEET_*`, `SLMOPS_AGENT_*`) > the confi
 The file is the one `--config` (or `$SLMOPS_FLEET_CONFIG` / `$SLMOPS_AGENT_CONFIG`) names, else a
 default location (`<data_dir>/fleet.toml`, `<state_dir>/agent.toml`) when it exists. Its keys are the
 settings' own names (the environment variables without their prefix, in lower case): any field of
-the program's pydantic settings class works, so a field added there is a key of the file at once.
+the program's settings class works, so a field added there is a key of the file at once. The fleet's
+settings are pydantic-settings classes; the agent's a `slmops_agent.settings_model.Settings` (an idle
+agent does not load pydantic), which has the same surface (model_fields, model_validate, errors()).
 Unknown keys are refused with the key's name, the nearest known one and the file; a value of the
 wrong type names its key and where it came from. An environment variable with the program's prefix
 that is no setting (a typo) is warned about, with the nearest setting's variable.
@@ -22,15 +24,12 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings, EnvSettingsSource
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-S = TypeVar("S", bound=BaseSettings)
+S = TypeVar("S")  # a pydantic-settings class or a settings_model.Settings
 
 _SECRET_WORDS = ("password", "token", "secret")
 
@@ -48,18 +47,19 @@ class Loaded(Generic[S]):
 
     def effective(self) -> dict[str, dict[str, Any]]:
         """Every setting's value (secrets masked) and source, for `config show`."""
-        values = self.settings.model_dump(mode="json")
+        settings: Any = self.settings
+        values = settings.model_dump(mode="json")
         return {
             name: {"value": mask(name, values.get(name)), "source": self.sources.get(name, "default")}
-            for name in type(self.settings).model_fields
+            for name in type(settings).model_fields
         }
 
 
-def prefix_of(cls: type[BaseSettings]) -> str:
+def prefix_of(cls: Any) -> str:
     return str(cls.model_config.get("env_prefix") or "")
 
 
-def read_file(cls: type[BaseSettings], path: Path) -> dict[str, Any]:
+def read_file(cls: Any, path: Path) -> dict[str, Any]:
     """The settings a TOML file gives; SettingsError for a file that cannot be read or parsed, or an
     unknown key (named, with the nearest known one)."""
     try:
@@ -76,9 +76,7 @@ def read_file(cls: type[BaseSettings], path: Path) -> dict[str, Any]:
     return data
 
 
-def misspelt_environment(
-    cls: type[BaseSettings], environ: Mapping[str, str], *, also_known: tuple[str, ...] = ()
-) -> list[str]:
+def misspelt_environment(cls: Any, environ: Mapping[str, str], *, also_known: tuple[str, ...] = ()) -> list[str]:
     """Warnings for variables with the settings' prefix that name no setting (nor one of `also_known`,
     variables of the same prefix read by something else), each with the nearest setting's variable."""
     prefix = prefix_of(cls).upper()
@@ -106,7 +104,7 @@ def load(
     flags and the environment so far, e.g. for the data folder) names a file read when it exists."""
     environ = os.environ if environ is None else environ
     given = {k: v for k, v in flags.items() if v is not None}
-    env = EnvSettingsSource(cls)()
+    env = _env_values(cls)
     path = config
     if path is None and default_config is not None:
         candidate = default_config({**env, **given})
@@ -117,10 +115,21 @@ def load(
     sources.update({k: f"${prefix}{k.upper()}" for k in env})
     sources.update({k: "flag" for k in given})
     try:
-        settings = cls.model_validate({**from_file, **env, **given})
-    except ValidationError as exc:
+        settings = cls.model_validate({**from_file, **env, **given})  # type: ignore[attr-defined]
+    except ValueError as exc:  # pydantic's ValidationError or settings_model's: both list errors()
+        if not hasattr(exc, "errors"):
+            raise
         raise SettingsError("bad settings: " + "; ".join(_problem(e, sources) for e in exc.errors())) from None
     return Loaded(settings, path, sources, misspelt_environment(cls, environ, also_known=also_known_env))
+
+
+def _env_values(cls: Any) -> dict[str, Any]:
+    """The settings the environment gives, read as the class reads them."""
+    if hasattr(cls, "env_values"):
+        return dict(cls.env_values())
+    from pydantic_settings import EnvSettingsSource
+
+    return dict(EnvSettingsSource(cls)())
 
 
 def mask(name: str, value: Any) -> Any:

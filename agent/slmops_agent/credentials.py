@@ -8,14 +8,14 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from slmops_agent.errors import AgentError
 from slmops_agent.layout import write_atomic
 from slmops_protos.links import certificate_fingerprint
+
+if TYPE_CHECKING:  # cryptography is imported when a key is loaded or made
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,9 @@ class CredentialKeeper:
 
 def load_or_create_device_key(path: Path) -> Ed25519PrivateKey:
     """The device's Ed25519 key (PEM, 0600), made on first use."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     if path.exists():
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
@@ -179,11 +182,15 @@ def load_or_create_device_key(path: Path) -> Ed25519PrivateKey:
 
 
 def save_device_key(path: Path, key: Ed25519PrivateKey) -> None:
+    from cryptography.hazmat.primitives import serialization
+
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, pem, mode=0o600)
 
 
 def public_key_hex(key: Ed25519PrivateKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return raw.hex()

@@ -1,7 +1,9 @@
 """The agent's small loopback HTTP server: Prometheus metrics at /metrics and an OpenAI-compatible
 API (/v1/models, /v1/chat/completions and /v1/completions, with SSE streaming).
 
-Starlette served by uvicorn on the agent's own event loop (no thread of its own); the metrics are
+Starlette served by uvicorn on the agent's own event loop (no thread of its own), imported when the
+first connection arrives (the socket listens from the start; with TLS, uvicorn loads the certificate
+at start): an agent nobody asks over HTTP does not hold the HTTP stack in memory. The metrics are
 read from the ModelHost at scrape time by one collector, in a registry of this server's own. The
 OpenAI routes translate at the edge and use the same ModelHost (validation, queue, cancellation)
 as gRPC; errors take their status from `errors.status_name` and become OpenAI error bodies.
@@ -17,11 +19,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
 from slmops_agent.errors import AgentError
 from slmops_agent.reach import TlsFiles, require_protection, token_matches
 from slmops_agent.runtime.host import ModelHost
@@ -29,6 +26,8 @@ from slmops_agent.runtime.host import ModelHost
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import Metric
+    from starlette.requests import Request
+    from starlette.responses import Response
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +111,10 @@ def build_app(host: ModelHost) -> Any:
     """/metrics and the OpenAI routes under /v1. Each part imports its libraries (prometheus_client;
     the OpenAI request models) on its first request, so an agent nobody scrapes or asks over HTTP
     does not hold them in memory."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
     registry: list[CollectorRegistry] = []
 
     async def metrics(request: Request) -> Response:
@@ -139,6 +142,7 @@ def build_app(host: ModelHost) -> Any:
 
 def require_token(app: Any, token: str) -> Any:
     """ASGI wrapper: /v1/* answers 401 (an OpenAI error body) unless `authorization: Bearer <token>`."""
+    from starlette.responses import JSONResponse
 
     async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and str(scope.get("path", "")).startswith("/v1"):
@@ -189,11 +193,12 @@ class HttpServer:
         self.url = ""
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+        self._starting: asyncio.Future[None] | None = None
         self._app_factory: Callable[[ModelHost], Any] = build_app
 
     async def start(self) -> str:
-        import uvicorn
-
+        """Listen, and serve from the first connection on (with TLS: at once); returns the URL."""
         require_protection("HTTP", self.address, self.tls, self.token)
         sock = socket.socket(socket.AF_INET6 if ":" in self.address else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -204,22 +209,18 @@ class HttpServer:
             raise AgentError(f"HTTP cannot listen on {self.address}:{self.port}: {exc.strerror}") from exc
         sock.listen(128)
         sock.setblocking(False)
+        self._sock = sock
         port = sock.getsockname()[1]
-        app: Any = self._app_factory(self.host)
-        if self.token is not None:
-            app = require_token(app, self.token)
-        tls_kw: dict[str, Any] = {}
-        if self.tls is not None:
-            tls_kw = {"ssl_certfile": str(self.tls.cert_path), "ssl_keyfile": str(self.tls.key_path)}
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none", **tls_kw)
-        self._server = _server_class()(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="slmops-http")
-        while not self._server.started:
-            if self._task.done():
+        if self.tls is None:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._first_connection)
+        else:  # a certificate uvicorn cannot load is refused at start, not at the first request
+            try:
+                await self._serve()
+            except BaseException:
+                self._server = self._task = None
+                self._sock = None
                 sock.close()
-                self._task.result()
-                raise AgentError("the HTTP server stopped at start-up")
-            await asyncio.sleep(0.01)
+                raise
         host = f"[{self.address}]" if ":" in self.address else self.address
         self.url = f"{'https' if self.tls is not None else 'http'}://{host}:{port}"
         if self.addr_file is not None:
@@ -227,8 +228,50 @@ class HttpServer:
         log.info("HTTP (metrics) on %s", self.url)
         return self.url
 
+    def _first_connection(self) -> None:
+        """A connection waits in the socket's backlog: start uvicorn, which accepts it."""
+        assert self._sock is not None
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._starting = asyncio.ensure_future(self._serve())
+        self._starting.add_done_callback(self._started)
+
+    def _started(self, starting: asyncio.Future[None]) -> None:
+        if not starting.cancelled() and starting.exception() is not None:
+            log.error("the HTTP server did not start", exc_info=starting.exception())
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        # the imports (uvicorn, starlette: ~0.1 s) in a thread, not on the loop gRPC shares
+        server_class = await loop.run_in_executor(None, _server_class)
+        app: Any = await loop.run_in_executor(None, self._app_factory, self.host)
+        if self.token is not None:
+            app = require_token(app, self.token)
+        import uvicorn
+
+        tls_kw: dict[str, Any] = {}
+        if self.tls is not None:
+            tls_kw = {"ssl_certfile": str(self.tls.cert_path), "ssl_keyfile": str(self.tls.key_path)}
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none", **tls_kw)
+        self._server = server_class(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="slmops-http")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise AgentError("the HTTP server stopped at start-up")
+            await asyncio.sleep(0.01)
+
     async def stop(self, grace_s: float = 5.0) -> None:
-        if self._server is None or self._task is None:
+        if self._starting is not None:
+            with contextlib.suppress(Exception):
+                await self._starting
+        if self._server is None or self._task is None:  # uvicorn never took the socket: close it here
+            if self._sock is not None:
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+                self._sock.close()
+                self._sock = None
+                if self.addr_file is not None:
+                    self.addr_file.unlink(missing_ok=True)
             return
         self._server.should_exit = True
         try:
@@ -239,5 +282,6 @@ class HttpServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._server = self._task = None
+        self._sock = None  # closed by uvicorn
         if self.addr_file is not None:
             self.addr_file.unlink(missing_ok=True)

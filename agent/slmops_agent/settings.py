@@ -1,4 +1,7 @@
-"""The agent's one settings object: flags > environment (SLMOPS_AGENT_*) > defaults."""
+"""The agent's one settings object: flags > environment (SLMOPS_AGENT_*) > defaults.
+
+A `settings_model.Settings` (not pydantic-settings: an idle agent does not load pydantic).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from slmops_agent.relay import GROUP_S
+from slmops_agent.settings_model import Field, Settings, SettingsValidationError
+
+__all__ = ["DEFAULT_STATE_DIR", "AgentSettings", "SettingsValidationError", "free_cores", "load_settings"]
 
 DEFAULT_STATE_DIR = Path("~/.slmops/agent")
 
@@ -28,15 +31,37 @@ def free_cores() -> int:
     return max(1, min(total, int(total - busy + 0.5)))
 
 
-class AgentSettings(BaseSettings):
+def _expand(value: Path | None) -> Path | None:
+    return None if value is None else value.expanduser().absolute()
+
+
+def _check_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return value
+
+
+def _check_level(value: str) -> str:
+    value = value.upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("log_level is one of DEBUG, INFO, WARNING, ERROR")
+    return value
+
+
+class AgentSettings(Settings):
     """Everything the agent can be told. Read once at start-up, never at import time."""
 
-    model_config = SettingsConfigDict(env_prefix="SLMOPS_AGENT_", extra="forbid", validate_default=True)
+    env_prefix = "SLMOPS_AGENT_"
 
-    state_dir: Path = Field(DEFAULT_STATE_DIR, description="The agent's state folder.")
-    grpc_socket: Path | None = Field(None, description="Unix socket for gRPC; default <state_dir>/agent.sock.")
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="The agent's state folder.", check=_expand)
+    grpc_socket: Path | None = Field(
+        None, description="Unix socket for gRPC; default <state_dir>/agent.sock.", check=_expand
+    )
     grpc_address: str = Field(
-        "127.0.0.1:50051", description="TCP host:port for gRPC; port 0 picks a free one (written to grpc.addr)."
+        "127.0.0.1:50051",
+        description="TCP host:port for gRPC; port 0 picks a free one (written to grpc.addr).",
+        check=_check_address,
     )
     grpc_tcp: bool = Field(True, description="Listen on grpc_address as well as on the Unix socket.")
     metrics_port: int = Field(
@@ -46,8 +71,10 @@ class AgentSettings(BaseSettings):
         description="HTTP port for /metrics and the OpenAI API /v1; 0: a free one (see metrics.addr); -1: off.",
     )
     metrics_host: str = Field("127.0.0.1", description="Address of the HTTP server (loopback by default).")
-    tls_cert: Path | None = Field(None, description="PEM certificate for gRPC TCP and HTTP (needed off loopback).")
-    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate for gRPC TCP and HTTP (needed off loopback).", check=_expand
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.", check=_expand)
     auth_token: str | None = Field(
         None,
         min_length=16,
@@ -80,6 +107,12 @@ class AgentSettings(BaseSettings):
         False,
         description="onnxruntime's CPU memory arena: keeps the largest tensors of a burst for the next one "
         "(faster, more memory); off, memory goes back after each run.",
+    )
+    int4_compute: Literal["int8", "fp32"] = Field(
+        "int8",
+        description="How int4 MatMuls compute: int8 (activations quantized to int8, as the builder's profiles "
+        "ask: fastest) or fp32 (onnxruntime's mlas.qnbit.force_fp32: the weights' prepacked copy takes less "
+        "memory, decoding is slower; see benchmarks/README.md, prepack_bench).",
     )
     malloc_arenas: int = Field(
         2,
@@ -119,39 +152,16 @@ class AgentSettings(BaseSettings):
     mqtt_reconnect_min_s: float = Field(1.0, gt=0)
     mqtt_reconnect_max_s: float = Field(60.0, gt=0)
     mqtt_connect_jitter_s: float = Field(2.0, ge=0, description="Random wait before the first connect.")
-    log_level: str = Field("INFO")
+    log_level: str = Field("INFO", check=_check_level)
     crash_after_state: str | None = Field(
         None, description="Fault injection for crash tests: SIGKILL the agent right after saving this state."
     )
 
-    @field_validator("state_dir", "grpc_socket", "tls_cert", "tls_key", mode="after")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return None if value is None else value.expanduser().absolute()
-
-    @field_validator("grpc_address")
-    @classmethod
-    def _check_address(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected host:port, got {value!r}")
-        return value
-
-    @field_validator("log_level")
-    @classmethod
-    def _check_level(cls, value: str) -> str:
-        value = value.upper()
-        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ValueError("log_level is one of DEBUG, INFO, WARNING, ERROR")
-        return value
-
-    @model_validator(mode="after")
-    def _defaults(self) -> AgentSettings:
+    def check_all(self) -> None:
         if self.grpc_socket is None:
             self.grpc_socket = self.state_dir / "agent.sock"
         if self.mqtt_reconnect_max_s < self.mqtt_reconnect_min_s:
             raise ValueError("mqtt_reconnect_max_s must be >= mqtt_reconnect_min_s")
-        return self
 
     @property
     def socket_path(self) -> Path:
@@ -166,10 +176,11 @@ class AgentSettings(BaseSettings):
             "max_batch": self.max_batch,
             "context_length": self.context_length,
             "cpu_arena": self.cpu_arena,
+            "int4_compute": self.int4_compute,
         }
 
 
 def load_settings(**overrides: object) -> AgentSettings:
     """Settings from the environment with the given flags on top (None means: not given)."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return AgentSettings(**given)  # type: ignore[arg-type]
+    return AgentSettings(**given)

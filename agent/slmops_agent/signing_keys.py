@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, overload
 
 from slmops_agent.credentials import Credentials
 from slmops_agent.errors import AgentError
@@ -31,7 +30,10 @@ from slmops_protos.key_statements import (
     hex_key_id,
     normalize_key,
 )
-from slmops_protos.manifests import PackageError, public_key_from_hex
+from slmops_protos.manifests import public_key_from_hex
+
+if TYPE_CHECKING:  # cryptography is imported when a key is first used
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,35 @@ def save_ring(layout: StateLayout, ring: KeyRing) -> None:
     write_atomic(layout.key_ring, (json.dumps(data, indent=2) + "\n").encode(), mode=0o600)
 
 
-def parse_keys(hexes: list[str] | tuple[str, ...]) -> list[Ed25519PublicKey]:
+class PublicKeys(Sequence["Ed25519PublicKey"]):
+    """Signing keys given as hex, checked at once, parsed when first used: an agent that verifies
+    nothing (idle, no package) does not load cryptography."""
+
+    def __init__(self, hexes: Sequence[str]) -> None:
+        self.hexes = tuple(hexes)
+        self._keys: list[Ed25519PublicKey] | None = None
+
+    def _parsed(self) -> list[Ed25519PublicKey]:
+        if self._keys is None:
+            self._keys = [public_key_from_hex(k) for k in self.hexes]
+        return self._keys
+
+    @overload
+    def __getitem__(self, index: int) -> Ed25519PublicKey: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Ed25519PublicKey]: ...
+    def __getitem__(self, index: int | slice) -> Ed25519PublicKey | list[Ed25519PublicKey]:
+        return self._parsed()[index]
+
+    def __len__(self) -> int:
+        return len(self.hexes)
+
+
+def parse_keys(hexes: Sequence[str]) -> PublicKeys:
+    """The keys `hexes` are the hex of; AgentError naming a malformed one."""
     try:
-        return [public_key_from_hex(k) for k in hexes]
-    except PackageError as exc:
+        return PublicKeys([normalize_key(k) for k in hexes])
+    except KeyStatementError as exc:
         raise AgentError(f"a pinned signing key is malformed: {exc.reason}") from exc
 
 

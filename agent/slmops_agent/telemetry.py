@@ -10,7 +10,6 @@ fleet de-duplicates by (device id, seq).
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +47,8 @@ class TelemetryQueue:
         self.path = path
         self.bound = bound
         self._lock = threading.Lock()
+        import sqlite3  # only an enrolled agent queues telemetry
+
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

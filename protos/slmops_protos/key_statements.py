@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
-from slmops_protos.manifests import key_id, public_key_from_hex
+from slmops_protos.manifests import is_sha256_hex, public_key_from_hex, sha256_hex
 from slmops_protos.package.v1 import manifest_pb2
+
+if TYPE_CHECKING:  # cryptography is imported where a signature is checked
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 STATEMENT_FORMAT_VERSION = 1
 # Signatures cover this prefix + the statement bytes: a statement signature is never a valid
@@ -72,19 +74,17 @@ class KeyRing:
 
 
 def normalize_key(value: str) -> str:
-    """The lowercase hex of a raw Ed25519 public key; KeyStatementError if it is not one."""
+    """The lowercase hex of a raw Ed25519 public key; KeyStatementError if it is not one. (A raw
+    Ed25519 public key is any 32 bytes, as cryptography takes them: checked without importing it.)"""
     text = value.strip().lower()
-    if len(text) != 64:
+    if not is_sha256_hex(text):  # 64 hex digits, the same shape as a SHA-256's
         raise KeyStatementError(f"not an Ed25519 public key in hex: {value[:20]!r}")
-    try:
-        public_key_from_hex(text)
-    except ValueError:
-        raise KeyStatementError(f"not an Ed25519 public key in hex: {value[:20]!r}") from None
     return text
 
 
 def hex_key_id(value: str) -> str:
-    return key_id(public_key_from_hex(value))
+    """`manifests.key_id` of the key whose raw bytes `value` is the hex of."""
+    return sha256_hex(bytes.fromhex(value))[:16]
 
 
 def parse_signed_statement(data: bytes) -> tuple[manifest_pb2.SignedKeyStatement, manifest_pb2.KeyStatement]:
@@ -105,6 +105,8 @@ def parse_signed_statement(data: bytes) -> tuple[manifest_pb2.SignedKeyStatement
 
 def statement_signer(signed: manifest_pb2.SignedKeyStatement, ring: KeyRing) -> str:
     """The key id of the first trusted key whose signature is valid; KeyStatementError if none."""
+    from cryptography.exceptions import InvalidSignature
+
     trusted = {hex_key_id(k): public_key_from_hex(k) for k in ring.trusted}
     retired = {hex_key_id(k) for k in ring.retired}
     if not signed.signatures:

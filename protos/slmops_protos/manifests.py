@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from slmops_protos.package.v1 import manifest_pb2
+
+if TYPE_CHECKING:  # cryptography is imported where a key is parsed (an idle agent need not load it)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 FORMAT_VERSION = 1
 SIGNED_MANIFEST_FILE = "manifest.signed.pb"
@@ -82,6 +84,8 @@ def public_key_bytes(public_key: Ed25519PublicKey) -> bytes:
 
 
 def public_key_from_hex(value: str) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         return Ed25519PublicKey.from_public_bytes(bytes.fromhex(value))
     except ValueError as exc:
@@ -145,6 +149,8 @@ def verify_signed_manifest(
 ) -> manifest_pb2.Manifest:
     """Return the manifest if a trusted key signed its exact bytes; raise PackageError otherwise
     (naming a retired key when only such keys signed it)."""
+    from cryptography.exceptions import InvalidSignature
+
     keys = {key_id(k): k for k in trusted_keys}
     if not keys:
         raise PackageError("no trusted signing keys configured")

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from slmops_agent.errors import InvalidRequest, ModelLoadError
 from slmops_agent.inventory import PROVIDERS_CACHE, collect_inventory, onnxruntime_providers
 from slmops_agent.runtime.memory import release_memory
 from slmops_agent.runtime.model import DEFAULT_CONTEXT, LoadedModel, effective_context
 from slmops_agent.runtime.requests import FinishReason, GenerationRequest, Limits
-from slmops_agent.settings import AgentSettings
+from slmops_agent.settings import AgentSettings, SettingsValidationError
 
 LIMITS = Limits(default_max_new_tokens=12, max_new_tokens_limit=200)
 
@@ -50,6 +49,16 @@ def test_context_length_bounds_prompt_and_new_tokens(model: LoadedModel, caplog:
     assert result.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
 
 
+def test_int4_matmuls_may_compute_in_fp32(model: LoadedModel) -> None:
+    """`int4_compute = "fp32"` loads the model with onnxruntime's fp32 int4 kernels (a smaller
+    prepacked copy: prepack_bench.py) and generates; the setting reaches the model's options."""
+    fp32 = LoadedModel(model.path, model.info, threads=1, int4_compute="fp32")
+    request = GenerationRequest(prompt="The capital of", max_new_tokens=8, temperature=0.0)
+    result = fp32.generate(request, limits=LIMITS)
+    assert result.completion_tokens > 0 and result.prompt_tokens > 0
+    assert AgentSettings(int4_compute="fp32").model_options()["int4_compute"] == "fp32"
+
+
 @pytest.mark.parametrize(
     ("key", "value", "error"),
     [
@@ -58,11 +67,12 @@ def test_context_length_bounds_prompt_and_new_tokens(model: LoadedModel, caplog:
         ("max_batch", 0, "greater than or equal to 1"),
         ("cpu_arena", "sometimes", "valid boolean"),
         ("malloc_arenas", -1, "greater than or equal to 0"),
+        ("int4_compute", "int16", "'int8' or 'fp32'"),
     ],
 )
 def test_the_memory_settings_are_validated(key: str, value: object, error: str) -> None:
-    with pytest.raises(ValidationError, match=error):
-        AgentSettings(**{key: value})  # type: ignore[arg-type]
+    with pytest.raises(SettingsValidationError, match=error):
+        AgentSettings(**{key: value})
 
 
 def test_the_memory_settings_defaults_fit_a_small_device() -> None:
@@ -74,28 +84,61 @@ def test_memory_is_given_back_where_the_c_library_can() -> None:
     assert release_memory() is (sys.platform == "linux")
 
 
+IDLE_AGENT = """
+import asyncio, json, sys, tempfile, urllib.request
+from slmops_agent.cli import _settings
+from slmops_agent.daemon import Agent
+
+HEAVY = {heavy!r}
+state = tempfile.mkdtemp()
+agent = Agent(_settings(state_dir=state, grpc_address="127.0.0.1:0"))
+seen = {{}}
+
+
+def ready(addresses):
+    seen["idle"] = [m for m in HEAVY if m in sys.modules]
+    url = next(a for a in addresses if a.startswith("http"))
+    def scrape():
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+            seen["status"] = response.status
+            seen["body"] = response.read().decode()
+        agent.request_stop()
+    asyncio.get_running_loop().run_in_executor(None, scrape)
+
+
+asyncio.run(agent.serve(ready, signals=False))
+seen["after_http"] = [m for m in HEAVY if m in sys.modules]
+print(json.dumps(seen))
+"""
+
+
 def test_an_idle_agent_imports_no_library_it_does_not_use_yet() -> None:
-    """The daemon's and the CLI's modules load without numpy, the native runtime, Prometheus, paho,
-    the OpenAI routes or rich: each comes when its feature is first used."""
+    """A real agent (no model, not enrolled, HTTP on) serves without numpy, the native runtime,
+    cryptography, pydantic, the HTTP stack, Prometheus, paho, sqlite or rich: each comes when its
+    feature is first used; the first HTTP connection brings the HTTP stack and is answered."""
     heavy = [
         "numpy",
         "onnxruntime",
         "onnxruntime_genai",
+        "cryptography",
+        "pydantic",
+        "pydantic_settings",
+        "starlette",
+        "uvicorn",
         "prometheus_client",
         "paho",
+        "sqlite3",
         "slmops_agent.openai_api",
         "rich",
     ]
-    code = (
-        "import json, sys\n"
-        "import pathlib, tempfile\n"
-        "import slmops_agent.cli, slmops_agent.daemon, slmops_agent.httpapi\n"
-        "from slmops_agent.inventory import collect_inventory\n"
-        "collect_inventory(pathlib.Path(tempfile.mkdtemp()))\n"
-        f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    assert json.loads(out) == []
+    code = IDLE_AGENT.format(heavy=heavy)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["idle"] == []
+    assert seen["status"] == 200 and "slmops_agent_model_loaded 0.0" in seen["body"]
+    assert {"starlette", "uvicorn", "prometheus_client"} <= set(seen["after_http"])
+    assert not {"cryptography", "pydantic", "numpy"} & set(seen["after_http"])
 
 
 def test_the_execution_providers_are_asked_once_per_installed_onnxruntime(tmp_path: Path) -> None:

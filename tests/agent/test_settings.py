@@ -3,9 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from slmops_agent.settings import AgentSettings, free_cores, load_settings
+from slmops_agent.settings import AgentSettings, SettingsValidationError, free_cores, load_settings
 
 
 def test_defaults_derive_from_the_state_dir(tmp_path: Path) -> None:
@@ -40,8 +39,8 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     ],
 )
 def test_bad_settings_are_refused(tmp_path: Path, field: str, value: object) -> None:
-    with pytest.raises(ValidationError):
-        AgentSettings(state_dir=tmp_path, **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(SettingsValidationError):
+        AgentSettings(state_dir=tmp_path, **{field: value})
 
 
 def test_free_cores_is_at_least_one() -> None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from slmops_agent.errors import InvalidRequest, ModelLoadError, NotFound
 from slmops_agent.runtime.batching import BatchMember, BatchRun
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 4
 DEFAULT_CONTEXT = 2048  # tokens a sequence may hold when the settings name none (the model's, if shorter)
 MIB = 1024 * 1024
+Int4Compute = Literal["int8", "fp32"]
 
 
 def kv_bytes_per_token(decoder: dict[str, Any]) -> int:
@@ -67,7 +68,10 @@ class LoadedModel:
     agent's default) decides at load time (`resolve_spinning`). `max_batch` > 1 lets
     `generate_batch` decode that many requests together through onnxruntime-genai's Engine (its
     static batching: requests join when a batch starts). `cpu_arena`: onnxruntime's CPU arena (off:
-    a turn's memory goes back when it ends, `memory.release_memory`). `context_length` caps a sequence's prompt
+    a turn's memory goes back when it ends, `memory.release_memory`). `int4_compute`: how int4
+    MatMuls compute, "int8" (the builder's accuracy level 4: activations quantized to int8) or
+    "fp32" (onnxruntime's `mlas.qnbit.force_fp32`: the weights' prepacked copy is smaller, decoding
+    slower; benchmarks/prepack_bench.py). `context_length` caps a sequence's prompt
     and new tokens (and so its KV cache; `effective_context`); the model's generation defaults'
     max_length is capped to it too."""
 
@@ -81,6 +85,7 @@ class LoadedModel:
         max_batch: int = DEFAULT_MAX_BATCH,
         context_length: int | None = None,
         cpu_arena: bool = False,
+        int4_compute: Int4Compute = "int8",
     ) -> None:
         og = load_genai()
         self.path = path
@@ -99,6 +104,8 @@ class LoadedModel:
                 "session.intra_op.allow_spinning": spin,
                 "enable_cpu_mem_arena": cpu_arena,
             }
+            if int4_compute == "fp32":  # int4 MatMuls in fp32: a smaller prepacked copy, slower decode
+                session["mlas.qnbit.force_fp32"] = "1"
             overlay: dict[str, Any] = {
                 "model": {"decoder": {"session_options": session}},
                 "search": {"max_length": self.context_length},
@@ -278,6 +285,7 @@ def load_model(
     max_batch: int = DEFAULT_MAX_BATCH,
     context_length: int | None = None,
     cpu_arena: bool = False,
+    int4_compute: Int4Compute = "int8",
 ) -> LoadedModel:
     return LoadedModel(
         path,
@@ -287,4 +295,5 @@ def load_model(
         max_batch=max_batch,
         context_length=context_length,
         cpu_arena=cpu_arena,
+        int4_compute=int4_compute,
     )

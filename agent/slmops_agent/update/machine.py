@@ -33,12 +33,10 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from slmops_agent.blob_store import BlobStore, Chunk, InsufficientSpace
 from slmops_agent.errors import AgentError, BlobError, ModelLoadError, PackageRejected
@@ -76,6 +74,9 @@ from slmops_protos.manifests import BLOBS_DIR, PackageError, package_id
 from slmops_protos.package.v1 import manifest_pb2
 from slmops_protos.states import UpdateState
 
+if TYPE_CHECKING:  # cryptography is imported when a signature is checked
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
@@ -91,8 +92,8 @@ class Updater:
         settings: AgentSettings,
         host: ModelHost,
         *,
-        trusted_keys: list[Ed25519PublicKey],
-        retired_keys: list[Ed25519PublicKey] | None = None,
+        trusted_keys: Sequence[Ed25519PublicKey],
+        retired_keys: Sequence[Ed25519PublicKey] | None = None,
         device_id: str = "",
         on_report: Callable[[Report], None] | None = None,
         on_blob_request: Callable[[BlobWant], None] | None = None,
@@ -167,7 +168,7 @@ class Updater:
         )
         return self.current_report()
 
-    def set_keys(self, trusted: list[Ed25519PublicKey], retired: list[Ed25519PublicKey]) -> None:
+    def set_keys(self, trusted: Sequence[Ed25519PublicKey], retired: Sequence[Ed25519PublicKey]) -> None:
         """Trust these signing keys from now on (a key statement was applied)."""
         self.manifests.set_keys(trusted, retired)
 

@@ -5,10 +5,10 @@ device before anything is fetched."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from slmops_agent.errors import NotFound, PackageRejected
 from slmops_agent.runtime.model import ModelInfo
@@ -25,6 +25,9 @@ from slmops_protos.manifests import (
 )
 from slmops_protos.package.v1 import manifest_pb2
 from slmops_protos.providers import ort_provider_name
+
+if TYPE_CHECKING:  # cryptography is imported when a signature is checked
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +105,16 @@ class Manifests:
     installs, it does not stop the device serving what it runs."""
 
     def __init__(
-        self, folder: Path, trusted_keys: list[Ed25519PublicKey], retired_keys: list[Ed25519PublicKey] | None = None
+        self,
+        folder: Path,
+        trusted_keys: Sequence[Ed25519PublicKey],
+        retired_keys: Sequence[Ed25519PublicKey] | None = None,
     ) -> None:
         self.folder = folder
         self.trusted_keys = trusted_keys
         self.retired_keys = retired_keys or []
 
-    def set_keys(self, trusted: list[Ed25519PublicKey], retired: list[Ed25519PublicKey]) -> None:
+    def set_keys(self, trusted: Sequence[Ed25519PublicKey], retired: Sequence[Ed25519PublicKey]) -> None:
         self.trusted_keys, self.retired_keys = trusted, retired
 
     def read(self, pid: str, *, installed: bool = True) -> manifest_pb2.Manifest:
