@@ -4,8 +4,8 @@ A Trainer configuration (`trainer_setup`): AdamW, the warm-up then linear schedu
 accumulation and clipping, mixed precision and the device, one process or several (torchrun /
 accelerate launch: DDP, the global batch split across them). What is ours is a callback:
 `BestAdapter` keeps the adapter of the lowest validation loss in out/adapter and stops after
-`patience` evaluations without improvement. Checkpoints are Trainer's (`checkpoints/checkpoint-N/`,
-with our `finetune_config.json`, written last: a checkpoint without it is incomplete), resumed with
+`patience` evaluations without improvement. Checkpoints are Trainer's (`checkpoints/checkpoint-N/`;
+its trainer_state.json is written last: a checkpoint without it is incomplete), resumed with
 Trainer's `resume_from_checkpoint`; the data order is a pure function of (seed, position), so a
 resumed run sees the same batches as an uninterrupted one, under any process count.
 """
@@ -28,6 +28,7 @@ from slmops_builder.train.runs import (
     CHECKPOINTS_DIR,
     FinetuneConfig,
     FinetuneResult,
+    LoraSettings,
     ProgressFn,
 )
 from slmops_builder.train.trainer_setup import (
@@ -43,7 +44,7 @@ from slmops_builder.train.trainer_setup import (
 
 __all__ = ["PEFT", "PeftEngine", "latest_checkpoint", "train_peft"]
 
-CONFIG_FILE = "finetune_config.json"
+STATE_FILE = "trainer_state.json"  # Trainer writes it last into a checkpoint
 
 
 class PeftEngine:
@@ -55,6 +56,8 @@ class PeftEngine:
         per_process_batch(config.batch_size, world_size())
         if config.qlora:
             check_qlora()
+            if device != "cuda":
+                raise ValueError("--qlora trains on a CUDA GPU: drop --device cpu")
 
     def train(
         self,
@@ -79,7 +82,7 @@ PEFT = PeftEngine()
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The last complete checkpoint of the run in `out_dir` (None: none)."""
     ckpts = sorted((Path(out_dir) / CHECKPOINTS_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    complete = [c for c in ckpts if (c / CONFIG_FILE).is_file()]
+    complete = [c for c in ckpts if (c / STATE_FILE).is_file()]
     return complete[-1] if complete else None
 
 
@@ -110,8 +113,8 @@ def train_peft(
     if resume and start_ckpt is None:
         raise FileNotFoundError(f"nothing to resume: no checkpoint under {out_dir / CHECKPOINTS_DIR}")
     if start_ckpt is not None:
-        trained = json.loads((start_ckpt / CONFIG_FILE).read_text())["lora"]
-        if trained != cfg.lora.model_dump(mode="json"):
+        trained = _lora_of(start_ckpt)
+        if trained != cfg.lora.model_copy(update={"target_modules": tuple(sorted(cfg.lora.target_modules))}):
             raise ValueError(f"cannot resume {start_ckpt}: it was trained with LoRA {trained}")
     if not resume and out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; pass resume to continue it or choose a new folder")
@@ -184,9 +187,9 @@ def _best_adapter() -> Any:
     from transformers import TrainerCallback
 
     class BestAdapter(TrainerCallback):
-        """Keeps the adapter of the lowest validation loss, stops after `patience` evaluations
-        without improvement (saving a checkpoint there), and marks every checkpoint complete by
-        writing the run's config into it. Its state is rebuilt from Trainer's log on resume."""
+        """Keeps the adapter of the lowest validation loss and stops after `patience` evaluations
+        without improvement (saving a checkpoint there). Its state is rebuilt from Trainer's log
+        (kept in the checkpoints) on resume."""
 
         def __init__(self, cfg: FinetuneConfig, adapter_dir: Path) -> None:
             self.cfg, self.adapter_dir = cfg, adapter_dir
@@ -214,12 +217,18 @@ def _best_adapter() -> Any:
                 self.stopped_early = True
                 control.should_training_stop = control.should_save = True
 
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                (ckpt / CONFIG_FILE).write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2) + "\n")
-
     return BestAdapter
+
+
+def _lora_of(checkpoint: Path) -> LoraSettings:
+    """The LoRA settings a checkpoint's adapter was trained with (its adapter_config.json)."""
+    peft = json.loads((checkpoint / "adapter_config.json").read_text())
+    return LoraSettings(
+        r=peft["r"],
+        alpha=peft["lora_alpha"],
+        dropout=peft["lora_dropout"],
+        target_modules=tuple(sorted(peft["target_modules"])),
+    )
 
 
 def _save_adapter(model: Any, adapter_dir: Path) -> None:
