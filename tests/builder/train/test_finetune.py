@@ -136,3 +136,14 @@ def test_device_and_precision_choice() -> None:
     assert resolve_device("cpu") == "cpu" and resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"  # CPU autocast has bf16
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_bf16_autocast_trains_on_the_cpu(trainable_tiny: Path, tmp_path: Path) -> None:
+    """--precision bf16 runs the forward in bf16 (autocast): the first loss moves off fp32's a little."""
+    splits = generate_splits(16, 0, 0, seed=4)
+    cfg = FinetuneConfig(lora=LORA, max_steps=2, learning_rate=3e-2, batch_size=4, threads=1)
+    fp32 = finetune(trainable_tiny, splits.train, tmp_path / "fp32", cfg)
+    bf16 = finetune(trainable_tiny, splits.train, tmp_path / "bf16", cfg.model_copy(update={"precision": "bf16"}))
+    first32, first16 = fp32.history[0]["train_loss"], bf16.history[0]["train_loss"]
+    assert first16 != first32 and first16 == pytest.approx(first32, rel=1e-2)
+    assert json.loads((tmp_path / "bf16" / "finetune.json").read_text())["config"]["precision"] == "bf16"
