@@ -116,7 +116,7 @@ def train_peft(
         trained = _lora_of(start_ckpt)
         if trained != cfg.lora.model_copy(update={"target_modules": tuple(sorted(cfg.lora.target_modules))}):
             raise ValueError(f"cannot resume {start_ckpt}: it was trained with LoRA {trained}")
-    if not resume and out_dir.exists() and any(out_dir.iterdir()):
+    if not resume and _has_content(out_dir):
         raise FileExistsError(f"{out_dir} is not empty; pass resume to continue it or choose a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -218,6 +218,14 @@ def _best_adapter() -> Any:
                 control.should_training_stop = control.should_save = True
 
     return BestAdapter
+
+
+def _has_content(out_dir: Path) -> bool:
+    """Whether `out_dir` holds anything but an empty checkpoints folder (which another process of
+    this run may have made already)."""
+    if not out_dir.is_dir():
+        return False
+    return any(p.name != CHECKPOINTS_DIR or any(p.iterdir()) for p in out_dir.iterdir())
 
 
 def _lora_of(checkpoint: Path) -> LoraSettings:
