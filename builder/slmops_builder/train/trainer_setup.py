@@ -184,22 +184,15 @@ def training_arguments(
     )
 
 
-def _history_rows(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """loss.csv's rows from Trainer's log: a training row per step, its step's validation loss added."""
-    rows: dict[int, dict[str, Any]] = {}
-    for entry in log_history:
-        step = int(entry["step"])
-        if "loss" in entry:
-            rows[step] = {
-                "step": step,
-                "train_loss": float(entry["loss"]),
-                "val_loss": None,
-                "lr": float(entry["learning_rate"]),
-                "seconds": entry.get("seconds", 0.0),
-            }
-        elif "eval_loss" in entry and step in rows:
-            rows[step]["val_loss"] = float(entry["eval_loss"])
-    return [rows[s] for s in sorted(rows)]
+def _add_row(rows: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    """Add Trainer's log entry to loss.csv's rows: a training row per step, its validation loss (logged
+    after it) added to it."""
+    step = int(entry["step"])
+    if "loss" in entry:
+        row = {"step": step, "train_loss": float(entry["loss"]), "val_loss": None}
+        rows.append({**row, "lr": float(entry["learning_rate"]), "seconds": entry.get("seconds", 0.0)})
+    elif "eval_loss" in entry and rows and rows[-1]["step"] == step:
+        rows[-1]["val_loss"] = float(entry["eval_loss"])
 
 
 def trainer_classes() -> tuple[Any, Any]:
@@ -247,7 +240,9 @@ def _classes() -> tuple[Any, Any]:
             return time.perf_counter() - self._t0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.rows = _history_rows(state.log_history)
+            self.rows = []
+            for entry in state.log_history:
+                _add_row(self.rows, entry)
             done = self.rows[-1]["seconds"] if self.rows else 0.0
             self._t0 = time.perf_counter() - float(done)
 
@@ -257,12 +252,12 @@ def _classes() -> tuple[Any, Any]:
             if not state.log_history:
                 return
             state.log_history[-1]["seconds"] = round(self.seconds(), 3)
-            self.rows = _history_rows(state.log_history)
-            if logs and self.progress is not None and state.is_world_process_zero:
+            _add_row(self.rows, state.log_history[-1])
+            reported = logs is not None and ("loss" in logs or "eval_loss" in logs)
+            if reported and self.rows and self.progress is not None and state.is_world_process_zero:
                 row = self.rows[-1]
-                if "loss" in logs or "eval_loss" in logs:
-                    self.progress(
-                        ProgressEvent(row["step"], state.max_steps, row["train_loss"], row["val_loss"], row["seconds"])
-                    )
+                self.progress(
+                    ProgressEvent(row["step"], state.max_steps, row["train_loss"], row["val_loss"], row["seconds"])
+                )
 
     return StreamTrainer, HistoryCallback
