@@ -110,9 +110,10 @@ def test_torchrun_two_processes_match_one(trainable_tiny: Path, tmp_path: Path) 
     assert loss_two == pytest.approx(loss_one, rel=REL)
 
 
-def test_accelerate_run_resumes_in_one_process(trainable_tiny: Path, tmp_path: Path) -> None:
-    """Three steps under `accelerate launch` with two processes, then three more in one process: the
-    curve of the same stop and resume done in one process all along."""
+def test_a_run_resumes_under_another_process_count(trainable_tiny: Path, tmp_path: Path) -> None:
+    """Three steps under `accelerate launch` with two processes, then three more in one process; and
+    three in one process, then three more under torchrun with two: both give the curve of the same
+    stop and resume done in one process all along."""
     splits = generate_splits(32, 8, 0, seed=4)
     write_jsonl(splits.train, tmp_path / "train.jsonl")
     write_jsonl(splits.validation, tmp_path / "val.jsonl")
@@ -129,6 +130,15 @@ def test_accelerate_run_resumes_in_one_process(trainable_tiny: Path, tmp_path: P
     assert resumed.resumed_from == 3 and resumed.steps == 6
     _same_curve(straight.history, resumed.history)
     assert resumed.best_val_loss == pytest.approx(straight.best_val_loss, rel=REL)
+
+    grown = tmp_path / "grown"
+    finetune(trainable_tiny, splits.train, grown, _config(3), validation=splits.validation)
+    cli = _cli(trainable_tiny, tmp_path / "train.jsonl", tmp_path / "val.jsonl", grown, 6)
+    _launch(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], [*cli, "--resume"])
+    summary = json.loads((grown / "finetune.json").read_text())
+    assert summary["resumed_from"] == 3 and summary["steps"] == 6
+    assert (grown / "checkpoints" / "checkpoint-6" / "rng_state_1.pth").is_file()
+    _same_curve(straight.history, _rows(grown))
 
 
 def test_batch_not_divisible_by_the_processes_is_refused(
