@@ -5,7 +5,9 @@
 - `examples`     chat examples and the user's JSONL data
 - `runs`         what the fine-tuning engines share: settings, progress, result, run layout, protocol
 - `finetune`     `finetune()` and the training engines' registry (`TRAINING_ENGINES`)
-- `peft_engine`  LoRA/QLoRA with PEFT: checkpoints, exact resume, early stopping
+- `peft_engine`  LoRA/QLoRA with PEFT on transformers' Trainer: checkpoints, exact resume, early stopping
+- `trainer_setup` what the Trainer-based engines share: device and precision, the processes of a
+                 distributed run (global batch split, main process), data stream, schedule, history
 - `olive_engine` `olive finetune` in float32 into the same layout
 - `hf_models`    Hugging Face models and tokenizers for training (QLoRA on CUDA)
 - `batches`      examples as token batches, the seeded data order

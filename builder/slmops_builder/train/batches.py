@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from slmops_builder.train.examples import Example
@@ -14,7 +15,7 @@ from slmops_builder.train.hf_models import prompt_text
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IGNORE_INDEX", "batch_indices", "collate", "encode_example"]
+__all__ = ["IGNORE_INDEX", "batch_indices", "collate", "encode_example", "epoch_order"]
 
 IGNORE_INDEX = -100
 
@@ -49,7 +50,13 @@ def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[i
     out = []
     for k in range(micro_step * batch_size, (micro_step + 1) * batch_size):
         epoch, pos = divmod(k, n)
-        perm = list(range(n))
-        random.Random(f"{seed}:{epoch}").shuffle(perm)
-        out.append(perm[pos])
+        out.append(epoch_order(n, epoch, seed)[pos])
     return out
+
+
+@lru_cache(maxsize=8)
+def epoch_order(n: int, epoch: int, seed: int) -> tuple[int, ...]:
+    """The example indices of epoch `epoch`, in the order `batch_indices` takes them."""
+    perm = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(perm)
+    return tuple(perm)

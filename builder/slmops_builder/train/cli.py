@@ -116,7 +116,9 @@ def finetune(
     validation: Annotated[
         Path | None, typer.Option("--validation", help="Validation JSONL: early stopping and best adapter.")
     ] = None,
-    r: Annotated[int, typer.Option("--r", help="LoRA rank.")] = 8,
+    r: Annotated[
+        int, typer.Option("--r", "--lora-r", help="LoRA rank (--lora-r under torchrun, which takes --r as its own).")
+    ] = 8,
     alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.05,
     target_modules: Annotated[
@@ -127,7 +129,9 @@ def finetune(
     ] = None,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 50,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch.")] = 4,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Examples per micro-batch, across all processes (the global batch).")
+    ] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example (truncated).")] = 256,
     warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps.")] = 0,
@@ -142,13 +146,18 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Also write base+adapter merged (out/merged).")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="4-bit base (needs CUDA and bitsandbytes).")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
+    ] = "auto",
     engine: Annotated[
         str,
         typer.Option(
             "--engine",
-            help="peft: our PEFT loop (all options). olive: 'olive finetune --method lora --torch_dtype float32'"
-            " (always float32: Olive's bfloat16 default is slow and lossy on CPU; LoRA dropout fixed at 0.05;"
-            " refuses --validation, --resume, --patience, --eval-every, --save-every, --qlora; needs the"
+            help="peft: PEFT on transformers' Trainer (all options)."
+            " olive: 'olive finetune --method lora --torch_dtype float32' (always float32: Olive's bfloat16"
+            " default is slow and lossy on CPU; LoRA dropout fixed at 0.05; refuses --validation, --resume,"
+            " --patience, --eval-every, --save-every, --qlora, --precision bf16/fp16; needs the"
             " datasets package).",
         ),
     ] = "peft",
@@ -167,7 +176,8 @@ def finetune(
     cache_dir: CacheDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
-    """Fine-tune a LoRA adapter with PEFT (CPU; QLoRA on CUDA), or with Olive (--engine olive).
+    """Fine-tune a LoRA adapter with PEFT on transformers' Trainer (CUDA when present, else CPU; QLoRA
+    on CUDA; several processes under torchrun or accelerate launch), or with Olive (--engine olive).
 
     For adapters that run on an int4 base, train on the base's dequantized copy
     ('adapter-base --dequantized DIR', then '--model DIR').
@@ -177,9 +187,14 @@ def finetune(
         from slmops_builder.train.finetune import TRAINING_ENGINES
         from slmops_builder.train.finetune import finetune as run_finetune
         from slmops_builder.train.runs import FinetuneConfig, LoraSettings
+        from slmops_builder.train.trainer_setup import DEVICES, PRECISIONS, is_main_process
 
         if engine not in TRAINING_ENGINES:
             fail(f"--engine must be {' or '.join(TRAINING_ENGINES)}, not {engine!r}")
+        if device not in DEVICES:
+            fail(f"--device must be {', '.join(DEVICES)}, not {device!r}")
+        if precision not in PRECISIONS:
+            fail(f"--precision must be {', '.join(PRECISIONS)}, not {precision!r}")
         settings: dict[str, Any] = {
             "max_steps": max_steps,
             "learning_rate": lr,
@@ -194,6 +209,8 @@ def finetune(
             "seed": seed,
             "threads": threads,
             "qlora": qlora,
+            "device": device,
+            "precision": precision,
         }
         # Left to the config's defaults (the same values) unless given on the command line: an engine
         # that cannot honour them (olive) refuses only what was asked for.
@@ -220,7 +237,7 @@ def finetune(
         train_examples = load_jsonl(data, system=spec.system)
         val_examples = load_jsonl(validation, system=spec.system) if validation else []
         held_out = load_jsonl(test, system=spec.system) if test else []
-        with _step_progress(max_steps, f"finetune ({engine})", as_json) as progress:
+        with _step_progress(max_steps, f"finetune ({engine})", as_json or not is_main_process()) as progress:
             result = run_finetune(
                 model,
                 train_examples,
@@ -231,6 +248,8 @@ def finetune(
                 merge=merge,
                 progress=progress,
             )
+        if not is_main_process():
+            return  # under torchrun / accelerate launch, the main process reports and writes
         summary = {**result.to_json(), "engine": engine}
         if held_out and result.merged_dir is not None:
             from slmops_builder.train.distill import evaluate_models

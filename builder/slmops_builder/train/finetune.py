@@ -1,7 +1,7 @@
 """LoRA fine-tuning: `finetune` runs the engine registered under `FinetuneConfig.engine`.
 
-- "peft"   this package's PEFT loop (the default; `peft_engine`): checkpoints, exact resume, early
-           stopping, QLoRA on CUDA
+- "peft"   PEFT on transformers' Trainer (the default; `peft_engine`): checkpoints, exact resume, early
+           stopping, CUDA/bf16, QLoRA on CUDA, several processes (torchrun, accelerate launch)
 - "olive"  `olive finetune` in float32 (`olive_engine`): the same output layout, fewer options
 
 Both write the run folder described in `slmops_builder.train.runs`.

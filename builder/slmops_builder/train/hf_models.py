@@ -1,4 +1,4 @@
-"""Hugging Face models and tokenizers for training: float32 on the CPU, or 4-bit NF4 on CUDA (QLoRA).
+"""Hugging Face models and tokenizers for training: float32 (Trainer places them), or 4-bit NF4 on CUDA (QLoRA).
 
 Every heavy import (torch, transformers, peft) happens inside the functions.
 """
@@ -6,6 +6,7 @@ Every heavy import (torch, transformers, peft) happens inside the functions.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ def load_causal_lm(path: Path, *, qlora: bool = False) -> Any:
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
     )
-    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=quant, device_map={"": 0})
+    # each process of a distributed run on its own GPU (LOCAL_RANK: torchrun, accelerate launch)
+    gpu = int(os.environ.get("LOCAL_RANK", "0"))
+    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=quant, device_map={"": gpu})
     return prepare_model_for_kbit_training(model)
 
 

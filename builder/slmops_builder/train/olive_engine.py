@@ -89,6 +89,8 @@ def olive_refusals(cfg: FinetuneConfig, *, validation: Sequence[Example] = (), r
         out.append("--save-every (no checkpoints)")
     if cfg.qlora:
         out.append("--qlora (the olive engine runs plain LoRA in float32)")
+    if cfg.precision not in ("auto", "fp32"):
+        out.append(f"--precision {cfg.precision} (the olive engine runs in float32)")
     if abs(cfg.lora.dropout - OLIVE_LORA_DROPOUT) > 1e-9:
         out.append(f"--dropout {cfg.lora.dropout} (olive finetune fixes LoRA dropout at {OLIVE_LORA_DROPOUT})")
     return out

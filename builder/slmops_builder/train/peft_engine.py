@@ -1,21 +1,25 @@
-"""The PEFT fine-tuning engine (`FinetuneConfig.engine == "peft"`): LoRA/QLoRA in an explicit loop.
+"""The PEFT fine-tuning engine (`FinetuneConfig.engine == "peft"`): LoRA/QLoRA on transformers' Trainer.
 
-A small explicit training loop rather than the HF Trainer, so that what is saved is exactly what
-is needed to resume bit-for-bit: the adapter, the optimizer and scheduler, the RNG states and the
-loss history. The data order is a pure function of (seed, step) (`batches.batch_indices`), so a
-resumed run sees the same batches as an uninterrupted one. Checkpoints: `checkpoints/step-N/`.
+A Trainer configuration (`trainer_setup`): AdamW, the warm-up then linear schedule, gradient
+accumulation and clipping, mixed precision and the device, one process or several (torchrun /
+accelerate launch: DDP, the global batch split across them). What is ours is a callback:
+`BestAdapter` keeps the adapter of the lowest validation loss in out/adapter and stops after
+`patience` evaluations without improvement. Checkpoints are Trainer's (`checkpoints/checkpoint-N/`;
+its trainer_state.json is written last: a checkpoint without it is incomplete), resumed with
+Trainer's `resume_from_checkpoint`; the data order is a pure function of (seed, position), so a
+resumed run sees the same batches as an uninterrupted one, under any process count.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import shutil
-import time
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from slmops_builder.train.batches import IGNORE_INDEX, batch_indices, collate, encode_example
+from slmops_builder.train.batches import encode_example
 from slmops_builder.train.examples import Example
 from slmops_builder.train.hf_models import check_qlora, load_causal_lm, load_tokenizer
 from slmops_builder.train.run_output import finish_run
@@ -24,21 +28,36 @@ from slmops_builder.train.runs import (
     CHECKPOINTS_DIR,
     FinetuneConfig,
     FinetuneResult,
-    ProgressEvent,
+    LoraSettings,
     ProgressFn,
+)
+from slmops_builder.train.trainer_setup import (
+    per_process_batch,
+    resolve_device,
+    resolve_precision,
+    stream_dataset,
+    trainer_classes,
+    training_arguments,
+    warmup_then_linear,
+    world_size,
 )
 
 __all__ = ["PEFT", "PeftEngine", "latest_checkpoint", "train_peft"]
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.json"  # Trainer writes it last into a checkpoint
 
 
 class PeftEngine:
     name = "peft"
 
     def check(self, config: FinetuneConfig) -> None:
+        device = resolve_device(config.device)
+        resolve_precision(config.precision, device)
+        per_process_batch(config.batch_size, world_size())
         if config.qlora:
             check_qlora()
+            if device != "cuda":
+                raise ValueError("--qlora trains on a CUDA GPU: drop --device cpu")
 
     def train(
         self,
@@ -61,27 +80,10 @@ PEFT = PeftEngine()
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((Path(out_dir) / CHECKPOINTS_DIR).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The last complete checkpoint of the run in `out_dir` (None: none)."""
+    ckpts = sorted((Path(out_dir) / CHECKPOINTS_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     complete = [c for c in ckpts if (c / STATE_FILE).is_file()]
     return complete[-1] if complete else None
-
-
-def _eval_loss(model: Any, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
-    import torch
-
-    model.eval()
-    total = 0.0
-    tokens = 0
-    with torch.no_grad():
-        for i in range(0, len(encoded), batch_size):
-            batch = collate(encoded[i : i + batch_size], pad_id)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            out = model(**batch)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += float(out.loss) * n
-            tokens += n
-    model.train()
-    return total / max(tokens, 1)
 
 
 def train_peft(
@@ -97,20 +99,24 @@ def train_peft(
 ) -> FinetuneResult:
     """Train a LoRA adapter on `train` (chat examples) over the HF model in `base_model` (module doc)."""
     import torch
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import LoraConfig, get_peft_model
 
     base_model, out_dir = Path(base_model), Path(out_dir)
     if not (base_model / "config.json").is_file():
         raise FileNotFoundError(f"{base_model} is not a model folder (no config.json)")
     if not train:
         raise ValueError("no training examples")
-    if cfg.qlora:
-        check_qlora()
+    PEFT.check(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     start_ckpt = latest_checkpoint(out_dir) if resume else None
     if resume and start_ckpt is None:
         raise FileNotFoundError(f"nothing to resume: no checkpoint under {out_dir / CHECKPOINTS_DIR}")
-    if not resume and out_dir.exists() and any(out_dir.iterdir()):
+    if start_ckpt is not None:
+        trained = _lora_of(start_ckpt)
+        if trained != cfg.lora.model_copy(update={"target_modules": tuple(sorted(cfg.lora.target_modules))}):
+            raise ValueError(f"cannot resume {start_ckpt}: it was trained with LoRA {trained}")
+    if not resume and _has_content(out_dir):
         raise FileExistsError(f"{out_dir} is not empty; pass resume to continue it or choose a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -131,122 +137,109 @@ def train_peft(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    model.train()
     encoded = [encode_example(tok, ex, cfg.max_length) for ex in train]
     val_encoded = [encode_example(tok, ex, cfg.max_length) for ex in list(validation)[: cfg.eval_examples]]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
 
-    def lr_lambda(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        remaining = max(cfg.max_steps - cfg.warmup_steps, 1)
-        return max(0.1, 1.0 - (step - cfg.warmup_steps) / remaining)
+    stream_trainer, history_callback = trainer_classes()
+    history = history_callback(progress)
+    best = _best_adapter()(cfg, out_dir / ADAPTER_DIR)
+    args = training_arguments(
+        out_dir / CHECKPOINTS_DIR,
+        device=device,
+        precision=precision,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        seed=cfg.seed,
+        eval_every=cfg.eval_every if val_encoded else None,
+        save_every=cfg.save_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+    )
+    trainer = stream_trainer(
+        model=model,
+        args=args,
+        train_dataset=stream_dataset(encoded, cfg.max_steps * cfg.grad_accum, cfg.batch_size, cfg.seed),
+        eval_dataset=val_encoded or None,
+        callbacks=[history, best],
+        lr_factor=warmup_then_linear(cfg.warmup_steps, cfg.max_steps),
+        pad_id=int(tok.pad_token_id),
+    )
+    trainer.train(resume_from_checkpoint=str(start_ckpt) if start_ckpt is not None else None)
+    main = trainer.is_world_process_zero()
+    if not val_encoded and main:
+        _save_adapter(model, out_dir / ADAPTER_DIR)
+    trainer.accelerator.wait_for_everyone()
+    outcome: dict[str, Any] = {
+        "steps": trainer.state.global_step,
+        "resumed_from": int(start_ckpt.name.split("-")[1]) if start_ckpt is not None else 0,
+        "stopped_early": best.stopped_early,
+        "best_val_loss": best.best_val,
+        "seconds": history.seconds(),
+    }
+    if not main:  # the main process writes the run's outputs
+        return FinetuneResult(out_dir, out_dir / ADAPTER_DIR, None, history=history.rows, **outcome)
+    return finish_run(base_model, out_dir, cfg, train, validation, history.rows, merge=merge, **outcome)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    history: list[dict[str, Any]] = []
-    step = 0
-    best_val: float | None = None
-    bad_evals = 0
-    elapsed = 0.0
-    if start_ckpt is not None:
-        state = torch.load(start_ckpt / STATE_FILE, weights_only=False)
-        if state["config"]["lora"] != cfg.lora.model_dump(mode="json"):
-            raise ValueError(f"cannot resume {start_ckpt}: it was trained with LoRA {state['config']['lora']}")
-        set_peft_model_state_dict(model, load_file(str(start_ckpt / "adapter_model.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        step, best_val, bad_evals = state["step"], state["best_val"], state["bad_evals"]
-        history, elapsed = state["history"], state["seconds"]
-    resumed_from = step
-    pad_id = int(tok.pad_token_id)
-    stopped_early = False
-    adapter_dir = out_dir / ADAPTER_DIR
-    t0 = time.perf_counter() - elapsed
 
-    def save_checkpoint() -> None:
-        ckpt = out_dir / CHECKPOINTS_DIR / f"step-{step:06d}"
-        tmp = ckpt.with_name(ckpt.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp))
-        torch.save(
-            {
-                "step": step,
-                "best_val": best_val,
-                "bad_evals": bad_evals,
-                "history": history,
-                "seconds": time.perf_counter() - t0,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-                "config": cfg.model_dump(mode="json"),
-            },
-            tmp / STATE_FILE,
-        )
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
-        for old in sorted(ckpt.parent.glob("step-*"))[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+@lru_cache(maxsize=1)
+def _best_adapter() -> Any:
+    from transformers import TrainerCallback
 
-    while step < cfg.max_steps:
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for j in range(cfg.grad_accum):
-            idx = batch_indices(len(encoded), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed)
-            batch = {k: v.to(model.device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-            loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
-            total += loss.detach().item()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        row: dict[str, Any] = {
-            "step": step,
-            "train_loss": total,
-            "val_loss": None,
-            "lr": scheduler.get_last_lr()[0],
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        if val_encoded and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            val = _eval_loss(model, val_encoded, pad_id, cfg.batch_size)
-            row["val_loss"] = val
-            if best_val is None or val < best_val - 1e-6:
-                best_val, bad_evals = val, 0
-                _save_adapter(model, tok, adapter_dir)
-            else:
-                bad_evals += 1
-        history.append(row)
-        if progress:
-            progress(ProgressEvent(step, cfg.max_steps, total, row["val_loss"], row["seconds"]))
-        if cfg.patience and bad_evals >= cfg.patience:
-            stopped_early = True
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stopped_early:
-            save_checkpoint()
-        if stopped_early:
-            break
-    if not val_encoded:
-        _save_adapter(model, tok, adapter_dir)
-    return finish_run(
-        base_model,
-        out_dir,
-        cfg,
-        train,
-        validation,
-        history,
-        merge=merge,
-        steps=step,
-        resumed_from=resumed_from,
-        stopped_early=stopped_early,
-        best_val_loss=best_val,
-        seconds=time.perf_counter() - t0,
+    class BestAdapter(TrainerCallback):
+        """Keeps the adapter of the lowest validation loss and stops after `patience` evaluations
+        without improvement (saving a checkpoint there). Its state is rebuilt from Trainer's log
+        (kept in the checkpoints) on resume."""
+
+        def __init__(self, cfg: FinetuneConfig, adapter_dir: Path) -> None:
+            self.cfg, self.adapter_dir = cfg, adapter_dir
+            self.best_val: float | None = None
+            self.bad_evals = 0
+            self.stopped_early = False
+
+        def _judge(self, val: float) -> bool:
+            """Count one evaluation; True when it is the best so far."""
+            if self.best_val is None or val < self.best_val - 1e-6:
+                self.best_val, self.bad_evals = val, 0
+                return True
+            self.bad_evals += 1
+            return False
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            for entry in state.log_history:
+                if "eval_loss" in entry:
+                    self._judge(float(entry["eval_loss"]))
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self._judge(float(kwargs["metrics"]["eval_loss"])) and state.is_world_process_zero:
+                _save_adapter(kwargs["model"], self.adapter_dir)
+            if self.cfg.patience and self.bad_evals >= self.cfg.patience:
+                self.stopped_early = True
+                control.should_training_stop = control.should_save = True
+
+    return BestAdapter
+
+
+def _has_content(out_dir: Path) -> bool:
+    """Whether `out_dir` holds anything but an empty checkpoints folder (which another process of
+    this run may have made already)."""
+    if not out_dir.is_dir():
+        return False
+    return any(p.name != CHECKPOINTS_DIR or any(p.iterdir()) for p in out_dir.iterdir())
+
+
+def _lora_of(checkpoint: Path) -> LoraSettings:
+    """The LoRA settings a checkpoint's adapter was trained with (its adapter_config.json)."""
+    peft = json.loads((checkpoint / "adapter_config.json").read_text())
+    return LoraSettings(
+        r=peft["r"],
+        alpha=peft["lora_alpha"],
+        dropout=peft["lora_dropout"],
+        target_modules=tuple(sorted(peft["target_modules"])),
     )
 
 
-def _save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> None:
+def _save_adapter(model: Any, adapter_dir: Path) -> None:
     tmp = adapter_dir.with_name(adapter_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))

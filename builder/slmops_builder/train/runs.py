@@ -6,7 +6,8 @@ An engine (`slmops_builder.train.finetune.TRAINING_ENGINES`: PEFT, Olive) trains
     adapter/            the best adapter (lowest validation loss; the last one without validation)
     merged/             base + adapter merged (only with `merge=True`), an HF folder for the profile build,
                         with slmops_training.json (base model, data hashes: the packages' lineage)
-    checkpoints/step-N/ adapter + trainer_state.pt (the PEFT engine's, the last `keep_checkpoints`)
+    checkpoints/checkpoint-N/  Trainer's checkpoints (the PEFT engine's, the last `keep_checkpoints`):
+                        adapter, optimizer, scheduler, RNG states, trainer_state.json, finetune_config.json
     loss.csv, loss.png  the curves; finetune.json: the summary, config and data hashes
 """
 
@@ -60,7 +61,8 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: FinetuneEngine = Field(
-        default="peft", description="peft: this module's loop; olive: `olive finetune` (float32, fewer options)"
+        default="peft",
+        description="peft: PEFT on transformers' Trainer; olive: `olive finetune` (float32, fewer options)",
     )
     lora: LoraSettings = LoraSettings()
     max_steps: int = Field(default=50, ge=1)
@@ -81,6 +83,10 @@ class FinetuneConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     qlora: bool = False
     chat_template: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when present, else CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 on a CUDA GPU that has it, else fp32"
+    )
 
 
 @dataclass(frozen=True)

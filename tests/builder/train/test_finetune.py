@@ -42,7 +42,7 @@ def test_cli_finetune_loss_falls_and_writes_curves(trainable_tiny: Path, tmp_pat
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / "config.json").is_file() and (out / "merged" / "tokenizer.json").is_file()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000008", "step-000012"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-8"]
     record = json.loads((out / "finetune.json").read_text())
     assert record["config"]["lora"]["r"] == 4 and len(record["train_sha256"]) == 64
     training = json.loads((out / "merged" / "slmops_training.json").read_text())
@@ -70,7 +70,7 @@ def test_resume_continues_exactly_where_it_stopped(trainable_tiny: Path, tmp_pat
 
     with pytest.raises(_Crash):
         finetune(trainable_tiny, splits.train, tmp_path / "b", cfg, validation=splits.validation, progress=crash_at_5)
-    assert latest_checkpoint(tmp_path / "b") == tmp_path / "b" / "checkpoints" / "step-000003"
+    assert latest_checkpoint(tmp_path / "b") == tmp_path / "b" / "checkpoints" / "checkpoint-3"
     with pytest.raises(FileExistsError, match="not empty"):
         finetune(trainable_tiny, splits.train, tmp_path / "b", cfg)
     resumed = finetune(trainable_tiny, splits.train, tmp_path / "b", cfg, validation=splits.validation, resume=True)
@@ -92,7 +92,7 @@ def test_early_stopping_on_validation_loss(trainable_tiny: Path, tmp_path: Path)
     cfg = FinetuneConfig(lora=LORA, max_steps=50, learning_rate=1e-12, eval_every=1, patience=2, threads=1)
     result = finetune(trainable_tiny, splits.train, tmp_path / "run", cfg, validation=splits.validation)
     assert result.stopped_early and result.steps == 3  # best at step 1, no gain at steps 2 and 3
-    assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-000003"
+    assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "checkpoint-3"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
@@ -103,3 +103,47 @@ def test_qlora_without_cuda_and_bitsandbytes_names_what_is_missing(tmp_path: Pat
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert "QLoRA needs" in result.output and "bitsandbytes" in result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--device", "cuda"], "--device cuda needs a CUDA GPU"),
+        (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+        (["--precision", "fp8"], "--precision must be auto, fp32, bf16, fp16, not 'fp8'"),
+    ],
+)
+def test_device_and_precision_this_machine_lacks_are_refused(
+    trainable_tiny: Path, tmp_path: Path, option: list[str], message: str
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: nothing to refuse")
+    data = tmp_path / "d.jsonl"
+    write_jsonl(generate_splits(2, 0, 0).train, data)
+    args = ["finetune", "-m", str(trainable_tiny), "-d", str(data), "-o", str(tmp_path / "run"), *option]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.output and not (tmp_path / "run").exists()
+
+
+def test_device_and_precision_choice() -> None:
+    import torch
+
+    from slmops_builder.train.trainer_setup import resolve_device, resolve_precision
+
+    assert resolve_device("cpu") == "cpu" and resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # CPU autocast has bf16
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_bf16_autocast_trains_on_the_cpu(trainable_tiny: Path, tmp_path: Path) -> None:
+    """--precision bf16 runs the forward in bf16 (autocast): the first loss moves off fp32's a little."""
+    splits = generate_splits(16, 0, 0, seed=4)
+    cfg = FinetuneConfig(lora=LORA, max_steps=2, learning_rate=3e-2, batch_size=4, threads=1)
+    fp32 = finetune(trainable_tiny, splits.train, tmp_path / "fp32", cfg)
+    bf16 = finetune(trainable_tiny, splits.train, tmp_path / "bf16", cfg.model_copy(update={"precision": "bf16"}))
+    first32, first16 = fp32.history[0]["train_loss"], bf16.history[0]["train_loss"]
+    assert first16 != first32 and first16 == pytest.approx(first32, rel=1e-2)
+    assert json.loads((tmp_path / "bf16" / "finetune.json").read_text())["config"]["precision"] == "bf16"

@@ -1,0 +1,263 @@
+"""What the training engines built on transformers' `Trainer` share: device and precision, the
+processes of a distributed run, the data stream, the schedule and the history/progress callback.
+
+- Device: CUDA when present, else the CPU (`resolve_device`); precision: bf16 on a CUDA GPU that has
+  it, else fp32 (`resolve_precision`); what a device cannot do is refused in one sentence.
+- Processes: one, or several under `torchrun` / `accelerate launch` (they set WORLD_SIZE and RANK;
+  DDP over gloo on the CPU, NCCL on GPUs). `batch_size` is always the GLOBAL batch: each process takes
+  `batch_size // world_size` examples of every micro-batch, so a run's batches are the same whatever
+  the process count, and a checkpoint resumes under another one. Only the main process writes outputs.
+- Data: `StreamDataset` lays the run's micro-batches end to end in `batches.batch_indices` order (a
+  pure function of seed and position), read in sequence (`StreamTrainer`); Trainer's resume skips
+  the batches already trained, and accelerate deals each process its consecutive share.
+- Schedule: `warmup_then_linear` (warm-up, then linear decay to 10% at `max_steps`) as a LambdaLR.
+- `HistoryCallback`: the rows {step, train_loss, val_loss, lr, seconds} of loss.csv, from Trainer's
+  log (kept in its checkpoints, so a resumed run has its whole history), and ProgressEvents.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from slmops_builder.train.batches import collate, epoch_order
+from slmops_builder.train.runs import ProgressEvent, ProgressFn
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+__all__ = [
+    "DEVICES",
+    "PRECISIONS",
+    "Device",
+    "Precision",
+    "is_main_process",
+    "per_process_batch",
+    "resolve_device",
+    "resolve_precision",
+    "stream_dataset",
+    "trainer_classes",
+    "training_arguments",
+    "warmup_then_linear",
+    "world_size",
+]
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
+
+def world_size() -> int:
+    """The processes of this run (WORLD_SIZE, set by torchrun and accelerate launch; 1 without)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's outputs (rank 0, or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def per_process_batch(global_batch: int, processes: int) -> int:
+    """Each process's share of a global micro-batch of `global_batch` examples."""
+    if global_batch % processes:
+        raise ValueError(
+            f"--batch-size {global_batch} does not split across {processes} processes: "
+            f"give a multiple of {processes} (the batch size is the global one)"
+        )
+    return global_batch // processes
+
+
+def resolve_device(device: str) -> str:
+    """Resolve `device` to "cuda" or "cpu": ("auto": CUDA when present), refused when CUDA is asked for and absent."""
+    import torch
+
+    if device not in DEVICES:
+        raise ValueError(f"--device must be {', '.join(DEVICES)}, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """Resolve `precision` on `device` (resolved) to "fp32", "bf16" or "fp16": "auto" is bf16 on a
+    CUDA GPU with bf16, else fp32 (fp16 autocast on a CPU, and bf16 on a GPU without it, are refused)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be {', '.join(PRECISIONS)}, not {precision!r}")
+    bf16_gpu = device == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if bf16_gpu else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    if precision == "bf16" and device == "cuda" and not bf16_gpu:
+        raise ValueError("this GPU has no bf16; use --precision fp16 or fp32")
+    return precision
+
+
+def warmup_then_linear(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    """The LR factor at step s: (s+1)/warmup during the warm-up, then linear down to 0.1 at max_steps."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        remaining = max(max_steps - warmup_steps, 1)
+        return max(0.1, 1.0 - (step - warmup_steps) / remaining)
+
+    return factor
+
+
+def stream_dataset(
+    encoded: Sequence[tuple[list[int], list[int]]], micro_batches: int, batch_size: int, seed: int
+) -> Any:
+    """The run's `micro_batches` global micro-batches of `batch_size` examples, end to end (module doc)."""
+    from torch.utils.data import Dataset
+
+    n = len(encoded)
+
+    class StreamDataset(Dataset):
+        def __len__(self) -> int:
+            return micro_batches * batch_size
+
+        def __getitem__(self, k: int) -> tuple[list[int], list[int]]:
+            epoch, pos = divmod(k, n)
+            return encoded[epoch_order(n, epoch, seed)[pos]]
+
+    return StreamDataset()
+
+
+def training_arguments(
+    out_dir: Path,
+    *,
+    device: str,
+    precision: str,
+    max_steps: int,
+    learning_rate: float,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    eval_every: int | None,
+    save_every: int,
+    keep_checkpoints: int,
+) -> TrainingArguments:
+    """Trainer's arguments for a run whose checkpoints go to `out_dir` (`batch_size`: the global one;
+    `device` and `precision` resolved; `eval_every` None: no validation). AdamW without weight decay,
+    gradients clipped at 1.0, a log row every step."""
+    from transformers import TrainingArguments
+
+    per_device = per_process_batch(batch_size, world_size())
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
+        gradient_accumulation_steps=grad_accum,
+        seed=seed,
+        data_seed=seed,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=save_every,
+        save_total_limit=keep_checkpoints,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if device == "cpu" and world_size() > 1 else None,
+    )
+
+
+def _add_row(rows: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    """Add Trainer's log entry to loss.csv's rows: a training row per step, its validation loss (logged
+    after it) added to it."""
+    step = int(entry["step"])
+    if "loss" in entry:
+        row = {"step": step, "train_loss": float(entry["loss"]), "val_loss": None}
+        rows.append({**row, "lr": float(entry["learning_rate"]), "seconds": entry.get("seconds", 0.0)})
+    elif "eval_loss" in entry and rows and rows[-1]["step"] == step:
+        rows[-1]["val_loss"] = float(entry["eval_loss"])
+
+
+def trainer_classes() -> tuple[Any, Any]:
+    """(StreamTrainer, HistoryCallback): defined on first use, so that importing this module loads
+    no transformers."""
+    return _classes()
+
+
+@lru_cache(maxsize=1)
+def _classes() -> tuple[Any, Any]:
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import PrinterCallback, Trainer, TrainerCallback
+
+    class StreamTrainer(Trainer):
+        """Trainer reading a `stream_dataset` in order, with a LambdaLR of `lr_factor` (such as
+        `warmup_then_linear`), the collator of `batches.collate` padded with `pad_id`."""
+
+        def __init__(self, *args: Any, lr_factor: Callable[[int], float], pad_id: int, **kwargs: Any) -> None:
+            kwargs["data_collator"] = lambda batch: collate(batch, pad_id)
+            super().__init__(*args, **kwargs)
+            self.remove_callback(PrinterCallback)  # stdout is the CLI's (--json); HistoryCallback reports
+            self._lr_factor = lr_factor
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)  # type: ignore[arg-type]
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                target = optimizer if optimizer is not None else self.optimizer
+                assert target is not None  # Trainer creates the optimizer first
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(target, self._lr_factor)
+            return self.lr_scheduler
+
+    class HistoryCallback(TrainerCallback):
+        """Stamps each log row with the run's seconds so far (resumed runs go on counting), keeps the
+        history (`rows`) and reports ProgressEvents on the main process."""
+
+        def __init__(self, progress: ProgressFn | None) -> None:
+            self.progress = progress
+            self.rows: list[dict[str, Any]] = []
+            self._t0 = time.perf_counter()
+
+        def seconds(self) -> float:
+            return time.perf_counter() - self._t0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.rows = []
+            for entry in state.log_history:
+                _add_row(self.rows, entry)
+            done = self.rows[-1]["seconds"] if self.rows else 0.0
+            self._t0 = time.perf_counter() - float(done)
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
+            if not state.log_history:
+                return
+            state.log_history[-1]["seconds"] = round(self.seconds(), 3)
+            _add_row(self.rows, state.log_history[-1])
+            reported = logs is not None and ("loss" in logs or "eval_loss" in logs)
+            if reported and self.rows and self.progress is not None and state.is_world_process_zero:
+                row = self.rows[-1]
+                self.progress(
+                    ProgressEvent(row["step"], state.max_steps, row["train_loss"], row["val_loss"], row["seconds"])
+                )
+
+    return StreamTrainer, HistoryCallback
