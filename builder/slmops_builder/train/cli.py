@@ -344,6 +344,7 @@ def distill(
         from slmops_builder.train.distill import distill as run_distill
         from slmops_builder.train.distill_trainer import (
             choose_device,
+            choose_precision,
             is_main_process,
             main_process_first,
             per_process_batch,
@@ -384,6 +385,7 @@ def distill(
             resume=resume,
         )
         where = choose_device(cfg.device)
+        choose_precision(cfg.precision, where)  # refused before the teacher runs
         main = is_main_process(where)
         quiet = as_json or not main
         status = _err.status("stage 1: teacher answers ...") if not quiet else _nothing()

@@ -319,16 +319,15 @@ class DistillTrainer(Trainer):
         import torch
         import torch.nn.functional as F
 
-        index = inputs.pop("index")
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         mask = labels[:, 1:] != IGNORE_INDEX  # positions that predict an answer token
         s_logits = outputs.logits[:, :-1][mask].float()
         ce = F.cross_entropy(s_logits, labels[:, 1:][mask], reduction="sum")
         kl = torch.zeros((), device=ce.device)
         if self.targets is not None:
             t = self.temperature
-            t_logp = self.targets(index.tolist(), self.encoded)
+            t_logp = self.targets(inputs["index"].tolist(), self.encoded)
             kl = F.kl_div(F.log_softmax(s_logits / t, -1), t_logp, log_target=True, reduction="sum") * t * t
         tokens = mask.sum().to(torch.float64)
         local = torch.stack([ce.detach().double(), kl.detach().double(), tokens])
