@@ -90,3 +90,7 @@ def app() -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # `python -m slmops_cli.main`, as torchrun -m and accelerate launch -m run it
+    main()

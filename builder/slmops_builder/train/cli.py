@@ -330,6 +330,18 @@ def distill(
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples to evaluate (0: all).")] = 0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     threads: Annotated[int | None, typer.Option("--threads")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto (bf16 or fp16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16.")
+    ] = "auto",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
+    ] = False,
+    save_every: Annotated[int, typer.Option("--save-every", help="Steps between checkpoints (0: none).")] = 50,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Checkpoints kept.")] = 1,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Go on from the last checkpoint in OUT/run/checkpoints.")
+    ] = False,
     system: SystemOpt = None,
     scorer: ScorerOpt = "json",
     valid: ValidOpt = None,
@@ -344,14 +356,28 @@ def distill(
 ) -> None:
     """Distil a teacher into a smaller student: teacher answers (cached), then KD training; with --test,
     the three models scored; with --package-profile, the student's package built and scored too
-    (retention; all in OUT/summary.json)."""
+    (retention; all in OUT/summary.json). Under torchrun or accelerate launch, the training runs in
+    every process (--batch-size is the global batch) and the first one does the rest."""
     with user_errors():
         from slmops_builder.train.distill import DistillConfig, evaluate_models, teacher_outputs
         from slmops_builder.train.distill import distill as run_distill
+        from slmops_builder.train.distill_trainer import (
+            choose_device,
+            choose_precision,
+            is_main_process,
+            main_process_first,
+            per_process_batch,
+            world_size,
+        )
         from slmops_builder.train.examples import load_jsonl
 
         if keep_answers not in ("valid", "exact"):
             fail(f"--keep-answers must be valid or exact, not {keep_answers!r}")
+        if device not in ("auto", "cpu", "cuda"):
+            fail(f"--device must be auto, cpu or cuda, not {device!r}")
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            fail(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        per_process_batch(batch_size, world_size())
         spec = task_spec(system, scorer, valid, pattern, max_chars)
         check_package_options(package_profile, key, test, package_version)
         inputs = load_jsonl(data, system=spec.system)
@@ -370,8 +396,19 @@ def distill(
             threads=threads,
             teacher_batch_size=teacher_batch,
             max_new_tokens=max_new_tokens,
+            device=device,  # type: ignore[arg-type]  # checked above
+            precision=precision,  # type: ignore[arg-type]  # checked above
+            gradient_checkpointing=gradient_checkpointing,
+            save_every=save_every,
+            keep_checkpoints=keep_checkpoints,
+            resume=resume,
         )
-        with _err.status("stage 1: teacher answers ...") if not as_json else _nothing():
+        where = choose_device(cfg.device)
+        choose_precision(cfg.precision, where)  # refused before the teacher runs
+        main = is_main_process(where)
+        quiet = as_json or not main
+        status = _err.status("stage 1: teacher answers ...") if not quiet else _nothing()
+        with main_process_first(where), status:  # the main process answers (or reads the cache), then the others
             stage1 = teacher_outputs(
                 teacher,
                 inputs,
@@ -382,14 +419,16 @@ def distill(
                 keep=keep_answers,  # type: ignore[arg-type]  # checked above
                 task=spec,
             )
-        if not as_json:
+        if not quiet:
             _out.print(
                 f"teacher: {stage1.total - stage1.invalid} valid, {stage1.invalid} invalid (filtered) of {stage1.total}"
                 + (f"; {stage1.rejected} not the reference (filtered)" if keep_answers == "exact" else "")
                 + (" (cached)" if stage1.cached else f" in {stage1.seconds:.0f} s")
             )
-        with _step_progress(max_steps, "distill", as_json) as progress:
+        with _step_progress(max_steps, "distill", quiet) as progress:
             result = run_distill(teacher, stage1.examples, out / "run", cfg, student=student, progress=progress)
+        if not main:
+            return
         summary: dict[str, Any] = {"teacher_outputs": stage1.to_json(), "distill": result.to_json()}
         if held_out:
             chosen = held_out[:eval_limit] if eval_limit else held_out

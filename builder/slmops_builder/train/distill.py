@@ -15,7 +15,11 @@ distributions (scaled by T^2) plus cross-entropy on the teacher's text, when the
 the teacher's (the same vocabulary or a trimmed copy of it: the teacher's logits are taken at the
 student's tokens); cross-entropy on the teacher's text alone (sequence-level KD) otherwise. The
 teacher's distributions at the answer positions are computed once per example and kept in memory
-when they fit in `teacher_cache_mb`.
+when they fit in `teacher_cache_mb`. The training runs on transformers' Trainer
+(`distill_trainer.DistillTrainer`): on CUDA when present (bf16 or fp16 where it supports them), in
+several processes under torchrun or accelerate launch (`batch_size` is the global batch), with
+checkpoints in out/checkpoints every `save_every` steps that a resumed run (`resume`, under any
+process count) goes on from.
 `evaluate_models` scores teacher, student and the undistilled student on held-out examples with the
 task's scorer.
 The student folder holds slmops_training.json (teacher, its weights' hash, data hash): the lineage
@@ -26,18 +30,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slmops_builder.train.batches import IGNORE_INDEX, batch_indices, collate, encode_example
+from slmops_builder.train.batches import encode_example
+from slmops_builder.train.distill_trainer import (
+    Device,
+    DistillTrainer,
+    HistoryCallback,
+    KDCollator,
+    Precision,
+    TeacherTargets,
+    choose_device,
+    choose_precision,
+    history_rows,
+    is_main_process,
+    per_process_batch,
+    training_arguments,
+    wait_for_everyone,
+    world_size,
+)
 from slmops_builder.train.examples import Example, dataset_sha256
 from slmops_builder.train.hf_models import load_tokenizer, prompt_text
 from slmops_builder.train.qat import QuantAwareWeights
@@ -60,6 +78,13 @@ __all__ = [
 
 STUDENT_DIR = "student"
 INIT_DIR = "student-init"
+CHECKPOINTS_DIR = "checkpoints"
+RUN_FILE = "run.json"  # in CHECKPOINTS_DIR: the settings and data its checkpoints belong to
+# The settings a resumed run must share with its checkpoints (the others: where and how it runs).
+_RUN_SHAPE = {
+    "keep_layers", "max_steps", "learning_rate", "batch_size", "max_length", "temperature", "kd_weight", "seed",
+    "vocab_top", "context_length", "qat_steps",
+}  # fmt: skip
 
 KeepAnswers = Literal["valid", "exact"]
 
@@ -94,6 +119,15 @@ class DistillConfig(BaseModel):
         description="the last N steps train on the int4 weights of the cpu-int4 profile (RTN, block 32), "
         "and the student is saved on that grid (0: float training)",
     )
+    save_every: int = Field(default=50, ge=0, description="steps between checkpoints (0: none)")
+    keep_checkpoints: int = Field(default=1, ge=1, description="the checkpoints kept (the last ones)")
+    resume: bool = Field(default=False, description="go on from the last checkpoint in out/checkpoints")
+    device: Device = Field(default="auto", description="auto: CUDA when torch sees a GPU, else the CPU")
+    precision: Precision = Field(
+        default="auto",
+        description="mixed precision over float32 weights; auto: bf16 (or fp16) on a GPU, fp32 on the CPU",
+    )
+    gradient_checkpointing: bool = Field(default=False, description="trade compute for memory")
 
     @model_validator(mode="after")
     def _fits_the_context(self) -> DistillConfig:
@@ -139,12 +173,14 @@ class DistillResult:
     mode: str  # "kl+ce" or "sequence"
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_from: int = 0  # the checkpoint's step a resumed run went on from
 
     def to_json(self) -> dict[str, Any]:
         return {
             "student_dir": str(self.student_dir),
             "init_dir": str(self.init_dir) if self.init_dir else None,
             "steps": self.steps,
+            "resumed_from": self.resumed_from,
             "mode": self.mode,
             "first_loss": self.history[0]["train_loss"] if self.history else None,
             "last_loss": self.history[-1]["train_loss"] if self.history else None,
@@ -281,49 +317,6 @@ def _teacher_ids(t_tok: Any, s_tok: Any, student: Path) -> tuple[bool, list[int]
     return t_tok.convert_ids_to_tokens(kept) == s_tok.convert_ids_to_tokens(list(range(len(kept)))), kept
 
 
-class _TeacherTargets:
-    """The teacher's log-probabilities (at temperature T, over the student's tokens) at the answer
-    positions of each example: computed for the examples of a batch, kept when they fit the budget."""
-
-    def __init__(self, model: Any, teacher_ids: list[int] | None, temperature: float, budget_bytes: int) -> None:
-        import torch
-
-        self.model = model
-        head = model.get_output_embeddings()
-        rows = head.weight.shape[0]
-        self.index = torch.tensor(teacher_ids if teacher_ids is not None else range(rows), dtype=torch.long)
-        self.weight = head.weight.detach()[self.index]
-        bias = getattr(head, "bias", None)
-        self.bias = bias.detach()[self.index] if bias is not None else None
-        self.temperature = temperature
-        self.budget = budget_bytes
-        self.used = 0
-        self.cache: dict[int, Any] = {}
-
-    def __call__(self, indices: Sequence[int], encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        missing = [i for i in dict.fromkeys(indices) if i not in self.cache]
-        fresh: dict[int, Any] = {}
-        if missing:
-            batch = collate([encoded[i] for i in missing], pad_id)
-            with torch.no_grad():
-                hidden = self.model.base_model(
-                    input_ids=self.index[batch["input_ids"]], attention_mask=batch["attention_mask"]
-                ).last_hidden_state
-                mask = batch["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
-                for row, i in enumerate(missing):
-                    logits = F.linear(hidden[row, :-1][mask[row]], self.weight, self.bias)
-                    fresh[i] = F.log_softmax(logits / self.temperature, -1)
-            for i, value in fresh.items():
-                size = value.numel() * value.element_size()
-                if self.used + size <= self.budget:
-                    self.cache[i] = value
-                    self.used += size
-        return torch.cat([self.cache[i] if i in self.cache else fresh[i] for i in indices])
-
-
 def distill(
     teacher: Path,
     data: Sequence[Example],
@@ -333,9 +326,12 @@ def distill(
     student: Path | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
 ) -> DistillResult:
-    """Stage 2: train the student on `data` (the teacher's answers) with KD; writes `out/student`."""
+    """Stage 2: train the student on `data` (the teacher's answers) with KD (`DistillTrainer`); writes
+    `out/student`. Under torchrun or accelerate launch, every process trains on its share of each
+    global batch and the main one writes the outputs; with `config.resume`, the run goes on from its
+    last checkpoint (under any process count)."""
     import torch
-    import torch.nn.functional as F
+    from transformers import PrinterCallback
 
     from slmops_builder.train.hf_models import load_causal_lm
 
@@ -343,86 +339,138 @@ def distill(
     teacher, out = Path(teacher), Path(out)
     if not data:
         raise ValueError("no training examples (did the teacher produce only invalid answers?)")
-    if out.exists() and any(out.iterdir()):
+    device = choose_device(cfg.device)
+    precision = choose_precision(cfg.precision, device)
+    per_process_batch(cfg.batch_size, world_size())
+    checkpoints = out / CHECKPOINTS_DIR
+    run_key = {"config": cfg.model_dump(mode="json", include=_RUN_SHAPE), "data_sha256": dataset_sha256(data)}
+    last = _last_checkpoint(checkpoints, run_key) if cfg.resume else None
+    if last is None and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    main = is_main_process(device)
     init_dir: Path | None = None
     t_tok = load_tokenizer(teacher)
     if student is None:
-        if cfg.vocab_top is None:
-            init_dir = prune_layers(teacher, cfg.keep_layers, out / INIT_DIR, context_length=cfg.context_length)
-        else:
-            pruned = prune_layers(
-                teacher, cfg.keep_layers, out / (INIT_DIR + "-all-tokens"), context_length=cfg.context_length
-            )
-            texts = [t for ex in data for t in (prompt_text(t_tok, ex.prompt_messages), ex.output)]
-            init_dir = trim_vocab(pruned, texts, out / INIT_DIR, keep_top=cfg.vocab_top).path
-            shutil.copy2(pruned / "slmops_pruned.json", init_dir / "slmops_pruned.json")
-            shutil.rmtree(pruned)
+        init_dir = out / INIT_DIR
+        if main and last is None:
+            _student_init(teacher, t_tok, data, cfg, init_dir)
+        wait_for_everyone(device)
         student = init_dir
+    if main and last is None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / RUN_FILE).write_text(json.dumps(run_key, indent=2) + "\n")
     s_tok = load_tokenizer(student)
+    pad_id = int(s_tok.pad_token_id)
     shared, teacher_ids = _teacher_ids(t_tok, s_tok, student)
+    args = training_arguments(
+        checkpoints,
+        device=device,
+        precision=precision,
+        batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        seed=cfg.seed,
+        save_every=cfg.save_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
     targets = None
     if shared and cfg.kd_weight > 0:
-        targets = _TeacherTargets(
-            load_causal_lm(teacher).eval(), teacher_ids, cfg.temperature, cfg.teacher_cache_mb * 2**20
-        )
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device == "cuda" else None
+        teacher_model = load_causal_lm(teacher).to(args.device, dtype=half or torch.float32).eval()
+        targets = TeacherTargets(teacher_model, teacher_ids, cfg.temperature, cfg.teacher_cache_mb * 2**20, pad_id)
     model = load_causal_lm(student)
     model.config.use_cache = False
-    model.train()
     qat = QuantAwareWeights(model) if cfg.qat_steps else None
-    qat_from = cfg.max_steps - cfg.qat_steps + 1
     encoded = [encode_example(s_tok, ex, cfg.max_length) for ex in data]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.1, 1.0 - s / cfg.max_steps))
-    pad_id = int(s_tok.pad_token_id)
-    temp = cfg.temperature
-    history: list[dict[str, Any]] = []
+    trainer = DistillTrainer(
+        model=model,
+        args=args,
+        train_dataset=[{"index": i, "input_ids": ids, "labels": labels} for i, (ids, labels) in enumerate(encoded)],
+        data_collator=KDCollator(pad_id),
+        callbacks=[HistoryCallback(progress)],
+        encoded=encoded,
+        targets=targets,
+        temperature=cfg.temperature,
+        kd_weight=cfg.kd_weight,
+        qat=qat,
+        qat_from=cfg.max_steps - cfg.qat_steps + 1,
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes to `progress`, not stdout
     t0 = time.perf_counter()
-    for step in range(1, cfg.max_steps + 1):
-        idx = batch_indices(len(encoded), cfg.batch_size, step - 1, cfg.seed)
-        batch = collate([encoded[i] for i in idx], pad_id)
-        on_grid = qat.quantized() if qat is not None and step >= qat_from else None
-        with on_grid or nullcontext():
-            outputs = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-            )
-            ce = outputs.loss
-            loss = ce
-            kl_value = None
-            if targets is not None:
-                t_logp = targets(idx, encoded, pad_id)
-                mask = batch["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
-                s_sel = outputs.logits[:, :-1][mask] / temp
-                kl = F.kl_div(F.log_softmax(s_sel, -1), t_logp, log_target=True, reduction="batchmean")
-                kl = kl * temp * temp
-                kl_value = kl.detach().item()
-                loss = cfg.kd_weight * kl + (1 - cfg.kd_weight) * ce
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        row = {
-            "step": step,
-            "train_loss": loss.detach().item(),
-            "val_loss": None,
-            "ce": ce.detach().item(),
-            "kl": kl_value,
-            "lr": scheduler.get_last_lr()[0],
-            "quantized": on_grid is not None,
-            "seconds": round(time.perf_counter() - t0, 3),
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    history = history_rows(trainer.state.log_history)
+    mode = "kl+ce" if targets is not None else "sequence"
+    result = DistillResult(out / STUDENT_DIR, init_dir, cfg.max_steps, mode, history)
+    result.resumed_from = _checkpoint_step(last) if last else 0
+    if main:
+        _save_student(model, s_tok, Path(student), teacher, data, cfg, qat, result.student_dir)
+        write_loss_csv(history, out / "loss.csv")
+        plot_losses(history, out / "loss.png", title=f"distillation ({'KL+CE' if targets is not None else 'CE'})")
+    result.seconds = time.perf_counter() - t0
+    if main:
+        summary = {
+            **result.to_json(),
+            "teacher": str(teacher.resolve()),
+            "config": cfg.model_dump(mode="json"),
+            "data_sha256": dataset_sha256(data),
+            "examples": len(data),
+            "processes": world_size(),
+            "resumed_from": result.resumed_from,
+            "device": device,
+            "precision": precision,
         }
-        history.append(row)
-        if progress:
-            progress(ProgressEvent(step, cfg.max_steps, row["train_loss"], None, row["seconds"]))
+        (out / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
+    wait_for_everyone(device)
+    return result
+
+
+def _student_init(teacher: Path, t_tok: Any, data: Sequence[Example], cfg: DistillConfig, init_dir: Path) -> None:
+    """The pruned (and with `vocab_top`, vocabulary-trimmed) copy of the teacher the student starts from."""
+    if cfg.vocab_top is None:
+        prune_layers(teacher, cfg.keep_layers, init_dir, context_length=cfg.context_length)
+        return
+    pruned = prune_layers(
+        teacher, cfg.keep_layers, init_dir.with_name(INIT_DIR + "-all-tokens"), context_length=cfg.context_length
+    )
+    texts = [t for ex in data for t in (prompt_text(t_tok, ex.prompt_messages), ex.output)]
+    trim_vocab(pruned, texts, init_dir, keep_top=cfg.vocab_top)
+    shutil.copy2(pruned / "slmops_pruned.json", init_dir / "slmops_pruned.json")
+    shutil.rmtree(pruned)
+
+
+def _last_checkpoint(checkpoints: Path, run_key: dict[str, Any]) -> Path:
+    """The checkpoint a resumed run goes on from: the last complete one (the Trainer writes its
+    trainer_state.json last), refused when it is another run's."""
+    found = checkpoints.glob("checkpoint-*/trainer_state.json")
+    complete = [p.parent for p in found if p.parent.name.removeprefix("checkpoint-").isdigit()]
+    if not complete:
+        raise FileNotFoundError(f"nothing to resume: {checkpoints} holds no complete checkpoint")
+    saved = json.loads((checkpoints / RUN_FILE).read_text()) if (checkpoints / RUN_FILE).is_file() else None
+    if saved != run_key:
+        raise ValueError(f"cannot resume: the checkpoints in {checkpoints} are another run's (settings or data differ)")
+    return max(complete, key=_checkpoint_step)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _save_student(
+    model: Any,
+    s_tok: Any,
+    student: Path,
+    teacher: Path,
+    data: Sequence[Example],
+    cfg: DistillConfig,
+    qat: QuantAwareWeights | None,
+    student_dir: Path,
+) -> None:
+    """Write the trained student (on the int4 grid after QAT) with its tokenizer and training record."""
     from slmops_builder.importer import folder_sha256
 
-    student_dir = out / STUDENT_DIR
     model.config.use_cache = True
     if qat is not None:
         qat.snap()  # the saved weights are the int4 ones it trained on
@@ -430,13 +478,13 @@ def distill(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     s_tok.save_pretrained(str(tmp))
-    if (Path(student) / VOCAB_FILE).is_file():  # the student's tokens are still those of its trimmed start
-        shutil.copy2(Path(student) / VOCAB_FILE, tmp / VOCAB_FILE)
+    if (student / VOCAB_FILE).is_file():  # the student's tokens are still those of its trimmed start
+        shutil.copy2(student / VOCAB_FILE, tmp / VOCAB_FILE)
     training = {
         "kind": "distill",
         "teacher": str(teacher.resolve()),
         "teacher_sha256": folder_sha256(teacher),
-        "base_model": str(Path(student).resolve()),
+        "base_model": str(student.resolve()),
         "dataset_sha256": [dataset_sha256(data)],
     }
     if qat is not None:
@@ -444,20 +492,6 @@ def distill(
     write_training_record(tmp, training)
     shutil.rmtree(student_dir, ignore_errors=True)  # a rerun into the same folder replaces its student
     tmp.rename(student_dir)
-    write_loss_csv(history, out / "loss.csv")
-    mode = "kl+ce" if targets is not None else "sequence"
-    plot_losses(history, out / "loss.png", title=f"distillation ({'KL+CE' if targets is not None else 'CE'})")
-    result = DistillResult(student_dir, init_dir, cfg.max_steps, mode, history)
-    result.seconds = time.perf_counter() - t0
-    summary = {
-        **result.to_json(),
-        "teacher": str(teacher.resolve()),
-        "config": cfg.model_dump(mode="json"),
-        "data_sha256": dataset_sha256(data),
-        "examples": len(data),
-    }
-    (out / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return result
 
 
 def weights_bytes(model_or_dir: Any) -> int:
