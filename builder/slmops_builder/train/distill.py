@@ -363,16 +363,7 @@ def distill(
     pad_id = int(s_tok.pad_token_id)
     shared, teacher_ids = _teacher_ids(t_tok, s_tok, student)
     args = training_arguments(
-        checkpoints,
-        device=device,
-        precision=precision,
-        batch_size=cfg.batch_size,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        seed=cfg.seed,
-        save_every=cfg.save_every,
-        keep_checkpoints=cfg.keep_checkpoints,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        checkpoints, cfg, device=device, precision=precision, gradient_checkpointing=cfg.gradient_checkpointing
     )
     targets = None
     if shared and cfg.kd_weight > 0:

@@ -1,6 +1,6 @@
 """Distillation's stage 2 on transformers' `Trainer` (see `slmops_builder.train.distill`).
 
-`DistillTrainer` is a `trainer_setup` StreamTrainer (the run's batches in `batches.batch_indices`
+`DistillTrainer` is a `trainer_setup` StreamTrainer (the run's batches in `batches.epoch_order`
 order, a pure function of seed and step, so a resumed run, under any process count, sees the batches
 it would have seen; AdamW without weight decay, gradients clipped at norm 1, the schedule the caller
 gives: for distillation, linear decay to a tenth without warm-up) whose `compute_loss` is the KD

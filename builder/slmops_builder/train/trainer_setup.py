@@ -8,7 +8,7 @@ processes of a distributed run, the data stream, the schedule and the history/pr
   `batch_size // world_size` examples of every micro-batch, so a run's batches are the same whatever
   the process count, and a checkpoint resumes under another one. Only the main process writes outputs
   (`is_main_process`); `main_process_first` and `wait_for_everyone` order the processes around them.
-- Data: `StreamDataset` lays the run's micro-batches end to end in `batches.batch_indices` order (a
+- Data: `StreamDataset` lays the run's micro-batches end to end in `batches.epoch_order` order (a
   pure function of seed and position), read in sequence (`StreamTrainer`, which engines subclass for
   their loss and collator); Trainer's resume skips the batches already trained, and accelerate deals
   each process its consecutive share.
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 
 from slmops_builder.train.batches import collate, epoch_order
 from slmops_builder.train.runs import ProgressEvent, ProgressFn
@@ -40,6 +40,7 @@ __all__ = [
     "PRECISIONS",
     "Device",
     "Precision",
+    "RunSettings",
     "is_main_process",
     "main_process_first",
     "per_process_batch",
@@ -156,49 +157,61 @@ def stream_dataset(examples: Sequence[Any], micro_batches: int, batch_size: int,
     return StreamDataset()
 
 
+class RunSettings(Protocol):
+    """What `training_arguments` reads of an engine's settings (`FinetuneConfig`, `DistillConfig`)."""
+
+    @property
+    def max_steps(self) -> int: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def save_every(self) -> int: ...
+    @property
+    def keep_checkpoints(self) -> int: ...
+
+
 def training_arguments(
     out_dir: Path,
+    run: RunSettings,
     *,
     device: str,
     precision: str,
-    max_steps: int,
-    learning_rate: float,
-    batch_size: int,
-    seed: int,
-    save_every: int,
-    keep_checkpoints: int,
     grad_accum: int = 1,
     eval_every: int | None = None,
     gradient_checkpointing: bool = False,
 ) -> TrainingArguments:
-    """Trainer's arguments for a run whose checkpoints go to `out_dir` every `save_every` steps (0:
-    none); `batch_size` the global one, `device` and `precision` resolved, `eval_every` None: no
-    validation. AdamW without weight decay, gradients clipped at 1.0, a log row every step."""
+    """Trainer's arguments for `run`, whose checkpoints go to `out_dir` every `run.save_every` steps
+    (0: none); `run.batch_size` the global batch, `device` and `precision` resolved, `eval_every` None:
+    no validation. AdamW without weight decay, gradients clipped at 1.0, a log row every step."""
     from transformers import TrainingArguments
 
     processes = world_size()
-    per_device = per_process_batch(batch_size, processes)
+    per_device = per_process_batch(run.batch_size, processes)
     return TrainingArguments(
         output_dir=str(out_dir),
         use_cpu=device == "cpu",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=gradient_checkpointing,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
+        max_steps=run.max_steps,
+        learning_rate=run.learning_rate,
         weight_decay=0.0,
         max_grad_norm=1.0,
         optim="adamw_torch",
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=grad_accum,
-        seed=seed,
-        data_seed=seed,
+        seed=run.seed,
+        data_seed=run.seed,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
-        save_strategy="steps" if save_every else "no",
-        save_steps=save_every or 1,
-        save_total_limit=keep_checkpoints,
+        save_strategy="steps" if run.save_every else "no",
+        save_steps=run.save_every or 1,
+        save_total_limit=run.keep_checkpoints,
         logging_strategy="steps",
         logging_steps=1,
         report_to="none",
