@@ -15,6 +15,7 @@
 - `adapters`     adapter-ready onnxruntime-genai bases, int4-dequantized training copies, `.onnx_adapter`
                  export, adapter packages bound to their base package
 - `distill`      teacher answers (cached), layer-pruned student trained with KL + CE, evaluation
+- `distill_trainer` distillation's Trainer: the KD loss, the teacher's cached distributions, QAT steps
 - `qat`, `vocab` the student's int4-aware training and trimmed vocabulary
 - `generation`   greedy generation in transformers and in onnxruntime-genai (per-request adapters)
 - `cli`          `slmops builder task | finetune | distill | adapter-base | adapter-export`

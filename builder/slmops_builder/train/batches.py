@@ -15,7 +15,7 @@ from slmops_builder.train.hf_models import prompt_text
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IGNORE_INDEX", "batch_indices", "collate", "encode_example", "epoch_order"]
+__all__ = ["IGNORE_INDEX", "collate", "encode_example", "epoch_order"]
 
 IGNORE_INDEX = -100
 
@@ -44,19 +44,11 @@ def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[int]:
-    """The example indices of micro-batch `micro_step`: epochs of seeded permutations, so the order
-    depends only on (seed, step) and a resumed run sees the same batches."""
-    out = []
-    for k in range(micro_step * batch_size, (micro_step + 1) * batch_size):
-        epoch, pos = divmod(k, n)
-        out.append(epoch_order(n, epoch, seed)[pos])
-    return out
-
-
 @lru_cache(maxsize=8)
 def epoch_order(n: int, epoch: int, seed: int) -> tuple[int, ...]:
-    """The example indices of epoch `epoch`, in the order `batch_indices` takes them."""
+    """The example indices of a run's epoch `epoch` (the run: epochs end to end, cut into batches), a
+    seeded permutation: the order depends only on (seed, position), so a resumed run sees the same
+    batches."""
     perm = list(range(n))
     random.Random(f"{seed}:{epoch}").shuffle(perm)
     return tuple(perm)

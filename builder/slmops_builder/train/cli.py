@@ -38,6 +38,22 @@ __all__ = ["register"]
 _out = Console(soft_wrap=True)
 _err = err_console
 
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
+]
+GradientCheckpointingOpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")]
+
+
+def _check_device_options(device: str, precision: str) -> None:
+    """--device and --precision among the values the training engines know (`trainer_setup`)."""
+    from slmops_builder.train.trainer_setup import DEVICES, PRECISIONS
+
+    if device not in DEVICES:
+        fail(f"--device must be {', '.join(DEVICES)}, not {device!r}")
+    if precision not in PRECISIONS:
+        fail(f"--precision must be {', '.join(PRECISIONS)}, not {precision!r}")
+
 
 @contextmanager
 def _step_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[Any], None]]:
@@ -135,9 +151,7 @@ def finetune(
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example (truncated).")] = 256,
     warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps.")] = 0,
-    gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
-    ] = False,
+    gradient_checkpointing: GradientCheckpointingOpt = False,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validation losses.")] = 10,
     patience: Annotated[int, typer.Option("--patience", help="Evaluations without improvement; 0: off.")] = 3,
     save_every: Annotated[int, typer.Option("--save-every", help="Steps between checkpoints.")] = 10,
@@ -146,10 +160,8 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Also write base+adapter merged (out/merged).")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="4-bit base (needs CUDA and bitsandbytes).")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    precision: Annotated[
-        str, typer.Option("--precision", help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.")
-    ] = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     engine: Annotated[
         str,
         typer.Option(
@@ -187,14 +199,11 @@ def finetune(
         from slmops_builder.train.finetune import TRAINING_ENGINES
         from slmops_builder.train.finetune import finetune as run_finetune
         from slmops_builder.train.runs import FinetuneConfig, LoraSettings
-        from slmops_builder.train.trainer_setup import DEVICES, PRECISIONS, is_main_process
+        from slmops_builder.train.trainer_setup import is_main_process
 
         if engine not in TRAINING_ENGINES:
             fail(f"--engine must be {' or '.join(TRAINING_ENGINES)}, not {engine!r}")
-        if device not in DEVICES:
-            fail(f"--device must be {', '.join(DEVICES)}, not {device!r}")
-        if precision not in PRECISIONS:
-            fail(f"--precision must be {', '.join(PRECISIONS)}, not {precision!r}")
+        _check_device_options(device, precision)
         settings: dict[str, Any] = {
             "max_steps": max_steps,
             "learning_rate": lr,
@@ -330,13 +339,9 @@ def distill(
     eval_limit: Annotated[int, typer.Option("--eval-limit", help="Test examples to evaluate (0: all).")] = 0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     threads: Annotated[int | None, typer.Option("--threads")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    precision: Annotated[
-        str, typer.Option("--precision", help="auto (bf16 or fp16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16.")
-    ] = "auto",
-    gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
-    ] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    gradient_checkpointing: GradientCheckpointingOpt = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Steps between checkpoints (0: none).")] = 50,
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Checkpoints kept.")] = 1,
     resume: Annotated[
@@ -361,22 +366,19 @@ def distill(
     with user_errors():
         from slmops_builder.train.distill import DistillConfig, evaluate_models, teacher_outputs
         from slmops_builder.train.distill import distill as run_distill
-        from slmops_builder.train.distill_trainer import (
-            choose_device,
-            choose_precision,
+        from slmops_builder.train.examples import load_jsonl
+        from slmops_builder.train.trainer_setup import (
             is_main_process,
             main_process_first,
             per_process_batch,
+            resolve_device,
+            resolve_precision,
             world_size,
         )
-        from slmops_builder.train.examples import load_jsonl
 
         if keep_answers not in ("valid", "exact"):
             fail(f"--keep-answers must be valid or exact, not {keep_answers!r}")
-        if device not in ("auto", "cpu", "cuda"):
-            fail(f"--device must be auto, cpu or cuda, not {device!r}")
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            fail(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        _check_device_options(device, precision)
         per_process_batch(batch_size, world_size())
         spec = task_spec(system, scorer, valid, pattern, max_chars)
         check_package_options(package_profile, key, test, package_version)
@@ -403,9 +405,9 @@ def distill(
             keep_checkpoints=keep_checkpoints,
             resume=resume,
         )
-        where = choose_device(cfg.device)
-        choose_precision(cfg.precision, where)  # refused before the teacher runs
-        main = is_main_process(where)
+        where = resolve_device(cfg.device)
+        resolve_precision(cfg.precision, where)  # refused before the teacher runs
+        main = is_main_process()
         quiet = as_json or not main
         status = _err.status("stage 1: teacher answers ...") if not quiet else _nothing()
         with main_process_first(where), status:  # the main process answers (or reads the cache), then the others

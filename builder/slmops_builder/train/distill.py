@@ -16,7 +16,7 @@ the teacher's (the same vocabulary or a trimmed copy of it: the teacher's logits
 student's tokens); cross-entropy on the teacher's text alone (sequence-level KD) otherwise. The
 teacher's distributions at the answer positions are computed once per example and kept in memory
 when they fit in `teacher_cache_mb`. The training runs on transformers' Trainer
-(`distill_trainer.DistillTrainer`): on CUDA when present (bf16 or fp16 where it supports them), in
+(`distill_trainer.DistillTrainer`): on CUDA when present (bf16 where it supports it), in
 several processes under torchrun or accelerate launch (`batch_size` is the global batch), with
 checkpoints in out/checkpoints every `save_every` steps that a resumed run (`resume`, under any
 process count) goes on from.
@@ -40,28 +40,27 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmops_builder.train.batches import encode_example
-from slmops_builder.train.distill_trainer import (
-    Device,
-    DistillTrainer,
-    HistoryCallback,
-    KDCollator,
-    Precision,
-    TeacherTargets,
-    choose_device,
-    choose_precision,
-    history_rows,
-    is_main_process,
-    per_process_batch,
-    training_arguments,
-    wait_for_everyone,
-    world_size,
-)
+from slmops_builder.train.distill_trainer import HISTORY_EXTRA, DistillTrainer, TeacherTargets
 from slmops_builder.train.examples import Example, dataset_sha256
 from slmops_builder.train.hf_models import load_tokenizer, prompt_text
 from slmops_builder.train.qat import QuantAwareWeights
 from slmops_builder.train.run_output import plot_losses, write_loss_csv, write_training_record
 from slmops_builder.train.runs import ProgressEvent
 from slmops_builder.train.scoring import TaskSpec
+from slmops_builder.train.trainer_setup import (
+    Device,
+    Precision,
+    is_main_process,
+    per_process_batch,
+    resolve_device,
+    resolve_precision,
+    stream_dataset,
+    trainer_classes,
+    training_arguments,
+    wait_for_everyone,
+    warmup_then_linear,
+    world_size,
+)
 from slmops_builder.train.vocab import VOCAB_FILE, read_kept_ids, trim_vocab
 
 __all__ = [
@@ -125,7 +124,7 @@ class DistillConfig(BaseModel):
     device: Device = Field(default="auto", description="auto: CUDA when torch sees a GPU, else the CPU")
     precision: Precision = Field(
         default="auto",
-        description="mixed precision over float32 weights; auto: bf16 (or fp16) on a GPU, fp32 on the CPU",
+        description="mixed precision over float32 weights; auto: bf16 on a CUDA GPU that has it, else fp32",
     )
     gradient_checkpointing: bool = Field(default=False, description="trade compute for memory")
 
@@ -331,7 +330,6 @@ def distill(
     global batch and the main one writes the outputs; with `config.resume`, the run goes on from its
     last checkpoint (under any process count)."""
     import torch
-    from transformers import PrinterCallback
 
     from slmops_builder.train.hf_models import load_causal_lm
 
@@ -339,8 +337,8 @@ def distill(
     teacher, out = Path(teacher), Path(out)
     if not data:
         raise ValueError("no training examples (did the teacher produce only invalid answers?)")
-    device = choose_device(cfg.device)
-    precision = choose_precision(cfg.precision, device)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     per_process_batch(cfg.batch_size, world_size())
     checkpoints = out / CHECKPOINTS_DIR
     run_key = {"config": cfg.model_dump(mode="json", include=_RUN_SHAPE), "data_sha256": dataset_sha256(data)}
@@ -349,7 +347,7 @@ def distill(
         raise FileExistsError(f"{out} is not empty")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    main = is_main_process(device)
+    main = is_main_process()
     init_dir: Path | None = None
     t_tok = load_tokenizer(teacher)
     if student is None:
@@ -365,16 +363,7 @@ def distill(
     pad_id = int(s_tok.pad_token_id)
     shared, teacher_ids = _teacher_ids(t_tok, s_tok, student)
     args = training_arguments(
-        checkpoints,
-        device=device,
-        precision=precision,
-        batch_size=cfg.batch_size,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        seed=cfg.seed,
-        save_every=cfg.save_every,
-        keep_checkpoints=cfg.keep_checkpoints,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        checkpoints, cfg, device=device, precision=precision, gradient_checkpointing=cfg.gradient_checkpointing
     )
     targets = None
     if shared and cfg.kd_weight > 0:
@@ -385,12 +374,15 @@ def distill(
     model.config.use_cache = False
     qat = QuantAwareWeights(model) if cfg.qat_steps else None
     encoded = [encode_example(s_tok, ex, cfg.max_length) for ex in data]
+    examples = [{"index": i, "input_ids": ids, "labels": labels} for i, (ids, labels) in enumerate(encoded)]
+    history = trainer_classes()[1](progress, HISTORY_EXTRA)
     trainer = DistillTrainer(
         model=model,
         args=args,
-        train_dataset=[{"index": i, "input_ids": ids, "labels": labels} for i, (ids, labels) in enumerate(encoded)],
-        data_collator=KDCollator(pad_id),
-        callbacks=[HistoryCallback(progress)],
+        train_dataset=stream_dataset(examples, cfg.max_steps, cfg.batch_size, cfg.seed),
+        callbacks=[history],
+        lr_factor=warmup_then_linear(0, cfg.max_steps),
+        pad_id=pad_id,
         encoded=encoded,
         targets=targets,
         temperature=cfg.temperature,
@@ -398,17 +390,15 @@ def distill(
         qat=qat,
         qat_from=cfg.max_steps - cfg.qat_steps + 1,
     )
-    trainer.remove_callback(PrinterCallback)  # progress goes to `progress`, not stdout
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(last) if last else None)
-    history = history_rows(trainer.state.log_history)
     mode = "kl+ce" if targets is not None else "sequence"
-    result = DistillResult(out / STUDENT_DIR, init_dir, cfg.max_steps, mode, history)
+    result = DistillResult(out / STUDENT_DIR, init_dir, cfg.max_steps, mode, history.rows)
     result.resumed_from = _checkpoint_step(last) if last else 0
     if main:
         _save_student(model, s_tok, Path(student), teacher, data, cfg, qat, result.student_dir)
-        write_loss_csv(history, out / "loss.csv")
-        plot_losses(history, out / "loss.png", title=f"distillation ({'KL+CE' if targets is not None else 'CE'})")
+        write_loss_csv(history.rows, out / "loss.csv")
+        plot_losses(history.rows, out / "loss.png", title=f"distillation ({'KL+CE' if targets is not None else 'CE'})")
     result.seconds = time.perf_counter() - t0
     if main:
         summary = {

@@ -145,16 +145,11 @@ def train_peft(
     best = _best_adapter()(cfg, out_dir / ADAPTER_DIR)
     args = training_arguments(
         out_dir / CHECKPOINTS_DIR,
+        cfg,
         device=device,
         precision=precision,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
-        seed=cfg.seed,
         eval_every=cfg.eval_every if val_encoded else None,
-        save_every=cfg.save_every,
-        keep_checkpoints=cfg.keep_checkpoints,
     )
     trainer = stream_trainer(
         model=model,

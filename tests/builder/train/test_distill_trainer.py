@@ -150,9 +150,9 @@ def test_distill_refuses_before_writing(trainable_tiny: Path, tmp_path: Path, mo
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match=r"nothing to resume: .* holds no complete checkpoint"):
         distill(trainable_tiny, data, out, DistillConfig(resume=True))
-    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
+    with pytest.raises(ValueError, match="precision fp16 needs a CUDA GPU"):
         distill(trainable_tiny, data, out, DistillConfig(device="cpu", precision="fp16"))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"--batch-size 3 \(the global batch\) does not split over 2 processes"):
+    with pytest.raises(ValueError, match=r"batch size 3 \(the global batch\) does not split across 2 processes"):
         distill(trainable_tiny, data, out, DistillConfig(batch_size=3))
     assert not out.exists()

@@ -108,8 +108,8 @@ def test_qlora_without_cuda_and_bitsandbytes_names_what_is_missing(tmp_path: Pat
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--device", "cuda"], "--device cuda needs a CUDA GPU"),
-        (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+        (["--device", "cuda"], "device cuda needs a CUDA GPU"),
+        (["--precision", "fp16"], "precision fp16 needs a CUDA GPU"),
         (["--precision", "fp8"], "--precision must be auto, fp32, bf16, fp16, not 'fp8'"),
     ],
 )

@@ -154,5 +154,5 @@ def test_batch_not_divisible_by_the_processes_is_refused(
     args = ["finetune", "--model", str(trainable_tiny), "--data", str(tmp_path / "train.jsonl")]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run"), "--batch-size", "3"])
     assert result.exit_code == 1
-    assert "--batch-size 3 does not split across 2 processes: give a multiple of 2" in result.output
+    assert "batch size 3 (the global batch) does not split across 2 processes: give a multiple of 2" in result.output
     assert not (tmp_path / "run").exists()
