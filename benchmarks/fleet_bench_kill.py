@@ -67,17 +67,17 @@ def kill_release(
         print(f"{exc}: counted as lost", file=sys.stderr, flush=True)
     rows, distinct = stored(fleet.database_url, base, base + samples)
     after = fleet.totals()
+    transfers = {k: after[k] - before.get(k, 0) for k in after}
     result = {
         "seconds_to_all_committed": round(seconds, 2),
-        "egress_bytes": sum(after[k] - before.get(k, 0) for k in ("broadcast_bytes", "repair_bytes"))
-        + killed["killed_worker_sent_bytes"],
+        "egress_bytes": transfers["broadcast_bytes"] + transfers["repair_bytes"] + killed["killed_worker_sent_bytes"],
         "blob_bytes": blob_bytes,
         "samples_sent": sent,
         "samples_lost": sent - distinct,
         "samples_duplicated": rows - distinct,
         **killed,
     }
-    print(f"killed release: {result}", file=sys.stderr, flush=True)
+    print(f"killed release: {result}; counted transfers {transfers}", file=sys.stderr, flush=True)
     return result
 
 
