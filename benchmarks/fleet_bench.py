@@ -24,7 +24,8 @@ worker's peak RSS and CPU seconds over the releases and the telemetry. On Postgr
 own ceiling beside it: the same samples written straight through the fleet's store
 (`Store.insert_telemetry`, batches of the ingest's size) by one process and by as many processes as
 workers, no MQTT in between, so the workers' scaling can be read against what the database scales to
-on the same machine.
+on the same machine. With several workers (`--no-kill` skips it), a third release whose leading
+worker is SIGKILLed mid-rollout while the devices send telemetry (benchmarks/fleet_bench_kill.py).
 
     python benchmarks/fleet_bench.py --devices 100,1000 --brokers mosquitto,embedded --json fleet.json
     python benchmarks/fleet_bench.py --devices 1000 --brokers mosquitto --database postgresql --workers 1,2
