@@ -533,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown database(s): {', '.join(sorted(unknown))}")
     if not counts or min(counts) < 1:
         p.error("--workers takes numbers of 1 or more")
+    if args.kill_samples < 1:
+        p.error("--kill-samples takes a number of 1 or more")
 
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
