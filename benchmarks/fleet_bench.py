@@ -24,7 +24,8 @@ worker's peak RSS and CPU seconds over the releases and the telemetry. On Postgr
 own ceiling beside it: the same samples written straight through the fleet's store
 (`Store.insert_telemetry`, batches of the ingest's size) by one process and by as many processes as
 workers, no MQTT in between, so the workers' scaling can be read against what the database scales to
-on the same machine.
+on the same machine. With several workers (`--no-kill` skips it), a third release whose leading
+worker is SIGKILLed mid-rollout while the devices send telemetry (benchmarks/fleet_bench_kill.py).
 
     python benchmarks/fleet_bench.py --devices 100,1000 --brokers mosquitto,embedded --json fleet.json
     python benchmarks/fleet_bench.py --devices 1000 --brokers mosquitto --database postgresql --workers 1,2
@@ -52,6 +53,7 @@ import httpx
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from fleet_bench_kill import kill_release, kill_table  # this folder's module
 
 from slmops_builder.keys import generate_key, public_path
 from slmops_builder.packaging import read_manifest
@@ -90,6 +92,7 @@ class Fleet:
             env["SLMOPS_FLEET_COALESCE_WINDOW_S"] = str(coalesce_s)
         self.database_url = database_url
         self.services: list[Service] = []
+        self.clients: list[FleetClient] = []
         for i in range(workers):
             data = workdir / f"fleet-{i}"
             args = ["fleet", "serve", "--data-dir", str(data), "--port", "0", "--broker-port", "0"]
@@ -104,10 +107,11 @@ class Fleet:
             info_path = data / "fleet.json"
             info: dict[str, Any] = service.wait_for(partial(read_json, info_path), timeout=60, what="fleet.json")
             service.wait_for(partial(healthy, str(info["url"])), timeout=60, what="a healthy API")
+            self.clients.append(FleetClient(info["url"], info["admin_token"], timeout=120))
             if i == 0:
                 self.info = info
         self.service = self.services[0]
-        self.client = FleetClient(self.info["url"], self.info["admin_token"], timeout=120)
+        self.client = self.clients[0]
 
     def cpu_s(self) -> list[float]:
         """Each worker's CPU seconds (user + system) so far."""
@@ -138,11 +142,27 @@ class Fleet:
 
         return dict(wait_until(idle, timeout=120, what="the fleet's transfers to end", interval=0.1)["totals"])
 
+    def leader(self) -> int | None:
+        """The index of the worker holding the rollout-driver lease, if one holds it."""
+        leading = [i for i, c in enumerate(self.clients) if c.status()["rollout_driver"]["leading"]]
+        return leading[0] if len(leading) == 1 else None
+
+    def kill(self, i: int) -> None:
+        """SIGKILL worker `i`; calls go to the first worker still running."""
+        self.services[i].kill()
+        self.service, self.client = next((s, c) for s, c in zip(self.services, self.clients, strict=True) if s.alive())
+
+    def committed(self, package_id: str) -> int:
+        return sum(
+            d["state"] == "COMMITTED" and d["active_package_id"] == package_id for d in self.client.list_devices()
+        )
+
     def telemetry_rows(self) -> int:
         return int(self.client.status().get("telemetry_samples", 0))
 
     def stop(self) -> None:
-        self.client.close()
+        for client in self.clients:
+            client.close()
         for service in self.services:
             service.stop()
 
@@ -213,19 +233,26 @@ class Workers:
                 proc.kill()
 
 
-def packages(workdir: Path, key: Path, model_mib: float, adapter_kib: float) -> dict[str, Path]:
-    """The full package, and an adapter package bound to it (read its id from the full package)."""
-    files = {
-        "model.onnx.data": random_bytes(int(model_mib * 2**20), seed=1),
-        "model.onnx": random_bytes(64 * 1024, seed=2),
-        "tokenizer.json": random_bytes(200 * 1024, seed=3),
-        "genai_config.json": b'{"model": {"type": "llama"}}',
-    }
-    full = make_package(files, workdir / "full" / "package", key, name="bench", version="1.0.0")
-    _, base_id = read_manifest(full)
+def packages(workdir: Path, key: Path, model_mib: float, adapter_kib: float, kill: bool) -> dict[str, Path]:
+    """The full package, an adapter package bound to it (read its id from the full package), and with
+    `kill` a second full package of new random model bytes (the release whose leading worker is killed)."""
+
+    def full(kind: str, version: str, seed: int) -> Path:
+        files = {
+            "model.onnx.data": random_bytes(int(model_mib * 2**20), seed=seed),
+            "model.onnx": random_bytes(64 * 1024, seed=2),
+            "tokenizer.json": random_bytes(200 * 1024, seed=3),
+            "genai_config.json": b'{"model": {"type": "llama"}}',
+        }
+        return make_package(files, workdir / kind / "package", key, name="bench", version=version)
+
+    pkgs = {"full": full("full", "1.0.0", 1)}
+    _, base_id = read_manifest(pkgs["full"])
     lora = {"support.onnx_adapter": random_bytes(int(adapter_kib * 1024), seed=4)}
-    adapter = make_package(lora, workdir / "adapter" / "package", key, name="support", adapter_of=base_id)
-    return {"full": full, "adapter": adapter}
+    pkgs["adapter"] = make_package(lora, workdir / "adapter" / "package", key, name="support", adapter_of=base_id)
+    if kill:
+        pkgs["killed"] = full("killed", "2.0.0", 5)
+    return pkgs
 
 
 def blob_sizes(package: Path) -> dict[str, int]:
@@ -265,7 +292,8 @@ def _bench(
     workers: Workers | None = None
     rss: list[PeakRss] = []
     try:
-        pkgs = packages(workdir, key, args.model_mib, args.adapter_kib)
+        kill = n_workers > 1 and not args.no_kill
+        pkgs = packages(workdir, key, args.model_mib, args.adapter_kib, kill)
         ids = {kind: fleet.client.upload_package(p)["package_id"] for kind, p in pkgs.items()}
         t = time.monotonic()
         with ThreadPoolExecutor(4) as pool:
@@ -294,10 +322,7 @@ def _bench(
 
             def all_committed(pid: str = ids[kind]) -> bool:
                 workers.drain()
-                if workers.count("done", "COMMITTED", pid) < n:
-                    return False
-                devices = fleet.client.list_devices()
-                return sum(d["state"] == "COMMITTED" and d["active_package_id"] == pid for d in devices) >= n
+                return workers.count("done", "COMMITTED", pid) >= n and fleet.committed(pid) >= n
 
             wait_until(all_committed, timeout=args.timeout, what=f"{n} devices COMMITTED ({kind})", interval=0.25)
             seconds = time.monotonic() - t0
@@ -321,11 +346,17 @@ def _bench(
         rate = measure_telemetry(fleet, workers, n, args)
         cpu = [round(b - a, 2) for a, b in zip(cpu_before, fleet.cpu_s(), strict=True)]
         ceiling = database_ceiling(fleet, n_workers, args) if fleet.database_url else None
+        killed = None
+        if kill:
+            needed = sum(size for sha, size in blob_sizes(pkgs["killed"]).items() if sha not in have)
+            killed = kill_release(fleet, workers, n, ids["killed"], needed, args)
         for run in runs:
             run["telemetry_samples_per_s"] = round(rate, 1)
             run["worker_cpu_s"] = cpu
             if ceiling is not None:
                 run["database_alone_samples_per_s"] = ceiling
+            if killed is not None:
+                run["kill"] = killed
         return runs
     finally:
         for r in rss:
@@ -443,6 +474,7 @@ def table(runs: list[dict[str, Any]]) -> None:
             f"{r['broker_peak_rss_mb']:.0f}",
         )
     Console(width=200).print(out)
+    kill_table(runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,6 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--telemetry-batches", type=int, default=20, help="TelemetryBatch messages per device.")
     p.add_argument("--telemetry-samples", type=int, default=100, help="Samples per TelemetryBatch.")
+    p.add_argument(
+        "--no-kill",
+        action="store_true",
+        help="With several workers, skip the third release whose leading worker is SIGKILLed mid-broadcast.",
+    )
+    p.add_argument(
+        "--kill-samples",
+        type=int,
+        default=2,
+        help="Telemetry samples each device sends per second during the killed release.",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="Seconds a release may take.")
     p.add_argument("--workdir", type=Path, help="Keep the fleets' folders and logs here (default: a temp folder).")
     p.add_argument("--json", type=Path, help="Write the results as JSON to this path.")
@@ -490,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown database(s): {', '.join(sorted(unknown))}")
     if not counts or min(counts) < 1:
         p.error("--workers takes numbers of 1 or more")
+    if args.kill_samples < 1:
+        p.error("--kill-samples takes a number of 1 or more")
 
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
