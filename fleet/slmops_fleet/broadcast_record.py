@@ -4,8 +4,9 @@ worker serving blob requests treats the chunks another worker broadcast as its o
 again what is still on its way to the devices, and sends what the dead one never got out.
 
 - Writes: each chunk of a broadcast the broker acknowledged is kept (blob sha256, chunk size, chunk
-  index, when) and written in one statement at most every `flush_every_s` while the sender runs, and
-  at the end of each transfer.
+  index, when) and written in one statement as acknowledgements come, at most every `flush_every_s`
+  (0.25 s: a worker killed loses at most that much of the record), and at the end of each transfer
+  before it is seen to end.
 - Reads: only for a request about a blob of which the worker's own log holds no recent send, at
   most every `refresh_s` per blob and chunk size; only the chunks acknowledged less than the
   distributor's `in_flight_max_s` ago come back, turned into this process's monotonic clock.
@@ -37,7 +38,7 @@ class BroadcastRecord:
         write: Callable[[Sequence[ChunkSent]], None],
         read: Callable[[str, int, datetime], dict[int, datetime]],
         *,
-        flush_every_s: float = 1.0,
+        flush_every_s: float = 0.25,
         refresh_s: float = 1.0,
     ) -> None:
         self._write = write

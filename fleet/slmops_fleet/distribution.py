@@ -493,14 +493,14 @@ class BlobDistributor:
 
     def _finish(self, job: _Job) -> None:
         self._drain_inflight(0)
+        if self._record is not None:  # recorded before the transfer is seen to end
+            self._record.flush(force=True)
         with self._cond:
             if job in self._jobs:
                 self._jobs.remove(job)
             self._close(job)
         log.info("%s of blob %s done: %d chunks", job.kind, job.sha256[:12], job.sent_chunks)
         self.flush_stats()
-        if self._record is not None:
-            self._record.flush(force=True)
 
     @staticmethod
     def _close(job: _Job) -> None:
@@ -541,6 +541,7 @@ class BlobDistributor:
                 _, key, index, _ = self._inflight.popleft()
                 if key is not None and self._record is not None:
                     self._record.acked(key, index)
+                    self._record.flush()  # at most every `flush_every_s`
                 continue
             if not self._wait_connected():
                 log.warning("broker unreachable: giving up %d unacknowledged chunks", len(self._inflight))
@@ -583,8 +584,6 @@ class BlobDistributor:
         self._wait_for_broker()
         self._pace(len(data))
         handle = self.publisher.publish(job.topic, payload, qos=1)
-        if self._record is not None:
-            self._record.flush()
         with self._cond:
             job.sent_chunks += 1
             job.sending = None
