@@ -39,6 +39,7 @@ def kill_release(
     leader = wait_until(fleet.leader, timeout=60, what="the worker leading the rollout", interval=0.05)
     ticks, next_tick = 0, t0
     killed: dict[str, Any] = {}
+    at_kill: dict[str, int] = {}  # the stored transfer counters when the leader was killed
     while True:
         now = time.monotonic()
         if now - t0 > args.timeout:
@@ -49,9 +50,11 @@ def kill_release(
         workers.drain(0.05)
         committed = workers.count("done", "COMMITTED", package_id)
         if not killed:
-            sending = [j for j in fleet.clients[leader].stats()["active_transfers"] if j.get("sent")]
+            stats = fleet.clients[leader].stats()  # flushes the leader's counters into the totals it returns
+            sending = [j for j in stats["active_transfers"] if j.get("sent")]
             if committed or sending:
                 killed = kill(fleet, leader, time.monotonic() - t0, committed, sending, blob_bytes)
+                at_kill = stats["totals"]
         elif committed >= n and fleet.committed(package_id) >= n:
             break
     seconds = time.monotonic() - t0
@@ -68,16 +71,20 @@ def kill_release(
     rows, distinct = stored(fleet.database_url, base, base + samples)
     after = fleet.totals()
     transfers = {k: after[k] - before.get(k, 0) for k in after}
+    # The stored counters hold what the killed worker flushed until its last /v1/stats (`at_kill`), which
+    # `killed_worker_sent_bytes` counts already: only what the others sent since is added to it.
+    survivors = {k: after[k] - at_kill.get(k, 0) for k in after}
     result = {
         "seconds_to_all_committed": round(seconds, 2),
-        "egress_bytes": transfers["broadcast_bytes"] + transfers["repair_bytes"] + killed["killed_worker_sent_bytes"],
+        "egress_bytes": survivors["broadcast_bytes"] + survivors["repair_bytes"] + killed["killed_worker_sent_bytes"],
         "blob_bytes": blob_bytes,
         "samples_sent": sent,
         "samples_lost": sent - distinct,
         "samples_duplicated": rows - distinct,
         **killed,
     }
-    print(f"killed release: {result}; counted transfers {transfers}", file=sys.stderr, flush=True)
+    print(f"killed release: {result}; counted transfers {transfers}, after the kill {survivors}", file=sys.stderr,
+          flush=True)  # fmt: skip
     return result
 
 

@@ -203,10 +203,13 @@ class SimDevice:
         with self._cond:
             self.wanted.add(sha256)
 
-    def request_blob(self, sha256: str, missing: list[int] | None = None, chunk_size: int = 0) -> None:
+    def request_blob(
+        self, sha256: str, missing: list[int] | None = None, chunk_size: int = 0, *, waiting: bool = False
+    ) -> None:
+        """Ask for a blob (`missing` empty: all of it); `waiting`: what it lacks may still be on its way."""
         self.want(sha256)
         req = fleet_pb2.BlobRequest(
-            device_id=self.device_id, blob_sha256=sha256, missing=missing or [], chunk_size=chunk_size
+            device_id=self.device_id, blob_sha256=sha256, missing=missing or [], chunk_size=chunk_size, waiting=waiting
         )
         self.publish(self.topics.blob_requests(self.device_id), req.SerializeToString())
 

@@ -24,7 +24,8 @@
   the broker tells its backlog, the sender also waits while more deliveries are unacknowledged
   than devices are connected (about one chunk per device), so a broadcast goes no faster than
   the devices take it in.
-- Bytes and chunks sent are counted per blob (broadcast vs repair) and flushed to the store.
+- Bytes and chunks sent are counted per blob (broadcast vs repair) and flushed to the store; with
+  several workers the broadcast chunks are recorded there too (`broadcast_record`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from slmops_fleet.broadcast_record import BroadcastRecord
 from slmops_fleet.codec import chunk_to_pb
 from slmops_fleet.in_flight import DeliveryLog
 from slmops_fleet.settings import MAX_CHUNK, MIN_CHUNK
@@ -148,6 +150,7 @@ class BlobDistributor:
         min_paced_backlog: int = 64,
         settle_s: float = 2.0,
         in_flight_max_s: float = 60.0,
+        record: BroadcastRecord | None = None,
     ) -> None:
         self.topics = topics
         self.publisher = publisher
@@ -169,6 +172,7 @@ class BlobDistributor:
         self._log = DeliveryLog(
             backlog_known=broker_backlog is not None, settle_s=settle_s, in_flight_max_s=in_flight_max_s
         )
+        self._record = record  # the broadcasts of every worker on the database (several workers)
         self._cond = threading.Condition()
         self._jobs: list[_Job] = []
         self._broadcasts: dict[tuple[str, int], _Job] = {}  # full broadcasts, by (sha256, chunk size)
@@ -211,6 +215,7 @@ class BlobDistributor:
             return self._refuse(device_id, sha256, f"no valid chunk index (blob has {count} chunks)")
         now = time.monotonic()
         key = (sha256, cs)
+        self._merge_record(key, now)
         with self._cond:
             if self._stopping:
                 return RequestOutcome("refused", "the fleet is stopping")
@@ -250,6 +255,23 @@ class BlobDistributor:
             self._count(sha256, broadcasts=1)
             self._cond.notify_all()
             return RequestOutcome("broadcast", f"{count} chunks in {self.coalesce_window_s:.1f} s or more")
+
+    def noted(self, device_id: str, sha256: str, chunk_size: int) -> None:
+        """A request another worker serves: note since when the device keeps the blob's chunks."""
+        with self._cond:
+            self._log.noted((sha256, chunk_size or self.default_chunk_size), device_id, time.monotonic())
+
+    def _merge_record(self, key: tuple[str, int], now: float) -> None:
+        """Take in the chunks other workers broadcast, for a blob this worker sent nothing of lately."""
+        if self._record is None:
+            return
+        with self._cond:
+            if self._log.has_sent(key, now):
+                return
+        sent = self._record.recent(key, self.in_flight_max_s)
+        if sent:
+            with self._cond:
+                self._log.merge(key, sent)
 
     def fetch_started(self, device_id: str, generation: int) -> None:
         """The fleet published the device's desired state `generation`: chunks it broadcasts from now on
@@ -353,6 +375,8 @@ class BlobDistributor:
             self._repairs.clear()
             self._gaps.clear()
         self.flush_stats()
+        if self._record is not None:
+            self._record.flush(force=True)
 
     def _run(self) -> None:
         while True:
@@ -469,6 +493,8 @@ class BlobDistributor:
 
     def _finish(self, job: _Job) -> None:
         self._drain_inflight(0)
+        if self._record is not None:  # recorded before the transfer is seen to end
+            self._record.flush(force=True)
         with self._cond:
             if job in self._jobs:
                 self._jobs.remove(job)
@@ -512,7 +538,10 @@ class BlobDistributor:
                 log.warning("a chunk was not acknowledged: %s", exc)
                 acked = False
             if acked:
-                self._inflight.popleft()
+                _, key, index, _ = self._inflight.popleft()
+                if key is not None and self._record is not None:
+                    self._record.acked(key, index)
+                    self._record.flush()  # at most every `flush_every_s`
                 continue
             if not self._wait_connected():
                 log.warning("broker unreachable: giving up %d unacknowledged chunks", len(self._inflight))

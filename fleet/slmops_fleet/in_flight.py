@@ -21,7 +21,10 @@ came before its chunks:
   reconnect, a bad chunk or a failed blob is not marked and is answered at once.
 
 A chunk the broker never acknowledged is forgotten (it may never have gone out), and a blob's
-history is dropped once its newest chunk is `in_flight_max_s` old.
+history is dropped once its newest chunk is `in_flight_max_s` old. With several workers the one
+serving blob requests merges the chunks the others broadcast (`broadcast_record`), and a worker that
+does not serve them notes the devices' requests, so that it knows since when they keep a blob's
+chunks when it takes over.
 """
 
 from __future__ import annotations
@@ -61,8 +64,27 @@ class DeliveryLog:
             self._round_trip = max(min(now - fetching[1], self.in_flight_max_s), 0.9 * self._round_trip)
         return True
 
-    def has_sent(self, key: Key) -> bool:
+    def noted(self, key: Key, device_id: str, now: float) -> None:
+        """Note a request this worker does not serve (another one sends blobs), so that it knows since
+        when the device keeps the blob's chunks should it serve them later. Notes of a blob nothing
+        was sent of are forgotten after twice `in_flight_max_s` (oldest first)."""
+        self.asked(key, device_id, now)
+        if key not in self._sent_at:
+            asked = self._asked_at[key]
+            while asked and now - next(iter(asked.values())) >= 2 * self.in_flight_max_s:
+                del asked[next(iter(asked))]
+
+    def has_sent(self, key: Key, now: float | None = None) -> bool:
+        """A chunk of the blob was sent (less than `in_flight_max_s` before `now`, where given)."""
+        if now is not None:
+            self._forget_old(key, now)
         return bool(self._sent_at.get(key))
+
+    def merge(self, key: Key, sent: dict[int, float]) -> None:
+        """Chunks another worker broadcast (`broadcast_record`), kept as if this one had sent them."""
+        own = self._sent_at.setdefault(key, {})
+        for index, at in sent.items():
+            own[index] = max(at, own.get(index, at))
 
     def sent(self, key: Key, index: int) -> float:
         """A chunk was broadcast now; the time, for `unsent`."""

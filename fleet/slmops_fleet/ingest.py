@@ -330,6 +330,8 @@ class Ingest:
         self.counters.blob_requests += len(requests)
         if requests and self.serves_blobs is not None and not self.serves_blobs():
             self.counters.blob_requests_elsewhere += len(requests)
+            for item in requests:  # should this worker serve them later (`in_flight`)
+                self.distributor.noted(item.device_id, item.sha256, item.chunk_size)
             return
         allowed = self.store.devices_may_fetch([(r.device_id, r.sha256) for r in requests])
         for item in requests:

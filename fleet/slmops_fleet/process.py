@@ -28,6 +28,7 @@ import uvicorn
 
 from slmops_fleet.admin_auth import AdminAuth
 from slmops_fleet.blobstore import BlobStore
+from slmops_fleet.broadcast_record import BroadcastRecord
 from slmops_fleet.broker_access import CredentialRegistry
 from slmops_fleet.counters import LimitCounters
 from slmops_fleet.device_limits import BlobRequestPolicy
@@ -267,6 +268,10 @@ class FleetServer:
             coalesce_max_s=s.coalesce_max_s,
             max_inflight=s.max_inflight,
             broker_backlog=self._backlog if self.broker is not None else None,
+            # Several workers may share the database: each treats the others' broadcasts as its own.
+            record=None
+            if s.embedded_broker
+            else BroadcastRecord(store.add_broadcast_chunks, store.broadcast_chunks_since),
         )
         self.distributor = distributor
         service = FleetOperations(

@@ -6,7 +6,8 @@ repairs its gaps by unicast, and a second version that moves only its changed bl
 The distributor alone, with a publisher that records, under load and failure: the sender survives a
 broker that drops (paho raises for messages it cannot send), a wave's requests spread over time share
 one broadcast, gaps are gathered and sent after the broadcast (chunks several devices lack are
-broadcast once more, the rest unicast), and the sender and the requests follow the broker's backlog."""
+broadcast once more, the rest unicast), the sender and the requests follow the broker's backlog, and
+two distributors on one database treat each other's recent broadcasts as their own."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
+from slmops_fleet.broadcast_record import BroadcastRecord
 from slmops_fleet.distribution import BlobDistributor
+from slmops_fleet.store import Store
 from slmops_fleet.store.records import BlobRecord
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.topics import Topics
@@ -511,3 +514,39 @@ def test_a_request_right_after_a_broadcast_is_covered_before_the_broker_reports_
     assert d.request("dev-b", blob.sha256, (), CHUNK).action == "broadcast"
     _wait_idle(d)
     assert rec.chunks(TOPICS.blob_chunks(blob.sha256)) == list(range(8)) * 2
+
+
+def test_another_workers_recent_broadcast_counts_as_this_ones_and_the_rest_is_sent(
+    distributor: Callable[..., Any], blob: BlobRecord, tmp_path: Path
+) -> None:
+    """Two distributors on one database (the record of broadcast chunks they share): the chunks the
+    first one's broker acknowledged are on their way for the second one too, which sends the devices
+    waiting for the whole blob only the chunks the first never got out; once the window has passed,
+    a device still waiting gets every chunk again (nothing waits forever)."""
+    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    store.migrate()
+    try:
+        first, sent1 = distributor(record=BroadcastRecord(store.add_broadcast_chunks, store.broadcast_chunks_since))
+        second, sent2 = distributor(
+            record=BroadcastRecord(store.add_broadcast_chunks, store.broadcast_chunks_since), in_flight_max_s=3.0
+        )
+        topic = TOPICS.blob_chunks(blob.sha256)
+        for device in ("dev-a", "dev-b"):
+            second.noted(device, blob.sha256, CHUNK)  # the second worker does not serve them (yet)
+            first.request(device, blob.sha256, (), CHUNK)
+        sent1.fail_next = 4  # chunks 0-3 are never acknowledged: they may not have gone out
+        _wait_idle(first)
+        assert sent1.chunks(topic) == list(range(8))
+
+        for device in ("dev-a", "dev-b"):
+            assert second.request(device, blob.sha256, (), CHUNK, waiting=True).action == "gaps"
+        _wait_idle(second)
+        assert sent2.chunks(topic) == [0, 1, 2, 3]  # once, for both devices
+        assert second.request("dev-a", blob.sha256, (), CHUNK, waiting=True).action == "covered"
+
+        time.sleep(3.1)  # every chunk is older than the second's in_flight_max_s
+        assert second.request("dev-a", blob.sha256, (), CHUNK, waiting=True).action == "broadcast"
+        _wait_idle(second)
+        assert sent2.chunks(topic) == [0, 1, 2, 3, *range(8)]
+    finally:
+        store.close()

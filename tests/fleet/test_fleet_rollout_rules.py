@@ -246,7 +246,7 @@ def test_a_rollout_made_before_waves_existed_migrates_and_finishes(tmp_path: Pat
                 {"p": pid, "now": now},
             )
         store.migrate()
-        assert store.schema_revision() == "0007"
+        assert store.schema_revision() == "0008"
         old = store.get_rollout("ro-old")
         assert [(w.size, w.state) for w in old.waves] == [(1, "running")] and old.plan["waves"] == ["100%"]
         assert store.active_rollout_ids() == ["ro-old"]

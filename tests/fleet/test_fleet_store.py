@@ -30,7 +30,7 @@ def _package(store: Store, pid: str = "a" * 64, files: list[tuple[str, str, int]
 
 def test_migrations_are_idempotent_and_at_head(store: Store) -> None:
     store.migrate()  # a second start migrates nothing and breaks nothing
-    assert store.schema_revision() == "0007"
+    assert store.schema_revision() == "0008"
     assert store.ping()
 
 

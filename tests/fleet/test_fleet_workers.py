@@ -1,5 +1,6 @@
 """Several fleet workers on one PostgreSQL database: the schema upgrade under concurrency, who may run
-beside whom, and blobs in large objects (the workers together: tests/e2e/test_workers.py)."""
+beside whom, blobs in large objects, and a blob broadcast by one worker that the next one does not send
+again (the workers together: tests/e2e/test_workers.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ from slmops_fleet.store.records import DesiredRecord
 from slmops_protos.topics import Topics
 from slmops_testing.brokers import start_mosquitto
 from slmops_testing.databases import fresh_pg_database
+from slmops_testing.fleet_api import upload
+from slmops_testing.packages import random_bytes
+from slmops_testing.simulated_devices import SimDevice
 
+CHUNK_256K = 256 * 1024  # the chunk size of `fleet_settings`
 _MIGRATE = (
     "import sys; from slmops_fleet.store import Store; s = Store(sys.argv[1]); s.migrate(); print(s.schema_revision())"
 )
@@ -234,3 +239,77 @@ def test_desired_states_not_acknowledged_are_left_to_the_republish_on_reconnect(
 
     again = publish_newest_last([_desired("dev-1", 5)], lambda d: _Acked(False), latest, ack_timeout_s=0.1)
     assert again == 0 and asked == []
+
+
+# --- a blob's broadcast across workers -----------------------------------------------------------------
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.mosquitto
+def test_a_worker_taking_over_does_not_resend_what_the_other_just_broadcast(
+    pg_url: str, mosquitto_broker: Any, fleet_settings: Callable[..., Any], fleet_package: Callable[..., Path]
+) -> None:
+    """Two workers on PostgreSQL and Mosquitto: the rollout driver's holder broadcasts a blob and stops;
+    the other takes the rollout over and answers the device's waiting request for the whole blob with
+    nothing (every chunk was broadcast moments ago, after the device asked: the shared record says
+    so), then its request after a reconnect (not waiting) with a broadcast of every chunk."""
+    data = random_bytes(4 * CHUNK_256K, 31)
+    sha = hashlib.sha256(data).hexdigest()
+    folder = fleet_package({"weights.bin": data})
+    common = {"database_url": pg_url, "broker_url": mosquitto_broker.url, "worker_heartbeat_s": 0.3}
+    first = FleetThread(fleet_settings(worker_id="w1", rollout_tick_s=0.2, **common)).start()
+    second: FleetThread | None = None
+    dev: SimDevice | None = None
+    store = Store(pg_url)
+    try:
+        assert first.server is not None and first.server.driver is not None
+        _wait(lambda: first.server.driver.leading, "the first worker to lead")  # type: ignore[union-attr]
+        second = FleetThread(fleet_settings(worker_id="w2", rollout_tick_s=0.2, **common)).start()
+        assert second.server is not None and second.server.ingest is not None
+        ingest, distributor = second.server.ingest, second.server.distributor
+        assert distributor is not None
+        with httpx.Client(base_url=first.url, headers={"Authorization": f"Bearer {first.admin_token}"}) as admin:
+            pid = upload(admin, folder)["package_id"]
+            token = admin.post("/v1/tokens", json={}).json()["token"]
+            creds = httpx.post(first.url + "/v1/enroll", json={"token": token, "public_key": "ef" * 32}).json()
+            assert admin.post("/v1/rollouts", json={"package_id": pid}).status_code == 200
+        dev = SimDevice.enrolled(creds)
+        assert not dev.connect().is_failure
+        dev.subscribe_device_topics()
+        assert dev.desired().model.package_id == pid
+
+        dev.request_blob(sha)  # the leader broadcasts; the other worker notes the request
+        assert dev.wait_blob(sha) == data
+        _wait(lambda: ingest.counters.blob_requests_elsewhere == 1, "the second worker to note the request")
+        first.stop()
+        _wait(lambda: second.server.driver.leading, "the second worker to take over")  # type: ignore[union-attr]
+
+        def broadcast_chunks() -> int:
+            return sum(b.stats.broadcast_chunks for b in store.blob_stats() if b.sha256 == sha)
+
+        assert broadcast_chunks() == 4
+        dev.blobs.pop(sha)
+        dev.request_blob(sha, waiting=True)  # as after its stall timer, the chunks still on their way
+        _wait(lambda: ingest.counters.blob_requests == 2, "the second worker to serve the request")
+        time.sleep(1.0)  # well past the coalescing window: a broadcast would have started
+        assert distributor.idle() and dev.blob(sha).chunks == {}
+        distributor.flush_stats()
+        assert broadcast_chunks() == 4
+
+        dev.request_blob(sha)  # after a reconnect: answered at once
+        assert dev.wait_blob(sha) == data
+        _wait(lambda: distributor.idle(), "the broadcast to end")
+        assert broadcast_chunks() == 8
+    finally:
+        if dev is not None:
+            dev.close()
+        if second is not None:
+            second.stop()
+        first.stop()
+        store.close()

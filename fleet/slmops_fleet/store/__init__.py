@@ -5,16 +5,17 @@ the rest of the fleet needs (each returns plain dataclasses, `records`, never OR
 - `schema`: the rows; `records`: what the store hands out.
 - `groups`, `targeting`: named device groups, and the releases assigned to them that keep applying
   to the devices that join (continuous targeting).
-- `devices`, `lifecycle`, `packages`, `blobs`, `leases`, `rollouts`, `rollback`, `telemetry`, `metrics`,
+- `devices`, `lifecycle`, `packages`, `blobs`, `broadcasts`, `leases`, `rollouts`, `rollback`, `telemetry`, `metrics`,
   `admin`, `keys`: the queries of each entity (`lifecycle`: revocation and credential rotation;
   `admin`: admin tokens, audit log; `keys`: key statements; `rollback`: a rollout returning another's
-  devices; `metrics`: what `/metrics` reads);
+  devices; `broadcasts`: the broadcast chunks workers share; `metrics`: what `/metrics` reads);
   the rollout rules themselves live in `slmops_fleet.rollouts.rules`.
 - `Store`: all of them on one object.
 """
 
 from slmops_fleet.store.admin import AdminQueries
 from slmops_fleet.store.blobs import BlobQueries
+from slmops_fleet.store.broadcasts import BroadcastQueries
 from slmops_fleet.store.devices import DeviceQueries
 from slmops_fleet.store.keys import KeyStatementQueries
 from slmops_fleet.store.leases import LeaseQueries
@@ -34,6 +35,7 @@ class Store(
     LifecycleQueries,
     PackageQueries,
     BlobQueries,
+    BroadcastQueries,
     LeaseQueries,
     RollbackQueries,
     TelemetryQueries,

@@ -195,6 +195,17 @@ class BlobStatsRow(Base):
     partial_requests: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class BroadcastChunkRow(Base):
+    """When a worker's broadcast of a chunk was last acknowledged by the broker (`store.broadcasts`)."""
+
+    __tablename__ = "broadcast_chunks"
+
+    sha256: Mapped[str] = mapped_column(SHA, primary_key=True)
+    chunk_size: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chunk_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    acked_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class RolloutRow(Base):
     __tablename__ = "rollouts"
 
