@@ -28,7 +28,7 @@ def test_blob_requests_are_served_while_the_ingest_worker_is_busy() -> None:
         def __init__(self) -> None:
             self.got: list[tuple[str, str]] = []
 
-        def request(self, device_id: str, sha256: str, missing: Any, chunk_size: int) -> Any:
+        def request(self, device_id: str, sha256: str, missing: Any, chunk_size: int, *, waiting: bool = False) -> Any:
             from slmops_fleet.distribution import RequestOutcome
 
             self.got.append((device_id, sha256))
