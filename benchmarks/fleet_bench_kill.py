@@ -9,9 +9,10 @@ bench then waits, through the surviving worker, for every device COMMITTED on th
 telemetry, and counts the rows stored in PostgreSQL for the samples sent during the release: lost =
 sent - distinct (device, seq) stored; duplicated = rows beyond distinct (device, seq) (the schema's
 unique (device_id, seq) with ON CONFLICT DO NOTHING keeps a redelivered sample out, so this counts
-what got past it). The egress: the fleet's transfer totals (a worker flushes them as a transfer ends,
-so the killed worker's broadcast is not in them) plus what the killed worker's /v1/stats last showed
-it had sent of its broadcast (`killed_worker_sent_bytes`, at most 50 ms before the kill: a lower bound).
+what got past it). The egress: the fleet's transfer totals over the release; the killed worker's
+last /v1/stats, at most 50 ms before the kill, flushed its counters into them (a worker counts each
+chunk as it publishes it), so what it published in those last 50 ms is missing: a lower bound.
+`killed_worker_sent_bytes` is what that /v1/stats showed of its running broadcasts (part of the totals).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ def kill_release(
     leader = wait_until(fleet.leader, timeout=60, what="the worker leading the rollout", interval=0.05)
     ticks, next_tick = 0, t0
     killed: dict[str, Any] = {}
-    at_kill: dict[str, int] = {}  # the stored transfer counters when the leader was killed
     while True:
         now = time.monotonic()
         if now - t0 > args.timeout:
@@ -54,7 +54,6 @@ def kill_release(
             sending = [j for j in stats["active_transfers"] if j.get("sent")]
             if committed or sending:
                 killed = kill(fleet, leader, time.monotonic() - t0, committed, sending, blob_bytes)
-                at_kill = stats["totals"]
         elif committed >= n and fleet.committed(package_id) >= n:
             break
     seconds = time.monotonic() - t0
@@ -71,20 +70,16 @@ def kill_release(
     rows, distinct = stored(fleet.database_url, base, base + samples)
     after = fleet.totals()
     transfers = {k: after[k] - before.get(k, 0) for k in after}
-    # The stored counters hold what the killed worker flushed until its last /v1/stats (`at_kill`), which
-    # `killed_worker_sent_bytes` counts already: only what the others sent since is added to it.
-    survivors = {k: after[k] - at_kill.get(k, 0) for k in after}
     result = {
         "seconds_to_all_committed": round(seconds, 2),
-        "egress_bytes": survivors["broadcast_bytes"] + survivors["repair_bytes"] + killed["killed_worker_sent_bytes"],
+        "egress_bytes": transfers["broadcast_bytes"] + transfers["repair_bytes"],
         "blob_bytes": blob_bytes,
         "samples_sent": sent,
         "samples_lost": sent - distinct,
         "samples_duplicated": rows - distinct,
         **killed,
     }
-    print(f"killed release: {result}; counted transfers {transfers}, after the kill {survivors}", file=sys.stderr,
-          flush=True)  # fmt: skip
+    print(f"killed release: {result}; counted transfers {transfers}", file=sys.stderr, flush=True)
     return result
 
 
