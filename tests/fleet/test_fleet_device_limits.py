@@ -152,12 +152,11 @@ def test_a_telemetry_batch_past_the_sample_limit_is_refused_whole(
 def test_the_default_sample_limit_takes_any_batch_an_agent_sends() -> None:
     """An agent sends at most `telemetry_batch` samples a message, which it bounds: the fleet's
     default limit takes that many (and refuses the 300,000 one message once carried)."""
-    from annotated_types import Le
-
     from slmops_agent.settings import AgentSettings
     from slmops_fleet.settings import FleetSettings
 
-    agent_max = next(m.le for m in AgentSettings.model_fields["telemetry_batch"].metadata if isinstance(m, Le))
+    agent_max = AgentSettings.model_fields["telemetry_batch"].le
+    assert agent_max is not None
     fleet_max = FleetSettings.model_fields["telemetry_max_samples"].default
     assert agent_max <= fleet_max < 300_000
 
