@@ -62,3 +62,14 @@ def enroll_two_and_roll_out(fleet: Any, folder: Path, **rollout: Any) -> tuple[d
         r = admin.post("/v1/rollouts", json={"package_id": body["package_id"], "target": "all", **rollout})
         assert r.status_code == 200, r.text
     return creds[0], creds[1]
+
+
+def enroll_one_and_roll_out(fleet: Any, folder: Path) -> tuple[str, dict[str, Any]]:
+    """Upload the package `folder` to a running fleet (a FleetThread), enroll one device and roll the
+    package out to all; returns the package id and the device's enrollment response."""
+    with httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}) as admin:
+        pid = str(upload(admin, folder)["package_id"])
+        r = httpx.post(fleet.url + "/v1/enroll", json={"token": new_token(admin), "public_key": "ef" * 32})
+        assert r.status_code == 200, r.text
+        assert admin.post("/v1/rollouts", json={"package_id": pid}).status_code == 200
+    return pid, r.json()

@@ -27,7 +27,7 @@ from slmops_fleet.store import Store
 from slmops_fleet.store.records import BlobRecord
 from slmops_protos.fleet.v1 import fleet_pb2
 from slmops_protos.topics import Topics
-from slmops_testing.fleet_api import upload
+from slmops_testing.fleet_api import enroll_one_and_roll_out, upload
 from slmops_testing.packages import package_blobs, random_bytes
 from slmops_testing.simulated_devices import SimDevice
 
@@ -190,10 +190,7 @@ def test_broadcast_and_repair_through_mosquitto(
         admin = httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {fleet.admin_token}"}, timeout=30)
         dev: SimDevice | None = None
         try:
-            pid = upload(admin, folder)["package_id"]
-            token = admin.post("/v1/tokens", json={}).json()["token"]
-            creds = httpx.post(fleet.url + "/v1/enroll", json={"token": token, "public_key": "ef" * 32}).json()
-            assert admin.post("/v1/rollouts", json={"package_id": pid}).status_code == 200
+            pid, creds = enroll_one_and_roll_out(fleet, folder)
             dev = SimDevice.enrolled(creds)
             assert not dev.connect().is_failure
             dev.subscribe_device_topics()

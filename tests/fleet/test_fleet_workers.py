@@ -29,7 +29,7 @@ from slmops_fleet.store.records import DesiredRecord
 from slmops_protos.topics import Topics
 from slmops_testing.brokers import start_mosquitto
 from slmops_testing.databases import fresh_pg_database
-from slmops_testing.fleet_api import upload
+from slmops_testing.fleet_api import enroll_one_and_roll_out
 from slmops_testing.packages import random_bytes
 from slmops_testing.simulated_devices import SimDevice
 
@@ -274,11 +274,7 @@ def test_a_worker_taking_over_does_not_resend_what_the_other_just_broadcast(
         assert second.server is not None and second.server.ingest is not None
         ingest, distributor = second.server.ingest, second.server.distributor
         assert distributor is not None
-        with httpx.Client(base_url=first.url, headers={"Authorization": f"Bearer {first.admin_token}"}) as admin:
-            pid = upload(admin, folder)["package_id"]
-            token = admin.post("/v1/tokens", json={}).json()["token"]
-            creds = httpx.post(first.url + "/v1/enroll", json={"token": token, "public_key": "ef" * 32}).json()
-            assert admin.post("/v1/rollouts", json={"package_id": pid}).status_code == 200
+        pid, creds = enroll_one_and_roll_out(first, folder)
         dev = SimDevice.enrolled(creds)
         assert not dev.connect().is_failure
         dev.subscribe_device_topics()
