@@ -40,7 +40,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slmops_builder.train.batches import encode_example
-from slmops_builder.train.distill_trainer import HISTORY_EXTRA, DistillTrainer, TeacherTargets
 from slmops_builder.train.examples import Example, dataset_sha256
 from slmops_builder.train.hf_models import load_tokenizer, prompt_text
 from slmops_builder.train.qat import QuantAwareWeights
@@ -331,6 +330,7 @@ def distill(
     last checkpoint (under any process count)."""
     import torch
 
+    from slmops_builder.train.distill_trainer import HISTORY_EXTRA, DistillTrainer, TeacherTargets
     from slmops_builder.train.hf_models import load_causal_lm
 
     cfg = config or DistillConfig()
