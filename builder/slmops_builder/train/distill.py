@@ -343,7 +343,9 @@ def distill(
     checkpoints = out / CHECKPOINTS_DIR
     run_key = {"config": cfg.model_dump(mode="json", include=_RUN_SHAPE), "data_sha256": dataset_sha256(data)}
     last = _last_checkpoint(checkpoints, run_key) if cfg.resume else None
-    if last is None and out.exists() and any(out.iterdir()):
+    taken = last is None and out.exists() and any(out.iterdir())
+    wait_for_everyone(device)  # every process looks before the main one writes, so all refuse alike
+    if taken:
         raise FileExistsError(f"{out} is not empty")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -38,6 +38,7 @@ from slmops_builder.train.trainer_setup import (
     stream_dataset,
     trainer_classes,
     training_arguments,
+    wait_for_everyone,
     warmup_then_linear,
     world_size,
 )
@@ -116,7 +117,9 @@ def train_peft(
         trained = _lora_of(start_ckpt)
         if trained != cfg.lora.model_copy(update={"target_modules": tuple(sorted(cfg.lora.target_modules))}):
             raise ValueError(f"cannot resume {start_ckpt}: it was trained with LoRA {trained}")
-    if not resume and _has_content(out_dir):
+    taken = not resume and _has_content(out_dir)
+    wait_for_everyone(device)  # every process looks before the main one writes, so all refuse alike
+    if taken:
         raise FileExistsError(f"{out_dir} is not empty; pass resume to continue it or choose a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
