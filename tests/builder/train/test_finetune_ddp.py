@@ -1,6 +1,6 @@
 """LoRA fine-tuning in several processes (torchrun and accelerate launch, DDP over gloo on the CPU):
 the same curve and adapter as one process with the same global batch, and a resume under another
-process count.
+process count; and two hosts (network namespaces the test makes, one process each) that train as one.
 
 Tolerance: the loss is the global token mean (Trainer gathers the token count of every process's
 share of a step), so two processes compute the single process's gradient up to float32 summation
@@ -26,6 +26,7 @@ from slmops_builder.train.examples import Example, write_jsonl
 from slmops_builder.train.finetune import finetune
 from slmops_builder.train.runs import FinetuneConfig, LoraSettings
 from slmops_builder.train.tasks import generate_splits
+from slmops_testing.netns import HostNetwork, NetnsUnavailable
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 REL = 1e-4
@@ -104,6 +105,46 @@ def test_torchrun_two_processes_match_one(trainable_tiny: Path, tmp_path: Path) 
     assert summary["steps"] == 6 and summary["config"]["batch_size"] == 4
     _same_curve(one.history, _rows(two))
     assert summary["best_val_loss"] == pytest.approx(one.best_val_loss, rel=REL)
+    answers_one, loss_one = _adapter_scores(trainable_tiny, one.adapter_dir, splits.validation[:4])
+    answers_two, loss_two = _adapter_scores(trainable_tiny, two / "adapter", splits.validation[:4])
+    assert answers_two == answers_one
+    assert loss_two == pytest.approx(loss_one, rel=REL)
+
+
+def test_two_hosts_train_as_one(trainable_tiny: Path, tmp_path: Path) -> None:
+    """`torchrun --nnodes 2`, one process on each of two hosts (namespaces joined by a bridge, each
+    host seeing the other only at its own address; gloo over their `eth0`): the single process's
+    curve and adapter. The output folder is one both hosts see, as a shared volume would be."""
+    splits = generate_splits(32, 8, 0, seed=4)
+    write_jsonl(splits.train, tmp_path / "train.jsonl")
+    write_jsonl(splits.validation, tmp_path / "val.jsonl")
+    one = finetune(trainable_tiny, splits.train, tmp_path / "one", _config(6), validation=splits.validation)
+    two = tmp_path / "two"
+    cli = _cli(trainable_tiny, tmp_path / "train.jsonl", tmp_path / "val.jsonl", two, 6)
+    try:
+        net = HostNetwork.create(2)
+    except NetnsUnavailable as exc:
+        pytest.skip(f"network namespaces are refused here: {exc}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    launcher += ["--master_addr", net.hosts[0].address, "--master_port", "29500"]
+    nodes: list[subprocess.Popen[str]] = []
+    try:
+        for rank, host in enumerate(net.hosts):
+            cmd = [*host.prefix, *launcher, "--node_rank", str(rank), "-m", "slmops_cli", *cli, "--json"]
+            with (tmp_path / f"node{rank}.log").open("w") as log:  # files: a full pipe would stall a node
+                nodes.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env))
+        for rank, node in enumerate(nodes):
+            assert node.wait(timeout=300) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    finally:
+        for node in nodes:
+            node.kill()
+        net.remove()
+    assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-6").glob("rng_state*")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
+    _same_curve(one.history, _rows(two))
     answers_one, loss_one = _adapter_scores(trainable_tiny, one.adapter_dir, splits.validation[:4])
     answers_two, loss_two = _adapter_scores(trainable_tiny, two / "adapter", splits.validation[:4])
     assert answers_two == answers_one
