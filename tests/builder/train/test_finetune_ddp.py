@@ -18,14 +18,15 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from slmops_builder.train.examples import Example, write_jsonl
 from slmops_builder.train.finetune import finetune
-from slmops_builder.train.runs import FinetuneConfig, LoraSettings
-from slmops_builder.train.tasks import generate_splits
+from slmops_builder.train.runs import FinetuneConfig, FinetuneResult, LoraSettings
+from slmops_builder.train.tasks import TaskSplits, generate_splits
 from slmops_testing.netns import HostNetwork, NetnsUnavailable
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
@@ -88,39 +89,52 @@ def _adapter_scores(base: Path, adapter: Path, examples: Sequence[Example]) -> t
     return answers, loss
 
 
-def test_torchrun_two_processes_match_one(trainable_tiny: Path, tmp_path: Path) -> None:
+@dataclass
+class _Runs:
+    """A one-process run in `one`, and the CLI for the same run into `two`."""
+
+    splits: TaskSplits
+    one: FinetuneResult
+    two: Path
+    cli: list[str]
+
+
+def _one_process_run(model: Path, tmp_path: Path) -> _Runs:
     splits = generate_splits(32, 8, 0, seed=4)
     write_jsonl(splits.train, tmp_path / "train.jsonl")
     write_jsonl(splits.validation, tmp_path / "val.jsonl")
-    one = finetune(trainable_tiny, splits.train, tmp_path / "one", _config(6), validation=splits.validation)
+    one = finetune(model, splits.train, tmp_path / "one", _config(6), validation=splits.validation)
     two = tmp_path / "two"
-    cli = _cli(trainable_tiny, tmp_path / "train.jsonl", tmp_path / "val.jsonl", two, 6)
-    _launch(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], cli)
-    # two processes ran (a RNG state each), and one of them wrote the outputs
-    assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-6").glob("rng_state*")) == [
+    return _Runs(splits, one, two, _cli(model, tmp_path / "train.jsonl", tmp_path / "val.jsonl", two, 6))
+
+
+def _two_processes_matched_one(model: Path, runs: _Runs) -> None:
+    """Two processes ran (an RNG state each), one wrote the outputs: the one-process curve and adapter."""
+    assert sorted(p.name for p in (runs.two / "checkpoints" / "checkpoint-6").glob("rng_state*")) == [
         "rng_state_0.pth",
         "rng_state_1.pth",
     ]
-    summary = json.loads((two / "finetune.json").read_text())
+    summary = json.loads((runs.two / "finetune.json").read_text())
     assert summary["steps"] == 6 and summary["config"]["batch_size"] == 4
-    _same_curve(one.history, _rows(two))
-    assert summary["best_val_loss"] == pytest.approx(one.best_val_loss, rel=REL)
-    answers_one, loss_one = _adapter_scores(trainable_tiny, one.adapter_dir, splits.validation[:4])
-    answers_two, loss_two = _adapter_scores(trainable_tiny, two / "adapter", splits.validation[:4])
+    _same_curve(runs.one.history, _rows(runs.two))
+    assert summary["best_val_loss"] == pytest.approx(runs.one.best_val_loss, rel=REL)
+    answers_one, loss_one = _adapter_scores(model, runs.one.adapter_dir, runs.splits.validation[:4])
+    answers_two, loss_two = _adapter_scores(model, runs.two / "adapter", runs.splits.validation[:4])
     assert answers_two == answers_one
     assert loss_two == pytest.approx(loss_one, rel=REL)
+
+
+def test_torchrun_two_processes_match_one(trainable_tiny: Path, tmp_path: Path) -> None:
+    runs = _one_process_run(trainable_tiny, tmp_path)
+    _launch(["torch.distributed.run", "--standalone", "--nproc_per_node", "2"], runs.cli)
+    _two_processes_matched_one(trainable_tiny, runs)
 
 
 def test_two_hosts_train_as_one(trainable_tiny: Path, tmp_path: Path) -> None:
     """`torchrun --nnodes 2`, one process on each of two hosts (namespaces joined by a bridge, each
     host seeing the other only at its own address; gloo over their `eth0`): the single process's
     curve and adapter. The output folder is one both hosts see, as a shared volume would be."""
-    splits = generate_splits(32, 8, 0, seed=4)
-    write_jsonl(splits.train, tmp_path / "train.jsonl")
-    write_jsonl(splits.validation, tmp_path / "val.jsonl")
-    one = finetune(trainable_tiny, splits.train, tmp_path / "one", _config(6), validation=splits.validation)
-    two = tmp_path / "two"
-    cli = _cli(trainable_tiny, tmp_path / "train.jsonl", tmp_path / "val.jsonl", two, 6)
+    runs = _one_process_run(trainable_tiny, tmp_path)
     try:
         net = HostNetwork.create(2)
     except NetnsUnavailable as exc:
@@ -131,7 +145,7 @@ def test_two_hosts_train_as_one(trainable_tiny: Path, tmp_path: Path) -> None:
     nodes: list[subprocess.Popen[str]] = []
     try:
         for rank, host in enumerate(net.hosts):
-            cmd = [*host.prefix, *launcher, "--node_rank", str(rank), "-m", "slmops_cli", *cli, "--json"]
+            cmd = [*host.prefix, *launcher, "--node_rank", str(rank), "-m", "slmops_cli", *runs.cli, "--json"]
             with (tmp_path / f"node{rank}.log").open("w") as log:  # files: a full pipe would stall a node
                 nodes.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env))
         for rank, node in enumerate(nodes):
@@ -140,15 +154,7 @@ def test_two_hosts_train_as_one(trainable_tiny: Path, tmp_path: Path) -> None:
         for node in nodes:
             node.kill()
         net.remove()
-    assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-6").glob("rng_state*")) == [
-        "rng_state_0.pth",
-        "rng_state_1.pth",
-    ]
-    _same_curve(one.history, _rows(two))
-    answers_one, loss_one = _adapter_scores(trainable_tiny, one.adapter_dir, splits.validation[:4])
-    answers_two, loss_two = _adapter_scores(trainable_tiny, two / "adapter", splits.validation[:4])
-    assert answers_two == answers_one
-    assert loss_two == pytest.approx(loss_one, rel=REL)
+    _two_processes_matched_one(trainable_tiny, runs)
 
 
 def test_a_run_resumes_under_another_process_count(trainable_tiny: Path, tmp_path: Path) -> None:
