@@ -243,9 +243,16 @@ def _dequantize_nbits(
     return w.reshape(n, n_blocks * block)[:, :k]
 
 
+def _shares_table(model_proto: Any, matmul: Any) -> bool:
+    """Whether the graph's embedding lookup reads `matmul`'s quantized table (a tied int4 model)."""
+    return any(n.op_type == "GatherBlockQuantized" and matmul.input[2] in n.input for n in model_proto.graph.node)
+
+
 def dequantize_base(base_model: Path, quantized: Path, out: Path) -> Path:
-    """Write an HF copy of `base_model` whose decoder Linear weights (and lm_head, untied) are the
-    dequantized MatMulNBits weights of the onnxruntime-genai model in `quantized`."""
+    """Write an HF copy of `base_model` whose decoder Linear weights and lm_head are the dequantized
+    MatMulNBits weights of the onnxruntime-genai model in `quantized`. A tied model whose int4 graph
+    looks its embeddings up in lm_head's table (GatherBlockQuantized) stays tied, so the embeddings
+    are that table too; one whose graph keeps float embeddings gets its lm_head untied."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -281,11 +288,11 @@ def dequantize_base(base_model: Path, quantized: Path, out: Path) -> Path:
         if tuple(w.shape) != tuple(linear.weight.shape):
             raise AdapterExportError(f"{node.name}: shape {w.shape} != {tuple(linear.weight.shape)} of {target}")
         with torch.no_grad():
-            if target == "lm_head" and hf.config.tie_word_embeddings:
+            if target == "lm_head" and hf.config.tie_word_embeddings and not _shares_table(model_proto, node):
                 hf.lm_head.weight = torch.nn.Parameter(torch.from_numpy(w).clone())
                 hf.config.tie_word_embeddings = False
             else:
-                linear.weight.copy_(torch.from_numpy(w))
+                linear.weight.copy_(torch.from_numpy(w))  # tied: the embeddings' table as well
         replaced += 1
     if replaced == 0:
         raise AdapterExportError(f"no int4/int8 MatMulNBits weights in {quantized}")

@@ -149,6 +149,33 @@ def test_int4_base_keeps_lora_in_float_and_matches_peft_on_dequantized_weights(
     assert np.abs(_ort_logits(int4_base.path, ids, adapter) - _hf_logits(deq, ids, run.adapter_dir)).max() < 1e-4
 
 
+def test_a_tied_int4_base_dequantizes_to_a_tied_copy(
+    trainable_tiny: Path, lora_settings: LoraSettings, builder_cache_dir: Path, tmp_path: Path
+) -> None:
+    """A tied model's int4 graph looks its embeddings up in lm_head's int4 table: the copy keeps one
+    table, dequantized, for both, and so computes the int4 base's logits (with float embeddings and an
+    int4 lm_head it was off by ~0.04 on this model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(trainable_tiny))
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    tied = tmp_path / "tied"
+    model.save_pretrained(str(tied))
+    AutoTokenizer.from_pretrained(str(trainable_tiny)).save_pretrained(str(tied))
+    base = build_adapter_base(tied, lora_settings, tmp_path / "base", precision="int4", cache_dir=builder_cache_dir)
+    ops = {n.op_type for n in onnx.load(str(base.path / "model.onnx"), load_external_data=False).graph.node}
+    assert "GatherBlockQuantized" in ops  # the shared int4 table this test is about
+
+    deq = dequantize_base(tied, base.path, tmp_path / "deq")
+    assert json.loads((deq / "config.json").read_text())["tie_word_embeddings"] is True
+    copy = load_causal_lm(deq)
+    assert copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()
+    ids = _prompt_ids(tied, "turn off the hallway fan in half an hour")
+    assert np.abs(_ort_logits(base.path, ids, None) - _hf_logits(deq, ids, None)).max() < 1e-4
+    assert np.abs(_hf_logits(deq, ids, None) - _hf_logits(tied, ids, None)).max() > 1e-3
+
+
 def test_export_checks_the_adapter_against_the_base(
     fp32_base: AdapterBase, trainable_tiny: Path, tmp_path: Path
 ) -> None:
